@@ -1,0 +1,39 @@
+# Two entry points do all the set-up on a fresh machine: `make serve` and `make test` (README.md).
+# Both are idempotent: a second run only re-installs when pyproject.toml or setup.py changed.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.dsv4-installed
+PIP_FLAGS ?= --progress-bar off --quiet
+SERVE_ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: serve test test-unit lint install system-deps
+
+$(STAMP): pyproject.toml setup.py
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "pip: installing dsv4 and its pinned dependencies into $(VENV) (torch is large; pip caches it)"
+	$(BIN)/pip install $(PIP_FLAGS) -e '.[test]'
+	@touch $@
+
+install: $(STAMP)
+
+system-deps:
+	@scripts/apt-install.sh redis-server
+
+serve: install
+	$(BIN)/dsv4 serve $(SERVE_ARGS)
+
+# mypy cannot follow the editable install's import hook, so it reads the folders through a farm of links that
+# spells the installed names (dsv4/<folder> -> <folder>).
+lint: install
+	$(BIN)/ruff check .
+	@mkdir -p build/mypy/dsv4 && for d in model_runtime kernels services operator; do ln -sfn ../../../$$d build/mypy/dsv4/$$d; done
+	MYPYPATH=build/mypy $(BIN)/mypy -p dsv4.model_runtime -p dsv4.kernels -p dsv4.services -p dsv4.operator
+
+test: install system-deps lint
+	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-unit: install
+	$(BIN)/pytest -m unit $(PYTEST_ARGS)

@@ -1,0 +1,115 @@
+"""The `dsv4` command line: one entry point, one subcommand per role of the platform.
+
+Each subcommand names the function that implements it as "module:function"; the module is imported only when the
+subcommand runs, so `dsv4 --help` stays fast and never imports torch. A subcommand whose implementation has not
+landed yet has no target and exits with status 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+EXIT_NOT_IMPLEMENTED = 2
+
+CHECKPOINT_PRESETS = ("tiny-flash", "tiny-pro", "small-flash")
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH", help="checkpoint folder (default: the embedded tiny model)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    p.add_argument("--redis-url", metavar="URL", help="use this Redis instead of a local one")
+    p.add_argument("--api-key-file", metavar="FILE", help="file with one accepted API key per line")
+
+
+def _gateway_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
+    p.add_argument("--redis-url", metavar="URL", help="Redis holding the queues (env DSV4_REDIS_URL)")
+    p.add_argument("--api-key-file", metavar="FILE", help="file with one accepted API key per line")
+
+
+def _worker_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", metavar="PATH", help="checkpoint folder (env DSV4_MODEL)")
+    p.add_argument("--redis-url", metavar="URL", help="Redis holding the queues (env DSV4_REDIS_URL)")
+    p.add_argument("--device", default=None, help="torch device, e.g. cpu, cuda:0, npu:0 (default: best available)")
+
+
+def _operator_args(p: argparse.ArgumentParser) -> None:
+    scope = p.add_mutually_exclusive_group()
+    scope.add_argument("--namespace", action="append", metavar="NS", help="namespace to watch (repeatable)")
+    scope.add_argument("--all-namespaces", action="store_true", help="watch every namespace")
+
+
+def _make_checkpoint_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--preset", choices=CHECKPOINT_PRESETS, default="tiny-flash", help="model shape (default: %(default)s)"
+    )
+    p.add_argument("--quantized", action="store_true", help="FP8 e4m3 weights and MXFP4 experts, as released")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default: %(default)s)")
+    p.add_argument("out", metavar="OUT", help="folder to write the checkpoint into")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One subcommand: its help line, its arguments and, once implemented, the "module:function" that runs it."""
+
+    help: str
+    add_args: Callable[[argparse.ArgumentParser], None]
+    target: str | None
+
+
+COMMANDS: dict[str, Command] = {
+    "serve": Command("run gateway, prefill and decode on this machine", _serve_args, None),
+    "gateway": Command("run the OpenAI-compatible gateway", _gateway_args, None),
+    "prefill": Command("run a prefill worker", _worker_args, None),
+    "decode": Command("run a decode worker", _worker_args, None),
+    "operator": Command("run the Kubernetes operator", _operator_args, None),
+    "make-checkpoint": Command("write a small random checkpoint in the official format", _make_checkpoint_args, None),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The full argument parser; exposed so tests and docs can inspect it."""
+    parser = argparse.ArgumentParser(prog="dsv4", description="Serve DeepSeek-V4 on Kubernetes or on one machine.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name, cmd in COMMANDS.items():
+        cmd.add_args(sub.add_parser(name, help=cmd.help, description=cmd.help))
+    return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("dsv4")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def _resolve(target: str) -> Callable[[argparse.Namespace], int]:
+    module_name, _, func_name = target.partition(":")
+    func: Callable[[argparse.Namespace], int] = getattr(importlib.import_module(module_name), func_name)
+    return func
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `dsv4` script; returns the process exit status."""
+    args = build_parser().parse_args(argv)
+    cmd = COMMANDS[args.command]
+    if cmd.target is None:
+        print(f"dsv4 {args.command}: not implemented yet in this build of dsv4", file=sys.stderr)
+        return EXIT_NOT_IMPLEMENTED
+    try:
+        return _resolve(cmd.target)(args)
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
