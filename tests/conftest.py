@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+
 from dsv4.services.local_redis import LocalRedis
 
 

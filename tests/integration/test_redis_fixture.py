@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import redis
+
 from dsv4.services.local_redis import LocalRedis, RedisServerError
 
 pytestmark = pytest.mark.integration

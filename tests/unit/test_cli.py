@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from dsv4.services import cli
 
 pytestmark = pytest.mark.unit
