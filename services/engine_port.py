@@ -1,0 +1,145 @@
+"""The boundary between the serving workers and the model engine: exactly what the prefill and decode workers call.
+
+The engine (`dsv4.model_runtime`) implements `Engine`; the workers in `dsv4.services` only ever see this module, so
+the serving path (queues, handoff, gateway) is built and tested without importing torch. Token indexes count
+generated tokens only: index 0 is the first token, produced by the prefill.
+
+Determinism contract (the failure policy depends on it): a decode that resumes from an imported KV state plus the
+tokens already streamed, or from a recompute of prompt + streamed tokens, must produce exactly the tokens the
+original worker would have produced. For sampled requests the engine must therefore draw token `i` from an RNG
+seeded by (`SamplingSpec.seed`, `i`), never from a per-process stream.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+FinishReason = Literal["stop", "length", "cancelled", "error"]
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Sampling parameters of one request, as they travel in queue entries (JSON-able, engine-independent)."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    min_p: float = 0.0
+    seed: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    # Stop strings are matched by the gateway on detokenized text; the engine only sees token ids.
+    logprobs: int | None = None
+
+
+@dataclass(frozen=True)
+class KVMeta:
+    """What the engine states about an exported KV state; the handoff descriptor carries it verbatim."""
+
+    format_version: int
+    model_fingerprint: str
+    total_bytes: int
+    num_tokens: int  # positions covered by the state (the prompt length after prefill)
+
+
+@dataclass(frozen=True)
+class PrefillOutput:
+    """A finished prefill: the first generated token and the exported KV state as a stream of byte chunks.
+
+    `kv_chunks` yields exactly `kv_meta.total_bytes` bytes in order; chunk boundaries are the engine's choice (the
+    handoff re-chunks to its own size). It is consumed once, by the handoff writer.
+    """
+
+    first_token: int
+    kv_meta: KVMeta
+    kv_chunks: Iterator[bytes]
+    prompt_tokens: int
+    first_token_logprob: float | None = None
+
+
+@dataclass(frozen=True)
+class TokenOutput:
+    """One generated token of a decode; `finish_reason` is set on the last one."""
+
+    index: int
+    token_id: int
+    finish_reason: FinishReason | None = None
+    logprob: float | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Load figures the workers export as metrics and readiness."""
+
+    running_requests: int
+    waiting_requests: int
+    kv_cache_used_blocks: int
+    kv_cache_total_blocks: int
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class KVImportError(ValueError):
+    """The engine rejected a KV blob (bad format, wrong model, inconsistent positions); the worker recomputes."""
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """The model engine as the workers use it. All coroutines run on the worker's event loop and must not block it.
+
+    Requests are identified by the worker-chosen `request_id`; a request id is live from `prefill`/`submit_decode`
+    until its stream ended or it was cancelled.
+    """
+
+    @property
+    def model_fingerprint(self) -> str:
+        """Hash of config + tensor names/shapes; a KV state only imports into an engine with the same fingerprint."""
+        ...
+
+    @property
+    def kv_format_version(self) -> int:
+        """Version of the KV export format this engine writes and reads."""
+        ...
+
+    async def prefill(self, request_id: str, prompt_ids: Sequence[int], sampling: SamplingSpec) -> PrefillOutput:
+        """Run the prefill of `prompt_ids` (batched with other prefills), sample token 0, export the KV state.
+
+        The engine frees the request's KV blocks once `kv_chunks` is exhausted or garbage-collected.
+        """
+        ...
+
+    async def submit_decode(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        sampling: SamplingSpec,
+        *,
+        kv_blob: bytes | None,
+        streamed_ids: Sequence[int],
+    ) -> None:
+        """Admit a request into the decode batch.
+
+        With `kv_blob`: import it (the state after the prompt, as `prefill` exported it) and replay `streamed_ids`
+        (tokens 0..n-1 already sent to the client, n ≥ 1) so generation continues at index n. Raises
+        `KVImportError` when the blob does not fit this engine; the caller then resubmits with `kv_blob=None`.
+        Without `kv_blob`: prefill `prompt_ids` + `streamed_ids` locally (local prefill or recompute); if
+        `streamed_ids` is empty the first token of the stream is index 0.
+        """
+        ...
+
+    def stream(self, request_id: str) -> AsyncIterator[TokenOutput]:
+        """The tokens of a submitted decode, in index order, ending with the one that has `finish_reason` set."""
+        ...
+
+    async def cancel(self, request_id: str) -> None:
+        """Stop a request and free its state; its stream ends with finish_reason "cancelled". Idempotent."""
+        ...
+
+    def stats(self) -> EngineStats:
+        """Current batch and KV-cache figures (cheap; called for every metrics scrape)."""
+        ...

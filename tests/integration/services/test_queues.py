@@ -1,0 +1,194 @@
+"""The queue protocol against a real redis-server: delivery, ack, reclaim, stats, token streams, Redis down."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from dsv4.services import contract
+from dsv4.services.engine_port import SamplingSpec
+from dsv4.services.local_redis import LocalRedis
+from dsv4.services.queues import (
+    Finish,
+    Job,
+    TokenChunk,
+    TokenReader,
+    TokenStreamFailed,
+    TokenStreamGap,
+    TokenStreamTimeout,
+    TokenWriter,
+    Usage,
+    WorkQueue,
+    dead_letter_key,
+    is_cancelled,
+    queue_stats,
+    request_cancel,
+)
+from dsv4.services.redis_conn import RedisUnavailable, connect
+
+pytestmark = pytest.mark.integration
+
+DEP = "test"
+
+
+@pytest.fixture
+async def client(redis_url: str) -> AsyncIterator:  # type: ignore[type-arg]
+    c = connect(redis_url)
+    yield c
+    await c.aclose()
+
+
+def job(rid: str) -> Job:
+    trace = {"traceparent": "00-" + "1" * 32 + "-" + "2" * 16 + "-01"}
+    return Job(rid, (1, 2, 3), SamplingSpec(max_tokens=4), trace_context=trace)
+
+
+async def test_enqueue_read_ack_and_stats(client) -> None:  # type: ignore[no-untyped-def]
+    producer = WorkQueue(client, DEP, contract.PREFILL_STREAM)
+    worker = WorkQueue(client, DEP, contract.PREFILL_STREAM, consumer="w1")
+    assert (await queue_stats(client, DEP, contract.PREFILL_STREAM)).lag == 0
+    await producer.enqueue(job("a"))
+    await producer.enqueue(job("b"))
+    stats = await queue_stats(client, DEP, contract.PREFILL_STREAM)
+    assert (stats.length, stats.lag, stats.pending, stats.consumers) == (2, 2, 0, 0)
+    await worker.ensure_group()
+    await worker.ensure_group()  # idempotent
+    got = await worker.read(count=1)
+    assert [d.job.request_id for d in got] == ["a"]
+    assert (got[0].job.prompt_ids, got[0].job.sampling) == ((1, 2, 3), SamplingSpec(max_tokens=4))
+    assert not got[0].reclaimed
+    assert got[0].job.trace_context["traceparent"].startswith("00-111")
+    stats = await queue_stats(client, DEP, contract.PREFILL_STREAM)
+    assert (stats.lag, stats.pending, stats.consumers) == (1, 1, 1)
+    assert stats.oldest_waiting_age_s >= 0
+    await worker.ack(got[0].entry_id)
+    stats = await queue_stats(client, DEP, contract.PREFILL_STREAM)
+    assert (stats.length, stats.lag, stats.pending) == (1, 1, 0)
+    assert [d.job.request_id for d in await worker.read(count=5)] == ["b"]
+    assert await worker.read(count=5, block_ms=50) == []
+
+
+async def test_dead_worker_job_is_reclaimed_but_touched_job_is_not(client) -> None:  # type: ignore[no-untyped-def]
+    dead = WorkQueue(client, DEP, contract.DECODE_STREAM, consumer="dead")
+    alive = WorkQueue(client, DEP, contract.DECODE_STREAM, consumer="alive")
+    rescuer = WorkQueue(client, DEP, contract.DECODE_STREAM, consumer="rescuer")
+    await dead.ensure_group()
+    await dead.enqueue(job("orphan"))
+    await dead.enqueue(job("busy"))
+    [orphan] = await dead.read(count=1)
+    [busy] = await alive.read(count=1)
+    assert await rescuer.reclaim(min_idle_ms=10_000) == []
+    await asyncio.sleep(0.3)
+    await alive.touch([busy.entry_id])
+    taken = await rescuer.reclaim(min_idle_ms=200)
+    assert [(d.job.request_id, d.reclaimed) for d in taken] == [("orphan", True)]
+    assert taken[0].entry_id == orphan.entry_id
+    await rescuer.ack(orphan.entry_id)
+    stats = await queue_stats(client, DEP, contract.DECODE_STREAM)
+    assert (stats.length, stats.pending) == (1, 1)
+
+
+async def test_malformed_entry_goes_to_dead_letter_and_is_not_redelivered(client) -> None:  # type: ignore[no-untyped-def]
+    q = WorkQueue(client, DEP, contract.PREFILL_STREAM, consumer="w")
+    await q.ensure_group()
+    await client.xadd(q.key, {b"v": b"1", b"rid": b"x"})  # no prompt, no sampling
+    await q.enqueue(job("good"))
+    got = await q.read(count=10)
+    assert [d.job.request_id for d in got] == ["good"]
+    dead = await client.xrange(dead_letter_key(DEP, contract.PREFILL_STREAM))
+    assert len(dead) == 1 and b"dead_reason" in dead[0][1] and dead[0][1][b"rid"] == b"x"
+    assert (await queue_stats(client, DEP, contract.PREFILL_STREAM)).pending == 1
+
+
+async def test_token_stream_drops_duplicates_and_ends_with_usage(client) -> None:  # type: ignore[no-untyped-def]
+    w = TokenWriter(client, DEP, "r")
+    await w.write(0, [10])
+    await w.write(1, [11, 12])
+    await w.write(1, [11, 12])  # a worker that took over rewrites what it cannot know was sent
+    await w.write(2, [12, 13])  # overlaps: only 13 is new
+    await w.finish("stop", Usage(5, 4))
+    assert await w.streamed() == [10, 11, 12, 13]
+    reader = TokenReader(client, DEP, "r")
+    events = [e async for e in reader.events(idle_timeout_s=2)]
+    assert events == [
+        TokenChunk(0, (10,)),
+        TokenChunk(1, (11, 12)),
+        TokenChunk(3, (13,)),
+        Finish("stop", Usage(5, 4)),
+    ]
+    assert events[-1].usage.total_tokens == 9  # type: ignore[union-attr]
+    await reader.close()
+    assert not await client.exists(reader.key)
+
+
+async def test_token_stream_reads_while_written(client) -> None:  # type: ignore[no-untyped-def]
+    w = TokenWriter(client, DEP, "live")
+
+    async def produce() -> None:
+        for i in range(5):
+            await asyncio.sleep(0.02)
+            await w.write(i, [100 + i])
+        await w.finish("length", Usage(1, 5))
+
+    task = asyncio.create_task(produce())
+    got = [e async for e in TokenReader(client, DEP, "live").events(idle_timeout_s=2)]
+    await task
+    assert [t for e in got if isinstance(e, TokenChunk) for t in e.token_ids] == [100, 101, 102, 103, 104]
+
+
+async def test_token_stream_gap_error_and_timeout(client) -> None:  # type: ignore[no-untyped-def]
+    w = TokenWriter(client, DEP, "gap")
+    await w.write(0, [1])
+    await w.write(2, [3])
+    with pytest.raises(TokenStreamGap):
+        _ = [e async for e in TokenReader(client, DEP, "gap").events(idle_timeout_s=2)]
+
+    w2 = TokenWriter(client, DEP, "short")
+    await w2.write(0, [1])
+    await w2.finish("stop", Usage(1, 2))
+    with pytest.raises(TokenStreamGap):
+        _ = [e async for e in TokenReader(client, DEP, "short").events(idle_timeout_s=2)]
+
+    w3 = TokenWriter(client, DEP, "err")
+    await w3.fail("engine exploded", "engine_error")
+    with pytest.raises(TokenStreamFailed) as e:
+        _ = [e async for e in TokenReader(client, DEP, "err").events(idle_timeout_s=2)]
+    assert e.value.code == "engine_error"
+
+    t0 = time.monotonic()
+    with pytest.raises(TokenStreamTimeout):
+        _ = [e async for e in TokenReader(client, DEP, "nobody").events(idle_timeout_s=0.3)]
+    assert time.monotonic() - t0 < 2
+
+
+async def test_token_stream_has_a_ttl(client) -> None:  # type: ignore[no-untyped-def]
+    w = TokenWriter(client, DEP, "ttl", ttl_s=30)
+    await w.write(0, [1])
+    assert 0 < await client.ttl(w.key) <= 30
+
+
+async def test_cancel_flag(client) -> None:  # type: ignore[no-untyped-def]
+    assert not await is_cancelled(client, DEP, "c")
+    await request_cancel(client, DEP, "c")
+    assert await is_cancelled(client, DEP, "c")
+
+
+async def test_redis_down_is_a_typed_error_within_seconds(redis_server: LocalRedis) -> None:
+    client = connect(redis_server.url)
+    q = WorkQueue(client, DEP, contract.PREFILL_STREAM, consumer="w")
+    await q.ensure_group()
+    redis_server.kill()
+    t0 = time.monotonic()
+    with pytest.raises(RedisUnavailable):
+        await q.enqueue(job("lost"))
+    with pytest.raises(RedisUnavailable):
+        await queue_stats(client, DEP, contract.PREFILL_STREAM)
+    assert time.monotonic() - t0 < 10
+    redis_server.start()
+    await q.ensure_group()
+    await q.enqueue(job("after"))
+    assert [d.job.request_id for d in await q.read()] == ["after"]
+    await client.aclose()
