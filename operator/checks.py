@@ -1,0 +1,76 @@
+"""What the CRD's schema and CEL rules cannot check: it becomes the Degraded condition, never a crash loop."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from pydantic import ValidationError
+
+from dsv4.operator.profiles import devices_per_pod
+from dsv4.operator.spec import DeploymentSpec, parse_spec
+from dsv4.operator.status import Problem
+
+# Devices on one node of each product: a pod asking for more can never be scheduled.
+DEVICES_PER_NODE = {"nvidia": 8, "ascend": 16}
+
+
+def parse(raw: Mapping[str, Any]) -> tuple[DeploymentSpec | None, list[Problem]]:
+    """The typed spec, or the reasons it cannot be read (e.g. a CRD older than the operator)."""
+    try:
+        return parse_spec(dict(raw)), []
+    except ValidationError as err:
+        details = "; ".join(f"spec.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors())
+        return None, [Problem("InvalidSpec", details)]
+
+
+def ratio_feasible(spec: DeploymentSpec) -> bool:
+    """Whether some prefill and decode counts within their bounds meet the planner's ratio bounds."""
+    a = spec.autoscaling
+    for d in range(max(spec.decode.min_replicas, 1), spec.decode.max_replicas + 1):
+        lo = max(spec.prefill.min_replicas, math.ceil(a.min_prefill_decode_ratio * d - 1e-9))
+        hi = min(spec.prefill.max_replicas, math.floor(a.max_prefill_decode_ratio * d + 1e-9))
+        if lo <= hi:
+            return True
+    return False
+
+
+def spec_problems(spec: DeploymentSpec) -> list[Problem]:
+    """Problems visible from the spec alone."""
+    problems: list[Problem] = []
+    if spec.autoscaling.enabled and spec.disaggregation.mode != "never" and not ratio_feasible(spec):
+        problems.append(
+            Problem(
+                "RatioInfeasible",
+                "no prefill and decode replica counts within their min/max bounds meet autoscaling "
+                f"prefill:decode ratio bounds [{spec.autoscaling.min_prefill_decode_ratio}, "
+                f"{spec.autoscaling.max_prefill_decode_ratio}]",
+            )
+        )
+    limit = DEVICES_PER_NODE.get(spec.accelerator.type)
+    for pool_name, pool in (("prefill", spec.prefill), ("decode", spec.decode)):
+        n = devices_per_pod(spec.accelerator, pool.parallelism)
+        if limit is not None and n > limit:
+            problems.append(
+                Problem(
+                    "Unschedulable",
+                    f"{pool_name} pods need {n} {spec.accelerator.type} devices but one node has at most {limit}",
+                )
+            )
+    return problems
+
+
+def reference_problems(spec: DeploymentSpec, secret_has_key: Callable[[str, str], bool | None]) -> list[Problem]:
+    """Problems with objects the spec refers to. `secret_has_key(name, key)` is None when the Secret is missing."""
+    problems: list[Problem] = []
+    refs = [("auth.apiKeySecretRef", spec.auth.api_key_secret_ref), ("redis.secretRef", spec.redis.secret_ref)]
+    for where, ref in refs:
+        if ref is None:
+            continue
+        found = secret_has_key(ref.name, ref.key)
+        if found is None:
+            problems.append(Problem("SecretNotFound", f"{where}: Secret {ref.name!r} does not exist"))
+        elif not found:
+            problems.append(Problem("SecretKeyNotFound", f"{where}: Secret {ref.name!r} has no key {ref.key!r}"))
+    return problems

@@ -1,0 +1,192 @@
+"""Observed children → `status` of a DeepSeekV4Deployment: phase, conditions, per-pool replicas, endpoint.
+
+Pure functions over plain dicts as the API server returns them, so every branch is unit-tested without a cluster.
+The `DeploymentStatus` model is also the status schema of the CRD.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import Field
+
+from dsv4.operator.spec import Base
+
+Phase = Literal["Pending", "Progressing", "Ready", "Degraded"]
+
+
+class Condition(Base):
+    """A standard Kubernetes condition."""
+
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class PoolStatus(Base):
+    """Replicas of one pool; `summary` is the printer column (`ready/desired`)."""
+
+    desired: int = 0
+    ready: int = 0
+    updated: int = 0
+    summary: str = "0/0"
+
+
+class PlannerPoolStatus(Base):
+    """What the planner last did to one pool (survives operator restarts, so cooldowns do too)."""
+
+    last_scale_time: str | None = None
+    last_decision: str | None = None
+
+
+class PlannerStatus(Base):
+    """Planner memory per pool."""
+
+    prefill: PlannerPoolStatus = Field(default_factory=PlannerPoolStatus)
+    decode: PlannerPoolStatus = Field(default_factory=PlannerPoolStatus)
+
+
+class DeploymentStatus(Base):
+    """`status` of a DeepSeekV4Deployment."""
+
+    observed_generation: int | None = None
+    phase: Phase | None = None
+    endpoint: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    gateway: PoolStatus | None = None
+    prefill: PoolStatus | None = None
+    decode: PoolStatus | None = None
+    redis_ready: bool | None = None
+    planner: PlannerStatus | None = None
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the operator reads from one child Deployment or StatefulSet."""
+
+    desired: int
+    ready: int
+    updated: int
+    up_to_date: bool  # the workload controller has seen the latest template
+    failure: str | None  # a controller-reported reason why it cannot progress
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Something wrong with a spec that only the operator can tell; it becomes the Degraded condition."""
+
+    reason: str
+    message: str
+
+
+def read_workload(obj: Mapping[str, Any]) -> Workload:
+    """The replica counts and failure reason of a Deployment or StatefulSet as returned by the API server."""
+    spec, status = obj.get("spec") or {}, obj.get("status") or {}
+    desired = int(spec.get("replicas", 1))
+    generation = (obj.get("metadata") or {}).get("generation", 0)
+    failure = None
+    for cond in status.get("conditions") or []:
+        if cond.get("type") == "ReplicaFailure" and cond.get("status") == "True":
+            failure = f"{cond.get('reason', 'ReplicaFailure')}: {cond.get('message', '')}".strip()
+        if cond.get("type") == "Progressing" and cond.get("reason") == "ProgressDeadlineExceeded":
+            failure = f"ProgressDeadlineExceeded: {cond.get('message', '')}".strip()
+    return Workload(
+        desired=desired,
+        ready=int(status.get("readyReplicas", 0)),
+        updated=int(status.get("updatedReplicas", 0)),
+        up_to_date=status.get("observedGeneration", 0) >= generation,
+        failure=failure,
+    )
+
+
+def endpoint_url(name: str, namespace: str, port: int) -> str:
+    """In-cluster URL of the gateway Service."""
+    return f"http://{name}-gateway.{namespace}.svc:{port}"
+
+
+def _pool(w: Workload | None) -> PoolStatus | None:
+    if w is None:
+        return None
+    return PoolStatus(desired=w.desired, ready=w.ready, updated=w.updated, summary=f"{w.ready}/{w.desired}")
+
+
+def _condition(
+    previous: Sequence[Mapping[str, Any]], type_: str, status: bool, reason: str, message: str, now: str, gen: int
+) -> Condition:
+    value: Literal["True", "False"] = "True" if status else "False"
+    since = now
+    for old in previous:
+        if old.get("type") == type_ and old.get("status") == value:
+            since = old.get("lastTransitionTime") or now
+    return Condition(
+        type=type_, status=value, reason=reason, message=message, last_transition_time=since, observed_generation=gen
+    )
+
+
+def compute_status(
+    *,
+    generation: int,
+    workloads: Mapping[str, Workload | None],
+    problems: Sequence[Problem],
+    endpoint: str,
+    now: str,
+    previous_conditions: Sequence[Mapping[str, Any]] = (),
+) -> DeploymentStatus:
+    """The status for the observed children.
+
+    `workloads` maps each expected child workload (gateway, prefill, decode, and redis when managed) to what was
+    observed, or None when it does not exist yet. A pool with zero desired replicas counts as ready.
+    """
+    missing = sorted(k for k, w in workloads.items() if w is None)
+    present = {k: w for k, w in workloads.items() if w is not None}
+    not_ready = sorted(k for k, w in present.items() if w.ready < w.desired)
+    rolling = sorted(k for k, w in present.items() if not w.up_to_date or w.updated < w.desired)
+    failures = [f"{k}: {w.failure}" for k, w in sorted(present.items()) if w.failure]
+
+    if problems:
+        degraded = (True, problems[0].reason, "; ".join(p.message for p in problems))
+    elif failures:
+        degraded = (True, "WorkloadFailure", "; ".join(failures))
+    else:
+        degraded = (False, "AsExpected", "")
+    if missing or rolling:
+        progressing = (True, "Creating" if missing else "RollingOut", "waiting for " + ", ".join(missing + rolling))
+    else:
+        progressing = (False, "Stable", "")
+    ready = not missing and not not_ready and not problems
+    if ready:
+        ready_c = (True, "AllPoolsReady", "")
+    elif problems:
+        ready_c = (False, "InvalidSpec", degraded[2])
+    else:
+        ready_c = (False, "PodsNotReady", "not ready: " + ", ".join(missing + not_ready))
+
+    phase: Phase
+    if degraded[0]:
+        phase = "Degraded"
+    elif ready:
+        phase = "Ready"
+    elif present and any(w.ready > 0 for w in present.values()):
+        phase = "Progressing"
+    else:
+        phase = "Pending"
+    conditions = [
+        _condition(previous_conditions, t, *c, now=now, gen=generation)
+        for t, c in (("Ready", ready_c), ("Progressing", progressing), ("Degraded", degraded))
+    ]
+    redis = workloads.get("redis")
+    return DeploymentStatus(
+        observed_generation=generation,
+        phase=phase,
+        endpoint=endpoint,
+        conditions=conditions,
+        gateway=_pool(workloads.get("gateway")),
+        prefill=_pool(workloads.get("prefill")),
+        decode=_pool(workloads.get("decode")),
+        redis_ready=None if "redis" not in workloads else bool(redis and redis.ready >= redis.desired),
+    )

@@ -1,0 +1,223 @@
+"""Spec → children: names, labels, owner references, accelerator profiles, security, probes, per-pool rollouts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from dsv4.operator import builders, profiles
+from dsv4.operator.builders import Owner
+from dsv4.services import contract
+
+from .conftest import Admit
+
+pytestmark = pytest.mark.unit
+
+OWNER = Owner(name="demo", namespace="serving", uid="0b6c1d9e-uid")
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
+TINY = {"model": {"variant": "tiny"}, "accelerator": {"type": "cpu"}}
+FLASH = {
+    "model": {"variant": "flash", "source": {"pvc": {"claimName": "weights", "subPath": "flash"}}},
+    "accelerator": {"type": "nvidia", "product": "H200"},
+    "prefill": {"parallelism": {"tensor": 4}},
+    "decode": {"parallelism": {"tensor": 2, "data": 2}},
+}
+PRO = {
+    "model": {"variant": "pro", "source": {"hostPath": "/data/pro"}},
+    "accelerator": {"type": "ascend", "product": "910C", "devicesPerPod": 16},
+    "auth": {"apiKeySecretRef": {"name": "keys", "key": "api"}},
+    "redis": {"managed": False, "url": "redis://r:6379/0", "secretRef": {"name": "rpw"}},
+}
+
+
+def _children(admit: Admit, raw: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+    return {(c["kind"], c["metadata"]["name"]): c for c in builders.children(OWNER, admit(raw), "dsv4:test")}
+
+
+def _container(children: dict[tuple[str, str], dict[str, Any]], role: str) -> dict[str, Any]:
+    container: dict[str, Any] = children[("Deployment", f"demo-{role}")]["spec"]["template"]["spec"]["containers"][0]
+    return container
+
+
+def _env(container: dict[str, Any]) -> dict[str, Any]:
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_children_of_a_managed_redis_deployment(admit: Admit) -> None:
+    kids = _children(admit, TINY)
+    expected = {("ConfigMap", "demo-config"), ("Service", "demo-redis"), ("StatefulSet", "demo-redis")}
+    for role in ("gateway", "prefill", "decode"):
+        expected |= {
+            ("Deployment", f"demo-{role}"),
+            ("Service", f"demo-{role}"),
+            ("PodDisruptionBudget", f"demo-{role}"),
+        }
+    assert set(kids) == expected
+
+
+def test_external_redis_has_no_redis_children_and_its_url_is_passed(admit: Admit) -> None:
+    kids = _children(admit, PRO)
+    assert not any(name == "demo-redis" for _, name in kids)
+    env = _env(_container(kids, "decode"))
+    assert env[contract.ENV_REDIS_URL] == "redis://r:6379/0"
+    assert env[contract.ENV_REDIS_PASSWORD] == {"secretKeyRef": {"name": "rpw", "key": "password"}}
+
+
+def test_every_child_is_owned_labelled_and_namespaced(admit: Admit) -> None:
+    for (kind, name), child in _children(admit, FLASH).items():
+        meta = child["metadata"]
+        assert meta["namespace"] == "serving", name
+        [ref] = meta["ownerReferences"]
+        assert ref["uid"] == OWNER.uid and ref["controller"] and ref["kind"] == "DeepSeekV4Deployment"
+        assert meta["labels"]["app.kubernetes.io/instance"] == "demo"
+        assert meta["labels"]["app.kubernetes.io/managed-by"] == "dsv4-operator"
+        if kind in ("Deployment", "StatefulSet"):
+            selector = child["spec"]["selector"]["matchLabels"]
+            assert selector.items() <= child["spec"]["template"]["metadata"]["labels"].items()
+
+
+def test_nvidia_profile(admit: Admit) -> None:
+    kids = _children(admit, FLASH)
+    prefill, decode = (kids[("Deployment", f"demo-{r}")]["spec"]["template"]["spec"] for r in ("prefill", "decode"))
+    assert prefill["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert decode["containers"][0]["resources"]["requests"]["nvidia.com/gpu"] == "4"  # tensor 2 x data 2
+    assert prefill["nodeSelector"] == {"nvidia.com/gpu.present": "true", "nvidia.com/gpu.product": "NVIDIA-H200"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in prefill["tolerations"]
+    shm = next(v for v in prefill["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in prefill["containers"][0]["volumeMounts"]
+    assert _env(prefill["containers"][0])[contract.ENV_DEVICE] == "cuda"
+    model = next(m for m in prefill["containers"][0]["volumeMounts"] if m["name"] == "model")
+    assert model == {"name": "model", "mountPath": contract.MODEL_DIR, "readOnly": True, "subPath": "flash"}
+
+
+def test_ascend_profile(admit: Admit) -> None:
+    pod = _children(admit, PRO)[("Deployment", "demo-decode")]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"] == {"huawei.com/Ascend910": "16"}
+    assert pod["nodeSelector"] == {"accelerator": "huawei-Ascend910"}
+    assert pod["tolerations"][0]["key"] == "huawei.com/Ascend910"
+    env = _env(container)
+    assert env["ASCEND_RT_VISIBLE_DEVICES"] == ",".join(str(i) for i in range(16))
+    assert env["HCCL_IF_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert env[contract.ENV_DEVICE] == "npu"
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    for _, path, _ in profiles.ASCEND_HOST_MOUNTS:
+        assert mounts[path]["readOnly"] is True
+    host = {v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    assert {"/usr/local/Ascend/driver", "/etc/hccn.conf", "/data/pro"} <= host
+
+
+def test_ascend_resource_name_follows_product_and_override(admit: Admit) -> None:
+    base = {"model": {"variant": "custom", "source": {"image": "reg/m:1"}}}
+    for acc, name in (
+        ({"type": "ascend", "product": "310P"}, "huawei.com/Ascend310P"),
+        ({"type": "ascend", "resourceName": "huawei.com/ascend-1980"}, "huawei.com/ascend-1980"),
+    ):
+        container = _container(_children(admit, {**base, "accelerator": acc}), "prefill")
+        assert container["resources"]["limits"] == {name: "1"}
+
+
+def test_cpu_profile_asks_for_no_device(admit: Admit) -> None:
+    kids = _children(admit, TINY)
+    pod = kids[("Deployment", "demo-decode")]["spec"]["template"]["spec"]
+    assert "nodeSelector" not in pod and "tolerations" not in pod
+    assert not any(v["name"] == "dshm" for v in pod["volumes"])
+    env = _env(pod["containers"][0])
+    assert env[contract.ENV_DEVICE] == "cpu" and contract.ENV_MODEL not in env
+
+
+def test_gateway_never_asks_for_devices_or_model(admit: Admit) -> None:
+    pod = _children(admit, FLASH)[("Deployment", "demo-gateway")]["spec"]["template"]["spec"]
+    assert "nodeSelector" not in pod
+    assert pod["containers"][0]["resources"] == {}
+    assert {v["name"] for v in pod["volumes"]} == {"tmp", "config"}
+
+
+@pytest.mark.parametrize("raw", [TINY, FLASH, PRO], ids=["cpu", "nvidia", "ascend"])
+def test_pod_security_and_probes(admit: Admit, raw: dict[str, Any]) -> None:
+    for (kind, _), child in _children(admit, raw).items():
+        if kind not in ("Deployment", "StatefulSet"):
+            continue
+        pod = child["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["automountServiceAccountToken"] is False
+        for c in pod["containers"]:
+            sc = c["securityContext"]
+            assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
+            assert sc["capabilities"] == {"drop": ["ALL"]}
+            assert "readinessProbe" in c and "livenessProbe" in c
+    for role in ("gateway", "prefill", "decode"):
+        c = _container(_children(admit, raw), role)
+        assert c["readinessProbe"]["httpGet"]["path"] == contract.READY_PATH
+        assert c["livenessProbe"]["httpGet"]["path"] == contract.HEALTH_PATH
+        assert c["command"] == ["dsv4", role]
+
+
+def test_big_models_get_a_long_startup_window(admit: Admit) -> None:
+    tiny = _container(_children(admit, TINY), "decode")["startupProbe"]
+    pro = _container(_children(admit, PRO), "decode")["startupProbe"]
+    assert pro["failureThreshold"] * pro["periodSeconds"] > 10 * tiny["failureThreshold"] * tiny["periodSeconds"]
+
+
+def test_contract_env_config_and_api_keys(admit: Admit) -> None:
+    kids = _children(admit, PRO)
+    gw = _container(kids, "gateway")
+    env = _env(gw)
+    assert env[contract.ENV_DEPLOYMENT] == "demo" and env[contract.ENV_ROLE] == "gateway"
+    assert env[contract.ENV_CONFIG_FILE] == contract.CONFIG_FILE
+    assert env[contract.ENV_API_KEY_FILE] == contract.API_KEY_FILE
+    assert env[contract.ENV_POD_NAME] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    pod = kids[("Deployment", "demo-gateway")]["spec"]["template"]["spec"]
+    secret = next(v for v in pod["volumes"] if v["name"] == "api-keys")["secret"]
+    assert secret == {"secretName": "keys", "items": [{"key": "api", "path": "keys"}]}
+    assert contract.ENV_API_KEY_FILE not in _env(_container(kids, "decode"))
+    config = yaml.safe_load(kids[("ConfigMap", "demo-config")]["data"]["prefill.yaml"])
+    assert config["streams"]["prefill"] == contract.stream_key("demo", contract.PREFILL_STREAM)
+    assert config["kvHandoff"]["chunkBytes"] == 4 * 1024 * 1024
+    assert "disaggregation" in yaml.safe_load(kids[("ConfigMap", "demo-config")]["data"]["gateway.yaml"])
+
+
+def test_managed_redis_url_and_statefulset(admit: Admit) -> None:
+    kids = _children(admit, TINY)
+    assert _env(_container(kids, "prefill"))[contract.ENV_REDIS_URL] == "redis://demo-redis.serving.svc:6379/0"
+    sts = kids[("StatefulSet", "demo-redis")]["spec"]
+    assert sts["replicas"] == 1 and sts["serviceName"] == "demo-redis"
+    assert kids[("Service", "demo-redis")]["spec"]["ports"][0]["port"] == 6379
+
+
+def _templates(admit: Admit, raw: dict[str, Any]) -> dict[str, Any]:
+    kids = _children(admit, raw)
+    return {r: kids[("Deployment", f"demo-{r}")]["spec"]["template"] for r in ("gateway", "prefill", "decode")}
+
+
+@pytest.mark.parametrize(
+    ("change", "rolled"),
+    [
+        ({"prefill": {"resources": {"requests": {"cpu": "2"}}}}, {"prefill"}),
+        ({"decode": {"parallelism": {"tensor": 2}}}, {"decode"}),
+        ({"disaggregation": {"minPromptTokens": 64}}, {"gateway"}),
+        ({"kvHandoff": {"ttlSeconds": 30}}, {"prefill", "decode"}),
+        ({"prefill": {"replicas": 3, "maxReplicas": 4}}, set()),
+    ],
+)
+def test_a_spec_change_rolls_only_the_pools_it_concerns(admit: Admit, change: dict[str, Any], rolled: set[str]) -> None:
+    base = {**FLASH, "prefill": {}, "decode": {}}
+    before, after = _templates(admit, base), _templates(admit, {**base, **change})
+    assert {r for r in before if before[r] != after[r]} == rolled
+
+
+def test_default_image_applies_only_when_the_spec_names_none(admit: Admit) -> None:
+    assert _container(_children(admit, TINY), "gateway")["image"] == "dsv4:test"
+    assert _container(_children(admit, {**TINY, "image": "reg/dsv4:9"}), "gateway")["image"] == "reg/dsv4:9"
+
+
+@pytest.mark.parametrize("path", sorted(EXAMPLES.glob("*.yaml")), ids=lambda p: p.stem)
+def test_examples_build(admit: Admit, path: Path) -> None:
+    doc = yaml.safe_load(path.read_text())
+    owner = Owner(doc["metadata"]["name"], "default", "uid")
+    kids = builders.children(owner, admit(doc["spec"], name=owner.name), "dsv4:test")
+    assert all(len(c["metadata"]["name"]) <= 63 for c in kids)
