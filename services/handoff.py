@@ -1,0 +1,435 @@
+"""KV handoff from a prefill worker to a decode worker (DESIGN.md §4).
+
+The writer stores the engine's exported KV state (opaque bytes) as chunks of at most 4 MiB under a TTL lease, then
+writes a descriptor naming format, model fingerprint, sizes, per-chunk crc32c, the first token and the trace
+context. The descriptor goes last, so a reader that finds it finds every chunk; each write uses fresh keys, so a
+retried prefill never overwrites a handoff someone is reading. The reader verifies everything and returns the bytes
+or raises a `HandoffError` subclass, which the decode worker answers with a recompute.
+
+Two data planes: `redis` (chunks are Redis strings next to the descriptor) and `direct` (the prefill worker keeps
+the chunks in memory and serves them on its worker port; Redis holds only the descriptor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import crc32c
+import httpx
+import redis.asyncio as aioredis
+from fastapi import APIRouter, HTTPException, Response
+from redis.asyncio.client import Pipeline
+
+from dsv4.services import contract
+from dsv4.services.engine_port import KVMeta
+from dsv4.services.redis_conn import UNAVAILABLE_ERRORS, unavailable_as_typed
+
+log = logging.getLogger(__name__)
+
+DESCRIPTOR_FORMAT = 1
+MAX_CHUNK_BYTES = 4 << 20
+DEFAULT_TTL_S = 120
+PIPELINE_CHUNKS = 8  # chunks in flight per round trip: 32 MiB at the maximum chunk size
+DIRECT_PATH = "/kv"
+
+Transport = Literal["redis", "direct"]
+
+
+class HandoffError(RuntimeError):
+    """The handoff cannot be used; the decode worker recomputes the prefill."""
+
+
+class HandoffMissing(HandoffError):
+    """No descriptor (never written, already consumed, or its lease ran out), or the direct writer is gone."""
+
+
+class HandoffExpired(HandoffError):
+    """The descriptor was found but its lease ran out before every chunk was read."""
+
+
+class HandoffCorrupt(HandoffError):
+    """A chunk or the descriptor fails verification (size, checksum, count, syntax)."""
+
+
+class FingerprintMismatch(HandoffError):
+    """The state was exported by a different model or KV format than the reader's engine."""
+
+
+def descriptor_key(deployment: str, handoff_id: str) -> str:
+    """Key of a handoff's descriptor."""
+    return contract.redis_key(deployment, "kv", handoff_id, "desc")
+
+
+def handoff_id_of(key: str) -> str:
+    """The handoff id inside a descriptor key; raises HandoffCorrupt for a key that is not one."""
+    parts = key.split(":")
+    if len(parts) != 5 or parts[0] != "dsv4" or parts[2] != "kv" or parts[4] != "desc":
+        raise HandoffCorrupt(f"not a handoff descriptor key: {key!r}")
+    return parts[3]
+
+
+def chunk_key(deployment: str, handoff_id: str, index: int) -> str:
+    """Key of chunk `index` of a handoff on the `redis` data plane."""
+    return contract.redis_key(deployment, "kv", handoff_id, "chunk", str(index))
+
+
+@dataclass(frozen=True)
+class Descriptor:
+    """Everything a reader needs to fetch and verify a handoff; JSON in Redis."""
+
+    handoff_id: str
+    request_id: str
+    kv_format_version: int
+    model_fingerprint: str
+    total_bytes: int
+    num_tokens: int
+    chunk_sizes: tuple[int, ...]
+    chunk_crc32c: tuple[int, ...]
+    first_token: int
+    transport: Transport
+    lease_deadline_ms: int
+    direct_url: str | None = None
+    trace_context: Mapping[str, str] = field(default_factory=dict)
+    format_version: int = DESCRIPTOR_FORMAT
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> Descriptor:
+        """Parse and check internal consistency; raises HandoffCorrupt."""
+        try:
+            d: dict[str, Any] = json.loads(raw)
+            if not isinstance(d, dict):
+                raise HandoffCorrupt(f"handoff descriptor is a JSON {type(d).__name__}, not an object")
+            if d.get("format_version") != DESCRIPTOR_FORMAT:
+                raise HandoffCorrupt(f"descriptor format {d.get('format_version')!r}, expected {DESCRIPTOR_FORMAT}")
+            d["chunk_sizes"] = tuple(int(x) for x in d["chunk_sizes"])
+            d["chunk_crc32c"] = tuple(int(x) for x in d["chunk_crc32c"])
+            desc = cls(**d)
+        except (ValueError, TypeError, KeyError) as e:
+            raise HandoffCorrupt(f"unreadable handoff descriptor: {type(e).__name__}: {e}") from e
+        if len(desc.chunk_sizes) != len(desc.chunk_crc32c) or sum(desc.chunk_sizes) != desc.total_bytes:
+            raise HandoffCorrupt(f"descriptor {desc.handoff_id}: chunk sizes/checksums disagree with total_bytes")
+        if desc.transport not in ("redis", "direct") or (desc.transport == "direct" and not desc.direct_url):
+            raise HandoffCorrupt(f"descriptor {desc.handoff_id}: bad transport {desc.transport!r}")
+        return desc
+
+
+@dataclass(frozen=True)
+class Handoff:
+    """A verified handoff: the descriptor and the KV bytes, ready for `Engine.submit_decode`."""
+
+    key: str
+    descriptor: Descriptor
+    blob: bytes
+
+
+def rechunk(parts: Iterable[bytes], chunk_bytes: int) -> Iterator[bytes]:
+    """Cut a stream of byte strings into pieces of exactly `chunk_bytes` (the last may be shorter, never empty).
+
+    A part that already forms a whole piece is passed through without a copy.
+    """
+    pending: list[bytes] = []
+    pending_len = 0
+    for part in parts:
+        if not part:
+            continue
+        pending.append(part)
+        pending_len += len(part)
+        if pending_len < chunk_bytes:
+            continue
+        joined = pending[0] if len(pending) == 1 else b"".join(pending)
+        cut = pending_len - pending_len % chunk_bytes
+        view = memoryview(joined)
+        for i in range(0, cut, chunk_bytes):
+            yield joined if len(joined) == chunk_bytes else bytes(view[i : i + chunk_bytes])
+        pending = [bytes(view[cut:])] if cut < pending_len else []
+        pending_len -= cut
+    if pending:
+        yield pending[0] if len(pending) == 1 else b"".join(pending)
+
+
+class DirectStore:
+    """Chunks kept in the prefill worker's memory for the `direct` data plane, each handoff until its lease ends."""
+
+    def __init__(self) -> None:
+        self._items: dict[str, tuple[float, list[bytes]]] = {}
+
+    def put(self, handoff_id: str, chunks: list[bytes], deadline_s: float) -> None:
+        self.evict_expired()
+        self._items[handoff_id] = (deadline_s, chunks)
+
+    def get(self, handoff_id: str, index: int) -> bytes | None:
+        item = self._items.get(handoff_id)
+        if item is None or item[0] < time.time() or not 0 <= index < len(item[1]):
+            return None
+        return item[1][index]
+
+    def release(self, handoff_id: str) -> bool:
+        return self._items.pop(handoff_id, None) is not None
+
+    def evict_expired(self) -> None:
+        now = time.time()
+        for hid in [h for h, (deadline, _) in self._items.items() if deadline < now]:
+            del self._items[hid]
+
+    @property
+    def bytes_held(self) -> int:
+        return sum(len(c) for _, chunks in self._items.values() for c in chunks)
+
+
+def direct_router(store: DirectStore) -> APIRouter:
+    """The `direct` data plane endpoints of a prefill worker, mounted on its worker port."""
+    router = APIRouter()
+
+    @router.get(DIRECT_PATH + "/{handoff_id}/{index}")
+    def get_chunk(handoff_id: str, index: int) -> Response:
+        data = store.get(handoff_id, index)
+        if data is None:
+            raise HTTPException(404, f"no chunk {index} of handoff {handoff_id}")
+        return Response(content=data, media_type="application/octet-stream")
+
+    @router.delete(DIRECT_PATH + "/{handoff_id}")
+    def release(handoff_id: str) -> Response:
+        return Response(status_code=204 if store.release(handoff_id) else 404)
+
+    return router
+
+
+class HandoffWriter:
+    """The prefill side: writes one handoff per call to `write`."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        deployment: str,
+        *,
+        transport: Transport = "redis",
+        ttl_s: float = DEFAULT_TTL_S,
+        chunk_bytes: int = MAX_CHUNK_BYTES,
+        direct_store: DirectStore | None = None,
+        direct_url: str | None = None,
+    ) -> None:
+        if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
+        if transport == "direct" and (direct_store is None or not direct_url):
+            raise ValueError("the direct data plane needs a DirectStore and the URL where it is served")
+        self.client = client
+        self.deployment = deployment
+        self.transport = transport
+        self.ttl_s = ttl_s
+        self.chunk_bytes = chunk_bytes
+        self.direct_store = direct_store
+        self.direct_url = direct_url
+
+    async def write(
+        self,
+        request_id: str,
+        meta: KVMeta,
+        chunks: Iterable[bytes],
+        first_token: int,
+        trace_context: Mapping[str, str] | None = None,
+    ) -> Descriptor:
+        """Store the state and then its descriptor; returns the descriptor (its key: `descriptor_key`).
+
+        Raises RedisUnavailable, or whatever `chunks` raises; in both cases the chunks written so far are deleted
+        (when Redis is reachable; otherwise their lease cleans them up) and no descriptor exists.
+        """
+        if not request_id or any(c in request_id for c in ":{}"):
+            raise ValueError(f"request id {request_id!r} cannot be part of a Redis key")
+        handoff_id = f"{request_id}.{uuid.uuid4().hex[:12]}"
+        deadline_ms = int((time.time() + self.ttl_s) * 1000)
+        sizes: list[int] = []
+        crcs: list[int] = []
+        try:
+            pipe = self.client.pipeline(transaction=False)
+            if self.transport == "redis":
+                await self._queue_redis_chunks(pipe, handoff_id, chunks, deadline_ms, sizes, crcs)
+            else:
+                kept = []
+                for c in rechunk(chunks, self.chunk_bytes):
+                    kept.append(c)
+                    sizes.append(len(c))
+                    crcs.append(crc32c.crc32c(c))
+                assert self.direct_store is not None
+                self.direct_store.put(handoff_id, kept, deadline_ms / 1000)
+            if sum(sizes) != meta.total_bytes:
+                raise ValueError(f"KV export yielded {sum(sizes)} bytes, its metadata says {meta.total_bytes}")
+            desc = Descriptor(
+                handoff_id=handoff_id,
+                request_id=request_id,
+                kv_format_version=meta.format_version,
+                model_fingerprint=meta.model_fingerprint,
+                total_bytes=meta.total_bytes,
+                num_tokens=meta.num_tokens,
+                chunk_sizes=tuple(sizes),
+                chunk_crc32c=tuple(crcs),
+                first_token=first_token,
+                transport=self.transport,
+                lease_deadline_ms=deadline_ms,
+                direct_url=self.direct_url if self.transport == "direct" else None,
+                trace_context=dict(trace_context or {}),
+            )
+            # Same pipeline as the last chunks: Redis runs it in order, so the descriptor still lands last.
+            pipe.set(descriptor_key(self.deployment, handoff_id), desc.to_json(), pxat=deadline_ms)
+            with unavailable_as_typed("writing a handoff descriptor"):
+                await pipe.execute()
+            return desc
+        except BaseException:
+            await self._discard(handoff_id, len(sizes))
+            raise
+
+    async def _queue_redis_chunks(
+        self,
+        pipe: Pipeline,
+        handoff_id: str,
+        chunks: Iterable[bytes],
+        deadline_ms: int,
+        sizes: list[int],
+        crcs: list[int],
+    ) -> None:
+        """Send the chunks in pipelined batches, leaving the last batch queued in `pipe`."""
+        with unavailable_as_typed("writing handoff chunks"):
+            for c in rechunk(chunks, self.chunk_bytes):
+                if len(pipe) >= PIPELINE_CHUNKS:
+                    await pipe.execute()
+                pipe.set(chunk_key(self.deployment, handoff_id, len(sizes)), c, pxat=deadline_ms)
+                sizes.append(len(c))
+                crcs.append(crc32c.crc32c(c))
+
+    async def _discard(self, handoff_id: str, n_chunks: int) -> None:
+        if self.direct_store is not None:
+            self.direct_store.release(handoff_id)
+        keys = [chunk_key(self.deployment, handoff_id, i) for i in range(n_chunks)]
+        keys.append(descriptor_key(self.deployment, handoff_id))
+        try:
+            await self.client.delete(*keys)
+        except UNAVAILABLE_ERRORS:
+            log.warning("could not delete %d chunk keys of handoff %s; their lease removes them", n_chunks, handoff_id)
+
+
+class HandoffReader:
+    """The decode side: fetch, verify, and finally release handoffs."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        deployment: str,
+        *,
+        http: httpx.AsyncClient | None = None,
+        direct_parallelism: int = 4,
+    ) -> None:
+        self.client = client
+        self.deployment = deployment
+        self._http = http
+        self._parallelism = direct_parallelism
+
+    def key_of(self, handoff_id: str) -> str:
+        return descriptor_key(self.deployment, handoff_id)
+
+    async def descriptor(self, key: str) -> Descriptor:
+        """The descriptor at `key`; raises HandoffMissing or HandoffCorrupt (or RedisUnavailable)."""
+        with unavailable_as_typed("reading a handoff descriptor"):
+            raw = await self.client.get(key)
+        return self._parse(key, raw)
+
+    async def read(self, key: str, *, model_fingerprint: str, kv_format_version: int) -> Handoff:
+        """Fetch and verify the handoff at `key` for an engine with this fingerprint and KV format."""
+        # The first chunks travel in the descriptor's round trip: a small handoff costs one round trip, not two.
+        handoff_id = handoff_id_of(key)
+        with unavailable_as_typed("reading a handoff"):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.get(key)
+            for i in range(PIPELINE_CHUNKS):
+                pipe.get(chunk_key(self.deployment, handoff_id, i))
+            raw, *first = await pipe.execute()
+        desc = self._parse(key, raw)
+        if desc.model_fingerprint != model_fingerprint or desc.kv_format_version != kv_format_version:
+            raise FingerprintMismatch(
+                f"handoff {desc.handoff_id} was exported by model {desc.model_fingerprint} format "
+                f"{desc.kv_format_version}; this engine is {model_fingerprint} format {kv_format_version}"
+            )
+        n = len(desc.chunk_sizes)
+        if desc.transport == "redis":
+            chunks = first[:n] + await self._redis_chunks(desc, start=min(n, PIPELINE_CHUNKS))
+        else:
+            chunks = await self._direct_chunks(desc)
+        for i, (c, size, crc) in enumerate(zip(chunks, desc.chunk_sizes, desc.chunk_crc32c, strict=True)):
+            if c is None:
+                if time.time() * 1000 >= desc.lease_deadline_ms:
+                    raise HandoffExpired(f"handoff {desc.handoff_id}: lease ended before chunk {i} was read")
+                raise HandoffCorrupt(f"handoff {desc.handoff_id}: chunk {i} is missing")
+            if len(c) != size:
+                raise HandoffCorrupt(f"handoff {desc.handoff_id}: chunk {i} has {len(c)} bytes, expected {size}")
+            if crc32c.crc32c(c) != crc:
+                raise HandoffCorrupt(f"handoff {desc.handoff_id}: chunk {i} fails its crc32c check")
+        return Handoff(key, desc, b"".join(c for c in chunks if c is not None))
+
+    @staticmethod
+    def _parse(key: str, raw: Any) -> Descriptor:
+        if raw is None:
+            raise HandoffMissing(f"no handoff descriptor at {key} (never written, consumed, or lease expired)")
+        desc = Descriptor.from_json(raw)
+        if desc.handoff_id != handoff_id_of(key):
+            raise HandoffCorrupt(f"descriptor at {key} names handoff {desc.handoff_id}")
+        return desc
+
+    async def release(self, desc: Descriptor) -> None:
+        """Delete the handoff: the decode worker owns the state now (best effort for `direct`; leases back it up)."""
+        keys = [chunk_key(self.deployment, desc.handoff_id, i) for i in range(len(desc.chunk_sizes))]
+        with unavailable_as_typed("releasing a handoff"):
+            if desc.transport == "redis":
+                await self.client.delete(*keys, descriptor_key(self.deployment, desc.handoff_id))
+            else:
+                await self.client.delete(descriptor_key(self.deployment, desc.handoff_id))
+        if desc.transport == "direct" and desc.direct_url:
+            try:
+                await self._client().delete(f"{desc.direct_url}{DIRECT_PATH}/{desc.handoff_id}")
+            except httpx.HTTPError as e:
+                log.info("direct release of %s failed (%s); the writer's lease frees it", desc.handoff_id, e)
+
+    async def _redis_chunks(self, desc: Descriptor, start: int) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        n = len(desc.chunk_sizes)
+        with unavailable_as_typed("reading handoff chunks"):
+            for batch in range(start, n, PIPELINE_CHUNKS):
+                pipe = self.client.pipeline(transaction=False)
+                for i in range(batch, min(n, batch + PIPELINE_CHUNKS)):
+                    pipe.get(chunk_key(self.deployment, desc.handoff_id, i))
+                out.extend(await pipe.execute())
+        return out
+
+    async def _direct_chunks(self, desc: Descriptor) -> list[bytes | None]:
+        sem = asyncio.Semaphore(self._parallelism)
+        http = self._client()
+
+        async def fetch(i: int) -> bytes | None:
+            async with sem:
+                try:
+                    r = await http.get(f"{desc.direct_url}{DIRECT_PATH}/{desc.handoff_id}/{i}")
+                except httpx.HTTPError as e:
+                    raise HandoffMissing(f"handoff {desc.handoff_id}: writer {desc.direct_url} unreachable: {e}") from e
+                if r.status_code == 404:
+                    return None
+                if r.status_code != 200:
+                    raise HandoffMissing(f"handoff {desc.handoff_id}: writer answered {r.status_code} for chunk {i}")
+                return r.content
+
+        return list(await asyncio.gather(*(fetch(i) for i in range(len(desc.chunk_sizes)))))
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(timeout=httpx.Timeout(10.0, connect=2.0))
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
