@@ -9,7 +9,7 @@ PIP_FLAGS ?= --progress-bar off --quiet
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-unit lint install system-deps
+.PHONY: serve test test-unit lint install system-deps cluster-binaries
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml setup.py
 install: $(STAMP)
 
 system-deps:
-	@scripts/apt-install.sh redis-server
+	@scripts/apt-install.sh redis-server openssl
 
 serve: install
 	$(BIN)/dsv4 serve $(SERVE_ARGS)
@@ -32,7 +32,12 @@ lint: install
 	@mkdir -p build/mypy/dsv4 && for d in model_runtime kernels services operator; do ln -sfn ../../../$$d build/mypy/dsv4/$$d; done
 	MYPYPATH=build/mypy $(BIN)/mypy -p dsv4.model_runtime -p dsv4.kernels -p dsv4.services -p dsv4.operator
 
-test: install system-deps lint
+# The real Kubernetes control plane for the cluster tests, built from pinned Go modules into
+# ${DSV4_K8S_CACHE:-~/.cache/dsv4/k8s}; seconds when cached, long on a cold machine (README.md, docs/cluster.md).
+cluster-binaries:
+	tests/cluster/build.sh
+
+test: install system-deps lint cluster-binaries
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 test-unit: install
