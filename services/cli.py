@@ -69,7 +69,11 @@ COMMANDS: dict[str, Command] = {
     "prefill": Command("run a prefill worker", _worker_args, None),
     "decode": Command("run a decode worker", _worker_args, None),
     "operator": Command("run the Kubernetes operator", _operator_args, None),
-    "make-checkpoint": Command("write a small random checkpoint in the official format", _make_checkpoint_args, None),
+    "make-checkpoint": Command(
+        "write a small random checkpoint in the official format",
+        _make_checkpoint_args,
+        "dsv4.model_runtime.make_checkpoint:main",
+    ),
 }
 
 

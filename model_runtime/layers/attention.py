@@ -1,0 +1,153 @@
+"""Shared-K=V attention of one DeepSeek-V4 layer: sliding window, plus CSA (indexer top-k of compressed
+entries) or HCA (all visible compressed entries), one softmax with a per-head sink, grouped output projection.
+
+Works on a batch of sequences, each with its own `LayerState` and start position, all advancing by S tokens.
+Key buffer of row b: [window ring (W) | this call's K=V (S) | compressed entries (E_b, padded)]; each query
+attends to the indices `_window_indices` and the compressed selection give into that buffer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from dsv4.kernels import ops
+from dsv4.model_runtime.config import ModelConfig
+from dsv4.model_runtime.layers.compressor import Compressor
+from dsv4.model_runtime.layers.indexer import Indexer
+from dsv4.model_runtime.layers.norm import RMSNorm
+from dsv4.model_runtime.layers.rope import RopeTable
+from dsv4.model_runtime.qat import q4_hadamard, q8_nope
+from dsv4.model_runtime.state import LayerState
+
+
+@dataclass
+class StepContext:
+    """What every layer of one forward call shares: positions and RoPE of the S new tokens of each row."""
+
+    starts: torch.Tensor  # [B] int64, position of each row's first new token
+    positions: torch.Tensor  # [B, S] int64
+    rope_main: RopeTable  # SWA layers: θ = rope_theta, no YaRN
+    rope_compress: RopeTable  # CSA/HCA layers: θ = compress_rope_theta with YaRN
+    cos_sin: dict[bool, tuple[torch.Tensor, torch.Tensor]]  # compressed? -> cos, sin [B, S, rd/2]
+    qat: bool
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        d, c, h = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads
+        self.n_heads, self.head_dim, self.rope_dim = h, c, cfg.qk_rope_head_dim
+        self.window, self.groups, self.eps = cfg.sliding_window, cfg.o_groups, cfg.rms_norm_eps
+        self.ratio = cfg.ratio(layer)
+        self.wq_a = nn.Linear(d, cfg.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.wq_b = nn.Linear(cfg.q_lora_rank, h * c, bias=False)
+        self.wkv = nn.Linear(d, c, bias=False)
+        self.kv_norm = RMSNorm(c, cfg.rms_norm_eps)
+        self.wo_a = nn.Linear(h * c // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)  # grouped
+        self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, d, bias=False)
+        self.attn_sink = nn.Parameter(torch.zeros(h))
+        self.compressor = (
+            Compressor(d, c, self.ratio, overlap=cfg.is_csa(layer), eps=cfg.rms_norm_eps) if self.ratio else None
+        )
+        self.indexer = Indexer(cfg, self.ratio) if cfg.is_csa(layer) else None
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, states: list[LayerState]) -> torch.Tensor:
+        """x [B, S, d] -> [B, S, d]; updates each row's state with the S new tokens."""
+        b, s, _ = x.shape
+        compressed = self.compressor is not None
+        cos, sin = ctx.cos_sin[compressed]
+        qr = self.q_norm(self.wq_a(x))  # [B, S, q_lora]
+        q = self.wq_b(qr).view(b, s, self.n_heads, self.head_dim)
+        q = ops.rope(ops.rms_norm(q, None, self.eps), cos, sin)  # unweighted per-head RMS norm
+        kv = ops.rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, S, c], K = V
+        if ctx.qat:
+            kv = q8_nope(kv, self.rope_dim)
+
+        if compressed:
+            self._update_compressed(x, ctx, states)
+        n_entries = max((st.n_entries for st in states), default=0)
+        buffer = torch.cat([torch.stack([st.window for st in states]), kv, self._entries(states, n_entries)], 1)
+        idx = self._window_indices(ctx)
+        if self.indexer is not None:
+            selected = self._select(x, qr, cos, sin, ctx, states, n_entries)
+            idx = torch.cat([idx, torch.where(selected >= 0, selected + self.window + s, -1)], dim=-1)
+        elif compressed:
+            entry = torch.arange(n_entries, device=x.device)
+            visible = (ctx.positions + 1) // self.ratio  # [B, S]
+            idx = torch.cat([idx, torch.where(entry < visible[..., None], entry + self.window + s, -1)], dim=-1)
+
+        o = ops.sparse_attention(q, buffer, idx, self.attn_sink, self.head_dim**-0.5)  # [B, S, H, c]
+        o = ops.rope(o, cos, sin, inverse=True)
+        o = o.reshape(b, s, self.groups, -1)  # heads grouped contiguously
+        wo_a = self.wo_a.weight.view(self.groups, -1, o.shape[-1])  # [G, o_lora, H*c/G]
+        out = self.wo_b(torch.einsum("bsgi,goi->bsgo", o, wo_a).flatten(2))
+        self._write_window(kv, ctx, states)
+        return out
+
+    def _window_indices(self, ctx: StepContext) -> torch.Tensor:
+        """[B, S, W] buffer indices of the keys at positions t-W+1..t (-1 before position 0)."""
+        w = self.window
+        p = ctx.positions[..., None] - w + 1 + torch.arange(w, device=ctx.positions.device)  # [B, S, W]
+        start = ctx.starts.view(-1, 1, 1)
+        idx = torch.where(p >= start, w + p - start, p % w)  # this call's K=V, else the ring slot
+        return torch.where(p >= 0, idx, -1)
+
+    def _entries(self, states: list[LayerState], n: int) -> torch.Tensor:
+        """[B, n, c]: each row's compressed entries, zero-padded to n."""
+        out = states[0].window.new_zeros(len(states), n, self.head_dim)
+        for row, st in enumerate(states):
+            out[row, : st.n_entries] = st.valid_entries()
+        return out
+
+    def _update_compressed(self, x: torch.Tensor, ctx: StepContext, states: list[LayerState]) -> None:
+        assert self.compressor is not None
+        main_sim: Callable[[torch.Tensor], torch.Tensor] | None = (
+            (lambda e: q8_nope(e, self.rope_dim)) if ctx.qat else None
+        )
+        a, z = self.compressor.project(x, ctx.positions)
+        if self.indexer is not None:
+            ia, iz = self.indexer.compressor.project(x, ctx.positions)
+        for row, st in enumerate(states):
+            start = int(ctx.starts[row])
+            first_block = start // self.ratio
+            pooled, st.comp_kv, st.comp_score = self.compressor.pool(st.comp_kv, st.comp_score, a[row], z[row], start)
+            entries = self.compressor.finish(pooled, first_block, ctx.rope_compress, main_sim, x.dtype)
+            keys = None
+            if self.indexer is not None:
+                ipooled, st.icomp_kv, st.icomp_score = self.indexer.compressor.pool(
+                    st.icomp_kv, st.icomp_score, ia[row], iz[row], start
+                )
+                keys = self.indexer.compressor.finish(
+                    ipooled, first_block, ctx.rope_compress, q4_hadamard if ctx.qat else None, x.dtype
+                )
+            st.append_entries(entries, keys)
+
+    def _select(
+        self,
+        x: torch.Tensor,
+        qr: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        ctx: StepContext,
+        states: list[LayerState],
+        n_entries: int,
+    ) -> torch.Tensor:
+        assert self.indexer is not None
+        q, weights = self.indexer.queries(x, qr, cos, sin, ctx.qat)
+        keys = q.new_zeros(len(states), n_entries, self.indexer.head_dim)
+        for row, st in enumerate(states):
+            keys[row, : st.n_entries] = st.valid_index_keys()
+        visible = (ctx.positions + 1) // self.ratio
+        return self.indexer.select(q, weights, keys, visible, ctx.qat)
+
+    def _write_window(self, kv: torch.Tensor, ctx: StepContext, states: list[LayerState]) -> None:
+        s, w = kv.shape[1], self.window
+        n = min(s, w)
+        offsets = torch.arange(s - n, s, device=kv.device)
+        for row, st in enumerate(states):
+            st.window[(offsets + ctx.starts[row]) % w] = kv[row, s - n :]

@@ -1,0 +1,82 @@
+"""The token compressor of CSA (overlapping, m = 4) and HCA (non-overlapping, any other m) layers.
+
+Per token t: a_t = W_kv x_t, z_t = W_gate x_t + ape[t mod m] (fp32, width coff*c). Entry i pools block i:
+HCA: softmax over the block's m tokens per channel. CSA: over 2m slots, the previous block's A halves
+(a[:c], z[:c]) and the current block's B halves (a[c:], z[c:]). Each entry is then RMS-normed, rotated at
+position i*m, and (QAT) round-tripped by the caller-supplied simulation. An entry exists only once its block is
+complete; incomplete blocks live in the per-sequence compressor state (see dsv4.model_runtime.state).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.kernels import ops
+from dsv4.model_runtime.layers.norm import RMSNorm
+from dsv4.model_runtime.layers.rope import RopeTable
+
+
+class Compressor(nn.Module):
+    def __init__(self, dim: int, head_dim: int, ratio: int, overlap: bool, eps: float) -> None:
+        super().__init__()
+        self.ratio, self.head_dim, self.overlap = ratio, head_dim, overlap
+        width = (2 if overlap else 1) * head_dim
+        self.wkv = nn.Linear(dim, width, bias=False)
+        self.wgate = nn.Linear(dim, width, bias=False)
+        self.ape = nn.Parameter(torch.zeros(ratio, width))
+        self.norm = RMSNorm(head_dim, eps)
+
+    def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [B, S, d], positions [B, S] -> (a, z) [B, S, coff*c] fp32 (z includes ape of the slot)."""
+        xf = x.float()
+        a = F.linear(xf, self.wkv.weight.float())
+        z = F.linear(xf, self.wgate.weight.float()) + self.ape.float()[positions % self.ratio]
+        return a, z
+
+    def pool(
+        self, state_kv: torch.Tensor, state_score: torch.Tensor, a: torch.Tensor, z: torch.Tensor, start: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One sequence: fold S new tokens (a, z [S, coff*c], first at position `start`) into the state.
+
+        Returns (pooled [nb, c] fp32 for the nb blocks completed by these tokens, new state_kv, new state_score).
+        """
+        m, c = self.ratio, self.head_dim
+        r = start % m
+        cur = slice(m, m + r) if self.overlap else slice(0, r)
+        kv = torch.cat([state_kv[cur], a])  # [r + S, coff*c], block-aligned
+        sc = torch.cat([state_score[cur], z])
+        nb, rem = divmod(kv.shape[0], m)
+        blocks_kv, blocks_sc = kv[: nb * m].view(nb, m, -1), sc[: nb * m].view(nb, m, -1)
+        new_kv, new_score = torch.zeros_like(state_kv), torch.full_like(state_score, float("-inf"))
+        if self.overlap:
+            prev_kv = torch.cat([state_kv[None, :m], blocks_kv[:-1]])[:nb]  # [nb, m, 2c]: block i-1 of block i
+            prev_sc = torch.cat([state_score[None, :m], blocks_sc[:-1]])[:nb]
+            slots_kv = torch.cat([prev_kv[..., :c], blocks_kv[..., c:]], dim=1)  # [nb, 2m, c]
+            slots_sc = torch.cat([prev_sc[..., :c], blocks_sc[..., c:]], dim=1)
+            last_kv = blocks_kv[-1] if nb else state_kv[:m]
+            last_sc = blocks_sc[-1] if nb else state_score[:m]
+            new_kv[:m], new_score[:m] = last_kv, last_sc
+            new_kv[m : m + rem], new_score[m : m + rem] = kv[nb * m :], sc[nb * m :]
+        else:
+            slots_kv, slots_sc = blocks_kv, blocks_sc
+            new_kv[:rem], new_score[:rem] = kv[nb * m :], sc[nb * m :]
+        return ops.compress_pool(slots_kv, slots_sc), new_kv, new_score
+
+    def finish(
+        self,
+        pooled: torch.Tensor,
+        first_block: int,
+        rope: RopeTable,
+        simulate: Callable[[torch.Tensor], torch.Tensor] | None,
+        dtype: torch.dtype,
+    ) -> torch.Tensor:
+        """pooled [nb, c] fp32 of blocks first_block.. -> entries [nb, c]: norm, RoPE at block*m, simulation."""
+        entries = self.norm(pooled.to(dtype))
+        positions = (torch.arange(pooled.shape[0], device=pooled.device) + first_block) * self.ratio
+        cos, sin = rope(positions[None])
+        entries = ops.rope(entries[None], cos, sin)[0]
+        return simulate(entries) if simulate is not None else entries

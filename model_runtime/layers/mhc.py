@@ -1,0 +1,47 @@
+"""mHC: manifold-constrained hyper-connections (n residual streams, Sinkhorn-projected mixing).
+
+Per sub-layer: pre collapses the streams into the sub-layer input, post expands its output, comb mixes the
+streams (applied transposed: X'_k = post_k y + sum_j comb[j, k] X_j). The head variant collapses the streams
+once, before the final norm.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dsv4.kernels import ops
+from dsv4.model_runtime.config import ModelConfig
+
+
+class HyperConnection(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        n = cfg.hc_mult
+        self.fn = nn.Parameter(torch.zeros((2 + n) * n, n * cfg.hidden_size))
+        self.base = nn.Parameter(torch.zeros((2 + n) * n))
+        self.scale = nn.Parameter(torch.ones(3))
+        self.iters, self.hc_eps, self.norm_eps = cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps
+
+    def pre(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """streams [N, n, d] -> (x [N, d], post [N, n], comb [N, n, n])."""
+        return ops.mhc_pre(streams, self.fn, self.scale, self.base, self.iters, self.hc_eps, self.norm_eps)
+
+    @staticmethod
+    def post(y: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        """y [N, d] sub-layer output -> new streams [N, n, d]."""
+        return ops.mhc_post(y, streams, post, comb)
+
+
+class HyperHead(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        n = cfg.hc_mult
+        self.fn = nn.Parameter(torch.zeros(n, n * cfg.hidden_size))
+        self.base = nn.Parameter(torch.zeros(n))
+        self.scale = nn.Parameter(torch.ones(1))
+        self.hc_eps, self.norm_eps = cfg.hc_eps, cfg.rms_norm_eps
+
+    def forward(self, streams: torch.Tensor) -> torch.Tensor:
+        """streams [N, n, d] -> [N, d]."""
+        return ops.hc_head(streams, self.fn, self.scale, self.base, self.hc_eps, self.norm_eps)

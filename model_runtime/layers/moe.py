@@ -1,0 +1,67 @@
+"""Mixture of experts: sqrtsoftplus router (learned top-k with selection bias, or hash table), routed experts
+through a grouped matmul, and one shared expert; clamped SwiGLU in both (oracle_notes §5).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4.kernels import ops
+from dsv4.model_runtime.config import ModelConfig
+
+
+class Gate(nn.Module):
+    def __init__(self, cfg: ModelConfig, hashed: bool) -> None:
+        super().__init__()
+        self.topk, self.route_scale, self.hashed = cfg.num_experts_per_tok, cfg.routed_scaling_factor, hashed
+        self.weight = nn.Parameter(torch.zeros(cfg.n_routed_experts, cfg.hidden_size))
+        self.bias = None if hashed else nn.Parameter(torch.zeros(cfg.n_routed_experts))
+        self.tid2eid: torch.Tensor | None
+        self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, self.topk, dtype=torch.long) if hashed else None)
+
+    def forward(self, u: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """u [N, d], token_ids [N] -> (weights [N, k] fp32, expert ids [N, k])."""
+        logits = F.linear(u.float(), self.weight.float())
+        hash_idx = self.tid2eid[token_ids] if self.tid2eid is not None else None
+        return ops.route(logits, self.topk, self.route_scale, bias=self.bias, hash_idx=hash_idx)
+
+
+class SharedExpert(nn.Module):
+    def __init__(self, dim: int, inter: int, limit: float) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(dim, inter, bias=False)
+        self.w2 = nn.Linear(inter, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter, bias=False)
+        self.limit = limit
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self.w2(ops.swiglu(self.w1(u), self.w3(u), self.limit))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig, hashed: bool) -> None:
+        super().__init__()
+        e, d, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.n_experts, self.inter, self.limit = e, inter, cfg.swiglu_limit
+        self.gate = Gate(cfg, hashed)
+        self.w13 = nn.Parameter(torch.zeros(e, 2 * inter, d))  # experts' w1 and w3 stacked, [out, in]
+        self.w2 = nn.Parameter(torch.zeros(e, d, inter))
+        self.shared_experts = SharedExpert(d, inter, cfg.swiglu_limit) if cfg.n_shared_experts else None
+
+    def forward(self, u: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """u [N, d], token_ids [N] -> [N, d] (sum over the k routed experts and the shared expert, fp32)."""
+        weights, idx = self.gate(u, token_ids)  # [N, k]
+        k = idx.shape[1]
+        flat = idx.flatten()
+        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        token = order // k
+        ends = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)
+        h = ops.grouped_matmul(u[token], self.w13, ends)  # [N*k, 2I]
+        act = ops.swiglu(h[:, : self.inter], h[:, self.inter :], self.limit, weights.flatten()[order])
+        out = ops.grouped_matmul(act, self.w2, ends)  # [N*k, d]
+        y = torch.zeros(u.shape, dtype=torch.float32, device=u.device).index_add_(0, token, out.float())
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(u).float()
+        return y.to(u.dtype)

@@ -1,0 +1,1 @@
+"""Whole models assembled from `dsv4.model_runtime.layers`."""
