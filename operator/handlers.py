@@ -1,0 +1,98 @@
+"""kopf handlers: thin wiring of cluster events to `reconcile.py` and `autoscaler.py`.
+
+- create / update / resume: reconcile (apply children, delete unwanted ones, write status, post Events);
+- child Deployment / StatefulSet changes: refresh the owner's status (Ready follows the pods);
+- a timer: drift repair every RESYNC_S, and the planner when `spec.autoscaling.enabled`;
+- delete: children go by garbage collection (owner references); the handler only records it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+import kopf
+
+from dsv4.operator import api, autoscaler, reconcile
+from dsv4.operator.builders import MANAGER
+from dsv4.operator.kube import Kube
+
+DEFAULT_IMAGE_ENV = "DSV4_IMAGE"
+DEFAULT_IMAGE = "ghcr.io/dsv4/dsv4:0.1.0"
+TICK_S = 5.0  # timer granularity; the planner runs every spec.autoscaling.intervalSeconds
+RESYNC_S = 60.0  # repair drift (a child edited or deleted by hand) at least this often
+
+_kube: Kube | None = None
+
+
+def kube() -> Kube:
+    """The shared API client, connected on first use."""
+    global _kube
+    if _kube is None:
+        _kube = Kube.connect()
+    return _kube
+
+
+def default_image() -> str:
+    """The image for pods whose spec names none: the operator's own (the chart sets DSV4_IMAGE)."""
+    return os.environ.get(DEFAULT_IMAGE_ENV, DEFAULT_IMAGE)
+
+
+def _poster(body: kopf.Body) -> reconcile.Post:
+    def post(type_: str, reason: str, message: str) -> None:
+        kopf.event(body, type=type_, reason=reason, message=message[:1000])
+
+    return post
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    """Keep kopf's bookkeeping in annotations: the status schema is structural and would prune it."""
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=api.GROUP)
+    settings.posting.level = logging.WARNING  # our own Events say what happened; kopf's would repeat them
+    settings.execution.max_workers = 8
+    settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
+    settings.networking.request_timeout = 30
+
+
+@kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
+@kopf.on.update(api.GROUP, api.VERSION, api.PLURAL, field="spec")
+@kopf.on.resume(api.GROUP, api.VERSION, api.PLURAL)
+def reconcile_handler(body: kopf.Body, memo: kopf.Memo, **_: Any) -> None:
+    """Apply the children of the spec and write the status."""
+    reconcile.reconcile(kube(), body, default_image(), _poster(body))
+    memo["resynced"] = time.monotonic()
+
+
+@kopf.on.delete(api.GROUP, api.VERSION, api.PLURAL, optional=True)
+def deleted(name: str, namespace: str | None, logger: kopf.Logger, **_: Any) -> None:
+    """Nothing to do: owner references let the garbage collector remove every child."""
+    logger.info("DeepSeekV4Deployment %s/%s deleted; its children are garbage-collected", namespace, name)
+
+
+def _owner_name(labels: kopf.Labels) -> str | None:
+    return labels.get("app.kubernetes.io/instance")
+
+
+@kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": MANAGER})
+@kopf.on.event("apps", "v1", "statefulsets", labels={"app.kubernetes.io/managed-by": MANAGER})
+def child_changed(labels: kopf.Labels, namespace: str | None, type: str, **_: Any) -> None:
+    """A pool's pods changed: recompute the owner's status."""
+    owner = _owner_name(labels)
+    if owner and namespace and type != "DELETED":
+        reconcile.refresh_status(kube(), namespace, owner)
+
+
+@kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=TICK_S, initial_delay=TICK_S)
+async def tick(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
+    """Drift repair every RESYNC_S; the planner at its interval."""
+    now = time.monotonic()
+    last = memo.get("resynced")
+    if last is None or now - last >= RESYNC_S:
+        memo["resynced"] = now
+        await asyncio.to_thread(reconcile.reconcile, kube(), body, default_image(), _poster(body))
+    await autoscaler.maybe_plan(kube(), body, memo, _poster(body), logger)

@@ -1,0 +1,171 @@
+"""The operator's few Kubernetes calls: server-side apply, listing and deleting children, status and spec patches.
+
+Every call is retried on 409 Conflict, 429 and 5xx with a short backoff; what still fails is raised for kopf to
+retry the handler later. No manifest logic here: that is in `builders.py`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import kubernetes
+from kubernetes.client import ApiClient, ApiException
+from kubernetes.dynamic import DynamicClient
+
+from dsv4.operator import api
+from dsv4.operator.builders import MANAGER
+
+T = TypeVar("T")
+
+RETRYABLE = {409, 429, 500, 502, 503, 504}
+ATTEMPTS = 5
+BACKOFF_S = 0.2
+
+# Kinds the operator creates, as (apiVersion, kind); listing them by label finds every child, including orphans.
+CHILD_KINDS = (
+    ("v1", "ConfigMap"),
+    ("v1", "Service"),
+    ("apps/v1", "Deployment"),
+    ("apps/v1", "StatefulSet"),
+    ("policy/v1", "PodDisruptionBudget"),
+)
+
+
+def retrying(call: Callable[[], T], attempts: int = ATTEMPTS) -> T:
+    """`call()`, retried on conflicts, throttling and server errors with exponential backoff."""
+    for attempt in range(attempts):
+        try:
+            return call()
+        except ApiException as err:
+            if err.status not in RETRYABLE or attempt == attempts - 1:
+                raise
+            time.sleep(BACKOFF_S * 2**attempt)
+    raise AssertionError("unreachable")
+
+
+@contextmanager
+def not_found_as_none() -> Iterator[None]:
+    """Swallow 404 (the object is already gone, or not there yet)."""
+    try:
+        yield
+    except ApiException as err:
+        if err.status != 404:
+            raise
+
+
+@dataclass
+class Kube:
+    """A thin client over one API server."""
+
+    dynamic: DynamicClient
+    core: kubernetes.client.CoreV1Api
+    custom: kubernetes.client.CustomObjectsApi
+
+    @classmethod
+    def connect(cls) -> Kube:
+        """From the pod's service account in a cluster, else from KUBECONFIG / ~/.kube/config."""
+        try:
+            kubernetes.config.load_incluster_config()
+        except kubernetes.config.ConfigException:
+            kubernetes.config.load_kube_config()
+        client = ApiClient()
+        return cls(
+            DynamicClient(client), kubernetes.client.CoreV1Api(client), kubernetes.client.CustomObjectsApi(client)
+        )
+
+    def _resource(self, api_version: str, kind: str) -> Any:
+        return self.dynamic.resources.get(api_version=api_version, kind=kind)
+
+    def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
+        """Server-side apply `obj` as the operator's field manager; returns the object as stored."""
+        res = self._resource(obj["apiVersion"], obj["kind"])
+        meta = obj["metadata"]
+        result = retrying(
+            lambda: self.dynamic.server_side_apply(
+                res,
+                body=obj,
+                name=meta["name"],
+                namespace=meta["namespace"],
+                field_manager=MANAGER,
+                force_conflicts=True,
+            )
+        )
+        out: dict[str, Any] = result.to_dict()
+        return out
+
+    def list_children(self, namespace: str, instance: str) -> list[dict[str, Any]]:
+        """Every object of the child kinds labelled as belonging to `instance`."""
+        selector = f"app.kubernetes.io/instance={instance},app.kubernetes.io/managed-by={MANAGER}"
+        out: list[dict[str, Any]] = []
+        for api_version, kind in CHILD_KINDS:
+            res = self._resource(api_version, kind)
+
+            def list_kind(res: Any = res) -> Any:
+                return self.dynamic.get(res, namespace=namespace, label_selector=selector)
+
+            for item in retrying(list_kind).to_dict()["items"]:
+                item.setdefault("apiVersion", api_version)
+                item.setdefault("kind", kind)
+                out.append(item)
+        return out
+
+    def delete(self, obj: dict[str, Any]) -> None:
+        """Delete a child (already gone is fine)."""
+        res = self._resource(obj["apiVersion"], obj["kind"])
+        meta = obj["metadata"]
+        with not_found_as_none():
+            retrying(lambda: self.dynamic.delete(res, name=meta["name"], namespace=meta["namespace"]))
+
+    def secret_has_key(self, namespace: str, name: str, key: str) -> bool | None:
+        """Whether Secret `name` has `key`; None when the Secret does not exist."""
+        try:
+            secret = retrying(lambda: self.core.read_namespaced_secret(name, namespace))
+        except ApiException as err:
+            if err.status == 404:
+                return None
+            raise
+        return key in (secret.data or {}) or key in (secret.string_data or {})
+
+    def get_resource(self, namespace: str, name: str) -> dict[str, Any] | None:
+        """The DeepSeekV4Deployment `name`, or None when it is gone."""
+
+        def get() -> dict[str, Any]:
+            obj: Any = self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name)
+            return dict(obj)
+
+        with not_found_as_none():
+            return retrying(get)
+        return None
+
+    def patch_status(self, namespace: str, name: str, status: dict[str, Any]) -> None:
+        """Merge `status` into the resource's status subresource."""
+        with not_found_as_none():
+            retrying(
+                lambda: self.custom.patch_namespaced_custom_object_status(
+                    api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status}
+                )
+            )
+
+    def patch_spec(self, namespace: str, name: str, spec: dict[str, Any]) -> None:
+        """Merge `spec` into the resource's spec (the planner's replica changes)."""
+        retrying(
+            lambda: self.custom.patch_namespaced_custom_object(
+                api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"spec": spec}
+            )
+        )
+
+    def pods(self, namespace: str, instance: str, component: str) -> list[Any]:
+        """The pods of one pool."""
+        selector = f"app.kubernetes.io/instance={instance},app.kubernetes.io/component={component}"
+        return list(retrying(lambda: self.core.list_namespaced_pod(namespace, label_selector=selector)).items)
+
+    def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
+        """Merge `annotations` into a pod's metadata."""
+        with not_found_as_none():
+            retrying(
+                lambda: self.core.patch_namespaced_pod(name, namespace, {"metadata": {"annotations": annotations}})
+            )

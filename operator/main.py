@@ -1,0 +1,30 @@
+"""`dsv4 operator`: run the kopf operator over the watched namespaces."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import kopf
+
+# Importing the handlers registers them with kopf's default registry.
+from dsv4.operator import handlers  # noqa: F401
+
+WATCH_NAMESPACES_ENV = "DSV4_WATCH_NAMESPACES"  # comma-separated; the chart sets it
+LIVENESS_ENV = "DSV4_LIVENESS_ENDPOINT"  # e.g. http://0.0.0.0:8080/healthz
+
+
+def main(args: argparse.Namespace) -> int:
+    """Run until interrupted. `--namespace` (repeatable) or `--all-namespaces`; else DSV4_WATCH_NAMESPACES; else
+    every namespace."""
+    namespaces: list[str] = list(args.namespace or [])
+    if not namespaces and not args.all_namespaces:
+        namespaces = [ns for ns in os.environ.get(WATCH_NAMESPACES_ENV, "").split(",") if ns.strip()]
+    kopf.configure(verbose=bool(os.environ.get("DSV4_OPERATOR_VERBOSE")))
+    kopf.run(
+        standalone=True,
+        clusterwide=not namespaces,
+        namespaces=namespaces,
+        liveness_endpoint=os.environ.get(LIVENESS_ENV),
+    )
+    return 0
