@@ -68,7 +68,7 @@ COMMANDS: dict[str, Command] = {
     "gateway": Command("run the OpenAI-compatible gateway", _gateway_args, None),
     "prefill": Command("run a prefill worker", _worker_args, None),
     "decode": Command("run a decode worker", _worker_args, None),
-    "operator": Command("run the Kubernetes operator", _operator_args, None),
+    "operator": Command("run the Kubernetes operator", _operator_args, "dsv4.operator.main:main"),
     "make-checkpoint": Command(
         "write a small random checkpoint in the official format",
         _make_checkpoint_args,

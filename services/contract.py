@@ -24,6 +24,9 @@ WORKER_PORT = 8100
 HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
 METRICS_PATH = "/metrics"
+# Prometheus histograms (seconds) the gateway exports and the operator's planner reads: TTFT sizes prefill, ITL decode.
+METRIC_TTFT = "dsv4_time_to_first_token_seconds"
+METRIC_ITL = "dsv4_inter_token_latency_seconds"
 
 # Environment variables read by every role (OTEL_* are the standard OpenTelemetry ones and are passed through).
 ENV_DEPLOYMENT = "DSV4_DEPLOYMENT"  # namespaces every Redis key: two deployments can share one Redis
