@@ -190,7 +190,7 @@ class ToolCallBlockParser:
         found = find_stop(self._text, self._pos, stops, final)
         if found is None:
             if final:
-                raise DsmlError(f"expected one of {list(stops)!r} in tool-call block")
+                raise DsmlError(f"tool-call block is not closed: expected one of {list(stops)!r}")
             return None
         pos, stop = found
         gap = self._text[self._pos : pos]
