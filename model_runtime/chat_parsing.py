@@ -155,7 +155,15 @@ class CompletionStreamParser:
             else:
                 self._scan_after_end(events)
             if (self._state, self._pos, len(events)) == before:
+                self._compact()
                 return events
+
+    def _compact(self) -> None:
+        # Drop consumed text so a long stream costs linear time; a pending tool-call block keeps its start
+        # for the lenient fallback.
+        if self._state is not _State.TOOL_CALLS and self._pos:
+            self._text = self._text[self._pos :]
+            self._pos = 0
 
     def _emit(self, kind: Literal["reasoning", "content"], text: str, events: list[DeltaEvent]) -> None:
         if not text:

@@ -157,6 +157,7 @@ class ToolCallBlockParser:
         self._name = ""
         self._params: list[tuple[str, str, bool]] = []
         self.last_invoke_end = 0  # where the text after the latest completed invoke starts
+        self._scan_from = 0
 
     @property
     def done(self) -> bool:
@@ -187,14 +188,18 @@ class ToolCallBlockParser:
         return completed
 
     def _read(self, stops: Sequence[str], final: bool) -> tuple[str, str] | None:
-        found = find_stop(self._text, self._pos, stops, final)
+        # A retry of the same read resumes where the previous scan could not have missed a stop, so a long
+        # parameter value streamed in small deltas is scanned once, not once per delta.
+        found = find_stop(self._text, max(self._pos, self._scan_from), stops, final)
         if found is None:
             if final:
                 raise DsmlError(f"tool-call block is not closed: expected one of {list(stops)!r}")
+            self._scan_from = max(self._pos, len(self._text) - max(map(len, stops)) + 1)
             return None
         pos, stop = found
         gap = self._text[self._pos : pos]
         self._pos = pos + len(stop)
+        self._scan_from = 0
         return gap, stop
 
     def _advance(self, final: bool) -> ParsedInvoke | bool:
