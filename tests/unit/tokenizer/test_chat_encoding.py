@@ -331,3 +331,22 @@ def test_chat_encoder_returns_text_and_ids() -> None:
 def test_bad_input_raises_a_clear_value_error(messages: Any, kwargs: dict[str, Any], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         render_prompt(messages, **kwargs)
+
+
+def test_reasoning_alias_and_content_parts_for_assistant_turns() -> None:
+    # Clients that echo vLLM-style `reasoning`, or send content as text parts, get the same prompt.
+    canonical = [
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "ab", "reasoning_content": "r"},
+    ]
+    variant = [
+        {"role": "user", "content": "q"},
+        {
+            "role": "assistant",
+            "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}],
+            "reasoning": "r",
+        },
+    ]
+    expected = BOS + USER + "q" + ASSISTANT + "<think>r</think>ab" + EOS
+    assert render_prompt(canonical, thinking_mode="thinking") == render_prompt(variant, thinking_mode="thinking")
+    assert render_prompt(variant, thinking_mode="thinking") == expected
