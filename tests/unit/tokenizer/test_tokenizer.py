@@ -135,6 +135,7 @@ def test_loads_from_a_checkpoint_folder(tmp_path: Path) -> None:
     assert tok.source == tmp_path / "tokenizer.json"
     assert tok.model_max_length == 4096
     assert tok.encode("你好") == [30594]
+    assert Tokenizer.from_pretrained(tmp_path / "tokenizer.json").model_max_length == 4096
 
 
 def test_falls_back_to_the_package_files(tmp_path: Path) -> None:
