@@ -9,7 +9,7 @@ PIP_FLAGS ?= --progress-bar off --quiet
 SERVE_ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: serve test test-unit lint install system-deps cluster-binaries
+.PHONY: serve test test-unit lint install system-deps cluster-binaries demo-cluster
 
 $(STAMP): pyproject.toml setup.py
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,3 +42,7 @@ test: install system-deps lint cluster-binaries
 
 test-unit: install
 	$(BIN)/pytest -m unit $(PYTEST_ARGS)
+
+# The examples on a local control plane with simulated NVIDIA/Ascend/CPU nodes: chart, operator, `kubectl get dsv4`.
+demo-cluster: install cluster-binaries
+	$(BIN)/python examples/demo_cluster.py $(DEMO_ARGS)
