@@ -107,13 +107,13 @@ class AcceleratorSpec(Base):
     )
     type: Literal["nvidia", "ascend", "cpu"] = Field(description="nvidia, ascend or cpu")
     product: str | None = Field(
-        default=None, description="e.g. H200 or 910C; selects nodes and the device resource name"
+        default=None, max_length=32, description="e.g. H200 or 910C; selects nodes and the device resource name"
     )
     devices_per_pod: int | None = Field(
         default=None, ge=1, le=16, description="devices per worker pod (default: TP x DP)"
     )
     resource_name: str | None = Field(
-        default=None, description="override of the extended resource, e.g. huawei.com/npu"
+        default=None, max_length=253, description="override of the extended resource, e.g. huawei.com/npu"
     )
 
 
