@@ -53,6 +53,8 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     """Keep kopf's bookkeeping in annotations: the status schema is structural and would prune it."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=api.GROUP)
+    # The timer makes kopf hold a finalizer, so that it can stop the timer before the resource goes.
+    settings.persistence.finalizer = f"{api.GROUP}/finalizer"
     settings.posting.level = logging.WARNING  # our own Events say what happened; kopf's would repeat them
     settings.execution.max_workers = 8
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
