@@ -54,7 +54,8 @@ def hadamard(x: torch.Tensor) -> torch.Tensor:
     n = x.shape[-1]
     if n & (n - 1):
         raise ValueError(f"hadamard: last axis must be a power of two, got {n}")
-    return (x.float() @ _hadamard_matrix(n, x.device)).to(x.dtype)
+    acc = torch.promote_types(x.dtype, torch.float32)
+    return (x.to(acc) @ _hadamard_matrix(n, x.device).to(acc)).to(x.dtype)
 
 
 def q8_nope(x: torch.Tensor, rope_dim: int) -> torch.Tensor:

@@ -90,7 +90,7 @@ class SequenceState:
 def new_layer_state(cfg: ModelConfig, layer: int, device: torch.device, dtype: torch.dtype) -> LayerState:
     c, ic, m = cfg.head_dim, cfg.index_head_dim, cfg.ratio(layer)
     coff = 2 if cfg.is_csa(layer) else 1
-    f32 = torch.float32
+    f32 = torch.promote_types(dtype, torch.float32)  # fp32 (float64 for float64 precision runs)
 
     def comp(width: int) -> tuple[torch.Tensor, torch.Tensor]:
         rows = coff * m

@@ -4,22 +4,24 @@ from __future__ import annotations
 
 import torch
 
+from dsv4.kernels.reference._dtypes import accumulation_dtype
 from dsv4.kernels.registry import register
 
 
 @register("compress_pool", "reference")
 def compress_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    return (kv * score.softmax(dim=-2, dtype=torch.float32)).sum(dim=-2)
+    return (kv * score.softmax(dim=-2, dtype=accumulation_dtype(score))).sum(dim=-2)
 
 
 @register("indexer_topk", "reference")
 def indexer_topk(
     q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, topk: int
 ) -> torch.Tensor:
+    A = accumulation_dtype(q)
     n_entries = keys.shape[1]
     k = min(topk, n_entries)
     scores = torch.einsum("bshd,bed->bshe", q, keys.to(q.dtype)).relu_()  # [B, S, Hi, E]
-    score = (scores * weights.to(q.dtype).unsqueeze(-1)).sum(dim=2).float()  # [B, S, E]
+    score = (scores * weights.to(q.dtype).unsqueeze(-1)).sum(dim=2).to(A)  # [B, S, E]
     entry = torch.arange(n_entries, device=q.device)
     masked = entry.view(1, 1, -1) >= visible.unsqueeze(-1)
     score = score.masked_fill(masked, float("-inf"))
@@ -31,14 +33,15 @@ def indexer_topk(
 def sparse_attention(
     q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float
 ) -> torch.Tensor:
+    A = accumulation_dtype(q)
     b, s, k = idx.shape
     valid = idx >= 0
-    gathered = torch.gather(kv.float(), 1, idx.clamp(min=0).reshape(b, s * k, 1).expand(-1, -1, kv.shape[-1])).view(
+    gathered = torch.gather(kv.to(A), 1, idx.clamp(min=0).reshape(b, s * k, 1).expand(-1, -1, kv.shape[-1])).view(
         b, s, k, -1
     )  # [B, S, K, D]
-    scores = torch.einsum("bshd,bskd->bshk", q.float(), gathered) * scale
+    scores = torch.einsum("bshd,bskd->bshk", q.to(A), gathered) * scale
     scores = scores.masked_fill(~valid.unsqueeze(2), float("-inf"))
-    sinks = sink.float().view(1, 1, -1, 1).expand(b, s, -1, 1)
+    sinks = sink.to(A).view(1, 1, -1, 1).expand(b, s, -1, 1)
     logits = torch.cat([scores, sinks], dim=-1)
     logits = logits - logits.amax(dim=-1, keepdim=True)
     probs = logits.softmax(dim=-1)[..., :-1]

@@ -31,10 +31,11 @@ class Compressor(nn.Module):
         self.norm = RMSNorm(head_dim, eps)
 
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, S, d], positions [B, S] -> (a, z) [B, S, coff*c] fp32 (z includes ape of the slot)."""
-        xf = x.float()
-        a = F.linear(xf, self.wkv.weight.float())
-        z = F.linear(xf, self.wgate.weight.float()) + self.ape.float()[positions % self.ratio]
+        """x [B, S, d], positions [B, S] -> (a, z) [B, S, coff*c] in >= fp32 (z includes ape of the slot)."""
+        acc = torch.promote_types(x.dtype, torch.float32)
+        xf = x.to(acc)
+        a = F.linear(xf, self.wkv.weight.to(acc))
+        z = F.linear(xf, self.wgate.weight.to(acc)) + self.ape.to(acc)[positions % self.ratio]
         return a, z
 
     def pool(
@@ -50,7 +51,7 @@ class Compressor(nn.Module):
         kv = torch.cat([state_kv[cur], a])  # [r + S, coff*c], block-aligned
         sc = torch.cat([state_score[cur], z])
         nb, rem = divmod(kv.shape[0], m)
-        blocks_kv, blocks_sc = kv[: nb * m].view(nb, m, -1), sc[: nb * m].view(nb, m, -1)
+        blocks_kv, blocks_sc = kv[: nb * m].view(nb, m, kv.shape[-1]), sc[: nb * m].view(nb, m, sc.shape[-1])
         new_kv, new_score = torch.zeros_like(state_kv), torch.full_like(state_score, float("-inf"))
         if self.overlap:
             prev_kv = torch.cat([state_kv[None, :m], blocks_kv[:-1]])[:nb]  # [nb, m, 2c]: block i-1 of block i

@@ -23,7 +23,8 @@ class Gate(nn.Module):
 
     def forward(self, u: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u [N, d], token_ids [N] -> (weights [N, k] fp32, expert ids [N, k])."""
-        logits = F.linear(u.float(), self.weight.float())
+        acc = torch.promote_types(u.dtype, torch.float32)
+        logits = F.linear(u.to(acc), self.weight.to(acc))
         hash_idx = self.tid2eid[token_ids] if self.tid2eid is not None else None
         return ops.route(logits, self.topk, self.route_scale, bias=self.bias, hash_idx=hash_idx)
 
@@ -61,7 +62,8 @@ class MoE(nn.Module):
         h = ops.grouped_matmul(u[token], self.w13, ends)  # [N*k, 2I]
         act = ops.swiglu(h[:, : self.inter], h[:, self.inter :], self.limit, weights.flatten()[order])
         out = ops.grouped_matmul(act, self.w2, ends)  # [N*k, d]
-        y = torch.zeros(u.shape, dtype=torch.float32, device=u.device).index_add_(0, token, out.float())
+        acc = torch.promote_types(u.dtype, torch.float32)
+        y = torch.zeros(u.shape, dtype=acc, device=u.device).index_add_(0, token, out.to(acc))
         if self.shared_experts is not None:
-            y = y + self.shared_experts(u).float()
+            y = y + self.shared_experts(u).to(acc)
         return y.to(u.dtype)

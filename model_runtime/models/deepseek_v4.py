@@ -98,10 +98,11 @@ class DeepseekV4(nn.Module):
         return streams
 
     def logits(self, streams: torch.Tensor) -> torch.Tensor:
-        """Residual streams [..., n, d] -> logits [..., vocab] in fp32."""
+        """Residual streams [..., n, d] -> logits [..., vocab] in fp32 (float64 for a float64 model)."""
         lead = streams.shape[:-2]
         h = self.norm(self.hc_head(streams.reshape(-1, *streams.shape[-2:])))
-        return torch.nn.functional.linear(h.float(), self.head.weight.float()).view(*lead, -1)
+        acc = torch.promote_types(h.dtype, torch.float32)
+        return torch.nn.functional.linear(h.to(acc), self.head.weight.to(acc)).view(*lead, -1)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, states: list[SequenceState], last_only: bool = False) -> torch.Tensor:

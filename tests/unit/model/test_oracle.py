@@ -1,0 +1,56 @@
+"""Our runtime against transformers 5.23.0 DeepseekV4ForCausalLM (fp32, same checkpoint, qat_simulation=False)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dsv4.model_runtime import load_model
+
+pytestmark = pytest.mark.unit
+
+TOL = 1e-4
+# Tiny presets: window 16, CSA m=4 with top-4, HCA m=8; 48 tokens = 3 windows, 12 CSA and 6 HCA blocks, so top-k
+# selection is exercised. Logits are causal, so one 48-token forward checks every prefix length 1..48.
+LENGTH = 48
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["bf16", "fp8-fp4"])
+@pytest.mark.parametrize("preset", ["tiny-flash", "tiny-pro"])
+def test_logits_match_transformers(
+    preset: str,
+    quantized: bool,
+    checkpoint: Callable[[str, bool], Path],
+    oracle: Callable[[Path], Any],
+    ids: Callable[..., torch.Tensor],
+) -> None:
+    ckpt = checkpoint(preset, quantized)
+    ours = load_model(ckpt, qat_simulation=False)
+    theirs = oracle(ckpt)
+    x = ids(3, LENGTH, seed=1)
+    got = ours(x)
+    with torch.no_grad():
+        want = theirs(x, use_cache=False).logits
+    assert got.shape == (3, LENGTH, ours.cfg.vocab_size)
+    assert want.abs().max() > 1.0  # logits of a working model, not a degenerate all-zero comparison
+    diff = (got - want).abs().amax(dim=(0, 2))  # per position
+    assert diff.max() <= TOL, f"max |Δlogit| per position: {diff.tolist()}"
+
+
+@pytest.mark.parametrize("length", [1, 5, 17])
+def test_short_and_odd_lengths_match_transformers(
+    length: int,
+    checkpoint: Callable[[str, bool], Path],
+    oracle: Callable[[Path], Any],
+    ids: Callable[..., torch.Tensor],
+) -> None:
+    ckpt = checkpoint("tiny-pro", True)
+    x = ids(2, length, seed=length)
+    got = load_model(ckpt, qat_simulation=False)(x)
+    with torch.no_grad():
+        want = oracle(ckpt)(x, use_cache=False).logits
+    assert (got - want).abs().max() <= TOL
