@@ -1,0 +1,215 @@
+"""The synchronous engine core: requests in, one `step()` at a time, per-request token and text deltas out."""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from dsv4.model_runtime.engine.kv_state import KVCacheManager
+from dsv4.model_runtime.engine.model_runner import ModelRunner
+from dsv4.model_runtime.engine.sampling_params import SamplingParams
+from dsv4.model_runtime.engine.scheduler import Scheduler, SchedulerConfig
+from dsv4.model_runtime.engine.sequence import Sequence, TokenLogprob
+from dsv4.model_runtime.engine.text_stream import TextStream
+from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
+from dsv4.model_runtime.state import SequenceState
+from dsv4.model_runtime.tokenizer import Tokenizer
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Batch limits and the KV pool size (in blocks of `block_size` positions)."""
+
+    max_num_seqs: int = 32
+    max_num_batched_tokens: int = 512
+    chunked_prefill: bool = True
+    num_blocks: int = 4096
+    block_size: int = 256
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """What one request produced in one step: new tokens (from `first_index` on), new text, and the finish."""
+
+    request_id: str
+    first_index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[TokenLogprob]
+    finished: bool
+    finish_reason: str | None
+
+
+@dataclass
+class CompletionOutput:
+    """A finished request (`LLM.generate`)."""
+
+    request_id: str
+    prompt_token_ids: list[int]
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class LLMEngine:
+    """Continuous batching over the model: `add_request`, then `step()` until `has_unfinished()` is False."""
+
+    def __init__(self, model: DeepseekV4, tokenizer: Tokenizer | None, config: EngineConfig | None = None) -> None:
+        self.config = config or EngineConfig()
+        self.model, self.tokenizer = model, tokenizer
+        self.kv = KVCacheManager(model, self.config.num_blocks, self.config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.config.chunked_prefill),
+            self.kv,
+        )
+        self.runner = ModelRunner(model)
+        self.eos_token_id = model.cfg.eos_token_id
+        self._sent: dict[str, int] = {}
+
+    @classmethod
+    def from_path(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        qat_simulation: bool = True,
+        config: EngineConfig | None = None,
+    ) -> LLMEngine:
+        """Load the checkpoint folder's model and tokenizer."""
+        from dsv4.model_runtime.weights import load_model
+
+        model = load_model(path, device=device, dtype=dtype, qat_simulation=qat_simulation)
+        return cls(model, Tokenizer.from_pretrained(path), config)
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt_token_ids: Seq[int],
+        params: SamplingParams,
+        *,
+        output_token_ids: Seq[int] = (),
+        state: SequenceState | None = None,
+        export_after_prefill: bool = False,
+    ) -> Sequence:
+        """Queue a request. `output_token_ids` are already generated tokens to replay (a resumed decode); `state`
+        is an imported KV state covering exactly the prompt. Raises ValueError for a request that cannot run."""
+        if not prompt_token_ids:
+            raise ValueError(f"request {request_id}: empty prompt")
+        vocab = self.model.cfg.vocab_size
+        bad = [t for t in [*prompt_token_ids, *output_token_ids] if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"request {request_id}: token ids {bad[:5]} outside the vocabulary (size {vocab})")
+        if state is not None and state.position != len(prompt_token_ids):
+            raise ValueError(
+                f"request {request_id}: KV state covers {state.position} positions, "
+                f"the prompt has {len(prompt_token_ids)}"
+            )
+        if len(output_token_ids) >= params.max_tokens:
+            raise ValueError(f"request {request_id}: {len(output_token_ids)} tokens already generated >= max_tokens")
+        if self.scheduler.get(request_id) is not None:
+            raise ValueError(f"request {request_id} is already in the engine")
+        text = (
+            TextStream(self.tokenizer, params.stop, params.skip_special_tokens) if self.tokenizer is not None else None
+        )
+        seq = Sequence(
+            request_id=request_id,
+            prompt_token_ids=list(prompt_token_ids),
+            params=params,
+            seed=params.seed if params.seed is not None else secrets.randbits(63),
+            eos_token_id=self.eos_token_id,
+            text=text,
+            output_token_ids=list(output_token_ids),
+            export_after_prefill=export_after_prefill,
+        )
+        if text is not None:
+            for t in seq.output_token_ids:
+                text.add(t)
+            text.delta(final=False)  # replayed text was delivered by whoever generated it
+        self.scheduler.add(seq)
+        if state is not None:
+            seq.state, seq.num_computed = state, len(seq.prompt_token_ids)
+        self._sent[request_id] = seq.num_generated
+        return seq
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Cancel a request; returns its final (empty) output, or None if the engine does not know it."""
+        seq = self.scheduler.abort(request_id)
+        if seq is None:
+            return None
+        seq.finish("cancelled")
+        return self._output(seq)
+
+    def release(self, seq: Sequence) -> None:
+        """Free the state a finished `export_after_prefill` sequence kept for its export."""
+        self.kv.free(seq)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    @property
+    def num_running(self) -> int:
+        return len(self.scheduler.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.scheduler.waiting)
+
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model once, sample; returns the outputs of the requests that produced something."""
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        outputs = []
+        for seq, token, logprob in self.runner.run(chunks):
+            seq.append(token, logprob)
+            if seq.finished:
+                self.scheduler.finish(seq, keep_state=seq.export_after_prefill)
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        first = self._sent[seq.request_id]
+        new = seq.output_token_ids[first:]
+        self._sent[seq.request_id] = seq.num_generated
+        done = seq.finished
+        if done:
+            del self._sent[seq.request_id]
+        return RequestOutput(
+            request_id=seq.request_id,
+            first_index=first,
+            token_ids=new,
+            text=seq.text.delta(final=done) if seq.text is not None else "",
+            logprobs=seq.logprobs[first - seq.num_replayed :] if seq.logprobs else [],
+            finished=done,
+            finish_reason=seq.finish_reason,
+        )
+
+    def generate_ids(
+        self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams]
+    ) -> list[CompletionOutput]:
+        """Run prompts (token ids) to completion; outputs in prompt order."""
+        plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(plist) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(plist)} sampling parameter sets")
+        seqs = [
+            self.add_request(f"generate-{i}-{secrets.token_hex(4)}", p, sp)
+            for i, (p, sp) in enumerate(zip(prompts, plist, strict=True))
+        ]
+        while any(not s.finished for s in seqs):
+            self.step()
+        return [
+            CompletionOutput(
+                request_id=s.request_id,
+                prompt_token_ids=s.prompt_token_ids,
+                token_ids=list(s.output_token_ids),
+                text=s.text.text if s.text is not None else "",
+                finish_reason=s.finish_reason,
+                logprobs=list(s.logprobs),
+            )
+            for s in seqs
+        ]

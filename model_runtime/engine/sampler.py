@@ -1,0 +1,94 @@
+"""Token sampling: penalties, greedy / temperature / top-k / top-p / min-p, seeded draws, logprobs.
+
+Each row is sampled on its own, so a request's token never depends on the other rows of the batch. A sampled
+token i of a request is drawn by inverse CDF from one uniform number of an RNG seeded by (seed, i): a resumed or
+recomputed decode reproduces the same tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+
+from dsv4.model_runtime.engine.sampling_params import SamplingParams
+from dsv4.model_runtime.engine.sequence import TokenLogprob
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """What the sampler needs of one row: its parameters, context tokens and the index of the token it draws."""
+
+    params: SamplingParams
+    seed: int
+    index: int
+    prompt_token_ids: list[int]
+    output_token_ids: list[int]
+
+
+def token_uniform(seed: int, index: int) -> float:
+    """The uniform number in [0, 1) that decides generated token `index` of a request seeded with `seed`."""
+    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 11) / float(1 << 53)
+
+
+def apply_penalties(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
+    """Repetition penalty over prompt + output tokens; presence and frequency penalties over output tokens."""
+    p = req.params
+    if not p.penalized:
+        return logits
+    logits = logits.clone()
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(req.prompt_token_ids + req.output_token_ids)), dtype=torch.long)
+        if seen.numel():
+            vals = logits[seen]
+            logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and req.output_token_ids:
+        counts = torch.bincount(torch.tensor(req.output_token_ids, dtype=torch.long), minlength=logits.shape[-1])
+        logits -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """Probabilities after temperature, top-k, top-p and min-p (fp64, unnormalised order = token id order)."""
+    logits = logits.double() / p.temperature
+    if p.top_k and p.top_k < logits.shape[-1]:
+        kth = torch.topk(logits, p.top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if p.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True, stable=True)
+        before = sorted_probs.cumsum(0) - sorted_probs  # mass strictly ahead of each token
+        drop = order[before >= p.top_p]  # the smallest prefix reaching top_p is kept
+        probs[drop] = 0.0
+    if p.min_p > 0.0:
+        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+    return probs
+
+
+def sample_row(logits: torch.Tensor, req: SampleRequest) -> tuple[int, TokenLogprob | None]:
+    """One row: logits [vocab] fp32 -> (token id, its logprob record when asked)."""
+    p = req.params
+    scores = apply_penalties(logits, req)
+    if p.greedy:
+        token = int(torch.argmax(scores))
+    else:
+        probs = filtered_probs(scores, p)
+        cdf = probs.cumsum(0)
+        u = token_uniform(req.seed, req.index) * float(cdf[-1])
+        # The first token whose cumulative mass exceeds u; tokens of zero mass never qualify.
+        token = min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype), right=True)), len(cdf) - 1)
+        while float(probs[token]) == 0.0:  # u rounded onto the very top of the cdf
+            token -= 1
+    if p.logprobs is None:
+        return token, None
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(logp, p.logprobs) if p.logprobs else None
+    pairs = tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else ()
+    return token, TokenLogprob(logprob=float(logp[token]), top=pairs)
+
+
+def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> list[tuple[int, TokenLogprob | None]]:
+    """logits [B, vocab] -> one (token, logprob) per row."""
+    return [sample_row(logits[row], req) for row, req in enumerate(requests)]
