@@ -52,13 +52,14 @@ class CheckpointReader:
             weight_map.update(dict.fromkeys(names, shard.name))
         return weight_map
 
-    def _open(self, fname: str) -> Any:
+    def _open(self, fname: str, tensor: str | None = None) -> Any:
         if fname not in self._handles:
             path = self.folder / fname
             try:
                 self._handles[fname] = self._stack.enter_context(safe_open(str(path), framework="pt"))
             except Exception as e:  # safetensors raises its own error types for truncated/garbled headers
-                raise CheckpointError(f"{path}: cannot open safetensors shard ({e})") from e
+                what = f"tensor {tensor!r} in " if tensor else ""
+                raise CheckpointError(f"{what}{path}: cannot open safetensors shard, truncated or corrupt ({e})") from e
         return self._handles[fname]
 
     def file_of(self, name: str) -> str:
@@ -72,7 +73,7 @@ class CheckpointReader:
         if name not in self.weight_map:
             raise CheckpointError(f"tensor {name!r} is missing from checkpoint {self.folder} (not in {INDEX_FILE})")
         fname = self.weight_map[name]
-        handle = self._open(fname)
+        handle = self._open(fname, tensor=name)
         try:
             return handle.get_tensor(name)
         except Exception as e:
