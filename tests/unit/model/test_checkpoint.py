@@ -119,7 +119,7 @@ def corrupt(checkpoint: Callable[[str, bool], Path], tmp_path: Path) -> Callable
     return make
 
 
-def _rewrite(shard: Path, edit: Callable[[dict[str, torch.Tensor]], None]) -> None:
+def _rewrite(shard: Path, edit: Callable[[dict[str, torch.Tensor]], object]) -> None:
     tensors = load_file(str(shard))
     edit(tensors)
     save_file(tensors, str(shard))
