@@ -1,0 +1,249 @@
+"""The portable KV state of one sequence: a versioned, self-describing, checksummed byte format.
+
+Layout (little endian):
+
+    magic b"DSV4-KV\\n" | u32 format version | u32 header length | u32 crc32c(header) | header (UTF-8 JSON) | body
+
+The header names the model (`model_fingerprint`: sha256 of the config, every parameter's name/shape/dtype and
+the QAT flag), the position the state stands at, and every section of the body in order (name, dtype, shape,
+byte count). The body is cut in `chunk_size` chunks, each with its crc32c in the header, so a reader can verify
+the stream chunk by chunk. Per layer the sections are: the window ring; for compressed layers the entries
+(position // m of them) and the compressor's live rows; for CSA layers also the indexer keys and the indexer
+compressor's live rows. `load` checks all of it against the importing model and raises `KVFormatError` (a
+`KVImportError`, hence a ValueError) naming what is wrong; it never returns a state it did not fully verify.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import crc32c
+import torch
+
+from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
+from dsv4.model_runtime.state import LayerState, SequenceState
+from dsv4.services.engine_port import KVImportError
+
+FORMAT_VERSION = 1
+MAGIC = b"DSV4-KV\n"
+PREFIX = struct.Struct("<8sIII")  # magic, version, header length, header crc32c
+CHUNK_SIZE = 1 << 20
+MAX_HEADER_BYTES = 16 << 20
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class KVFormatError(KVImportError):
+    """A KV blob that this engine refuses: truncated, corrupted, another format version or another model."""
+
+
+@dataclass(frozen=True)
+class SectionSpec:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * torch.empty(0, dtype=self.dtype).element_size()
+
+
+@dataclass(frozen=True)
+class KVSnapshot:
+    """A verified, parsed KV state: tensors by section name, at `position`; `restore` puts it into a state."""
+
+    position: int
+    tensors: dict[str, torch.Tensor]
+
+
+def model_fingerprint(model: DeepseekV4) -> str:
+    """sha256 over the config, every parameter/buffer name, shape and dtype, and the QAT flag (hex, 32 chars)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
+    h.update(f"qat={model.qat_simulation}".encode())
+    return h.hexdigest()[:32]
+
+
+def _comp_rows(ratio: int, csa: bool, position: int) -> int:
+    """Live rows of a compressor state: CSA keeps the previous block and the current one's r tokens."""
+    r = position % ratio
+    return ratio + r if csa else r
+
+
+def section_specs(model: DeepseekV4, position: int) -> list[SectionSpec]:
+    """The sections, in order, of a state at `position` for `model`."""
+    cfg, dt, f32 = model.cfg, model.dtype, torch.float32
+    specs = []
+    for i in range(cfg.num_hidden_layers):
+        p = f"layers.{i}."
+        specs.append(SectionSpec(p + "window", dt, (cfg.sliding_window, cfg.head_dim)))
+        m = cfg.ratio(i)
+        if not m:
+            continue
+        csa = cfg.is_csa(i)
+        coff, rows = (2 if csa else 1), _comp_rows(m, csa, position)
+        specs.append(SectionSpec(p + "entries", dt, (position // m, cfg.head_dim)))
+        specs.append(SectionSpec(p + "comp_kv", f32, (rows, coff * cfg.head_dim)))
+        specs.append(SectionSpec(p + "comp_score", f32, (rows, coff * cfg.head_dim)))
+        if csa:
+            specs.append(SectionSpec(p + "index_keys", dt, (position // m, cfg.index_head_dim)))
+            specs.append(SectionSpec(p + "icomp_kv", f32, (rows, 2 * cfg.index_head_dim)))
+            specs.append(SectionSpec(p + "icomp_score", f32, (rows, 2 * cfg.index_head_dim)))
+    return specs
+
+
+def _section_tensor(ls: LayerState, field: str, rows: int) -> torch.Tensor:
+    if field == "window":
+        return ls.window
+    if field == "entries":
+        return ls.valid_entries()
+    if field == "index_keys":
+        return ls.valid_index_keys()
+    return getattr(ls, field)[:rows]
+
+
+def export_state(model: DeepseekV4, state: SequenceState, chunk_size: int = CHUNK_SIZE) -> bytes:
+    """The blob of `state` (see the module doc)."""
+    return b"".join(export_chunks(model, state, chunk_size))
+
+
+def export_chunks(model: DeepseekV4, state: SequenceState, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    """The blob of `state` as a stream: the prefix and header, then the body in `chunk_size` pieces."""
+    cfg, pos = model.cfg, state.position
+    if pos < 1:
+        raise ValueError("export: the state holds no tokens")
+    parts = []
+    specs = section_specs(model, pos)
+    for spec in specs:
+        layer, field = int(spec.name.split(".")[1]), spec.name.split(".")[2]
+        ratio = cfg.ratio(layer)
+        t = _section_tensor(state.layers[layer], field, _comp_rows(ratio, cfg.is_csa(layer), pos) if ratio else 0)
+        if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
+            raise ValueError(f"export: {spec.name} is {t.dtype}{tuple(t.shape)}, expected {spec.dtype}{spec.shape}")
+        parts.append(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    body = b"".join(parts)
+    chunks = [body[o : o + chunk_size] for o in range(0, len(body), chunk_size)]
+    header = {
+        "format": "dsv4-kv",
+        "format_version": FORMAT_VERSION,
+        "model_fingerprint": model_fingerprint(model),
+        "position": pos,
+        "chunk_size": chunk_size,
+        "body_bytes": len(body),
+        "chunk_crc32c": [crc32c.crc32c(c) for c in chunks],
+        "sections": [
+            {"name": s.name, "dtype": str(s.dtype).removeprefix("torch."), "shape": list(s.shape), "nbytes": s.nbytes}
+            for s in specs
+        ],
+    }
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    yield PREFIX.pack(MAGIC, FORMAT_VERSION, len(raw), crc32c.crc32c(raw)) + raw
+    yield from chunks
+
+
+def read_header(blob: bytes | memoryview) -> tuple[dict[str, Any], int]:
+    """Parse and verify the prefix and header; returns (header, offset of the body)."""
+    blob = memoryview(blob)
+    if len(blob) < PREFIX.size:
+        raise KVFormatError(f"KV blob truncated: {len(blob)} bytes, shorter than its {PREFIX.size}-byte prefix")
+    magic, version, header_len, header_crc = PREFIX.unpack_from(blob)
+    if magic != MAGIC:
+        raise KVFormatError(f"not a dsv4 KV blob (magic {bytes(magic)!r})")
+    if version != FORMAT_VERSION:
+        raise KVFormatError(f"KV format version {version}; this engine reads version {FORMAT_VERSION}")
+    if header_len > MAX_HEADER_BYTES or PREFIX.size + header_len > len(blob):
+        raise KVFormatError(f"KV blob truncated or corrupt: header of {header_len} bytes, blob of {len(blob)}")
+    raw = bytes(blob[PREFIX.size : PREFIX.size + header_len])
+    if crc32c.crc32c(raw) != header_crc:
+        raise KVFormatError("KV blob header checksum mismatch (corrupted)")
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise KVFormatError(f"KV blob header is not valid JSON: {e}") from e
+    if not isinstance(header, dict) or header.get("format") != "dsv4-kv":
+        raise KVFormatError("KV blob header does not describe a dsv4-kv state")
+    return header, PREFIX.size + header_len
+
+
+def _field(header: dict[str, Any], key: str, kind: type) -> Any:
+    value = header.get(key)
+    if not isinstance(value, kind) or isinstance(value, bool):
+        raise KVFormatError(f"KV blob header: {key!r} must be {kind.__name__}, got {value!r}")
+    return value
+
+
+def load(model: DeepseekV4, blob: bytes | memoryview) -> KVSnapshot:
+    """Verify `blob` against `model` and parse it; raises KVFormatError saying what does not match."""
+    blob = memoryview(blob)
+    header, offset = read_header(blob)
+    fingerprint = _field(header, "model_fingerprint", str)
+    if fingerprint != model_fingerprint(model):
+        raise KVFormatError(
+            f"KV state was written by another model (fingerprint {fingerprint}, this engine {model_fingerprint(model)})"
+        )
+    pos = _field(header, "position", int)
+    if not 1 <= pos <= model.cfg.max_position_embeddings:
+        raise KVFormatError(f"KV blob position {pos} outside [1, {model.cfg.max_position_embeddings}]")
+    expected = section_specs(model, pos)
+    sections = _field(header, "sections", list)
+    described = [
+        (s.get("name"), s.get("dtype"), s.get("shape"), s.get("nbytes")) if isinstance(s, dict) else s for s in sections
+    ]
+    wanted = [(s.name, str(s.dtype).removeprefix("torch."), list(s.shape), s.nbytes) for s in expected]
+    if described != wanted:
+        bad = next((w for d, w in zip(described, wanted, strict=False) if d != w), None)
+        raise KVFormatError(
+            f"KV blob sections do not match a state at position {pos} of this model "
+            f"({len(described)} sections, expected {len(wanted)}; first difference at {bad})"
+        )
+    body_bytes, chunk_size = _field(header, "body_bytes", int), _field(header, "chunk_size", int)
+    crcs = _field(header, "chunk_crc32c", list)
+    if body_bytes != sum(s.nbytes for s in expected) or chunk_size < 1:
+        raise KVFormatError(f"KV blob header: body of {body_bytes} bytes does not match its sections")
+    if len(blob) - offset != body_bytes:
+        raise KVFormatError(
+            f"KV blob truncated or padded: body has {len(blob) - offset} bytes, header says {body_bytes}"
+        )
+    if len(crcs) != math.ceil(body_bytes / chunk_size):
+        raise KVFormatError(f"KV blob header lists {len(crcs)} chunk checksums for {body_bytes} bytes")
+    body = blob[offset:]
+    for k, crc in enumerate(crcs):
+        if crc32c.crc32c(body[k * chunk_size : (k + 1) * chunk_size]) != crc:
+            raise KVFormatError(f"KV blob chunk {k} checksum mismatch (corrupted)")
+    tensors, at = {}, 0
+    for spec in expected:
+        data = bytearray(body[at : at + spec.nbytes])
+        at += spec.nbytes
+        t = torch.frombuffer(data, dtype=spec.dtype) if data else torch.empty(0, dtype=spec.dtype)
+        tensors[spec.name] = t.view(spec.shape)
+    return KVSnapshot(position=pos, tensors=tensors)
+
+
+def restore(model: DeepseekV4, snapshot: KVSnapshot, state: SequenceState) -> None:
+    """Fill a fresh (position 0) state with a verified snapshot."""
+    if state.position != 0:
+        raise ValueError("restore: the target state is not fresh")
+    cfg, dev, t = model.cfg, model.device, snapshot.tensors
+    for i, ls in enumerate(state.layers):
+        p = f"layers.{i}."
+        ls.window.copy_(t[p + "window"].to(dev))
+        m = cfg.ratio(i)
+        if not m:
+            continue
+        keys = t[p + "index_keys"].to(dev) if cfg.is_csa(i) else None
+        ls.append_entries(t[p + "entries"].to(dev), keys)
+        rows = t[p + "comp_kv"].shape[0]
+        ls.comp_kv[:rows] = t[p + "comp_kv"].to(dev)
+        ls.comp_score[:rows] = t[p + "comp_score"].to(dev)
+        if cfg.is_csa(i):
+            ls.icomp_kv[:rows] = t[p + "icomp_kv"].to(dev)
+            ls.icomp_score[:rows] = t[p + "icomp_score"].to(dev)
+    state.position = snapshot.position
