@@ -11,6 +11,7 @@ import math
 
 from dsv4.model_runtime.engine.sequence import Sequence
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
+from dsv4.model_runtime.state import SequenceState
 
 
 class KVCacheManager:
@@ -53,6 +54,21 @@ class KVCacheManager:
         if seq.state is None:
             seq.state = self.model.new_state()
         self._held[seq.request_id] = self.blocks_for(seq.num_computed + n_new)
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Bytes of one token position in the pool's block storage (compressed entries and indexer keys)."""
+        cfg, esize = self.model.cfg, self.model.embed.weight.element_size()
+        total = 0.0
+        for i in range(cfg.num_hidden_layers):
+            m = cfg.ratio(i)
+            if m:
+                total += cfg.head_dim * esize / m + (cfg.index_head_dim * esize / m if cfg.is_csa(i) else 0)
+        return total
+
+    def new_state(self) -> SequenceState:
+        """An empty state for a sequence (to restore an imported snapshot into)."""
+        return self.model.new_state()
 
     def free(self, seq: Sequence) -> None:
         """Release the sequence's blocks and state (idempotent)."""

@@ -70,6 +70,8 @@ class LLMEngine:
         self.runner = ModelRunner(model)
         self.eos_token_id = model.cfg.eos_token_id
         self._sent: dict[str, int] = {}
+        # Finished `export_after_prefill` sequences whose state waits for its export (then `release`).
+        self.exported: dict[str, Sequence] = {}
 
     @classmethod
     def from_path(
@@ -146,6 +148,7 @@ class LLMEngine:
 
     def release(self, seq: Sequence) -> None:
         """Free the state a finished `export_after_prefill` sequence kept for its export."""
+        self.exported.pop(seq.request_id, None)
         self.kv.free(seq)
 
     def has_unfinished(self) -> bool:
@@ -169,6 +172,8 @@ class LLMEngine:
             seq.append(token, logprob)
             if seq.finished:
                 self.scheduler.finish(seq, keep_state=seq.export_after_prefill)
+                if seq.export_after_prefill:
+                    self.exported[seq.request_id] = seq
             outputs.append(self._output(seq))
         return outputs
 

@@ -1,0 +1,343 @@
+"""`AsyncEngine`: the engine as the serving workers use it (`dsv4.services.engine_port.Engine`).
+
+One background thread owns the `LLMEngine` and steps it whenever it has work; coroutines only post commands to
+that thread and await futures or per-request queues, so the worker's event loop never blocks on the model.
+A request without a seed gets one derived from its request id, so a decode that another worker resumes or
+recomputes draws the same tokens (the port's determinism contract).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsv4.model_runtime.engine import kv_export
+from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
+from dsv4.model_runtime.engine.sampling_params import SamplingParams
+from dsv4.model_runtime.engine.sequence import Sequence as EngineSequence
+from dsv4.services.engine_port import (
+    EngineStats,
+    KVImportError,
+    KVMeta,
+    PrefillOutput,
+    SamplingSpec,
+    TokenOutput,
+)
+
+log = logging.getLogger(__name__)
+
+CANCELLED_TOKEN_ID = -1  # token_id of the closing TokenOutput of a cancelled stream (it carries no token)
+
+
+class RequestCancelled(RuntimeError):
+    """A prefill that was cancelled before its first token."""
+
+
+def request_seed(request_id: str) -> int:
+    """The seed of a request that did not ask for one: stable across workers and processes."""
+    return int.from_bytes(hashlib.blake2b(request_id.encode(), digest_size=8).digest(), "little") >> 1
+
+
+@dataclass
+class _Request:
+    loop: asyncio.AbstractEventLoop
+    tokens: asyncio.Queue[TokenOutput] | None = None
+    prefill: asyncio.Future[PrefillOutput] | None = None
+    accepted: asyncio.Future[None] | None = None
+    done: bool = False
+    history: list[TokenOutput] = field(default_factory=list)
+
+
+class AsyncEngine:
+    """Implements `dsv4.services.engine_port.Engine` over a background-stepped `LLMEngine`."""
+
+    def __init__(self, engine: LLMEngine, kv_chunk_size: int = kv_export.CHUNK_SIZE) -> None:
+        self._engine = engine
+        self._chunk_size = kv_chunk_size
+        self._fingerprint = kv_export.model_fingerprint(engine.model)
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._wake = threading.Event()
+        self._stop = False
+        self._requests: dict[str, _Request] = {}
+        self._lock = threading.Lock()
+        self._thread = threading.Thread(target=self._loop, name="dsv4-engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_path(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        qat_simulation: bool = True,
+        config: EngineConfig | None = None,
+    ) -> AsyncEngine:
+        """Load the checkpoint folder and start the stepping thread."""
+        return cls(LLMEngine.from_path(path, device=device, dtype=dtype, qat_simulation=qat_simulation, config=config))
+
+    # ---- Engine protocol ---------------------------------------------------------------------------------------
+    @property
+    def model_fingerprint(self) -> str:
+        return self._fingerprint
+
+    @property
+    def kv_format_version(self) -> int:
+        return kv_export.FORMAT_VERSION
+
+    async def prefill(self, request_id: str, prompt_ids: Sequence[int], sampling: SamplingSpec) -> PrefillOutput:
+        """Prefill, sample token 0 and export the KV state (the request's blocks are freed once exported)."""
+        loop = asyncio.get_running_loop()
+        req = self._register(request_id, loop)
+        req.prefill = loop.create_future()
+        params = self._params(request_id, sampling)
+        self._post(lambda: self._add(request_id, prompt_ids, params, export=True))
+        try:
+            return await req.prefill
+        finally:
+            self._forget(request_id)
+
+    async def submit_decode(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        sampling: SamplingSpec,
+        *,
+        kv_blob: bytes | None,
+        streamed_ids: Sequence[int],
+    ) -> None:
+        """Admit a decode: import `kv_blob` and replay `streamed_ids`, or (no blob) prefill prompt + streamed ids."""
+        loop = asyncio.get_running_loop()
+        snapshot = None
+        if kv_blob is not None:
+            if not streamed_ids:
+                raise ValueError(f"request {request_id}: a KV blob needs the streamed token 0 to continue from")
+            snapshot = await loop.run_in_executor(None, kv_export.load, self._engine.model, kv_blob)
+            if snapshot.position != len(prompt_ids):
+                raise KVImportError(
+                    f"KV state of request {request_id} covers {snapshot.position} positions, "
+                    f"the prompt has {len(prompt_ids)}"
+                )
+        req = self._register(request_id, loop)
+        req.tokens = asyncio.Queue()
+        req.accepted = loop.create_future()
+        params = self._params(request_id, sampling)
+        self._post(lambda: self._add(request_id, prompt_ids, params, streamed=streamed_ids, snapshot=snapshot))
+        try:
+            await req.accepted
+        except BaseException:
+            self._forget(request_id)
+            raise
+
+    async def stream(self, request_id: str) -> AsyncIterator[TokenOutput]:
+        """The decode's tokens in index order; the last one has `finish_reason` set."""
+        with self._lock:
+            req = self._requests.get(request_id)
+        if req is None or req.tokens is None:
+            raise KeyError(f"no decode request {request_id!r} in this engine")
+        try:
+            while True:
+                out = await req.tokens.get()
+                yield out
+                if out.finish_reason is not None:
+                    return
+        finally:
+            if req.done:
+                self._forget(request_id)
+
+    async def cancel(self, request_id: str) -> None:
+        """Stop the request and free its state; idempotent."""
+        done = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+
+        def abort() -> None:
+            out = self._engine.abort(request_id)
+            if out is not None:
+                self._deliver(out)
+            loop.call_soon_threadsafe(_resolve, done, None)
+
+        self._post(abort)
+        await done
+
+    def stats(self) -> EngineStats:
+        e = self._engine
+        return EngineStats(
+            running_requests=e.num_running,
+            waiting_requests=e.num_waiting,
+            kv_cache_used_blocks=e.kv.used_blocks,
+            kv_cache_total_blocks=e.kv.total_blocks,
+            extra={"kv_bytes_per_token": float(e.kv.bytes_per_token)},
+        )
+
+    # ---- lifecycle ---------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the stepping thread (pending requests are abandoned)."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout=30)
+
+    def __enter__(self) -> AsyncEngine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- caller side -------------------------------------------------------------------------------------------
+    def _params(self, request_id: str, spec: SamplingSpec) -> SamplingParams:
+        params = SamplingParams.from_spec(spec)
+        return params if params.seed is not None else replace(params, seed=request_seed(request_id))
+
+    def _register(self, request_id: str, loop: asyncio.AbstractEventLoop) -> _Request:
+        with self._lock:
+            if request_id in self._requests:
+                raise ValueError(f"request {request_id!r} is already live in this engine")
+            req = self._requests[request_id] = _Request(loop)
+        return req
+
+    def _forget(self, request_id: str) -> None:
+        with self._lock:
+            self._requests.pop(request_id, None)
+
+    def _post(self, command: Callable[[], None]) -> None:
+        self._commands.put(command)
+        self._wake.set()
+
+    # ---- engine thread -----------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop:
+            while True:
+                try:
+                    self._commands.get_nowait()()
+                except queue.Empty:
+                    break
+            if not self._engine.has_unfinished():
+                self._wake.wait(timeout=1.0)
+                self._wake.clear()
+                continue
+            try:
+                outputs = self._engine.step()
+            except Exception as e:  # never leave a caller waiting forever on a dead engine
+                log.exception("engine step failed; failing all live requests")
+                self._fail_all(e)
+                continue
+            for out in outputs:
+                self._deliver(out)
+
+    def _add(
+        self,
+        request_id: str,
+        prompt_ids: Sequence[int],
+        params: SamplingParams,
+        *,
+        export: bool = False,
+        streamed: Sequence[int] = (),
+        snapshot: kv_export.KVSnapshot | None = None,
+    ) -> None:
+        req = self._requests.get(request_id)
+        if req is None:
+            return
+        waiter = req.prefill if export else req.accepted
+        try:
+            state = None
+            if snapshot is not None:
+                state = self._engine.kv.new_state()
+                kv_export.restore(self._engine.model, snapshot, state)
+            self._engine.add_request(
+                request_id, prompt_ids, params, output_token_ids=streamed, state=state, export_after_prefill=export
+            )
+        except Exception as e:
+            if waiter is not None:
+                req.loop.call_soon_threadsafe(_fail, waiter, e)
+            return
+        if not export and waiter is not None:
+            req.loop.call_soon_threadsafe(_resolve, waiter, None)
+
+    def _deliver(self, out: RequestOutput) -> None:
+        req = self._requests.get(out.request_id)
+        exported = self._engine.exported.pop(out.request_id, None) if out.finished else None
+        if req is None:  # the caller went away: nothing to hand over
+            if exported is not None:
+                self._engine.release(exported)
+            return
+        if req.prefill is not None:
+            self._finish_prefill(req, out, exported)
+            return
+        if req.tokens is None:
+            return
+        items = [
+            TokenOutput(
+                index=out.first_index + k,
+                token_id=t,
+                finish_reason=_reason(out.finish_reason) if out.finished and k == len(out.token_ids) - 1 else None,
+                logprob=out.logprobs[k].logprob if k < len(out.logprobs) else None,
+            )
+            for k, t in enumerate(out.token_ids)
+        ]
+        if out.finished and not out.token_ids:
+            items.append(TokenOutput(out.first_index, CANCELLED_TOKEN_ID, _reason(out.finish_reason)))
+        req.done = out.finished
+        for item in items:
+            req.loop.call_soon_threadsafe(req.tokens.put_nowait, item)
+
+    def _finish_prefill(self, req: _Request, out: RequestOutput, seq: EngineSequence | None) -> None:
+        assert req.prefill is not None
+        if out.finish_reason == "cancelled" or seq is None:
+            req.loop.call_soon_threadsafe(_fail, req.prefill, RequestCancelled(f"prefill {out.request_id} cancelled"))
+            return
+        try:
+            assert seq.state is not None
+            chunks = list(kv_export.export_chunks(self._engine.model, seq.state, self._chunk_size))
+        except Exception as e:
+            req.loop.call_soon_threadsafe(_fail, req.prefill, e)
+            return
+        finally:
+            self._engine.release(seq)
+        meta = KVMeta(
+            format_version=kv_export.FORMAT_VERSION,
+            model_fingerprint=self._fingerprint,
+            total_bytes=sum(len(c) for c in chunks),
+            num_tokens=len(seq.prompt_token_ids),
+        )
+        result = PrefillOutput(
+            first_token=seq.output_token_ids[0],
+            kv_meta=meta,
+            kv_chunks=iter(chunks),
+            prompt_tokens=len(seq.prompt_token_ids),
+            first_token_logprob=seq.logprobs[0].logprob if seq.logprobs else None,
+        )
+        req.loop.call_soon_threadsafe(_resolve, req.prefill, result)
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self._requests):
+            out = self._engine.abort(request_id)
+            req = self._requests.get(request_id)
+            if req is None:
+                continue
+            if req.prefill is not None:
+                req.loop.call_soon_threadsafe(_fail, req.prefill, error)
+            elif req.tokens is not None and out is not None:
+                req.done = True
+                item = TokenOutput(out.first_index, CANCELLED_TOKEN_ID, "error")
+                req.loop.call_soon_threadsafe(req.tokens.put_nowait, item)
+
+
+def _reason(reason: str | None) -> Any:
+    return reason if reason in ("stop", "length", "cancelled", "error") else "stop"
+
+
+def _resolve(fut: asyncio.Future[Any], value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _fail(fut: asyncio.Future[Any], error: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(error)
