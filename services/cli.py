@@ -65,7 +65,7 @@ class Command:
 
 COMMANDS: dict[str, Command] = {
     "serve": Command("run gateway, prefill and decode on this machine", _serve_args, None),
-    "gateway": Command("run the OpenAI-compatible gateway", _gateway_args, None),
+    "gateway": Command("run the OpenAI-compatible gateway", _gateway_args, "dsv4.services.gateway.main:run"),
     "prefill": Command("run a prefill worker", _worker_args, None),
     "decode": Command("run a decode worker", _worker_args, None),
     "operator": Command("run the Kubernetes operator", _operator_args, "dsv4.operator.main:main"),

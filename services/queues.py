@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 JOB_FORMAT = b"1"
 TOKEN_STREAM_TTL_S = 600
 CANCEL_TTL_S = 600
+# A worker polls at least every MAX_BLOCK_MS; one not seen for this long is presumed dead.
+CONSUMER_ALIVE_MS = 10_000
 
 
 # ---------------------------------------------------------------------------------------------------------- keys
@@ -148,13 +150,25 @@ class WorkQueue:
         self.consumer = consumer
 
     async def ensure_group(self) -> None:
-        """Create the stream and its consumer group if missing (idempotent; every worker calls it at start)."""
+        """Create the stream and its consumer group if missing, and register this consumer, so the worker counts
+        as alive before its first read (idempotent; every worker calls it at start)."""
         with unavailable_as_typed(f"creating consumer group of {self.key}"):
             try:
                 await self.client.xgroup_create(self.key, self.group, id="0", mkstream=True)
             except redis.ResponseError as e:
                 if "BUSYGROUP" not in str(e):
                     raise
+            if self.consumer:
+                await self.client.xgroup_createconsumer(self.key, self.group, self.consumer)
+
+    async def leave(self) -> bool:
+        """Remove this consumer from the group if it holds no pending job (graceful exit); True if removed."""
+        with unavailable_as_typed(f"leaving {self.key}"):
+            pending: Any = await self.client.xpending_range(self.key, self.group, "-", "+", 1, self.consumer)
+            if pending:
+                return False
+            await self.client.xgroup_delconsumer(self.key, self.group, self.consumer)
+            return True
 
     async def enqueue(self, job: Job) -> str:
         """Append `job`; returns its entry id."""
@@ -225,7 +239,7 @@ class QueueStats:
     length: int  # entries in the stream (waiting + pending; acknowledged ones are deleted)
     lag: int  # entries not yet delivered to any consumer
     pending: int  # delivered, not yet acknowledged (in progress)
-    consumers: int
+    consumers: int  # consumers seen within CONSUMER_ALIVE_MS (a dead worker's consumer lingers in the group)
     oldest_waiting_age_s: float  # age of the oldest undelivered job; 0 when none waits
 
 
@@ -234,23 +248,22 @@ async def queue_stats(client: aioredis.Redis, deployment: str, stream: str) -> Q
     key = contract.stream_key(deployment, stream)
     with unavailable_as_typed(f"reading stats of {key}"):
         length = int(await client.xlen(key))
-        if length == 0:
+        try:
+            groups = await client.xinfo_groups(key)
+        except redis.ResponseError:  # no such stream yet
             groups = []
-        else:
-            try:
-                groups = await client.xinfo_groups(key)
-            except redis.ResponseError:  # the key vanished between the two calls
-                groups = []
         group = next((g for g in groups if _s(g["name"]) == contract.WORKER_GROUP), None)
         if group is None:
             return QueueStats(stream, length, length, 0, 0, await _age_after(client, key, "-"))
+        consumers: Any = await client.xinfo_consumers(key, contract.WORKER_GROUP) if group["consumers"] else []
+        alive = sum(1 for c in consumers if int(c["idle"]) < CONSUMER_ALIVE_MS)
         last = _s(group["last-delivered-id"])
         lag = group.get("lag")
         if lag is None:  # Redis cannot tell after some deletions; count the entries after last-delivered-id
             undelivered: Any = await client.xrange(key, f"({last}", "+")
             lag = len(undelivered)
         age = await _age_after(client, key, f"({last}") if lag else 0.0
-        return QueueStats(stream, length, int(lag), int(group["pending"]), int(group["consumers"]), age)
+        return QueueStats(stream, length, int(lag), int(group["pending"]), alive, age)
 
 
 async def _age_after(client: aioredis.Redis, key: str, start: str) -> float:

@@ -67,8 +67,25 @@ async def test_enqueue_read_ack_and_stats(client) -> None:  # type: ignore[no-un
     await worker.ack(got[0].entry_id)
     stats = await queue_stats(client, DEP, contract.PREFILL_STREAM)
     assert (stats.length, stats.lag, stats.pending) == (1, 1, 0)
-    assert [d.job.request_id for d in await worker.read(count=5)] == ["b"]
+    [b] = await worker.read(count=5)
+    assert b.job.request_id == "b"
+    await worker.ack(b.entry_id)
+    stats = await queue_stats(client, DEP, contract.PREFILL_STREAM)  # an empty stream still has its workers
+    assert (stats.length, stats.lag, stats.pending, stats.consumers) == (0, 0, 0, 1)
     assert await worker.read(count=5, block_ms=50) == []
+    assert await worker.leave()
+    assert (await queue_stats(client, DEP, contract.PREFILL_STREAM)).consumers == 0
+
+
+async def test_consumer_counts_from_registration_and_leave_keeps_busy_ones(client) -> None:  # type: ignore[no-untyped-def]
+    busy = WorkQueue(client, DEP, contract.DECODE_STREAM, consumer="busy")
+    await busy.ensure_group()
+    assert (await queue_stats(client, DEP, contract.DECODE_STREAM)).consumers == 1  # before any read
+    await busy.enqueue(job("j"))
+    [d] = await busy.read()
+    assert not await busy.leave()  # it still holds a job: leaving would orphan it from XPENDING by consumer
+    await busy.ack(d.entry_id)
+    assert await busy.leave()
 
 
 async def test_dead_worker_job_is_reclaimed_but_touched_job_is_not(client) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,1 @@
+"""The OpenAI-compatible gateway: renders requests to token ids, enqueues them and streams tokens back."""

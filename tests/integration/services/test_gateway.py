@@ -1,0 +1,243 @@
+"""The real gateway process with the official openai client; the test plays the workers through the queue protocol."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import httpx
+import openai
+import pytest
+import redis
+
+from dsv4.model_runtime.chat_tokens import EOS
+from dsv4.model_runtime.tokenizer import Tokenizer
+from dsv4.services import contract
+from dsv4.services.local_redis import LocalRedis
+from dsv4.services.queues import Job, TokenWriter, cancel_key, token_stream_key
+
+from .conftest import API_KEY, DEPLOYMENT, MODEL, GatewayProcess, write_tokens
+
+pytestmark = pytest.mark.integration
+
+TOK = Tokenizer.from_pretrained()
+ANSWER = "Hello from dsv4, 你好 world!"
+ANSWER_IDS = TOK.encode(ANSWER + EOS)
+
+
+_CLIENTS: list[openai.AsyncOpenAI] = []
+
+
+def client(gw: GatewayProcess, key: str = API_KEY) -> openai.AsyncOpenAI:
+    c = openai.AsyncOpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0, timeout=20)
+    _CLIENTS.append(c)
+    return c
+
+
+@pytest.fixture(autouse=True)
+async def _close_clients() -> AsyncIterator[None]:
+    yield
+    while _CLIENTS:
+        await _CLIENTS.pop().close()
+
+
+async def answer(job: Job, writer: TokenWriter) -> None:
+    await write_tokens(job, writer, ANSWER_IDS)
+
+
+async def test_chat_stream_delivers_each_token_once_in_order_with_usage(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
+    side = worker_side(answer)
+    stream = await client(gateway).chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Say hello"}],
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = [c async for c in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == ANSWER
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finish == ["stop"]
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None
+    [(stream_name, job)] = [(s, j) for s, j in side.jobs if j.request_id == chunks[0].id]
+    assert chunks[-1].usage.prompt_tokens == len(job.prompt_ids)
+    assert chunks[-1].usage.completion_tokens == len(ANSWER_IDS)
+    assert stream_name == contract.DECODE_STREAM  # a short prompt is prefilled by decode
+    assert job.prompt_ids == tuple(TOK.encode("<｜begin▁of▁sentence｜><｜User｜>Say hello<｜Assistant｜></think>"))
+    assert job.trace_context["traceparent"].startswith("00-")
+    assert not redis.Redis.from_url(gateway.redis_url).exists(token_stream_key(DEPLOYMENT, job.request_id))
+
+
+async def test_chat_non_stream_and_request_id_echo(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
+    worker_side(answer)
+    raw = await client(gateway).chat.completions.with_raw_response.create(
+        model=MODEL,
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}],
+        max_tokens=5,
+        extra_headers={"X-Request-Id": "my-trace-123"},
+    )
+    assert raw.headers["x-request-id"] == "my-trace-123"
+    resp = raw.parse()
+    assert resp.choices[0].message.content == TOK.decode(ANSWER_IDS[:5])
+    assert resp.choices[0].finish_reason == "length"
+    assert resp.usage is not None and resp.usage.completion_tokens == 5
+    async with httpx.AsyncClient() as h:
+        r = await h.get(gateway.url + "/healthz")
+    assert len(r.headers["x-request-id"]) == 32  # generated when the client sends none
+
+
+async def test_thinking_mode_and_tool_calls_are_parsed(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
+    out = (
+        "Need the weather.</think>Let me check."
+        '\n\n<｜DSML｜tool_calls>\n<｜DSML｜invoke name="get_weather">\n'
+        '<｜DSML｜parameter name="city" string="true">Paris</｜DSML｜parameter>\n'
+        "</｜DSML｜invoke>\n</｜DSML｜tool_calls>" + EOS
+    )
+
+    async def respond(job: Job, writer: TokenWriter) -> None:
+        await write_tokens(job, writer, TOK.encode(out))
+
+    side = worker_side(respond)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    resp = await client(gateway).chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Weather in Paris?"}],
+        tools=tools,  # type: ignore[arg-type]
+        extra_body={"thinking": {"type": "enabled"}},
+    )
+    msg = resp.choices[0].message
+    assert resp.choices[0].finish_reason == "tool_calls"
+    assert msg.content == "Let me check."
+    assert msg.model_extra is not None and msg.model_extra["reasoning_content"] == "Need the weather."
+    assert msg.tool_calls is not None and msg.tool_calls[0].function.name == "get_weather"  # type: ignore[union-attr]
+    assert msg.tool_calls[0].function.arguments == '{"city": "Paris"}'  # type: ignore[union-attr]
+    prompt = TOK.decode(side.jobs[-1][1].prompt_ids)
+    assert "## Tools" in prompt and prompt.endswith("<｜Assistant｜><think>")
+
+
+async def test_stop_string_cuts_the_text_and_cancels_the_workers(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
+    side = worker_side(answer)
+    resp = await client(gateway).chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "hi"}], stop=["dsv4"]
+    )
+    assert resp.choices[0].message.content == "Hello from "
+    assert resp.choices[0].finish_reason == "stop"
+    rid = side.jobs[-1][1].request_id
+    assert redis.Redis.from_url(gateway.redis_url).exists(cancel_key(DEPLOYMENT, rid))
+
+
+async def test_completions_text_and_token_prompts(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
+    side = worker_side(answer)
+    c = client(gateway)
+    resp = await c.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=50)
+    assert resp.choices[0].text == ANSWER  # the EOS text is a special token: skipped in plain completions
+    assert side.jobs[-1][1].prompt_ids == tuple(TOK.encode("Once upon a time"))
+    stream = await c.completions.create(model=MODEL, prompt=[5, 6, 7], stream=True, max_tokens=3)
+    text = "".join([ch.choices[0].text async for ch in stream if ch.choices])
+    assert text == TOK.decode(ANSWER_IDS[:3])
+    assert side.jobs[-1][1].prompt_ids == (5, 6, 7) and side.jobs[-1][1].sampling.max_tokens == 3
+
+
+async def test_long_prompt_goes_to_the_prefill_pool(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
+    side = worker_side(answer)  # its consumer in the prefill group makes prefill workers visible
+    long_text = "tell me a story " * 40
+    await client(gateway).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    await client(gateway).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long_text}])
+    assert [s for s, _ in side.jobs[-2:]] == [contract.DECODE_STREAM, contract.PREFILL_STREAM]
+    async with httpx.AsyncClient() as h:
+        text = (await h.get(gateway.url + "/metrics")).text
+    assert 'dsv4_prefill_decisions_total{placement="disaggregated",reason="long_prompt"}' in text
+    assert "dsv4_time_to_first_token_seconds_count" in text
+
+
+async def test_models_and_auth(gateway) -> None:  # type: ignore[no-untyped-def]
+    models = await client(gateway, "sk-second").models.list()
+    assert [m.id for m in models.data] == [MODEL]
+    with pytest.raises(openai.AuthenticationError) as e:
+        await client(gateway, "wrong").models.list()
+    assert e.value.status_code == 401 and e.value.code == "invalid_api_key"
+    assert e.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+    async with httpx.AsyncClient() as h:
+        r = await h.post(gateway.url + "/v1/chat/completions", json={})  # no key at all: 401 before validation
+    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        ({"messages": [{"role": "user", "content": "x"}]}, 400, "model"),
+        ({"model": MODEL, "messages": []}, 400, "messages"),
+        ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 9}, 400, "temperature"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}, 400, "max_tokens"),
+        ({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+        (
+            {
+                "model": MODEL,
+                "messages": [{"role": "user", "content": "x"}],
+                "tool_choice": {"type": "function", "function": {"name": "nope"}},
+            },
+            400,
+            None,
+        ),
+    ],
+)
+async def test_malformed_requests_get_openai_style_4xx(gateway, body: dict, status: int, param: str | None) -> None:  # type: ignore[no-untyped-def,type-arg]
+    async with httpx.AsyncClient() as h:
+        r = await h.post(
+            gateway.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}
+        )
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert err["type"] == ("invalid_request_error" if status == 400 else "not_found_error")
+    assert err["param"] == param
+
+
+async def test_invalid_json_and_unknown_route(gateway) -> None:  # type: ignore[no-untyped-def]
+    async with httpx.AsyncClient() as h:
+        auth = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+        r = await h.post(gateway.url + "/v1/chat/completions", content=b"{nope", headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["type"] == "invalid_request_error"
+        r = await h.get(gateway.url + "/v1/nothing-here", headers=auth)
+        assert r.status_code == 404 and "error" in r.json()
+
+
+async def test_worker_error_and_silence_become_5xx(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
+    async def fail(job: Job, writer: TokenWriter) -> None:
+        await writer.fail("engine out of memory", "engine_error")
+
+    worker_side(fail)
+    with pytest.raises(openai.InternalServerError) as e:
+        await client(gateway).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert "engine out of memory" in str(e.value)
+
+
+async def test_no_worker_times_out_with_504(gateway) -> None:  # type: ignore[no-untyped-def]
+    t0 = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as e:
+        await client(gateway).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 504 and time.monotonic() - t0 < 10
+
+
+async def test_redis_down_answers_503_with_retry_after_then_recovers(redis_server: LocalRedis, worker_side) -> None:  # type: ignore[no-untyped-def]
+    gw = GatewayProcess(redis_server.url).start()
+    try:
+        async with httpx.AsyncClient(timeout=20) as h:
+            assert (await h.get(gw.url + "/readyz")).status_code == 200
+            redis_server.kill()
+            t0 = time.monotonic()
+            r = await h.post(
+                gw.url + "/v1/chat/completions",
+                json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                headers={"Authorization": f"Bearer {API_KEY}"},
+            )
+            assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"]["type"] == "service_unavailable_error"
+            assert time.monotonic() - t0 < 10
+            assert (await h.get(gw.url + "/readyz")).status_code == 503
+            redis_server.start()
+            assert (await h.get(gw.url + "/readyz")).status_code == 200
+    finally:
+        gw.stop()
