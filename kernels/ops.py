@@ -32,6 +32,17 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = 
     return resolve("rope", x.device)(x, cos, sin, inverse)
 
 
+def rms_norm_rope(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor
+) -> torch.Tensor:
+    """Fused `rope(rms_norm(x, weight, eps), cos, sin)` (the q / kv / compressed-entry prologue), all in fp32.
+
+    Shapes as `rope` (x [B, S, ..., D], cos/sin [B, S, R/2]); the normalized row is not rounded to x.dtype
+    before the rotation, so for bf16 x it is the composition minus one rounding. Returns x.dtype.
+    """
+    return resolve("rms_norm_rope", x.device)(x, weight, eps, cos, sin)
+
+
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
     """mHC residual mixing matrix from its logits: Sinkhorn-Knopp started from a row softmax.
 
@@ -141,6 +152,28 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tens
     group_ends [E] int32, cumulative row counts (ends[-1] == M). Returns [M, O] in x.dtype, fp32 accumulation.
     """
     return resolve("grouped_matmul", x.device)(x, weight, group_ends)
+
+
+def grouped_matmul_fp8(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group_ends: torch.Tensor
+) -> torch.Tensor:
+    """`grouped_matmul` over FP8 weights dequantized on the fly (the official linear-layer format).
+
+    weight F8_E4M3 [E, O, K]; scale [E, ceil(O/128), ceil(K/128)] E8M0 or F32, one per 128x128 block:
+    W[e, o, k] = weight[e, o, k] * scale[e, o // 128, k // 128]. x, group_ends and the result as `grouped_matmul`.
+    """
+    return resolve("grouped_matmul_fp8", x.device)(x, weight, scale, group_ends)
+
+
+def grouped_matmul_mxfp4(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group_ends: torch.Tensor
+) -> torch.Tensor:
+    """`grouped_matmul` over MXFP4 weights dequantized on the fly (the official expert format).
+
+    weight I8 [E, O, K/2], two e2m1 codes per byte (low nibble = even column); scale E8M0 [E, O, K/32]:
+    W[e, o, k] = e2m1(code[e, o, k]) * scale[e, o, k // 32]. x, group_ends and the result as `grouped_matmul`.
+    """
+    return resolve("grouped_matmul_mxfp4", x.device)(x, weight, scale, group_ends)
 
 
 def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float, row_scale: torch.Tensor | None = None) -> torch.Tensor:

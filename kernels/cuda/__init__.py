@@ -1,0 +1,10 @@
+"""The `cuda` kernel backend: Triton kernels for NVIDIA GPUs, importing this package registers them.
+
+Importing with `TRITON_INTERPRET=1` runs every kernel in Triton's CPU interpreter on CPU tensors (the CPU test
+mode, fp32 only: the interpreter computes bf16 and fp32->fp8 casts wrongly). Selecting this backend for CPU
+tensors is always explicit: `DSV4_KERNEL_BACKEND=cuda` together with `TRITON_INTERPRET=1`.
+"""
+
+from dsv4.kernels.cuda import attention, mhc, moe, norm_rope
+
+__all__ = ["attention", "mhc", "moe", "norm_rope"]

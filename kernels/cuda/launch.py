@@ -1,0 +1,43 @@
+"""What every Triton wrapper of the `cuda` backend shares: device checks, block sizes, dtype flags.
+
+Kernels are compiled for an NVIDIA GPU, or run by Triton's interpreter on CPU tensors when the process imported
+this package with `TRITON_INTERPRET=1` (Triton decides at decoration time). A CPU tensor without the interpreter,
+or a CUDA tensor under it, is a `KernelBackendError`: the backend never silently runs somewhere else.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+
+from dsv4.kernels.registry import KernelBackendError
+
+# Fixed when this package is imported, like the @triton.jit decorations below it.
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+# tl.dot needs every tile dimension >= 16.
+MIN_DOT = 16
+
+
+def check_device(op: str, *tensors: torch.Tensor | None) -> None:
+    """Raise unless every tensor lives where this process runs Triton (GPU, or CPU under the interpreter)."""
+    want = "cpu" if INTERPRETED else "cuda"
+    for t in tensors:
+        if t is not None and t.device.type != want:
+            mode = "under TRITON_INTERPRET=1" if INTERPRETED else "compiled for the GPU"
+            raise KernelBackendError(
+                f"cuda backend op {op!r}: Triton runs {mode} in this process and needs {want} tensors, "
+                f"got a {t.device.type} tensor"
+            )
+
+
+def block(n: int, minimum: int = 1, maximum: int | None = None) -> int:
+    """The power-of-two tile size covering n (at least `minimum`, at most `maximum`)."""
+    b = max(minimum, triton.next_power_of_2(max(n, 1)))
+    return min(b, maximum) if maximum is not None else b
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot precision: exact fp32 for fp32 tensors (the reference's numerics), native otherwise."""
+    return "ieee" if dtype == torch.float32 else "tf32"

@@ -1,0 +1,243 @@
+"""Triton MoE router (sqrtsoftplus + biased top-k, or hash rows) and grouped expert matmul with optional
+in-kernel dequantization of FP8 e4m3 (128x128 block scales) or MXFP4 e2m1 (per-32 E8M0 scales) weights.
+
+The grouped matmul runs a tile schedule computed on the device without a host sync: tile t belongs to the expert
+whose cumulative tile count first exceeds t; the grid is the upper bound ceil(M/BM) + E and spare tiles exit
+through their masks.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dsv4.kernels.cuda.launch import MIN_DOT, block, check_device, dot_precision
+from dsv4.kernels.registry import register
+
+_PLAIN, _FP8, _MXFP4 = 0, 1, 2
+
+
+@triton.jit
+def _sqrtsoftplus(x):
+    # softplus = max(x, 0) + log1p(exp(-|x|)); Triton has no log1p: log(u) * t / (u - 1) with u = 1 + t
+    # cancels the rounding of u (Goldberg), where a plain log(1 + t) loses digits for small t
+    t = tl.exp(-tl.abs(x))
+    u = 1.0 + t
+    log1p = tl.where(u == 1.0, t, tl.log(u) * t / (u - 1.0))
+    return tl.sqrt(tl.maximum(x, 0.0) + log1p)
+
+
+@triton.jit
+def _route_kernel(
+    logits_ptr,
+    bias_ptr,
+    hash_ptr,
+    w_ptr,
+    idx_ptr,
+    E,
+    route_scale,
+    TOPK: tl.constexpr,
+    HASH: tl.constexpr,
+    BLOCK_E: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0)
+    slot = tl.arange(0, BLOCK_K)
+    slot_ok = slot < TOPK
+    if HASH:
+        chosen = tl.load(hash_ptr + row * TOPK + slot, mask=slot_ok, other=0)
+    else:
+        e = tl.arange(0, BLOCK_E)
+        e_ok = e < E
+        logits = tl.load(logits_ptr + row * E + e, mask=e_ok, other=0.0)
+        biased = tl.where(e_ok, _sqrtsoftplus(logits) + tl.load(bias_ptr + e, mask=e_ok, other=0.0), float("-inf"))
+        chosen = tl.zeros([BLOCK_K], dtype=tl.int64)
+        for i in range(TOPK):
+            best = tl.argmax(biased, axis=0)
+            chosen = tl.where(slot == i, best.to(tl.int64), chosen)
+            biased = tl.where(e == best, float("-inf"), biased)
+    score = _sqrtsoftplus(tl.load(logits_ptr + row * E + chosen, mask=slot_ok, other=0.0))
+    score = tl.where(slot_ok, score, 0.0)
+    weights = score / tl.sum(score, axis=0) * route_scale
+    tl.store(w_ptr + row * TOPK + slot, weights, mask=slot_ok)
+    tl.store(idx_ptr + row * TOPK + slot, chosen.to(tl.int64), mask=slot_ok)
+
+
+@register("route", "cuda")
+def route(
+    logits: torch.Tensor,
+    topk: int,
+    route_scale: float,
+    bias: torch.Tensor | None,
+    hash_idx: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if (bias is None) == (hash_idx is None):
+        raise ValueError("route: pass exactly one of bias (learned routing) and hash_idx (hash routing)")
+    check_device("route", logits, bias, hash_idx)
+    n, e = logits.shape
+    k = hash_idx.shape[1] if hash_idx is not None else topk
+    lg = logits.float().contiguous()
+    weights = torch.empty(n, k, dtype=torch.float32, device=logits.device)
+    idx = torch.empty(n, k, dtype=torch.int64, device=logits.device)
+    if n and k:
+        _route_kernel[(n,)](
+            lg,
+            bias.float().contiguous() if bias is not None else lg,
+            hash_idx.to(torch.int64).contiguous() if hash_idx is not None else idx,
+            weights,
+            idx,
+            e,
+            route_scale,
+            TOPK=k,
+            HASH=hash_idx is not None,
+            BLOCK_E=block(e),
+            BLOCK_K=block(k),
+        )
+    return weights, idx
+
+
+@triton.jit
+def _e8m0(bits):
+    """E8M0 byte -> fp32 power of two (code 0 is 2^-127, a subnormal)."""
+    b = bits.to(tl.int32) & 0xFF
+    return tl.where(b == 0, tl.full(b.shape, 0x00400000, tl.int32), b << 23).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e2m1(code):
+    """e2m1 nibble -> fp32: bit 3 sign, bits 2..1 exponent (bias 1), bit 0 mantissa; exponent 0 is subnormal."""
+    exp = (code >> 1) & 3
+    man = (code & 1).to(tl.float32)
+    mag = tl.where(exp == 0, 0.5 * man, (1.0 + 0.5 * man) * (1 << tl.maximum(exp - 1, 0)).to(tl.float32))
+    return tl.where((code & 8) != 0, -mag, mag)
+
+
+@triton.jit
+def _grouped_matmul_kernel(
+    x_ptr,
+    w_ptr,
+    scale_ptr,
+    ends_ptr,
+    tile_expert_ptr,
+    tile_first_ptr,
+    out_ptr,
+    M,
+    N_OUT,
+    K,
+    N_EXPERTS,
+    QUANT: tl.constexpr,
+    SCALE_E8M0: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + tile)
+    live = expert < N_EXPERTS
+    expert = tl.where(live, expert, 0)
+    end = tl.where(live, tl.load(ends_ptr + expert).to(tl.int64), 0)
+    rows = tl.load(tile_first_ptr + tile) + tl.arange(0, BLOCK_M)
+    row_ok = rows < end
+    o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    o_ok = o < N_OUT
+    acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < K
+        a = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        w_ok = o_ok[:, None] & k_ok[None, :]
+        if QUANT == 0:
+            w = tl.load(w_ptr + (expert * N_OUT + o[:, None]) * K + k[None, :], mask=w_ok, other=0.0).to(tl.float32)
+        elif QUANT == 1:
+            q = tl.load(w_ptr + (expert * N_OUT + o[:, None]) * K + k[None, :], mask=w_ok, other=0.0).to(tl.float32)
+            so = (N_OUT + 127) // 128  # 128x128 weight blocks share one scale
+            sk = (K + 127) // 128
+            s_off = (expert * so + o[:, None] // 128) * sk + k[None, :] // 128
+            if SCALE_E8M0:
+                s = _e8m0(tl.load(scale_ptr + s_off, mask=w_ok, other=127))
+            else:
+                s = tl.load(scale_ptr + s_off, mask=w_ok, other=1.0)
+            w = q * s
+        else:
+            packed = tl.load(w_ptr + (expert * N_OUT + o[:, None]) * (K // 2) + k[None, :] // 2, mask=w_ok, other=0)
+            code = (packed.to(tl.int32) >> ((k[None, :] % 2) * 4)) & 0xF
+            s_off = (expert * N_OUT + o[:, None]) * (K // 32) + k[None, :] // 32
+            w = _e2m1(code) * _e8m0(tl.load(scale_ptr + s_off, mask=w_ok, other=127))
+        acc += tl.dot(a, tl.trans(w.to(a.dtype)), input_precision=PRECISION)
+    tl.store(
+        out_ptr + rows[:, None] * N_OUT + o[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_ok[:, None] & o_ok[None, :],
+    )
+
+
+def _tile_schedule(group_ends: torch.Tensor, rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(expert of each tile, first row of each tile, number of tiles launched), all on the device."""
+    ends = group_ends.to(torch.int64)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    tiles = (ends - starts + block_m - 1) // block_m
+    cum = tiles.cumsum(0)
+    n_tiles = triton.cdiv(rows, block_m) + ends.numel()
+    t = torch.arange(n_tiles, device=ends.device)
+    expert = torch.searchsorted(cum, t, right=True)  # == E for spare tiles
+    safe = expert.clamp(max=ends.numel() - 1)
+    first = starts[safe] + (t - (cum[safe] - tiles[safe])) * block_m
+    return expert, first, n_tiles
+
+
+def _grouped(
+    op: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, ends: torch.Tensor, quant: int
+) -> torch.Tensor:
+    check_device(op, x, weight, scale, ends)
+    m, k = x.shape
+    n_experts, o = weight.shape[0], weight.shape[1]
+    out = torch.zeros(m, o, dtype=x.dtype, device=x.device)
+    if m == 0 or o == 0:
+        return out
+    block_m = MIN_DOT if m <= 256 else 64
+    expert, first, n_tiles = _tile_schedule(ends, m, block_m)
+    e8m0 = scale is not None and scale.dtype == torch.float8_e8m0fnu
+    s = None if scale is None else (scale.view(torch.uint8) if e8m0 else scale.float()).contiguous()
+    w = weight.view(torch.uint8) if quant == _MXFP4 else weight
+    block_o = block(o, minimum=MIN_DOT, maximum=64)
+    _grouped_matmul_kernel[(n_tiles, triton.cdiv(o, block_o))](
+        x.contiguous(),
+        w.contiguous(),
+        s if s is not None else x,
+        ends.contiguous(),
+        expert,
+        first,
+        out,
+        m,
+        o,
+        k,
+        n_experts,
+        QUANT=quant,
+        SCALE_E8M0=e8m0,
+        BLOCK_M=block_m,
+        BLOCK_O=block_o,
+        BLOCK_K=block(k, minimum=MIN_DOT, maximum=64),
+        PRECISION=dot_precision(x.dtype),
+    )
+    return out
+
+
+@register("grouped_matmul", "cuda")
+def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+    return _grouped("grouped_matmul", x, weight, None, group_ends, _PLAIN)
+
+
+@register("grouped_matmul_fp8", "cuda")
+def grouped_matmul_fp8(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group_ends: torch.Tensor
+) -> torch.Tensor:
+    return _grouped("grouped_matmul_fp8", x, weight, scale, group_ends, _FP8)
+
+
+@register("grouped_matmul_mxfp4", "cuda")
+def grouped_matmul_mxfp4(
+    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group_ends: torch.Tensor
+) -> torch.Tensor:
+    return _grouped("grouped_matmul_mxfp4", x, weight, scale, group_ends, _MXFP4)
