@@ -130,6 +130,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     app = FastAPI(title="dsv4 gateway", version="1", lifespan=lifespan)
     install_error_handlers(app, settings.retry_after_s)
+    _document_served_model(app, settings.served_model_name)
 
     @app.middleware("http")
     async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
@@ -225,6 +226,21 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         return await _serve(gw, request, prepared, "/v1/completions", _TextFormat(body, prepared.request_id))
 
     return app
+
+
+def _document_served_model(app: FastAPI, served: str) -> None:
+    """Name the one served model in the OpenAPI document (other names are answered 404, as OpenAI does)."""
+    base = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            doc = base()
+            for name in ("ChatCompletionRequest", "CompletionRequest"):
+                doc["components"]["schemas"][name]["properties"]["model"] = {"type": "string", "enum": [served]}
+            app.openapi_schema = doc
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _model_card(model_id: str) -> dict[str, Any]:
