@@ -115,13 +115,15 @@ class Attention(nn.Module):
         for row, st in enumerate(states):
             start = int(ctx.starts[row])
             first_block = start // self.ratio
-            pooled, st.comp_kv, st.comp_score = self.compressor.pool(st.comp_kv, st.comp_score, a[row], z[row], start)
+            pooled = self.compressor.pool(st.comp_kv, st.comp_score, a[row], z[row], start)
+            ipooled = None
+            if self.indexer is not None:
+                ipooled = self.indexer.compressor.pool(st.icomp_kv, st.icomp_score, ia[row], iz[row], start)
+            if pooled is None:
+                continue
             entries = self.compressor.finish(pooled, first_block, ctx.rope_compress, main_sim, x.dtype)
             keys = None
-            if self.indexer is not None:
-                ipooled, st.icomp_kv, st.icomp_score = self.indexer.compressor.pool(
-                    st.icomp_kv, st.icomp_score, ia[row], iz[row], start
-                )
+            if self.indexer is not None and ipooled is not None:
                 keys = self.indexer.compressor.finish(
                     ipooled, first_block, ctx.rope_compress, q4_hadamard if ctx.qat else None, x.dtype
                 )

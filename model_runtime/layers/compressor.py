@@ -40,32 +40,32 @@ class Compressor(nn.Module):
 
     def pool(
         self, state_kv: torch.Tensor, state_score: torch.Tensor, a: torch.Tensor, z: torch.Tensor, start: int
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One sequence: fold S new tokens (a, z [S, coff*c], first at position `start`) into the state.
+    ) -> torch.Tensor | None:
+        """One sequence: fold S new tokens (a, z [S, coff*c], first at position `start`) into the state in place.
 
-        Returns (pooled [nb, c] fp32 for the nb blocks completed by these tokens, new state_kv, new state_score).
+        Returns the pooled entries [nb, c] of the nb blocks these tokens complete, or None when they complete none.
         """
         m, c = self.ratio, self.head_dim
-        r = start % m
-        cur = slice(m, m + r) if self.overlap else slice(0, r)
-        kv = torch.cat([state_kv[cur], a])  # [r + S, coff*c], block-aligned
-        sc = torch.cat([state_score[cur], z])
+        r, s = start % m, a.shape[0]
+        off = m if self.overlap else 0  # CSA keeps the previous block in slots [0, m)
+        if r + s < m:  # no block completes (most decode steps): just fill the current block's slots
+            state_kv[off + r : off + r + s], state_score[off + r : off + r + s] = a, z
+            return None
+        kv = torch.cat([state_kv[off : off + r], a])  # [r + S, coff*c], block-aligned
+        sc = torch.cat([state_score[off : off + r], z])
         nb, rem = divmod(kv.shape[0], m)
         blocks_kv, blocks_sc = kv[: nb * m].view(nb, m, kv.shape[-1]), sc[: nb * m].view(nb, m, sc.shape[-1])
-        new_kv, new_score = torch.zeros_like(state_kv), torch.full_like(state_score, float("-inf"))
         if self.overlap:
-            prev_kv = torch.cat([state_kv[None, :m], blocks_kv[:-1]])[:nb]  # [nb, m, 2c]: block i-1 of block i
-            prev_sc = torch.cat([state_score[None, :m], blocks_sc[:-1]])[:nb]
+            prev_kv = torch.cat([state_kv[None, :m], blocks_kv[:-1]])  # [nb, m, 2c]: block i-1 of block i
+            prev_sc = torch.cat([state_score[None, :m], blocks_sc[:-1]])
             slots_kv = torch.cat([prev_kv[..., :c], blocks_kv[..., c:]], dim=1)  # [nb, 2m, c]
             slots_sc = torch.cat([prev_sc[..., :c], blocks_sc[..., c:]], dim=1)
-            last_kv = blocks_kv[-1] if nb else state_kv[:m]
-            last_sc = blocks_sc[-1] if nb else state_score[:m]
-            new_kv[:m], new_score[:m] = last_kv, last_sc
-            new_kv[m : m + rem], new_score[m : m + rem] = kv[nb * m :], sc[nb * m :]
+            state_kv[:m], state_score[:m] = blocks_kv[-1], blocks_sc[-1]
         else:
             slots_kv, slots_sc = blocks_kv, blocks_sc
-            new_kv[:rem], new_score[:rem] = kv[nb * m :], sc[nb * m :]
-        return ops.compress_pool(slots_kv, slots_sc), new_kv, new_score
+        state_kv[off:], state_score[off:] = 0.0, float("-inf")
+        state_kv[off : off + rem], state_score[off : off + rem] = kv[nb * m :], sc[nb * m :]
+        return ops.compress_pool(slots_kv, slots_sc)
 
     def finish(
         self,

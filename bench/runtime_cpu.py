@@ -1,0 +1,131 @@
+"""CPU throughput of the dsv4 runtime against transformers 5.23.0 on the same weights, in the same run.
+
+For each preset and batch size: prefill tokens/s (a P-token prompt per row) and decode tokens/s (N single-token
+steps per row over the incremental state / transformers' DynamicCache). Prints one JSON line per (preset, batch,
+implementation) and one line with the ratios dsv4 / transformers.
+
+    .venv/bin/python bench/runtime_cpu.py [--presets tiny-flash,small-flash] [--batches 1,8] [--prompt 64]
+                                          [--decode 16] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dsv4.model_runtime import load_model
+from dsv4.model_runtime.make_checkpoint import write_checkpoint
+
+
+def load_transformers(ckpt: Path) -> Any:
+    """transformers' DeepseekV4ForCausalLM on an official-format checkpoint (oracle_notes.md §2), fp32 eager."""
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    raw = json.loads((ckpt / "config.json").read_text())
+    ratios = raw.pop("compress_ratios")[: raw["num_hidden_layers"]]
+    raw["layer_types"] = [
+        {0: "sliding_attention", 4: "compressed_sparse_attention"}.get(r, "heavily_compressed_attention")
+        for r in ratios
+    ]
+    hca = [r for r in ratios if r not in (0, 4)]
+    raw["compress_rates"] = {"compressed_sparse_attention": 4, "heavily_compressed_attention": hca[0] if hca else 128}
+    model = DeepseekV4ForCausalLM.from_pretrained(
+        str(ckpt), config=DeepseekV4Config.from_dict(raw), dtype=torch.float32, attn_implementation="eager"
+    )
+    return model.float().eval()
+
+
+def _timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def bench_dsv4(ckpt: Path, ids: torch.Tensor, n_decode: int, qat: bool) -> tuple[float, float]:
+    model = load_model(ckpt, qat_simulation=qat)
+    b, p = ids.shape
+    model.prefill(ids[:, :8], [model.new_state() for _ in range(b)])  # warm-up
+    states = [model.new_state() for _ in range(b)]
+    t_prefill = _timed(lambda: model.prefill(ids, states, last_only=True))
+    steps = torch.randint(2, model.cfg.vocab_size, (n_decode, b), generator=torch.Generator().manual_seed(1))
+
+    def decode() -> None:
+        for step in steps:
+            model.decode(step, states)
+
+    return b * p / t_prefill, b * n_decode / _timed(decode)
+
+
+@torch.no_grad()
+def bench_transformers(ckpt: Path, ids: torch.Tensor, n_decode: int) -> tuple[float, float]:
+    from transformers import DynamicCache
+
+    model = load_transformers(ckpt)
+    b, p = ids.shape
+    model(ids[:, :8], past_key_values=DynamicCache(config=model.config), use_cache=True)  # warm-up
+    cache = DynamicCache(config=model.config)
+    t_prefill = _timed(lambda: model(ids, past_key_values=cache, use_cache=True, logits_to_keep=1))
+    steps = torch.randint(2, model.config.vocab_size, (n_decode, b), generator=torch.Generator().manual_seed(1))
+
+    def decode() -> None:
+        for step in steps:
+            model(step[:, None], past_key_values=cache, use_cache=True)
+
+    return b * p / t_prefill, b * n_decode / _timed(decode)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--presets", default="tiny-flash,small-flash")
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--prompt", type=int, default=64, help="prompt tokens per row (default: %(default)s)")
+    ap.add_argument("--decode", type=int, default=16, help="decode steps (default: %(default)s)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (default: %(default)s)")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        for preset in args.presets.split(","):
+            print(f"writing {preset} checkpoint ...", file=sys.stderr)
+            ckpt = write_checkpoint(Path(tmp) / preset, preset, quantized=True, seed=0)
+            for batch in (int(b) for b in args.batches.split(",")):
+                ids = torch.randint(2, 129280, (batch, args.prompt), generator=torch.Generator().manual_seed(0))
+                common = {
+                    "bench": "runtime_cpu",
+                    "preset": preset,
+                    "batch": batch,
+                    "prompt": args.prompt,
+                    "decode_steps": args.decode,
+                    "threads": args.threads,
+                }
+                results = {
+                    "dsv4": bench_dsv4(ckpt, ids, args.decode, qat=False),
+                    "dsv4_qat": bench_dsv4(ckpt, ids, args.decode, qat=True),
+                    "transformers": bench_transformers(ckpt, ids, args.decode),
+                }
+                for impl, (prefill, decode) in results.items():
+                    line = {
+                        **common,
+                        "impl": impl,
+                        "prefill_tok_s": round(prefill, 1),
+                        "decode_tok_s": round(decode, 1),
+                    }
+                    print(json.dumps(line), flush=True)
+                base = results["transformers"]
+                ratio = {
+                    "prefill_ratio": round(results["dsv4"][0] / base[0], 2),
+                    "decode_ratio": round(results["dsv4"][1] / base[1], 2),
+                }
+                print(json.dumps({**common, "impl": "dsv4/transformers", **ratio}), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
