@@ -246,12 +246,13 @@ class AsyncEngine:
             return
         waiter = req.prefill if export else req.accepted
         try:
-            state = None
-            if snapshot is not None:
-                state = self._engine.kv.new_state()
-                kv_export.restore(self._engine.model, snapshot, state)
             self._engine.add_request(
-                request_id, prompt_ids, params, output_token_ids=streamed, state=state, export_after_prefill=export
+                request_id,
+                prompt_ids,
+                params,
+                output_token_ids=streamed,
+                snapshot=snapshot,
+                export_after_prefill=export,
             )
         except Exception as e:
             if waiter is not None:

@@ -1,40 +1,251 @@
-"""The KV pool of the engine: which sequence holds which blocks, and the per-sequence V4 state they back.
+"""The paged KV pool of the engine and the per-sequence V4 state it backs.
 
-A block covers `block_size` token positions of one sequence: the compressed entries (and CSA indexer keys) of
-those positions in every compressed layer. The sliding-window ring and the compressors' partial-block state
-are a constant per running sequence (one slot each). A sequence at n tokens holds ceil(n / block_size) blocks.
+Two kinds of storage, both shared by all sequences of the engine:
+
+* blocks: a block covers `block_size` token positions of one sequence and holds, for every compressed layer,
+  the compressed entries of those positions (block_size / m per layer) and, for CSA layers, their indexer keys,
+  in the formats of `kv_layout` (FP8 entries and MXFP4 keys when the model runs the QAT simulation). A sequence
+  at n tokens holds ceil(n / block_size) blocks, listed in its block table.
+* slots: what a running sequence needs whatever its length: per layer the sliding-window ring (W x c, model
+  dtype) and the compressors' partial-block state (fp32), as `dsv4.model_runtime.state` lays them out.
+
+`PagedSequenceState` gives the model the interface of `SequenceState` over that storage (window and compressor
+tensors are views of the sequence's slot; entries are gathered from its blocks and decoded), so the model runs
+unchanged on it.
 """
 
 from __future__ import annotations
 
 import math
 
+import torch
+
+from dsv4.model_runtime.config import ModelConfig
+from dsv4.model_runtime.engine import kv_export
+from dsv4.model_runtime.engine.kv_layout import RowCodec, entry_codec, index_key_codec
 from dsv4.model_runtime.engine.sequence import Sequence
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
-from dsv4.model_runtime.state import SequenceState
+from dsv4.model_runtime.state import LayerState, SequenceState
+
+
+class BlockStore:
+    """Rows of one codec in [num_blocks, rows_per_block] pages."""
+
+    def __init__(self, codec: RowCodec, num_blocks: int, rows_per_block: int, device: torch.device) -> None:
+        self.codec, self.rows_per_block = codec, rows_per_block
+        self.tensors = {
+            f.name: torch.zeros(num_blocks, rows_per_block, f.width, dtype=f.dtype, device=device) for f in codec.fields
+        }
+
+    def _where(self, table: list[int], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        blocks = torch.tensor(table, dtype=torch.long, device=rows.device)[rows // self.rows_per_block]
+        return blocks, rows % self.rows_per_block
+
+    def write(self, table: list[int], first: int, values: torch.Tensor) -> None:
+        rows = torch.arange(first, first + values.shape[0], device=values.device)
+        blocks, offsets = self._where(table, rows)
+        for name, data in self.codec.encode(values).items():
+            self.tensors[name][blocks, offsets] = data
+
+    def read(self, table: list[int], n: int) -> torch.Tensor:
+        device = next(iter(self.tensors.values())).device
+        blocks, offsets = self._where(table, torch.arange(n, device=device))
+        return self.codec.decode({name: t[blocks, offsets] for name, t in self.tensors.items()})
+
+    @property
+    def block_bytes(self) -> int:
+        return self.rows_per_block * self.codec.row_bytes
+
+
+class KVPool:
+    """All KV storage of one engine: `num_blocks` blocks of `block_size` positions and `num_slots` slots."""
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        num_blocks: int,
+        block_size: int,
+        num_slots: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        low_precision: bool,
+    ) -> None:
+        self.cfg, self.block_size, self.dtype = cfg, block_size, dtype
+        f32 = torch.float32
+        self.window: list[torch.Tensor] = []
+        self.comp: list[dict[str, torch.Tensor]] = []
+        self.entries: list[BlockStore | None] = []
+        self.index_keys: list[BlockStore | None] = []
+        ecodec, kcodec = entry_codec(cfg, dtype, low_precision), index_key_codec(cfg, dtype, low_precision)
+        for i in range(cfg.num_hidden_layers):
+            m, csa = cfg.ratio(i), cfg.is_csa(i)
+            self.window.append(torch.zeros(num_slots, cfg.sliding_window, cfg.head_dim, dtype=dtype, device=device))
+            comp: dict[str, torch.Tensor] = {}
+            if m:
+                coff = 2 if csa else 1
+                for name in ("comp_kv", "comp_score"):
+                    comp[name] = torch.zeros(num_slots, coff * m, coff * cfg.head_dim, dtype=f32, device=device)
+                if csa:
+                    for name in ("icomp_kv", "icomp_score"):
+                        comp[name] = torch.zeros(num_slots, 2 * m, 2 * cfg.index_head_dim, dtype=f32, device=device)
+            self.comp.append(comp)
+            self.entries.append(BlockStore(ecodec, num_blocks, block_size // m, device) if m else None)
+            self.index_keys.append(BlockStore(kcodec, num_blocks, block_size // m, device) if csa else None)
+
+    def reset_slot(self, slot: int) -> None:
+        """A fresh sequence's slot: empty window, compressor state kv = 0 and score = -inf."""
+        for i, comp in enumerate(self.comp):
+            self.window[i][slot].zero_()
+            for name, t in comp.items():
+                t[slot].fill_(float("-inf") if name.endswith("score") else 0.0)
+
+    @property
+    def block_bytes(self) -> int:
+        stores = [s for s in [*self.entries, *self.index_keys] if s is not None]
+        return sum(s.block_bytes for s in stores)
+
+    @property
+    def slot_bytes(self) -> int:
+        tensors = [*self.window, *(t for comp in self.comp for t in comp.values())]
+        return sum(t[0].numel() * t.element_size() for t in tensors)
+
+
+class PagedLayerState(LayerState):
+    """One layer of a sequence, over its pool slot and block table (the `LayerState` interface)."""
+
+    # The dataclass fields of LayerState become views of the pool, so its generated __init__ is not used.
+    def __init__(self, pool: KVPool, layer: int, slot: int, table: list[int]) -> None:
+        self._pool, self._layer, self._slot, self._table = pool, layer, slot, table
+        self.n_entries = 0
+
+    def _comp(self, name: str) -> torch.Tensor:
+        comp = self._pool.comp[self._layer]
+        return comp[name][self._slot] if name in comp else torch.zeros(0, 0)
+
+    def _set_comp(self, name: str, value: torch.Tensor) -> None:
+        self._pool.comp[self._layer][name][self._slot].copy_(value)
+
+    @property
+    def window(self) -> torch.Tensor:
+        return self._pool.window[self._layer][self._slot]
+
+    @window.setter
+    def window(self, value: torch.Tensor) -> None:
+        self.window.copy_(value)
+
+    @property
+    def comp_kv(self) -> torch.Tensor:
+        return self._comp("comp_kv")
+
+    @comp_kv.setter
+    def comp_kv(self, value: torch.Tensor) -> None:
+        self._set_comp("comp_kv", value)
+
+    @property
+    def comp_score(self) -> torch.Tensor:
+        return self._comp("comp_score")
+
+    @comp_score.setter
+    def comp_score(self, value: torch.Tensor) -> None:
+        self._set_comp("comp_score", value)
+
+    @property
+    def icomp_kv(self) -> torch.Tensor:
+        return self._comp("icomp_kv")
+
+    @icomp_kv.setter
+    def icomp_kv(self, value: torch.Tensor) -> None:
+        self._set_comp("icomp_kv", value)
+
+    @property
+    def icomp_score(self) -> torch.Tensor:
+        return self._comp("icomp_score")
+
+    @icomp_score.setter
+    def icomp_score(self, value: torch.Tensor) -> None:
+        self._set_comp("icomp_score", value)
+
+    @property
+    def entries(self) -> torch.Tensor:
+        return self.valid_entries()
+
+    @entries.setter
+    def entries(self, value: torch.Tensor) -> None:
+        raise AttributeError("paged entries are written with append_entries")
+
+    @property
+    def index_keys(self) -> torch.Tensor:
+        return self.valid_index_keys()
+
+    @index_keys.setter
+    def index_keys(self, value: torch.Tensor) -> None:
+        raise AttributeError("paged indexer keys are written with append_entries")
+
+    def valid_entries(self) -> torch.Tensor:
+        store = self._pool.entries[self._layer]
+        if store is None:
+            return torch.zeros(0, self._pool.cfg.head_dim, dtype=self._pool.dtype, device=self.window.device)
+        return store.read(self._table, self.n_entries)
+
+    def valid_index_keys(self) -> torch.Tensor:
+        store = self._pool.index_keys[self._layer]
+        if store is None:
+            return torch.zeros(0, 0, dtype=self._pool.dtype, device=self.window.device)
+        return store.read(self._table, self.n_entries)
+
+    def append_entries(self, entries: torch.Tensor, index_keys: torch.Tensor | None) -> None:
+        """Store new compressed entries (and CSA indexer keys) in the sequence's blocks."""
+        store = self._pool.entries[self._layer]
+        if store is None or entries.shape[0] == 0:
+            return
+        need = math.ceil((self.n_entries + entries.shape[0]) / store.rows_per_block)
+        if need > len(self._table):
+            raise RuntimeError(f"KV pool: entries past the sequence's {len(self._table)} reserved blocks")
+        store.write(self._table, self.n_entries, entries)
+        keys = self._pool.index_keys[self._layer]
+        if keys is not None and index_keys is not None:
+            keys.write(self._table, self.n_entries, index_keys)
+        self.n_entries += entries.shape[0]
+
+
+class PagedSequenceState(SequenceState):
+    """A sequence's state in the pool: its slot and its block table (ids of the blocks it holds, in order)."""
+
+    def __init__(self, pool: KVPool, slot: int) -> None:
+        self.slot = slot
+        self.table: list[int] = []
+        self.layers = [PagedLayerState(pool, i, slot, self.table) for i in range(pool.cfg.num_hidden_layers)]
+        self.mtp_layers: list[LayerState] = []
+        self.position = 0
 
 
 class KVCacheManager:
-    """Block accounting over a fixed pool shared by all sequences of the engine."""
+    """Hands out the pool's blocks and slots to sequences; the scheduler asks it before every chunk."""
 
-    def __init__(self, model: DeepseekV4, num_blocks: int, block_size: int) -> None:
-        ratios = [r for r in model.cfg.compress_ratios[: model.cfg.num_hidden_layers] if r]
-        if num_blocks < 1 or block_size < 1 or any(block_size % r for r in ratios):
+    def __init__(self, model: DeepseekV4, num_blocks: int, block_size: int, num_slots: int) -> None:
+        cfg = model.cfg
+        ratios = sorted({r for r in cfg.compress_ratios[: cfg.num_hidden_layers] if r})
+        if num_blocks < 1 or num_slots < 1 or block_size < 1 or any(block_size % r for r in ratios):
             raise ValueError(
-                "KV pool: need num_blocks >= 1 and block_size a multiple of every compression ratio "
-                f"{sorted(set(ratios))}, got num_blocks={num_blocks}, block_size={block_size}"
+                f"KV pool: need num_blocks, num_slots >= 1 and block_size a multiple of every compression ratio "
+                f"{ratios}, got num_blocks={num_blocks}, num_slots={num_slots}, block_size={block_size}"
             )
         self.model = model
-        self.total_blocks, self.block_size = num_blocks, block_size
-        self._held: dict[str, int] = {}
+        self.total_blocks, self.block_size, self.num_slots = num_blocks, block_size, num_slots
+        self.pool = KVPool(
+            cfg, num_blocks, block_size, num_slots, model.device, model.dtype, low_precision=model.qat_simulation
+        )
+        self._free_blocks = list(range(num_blocks - 1, -1, -1))
+        self._free_slots = list(range(num_slots - 1, -1, -1))
 
     @property
     def used_blocks(self) -> int:
-        return sum(self._held.values())
+        return self.total_blocks - len(self._free_blocks)
 
     @property
-    def free_blocks(self) -> int:
-        return self.total_blocks - self.used_blocks
+    def bytes_per_token(self) -> float:
+        """Pool bytes per token position (blocks only; `slot_bytes` is the per-sequence constant)."""
+        return self.pool.block_bytes / self.block_size
 
     def blocks_for(self, num_tokens: int) -> int:
         return max(1, math.ceil(num_tokens / self.block_size))
@@ -43,34 +254,36 @@ class KVCacheManager:
         """Whether a sequence of `num_tokens` positions fits an otherwise empty pool."""
         return self.blocks_for(num_tokens) <= self.total_blocks
 
+    def _held(self, seq: Sequence) -> int:
+        return len(seq.state.table) if isinstance(seq.state, PagedSequenceState) else 0
+
     def can_grow(self, seq: Sequence, n_new: int) -> bool:
-        need = self.blocks_for(seq.num_computed + n_new) - self._held.get(seq.request_id, 0)
-        return need <= self.free_blocks
+        if seq.state is None and not self._free_slots:
+            return False
+        return self.blocks_for(seq.num_computed + n_new) - self._held(seq) <= len(self._free_blocks)
 
     def grow(self, seq: Sequence, n_new: int) -> None:
-        """Reserve capacity for `n_new` more positions of `seq` (creating its state at the first call)."""
+        """Reserve room for `n_new` more positions; the first call takes a slot and restores an imported state."""
         if not self.can_grow(seq, n_new):
             raise RuntimeError(f"KV pool: no room for {n_new} more tokens of {seq.request_id}")
         if seq.state is None:
-            seq.state = self.model.new_state()
-        self._held[seq.request_id] = self.blocks_for(seq.num_computed + n_new)
-
-    @property
-    def bytes_per_token(self) -> float:
-        """Bytes of one token position in the pool's block storage (compressed entries and indexer keys)."""
-        cfg, esize = self.model.cfg, self.model.embed.weight.element_size()
-        total = 0.0
-        for i in range(cfg.num_hidden_layers):
-            m = cfg.ratio(i)
-            if m:
-                total += cfg.head_dim * esize / m + (cfg.index_head_dim * esize / m if cfg.is_csa(i) else 0)
-        return total
-
-    def new_state(self) -> SequenceState:
-        """An empty state for a sequence (to restore an imported snapshot into)."""
-        return self.model.new_state()
+            slot = self._free_slots.pop()
+            self.pool.reset_slot(slot)
+            seq.state = PagedSequenceState(self.pool, slot)
+        state = seq.state
+        assert isinstance(state, PagedSequenceState)
+        while len(state.table) < self.blocks_for(seq.num_computed + n_new):
+            state.table.append(self._free_blocks.pop())
+        if seq.snapshot is not None:
+            kv_export.restore(self.model, seq.snapshot, state)
+            seq.snapshot = None
 
     def free(self, seq: Sequence) -> None:
-        """Release the sequence's blocks and state (idempotent)."""
-        self._held.pop(seq.request_id, None)
+        """Give the sequence's blocks and slot back (idempotent); an imported state not yet restored is dropped."""
+        state = seq.state
+        if isinstance(state, PagedSequenceState):
+            self._free_blocks.extend(reversed(state.table))
+            self._free_slots.append(state.slot)
+            state.table.clear()
         seq.state = None
+        seq.snapshot = None

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from dsv4.model_runtime.engine.kv_export import KVSnapshot
 from dsv4.model_runtime.engine.kv_state import KVCacheManager
 from dsv4.model_runtime.engine.model_runner import ModelRunner
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
@@ -16,7 +17,6 @@ from dsv4.model_runtime.engine.scheduler import Scheduler, SchedulerConfig
 from dsv4.model_runtime.engine.sequence import Sequence, TokenLogprob
 from dsv4.model_runtime.engine.text_stream import TextStream
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
-from dsv4.model_runtime.state import SequenceState
 from dsv4.model_runtime.tokenizer import Tokenizer
 
 
@@ -29,6 +29,7 @@ class EngineConfig:
     chunked_prefill: bool = True
     num_blocks: int = 4096
     block_size: int = 256
+    num_slots: int = 0  # sequences holding a state at once (running + awaiting export); 0 = max_num_seqs + 8
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,8 @@ class LLMEngine:
     def __init__(self, model: DeepseekV4, tokenizer: Tokenizer | None, config: EngineConfig | None = None) -> None:
         self.config = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
-        self.kv = KVCacheManager(model, self.config.num_blocks, self.config.block_size)
+        c = self.config
+        self.kv = KVCacheManager(model, c.num_blocks, c.block_size, c.num_slots or c.max_num_seqs + 8)
         self.scheduler = Scheduler(
             SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.config.chunked_prefill),
             self.kv,
@@ -95,20 +97,21 @@ class LLMEngine:
         params: SamplingParams,
         *,
         output_token_ids: Seq[int] = (),
-        state: SequenceState | None = None,
+        snapshot: KVSnapshot | None = None,
         export_after_prefill: bool = False,
     ) -> Sequence:
-        """Queue a request. `output_token_ids` are already generated tokens to replay (a resumed decode); `state`
-        is an imported KV state covering exactly the prompt. Raises ValueError for a request that cannot run."""
+        """Queue a request. `output_token_ids` are already generated tokens to replay (a resumed decode);
+        `snapshot` is an imported KV state (`kv_export.load`) covering exactly the prompt. Raises ValueError for a
+        request that cannot run."""
         if not prompt_token_ids:
             raise ValueError(f"request {request_id}: empty prompt")
         vocab = self.model.cfg.vocab_size
         bad = [t for t in [*prompt_token_ids, *output_token_ids] if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"request {request_id}: token ids {bad[:5]} outside the vocabulary (size {vocab})")
-        if state is not None and state.position != len(prompt_token_ids):
+        if snapshot is not None and snapshot.position != len(prompt_token_ids):
             raise ValueError(
-                f"request {request_id}: KV state covers {state.position} positions, "
+                f"request {request_id}: KV state covers {snapshot.position} positions, "
                 f"the prompt has {len(prompt_token_ids)}"
             )
         if len(output_token_ids) >= params.max_tokens:
@@ -132,9 +135,9 @@ class LLMEngine:
             for t in seq.output_token_ids:
                 text.add(t)
             text.delta(final=False)  # replayed text was delivered by whoever generated it
+        if snapshot is not None:
+            seq.snapshot, seq.num_computed = snapshot, len(seq.prompt_token_ids)
         self.scheduler.add(seq)
-        if state is not None:
-            seq.state, seq.num_computed = state, len(seq.prompt_token_ids)
         self._sent[request_id] = seq.num_generated
         return seq
 

@@ -10,6 +10,7 @@ from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.engine.text_stream import TextStream
 
 if TYPE_CHECKING:
+    from dsv4.model_runtime.engine.kv_export import KVSnapshot
     from dsv4.model_runtime.state import SequenceState
 
 
@@ -47,6 +48,7 @@ class Sequence:
     status: SequenceStatus = SequenceStatus.WAITING
     finish_reason: str | None = None
     state: SequenceState | None = None
+    snapshot: KVSnapshot | None = None  # an imported state of the prompt, restored when the sequence gets a slot
     export_after_prefill: bool = False  # prefill-only request: stop after token 0 and keep the state to export
     num_preemptions: int = 0
 

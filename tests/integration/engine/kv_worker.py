@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from dsv4.model_runtime.engine.kv_export import export_state, load, restore
+from dsv4.model_runtime.engine.kv_export import export_state, load
 from dsv4.model_runtime.engine.llm_engine import LLMEngine
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 
@@ -53,9 +53,10 @@ def decode(ckpt: str, out: Path) -> None:
     record = json.loads((out / "prefill.json").read_text())
     seqs = []
     for i, r in enumerate(record):
-        state = engine.model.new_state()
-        restore(engine.model, load(engine.model, (out / f"{i}.kv").read_bytes()), state)
-        seqs.append(engine.add_request(f"d{i}", r["prompt"], _params(i), output_token_ids=[r["first"]], state=state))
+        snapshot = load(engine.model, (out / f"{i}.kv").read_bytes())
+        seqs.append(
+            engine.add_request(f"d{i}", r["prompt"], _params(i), output_token_ids=[r["first"]], snapshot=snapshot)
+        )
     while engine.has_unfinished():
         engine.step()
     (out / "decode.json").write_text(json.dumps([s.output_token_ids for s in seqs]))

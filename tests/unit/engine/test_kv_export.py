@@ -13,7 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dsv4.model_runtime.engine import kv_export
-from dsv4.model_runtime.engine.kv_export import KVFormatError, export_state, load, restore
+from dsv4.model_runtime.engine.kv_export import KVFormatError, export_state, load
 from dsv4.model_runtime.engine.llm_engine import LLMEngine
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
@@ -37,9 +37,7 @@ def _prefill_export(engine: LLMEngine, prompt: list[int], params: SamplingParams
 
 
 def _continue(engine: LLMEngine, prompt: list[int], params: SamplingParams, first: int, blob: bytes) -> list[int]:
-    state = engine.model.new_state()
-    restore(engine.model, load(engine.model, blob), state)
-    seq = engine.add_request("d", prompt, params, output_token_ids=[first], state=state)
+    seq = engine.add_request("d", prompt, params, output_token_ids=[first], snapshot=load(engine.model, blob))
     while not seq.finished:
         engine.step()
     return seq.output_token_ids
