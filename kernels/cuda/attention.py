@@ -103,35 +103,41 @@ def _sort_key(x):
 
 
 @triton.jit
-def _topk_kernel(score_ptr, visible_ptr, out_ptr, E, K, BLOCK_E: tl.constexpr):
-    row = tl.program_id(0)
-    one = tl.full([], 1, tl.int64)
-    kth = tl.full([], 0, tl.int64)
+def _topk_kernel(score_ptr, visible_ptr, out_ptr, rows, E, K, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < rows
+    one = tl.full([BLOCK_R], 1, tl.int64)
+    kth = tl.zeros([BLOCK_R], dtype=tl.int64)
     for bit in range(31, -1, -1):  # greedy: the largest key with at least K entries >= it is the k-th largest
         cand = kth | (one << bit)
-        count = tl.full([], 0, tl.int64)
+        count = tl.zeros([BLOCK_R], dtype=tl.int64)
         for e0 in range(0, E, BLOCK_E):
             e = e0 + tl.arange(0, BLOCK_E)
-            key = _sort_key(tl.load(score_ptr + row * E + e, mask=e < E, other=0.0))
-            count += tl.sum(((key >= cand) & (e < E)).to(tl.int64), axis=0)
+            ok = r_ok[:, None] & (e[None, :] < E)
+            key = _sort_key(tl.load(score_ptr + r[:, None] * E + e[None, :], mask=ok, other=0.0))
+            count += tl.sum(((key >= cand[:, None]) & ok).to(tl.int64), axis=1)
         kth = tl.where(count >= K, cand, kth)
-    visible = tl.load(visible_ptr + row)
-    n_greater = tl.full([], 0, tl.int64)
+    visible = tl.load(visible_ptr + r, mask=r_ok, other=0)[:, None]
+    n_greater = tl.zeros([BLOCK_R], dtype=tl.int64)
     for e0 in range(0, E, BLOCK_E):
         e = e0 + tl.arange(0, BLOCK_E)
-        key = _sort_key(tl.load(score_ptr + row * E + e, mask=e < E, other=0.0))
-        take = (key > kth) & (e < E)
-        pos = n_greater + tl.cumsum(take.to(tl.int64), axis=0) - 1
-        tl.store(out_ptr + row * K + pos, tl.where(e < visible, e, -1).to(tl.int64), mask=take)
-        n_greater += tl.sum(take.to(tl.int64), axis=0)
-    n_ties = tl.full([], 0, tl.int64)
+        ok = r_ok[:, None] & (e[None, :] < E)
+        key = _sort_key(tl.load(score_ptr + r[:, None] * E + e[None, :], mask=ok, other=0.0))
+        take = (key > kth[:, None]) & ok
+        pos = n_greater[:, None] + tl.cumsum(take.to(tl.int64), axis=1) - 1
+        pick = tl.where(e[None, :] < visible, e[None, :], -1).to(tl.int64)
+        tl.store(out_ptr + r[:, None] * K + pos, pick, mask=take)
+        n_greater += tl.sum(take.to(tl.int64), axis=1)
+    n_ties = tl.zeros([BLOCK_R], dtype=tl.int64)
     for e0 in range(0, E, BLOCK_E):
         e = e0 + tl.arange(0, BLOCK_E)
-        key = _sort_key(tl.load(score_ptr + row * E + e, mask=e < E, other=0.0))
-        tie = (key == kth) & (e < E)
-        pos = n_greater + n_ties + tl.cumsum(tie.to(tl.int64), axis=0) - 1
-        tl.store(out_ptr + row * K + pos, tl.where(e < visible, e, -1).to(tl.int64), mask=tie & (pos < K))
-        n_ties += tl.sum(tie.to(tl.int64), axis=0)
+        ok = r_ok[:, None] & (e[None, :] < E)
+        key = _sort_key(tl.load(score_ptr + r[:, None] * E + e[None, :], mask=ok, other=0.0))
+        tie = (key == kth[:, None]) & ok
+        pos = (n_greater + n_ties)[:, None] + tl.cumsum(tie.to(tl.int64), axis=1) - 1
+        pick = tl.where(e[None, :] < visible, e[None, :], -1).to(tl.int64)
+        tl.store(out_ptr + r[:, None] * K + pos, pick, mask=tie & (pos < K))
+        n_ties += tl.sum(tie.to(tl.int64), axis=1)
 
 
 def indexer_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -168,8 +174,17 @@ def topk_select(scores: torch.Tensor, visible: torch.Tensor, k: int) -> torch.Te
     out = torch.empty(*lead, k, dtype=torch.int64, device=scores.device)
     rows = scores.numel() // e if e else 0
     if rows and k:
-        _topk_kernel[(rows,)](
-            scores.contiguous(), visible.to(torch.int64).contiguous(), out, e, k, BLOCK_E=block(e, maximum=1024)
+        block_e = block(e, maximum=1024)
+        block_r = block(rows, maximum=max(1, 2048 // block_e))
+        _topk_kernel[(triton.cdiv(rows, block_r),)](
+            scores.contiguous(),
+            visible.to(torch.int64).contiguous(),
+            out,
+            rows,
+            e,
+            k,
+            BLOCK_R=block_r,
+            BLOCK_E=block_e,
         )
     return out
 

@@ -35,33 +35,38 @@ def _route_kernel(
     hash_ptr,
     w_ptr,
     idx_ptr,
+    rows,
     E,
     route_scale,
     TOPK: tl.constexpr,
     HASH: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_E: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < rows
     slot = tl.arange(0, BLOCK_K)
-    slot_ok = slot < TOPK
+    ok = r_ok[:, None] & (slot[None, :] < TOPK)
     if HASH:
-        chosen = tl.load(hash_ptr + row * TOPK + slot, mask=slot_ok, other=0)
+        chosen = tl.load(hash_ptr + r[:, None] * TOPK + slot[None, :], mask=ok, other=0)
     else:
         e = tl.arange(0, BLOCK_E)
-        e_ok = e < E
-        logits = tl.load(logits_ptr + row * E + e, mask=e_ok, other=0.0)
-        biased = tl.where(e_ok, _sqrtsoftplus(logits) + tl.load(bias_ptr + e, mask=e_ok, other=0.0), float("-inf"))
-        chosen = tl.zeros([BLOCK_K], dtype=tl.int64)
+        e_ok = r_ok[:, None] & (e[None, :] < E)
+        logits = tl.load(logits_ptr + r[:, None] * E + e[None, :], mask=e_ok, other=0.0)
+        bias = tl.load(bias_ptr + e, mask=e < E, other=0.0)[None, :]
+        biased = tl.where(e_ok, _sqrtsoftplus(logits) + bias, float("-inf"))
+        chosen = tl.zeros([BLOCK_R, BLOCK_K], dtype=tl.int64)
         for i in range(TOPK):
-            best = tl.argmax(biased, axis=0)
-            chosen = tl.where(slot == i, best.to(tl.int64), chosen)
-            biased = tl.where(e == best, float("-inf"), biased)
-    score = _sqrtsoftplus(tl.load(logits_ptr + row * E + chosen, mask=slot_ok, other=0.0))
-    score = tl.where(slot_ok, score, 0.0)
-    weights = score / tl.sum(score, axis=0) * route_scale
-    tl.store(w_ptr + row * TOPK + slot, weights, mask=slot_ok)
-    tl.store(idx_ptr + row * TOPK + slot, chosen.to(tl.int64), mask=slot_ok)
+            best = tl.argmax(biased, axis=1)
+            chosen = tl.where(slot[None, :] == i, best.to(tl.int64)[:, None], chosen)
+            biased = tl.where(e[None, :] == best[:, None], float("-inf"), biased)
+    score = _sqrtsoftplus(tl.load(logits_ptr + r[:, None] * E + chosen, mask=ok, other=0.0))
+    score = tl.where(ok, score, 0.0)
+    total = tl.sum(score, axis=1)
+    weights = score / tl.where(total == 0.0, 1.0, total)[:, None] * route_scale
+    tl.store(w_ptr + r[:, None] * TOPK + slot[None, :], weights, mask=ok)
+    tl.store(idx_ptr + r[:, None] * TOPK + slot[None, :], chosen.to(tl.int64), mask=ok)
 
 
 @register("route", "cuda")
@@ -81,17 +86,21 @@ def route(
     weights = torch.empty(n, k, dtype=torch.float32, device=logits.device)
     idx = torch.empty(n, k, dtype=torch.int64, device=logits.device)
     if n and k:
-        _route_kernel[(n,)](
+        block_e = block(e)
+        block_r = block(n, maximum=max(1, 4096 // block_e))
+        _route_kernel[(triton.cdiv(n, block_r),)](
             lg,
             bias.float().contiguous() if bias is not None else lg,
             hash_idx.to(torch.int64).contiguous() if hash_idx is not None else idx,
             weights,
             idx,
+            n,
             e,
             route_scale,
             TOPK=k,
             HASH=hash_idx is not None,
-            BLOCK_E=block(e),
+            BLOCK_R=block_r,
+            BLOCK_E=block_e,
             BLOCK_K=block(k),
         )
     return weights, idx

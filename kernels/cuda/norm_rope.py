@@ -1,6 +1,6 @@
 """Triton RMSNorm, interleaved partial RoPE (and its inverse), their fusion, and clamped SwiGLU.
 
-One program per row of D values. RoPE partners (2i, 2i+1) are read a second time from memory rather than
+One program per block of rows (about 4K values). RoPE partners (2i, 2i+1) are read a second time from memory rather than
 shuffled in registers: the row is in L1, and it keeps the kernel one plain vector program.
 """
 
@@ -21,6 +21,7 @@ def _norm_rope_kernel(
     cos_ptr,
     sin_ptr,
     out_ptr,
+    rows,
     heads,
     eps,
     D: tl.constexpr,
@@ -29,38 +30,40 @@ def _norm_rope_kernel(
     HAS_WEIGHT: tl.constexpr,
     ROPE: tl.constexpr,
     INVERSE: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    row = tl.program_id(0)
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     d = tl.arange(0, BLOCK_D)
-    inside = d < D
-    x = tl.load(x_ptr + row * D + d, mask=inside, other=0.0).to(tl.float32)
-    rstd = 1.0
+    inside = (r[:, None] < rows) & (d[None, :] < D)
+    base = r[:, None] * D
+    x = tl.load(x_ptr + base + d[None, :], mask=inside, other=0.0).to(tl.float32)
+    rstd = tl.full([BLOCK_R], 1.0, dtype=tl.float32)
     if NORM:
-        rstd = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
-        x = x * rstd
+        rstd = tl.rsqrt(tl.sum(x * x, axis=1) / D + eps)
+        x = x * rstd[:, None]
         if HAS_WEIGHT:
-            x = x * tl.load(w_ptr + d, mask=inside, other=0.0).to(tl.float32)
+            x = x * tl.load(w_ptr + d, mask=d < D, other=0.0).to(tl.float32)[None, :]
     if ROPE:
         first = D - 2 * HALF_R
-        rotated = inside & (d >= first)
         rel = d - first
         odd = rel % 2
         partner = d + 1 - 2 * odd
-        xp = tl.load(x_ptr + row * D + partner, mask=rotated, other=0.0).to(tl.float32)
+        rotated = inside & (d[None, :] >= first)
+        xp = tl.load(x_ptr + base + partner[None, :], mask=rotated, other=0.0).to(tl.float32)
         if NORM:
-            xp = xp * rstd
+            xp = xp * rstd[:, None]
             if HAS_WEIGHT:
-                xp = xp * tl.load(w_ptr + partner, mask=rotated, other=0.0).to(tl.float32)
-        token = row // heads
-        c = tl.load(cos_ptr + token * HALF_R + rel // 2, mask=rotated, other=1.0)
-        s = tl.load(sin_ptr + token * HALF_R + rel // 2, mask=rotated, other=0.0)
+                xp = xp * tl.load(w_ptr + partner, mask=(d < D) & (d >= first), other=0.0).to(tl.float32)[None, :]
+        angle = (r // heads)[:, None] * HALF_R + rel[None, :] // 2
+        c = tl.load(cos_ptr + angle, mask=rotated, other=1.0)
+        s = tl.load(sin_ptr + angle, mask=rotated, other=0.0)
         if INVERSE:
             s = -s
         # first of a pair: x*c - x_partner*s; second: x*c + x_partner*s
-        sign = tl.where(odd == 1, 1.0, -1.0)
+        sign = tl.where(odd == 1, 1.0, -1.0)[None, :]
         x = tl.where(rotated, x * c + sign * xp * s, x)
-    tl.store(out_ptr + row * D + d, x.to(out_ptr.dtype.element_ty), mask=inside)
+    tl.store(out_ptr + base + d[None, :], x.to(out_ptr.dtype.element_ty), mask=inside)
 
 
 def _launch(
@@ -87,12 +90,15 @@ def _launch(
         heads = rows // (cos.shape[0] * cos.shape[1])
         cos, sin = cos.contiguous().float(), sin.contiguous().float()
     w = weight.contiguous() if weight is not None else None
-    _norm_rope_kernel[(rows,)](
+    block_d = block(d)
+    block_r = block(rows, maximum=max(1, 4096 // block_d))
+    _norm_rope_kernel[(triton.cdiv(rows, block_r),)](
         xc,
         w if w is not None else xc,
         cos if cos is not None else xc,
         sin if sin is not None else xc,
         out,
+        rows,
         heads,
         eps,
         D=d,
@@ -101,7 +107,8 @@ def _launch(
         HAS_WEIGHT=w is not None,
         ROPE=cos is not None,
         INVERSE=inverse,
-        BLOCK_D=block(d),
+        BLOCK_R=block_r,
+        BLOCK_D=block_d,
     )
     return out
 
