@@ -2,7 +2,7 @@
 
 `python -m dsv4.operator.crd` rewrites the chart's copy; a unit test fails when that copy is out of date.
 The conversion turns pydantic's JSON schema into a Kubernetes structural schema: `$ref`s inlined, optional fields
-as plain (not required) properties, `default: {}` on nested objects so the API server fills in their defaults.
+as plain (not required) properties, and nested objects defaulted to their fields' defaults.
 """
 
 from __future__ import annotations
@@ -69,7 +69,7 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
             node = structural(sub, defs)
             optional = any(b.get("type") == "null" for b in sub.get("anyOf", []))
             if name not in required and not optional and "properties" in node and "default" not in node:
-                node["default"] = {}
+                node["default"] = object_default(node)
             props[name] = node
         out["properties"] = props
         if required:
@@ -80,6 +80,15 @@ def structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
     if "items" in schema:
         out["items"] = structural(schema["items"], defs)
     return out
+
+
+def object_default(node: dict[str, Any]) -> dict[str, Any]:
+    """The value the API server would make of `{}` for this object schema, spelled out.
+
+    The API server checks a default against the CEL rules without defaulting it first, so `{}` would fail any
+    rule that reads a defaulted field.
+    """
+    return {name: sub["default"] for name, sub in node["properties"].items() if "default" in sub}
 
 
 def model_schema(model: type[DeploymentSpec] | type[DeploymentStatus]) -> dict[str, Any]:
