@@ -1,7 +1,8 @@
 """Per-sequence decoding state of the DeepSeek-V4 model (one object per sequence, never shared).
 
-A `SequenceState` holds `position` (tokens consumed so far) and one `LayerState` per decoder layer (then one per
-MTP layer in `mtp_layers`). Tensors have no batch axis; `dt` is the model dtype, W = sliding_window,
+A `SequenceState` holds `position` (tokens consumed so far) and one `LayerState` per decoder layer (and, for
+models loaded with their MTP module, one per MTP layer in `mtp_layers`, with its own `mtp_position`).
+Tensors have no batch axis; `dt` is the model dtype, W = sliding_window,
 c = head_dim, ic = index_head_dim, m = the layer's compression ratio, coff = 2 for CSA (overlapping) else 1,
 cap >= n_entries (grows by doubling):
 
@@ -77,6 +78,7 @@ class SequenceState:
     layers: list[LayerState]
     mtp_layers: list[LayerState] = field(default_factory=list)
     position: int = 0
+    mtp_position: int = 0  # positions the MTP module has consumed (it runs one step behind the main model)
 
     def nbytes(self) -> int:
         """Bytes held by the state's tensors (allocated capacity)."""

@@ -29,22 +29,24 @@ def load_model(
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     qat_simulation: bool = True,
+    mtp: bool = True,
 ) -> DeepseekV4:
     """Load an official-format checkpoint folder (config.json + safetensors) into a ready, eval-mode model.
 
     FP8/MXFP4 weights are dequantized to `dtype`. `qat_simulation=True` applies the official in-place rounding
     simulations (FP8 round trip of K=V and compressed entries, Hadamard + FP4 indexer q/k, bf16 indexer
-    scoring); False gives the plain float semantics. Raises ConfigError / CheckpointError naming the problem.
+    scoring); False gives the plain float semantics. `mtp=False` skips the `mtp.*` module (not needed for
+    logits). Raises ConfigError / CheckpointError naming the problem.
     """
     cfg = read_config(path)
     device = torch.device(device)
     with torch.device(device):
-        model = DeepseekV4(cfg, qat_simulation=qat_simulation)
+        model = DeepseekV4(cfg, qat_simulation=qat_simulation, mtp=mtp)
     model.to(dtype)
     params = dict(model.named_parameters()) | dict(model.named_buffers())
     assigned: set[str] = set()
     with CheckpointReader(path) as reader, torch.no_grad():
-        for spec in checkpoint_schema(cfg, include_mtp=False):
+        for spec in checkpoint_schema(cfg, include_mtp=mtp):
             value = load_tensor(reader, spec, dtype)
             expert = _EXPERT.match(spec.name)
             if expert:

@@ -12,42 +12,17 @@ import torch
 from torch import nn
 
 from dsv4.model_runtime.config import ModelConfig
-from dsv4.model_runtime.layers.attention import Attention, StepContext
-from dsv4.model_runtime.layers.mhc import HyperConnection, HyperHead
-from dsv4.model_runtime.layers.moe import MoE
+from dsv4.model_runtime.layers.attention import StepContext
+from dsv4.model_runtime.layers.mhc import HyperHead
 from dsv4.model_runtime.layers.norm import RMSNorm
 from dsv4.model_runtime.layers.rope import RopeTable
-from dsv4.model_runtime.state import LayerState, SequenceState, new_sequence_state
-
-
-class Block(nn.Module):
-    """One decoder block: mHC around attention, mHC around the MoE."""
-
-    def __init__(self, cfg: ModelConfig, layer: int) -> None:
-        super().__init__()
-        self.hc_attn = HyperConnection(cfg)
-        self.attn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.attn = Attention(cfg, layer)
-        self.hc_ffn = HyperConnection(cfg)
-        self.ffn_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.ffn = MoE(cfg, hashed=cfg.is_hash_layer(layer))
-
-    def forward(
-        self, streams: torch.Tensor, token_ids: torch.Tensor, ctx: StepContext, states: list[LayerState]
-    ) -> torch.Tensor:
-        """streams [B, S, n, d], token_ids [B, S] -> streams [B, S, n, d]."""
-        b, s, n, d = streams.shape
-        flat = streams.view(b * s, n, d)
-        x, post, comb = self.hc_attn.pre(flat)
-        a = self.attn(self.attn_norm(x).view(b, s, d), ctx, states).view(b * s, d)
-        flat = self.hc_attn.post(a, flat, post, comb)
-        x, post, comb = self.hc_ffn.pre(flat)
-        f = self.ffn(self.ffn_norm(x), token_ids.reshape(-1))
-        return self.hc_ffn.post(f, flat, post, comb).view(b, s, n, d)
+from dsv4.model_runtime.models.block import Block
+from dsv4.model_runtime.mtp import MTPBlock
+from dsv4.model_runtime.state import SequenceState, new_sequence_state
 
 
 class DeepseekV4(nn.Module):
-    def __init__(self, cfg: ModelConfig, qat_simulation: bool = True) -> None:
+    def __init__(self, cfg: ModelConfig, qat_simulation: bool = True, mtp: bool = True) -> None:
         super().__init__()
         self.cfg, self.qat_simulation = cfg, qat_simulation
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
@@ -57,6 +32,7 @@ class DeepseekV4(nn.Module):
         self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.rope_main = RopeTable(cfg, compressed=False)
         self.rope_compress = RopeTable(cfg, compressed=True)
+        self.mtp = nn.ModuleList(MTPBlock(cfg, i) for i in range(cfg.num_nextn_predict_layers if mtp else 0))
 
     @property
     def device(self) -> torch.device:
@@ -68,10 +44,10 @@ class DeepseekV4(nn.Module):
 
     def new_state(self) -> SequenceState:
         """A fresh per-sequence state (position 0)."""
-        return new_sequence_state(self.cfg, self.device, self.dtype)
+        return new_sequence_state(self.cfg, self.device, self.dtype, mtp=len(self.mtp) > 0)
 
-    def context(self, states: list[SequenceState], n_tokens: int) -> StepContext:
-        starts = torch.tensor([st.position for st in states], dtype=torch.long, device=self.device)
+    def context(self, starts_list: list[int], n_tokens: int) -> StepContext:
+        starts = torch.tensor(starts_list, dtype=torch.long, device=self.device)
         positions = starts[:, None] + torch.arange(n_tokens, device=self.device)
         return StepContext(
             starts=starts,
@@ -88,7 +64,7 @@ class DeepseekV4(nn.Module):
         Advances every state by S tokens."""
         if input_ids.dim() != 2 or input_ids.shape[0] != len(states):
             raise ValueError(f"input_ids must be [B, S] with B = len(states) = {len(states)}, got {input_ids.shape}")
-        ctx = self.context(states, input_ids.shape[1])
+        ctx = self.context([st.position for st in states], input_ids.shape[1])
         h = self.embed(input_ids)
         streams = h.unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1).contiguous()
         for i, block in enumerate(self.layers):
@@ -114,6 +90,22 @@ class DeepseekV4(nn.Module):
     def decode(self, token_ids: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
         """One token per sequence: token_ids [B] -> logits [B, vocab]; each state advances by one."""
         return self.prefill(token_ids.view(-1, 1), states, last_only=True)
+
+    @torch.no_grad()
+    def mtp_logits(self, streams: torch.Tensor, next_ids: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
+        """MTP module 0: streams [B, S, n, d] of positions t (from `hidden_streams`) and the tokens at t+1
+        [B, S] -> logits [B, S, vocab] for the tokens at t+2. Advances each state's `mtp_position` by S; call
+        it for every position in order, like the main model."""
+        if not len(self.mtp):
+            raise ValueError("this model was built without its MTP module (mtp=False)")
+        block = self.mtp[0]
+        assert isinstance(block, MTPBlock)
+        ctx = self.context([st.mtp_position for st in states], next_ids.shape[1])
+        hidden = block.predict(streams, self.embed(next_ids), next_ids, ctx, [st.mtp_layers[0] for st in states])
+        for st in states:
+            st.mtp_position += next_ids.shape[1]
+        acc = torch.promote_types(hidden.dtype, torch.float32)
+        return torch.nn.functional.linear(hidden.to(acc), self.head.weight.to(acc))
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
