@@ -24,7 +24,7 @@ def _sqrtsoftplus(x):
     # cancels the rounding of u (Goldberg), where a plain log(1 + t) loses digits for small t
     t = tl.exp(-tl.abs(x))
     u = 1.0 + t
-    log1p = tl.where(u == 1.0, t, tl.log(u) * t / (u - 1.0))
+    log1p = tl.where(u == 1.0, t, tl.log(u) * t / tl.where(u == 1.0, 1.0, u - 1.0))
     return tl.sqrt(tl.maximum(x, 0.0) + log1p)
 
 

@@ -77,12 +77,3 @@ def impls() -> Callable[[str], tuple[Callable[..., Any], Callable[..., Any]]]:
         return lookup(op, "reference"), lookup(op, "cuda")
 
     return get
-
-
-def need_gpu() -> None:
-    """Fail (never skip) a GPU-only case run where there is no GPU: it was selected by hand, say so."""
-    if not HAS_GPU:
-        pytest.fail(
-            "this case needs an NVIDIA GPU (Triton's interpreter computes bf16/fp8 casts wrongly); "
-            "it is marked `gpu` and runs in bench/gpu.sh"
-        )

@@ -24,18 +24,20 @@ pytestmark = pytest.mark.unit
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory: pytest.TempPathFactory) -> DeepseekV4:
+def model(tmp_path_factory: pytest.TempPathFactory, device: torch.device) -> DeepseekV4:
     folder = write_checkpoint(tmp_path_factory.mktemp("tiny-flash") / "ckpt", "tiny-flash", quantized=True, seed=0)
-    return load_model(Path(folder), device="cpu", dtype=torch.float32, qat_simulation=False)
+    return load_model(Path(folder), device=device, dtype=torch.float32, qat_simulation=False)
 
 
 def _decode_steps(model: DeepseekV4, states: list[SequenceState], ids: torch.Tensor) -> list[torch.Tensor]:
     return [model.decode(ids[:, t], states) for t in range(ids.shape[1])]
 
 
-def test_cuda_backend_logits_match_reference(model: DeepseekV4, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cuda_backend_logits_match_reference(
+    model: DeepseekV4, device: torch.device, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Full-sequence logits, and 2 decode steps (S = 1, ragged: the rows start at different positions)."""
-    ids = torch.randint(2, 129280, (2, 20), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(2, 129280, (2, 20), generator=torch.Generator().manual_seed(0)).to(device)
     monkeypatch.setenv(ENV_BACKEND, "reference")
     want_full = model(ids)
     prefix = [ids[:1, :18], ids[1:, :13]]
@@ -48,7 +50,7 @@ def test_cuda_backend_logits_match_reference(model: DeepseekV4, monkeypatch: pyt
     want_steps = _decode_steps(model, states["reference"], steps)
 
     monkeypatch.setenv(ENV_BACKEND, "cuda")
-    assert resolve("sparse_attention", torch.device("cpu")).__module__ == "dsv4.kernels.cuda.attention"
+    assert resolve("sparse_attention", device).__module__ == "dsv4.kernels.cuda.attention"
     got_full = model(ids)
     got_steps = _decode_steps(model, states["cuda"], steps)
     torch.testing.assert_close(got_full, want_full, atol=2e-4, rtol=1e-4)
