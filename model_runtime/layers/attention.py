@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from dsv4.kernels import ops
 from dsv4.model_runtime.config import ModelConfig
@@ -29,6 +30,7 @@ class StepContext:
     """What every layer of one forward call shares: positions and RoPE of the S new tokens of each row."""
 
     starts: torch.Tensor  # [B] int64, position of each row's first new token
+    start_list: list[int]  # the same, as Python ints (per-row bookkeeping without device syncs)
     positions: torch.Tensor  # [B, S] int64
     rope_main: RopeTable  # SWA layers: θ = rope_theta, no YaRN
     rope_compress: RopeTable  # CSA/HCA layers: θ = compress_rope_theta with YaRN
@@ -99,10 +101,9 @@ class Attention(nn.Module):
 
     def _entries(self, states: list[LayerState], n: int) -> torch.Tensor:
         """[B, n, c]: each row's compressed entries, zero-padded to n."""
-        out = states[0].window.new_zeros(len(states), n, self.head_dim)
-        for row, st in enumerate(states):
-            out[row, : st.n_entries] = st.valid_entries()
-        return out
+        if n == 0:
+            return states[0].window.new_zeros(len(states), 0, self.head_dim)
+        return pad_sequence([st.valid_entries() for st in states], batch_first=True)
 
     def _update_compressed(self, x: torch.Tensor, ctx: StepContext, states: list[LayerState]) -> None:
         assert self.compressor is not None
@@ -113,7 +114,7 @@ class Attention(nn.Module):
         if self.indexer is not None:
             ia, iz = self.indexer.compressor.project(x, ctx.positions)
         for row, st in enumerate(states):
-            start = int(ctx.starts[row])
+            start = ctx.start_list[row]
             first_block = start // self.ratio
             pooled = self.compressor.pool(st.comp_kv, st.comp_score, a[row], z[row], start)
             ipooled = None
@@ -141,15 +142,21 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         assert self.indexer is not None
         q, weights = self.indexer.queries(x, qr, cos, sin, ctx.qat)
-        keys = q.new_zeros(len(states), n_entries, self.indexer.head_dim)
-        for row, st in enumerate(states):
-            keys[row, : st.n_entries] = st.valid_index_keys()
+        keys = (
+            pad_sequence([st.valid_index_keys() for st in states], batch_first=True)
+            if n_entries
+            else q.new_zeros(len(states), 0, self.indexer.head_dim)
+        )
         visible = (ctx.positions + 1) // self.ratio
         return self.indexer.select(q, weights, keys, visible, ctx.qat)
 
     def _write_window(self, kv: torch.Tensor, ctx: StepContext, states: list[LayerState]) -> None:
         s, w = kv.shape[1], self.window
+        if s == 1:  # decode: one ring slot per row
+            for row, st in enumerate(states):
+                st.window[ctx.start_list[row] % w] = kv[row, 0]
+            return
         n = min(s, w)
         offsets = torch.arange(s - n, s, device=kv.device)
         for row, st in enumerate(states):
-            st.window[(offsets + ctx.starts[row]) % w] = kv[row, s - n :]
+            st.window[(offsets + ctx.start_list[row]) % w] = kv[row, s - n :]

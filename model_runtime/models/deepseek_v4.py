@@ -51,6 +51,7 @@ class DeepseekV4(nn.Module):
         positions = starts[:, None] + torch.arange(n_tokens, device=self.device)
         return StepContext(
             starts=starts,
+            start_list=list(starts_list),
             positions=positions,
             rope_main=self.rope_main,
             rope_compress=self.rope_compress,
