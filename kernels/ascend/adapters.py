@@ -18,15 +18,43 @@ from dsv4.kernels.reference import norm_rope as ref_norm_rope
 from dsv4.kernels.reference.quant_moe import dequant_fp8_experts, dequant_mxfp4_experts
 from dsv4.kernels.registry import register
 
-# Plain PyTorch on the NPU: torch_npu 2.14 has no op with these semantics (sqrtsoftplus routing is norm_type=2
-# only in the custom DSV4 op; npu_swiglu has no clamp; the custom `compressor` fuses projection and cache).
+# Plain PyTorch on the NPU: torch_npu 2.14 has no op with these semantics (npu_swiglu has no clamp; the custom
+# `compressor` fuses projection and cache insert).
 for _op, _fn in (
-    ("route", ref_moe.route),
     ("swiglu", ref_norm_rope.swiglu),
     ("compress_pool", ref_attention.compress_pool),
     ("hc_head", ref_mhc.hc_head),
 ):
     register(_op, "ascend")(_fn)
+
+
+@register("route", "ascend")
+def route(
+    logits: torch.Tensor,
+    topk: int,
+    route_scale: float,
+    bias: torch.Tensor | None,
+    hash_idx: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    if bias is not None and hash_idx is None:
+        # learned routing selects on sqrtsoftplus + bias; npu_moe_gating_top_k 2.14 normalizes by softmax or
+        # sigmoid before adding the bias (sqrtsoftplus is norm_type 2 only in the custom DSV4 op), so: PyTorch
+        return ref_moe.route(logits, topk, route_scale, bias, hash_idx)
+    if hash_idx is None or bias is not None:
+        raise ValueError("route: pass exactly one of bias (learned routing) and hash_idx (hash routing)")
+    # Hash routing: with x = log(sqrtsoftplus(logits)) the op's softmax gives s / sum(s), and its renormalized
+    # output over the table's experts is s[idx] / sum(s[idx]) * route_scale, our weights exactly (eps 1e-20).
+    scores = torch.nn.functional.softplus(logits.float()).sqrt()
+    rows = torch.arange(logits.shape[0], device=logits.device)
+    weights, idx, _norm = npu().npu_moe_gating_top_k(
+        scores.log(),
+        hash_idx.shape[1],
+        input_ids=rows,
+        tid2eid=hash_idx.to(torch.int64),
+        norm_type=0,
+        routed_scaling_factor=float(route_scale),
+    )
+    return weights.float(), idx.long()
 
 
 @register("rms_norm", "ascend")

@@ -207,3 +207,38 @@ def npu_sparse_flash_attention(
     denom = p.sum(-1, keepdim=True) + (sink - top).exp()
     out = torch.einsum("bsnk,bskd->bsnd", p / denom, gathered).to(query.dtype)
     return out, top.squeeze(-1), denom.squeeze(-1)
+
+
+def npu_moe_gating_top_k(
+    x: torch.Tensor,
+    k: int,
+    bias: torch.Tensor | None = None,
+    input_ids: torch.Tensor | None = None,
+    tid2eid: torch.Tensor | None = None,
+    k_group: int = 1,
+    group_count: int = 1,
+    group_select_mode: int = 0,
+    renorm: int = 0,
+    norm_type: int = 0,
+    out_flag: bool = False,
+    routed_scaling_factor: float = 1.0,
+    eps: float = 1e-20,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y_out, expert_idx_out int32, norm_out fp32) as documented: norm = softmax (0) or sigmoid (1) of x; experts
+    from tid2eid[input_ids] (hash mode) else top-k of norm + bias; y = norm[idx] / (sum + eps) * scaling.
+    Covers group_count = k_group = 1, renorm 0 (the only documented renorm value), at most 2048 experts.
+    """
+    _require(x.dim() == 2 and x.shape[-1] <= 2048, "npu_moe_gating_top_k: x 2-D, at most 2048 experts")
+    _require(norm_type in (0, 1) and renorm == 0, "npu_moe_gating_top_k: norm_type 0/1, renorm 0")
+    _require(group_count == k_group == 1, "emulated case: no expert groups")
+    norm = x.float().softmax(-1) if norm_type == 0 else x.float().sigmoid()
+    if tid2eid is not None:
+        _require(input_ids is not None and tid2eid.shape[-1] == k, "hash mode: input_ids and tid2eid [*, k]")
+        assert input_ids is not None
+        idx = tid2eid[input_ids.long()].long()
+    else:
+        choice = norm + (bias.float() if bias is not None else 0.0)
+        idx = choice.topk(k, dim=-1).indices
+    y = norm.gather(1, idx)
+    y = y / (y.sum(-1, keepdim=True) + eps) * routed_scaling_factor
+    return y.to(x.dtype), idx.to(torch.int32), norm

@@ -27,6 +27,17 @@ def _called(npu_ops) -> list[str]:
     return [name for name, _ in npu_ops.calls]
 
 
+def test_route_hash_through_gating_top_k(npu_ops):
+    logits, table = torch.randn(7, 16) * 3, torch.randint(0, 16, (7, 4))
+    got, want = adapters.route(logits, 4, 1.5, None, table), _ref("route")(logits, 4, 1.5, None, table)
+    torch.testing.assert_close(got[1], table)
+    torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
+    assert _called(npu_ops) == ["npu_moe_gating_top_k"]
+    bias = torch.randn(16)
+    learned = adapters.route(logits, 4, 1.5, bias, None)
+    torch.testing.assert_close(learned[0], _ref("route")(logits, 4, 1.5, bias, None)[0])
+
+
 @pytest.mark.parametrize("weighted", [True, False])
 def test_rms_norm(npu_ops, weighted):
     x = torch.randn(3, 5, 40)
