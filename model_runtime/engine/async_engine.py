@@ -174,7 +174,7 @@ class AsyncEngine:
             waiting_requests=e.num_waiting,
             kv_cache_used_blocks=e.kv.used_blocks,
             kv_cache_total_blocks=e.kv.total_blocks,
-            extra={"kv_bytes_per_token": float(e.kv.bytes_per_token)},
+            extra=e.stats_extra(),
         )
 
     # ---- lifecycle ---------------------------------------------------------------------------------------------

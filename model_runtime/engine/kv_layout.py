@@ -129,11 +129,12 @@ def bytes_per_token(cfg: ModelConfig, dtype: torch.dtype, low_precision: bool) -
     return total
 
 
-def sequence_constant_bytes(cfg: ModelConfig, dtype: torch.dtype) -> int:
-    """Per-sequence bytes independent of its length: window rings and compressors' partial-block state (fp32)."""
+def sequence_constant_bytes(cfg: ModelConfig, dtype: torch.dtype, mtp_layers: int = 0) -> int:
+    """Per-sequence bytes independent of its length: window rings and compressors' partial-block state (fp32) of
+    the decoder layers and of `mtp_layers` MTP layers."""
     esize = torch.empty(0, dtype=dtype).element_size()
     total = 0
-    for i in range(cfg.num_hidden_layers):
+    for i in range(cfg.num_hidden_layers + mtp_layers):
         total += cfg.sliding_window * cfg.head_dim * esize
         m = cfg.ratio(i)
         if m:

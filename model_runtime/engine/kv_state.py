@@ -69,15 +69,17 @@ class KVPool:
         device: torch.device,
         dtype: torch.dtype,
         low_precision: bool,
+        mtp_layers: int = 0,
     ) -> None:
         self.cfg, self.block_size, self.dtype = cfg, block_size, dtype
+        self.mtp_layers = mtp_layers
         f32 = torch.float32
         self.window: list[torch.Tensor] = []
         self.comp: list[dict[str, torch.Tensor]] = []
         self.entries: list[BlockStore | None] = []
         self.index_keys: list[BlockStore | None] = []
         ecodec, kcodec = entry_codec(cfg, dtype, low_precision), index_key_codec(cfg, dtype, low_precision)
-        for i in range(cfg.num_hidden_layers):
+        for i in range(cfg.num_hidden_layers + mtp_layers):  # MTP layer j is layer num_hidden_layers + j
             m, csa = cfg.ratio(i), cfg.is_csa(i)
             self.window.append(torch.zeros(num_slots, cfg.sliding_window, cfg.head_dim, dtype=dtype, device=device))
             comp: dict[str, torch.Tensor] = {}
@@ -214,9 +216,11 @@ class PagedSequenceState(SequenceState):
     def __init__(self, pool: KVPool, slot: int) -> None:
         self.slot = slot
         self.table: list[int] = []
-        self.layers = [PagedLayerState(pool, i, slot, self.table) for i in range(pool.cfg.num_hidden_layers)]
-        self.mtp_layers: list[LayerState] = []
+        n = pool.cfg.num_hidden_layers
+        self.layers = [PagedLayerState(pool, i, slot, self.table) for i in range(n)]
+        self.mtp_layers = [PagedLayerState(pool, n + j, slot, self.table) for j in range(pool.mtp_layers)]
         self.position = 0
+        self.mtp_position = 0
 
 
 class KVCacheManager:
@@ -233,7 +237,14 @@ class KVCacheManager:
         self.model = model
         self.total_blocks, self.block_size, self.num_slots = num_blocks, block_size, num_slots
         self.pool = KVPool(
-            cfg, num_blocks, block_size, num_slots, model.device, model.dtype, low_precision=model.qat_simulation
+            cfg,
+            num_blocks,
+            block_size,
+            num_slots,
+            model.device,
+            model.dtype,
+            low_precision=model.qat_simulation,
+            mtp_layers=len(model.mtp),
         )
         self._free_blocks = list(range(num_blocks - 1, -1, -1))
         self._free_slots = list(range(num_slots - 1, -1, -1))

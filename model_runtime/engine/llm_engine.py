@@ -30,6 +30,7 @@ class EngineConfig:
     num_blocks: int = 4096
     block_size: int = 256
     num_slots: int = 0  # sequences holding a state at once (running + awaiting export); 0 = max_num_seqs + 8
+    speculative_mtp: bool = False  # draft one token per decode step with the checkpoint's MTP module
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,7 @@ class LLMEngine:
             SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.config.chunked_prefill),
             self.kv,
         )
-        self.runner = ModelRunner(model)
+        self.runner = ModelRunner(model, use_mtp=c.speculative_mtp)
         self.eos_token_id = model.cfg.eos_token_id
         self._sent: dict[str, int] = {}
         # Finished `export_after_prefill` sequences whose state waits for its export (then `release`).
@@ -137,6 +138,8 @@ class LLMEngine:
             text.delta(final=False)  # replayed text was delivered by whoever generated it
         if snapshot is not None:
             seq.snapshot, seq.num_computed = snapshot, len(seq.prompt_token_ids)
+        # An imported state has no MTP cache, so such a sequence decodes without drafts.
+        seq.use_mtp = self.config.speculative_mtp and snapshot is None
         self.scheduler.add(seq)
         self._sent[request_id] = seq.num_generated
         return seq
@@ -165,14 +168,24 @@ class LLMEngine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
+    def stats_extra(self) -> dict[str, float]:
+        """Counters beyond the batch figures: KV bytes per token, preemptions, MTP drafts and acceptance."""
+        drafts = self.runner.drafts
+        return {
+            "kv_bytes_per_token": float(self.kv.bytes_per_token),
+            "preemptions": float(self.scheduler.num_preemptions),
+            "mtp_drafts_proposed": float(drafts.proposed),
+            "mtp_drafts_accepted": float(drafts.accepted),
+            "mtp_acceptance_rate": drafts.acceptance_rate,
+        }
+
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample; returns the outputs of the requests that produced something."""
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
         outputs = []
-        for seq, token, logprob in self.runner.run(chunks):
-            seq.append(token, logprob)
+        for seq in self.runner.run(chunks):
             if seq.finished:
                 self.scheduler.finish(seq, keep_state=seq.export_after_prefill)
                 if seq.export_after_prefill:

@@ -1,7 +1,9 @@
 """Runs one scheduled step through the model and samples the sequences whose tokens are all computed.
 
 The model advances every row of a call by the same number of tokens, so the step's chunks are grouped by length:
-all decoding sequences (one token each) share one call, prefill chunks of equal length share another.
+all decoding sequences (one token each) share one call, prefill chunks of equal length share another, and MTP
+verification steps (last token + draft) share a third. Sampled tokens are appended to their sequence here, in
+order, because a second token of a verified draft is drawn only if the first did not finish the request.
 """
 
 from __future__ import annotations
@@ -10,50 +12,116 @@ from collections import defaultdict
 
 import torch
 
-from dsv4.model_runtime.engine.sampler import SampleRequest, sample
+from dsv4.model_runtime.engine import mtp
+from dsv4.model_runtime.engine.sampler import SampleRequest, sample_row
 from dsv4.model_runtime.engine.scheduler import ScheduledChunk
-from dsv4.model_runtime.engine.sequence import Sequence, TokenLogprob
+from dsv4.model_runtime.engine.sequence import Sequence
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
+from dsv4.model_runtime.state import SequenceState
+
+
+def _request(seq: Sequence) -> SampleRequest:
+    return SampleRequest(seq.params, seq.seed, seq.num_generated, seq.prompt_token_ids, seq.output_token_ids)
+
+
+def _draw(seq: Sequence, logits: torch.Tensor) -> int:
+    """Sample the sequence's next token from logits [vocab] and append it; returns the token."""
+    token, logprob = sample_row(logits.cpu(), _request(seq))
+    seq.append(token, logprob)
+    return token
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekV4) -> None:
-        self.model = model
+    def __init__(self, model: DeepseekV4, use_mtp: bool = False) -> None:
+        if use_mtp and not len(model.mtp):
+            raise ValueError("MTP speculative decoding needs the model's MTP module (load it with mtp=True)")
+        self.model, self.use_mtp = model, use_mtp
+        self.drafts = mtp.DraftStats()
 
-    def run(self, chunks: list[ScheduledChunk]) -> list[tuple[Sequence, int, TokenLogprob | None]]:
-        """Feed every chunk; returns (sequence, sampled token, logprob) for each sequence that is now caught up."""
+    def _states(self, seqs: list[Sequence]) -> list[SequenceState]:
+        states = []
+        for s in seqs:
+            assert s.state is not None, f"{s.request_id} scheduled without a KV state"
+            states.append(s.state)
+        return states
+
+    @torch.no_grad()
+    def run(self, chunks: list[ScheduledChunk]) -> list[Sequence]:
+        """Feed every chunk; returns the sequences that received new tokens this step."""
         groups: dict[int, list[Sequence]] = defaultdict(list)
+        verify: list[Sequence] = []
         for chunk in chunks:
-            groups[chunk.num_tokens].append(chunk.seq)
-        sampled: list[tuple[Sequence, int, TokenLogprob | None]] = []
-        for n, seqs in groups.items():
-            ids = torch.tensor(
-                [s.token_ids[s.num_computed : s.num_computed + n] for s in seqs],
-                dtype=torch.long,
-                device=self.model.device,
-            )
-            states = []
-            for s in seqs:
-                assert s.state is not None, f"{s.request_id} scheduled without a KV state"
-                states.append(s.state)
-            logits = self.model.prefill(ids, states, last_only=True)  # [B, vocab] fp32
-            ready: list[int] = []
-            for row, s in enumerate(seqs):
-                s.num_computed += n
-                if s.num_uncomputed == 0:
-                    ready.append(row)
-            if not ready:
-                continue
-            requests = [
-                SampleRequest(
-                    params=seqs[row].params,
-                    seed=seqs[row].seed,
-                    index=seqs[row].num_generated,
-                    prompt_token_ids=seqs[row].prompt_token_ids,
-                    output_token_ids=seqs[row].output_token_ids,
-                )
-                for row in ready
-            ]
-            results = sample(logits[ready].cpu(), requests)
-            sampled.extend((seqs[row], token, lp) for row, (token, lp) in zip(ready, results, strict=True))
-        return sampled
+            s = chunk.seq
+            if s.draft is not None and chunk.num_tokens == s.num_uncomputed + 1:
+                verify.append(s)
+            else:
+                s.draft = None  # the step has no room for it
+                groups[chunk.num_tokens].append(s)
+        produced = [s for n, seqs in groups.items() for s in self._feed(n, seqs)]
+        if verify:
+            produced += self._verify(verify)
+        return produced
+
+    def _feed(self, n: int, seqs: list[Sequence]) -> list[Sequence]:
+        """Feed the next n tokens of every sequence; sample those that caught up."""
+        ids = torch.tensor(
+            [s.token_ids[s.num_computed : s.num_computed + n] for s in seqs], dtype=torch.long, device=self.model.device
+        )
+        streams = self.model.hidden_streams(ids, self._states(seqs))  # [B, n, hc, d]
+        ready = []
+        for row, s in enumerate(seqs):
+            s.num_computed += n
+            if s.num_uncomputed == 0:
+                ready.append(row)
+        logits = self.model.logits(streams[ready, -1]) if ready else None
+        produced = []
+        for row, s in enumerate(seqs):
+            if logits is not None and row in ready:
+                _draw(s, logits[ready.index(row)])
+                produced.append(s)
+            if s.use_mtp and not s.finished:
+                self._follow(s, streams[row], s.num_computed - n)
+        return produced
+
+    def _follow(self, s: Sequence, streams: torch.Tensor, start: int) -> None:
+        """Advance the MTP module over the positions [start, start + k) the main model just consumed (streams
+        [k, hc, d]); each pairs with the token after it, which is known: the prompt's next token or the one just
+        sampled. When the main model has caught up, the MTP's last logits give the next draft."""
+        assert s.state is not None and s.state.mtp_position == start, "MTP out of step with the main model"
+        end = start + streams.shape[0]
+        draft = mtp.mtp_step(self.model, s.state, streams, s.token_ids[start + 1 : end + 1])
+        if s.num_computed == s.num_tokens - 1 and not s.finished:
+            s.draft = draft
+
+    def _verify(self, seqs: list[Sequence]) -> list[Sequence]:
+        """Feed [last token, draft] per sequence; keep the draft iff it is the token plain decoding would draw."""
+        window = self.model.cfg.sliding_window
+        states = self._states(seqs)
+        saved = [mtp.snapshot(st, 2, window) for st in states]
+        ids = torch.tensor([[s.token_ids[-1], s.draft] for s in seqs], dtype=torch.long, device=self.model.device)
+        streams = self.model.hidden_streams(ids, states)  # [B, 2, hc, d]
+        logits = self.model.logits(streams)  # [B, 2, vocab]
+        rejected: list[int] = []
+        for row, s in enumerate(seqs):
+            draft, s.draft = s.draft, None
+            self.drafts.proposed += 1
+            start = s.num_computed
+            if _draw(s, logits[row, 0]) == draft:
+                self.drafts.accepted += 1
+                s.num_computed += 2
+                if not s.finished:
+                    _draw(s, logits[row, 1])
+                if s.use_mtp and not s.finished:
+                    self._follow(s, streams[row], start)
+            else:
+                mtp.rollback(states[row], saved[row])
+                rejected.append(row)
+        if rejected:
+            again = [seqs[row] for row in rejected]
+            last = torch.tensor([[s.token_ids[s.num_computed]] for s in again], dtype=torch.long, device=ids.device)
+            refed = self.model.hidden_streams(last, [states[row] for row in rejected])
+            for k, s in enumerate(again):
+                s.num_computed += 1
+                if s.use_mtp and not s.finished:
+                    self._follow(s, refed[k], s.num_computed - 1)
+        return seqs

@@ -1,8 +1,11 @@
 """Token sampling: penalties, greedy / temperature / top-k / top-p / min-p, seeded draws, logprobs.
 
 Each row is sampled on its own, so a request's token never depends on the other rows of the batch. A sampled
-token i of a request is drawn by inverse CDF from one uniform number of an RNG seeded by (seed, i): a resumed or
-recomputed decode reproduces the same tokens.
+token i of a request is drawn by the Gumbel-max trick with noise from an RNG seeded by (seed, i): a resumed or
+recomputed decode reproduces the same tokens. Gumbel-max (not an inverse CDF) because its outcome only flips
+when the two best perturbed scores are within float noise of each other, whereas a cumulative sum over the
+whole vocabulary moves every boundary: recomputing the logits in another batch or chunk shape must not change
+the token.
 """
 
 from __future__ import annotations
@@ -27,10 +30,12 @@ class SampleRequest:
     output_token_ids: list[int]
 
 
-def token_uniform(seed: int, index: int) -> float:
-    """The uniform number in [0, 1) that decides generated token `index` of a request seeded with `seed`."""
+def token_gumbel(seed: int, index: int, vocab: int) -> torch.Tensor:
+    """Gumbel noise [vocab] (fp64, CPU) that decides generated token `index` of a request seeded with `seed`."""
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    return (int.from_bytes(digest, "little") >> 11) / float(1 << 53)
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+    u = torch.rand(vocab, generator=gen, dtype=torch.float64).clamp_(min=1e-300)
+    return -torch.log(-torch.log(u))
 
 
 def apply_penalties(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
@@ -50,21 +55,28 @@ def apply_penalties(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
     return logits
 
 
-def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Probabilities after temperature, top-k, top-p and min-p (fp64, unnormalised order = token id order)."""
+def filtered_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """fp64 logits / temperature with the tokens top-k, top-p and min-p exclude set to -inf."""
     logits = logits.double() / p.temperature
     if p.top_k and p.top_k < logits.shape[-1]:
         kth = torch.topk(logits, p.top_k).values[-1]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if p.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, descending=True, stable=True)
-        before = sorted_probs.cumsum(0) - sorted_probs  # mass strictly ahead of each token
-        drop = order[before >= p.top_p]  # the smallest prefix reaching top_p is kept
-        probs[drop] = 0.0
-    if p.min_p > 0.0:
-        probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
-    return probs
+    if p.top_p < 1.0 or p.min_p > 0.0:
+        probs = torch.softmax(logits, dim=-1)
+        drop = torch.zeros_like(probs, dtype=torch.bool)
+        if p.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True, stable=True)
+            before = sorted_probs.cumsum(0) - sorted_probs  # mass strictly ahead of each token
+            drop[order[before >= p.top_p]] = True  # the smallest prefix reaching top_p is kept
+        if p.min_p > 0.0:
+            drop |= probs < p.min_p * probs.max()
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
+
+
+def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+    """The distribution a sampled token is drawn from: softmax of `filtered_logits` (fp64)."""
+    return torch.softmax(filtered_logits(logits, p), dim=-1)
 
 
 def sample_row(logits: torch.Tensor, req: SampleRequest) -> tuple[int, TokenLogprob | None]:
@@ -74,13 +86,9 @@ def sample_row(logits: torch.Tensor, req: SampleRequest) -> tuple[int, TokenLogp
     if p.greedy:
         token = int(torch.argmax(scores))
     else:
-        probs = filtered_probs(scores, p)
-        cdf = probs.cumsum(0)
-        u = token_uniform(req.seed, req.index) * float(cdf[-1])
-        # The first token whose cumulative mass exceeds u; tokens of zero mass never qualify.
-        token = min(int(torch.searchsorted(cdf, torch.tensor([u], dtype=cdf.dtype), right=True)), len(cdf) - 1)
-        while float(probs[token]) == 0.0:  # u rounded onto the very top of the cdf
-            token -= 1
+        # argmax(logits + Gumbel noise) is a draw from softmax(logits); excluded tokens stay at -inf.
+        noisy = filtered_logits(scores, p).cpu() + token_gumbel(req.seed, req.index, scores.shape[-1])
+        token = int(torch.argmax(noisy))
     if p.logprobs is None:
         return token, None
     logp = torch.log_softmax(logits.float(), dim=-1)

@@ -41,6 +41,7 @@ class Scheduler:
         self.config, self.kv = config, kv
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
 
     def add(self, seq: Sequence) -> None:
         """Queue a sequence; raises ValueError when its longest possible length can never fit the KV pool."""
@@ -113,7 +114,7 @@ class Scheduler:
         return chunks
 
     def _chunk_len(self, seq: Sequence, budget: int, first: bool) -> int:
-        want = seq.num_uncomputed
+        want = seq.num_uncomputed + (1 if seq.draft is not None else 0)  # an MTP draft is verified in the same step
         if self.config.chunked_prefill:
             return min(want, budget)
         # Whole prompts only; one that exceeds the budget still runs alone so it is never starved.
@@ -123,6 +124,8 @@ class Scheduler:
         self.running.remove(seq)
         self.kv.free(seq)
         seq.num_computed = 0
+        seq.draft = None
         seq.num_preemptions += 1
+        self.num_preemptions += 1
         seq.status = SequenceStatus.WAITING
         self.waiting.appendleft(seq)

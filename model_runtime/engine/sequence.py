@@ -51,6 +51,10 @@ class Sequence:
     snapshot: KVSnapshot | None = None  # an imported state of the prompt, restored when the sequence gets a slot
     export_after_prefill: bool = False  # prefill-only request: stop after token 0 and keep the state to export
     num_preemptions: int = 0
+    # MTP speculative decoding (dsv4.model_runtime.engine.mtp): whether the MTP module follows this sequence
+    # (its state then holds the MTP layers' cache too), and the draft for the token after the last one.
+    use_mtp: bool = False
+    draft: int | None = None
 
     def __post_init__(self) -> None:
         self.num_replayed = len(self.output_token_ids)

@@ -92,7 +92,7 @@ def test_bytes_per_token_is_what_the_pool_holds(model: DeepseekV4) -> None:
         for t in store.tensors.values()
     )
     assert allocated == kv.bytes_per_token * 16 * 4
-    assert kv.pool.slot_bytes == sequence_constant_bytes(model.cfg, torch.float32)
+    assert kv.pool.slot_bytes == sequence_constant_bytes(model.cfg, torch.float32, mtp_layers=len(model.mtp))
 
 
 def test_pool_accounting(model: DeepseekV4) -> None:
