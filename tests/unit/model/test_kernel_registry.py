@@ -105,6 +105,9 @@ def test_sparse_attention_equals_dense_softmax_with_sink() -> None:
     p = torch.exp(s) / (torch.exp(s).sum(-1, keepdim=True) + torch.exp(sink)[:, None])
     assert torch.allclose(out[0, 0], p @ sel, atol=1e-6)
     assert out[0, 1].eq(0).all()  # no entry: only the sink, output 0
+    # Many candidates, few picks: the gathering path gives the same result as the masked dense one.
+    padded = torch.cat([kv, torch.randn(1, 14, 8)], dim=1)
+    assert torch.allclose(ops.sparse_attention(q, padded, idx, sink, 0.5), out, atol=1e-6)
 
 
 def test_indexer_topk_masks_invisible_entries() -> None:
