@@ -106,8 +106,10 @@ def indexer_topk(
     """Lightning-indexer selection: score_{s,e} = sum_h weights[s,h] * ReLU(q[s,h] . keys[e]); top-k per query.
 
     q [B, S, Hi, D]; weights [B, S, Hi] (already multiplied by D^-1/2 * Hi^-1/2); keys [B, E, D]; visible
-    [B, S] int64 = number of entries query s may see (entries e >= visible[b, s] score -inf). The score math
-    runs in q.dtype (bf16 inputs give the official bf16 scoring). k = min(topk, E). Returns idx [B, S, k] int64:
+    [B, S] int64 = number of entries query s may see (entries e >= visible[b, s] score -inf). Scores are
+    rounded to q.dtype after the dot product (fp32 accumulation), after the weighting and after the head sum
+    (bf16 q gives the official bf16 scoring; keys and weights are first rounded to q.dtype). k = min(topk, E).
+    Returns idx [B, S, k] int64:
     the selected entry indices, -1 where the pick is not visible. Order within a row is unspecified.
     """
     return resolve("indexer_topk", q.device)(q, weights, keys, visible, topk)

@@ -20,8 +20,12 @@ def indexer_topk(
     A = accumulation_dtype(q)
     n_entries = keys.shape[1]
     k = min(topk, n_entries)
-    scores = torch.einsum("bshd,bed->bshe", q, keys.to(q.dtype)).relu_()  # [B, S, Hi, E]
-    score = (scores * weights.to(q.dtype).unsqueeze(-1)).sum(dim=2).to(A)  # [B, S, E]
+    # Products of bf16 (or fp32) inputs are exact in the accumulation dtype; the score is rounded to q.dtype
+    # once after the dot product, once after the weighting and once after the head sum, as the official bf16
+    # kernels do (fp32 accumulation inside each op).
+    scores = torch.einsum("bshd,bed->bshe", q.to(A), keys.to(q.dtype).to(A)).to(q.dtype).relu_()  # [B, S, Hi, E]
+    weighted = (scores.to(A) * weights.to(q.dtype).to(A).unsqueeze(-1)).to(q.dtype)
+    score = weighted.to(A).sum(dim=2).to(q.dtype).to(A)  # [B, S, E]
     entry = torch.arange(n_entries, device=q.device)
     masked = entry.view(1, 1, -1) >= visible.unsqueeze(-1)
     score = score.masked_fill(masked, float("-inf"))
