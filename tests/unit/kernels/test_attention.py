@@ -75,7 +75,9 @@ def test_topk_select_breaks_ties_by_count(device):
 
 
 def _idx(b: int, s: int, k: int, n: int, device: torch.device) -> torch.Tensor:
-    idx = torch.randint(0, n, (b, s, k), device=device)
+    """[B, S, K] distinct entries per query (as the model builds them), about 30% of the slots -1."""
+    rows = torch.rand(b, s, max(n, k)).argsort(-1)[..., :k]
+    idx = torch.where(rows < n, rows, -1).to(device)
     return torch.where(torch.rand(b, s, k, device=device) < 0.3, -1, idx)
 
 

@@ -132,7 +132,8 @@ def test_indexer_topk_bf16(npu_ops, s, e, topk, visible):
 def test_sparse_attention_bf16_packs_valid_indices_first(npu_ops):
     torch.manual_seed(1)
     q, kv = torch.randn(2, 3, 4, 32).bfloat16(), torch.randn(2, 9, 32).bfloat16()
-    idx = torch.where(torch.rand(2, 3, 12) < 0.4, -1, torch.randint(0, 9, (2, 3, 12)))
+    distinct = torch.rand(2, 3, 12).argsort(-1)  # distinct entries per query, as the model builds them
+    idx = torch.where((torch.rand(2, 3, 12) < 0.4) | (distinct >= 9), -1, distinct)
     idx[0, 0] = -1
     sink = torch.randn(4)
     got = adapters.sparse_attention(q, kv, idx, sink, 32**-0.5)

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The device check for an NVIDIA GPU (written for the occasional H200; docs/kernels.md): builds nothing, needs
+# no network, finishes in under 5 minutes.
+#   1. the kernel tests compiled for the GPU: every fp32 case of tests/unit/kernels plus the `gpu` (bf16, FP8,
+#      MXFP4) cases the Triton interpreter cannot run; the Ascend tests are left out (they download a wheel);
+#   2. bench/kernels_gpu.py: each Triton kernel timed against the PyTorch reference and the H200 roofline.
+# Output: JSON lines on stdout and in $OUT/gpu.jsonl, pytest's JUnit XML in $OUT/gpu_tests.xml.
+# Usage: OUT=/some/dir bench/gpu.sh          (PYTHON=python3 by default; its torch and triton are used as-is)
+set -uo pipefail
+
+cd "$(dirname "$0")/.." || exit 1
+OUT="${OUT:-build/gpu}"
+PYTHON="${PYTHON:-python3}"
+mkdir -p "$OUT"
+JSONL="$OUT/gpu.jsonl"
+: >"$JSONL"
+
+emit() { printf '%s\n' "$1" | tee -a "$JSONL"; }
+
+# The distribution maps folders to dsv4.* (pyproject.toml); without installing it, a farm of links does.
+PYPATH="build/gpu-pythonpath"
+mkdir -p "$PYPATH/dsv4"
+for d in kernels model_runtime; do ln -sfn "../../../$d" "$PYPATH/dsv4/$d"; done
+export PYTHONPATH="$PWD/$PYPATH${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET DSV4_KERNEL_BACKEND
+
+if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  emit '{"bench": "gpu.sh", "error": "no CUDA device visible to torch"}'
+  exit 1
+fi
+
+start=$(date +%s)
+if "$PYTHON" -c 'import pytest' 2>/dev/null; then
+  # -c /dev/null: the device's pytest may predate the project's pinned minversion and plugins
+  timeout 200 "$PYTHON" -m pytest -c /dev/null --rootdir=. --import-mode=importlib -p no:cacheprovider -q \
+    -m "unit or gpu" tests/unit/kernels --ignore=tests/unit/kernels/ascend \
+    --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1
+  rc=$?
+  summary=$(tail -n 1 "$OUT/gpu_tests.log" | tr -d '"=' | sed 's/^ *//')
+  emit "{\"bench\": \"gpu.sh\", \"step\": \"kernel tests\", \"exit\": $rc, \"summary\": \"$summary\", \"seconds\": $(($(date +%s) - start))}"
+else
+  emit '{"bench": "gpu.sh", "step": "kernel tests", "error": "pytest is not installed for '"$PYTHON"'"}'
+fi
+
+start=$(date +%s)
+timeout 240 "$PYTHON" bench/kernels_gpu.py --out "$OUT/kernels_gpu.jsonl" | tee -a "$JSONL"
+rc=${PIPESTATUS[0]}
+emit "{\"bench\": \"gpu.sh\", \"step\": \"kernel timings\", \"exit\": $rc, \"seconds\": $(($(date +%s) - start))}"

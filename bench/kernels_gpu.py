@@ -1,0 +1,301 @@
+"""Time each Triton (`cuda` backend) kernel against the PyTorch reference and the H200 roofline; JSON lines.
+
+    python bench/kernels_gpu.py [--out FILE] [--experts 32]
+
+Shapes are DeepSeek-V4-Flash decode shapes (batch 64 tokens, hidden 4096, 64 heads x 512, indexer 64 x 128,
+window 128 + top-k 512, hc_mult 4, experts [2*2048, 4096]) with fewer experts so that a case fits a few
+seconds. Each line: op, case, triton_ms and reference_ms (triton.testing.do_bench medians), the minimum bytes
+the op must move and its FLOPs, the roofline time max(bytes / bandwidth, flops / peak) at the H200 datasheet
+numbers and at the bandwidth/GEMM rate measured in this run, and the fraction of the roofline reached.
+Needs an NVIDIA GPU; the arithmetic helpers import anywhere (tests/unit/kernels/test_bench_roofline.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# H200 SXM datasheet (dense; anchors_kernels.md §6.1): HBM3e bandwidth, bf16 and FP8 tensor-core peaks.
+H200_BANDWIDTH = 4.8e12  # B/s
+H200_BF16_FLOPS = 989e12
+H200_FP8_FLOPS = 1979e12
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    name: str
+    args: tuple[Any, ...]
+    bytes: float  # minimum HBM traffic: every input read once, every output written once
+    flops: float
+
+
+def roofline_ms(n_bytes: float, flops: float, bandwidth: float, peak_flops: float) -> float:
+    """The roofline lower bound on the time, in ms: the slower of moving the bytes and doing the FLOPs."""
+    if bandwidth <= 0 or peak_flops <= 0:
+        raise ValueError("bandwidth and peak must be positive")
+    return max(n_bytes / bandwidth, flops / peak_flops) * 1e3
+
+
+def record(case: Case, triton_ms: float, reference_ms: float, measured_bw: float, measured_flops: float) -> dict:
+    """One JSON line: timings, roofline at datasheet and measured rates, fraction of each reached."""
+    spec = roofline_ms(case.bytes, case.flops, H200_BANDWIDTH, H200_BF16_FLOPS)
+    measured = roofline_ms(case.bytes, case.flops, measured_bw, measured_flops)
+    return {
+        "bench": "kernels_gpu",
+        "op": case.op,
+        "case": case.name,
+        "triton_ms": round(triton_ms, 4),
+        "reference_ms": round(reference_ms, 4),
+        "speedup_vs_reference": round(reference_ms / triton_ms, 2),
+        "bytes": int(case.bytes),
+        "flops": int(case.flops),
+        "achieved_gbps": round(case.bytes / triton_ms / 1e6, 1),
+        "roofline_ms_datasheet": round(spec, 4),
+        "roofline_fraction_datasheet": round(spec / triton_ms, 3),
+        "roofline_ms_measured": round(measured, 4),
+        "roofline_fraction_measured": round(measured / triton_ms, 3),
+    }
+
+
+def _nbytes(*tensors: torch.Tensor) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True)
+class Dims:
+    """Flash decode dims by default; tests pass tiny ones."""
+
+    t: int = 64  # tokens (batch of decode rows)
+    d: int = 4096  # hidden
+    h: int = 64  # attention heads
+    c: int = 512  # head dim
+    rd: int = 64  # RoPE dims
+    n_keys: int = 2048  # K=V buffer rows per sequence
+    k: int = 640  # window 128 + top-k 512
+    e_idx: int = 2048  # indexer keys
+    hi: int = 64  # indexer heads
+    ic: int = 128  # indexer head dim
+    topk: int = 512
+    blocks: int = 512  # compressor blocks pooled
+    n: int = 4  # hc_mult
+    experts: int = 32
+    inter: int = 2048
+    rows_per_expert: int = 6
+
+
+def cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
+    """The benchmark cases, tensors allocated on `device` (bf16 where the model runs bf16)."""
+    from dsv4.model_runtime.formats import quant_fp4, quant_fp8
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def randn(*shape: int, dtype: torch.dtype = torch.bfloat16, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
+
+    t, d, h, c, rd = dims.t, dims.d, dims.h, dims.c, dims.rd
+    out: list[Case] = []
+    x = randn(t, d)
+    out.append(Case("rms_norm", f"t{t}xd{d}", (x, randn(d, dtype=torch.float32), 1e-6), 2 * _nbytes(x), 4 * x.numel()))
+    q = randn(t, 1, h, c)
+    angles = torch.rand(t, 1, rd // 2, generator=g).to(device)
+    cos, sin = angles.cos(), angles.sin()
+    out.append(Case("rope", f"q{t}x{h}x{c}", (q, cos, sin, False), 2 * _nbytes(q), 6 * t * h * rd))
+    out.append(
+        Case(
+            "rms_norm_rope", f"q{t}x{h}x{c}", (q, None, 1e-6, cos, sin), 2 * _nbytes(q), 4 * q.numel() + 6 * t * h * rd
+        )
+    )
+    n_keys, k = dims.n_keys, dims.k
+    kv = randn(t, n_keys, c)
+    idx = torch.randint(0, n_keys, (t, 1, k), generator=g).to(device)
+    sink = randn(h, dtype=torch.float32)
+    gathered = t * k * c * kv.element_size()
+    out.append(
+        Case(
+            "sparse_attention",
+            f"b{t}h{h}k{k}d{c}",
+            (q, kv, idx, sink, c**-0.5),
+            gathered + 2 * _nbytes(q) + _nbytes(idx),
+            4 * t * h * k * c,
+        )
+    )
+    e_idx, hi, ic, topk = dims.e_idx, dims.hi, dims.ic, dims.topk
+    qi, wi, keys = randn(t, 1, hi, ic), randn(t, 1, hi, std=0.01), randn(t, e_idx, ic)
+    visible = torch.full((t, 1), e_idx, device=device)
+    out.append(
+        Case(
+            "indexer_topk",
+            f"b{t}e{e_idx}k{topk}",
+            (qi, wi, keys, visible, topk),
+            _nbytes(qi, wi, keys) + t * topk * 8,
+            2 * t * hi * e_idx * ic,
+        )
+    )
+    blocks = randn(dims.blocks, 8, c, dtype=torch.float32), randn(dims.blocks, 8, c, dtype=torch.float32)
+    out.append(
+        Case("compress_pool", f"blocks{dims.blocks}x8x{c}", blocks, _nbytes(*blocks) * 1.5, 5 * blocks[0].numel())
+    )
+    n = dims.n
+    streams = randn(t, n, d)
+    fn, scale, base = (
+        randn((2 + n) * n, n * d, dtype=torch.float32, std=0.01),
+        randn(3, dtype=torch.float32),
+        randn((2 + n) * n, dtype=torch.float32),
+    )
+    out.append(
+        Case(
+            "mhc_pre",
+            f"t{t}n{n}d{d}",
+            (streams, fn, scale, base, 20, 1e-6, 1e-6),
+            _nbytes(streams, fn) + t * d * 2,
+            2 * t * fn.numel() + 2 * streams.numel(),
+        )
+    )
+    post, comb = torch.rand(t, n, generator=g).to(device), torch.rand(t, n, n, generator=g).to(device)
+    out.append(
+        Case(
+            "mhc_post",
+            f"t{t}n{n}d{d}",
+            (x, streams, post, comb),
+            _nbytes(x) + 2 * _nbytes(streams),
+            2 * n * streams.numel(),
+        )
+    )
+    hw, hb = randn(n, n * d, dtype=torch.float32, std=0.01), randn(n, dtype=torch.float32)
+    out.append(
+        Case(
+            "hc_head",
+            f"t{t}n{n}d{d}",
+            (streams, hw, randn(1, dtype=torch.float32), hb, 1e-6, 1e-6),
+            _nbytes(streams, hw) + t * d * 2,
+            2 * t * hw.numel(),
+        )
+    )
+    logits = randn(t, 256, dtype=torch.float32)
+    out.append(
+        Case(
+            "route",
+            f"t{t}e256k6",
+            (logits, 6, 1.5, randn(256, dtype=torch.float32), None),
+            _nbytes(logits),
+            10 * logits.numel(),
+        )
+    )
+    experts, inter = dims.experts, dims.inter
+    rows = experts * dims.rows_per_expert
+    ends = torch.linspace(rows / experts, rows, experts).round().to(device=device, dtype=torch.int32)
+    xe = randn(rows, d)
+    master = [torch.randn(2 * inter, d, generator=g) * 0.02 for _ in range(experts)]
+    w = torch.stack(master).to(device=device, dtype=torch.bfloat16)
+    mm_flops = 2 * rows * 2 * inter * d
+    out.append(
+        Case("grouped_matmul", f"e{experts}m{rows}", (xe, w, ends), _nbytes(xe, w) + rows * 2 * inter * 2, mm_flops)
+    )
+    q8 = [quant_fp8(m) for m in master]
+    w8, s8 = torch.stack([p[0] for p in q8]).to(device), torch.stack([p[1] for p in q8]).to(device)
+    out.append(
+        Case(
+            "grouped_matmul_fp8",
+            f"e{experts}m{rows}",
+            (xe, w8, s8, ends),
+            _nbytes(xe, w8, s8) + rows * 2 * inter * 2,
+            mm_flops,
+        )
+    )
+    q4 = [quant_fp4(m) for m in master]
+    w4, s4 = torch.stack([p[0] for p in q4]).to(device), torch.stack([p[1] for p in q4]).to(device)
+    out.append(
+        Case(
+            "grouped_matmul_mxfp4",
+            f"e{experts}m{rows}",
+            (xe, w4, s4, ends),
+            _nbytes(xe, w4, s4) + rows * 2 * inter * 2,
+            mm_flops,
+        )
+    )
+    gate, up = randn(rows, inter), randn(rows, inter)
+    out.append(
+        Case(
+            "swiglu",
+            f"m{rows}i{inter}",
+            (gate, up, 10.0, torch.rand(rows, generator=g).to(device)),
+            3 * _nbytes(gate),
+            6 * gate.numel(),
+        )
+    )
+    out.append(
+        Case(
+            "sinkhorn",
+            f"t{t}n{n}",
+            (randn(t, n, n, dtype=torch.float32), 20, 1e-6),
+            2 * t * n * n * 4,
+            20 * 4 * t * n * n,
+        )
+    )
+    return out
+
+
+def measure_device(bench: Callable[[Callable[[], Any]], float], device: torch.device) -> tuple[float, float]:
+    """(copy bandwidth B/s, bf16 GEMM FLOP/s) measured here: 1 GiB device copy, 8192^3 matmul."""
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy_ms = bench(lambda: dst.copy_(src))
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    gemm_ms = bench(lambda: a @ a)
+    return 2 * src.numel() / (copy_ms * 1e-3), 2 * 8192**3 / (gemm_ms * 1e-3)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
+    parser.add_argument("--experts", type=int, default=Dims.experts, help="experts in the grouped-matmul cases")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print(json.dumps({"bench": "kernels_gpu", "error": "no CUDA device"}))
+        return 1
+    import triton.testing
+
+    import dsv4.kernels.cuda  # noqa: F401  registers the Triton kernels, compiled for the GPU
+    from dsv4.kernels.registry import lookup
+
+    def bench(fn: Callable[[], Any]) -> float:
+        return float(triton.testing.do_bench(fn, warmup=10, rep=50))
+
+    device = torch.device("cuda")
+    bw, flops = measure_device(bench, device)
+    lines = [
+        {
+            "bench": "kernels_gpu",
+            "device": torch.cuda.get_device_name(),
+            "copy_bandwidth_gbps": round(bw / 1e9),
+            "bf16_gemm_tflops": round(flops / 1e12),
+            "torch": torch.__version__,
+            "triton": triton.__version__,
+        }
+    ]
+    print(json.dumps(lines[0]), flush=True)
+    for case in cases(device, Dims(experts=args.experts)):
+        try:
+            cuda_fn, ref_fn = lookup(case.op, "cuda"), lookup(case.op, "reference")
+            t_ms = bench(lambda f=cuda_fn, a=case.args: f(*a))
+            r_ms = bench(lambda f=ref_fn, a=case.args: f(*a))
+            lines.append(record(case, t_ms, r_ms, bw, flops))
+        except Exception as e:  # one failing kernel must not hide the others' numbers
+            lines.append({"bench": "kernels_gpu", "op": case.op, "case": case.name, "error": repr(e)[:500]})
+        print(json.dumps(lines[-1]), flush=True)
+    if args.out:
+        with args.out.open("a") as f:
+            f.writelines(json.dumps(line) + "\n" for line in lines)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

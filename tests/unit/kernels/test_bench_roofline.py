@@ -1,0 +1,71 @@
+"""The CPU-testable part of bench/kernels_gpu.py: roofline arithmetic, the JSON record, and that its cases cover
+every `cuda` op with argument shapes the reference accepts."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from dsv4.kernels.registry import lookup, registered
+
+pytestmark = pytest.mark.unit
+BENCH = Path(__file__).resolve().parents[3] / "bench" / "kernels_gpu.py"
+
+
+@pytest.fixture(scope="module")
+def bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("kernels_gpu", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses resolve string annotations through sys.modules
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_roofline_is_the_slower_of_bytes_and_flops(bench):
+    assert bench.roofline_ms(4.8e9, 1.0, 4.8e12, 1e15) == pytest.approx(1.0)  # bandwidth-bound: 1 ms
+    assert bench.roofline_ms(1.0, 2e12, 4.8e12, 1e15) == pytest.approx(2.0)  # compute-bound: 2 ms
+    with pytest.raises(ValueError):
+        bench.roofline_ms(1.0, 1.0, 0.0, 1.0)
+
+
+def test_record_fractions(bench):
+    case = bench.Case("rms_norm", "x", (), bytes=4.8e9, flops=0.0)
+    line = bench.record(case, triton_ms=2.0, reference_ms=6.0, measured_bw=2.4e12, measured_flops=1e15)
+    assert line["roofline_ms_datasheet"] == pytest.approx(1.0)
+    assert line["roofline_fraction_datasheet"] == pytest.approx(0.5)
+    assert line["roofline_ms_measured"] == pytest.approx(2.0)
+    assert line["roofline_fraction_measured"] == pytest.approx(1.0)
+    assert line["speedup_vs_reference"] == pytest.approx(3.0)
+    assert line["achieved_gbps"] == pytest.approx(2400.0)
+
+
+def test_cases_cover_every_cuda_op_and_run_on_the_reference(bench):
+    dims = bench.Dims(
+        t=2,
+        d=64,
+        h=4,
+        c=32,
+        rd=8,
+        n_keys=16,
+        k=8,
+        e_idx=16,
+        hi=4,
+        ic=16,
+        topk=4,
+        blocks=2,
+        experts=2,
+        inter=128,
+        rows_per_expert=2,
+    )
+    cases = bench.cases(torch.device("cpu"), dims)
+    assert {c.op for c in cases} == set(registered("cuda"))
+    for case in cases:
+        assert case.bytes > 0 and case.flops > 0
+        out = lookup(case.op, "reference")(*case.args)
+        assert all(bool(torch.isfinite(o.float()).all()) for o in (out if isinstance(out, tuple) else (out,)))
