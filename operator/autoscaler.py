@@ -21,7 +21,7 @@ import redis.asyncio as aioredis
 
 from dsv4.operator import builders, checks, planner, signals
 from dsv4.operator.builders import Owner
-from dsv4.operator.kube import Kube
+from dsv4.operator.kube import TIMEOUT, Kube
 from dsv4.operator.reconcile import Post, now_iso
 from dsv4.operator.spec import DeploymentSpec, PoolSpec
 from dsv4.services import contract
@@ -72,7 +72,7 @@ def _redis_url(kube: Kube, owner: Owner, spec: DeploymentSpec) -> str:
     ref = spec.redis.secret_ref
     if ref is None:
         return url
-    secret = kube.core.read_namespaced_secret(ref.name, owner.namespace)
+    secret = kube.core.read_namespaced_secret(ref.name, owner.namespace, _request_timeout=TIMEOUT)
     password = base64.b64decode((secret.data or {})[ref.key]).decode()
     parts = urlsplit(url)
     netloc = f":{password}@{parts.hostname}" + (f":{parts.port}" if parts.port else "")

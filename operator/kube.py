@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import kubernetes
+import urllib3
 from kubernetes.client import ApiClient, ApiException
 from kubernetes.dynamic import DynamicClient
 
@@ -24,26 +25,26 @@ T = TypeVar("T")
 RETRYABLE = {409, 429, 500, 502, 503, 504}
 ATTEMPTS = 5
 BACKOFF_S = 0.2
+# (connect, read) seconds: an overloaded API server must not stall a handler forever.
+TIMEOUT = (5.0, 30.0)
 
 # Kinds the operator creates, as (apiVersion, kind); listing them by label finds every child, including orphans.
-CHILD_KINDS = (
-    ("v1", "ConfigMap"),
-    ("v1", "Service"),
-    ("apps/v1", "Deployment"),
-    ("apps/v1", "StatefulSet"),
-    ("policy/v1", "PodDisruptionBudget"),
-)
+WORKLOAD_KINDS = (("apps/v1", "Deployment"), ("apps/v1", "StatefulSet"))
+CHILD_KINDS = (("v1", "ConfigMap"), ("v1", "Service"), *WORKLOAD_KINDS, ("policy/v1", "PodDisruptionBudget"))
 
 
 def retrying(call: Callable[[], T], attempts: int = ATTEMPTS) -> T:
-    """`call()`, retried on conflicts, throttling and server errors with exponential backoff."""
+    """`call()`, retried on conflicts, throttling, server errors and timeouts with exponential backoff."""
     for attempt in range(attempts):
         try:
             return call()
         except ApiException as err:
             if err.status not in RETRYABLE or attempt == attempts - 1:
                 raise
-            time.sleep(BACKOFF_S * 2**attempt)
+        except urllib3.exceptions.HTTPError:
+            if attempt == attempts - 1:
+                raise
+        time.sleep(BACKOFF_S * 2**attempt)
     raise AssertionError("unreachable")
 
 
@@ -92,20 +93,23 @@ class Kube:
                 namespace=meta["namespace"],
                 field_manager=MANAGER,
                 force_conflicts=True,
+                _request_timeout=TIMEOUT,
             )
         )
         out: dict[str, Any] = result.to_dict()
         return out
 
-    def list_children(self, namespace: str, instance: str) -> list[dict[str, Any]]:
-        """Every object of the child kinds labelled as belonging to `instance`."""
+    def list_children(
+        self, namespace: str, instance: str, kinds: tuple[tuple[str, str], ...] = CHILD_KINDS
+    ) -> list[dict[str, Any]]:
+        """Every object of `kinds` labelled as belonging to `instance`."""
         selector = f"app.kubernetes.io/instance={instance},app.kubernetes.io/managed-by={MANAGER}"
         out: list[dict[str, Any]] = []
-        for api_version, kind in CHILD_KINDS:
+        for api_version, kind in kinds:
             res = self._resource(api_version, kind)
 
             def list_kind(res: Any = res) -> Any:
-                return self.dynamic.get(res, namespace=namespace, label_selector=selector)
+                return self.dynamic.get(res, namespace=namespace, label_selector=selector, _request_timeout=TIMEOUT)
 
             for item in retrying(list_kind).to_dict()["items"]:
                 item.setdefault("apiVersion", api_version)
@@ -118,12 +122,16 @@ class Kube:
         res = self._resource(obj["apiVersion"], obj["kind"])
         meta = obj["metadata"]
         with not_found_as_none():
-            retrying(lambda: self.dynamic.delete(res, name=meta["name"], namespace=meta["namespace"]))
+            retrying(
+                lambda: self.dynamic.delete(
+                    res, name=meta["name"], namespace=meta["namespace"], _request_timeout=TIMEOUT
+                )
+            )
 
     def secret_has_key(self, namespace: str, name: str, key: str) -> bool | None:
         """Whether Secret `name` has `key`; None when the Secret does not exist."""
         try:
-            secret = retrying(lambda: self.core.read_namespaced_secret(name, namespace))
+            secret = retrying(lambda: self.core.read_namespaced_secret(name, namespace, _request_timeout=TIMEOUT))
         except ApiException as err:
             if err.status == 404:
                 return None
@@ -134,7 +142,9 @@ class Kube:
         """The DeepSeekV4Deployment `name`, or None when it is gone."""
 
         def get() -> dict[str, Any]:
-            obj: Any = self.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, namespace, api.PLURAL, name)
+            obj: Any = self.custom.get_namespaced_custom_object(
+                api.GROUP, api.VERSION, namespace, api.PLURAL, name, _request_timeout=TIMEOUT
+            )
             return dict(obj)
 
         with not_found_as_none():
@@ -146,7 +156,7 @@ class Kube:
         with not_found_as_none():
             retrying(
                 lambda: self.custom.patch_namespaced_custom_object_status(
-                    api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status}
+                    api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status}, _request_timeout=TIMEOUT
                 )
             )
 
@@ -154,18 +164,24 @@ class Kube:
         """Merge `spec` into the resource's spec (the planner's replica changes)."""
         retrying(
             lambda: self.custom.patch_namespaced_custom_object(
-                api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"spec": spec}
+                api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"spec": spec}, _request_timeout=TIMEOUT
             )
         )
 
     def pods(self, namespace: str, instance: str, component: str) -> list[Any]:
         """The pods of one pool."""
         selector = f"app.kubernetes.io/instance={instance},app.kubernetes.io/component={component}"
-        return list(retrying(lambda: self.core.list_namespaced_pod(namespace, label_selector=selector)).items)
+        return list(
+            retrying(
+                lambda: self.core.list_namespaced_pod(namespace, label_selector=selector, _request_timeout=TIMEOUT)
+            ).items
+        )
 
     def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
         """Merge `annotations` into a pod's metadata."""
         with not_found_as_none():
             retrying(
-                lambda: self.core.patch_namespaced_pod(name, namespace, {"metadata": {"annotations": annotations}})
+                lambda: self.core.patch_namespaced_pod(
+                    name, namespace, {"metadata": {"annotations": annotations}}, _request_timeout=TIMEOUT
+                )
             )

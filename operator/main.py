@@ -20,7 +20,9 @@ def main(args: argparse.Namespace) -> int:
     namespaces: list[str] = list(args.namespace or [])
     if not namespaces and not args.all_namespaces:
         namespaces = [ns for ns in os.environ.get(WATCH_NAMESPACES_ENV, "").split(",") if ns.strip()]
-    kopf.configure(verbose=bool(os.environ.get("DSV4_OPERATOR_VERBOSE")))
+    # Every reconcile, planner decision and problem is a Kubernetes Event; the log keeps warnings unless asked.
+    verbose = bool(os.environ.get("DSV4_OPERATOR_VERBOSE"))
+    kopf.configure(verbose=verbose, quiet=not verbose)
     kopf.run(
         standalone=True,
         clusterwide=not namespaces,

@@ -11,14 +11,13 @@ from typing import Any
 
 from dsv4.operator import builders, checks
 from dsv4.operator.builders import Owner
-from dsv4.operator.kube import Kube
+from dsv4.operator.kube import WORKLOAD_KINDS, Kube
 from dsv4.operator.spec import DeploymentSpec
 from dsv4.operator.status import DeploymentStatus, Problem, Workload, compute_status, endpoint_url, read_workload
 from dsv4.services import contract
 
 # post(type, reason, message): a Kubernetes Event on the DeepSeekV4Deployment.
 Post = Callable[[str, str, str], None]
-WORKLOAD_KINDS = ("Deployment", "StatefulSet")
 
 
 def now_iso() -> str:
@@ -52,7 +51,7 @@ def _workloads(spec: DeploymentSpec, objs: list[dict[str, Any]]) -> dict[str, Wo
     found = {
         o["metadata"]["labels"].get("app.kubernetes.io/component"): read_workload(o)
         for o in objs
-        if o["kind"] in WORKLOAD_KINDS
+        if o["kind"] in {kind for _, kind in WORKLOAD_KINDS}
     }
     return {k: found.get(k) for k in builders.workload_keys(spec)}
 
@@ -120,7 +119,8 @@ def refresh_status(kube: Kube, namespace: str, name: str) -> DeploymentStatus | 
     if spec is not None:
         problems += problems_of(kube, namespace, spec)
     uid = body["metadata"]["uid"]
-    objs = [o for o in kube.list_children(namespace, name) if _owned_by(o, uid)]
+    # Only the workloads decide the status: two lists, not five, on every pod change.
+    objs = [o for o in kube.list_children(namespace, name, WORKLOAD_KINDS) if _owned_by(o, uid)]
     status = _status(body, spec, problems, objs)
     patch = status_patch(status)
     current = body.get("status") or {}
