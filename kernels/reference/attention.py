@@ -13,19 +13,26 @@ def compress_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     return (kv * score.softmax(dim=-2, dtype=accumulation_dtype(score))).sum(dim=-2)
 
 
+def indexer_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """score [B, S, E] = sum_h weights[..., h] * ReLU(q[..., h, :] . keys[e]), rounded like the official kernels.
+
+    Products of bf16 (or fp32) inputs are exact in the accumulation dtype; the score is rounded to q.dtype once
+    after the dot product, once after the weighting and once after the head sum (fp32 accumulation inside each
+    op, as PyTorch's bf16 einsum / mul / sum do). Returned in the accumulation dtype.
+    """
+    A = accumulation_dtype(q)
+    scores = torch.einsum("bshd,bed->bshe", q.to(A), keys.to(q.dtype).to(A)).to(q.dtype).relu_()  # [B, S, Hi, E]
+    weighted = (scores.to(A) * weights.to(q.dtype).to(A).unsqueeze(-1)).to(q.dtype)
+    return weighted.to(A).sum(dim=2).to(q.dtype).to(A)
+
+
 @register("indexer_topk", "reference")
 def indexer_topk(
     q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, topk: int
 ) -> torch.Tensor:
-    A = accumulation_dtype(q)
     n_entries = keys.shape[1]
     k = min(topk, n_entries)
-    # Products of bf16 (or fp32) inputs are exact in the accumulation dtype; the score is rounded to q.dtype
-    # once after the dot product, once after the weighting and once after the head sum, as the official bf16
-    # kernels do (fp32 accumulation inside each op).
-    scores = torch.einsum("bshd,bed->bshe", q.to(A), keys.to(q.dtype).to(A)).to(q.dtype).relu_()  # [B, S, Hi, E]
-    weighted = (scores.to(A) * weights.to(q.dtype).to(A).unsqueeze(-1)).to(q.dtype)
-    score = weighted.to(A).sum(dim=2).to(q.dtype).to(A)  # [B, S, E]
+    score = indexer_scores(q, weights, keys)
     entry = torch.arange(n_entries, device=q.device)
     masked = entry.view(1, 1, -1) >= visible.unsqueeze(-1)
     score = score.masked_fill(masked, float("-inf"))

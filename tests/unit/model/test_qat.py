@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from dsv4.kernels.reference.attention import indexer_scores
 from dsv4.model_runtime import load_model
 from dsv4.model_runtime.formats import dequant_fp4, e2m1_round, quant_fp4, quant_fp8
 from dsv4.model_runtime.qat import hadamard, q4, q8, q8_nope
@@ -93,6 +94,19 @@ def test_weight_formats_round_trip() -> None:
     )
     assert one[0, :2].tolist() == [1.0, -1.5]
     assert e2m1_round(torch.tensor([0.7, -2.6])).tolist() == [0.5, -3.0]
+
+
+def test_bf16_indexer_scoring_rounds_like_pytorch_bf16_ops() -> None:
+    """The official scoring is bf16 einsum -> ReLU -> bf16 multiply by the weights -> bf16 head sum."""
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 5, 16, 128, generator=g).bfloat16()
+    keys = torch.randn(2, 9, 128, generator=g).bfloat16()
+    w = (torch.rand(2, 5, 16, generator=g) * 0.1).bfloat16()
+    official = (torch.einsum("bshd,btd->bsht", q, keys).relu_() * w.unsqueeze(-1)).sum(dim=2)
+    assert official.dtype == torch.bfloat16
+    assert torch.equal(indexer_scores(q, w, keys), official.float())
+    exact = (torch.einsum("bshd,btd->bsht", q.double(), keys.double()).relu() * w.double().unsqueeze(-1)).sum(2)
+    assert not torch.equal(indexer_scores(q, w, keys).double(), exact)  # bf16 rounding is really applied
 
 
 # ---- the simulations inside the model -------------------------------------------------------------------------
