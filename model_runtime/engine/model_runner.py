@@ -37,6 +37,7 @@ class ModelRunner:
             raise ValueError("MTP speculative decoding needs the model's MTP module (load it with mtp=True)")
         self.model, self.use_mtp = model, use_mtp
         self.drafts = mtp.DraftStats()
+        self._mtp_work: list[tuple[Sequence, torch.Tensor, int]] = []
 
     def _states(self, seqs: list[Sequence]) -> list[SequenceState]:
         states = []
@@ -60,6 +61,7 @@ class ModelRunner:
         produced = [s for n, seqs in groups.items() for s in self._feed(n, seqs)]
         if verify:
             produced += self._verify(verify)
+        self._run_mtp()
         return produced
 
     def _feed(self, n: int, seqs: list[Sequence]) -> list[Sequence]:
@@ -84,14 +86,31 @@ class ModelRunner:
         return produced
 
     def _follow(self, s: Sequence, streams: torch.Tensor, start: int) -> None:
-        """Advance the MTP module over the positions [start, start + k) the main model just consumed (streams
+        """Queue the MTP step over the positions [start, start + k) the main model just consumed (streams
         [k, hc, d]); each pairs with the token after it, which is known: the prompt's next token or the one just
-        sampled. When the main model has caught up, the MTP's last logits give the next draft."""
+        sampled. `_run_mtp` runs the queued steps batched by k."""
         assert s.state is not None and s.state.mtp_position == start, "MTP out of step with the main model"
-        end = start + streams.shape[0]
-        draft = mtp.mtp_step(self.model, s.state, streams, s.token_ids[start + 1 : end + 1])
-        if s.num_computed == s.num_tokens - 1 and not s.finished:
-            s.draft = draft
+        self._mtp_work.append((s, streams, start))
+
+    def _run_mtp(self) -> None:
+        groups: dict[int, list[tuple[Sequence, torch.Tensor, int]]] = defaultdict(list)
+        for item in self._mtp_work:
+            groups[item[1].shape[0]].append(item)
+        self._mtp_work = []
+        for k, items in groups.items():
+            seqs = [s for s, _, _ in items]
+            ids = [s.token_ids[start + 1 : start + k + 1] for s, _, start in items]
+            streams = torch.stack([st for _, st, _ in items])
+            next_ids = torch.tensor(ids, dtype=torch.long, device=self.model.device)
+            logits = self.model.mtp_logits(streams, next_ids, self._states(seqs))  # [B, k, vocab]
+            drafts = torch.argmax(logits[:, -1], dim=-1).tolist()
+            for s, draft in zip(seqs, drafts, strict=True):
+                if s.num_computed == s.num_tokens - 1 and not s.finished:
+                    self._propose(s, draft)
+
+    def _propose(self, s: Sequence, draft: int) -> None:
+        """The MTP's greedy guess for the token after the last one becomes the draft of the next step."""
+        s.draft = draft
 
     def _verify(self, seqs: list[Sequence]) -> list[Sequence]:
         """Feed [last token, draft] per sequence; keep the draft iff it is the token plain decoding would draw."""

@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.state import SequenceState
 
 
@@ -61,17 +60,6 @@ def rollback(state: SequenceState, snap: StepSnapshot) -> None:
             setattr(ls, name, t)
         ls.n_entries = saved.n_entries
     state.position = snap.position
-
-
-@torch.no_grad()
-def mtp_step(model: DeepseekV4, state: SequenceState, streams: torch.Tensor, next_ids: list[int]) -> int | None:
-    """Feed the MTP module the main streams [k, n, d] of k consecutive positions and the tokens following each;
-    returns its greedy draft for the token after the last of them (None when k = 0)."""
-    if not next_ids:
-        return None
-    ids = torch.tensor([next_ids], dtype=torch.long, device=model.device)
-    logits = model.mtp_logits(streams[None], ids, [state])  # [1, k, vocab]
-    return int(torch.argmax(logits[0, -1]))
 
 
 @dataclass

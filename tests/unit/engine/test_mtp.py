@@ -15,9 +15,9 @@ from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 
 pytestmark = pytest.mark.unit
 
-LENGTHS = [1, 4, 9, 16, 23, 33]
-GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
-SEEDED = SamplingParams(max_tokens=12, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
+LENGTHS = [1, 9, 16, 33]
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+SEEDED = SamplingParams(max_tokens=8, temperature=0.8, top_p=0.9, seed=11, ignore_eos=True)
 
 
 def _prompts() -> list[list[int]]:
@@ -34,12 +34,10 @@ class OracleRunner(ModelRunner):
         self.truth, self.turn = truth, 0
         self.mtp_drafts: dict[str, dict[int, int]] = {}
 
-    def _follow(self, s: Sequence, streams: torch.Tensor, start: int) -> None:
-        super()._follow(s, streams, start)
-        if s.draft is None:
-            return
-        self.mtp_drafts.setdefault(s.request_id, {})[s.num_tokens] = s.draft
-        right = self.truth[s.request_id][s.num_generated] if s.num_generated < len(self.truth[s.request_id]) else 0
+    def _propose(self, s: Sequence, draft: int) -> None:
+        self.mtp_drafts.setdefault(s.request_id, {})[s.num_tokens] = draft
+        truth = self.truth[s.request_id]
+        right = truth[s.num_generated] if s.num_generated < len(truth) else 0
         self.turn += 1
         s.draft = right if self.turn % 2 else (right + 1) % 128000
 
