@@ -22,7 +22,7 @@ def k8s_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KubeCluste
     try:
         cluster = KubeCluster.start(workdir)
     except ControlPlaneError as exc:
-        pytest.fail(str(exc), pytrace=False)
+        raise pytest.fail.Exception(str(exc), pytrace=False) from None
     print(f"\nk8s control plane up in {cluster.start_seconds:.1f}s at {cluster.server}; logs in {cluster.log_dir}")
     try:
         yield cluster

@@ -81,7 +81,7 @@ class _Component:
     log: Path
 
 
-@dataclass
+@dataclass(repr=False)
 class KubeCluster:
     """A running test cluster. Create with `KubeCluster.start(workdir)`, end with `stop()`.
 
@@ -103,6 +103,9 @@ class KubeCluster:
     NVIDIA_POOL = NVIDIA_POOL
     ASCEND_POOL = ASCEND_POOL
     CPU_POOL = CPU_POOL
+
+    def __repr__(self) -> str:
+        return f"KubeCluster(server={self.server!r}, workdir={str(self.workdir)!r})"
 
     @property
     def log_dir(self) -> Path:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.cluster.control_plane import CommandError, KubeCluster
+from tests.cluster.control_plane import CommandError, ControlPlaneError, KubeCluster
 from tests.cluster.node_pools import ASCEND_POOL, NVIDIA_POOL, POOL_LABEL, NodePool
 
 pytestmark = pytest.mark.cluster
@@ -225,3 +225,10 @@ def test_helm_install_and_uninstall(k8s_cluster: KubeCluster, k8s_namespace: str
         "get", "deployment,configmap", "-n", k8s_namespace, "-l", "app.kubernetes.io/instance=smoke", "-o", "name"
     )
     assert left.stdout.strip() == ""
+
+
+def test_missing_binaries_fail_with_the_build_command(tmp_path: Path) -> None:
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    with pytest.raises(ControlPlaneError, match=r"binaries missing .*etcd, kube-apiserver.*make cluster-binaries"):
+        KubeCluster.start(tmp_path / "cluster", binaries=empty)
