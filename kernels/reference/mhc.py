@@ -18,11 +18,10 @@ def _mix(streams: torch.Tensor, fn: torch.Tensor, norm_eps: float) -> torch.Tens
 
 @register("sinkhorn", "reference")
 def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    comb = torch.softmax(logits, dim=-1) + eps
-    comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
-    for _ in range(iters - 1):
-        comb = comb / (comb.sum(dim=-1, keepdim=True) + eps)
-        comb = comb / (comb.sum(dim=-2, keepdim=True) + eps)
+    comb = torch.softmax(logits, dim=-1).add_(eps)
+    # Column, then (iters - 1) x (row, column) normalisations, each x / (sum + eps); in place to save allocations.
+    for dim in [-2] + [-1, -2] * (iters - 1):
+        comb.div_(comb.sum(dim=dim, keepdim=True).add_(eps))
     return comb
 
 
