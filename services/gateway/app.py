@@ -333,6 +333,7 @@ async def _serve(gw: _State, request: Request, prepared: _Prepared, endpoint: st
     t0 = time.monotonic()
     span = telemetry.tracer().start_span(
         telemetry.SPAN_GATEWAY,
+        context=telemetry.extract(request.headers),  # a caller's traceparent makes this span its child
         attributes={
             telemetry.ATTR_REQUEST_ID: prepared.request_id,
             "http.route": endpoint,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 import signal
 import subprocess
@@ -132,9 +131,10 @@ async def worker_side(module_redis: LocalRedis) -> AsyncIterator[Callable[[Respo
 
     yield start
     for t in tasks:
-        t.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await t
+        # A cancel that lands as a Redis socket timeout fires is absorbed by redis-py's retry: cancel until done.
+        while not t.done():
+            t.cancel()
+            await asyncio.wait([t], timeout=1)
 
 
 async def write_tokens(job: Job, writer: TokenWriter, ids: list[int], *, duplicate: bool = True) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator
 
@@ -222,7 +223,8 @@ async def test_no_worker_times_out_with_504(gateway) -> None:  # type: ignore[no
 
 
 async def test_redis_down_answers_503_with_retry_after_then_recovers(redis_server: LocalRedis, worker_side) -> None:  # type: ignore[no-untyped-def]
-    gw = GatewayProcess(redis_server.url).start()
+    gw = GatewayProcess(redis_server.url)
+    await asyncio.to_thread(gw.start)
     try:
         async with httpx.AsyncClient(timeout=20) as h:
             assert (await h.get(gw.url + "/readyz")).status_code == 200
@@ -240,4 +242,4 @@ async def test_redis_down_answers_503_with_retry_after_then_recovers(redis_serve
             redis_server.start()
             assert (await h.get(gw.url + "/readyz")).status_code == 200
     finally:
-        gw.stop()
+        await asyncio.to_thread(gw.stop)
