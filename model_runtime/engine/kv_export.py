@@ -7,10 +7,13 @@ Layout (little endian):
 The header names the model (`model_fingerprint`: sha256 of the config, every parameter's name/shape/dtype and
 the QAT flag), the position the state stands at, and every section of the body in order (name, dtype, shape,
 byte count). The body is cut in `chunk_size` chunks, each with its crc32c in the header, so a reader can verify
-the stream chunk by chunk. Per layer the sections are: the window ring; for compressed layers the entries
+the stream chunk by chunk. Per layer the parts are: the window ring; for compressed layers the entries
 (position // m of them) and the compressor's live rows; for CSA layers also the indexer keys and the indexer
-compressor's live rows. `load` checks all of it against the importing model and raises `KVFormatError` (a
-`KVImportError`, hence a ValueError) naming what is wrong; it never returns a state it did not fully verify.
+compressor's live rows. K=V rows and indexer keys are stored in the paged pool's formats (`kv_layout`: FP8
+e4m3 + UE8M0 scales and MXFP4 when the model runs the QAT simulation, exact for the values it rounds), one
+section per stored field (`layers.3.entries.fp8`, `.scale`, `.rope`); compressor rows in fp32. `load` checks
+all of it against the importing model and raises `KVFormatError` (a `KVImportError`, hence a ValueError) naming
+what is wrong; it never returns a state it did not fully verify.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 import crc32c
 import torch
 
+from dsv4.model_runtime.engine.kv_layout import RowCodec, entry_codec, index_key_codec
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.state import LayerState, SequenceState
 from dsv4.services.engine_port import KVImportError
@@ -78,36 +82,47 @@ def _comp_rows(ratio: int, csa: bool, position: int) -> int:
     return ratio + r if csa else r
 
 
-def section_specs(model: DeepseekV4, position: int) -> list[SectionSpec]:
-    """The sections, in order, of a state at `position` for `model`."""
-    cfg, dt, f32 = model.cfg, model.dtype, torch.float32
-    specs = []
-    for i in range(cfg.num_hidden_layers):
-        p = f"layers.{i}."
-        specs.append(SectionSpec(p + "window", dt, (cfg.sliding_window, cfg.head_dim)))
-        m = cfg.ratio(i)
-        if not m:
-            continue
-        csa = cfg.is_csa(i)
-        coff, rows = (2 if csa else 1), _comp_rows(m, csa, position)
-        specs.append(SectionSpec(p + "entries", dt, (position // m, cfg.head_dim)))
-        specs.append(SectionSpec(p + "comp_kv", f32, (rows, coff * cfg.head_dim)))
-        specs.append(SectionSpec(p + "comp_score", f32, (rows, coff * cfg.head_dim)))
+def _parts(model: DeepseekV4, layer: int, position: int) -> list[tuple[str, RowCodec, int]]:
+    """(part, row format, rows) of one layer's state at `position`: K=V rows and indexer keys in the pool's
+    formats (`kv_layout`: FP8 / MXFP4 when the model rounds to them), compressor rows in fp32."""
+    cfg, dt, f32, low = model.cfg, model.dtype, torch.float32, model.qat_simulation
+    parts = [("window", entry_codec(cfg, dt, low), cfg.sliding_window)]
+    m = cfg.ratio(layer)
+    if m:
+        csa = cfg.is_csa(layer)
+        width, rows = (2 if csa else 1) * cfg.head_dim, _comp_rows(m, csa, position)
+        parts += [
+            ("entries", entry_codec(cfg, dt, low), position // m),
+            ("comp_kv", RowCodec(width, f32), rows),
+            ("comp_score", RowCodec(width, f32), rows),
+        ]
         if csa:
-            specs.append(SectionSpec(p + "index_keys", dt, (position // m, cfg.index_head_dim)))
-            specs.append(SectionSpec(p + "icomp_kv", f32, (rows, 2 * cfg.index_head_dim)))
-            specs.append(SectionSpec(p + "icomp_score", f32, (rows, 2 * cfg.index_head_dim)))
-    return specs
+            parts += [
+                ("index_keys", index_key_codec(cfg, dt, low), position // m),
+                ("icomp_kv", RowCodec(2 * cfg.index_head_dim, f32), rows),
+                ("icomp_score", RowCodec(2 * cfg.index_head_dim, f32), rows),
+            ]
+    return parts
 
 
-def _section_tensor(ls: LayerState, field: str, rows: int) -> torch.Tensor:
-    if field == "window":
+def section_specs(model: DeepseekV4, position: int) -> list[SectionSpec]:
+    """The sections, in order, of a state at `position` for `model`: one per stored field of every part."""
+    return [
+        SectionSpec(f"layers.{i}.{part}.{f.name}", f.dtype, (rows, f.width))
+        for i in range(model.cfg.num_hidden_layers)
+        for part, codec, rows in _parts(model, i, position)
+        for f in codec.fields
+    ]
+
+
+def _part_tensor(ls: LayerState, part: str, rows: int) -> torch.Tensor:
+    if part == "window":
         return ls.window
-    if field == "entries":
+    if part == "entries":
         return ls.valid_entries()
-    if field == "index_keys":
+    if part == "index_keys":
         return ls.valid_index_keys()
-    return getattr(ls, field)[:rows]
+    return getattr(ls, part)[:rows]
 
 
 def export_state(model: DeepseekV4, state: SequenceState, chunk_size: int = CHUNK_SIZE) -> bytes:
@@ -117,18 +132,20 @@ def export_state(model: DeepseekV4, state: SequenceState, chunk_size: int = CHUN
 
 def export_chunks(model: DeepseekV4, state: SequenceState, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
     """The blob of `state` as a stream: the prefix and header, then the body in `chunk_size` pieces."""
-    cfg, pos = model.cfg, state.position
+    pos = state.position
     if pos < 1:
         raise ValueError("export: the state holds no tokens")
     parts = []
+    for i, ls in enumerate(state.layers):
+        for part, codec, rows in _parts(model, i, pos):
+            t = _part_tensor(ls, part, rows)
+            if tuple(t.shape) != (rows, codec.width):
+                raise ValueError(f"export: layer {i} {part} is {tuple(t.shape)}, expected {(rows, codec.width)}")
+            encoded = codec.encode(t)
+            parts += [
+                encoded[f.name].detach().contiguous().cpu().view(torch.uint8).numpy().tobytes() for f in codec.fields
+            ]
     specs = section_specs(model, pos)
-    for spec in specs:
-        layer, field = int(spec.name.split(".")[1]), spec.name.split(".")[2]
-        ratio = cfg.ratio(layer)
-        t = _section_tensor(state.layers[layer], field, _comp_rows(ratio, cfg.is_csa(layer), pos) if ratio else 0)
-        if tuple(t.shape) != spec.shape or t.dtype != spec.dtype:
-            raise ValueError(f"export: {spec.name} is {t.dtype}{tuple(t.shape)}, expected {spec.dtype}{spec.shape}")
-        parts.append(t.detach().contiguous().cpu().view(torch.uint8).numpy().tobytes())
     body = b"".join(parts)
     chunks = [body[o : o + chunk_size] for o in range(0, len(body), chunk_size)]
     header = {
@@ -231,19 +248,17 @@ def restore(model: DeepseekV4, snapshot: KVSnapshot, state: SequenceState) -> No
     """Fill a fresh (position 0) state with a verified snapshot."""
     if state.position != 0:
         raise ValueError("restore: the target state is not fresh")
-    cfg, dev, t = model.cfg, model.device, snapshot.tensors
+    dev = model.device
     for i, ls in enumerate(state.layers):
-        p = f"layers.{i}."
-        ls.window.copy_(t[p + "window"].to(dev))
-        m = cfg.ratio(i)
-        if not m:
+        values = {}
+        for part, codec, _ in _parts(model, i, snapshot.position):
+            stored = {f.name: snapshot.tensors[f"layers.{i}.{part}.{f.name}"].to(dev) for f in codec.fields}
+            values[part] = codec.decode(stored)
+        ls.window.copy_(values["window"])
+        if "entries" not in values:
             continue
-        keys = t[p + "index_keys"].to(dev) if cfg.is_csa(i) else None
-        ls.append_entries(t[p + "entries"].to(dev), keys)
-        rows = t[p + "comp_kv"].shape[0]
-        ls.comp_kv[:rows] = t[p + "comp_kv"].to(dev)
-        ls.comp_score[:rows] = t[p + "comp_score"].to(dev)
-        if cfg.is_csa(i):
-            ls.icomp_kv[:rows] = t[p + "icomp_kv"].to(dev)
-            ls.icomp_score[:rows] = t[p + "icomp_score"].to(dev)
+        ls.append_entries(values["entries"], values.get("index_keys"))
+        for name in ("comp_kv", "comp_score", "icomp_kv", "icomp_score"):
+            if name in values:
+                getattr(ls, name)[: values[name].shape[0]] = values[name]
     state.position = snapshot.position

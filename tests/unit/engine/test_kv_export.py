@@ -9,11 +9,12 @@ from pathlib import Path
 
 import crc32c
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from dsv4.model_runtime.engine import kv_export
-from dsv4.model_runtime.engine.kv_export import KVFormatError, export_state, load
+from dsv4.model_runtime.engine.kv_export import KVFormatError, export_state, load, restore
 from dsv4.model_runtime.engine.llm_engine import LLMEngine
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
@@ -64,13 +65,34 @@ def test_header_is_self_describing(blob: bytes, model: DeepseekV4) -> None:
     assert header["model_fingerprint"] == kv_export.model_fingerprint(model)
     assert header["position"] == 21
     names = [s["name"] for s in header["sections"]]
-    # tiny-flash: SWA, SWA, CSA (m=4), HCA (m=8)
-    assert names[:2] == ["layers.0.window", "layers.1.window"]
-    entries = {s["name"]: s["shape"] for s in header["sections"]}
-    assert entries["layers.2.entries"] == [5, 128] and entries["layers.2.index_keys"] == [5, 128]
-    assert entries["layers.3.entries"] == [2, 128] and entries["layers.3.comp_kv"] == [5, 128]
-    assert entries["layers.2.comp_kv"] == [4 + 1, 256]
+    # tiny-flash: SWA, SWA, CSA (m=4), HCA (m=8); K=V rows as FP8 + UE8M0 scales + RoPE dims, keys as MXFP4.
+    assert names[:6] == [f"layers.{i}.window.{f}" for i in (0, 1) for f in ("fp8", "scale", "rope")]
+    shapes = {s["name"]: (s["dtype"], s["shape"]) for s in header["sections"]}
+    assert shapes["layers.2.entries.fp8"] == ("uint8", [5, 64]) and shapes["layers.2.entries.scale"] == (
+        "uint8",
+        [5, 1],
+    )
+    assert shapes["layers.2.entries.rope"] == ("float32", [5, 64])
+    assert shapes["layers.2.index_keys.fp4"] == ("uint8", [5, 64]) and shapes["layers.2.index_keys.scale"][1] == [5, 4]
+    assert shapes["layers.3.entries.fp8"][1] == [2, 64] and shapes["layers.3.comp_kv.value"] == ("float32", [5, 128])
+    assert shapes["layers.2.comp_kv.value"][1] == [4 + 1, 256]
     assert len(blob) - offset == header["body_bytes"] == sum(s["nbytes"] for s in header["sections"])
+
+
+def test_round_trip_restores_the_state_exactly(model: DeepseekV4) -> None:
+    ids = torch.randint(3, 128000, (1, 29), generator=torch.Generator().manual_seed(1))
+    state = model.new_state()
+    model.prefill(ids, [state])
+    copy = model.new_state()
+    restore(model, load(model, export_state(model, state)), copy)
+    assert copy.position == state.position == 29
+    for a, b in zip(state.layers, copy.layers, strict=True):
+        assert a.n_entries == b.n_entries
+        assert torch.equal(a.window, b.window)
+        assert torch.equal(a.valid_entries(), b.valid_entries())
+        assert torch.equal(a.valid_index_keys(), b.valid_index_keys())
+        for name in ("comp_kv", "comp_score", "icomp_kv", "icomp_score"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
 
 
 def _rewrite_header(blob: bytes, edit: Callable[[dict], None], version: int = kv_export.FORMAT_VERSION) -> bytes:
