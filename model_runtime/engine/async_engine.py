@@ -64,7 +64,7 @@ class AsyncEngine:
         self._engine = engine
         self._chunk_size = kv_chunk_size
         self._fingerprint = kv_export.model_fingerprint(engine.model)
-        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
         self._requests: dict[str, _Request] = {}
@@ -102,6 +102,9 @@ class AsyncEngine:
         self._post(lambda: self._add(request_id, prompt_ids, params, export=True))
         try:
             return await req.prefill
+        except asyncio.CancelledError:  # the caller gave up: stop computing it
+            self._post(lambda: self._engine.abort(request_id))
+            raise
         finally:
             self._forget(request_id)
 
@@ -206,7 +209,7 @@ class AsyncEngine:
         with self._lock:
             self._requests.pop(request_id, None)
 
-    def _post(self, command: Callable[[], None]) -> None:
+    def _post(self, command: Callable[[], object]) -> None:
         self._commands.put(command)
         self._wake.set()
 

@@ -115,6 +115,12 @@ class LLMEngine:
                 f"request {request_id}: KV state covers {snapshot.position} positions, "
                 f"the prompt has {len(prompt_token_ids)}"
             )
+        longest = len(prompt_token_ids) + params.max_tokens
+        if longest > self.model.cfg.max_position_embeddings:
+            raise ValueError(
+                f"request {request_id}: prompt + max_tokens = {longest} exceeds the model's "
+                f"{self.model.cfg.max_position_embeddings} positions"
+            )
         if len(output_token_ids) >= params.max_tokens:
             raise ValueError(f"request {request_id}: {len(output_token_ids)} tokens already generated >= max_tokens")
         if self.scheduler.get(request_id) is not None:

@@ -26,7 +26,7 @@ def _request(seq: Sequence) -> SampleRequest:
 
 def _draw(seq: Sequence, logits: torch.Tensor) -> int:
     """Sample the sequence's next token from logits [vocab] and append it; returns the token."""
-    token, logprob = sample_row(logits.cpu(), _request(seq))
+    token, logprob = sample_row(logits, _request(seq))
     seq.append(token, logprob)
     return token
 

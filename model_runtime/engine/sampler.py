@@ -30,11 +30,13 @@ class SampleRequest:
     output_token_ids: list[int]
 
 
-def token_gumbel(seed: int, index: int, vocab: int) -> torch.Tensor:
-    """Gumbel noise [vocab] (fp64, CPU) that decides generated token `index` of a request seeded with `seed`."""
+def token_gumbel(seed: int, index: int, vocab: int, device: torch.device) -> torch.Tensor:
+    """Gumbel noise [vocab] (fp64) that decides generated token `index` of a request seeded with `seed`.
+
+    Drawn by the device's own generator, so the same seed gives the same tokens on the same kind of device."""
     digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    gen = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
-    u = torch.rand(vocab, generator=gen, dtype=torch.float64).clamp_(min=1e-300)
+    gen = torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
+    u = torch.rand(vocab, generator=gen, dtype=torch.float64, device=device).clamp_(min=1e-300)
     return -torch.log(-torch.log(u))
 
 
@@ -45,12 +47,15 @@ def apply_penalties(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
         return logits
     logits = logits.clone()
     if p.repetition_penalty != 1.0:
-        seen = torch.tensor(sorted(set(req.prompt_token_ids + req.output_token_ids)), dtype=torch.long)
+        seen = torch.tensor(
+            sorted(set(req.prompt_token_ids + req.output_token_ids)), dtype=torch.long, device=logits.device
+        )
         if seen.numel():
             vals = logits[seen]
             logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
     if (p.presence_penalty or p.frequency_penalty) and req.output_token_ids:
-        counts = torch.bincount(torch.tensor(req.output_token_ids, dtype=torch.long), minlength=logits.shape[-1])
+        outputs = torch.tensor(req.output_token_ids, dtype=torch.long, device=logits.device)
+        counts = torch.bincount(outputs, minlength=logits.shape[-1])
         logits -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty * (counts > 0).to(logits.dtype)
     return logits
 
@@ -87,7 +92,7 @@ def sample_row(logits: torch.Tensor, req: SampleRequest) -> tuple[int, TokenLogp
         token = int(torch.argmax(scores))
     else:
         # argmax(logits + Gumbel noise) is a draw from softmax(logits); excluded tokens stay at -inf.
-        noisy = filtered_logits(scores, p).cpu() + token_gumbel(req.seed, req.index, scores.shape[-1])
+        noisy = filtered_logits(scores, p) + token_gumbel(req.seed, req.index, scores.shape[-1], scores.device)
         token = int(torch.argmax(noisy))
     if p.logprobs is None:
         return token, None

@@ -93,7 +93,7 @@ async def test_bad_blobs_raise_kv_import_error(engines: tuple[AsyncEngine, Async
     # The refused request is not live: the caller resubmits it with kv_blob=None.
     await b.submit_decode("r", PROMPT, GREEDY, kv_blob=None, streamed_ids=[out.first_token])
     assert len(await _collect(b, "r")) == 6
-    with pytest.raises(ValueError, match="KV blocks"):
+    with pytest.raises(ValueError, match="exceeds the model's 1048576 positions"):
         await b.submit_decode("huge", PROMPT, SamplingSpec(max_tokens=10**7), kv_blob=None, streamed_ids=[])
 
 
@@ -134,3 +134,20 @@ async def test_event_loop_keeps_running_while_the_engine_steps(engines: tuple[As
     await task
     assert len(tokens) == 12
     assert ticks - before >= 12, "the loop should tick at least once per generated token"
+
+
+async def test_a_prefill_the_caller_abandons_is_stopped(make_engine: Callable[..., LLMEngine]) -> None:
+    with AsyncEngine(make_engine(max_num_batched_tokens=4)) as engine:
+        # 800 prompt tokens at 4 per step: hundreds of steps, far longer than the wait below.
+        task = asyncio.create_task(engine.prefill("gone", list(range(3, 803)), GREEDY))
+        while engine.stats().running_requests == 0:
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        for _ in range(100):
+            if engine.stats().running_requests == 0 and engine.stats().kv_cache_used_blocks == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert engine.stats().running_requests == 0 and engine.stats().kv_cache_used_blocks == 0
+        assert engine.stats().waiting_requests == 0
