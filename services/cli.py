@@ -66,8 +66,8 @@ class Command:
 COMMANDS: dict[str, Command] = {
     "serve": Command("run gateway, prefill and decode on this machine", _serve_args, None),
     "gateway": Command("run the OpenAI-compatible gateway", _gateway_args, "dsv4.services.gateway.main:run"),
-    "prefill": Command("run a prefill worker", _worker_args, None),
-    "decode": Command("run a decode worker", _worker_args, None),
+    "prefill": Command("run a prefill worker", _worker_args, "dsv4.services.workers.main:run_prefill"),
+    "decode": Command("run a decode worker", _worker_args, "dsv4.services.workers.main:run_decode"),
     "operator": Command("run the Kubernetes operator", _operator_args, "dsv4.operator.main:main"),
     "make-checkpoint": Command(
         "write a small random checkpoint in the official format",

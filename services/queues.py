@@ -346,15 +346,22 @@ class TokenWriter:
 
     async def streamed(self) -> list[int]:
         """Tokens 0..n-1 already in the stream, without duplicates (what a worker taking over must resume after)."""
+        return (await self.progress())[0]
+
+    async def progress(self) -> tuple[list[int], bool]:
+        """The tokens already streamed and whether an end or error marker was written (the request is over)."""
         with unavailable_as_typed("reading a token stream"):
             entries: Any = await self.client.xrange(self.key, "-", "+")
         tokens: list[int] = []
+        ended = False
         for _, fields in entries:
             if b"i" in fields:
                 start, ids = int(fields[b"i"]), unpack_ids(fields[b"ids"])
                 if start <= len(tokens) < start + len(ids):
                     tokens.extend(ids[len(tokens) - start :])
-        return tokens
+            elif b"end" in fields or b"error" in fields:
+                ended = True
+        return tokens, ended
 
     async def _add(self, fields: dict[bytes, bytes]) -> None:
         with unavailable_as_typed("writing a token stream"):

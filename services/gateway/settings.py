@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic.alias_generators import to_camel
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from dsv4.services import contract
+from dsv4.services.config_file import ConfigFileSource
 
 
 class DisaggregationSettings(BaseModel):
@@ -24,28 +22,16 @@ class DisaggregationSettings(BaseModel):
     max_prefill_queue: int = Field(default=64, ge=0)
 
 
-class _ConfigFileSource(PydanticBaseSettingsSource):
-    """The role's YAML file from the operator's ConfigMap (`DSV4_CONFIG_FILE`), mapped onto the settings' fields."""
-
-    def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False
-
-    def __call__(self) -> dict[str, Any]:
-        path = os.environ.get(contract.ENV_CONFIG_FILE)
-        if not path or not Path(path).is_file():
-            return {}
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        if not isinstance(data, dict):
-            raise ValueError(f"{path}: expected a mapping at the top level")
-        out: dict[str, Any] = {}
-        if "deployment" in data:
-            out["deployment"] = data["deployment"]
-        if "disaggregation" in data:
-            out["disaggregation"] = data["disaggregation"]
-        variant = (data.get("model") or {}).get("variant")
-        if variant:
-            out["served_model_name"] = f"deepseek-v4-{variant}"
-        return out
+def _from_config_file(data: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if "deployment" in data:
+        out["deployment"] = data["deployment"]
+    if "disaggregation" in data:
+        out["disaggregation"] = data["disaggregation"]
+    variant = (data.get("model") or {}).get("variant")
+    if variant:
+        out["served_model_name"] = f"deepseek-v4-{variant}"
+    return out
 
 
 class GatewaySettings(BaseSettings):
@@ -76,7 +62,7 @@ class GatewaySettings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, _ConfigFileSource(settings_cls)
+        return init_settings, env_settings, ConfigFileSource(settings_cls, _from_config_file)
 
     def accepted_api_keys(self) -> frozenset[str]:
         """Keys from the key file (one per line; blank lines and `#` comments skipped) and `DSV4_API_KEYS`.

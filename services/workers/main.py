@@ -1,0 +1,56 @@
+"""`dsv4 prefill` and `dsv4 decode`: load the engine, then serve the role until SIGTERM has drained it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from dsv4.services import contract, telemetry
+from dsv4.services.engine_port import Engine
+from dsv4.services.workers.settings import WorkerSettings
+
+
+def run_prefill(args: argparse.Namespace) -> int:
+    """Entry point of `dsv4 prefill`."""
+    return _run(args, contract.Role.PREFILL)
+
+
+def run_decode(args: argparse.Namespace) -> int:
+    """Entry point of `dsv4 decode`."""
+    return _run(args, contract.Role.DECODE)
+
+
+def _run(args: argparse.Namespace, role: contract.Role) -> int:
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s {role.value} %(name)s: %(message)s")
+    overrides: dict[str, Any] = {}
+    for name in ("model", "redis_url", "device"):
+        if getattr(args, name, None):
+            overrides[name] = getattr(args, name)
+    settings = WorkerSettings(**overrides)
+    if settings.model is None:
+        print(f"dsv4 {role.value}: no model: pass --model PATH or set {contract.ENV_MODEL}", file=sys.stderr)
+        return 2
+    telemetry.setup_tracing(role.value)
+    from dsv4.model_runtime.engine.async_engine import AsyncEngine  # torch is imported only here
+
+    engine = AsyncEngine.from_path(settings.model, device=settings.device or "cpu")
+    try:
+        asyncio.run(_serve(role, settings, engine))
+    finally:
+        engine.close()
+        telemetry.shutdown_tracing()
+    return 0
+
+
+async def _serve(role: contract.Role, settings: WorkerSettings, engine: Engine) -> None:
+    from dsv4.services.workers.decode import DecodeWorker
+    from dsv4.services.workers.prefill import PrefillWorker
+    from dsv4.services.workers.runtime import WorkerRuntime, serve_worker
+
+    stream = contract.PREFILL_STREAM if role is contract.Role.PREFILL else contract.DECODE_STREAM
+    runtime = WorkerRuntime(role, settings, engine, stream)
+    worker = PrefillWorker(runtime) if role is contract.Role.PREFILL else DecodeWorker(runtime)
+    await serve_worker(runtime, worker.handle)

@@ -1,0 +1,100 @@
+"""The prefill worker: prompt → first token (streamed at once) → KV handoff → decode job (DESIGN.md §4)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from opentelemetry.util.types import AttributeValue
+
+from dsv4.services import contract, metrics, telemetry
+from dsv4.services.handoff import HandoffWriter, descriptor_key
+from dsv4.services.queues import TOKEN_STREAM_TTL_S, Delivery, Job, TokenWriter, Usage, WorkQueue, is_cancelled
+from dsv4.services.redis_conn import unavailable_as_typed
+from dsv4.services.workers.runtime import WorkerRuntime
+
+log = logging.getLogger(__name__)
+
+
+def handed_over_key(deployment: str, request_id: str) -> str:
+    """Set once a request's decode job is enqueued, so a reclaimed prefill job is not handed over twice."""
+    return contract.redis_key(deployment, "handed", request_id)
+
+
+class PrefillWorker:
+    """Handles jobs of the `prefill` stream with the runtime's engine."""
+
+    def __init__(self, runtime: WorkerRuntime) -> None:
+        self.rt = runtime
+        s = runtime.settings
+        self.decode_queue = WorkQueue(runtime.client, s.deployment, contract.DECODE_STREAM)
+        self.writer = HandoffWriter(
+            runtime.client,
+            s.deployment,
+            transport=s.kv_handoff.transport,
+            ttl_s=s.kv_handoff.ttl_seconds,
+            chunk_bytes=s.kv_handoff.chunk_bytes,
+            direct_store=runtime.direct_store,
+            direct_url=f"http://{s.pod_ip}:{s.port}",
+        )
+
+    async def handle(self, d: Delivery) -> None:
+        job, rt, dep = d.job, self.rt, self.rt.settings.deployment
+        ctx = telemetry.extract(job.trace_context)
+        tracer = telemetry.tracer()
+        attrs: dict[str, AttributeValue] = {
+            telemetry.ATTR_REQUEST_ID: job.request_id,
+            telemetry.ATTR_PROMPT_TOKENS: len(job.prompt_ids),
+        }
+        tracer.start_span(
+            telemetry.SPAN_PREFILL_QUEUE, context=ctx, start_time=job.enqueued_at_ms * 1_000_000, attributes=attrs
+        ).end()
+        if await is_cancelled(rt.client, dep, job.request_id) or (
+            d.reclaimed and await rt.client.exists(handed_over_key(dep, job.request_id))
+        ):
+            await rt.queue.ack(d.entry_id)
+            return
+        tokens = TokenWriter(rt.client, dep, job.request_id)
+        with tracer.start_as_current_span(telemetry.SPAN_PREFILL_COMPUTE, context=ctx, attributes=attrs):
+            try:
+                out = await rt.engine.prefill(job.request_id, job.prompt_ids, job.sampling)
+            except ValueError as e:  # the engine refuses the request itself (too long, bad ids): not retryable
+                await tokens.fail(str(e), "invalid_request")
+                await rt.queue.ack(d.entry_id)
+                return
+            # Token 0 goes to the client now: time to first token does not include the handoff.
+            await tokens.write(0, [out.first_token])
+            metrics.GENERATED_TOKENS.labels(role=contract.Role.PREFILL.value).inc()
+            if job.sampling.max_tokens <= 1:
+                await tokens.finish("length", Usage(len(job.prompt_ids), 1))
+                await rt.queue.ack(d.entry_id)
+                return
+            with tracer.start_as_current_span(telemetry.SPAN_KV_EXPORT, attributes=attrs):
+                chunks = await asyncio.to_thread(list, out.kv_chunks)  # serialization must not block the loop
+            with tracer.start_as_current_span(telemetry.SPAN_KV_WRITE, attributes=attrs) as span:
+                t0 = time.monotonic()
+                desc = await self.writer.write(
+                    job.request_id, out.kv_meta, chunks, out.first_token, trace_context=telemetry.inject()
+                )
+                seconds = time.monotonic() - t0
+                span.set_attribute(telemetry.ATTR_KV_BYTES, desc.total_bytes)
+                span.set_attribute(telemetry.ATTR_KV_CHUNKS, len(desc.chunk_sizes))
+                span.set_attribute(telemetry.ATTR_KV_TRANSPORT, desc.transport)
+                span.set_attribute(telemetry.ATTR_TRANSFER_MS, seconds * 1000)
+            metrics.HANDOFF_BYTES.labels(transport=desc.transport, direction="write").inc(desc.total_bytes)
+            metrics.HANDOFF_SECONDS.labels(transport=desc.transport, direction="write").observe(seconds)
+            decode_job = Job(
+                job.request_id,
+                job.prompt_ids,
+                job.sampling,
+                handoff_key=descriptor_key(dep, desc.handoff_id),
+                trace_context=telemetry.inject(),
+                enqueued_at_ms=int(time.time() * 1000),
+            )
+        # Enqueue first, then mark: a crash in between duplicates the decode (its tokens are dropped by index),
+        # never loses the request.
+        await self.decode_queue.enqueue(decode_job)
+        with unavailable_as_typed("marking a handover"):
+            await rt.client.set(handed_over_key(dep, job.request_id), b"1", ex=TOKEN_STREAM_TTL_S)
+        await rt.queue.ack(d.entry_id)

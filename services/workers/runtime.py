@@ -1,0 +1,202 @@
+"""What prefill and decode workers share: the consumer loop, heartbeats, reclaim, graceful drain, the HTTP side.
+
+A worker runs up to `max_inflight` jobs as asyncio tasks. Every `heartbeat_s` it touches the jobs it holds, so no
+other worker reclaims them; every few heartbeats it takes over jobs nobody touched for `reclaim_idle_ms` (their
+worker died). On SIGTERM it stops reading, finishes what it holds (up to `drain_timeout_s`), leaves the consumer
+group and exits; jobs it could not finish stay pending and are reclaimed by the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable, Iterator
+
+import redis.asyncio as aioredis
+import uvicorn
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+
+from dsv4.services import contract, metrics
+from dsv4.services.engine_port import Engine
+from dsv4.services.handoff import DirectStore, direct_router
+from dsv4.services.queues import Delivery, WorkQueue
+from dsv4.services.redis_conn import RedisUnavailable, connect
+from dsv4.services.workers.settings import WorkerSettings
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+RECLAIM_EVERY_HEARTBEATS = 3
+REDIS_RETRY_S = 1.0
+
+
+class WorkerRuntime:
+    """The consumer side of one work stream, running `handle` for each job; `run()` until drained."""
+
+    def __init__(self, role: contract.Role, settings: WorkerSettings, engine: Engine, stream: str) -> None:
+        self.role = role
+        self.settings = settings
+        self.engine = engine
+        password = settings.redis_password.get_secret_value() if settings.redis_password else None
+        self.client: aioredis.Redis = connect(settings.redis_url, password)
+        self.queue = WorkQueue(self.client, settings.deployment, stream, consumer=settings.pod_name)
+        self.direct_store = DirectStore()
+        self.inflight: dict[str, asyncio.Task[None]] = {}
+        self.draining = asyncio.Event()
+        self.started = False
+        self._handle: Handler | None = None
+
+    async def run(self, handle: Handler) -> None:
+        """Consume jobs until `drain()` was called, then wait for in-flight jobs and leave the group."""
+        self._handle = handle
+        await self._until_redis(self.queue.ensure_group)
+        self.started = True
+        beat = asyncio.create_task(self._heartbeats())
+        try:
+            while not self.draining.is_set():
+                free = self.settings.max_inflight - len(self.inflight)
+                if free <= 0:
+                    await asyncio.wait(list(self.inflight.values()), return_when=asyncio.FIRST_COMPLETED, timeout=1)
+                    continue
+                try:
+                    deliveries = await self.queue.read(count=free)
+                except RedisUnavailable as e:
+                    log.warning("%s; retrying in %.0f s", e, REDIS_RETRY_S)
+                    await asyncio.sleep(REDIS_RETRY_S)
+                    continue
+                for d in deliveries:
+                    self._start(d, handle)
+            await self._drain()
+        finally:
+            beat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await beat
+
+    def drain(self) -> None:
+        """Stop taking work (SIGTERM)."""
+        if not self.draining.is_set():
+            log.info("draining: %d jobs in flight", len(self.inflight))
+        self.draining.set()
+
+    def _start(self, d: Delivery, handle: Handler) -> None:
+        if d.entry_id in self.inflight:
+            return
+        task = asyncio.create_task(self._run_one(d, handle), name=f"job-{d.job.request_id}")
+        self.inflight[d.entry_id] = task
+        task.add_done_callback(lambda _: self.inflight.pop(d.entry_id, None))
+
+    async def _run_one(self, d: Delivery, handle: Handler) -> None:
+        try:
+            await handle(d)
+        except RedisUnavailable as e:
+            # Nothing was acknowledged: the job stays pending and is reclaimed (here or elsewhere) once Redis is back.
+            log.warning("job %s of request %s interrupted: %s", d.entry_id, d.job.request_id, e)
+        except Exception:
+            log.exception("job %s of request %s failed", d.entry_id, d.job.request_id)
+
+    async def _heartbeats(self) -> None:
+        n = 0
+        while True:
+            await asyncio.sleep(self.settings.heartbeat_s)
+            n += 1
+            try:
+                await self.queue.touch(list(self.inflight))
+                if n % RECLAIM_EVERY_HEARTBEATS == 0 and not self.draining.is_set():
+                    free = self.settings.max_inflight - len(self.inflight)
+                    if free > 0 and self._handle is not None:
+                        for d in await self.queue.reclaim(self.settings.reclaim_idle_ms, count=free):
+                            log.info("took over job %s of request %s", d.entry_id, d.job.request_id)
+                            self._start(d, self._handle)
+            except RedisUnavailable as e:
+                log.warning("heartbeat skipped: %s", e)
+            self._export_engine_stats()
+
+    def _export_engine_stats(self) -> None:
+        stats = self.engine.stats()
+        metrics.BATCH_SIZE.labels(role=self.role.value).set(stats.running_requests)
+        if stats.kv_cache_total_blocks:
+            usage = stats.kv_cache_used_blocks / stats.kv_cache_total_blocks
+            metrics.KV_CACHE_USAGE.labels(role=self.role.value).set(usage)
+
+    async def _drain(self) -> None:
+        if self.inflight:
+            _, pending = await asyncio.wait(list(self.inflight.values()), timeout=self.settings.drain_timeout_s)
+            for t in pending:
+                t.cancel()
+            if pending:
+                log.warning("drain timeout: %d jobs left pending for other workers to reclaim", len(pending))
+                await asyncio.wait(pending, timeout=5)
+        try:
+            left = await self.queue.leave()
+            log.info("drained; %s the consumer group", "left" if left else "could not leave (jobs pending)")
+        except RedisUnavailable as e:
+            log.warning("drained, but could not leave the consumer group: %s", e)
+
+    async def _until_redis(self, op: Callable[[], Awaitable[None]]) -> None:
+        while True:
+            try:
+                await op()
+                return
+            except RedisUnavailable as e:
+                if self.draining.is_set():
+                    raise
+                log.warning("%s; retrying in %.0f s", e, REDIS_RETRY_S)
+                await asyncio.sleep(REDIS_RETRY_S)
+
+    async def aclose(self) -> None:
+        await self.client.aclose()
+
+
+def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
+    """The worker's HTTP side on WORKER_PORT: health, readiness, metrics and the `direct` KV data plane."""
+    app = FastAPI(title=f"dsv4 {runtime.role.value} worker", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.get(contract.HEALTH_PATH)
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(contract.READY_PATH)
+    async def readyz() -> JSONResponse:
+        if runtime.draining.is_set():
+            return JSONResponse({"status": "draining"}, status_code=503)
+        if not runtime.started:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        return JSONResponse({"status": "ready", "inflight": len(runtime.inflight)})
+
+    @app.get(contract.METRICS_PATH)
+    async def metrics_endpoint() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    app.include_router(direct_router(runtime.direct_store))
+    return app
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its own signal handling: SIGTERM means "drain" for the runtime, not "exit now"."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def serve_worker(runtime: WorkerRuntime, handle: Handler) -> None:
+    """Run the consumer loop and the HTTP side until SIGTERM/SIGINT, then drain and stop both."""
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, runtime.drain)
+    config = uvicorn.Config(
+        create_worker_app(runtime), host=runtime.settings.host, port=runtime.settings.port, log_level="warning"
+    )
+    server = _QuietServer(config)
+    http = asyncio.create_task(server.serve())
+    try:
+        await runtime.run(handle)
+    finally:
+        server.should_exit = True
+        await http
+        await runtime.aclose()

@@ -1,0 +1,138 @@
+"""Gateway + 1 prefill + 2 decode workers as real processes on a real redis-server and the tiny checkpoint."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from dsv4.model_runtime.engine.llm import LLM
+from dsv4.model_runtime.engine.sampling_params import SamplingParams
+from dsv4.model_runtime.make_checkpoint import write_checkpoint
+from dsv4.model_runtime.tokenizer import Tokenizer
+from dsv4.services.local_redis import LocalRedis
+
+from .processes import RoleProcess
+
+pytestmark = pytest.mark.e2e
+
+KEY = "sk-e2e"
+MODEL = "deepseek-v4-flash"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp("e2e") / "tiny-flash", "tiny-flash", quantized=True, seed=0)
+
+
+@pytest.fixture(scope="module")
+def reference(checkpoint: Path) -> LLM:
+    return LLM(str(checkpoint))
+
+
+class Cluster:
+    def __init__(self, checkpoint: Path, redis_url: str) -> None:
+        env = {
+            "DSV4_DEPLOYMENT": "e2e",
+            "DSV4_MODEL": str(checkpoint),
+            "DSV4_REDIS_URL": redis_url,
+            "DSV4_API_KEYS": KEY,
+            "DSV4_DISAGGREGATION__MODE": "always",
+            "DSV4_RECLAIM_IDLE_MS": "1500",
+            "DSV4_HEARTBEAT_S": "0.3",
+            "DSV4_TOKEN_TIMEOUT_S": "60",
+            "OMP_NUM_THREADS": "1",
+        }
+        self.gateway = RoleProcess("gateway", [], env)
+        self.prefill = RoleProcess("prefill", [], env)
+        self.decode = [RoleProcess("decode", [], env) for _ in range(2)]
+
+    def all(self) -> list[RoleProcess]:
+        return [self.gateway, self.prefill, *self.decode]
+
+    def start(self) -> Cluster:
+        for p in self.all():
+            p.start()
+        for p in self.all():
+            p.wait_ready()
+        return self
+
+    def stop(self) -> None:
+        for p in self.all():
+            p.stop(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def cluster(checkpoint: Path) -> Iterator[Cluster]:
+    with LocalRedis() as redis_server:
+        c = Cluster(checkpoint, redis_server.url).start()
+        try:
+            yield c
+        finally:
+            c.stop()
+
+
+def client(c: Cluster) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=c.gateway.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+async def test_streamed_chat_equals_llm_generate(cluster: Cluster, reference: LLM, checkpoint: Path) -> None:
+    tok = Tokenizer.from_pretrained(checkpoint)
+    prompt_ids = tok.encode("<｜begin▁of▁sentence｜><｜User｜>Tell me about Redis.<｜Assistant｜></think>")
+    [expected] = reference.generate([prompt_ids], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    async with client(cluster) as c:
+        stream = await c.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Tell me about Redis."}],
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        chunks = [ch async for ch in stream]
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert text == tok.decode(expected.token_ids)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
+    async with httpx.AsyncClient() as h:
+        prefill_metrics = (await h.get(cluster.prefill.url + "/metrics")).text
+    assert 'dsv4_handoff_bytes_total{direction="write",transport="redis"}' in prefill_metrics
+
+
+async def test_sigkill_of_a_decode_worker_mid_stream_loses_and_duplicates_nothing(
+    cluster: Cluster, reference: LLM
+) -> None:
+    prompts = [[(31 * k + 7 * i) % 120000 + 100 for k in range(12 + i)] for i in range(10)]
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    expected = [o.token_ids for o in reference.generate(prompts, params)]
+    tok = Tokenizer.from_pretrained()
+    seen = asyncio.Event()
+    received: list[int] = [0] * len(prompts)
+
+    async def one(c: openai.AsyncOpenAI, i: int) -> str:
+        stream = await c.completions.create(
+            model=MODEL, prompt=prompts[i], max_tokens=48, temperature=0, stream=True, extra_body={"ignore_eos": True}
+        )
+        text = ""
+        async for ch in stream:
+            if ch.choices:
+                text += ch.choices[0].text
+                received[i] += 1
+                if all(n >= 3 for n in received):
+                    seen.set()
+        return text
+
+    async with client(cluster) as c:
+        tasks = [asyncio.create_task(one(c, i)) for i in range(len(prompts))]
+        await asyncio.wait_for(seen.wait(), timeout=120)
+        victim = cluster.decode[0]
+        await asyncio.to_thread(victim.kill)
+        texts = await asyncio.wait_for(asyncio.gather(*tasks), timeout=180)
+    for i, text in enumerate(texts):
+        assert text == tok.decode(expected[i], skip_special_tokens=True), f"request {i}"
+    # Bring the pool back for any later test.
+    cluster.decode[0] = RoleProcess("decode", [], victim.env).start().wait_ready()
