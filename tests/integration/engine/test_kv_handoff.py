@@ -1,4 +1,5 @@
-"""A state prefilled and exported in one process continues token-identically when imported in another."""
+"""A state prefilled and exported in one process continues token-identically when imported in another (both
+processes drive the engine through the workers' `Engine` interface)."""
 
 from __future__ import annotations
 
