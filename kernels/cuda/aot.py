@@ -1,0 +1,183 @@
+"""Ahead-of-time compilation of every Triton kernel of the `cuda` backend for an NVIDIA target, without a GPU.
+
+Triton's compiler and the ptxas it ships run on any machine, so CPU CI can prove that each kernel lowers to a
+cubin for sm_90 (H100/H200) at the Flash-sized tile configurations the wrappers pick: the interpreter cannot
+catch a construct the real compiler rejects. Running the cubins needs a GPU (bench/gpu.sh).
+
+    python -m dsv4.kernels.cuda.aot [--arch 90]     # JSON line per kernel; exit 1 if one fails
+(needs a process without TRITON_INTERPRET=1: the kernels must be JIT functions, not interpreted ones).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from dsv4.kernels.cuda import attention, mhc, moe, norm_rope
+
+_C = "constexpr"
+
+
+def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:
+    """(name, kernel, argument types, constexpr values) at Flash decode shapes, bf16 activations."""
+    bf, f32, i32, i64 = "*bf16", "*fp32", "i32", "*i64"
+    specs: list[tuple[str, Any, dict[str, str], dict[str, Any]]] = [
+        (
+            "norm_rope[d512,heads]",
+            norm_rope._norm_rope_kernel,
+            dict(x_ptr=bf, w_ptr=f32, cos_ptr=f32, sin_ptr=f32, out_ptr=bf, rows=i32, heads=i32, eps="fp32"),
+            dict(D=512, HALF_R=32, NORM=True, HAS_WEIGHT=True, ROPE=True, INVERSE=False, BLOCK_R=8, BLOCK_D=512),
+        ),
+        (
+            "swiglu",
+            norm_rope._swiglu_kernel,
+            dict(gate_ptr=bf, up_ptr=bf, scale_ptr=f32, out_ptr=bf, total=i32, inter=i32, limit="fp32"),
+            dict(HAS_SCALE=True, BLOCK=1024),
+        ),
+        (
+            "sinkhorn[n4]",
+            mhc._sinkhorn_kernel,
+            dict(logits_ptr=f32, out_ptr=f32, rows=i32, iters=i32, eps="fp32"),
+            dict(N_HC=4, NP=4, BN=16),
+        ),
+        (
+            "mhc_pre[n4,d4096]",
+            mhc._mhc_pre_kernel,
+            dict(
+                streams_ptr=bf,
+                fn_ptr=f32,
+                scale_ptr=f32,
+                base_ptr=f32,
+                x_ptr=bf,
+                post_ptr=f32,
+                comb_ptr=f32,
+                rows=i32,
+                iters=i32,
+                hc_eps="fp32",
+                norm_eps="fp32",
+            ),
+            dict(N_HC=4, DIM=4096, NP=4, BN=16, BK=64, BD=128),
+        ),
+        (
+            "hc_head[n4,d4096]",
+            mhc._hc_head_kernel,
+            dict(
+                streams_ptr=bf,
+                fn_ptr=f32,
+                scale_ptr=f32,
+                base_ptr=f32,
+                x_ptr=bf,
+                rows=i32,
+                hc_eps="fp32",
+                norm_eps="fp32",
+            ),
+            dict(N_HC=4, DIM=4096, NP=4, BN=16, BK=64, BD=128),
+        ),
+        (
+            "mhc_post[n4,d4096]",
+            mhc._mhc_post_kernel,
+            dict(y_ptr=bf, streams_ptr=bf, post_ptr=f32, comb_ptr=f32, out_ptr=bf, rows=i32),
+            dict(N_HC=4, DIM=4096, NP=4, BN=16, BD=128),
+        ),
+        (
+            "compress_pool[l8,c512]",
+            attention._compress_pool_kernel,
+            dict(kv_ptr=f32, score_ptr=f32, out_ptr=f32),
+            dict(L=8, C=512, BLOCK_L=8, BLOCK_C=128),
+        ),
+        (
+            "indexer_scores[h64,d128]",
+            attention._indexer_scores_kernel,
+            dict(q_ptr=bf, w_ptr=bf, keys_ptr=bf, visible_ptr=i64, out_ptr=f32, S=i32, E=i32),
+            dict(HI=64, D=128, BLOCK_H=64, BLOCK_D=128, BLOCK_E=64, ROUND_BF16=True, PRECISION="tf32"),
+        ),
+        (
+            "topk[e1024]",
+            attention._topk_kernel,
+            dict(score_ptr=f32, visible_ptr=i64, out_ptr=i64, rows=i32, E=i32, K=i32),
+            dict(BLOCK_R=2, BLOCK_E=1024),
+        ),
+        (
+            "sparse_attention[h64,d512]",
+            attention._sparse_attention_kernel,
+            dict(q_ptr=bf, kv_ptr=bf, idx_ptr=i64, sink_ptr=f32, out_ptr=bf, S=i32, N=i32, K=i32, scale="fp32"),
+            dict(H=64, D=512, BLOCK_H=16, BLOCK_D=512, BLOCK_K=16, PRECISION="tf32"),
+        ),
+        (
+            "route[e256,k6]",
+            moe._route_kernel,
+            dict(
+                logits_ptr=f32, bias_ptr=f32, hash_ptr=i64, w_ptr=f32, idx_ptr=i64, rows=i32, E=i32, route_scale="fp32"
+            ),
+            dict(TOPK=6, HASH=False, BLOCK_R=16, BLOCK_E=256, BLOCK_K=8),
+        ),
+    ]
+    for quant, weight, scale in ((0, bf, f32), (1, "*fp8e4nv", "*u8"), (2, "*u8", "*u8")):
+        specs.append(
+            (
+                f"grouped_matmul[quant={quant}]",
+                moe._grouped_matmul_kernel,
+                dict(
+                    x_ptr=bf,
+                    w_ptr=weight,
+                    scale_ptr=scale,
+                    ends_ptr="*i32",
+                    tile_expert_ptr=i64,
+                    tile_first_ptr=i64,
+                    out_ptr=bf,
+                    M=i32,
+                    N_OUT=i32,
+                    K=i32,
+                    N_EXPERTS=i32,
+                ),
+                dict(QUANT=quant, SCALE_E8M0=quant > 0, BLOCK_M=16, BLOCK_O=64, BLOCK_K=64, PRECISION="tf32"),
+            )
+        )
+    return specs
+
+
+def compile_all(arch: int = 90) -> list[dict[str, Any]]:
+    """Compile every kernel for `cuda` sm_<arch>; one result dict per kernel (ok, seconds, shared bytes, error)."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("aot: run without TRITON_INTERPRET=1 (the kernels must be JIT functions)")
+    target = GPUTarget("cuda", arch, 32)
+    results = []
+    for name, kernel, types, constexprs in _specs():
+        signature = dict(types) | dict.fromkeys(constexprs, _C)
+        start = time.perf_counter()
+        try:
+            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target)
+            results.append(
+                {
+                    "kernel": name,
+                    "arch": f"sm_{arch}",
+                    "ok": "cubin" in compiled.asm,
+                    "shared_bytes": int(compiled.metadata.shared),
+                    "seconds": round(time.perf_counter() - start, 2),
+                }
+            )
+        except Exception as e:  # report every kernel, not only the first failure
+            results.append({"kernel": name, "arch": f"sm_{arch}", "ok": False, "error": repr(e)[:800]})
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="compile every cuda-backend Triton kernel for an NVIDIA arch")
+    parser.add_argument("--arch", type=int, default=90)
+    args = parser.parse_args(argv)
+    results = compile_all(args.arch)
+    for r in results:
+        print(json.dumps(r), flush=True)
+    return 0 if all(r["ok"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
