@@ -1,0 +1,131 @@
+"""The decode worker in-process with the real engine on the tiny checkpoint: a good handoff is imported and
+released; a corrupt, expired or foreign one is recomputed; both give exactly the reference tokens."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from dsv4.model_runtime.engine.async_engine import AsyncEngine
+from dsv4.model_runtime.engine.sampling_params import SamplingParams
+from dsv4.model_runtime.make_checkpoint import write_checkpoint
+from dsv4.services import contract
+from dsv4.services.engine_port import KVMeta, SamplingSpec
+from dsv4.services.handoff import HandoffWriter, chunk_key, descriptor_key
+from dsv4.services.local_redis import LocalRedis
+from dsv4.services.queues import Finish, Job, TokenChunk, TokenReader, TokenWriter, WorkQueue, queue_stats
+from dsv4.services.redis_conn import connect
+from dsv4.services.workers.decode import DecodeWorker
+from dsv4.services.workers.runtime import WorkerRuntime
+from dsv4.services.workers.settings import WorkerSettings
+
+pytestmark = pytest.mark.integration
+
+DEP = "dw"
+PROMPT = [(97 * k + 11) % 120000 + 50 for k in range(20)]
+SPEC = SamplingSpec(max_tokens=10, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AsyncEngine]:
+    torch.set_num_threads(1)
+    path: Path = write_checkpoint(tmp_path_factory.mktemp("dw") / "tiny", "tiny-flash", quantized=True, seed=0)
+    with AsyncEngine.from_path(path) as e:
+        yield e
+
+
+@pytest.fixture(scope="module")
+def expected(engine: AsyncEngine) -> list[int]:
+    return engine._engine.generate_ids([PROMPT], SamplingParams.from_spec(SPEC))[0].token_ids
+
+
+@pytest.fixture
+async def worker(redis_server: LocalRedis, engine: AsyncEngine) -> AsyncIterator[WorkerRuntime]:
+    settings = WorkerSettings(deployment=DEP, redis_url=redis_server.url, pod_name="dw-1", heartbeat_s=0.2)
+    rt = WorkerRuntime(contract.Role.DECODE, settings, engine, contract.DECODE_STREAM)
+    task = asyncio.create_task(rt.run(DecodeWorker(rt).handle))
+    yield rt
+    rt.drain()
+    await asyncio.wait_for(task, 30)
+    await rt.aclose()
+
+
+async def handoff_then_decode(rt: WorkerRuntime, engine: AsyncEngine, rid: str, damage: str) -> list[int]:
+    out = await engine.prefill(rid, PROMPT, SPEC)
+    blob = b"".join(out.kv_chunks)
+    meta = out.kv_meta
+    if damage == "foreign":
+        meta = KVMeta(meta.format_version, "another-model", meta.total_bytes, meta.num_tokens)
+    ttl = 0.3 if damage == "expired" else 30
+    desc = await HandoffWriter(rt.client, DEP, ttl_s=ttl, chunk_bytes=4096).write(rid, meta, [blob], out.first_token)
+    if damage == "corrupt":
+        key = chunk_key(DEP, desc.handoff_id, 1)
+        data = bytearray(await rt.client.get(key) or b"")
+        data[7] ^= 0xFF
+        await rt.client.set(key, bytes(data), keepttl=True)
+    if damage == "expired":
+        await asyncio.sleep(0.5)
+    await TokenWriter(rt.client, DEP, rid).write(0, [out.first_token])  # as the prefill worker does
+    job = Job(rid, tuple(PROMPT), SPEC, handoff_key=descriptor_key(DEP, desc.handoff_id))
+    await WorkQueue(rt.client, DEP, contract.DECODE_STREAM).enqueue(job)
+    tokens: list[int] = []
+    async for ev in TokenReader(rt.client, DEP, rid).events(idle_timeout_s=30):
+        if isinstance(ev, TokenChunk):
+            tokens.extend(ev.token_ids)
+        else:
+            assert isinstance(ev, Finish) and ev.reason == "length" and ev.usage.completion_tokens == len(tokens)
+    return tokens
+
+
+@pytest.mark.parametrize("damage", ["none", "corrupt", "expired", "foreign"])
+async def test_handoff_is_imported_or_recomputed_to_the_same_tokens(
+    worker: WorkerRuntime, engine: AsyncEngine, expected: list[int], damage: str
+) -> None:
+    assert await handoff_then_decode(worker, engine, f"r-{damage}", damage) == expected
+    stats = await queue_stats(worker.client, DEP, contract.DECODE_STREAM)
+    for _ in range(50):  # the ack follows the end marker
+        if stats.pending == 0:
+            break
+        await asyncio.sleep(0.05)
+        stats = await queue_stats(worker.client, DEP, contract.DECODE_STREAM)
+    assert (stats.length, stats.pending) == (0, 0)
+    leftover = [k async for k in worker.client.scan_iter(match=f"dsv4:{{{DEP}}}:kv:*")]
+    assert leftover == [] or damage in ("corrupt", "foreign")  # unusable handoffs are left to their lease
+
+
+async def test_local_prefill_job(worker: WorkerRuntime, expected: list[int]) -> None:
+    await WorkQueue(worker.client, DEP, contract.DECODE_STREAM).enqueue(Job("local", tuple(PROMPT), SPEC))
+    tokens = [
+        t
+        async for ev in TokenReader(worker.client, DEP, "local").events(idle_timeout_s=30)
+        if isinstance(ev, TokenChunk)
+        for t in ev.token_ids
+    ]
+    assert tokens == expected
+
+
+async def test_drain_finishes_in_flight_work_then_leaves_the_group(
+    redis_server: LocalRedis, engine: AsyncEngine, expected: list[int]
+) -> None:
+    settings = WorkerSettings(deployment=DEP, redis_url=redis_server.url, pod_name="dw-drain", heartbeat_s=0.2)
+    rt = WorkerRuntime(contract.Role.DECODE, settings, engine, contract.DECODE_STREAM)
+    task = asyncio.create_task(rt.run(DecodeWorker(rt).handle))
+    client = connect(redis_server.url)
+    await WorkQueue(client, DEP, contract.DECODE_STREAM).enqueue(Job("drained", tuple(PROMPT), SPEC))
+    tokens: list[int] = []
+    async for ev in TokenReader(client, DEP, "drained").events(idle_timeout_s=30):
+        if isinstance(ev, TokenChunk):
+            tokens.extend(ev.token_ids)
+            rt.drain()  # SIGTERM arrives mid-request: no new work, but this request completes
+    assert tokens == expected
+    await asyncio.wait_for(task, 30)
+    assert (await queue_stats(client, DEP, contract.DECODE_STREAM)).consumers == 0
+    await WorkQueue(client, DEP, contract.DECODE_STREAM).enqueue(Job("after", tuple(PROMPT), SPEC))
+    await asyncio.sleep(0.5)
+    assert (await queue_stats(client, DEP, contract.DECODE_STREAM)).lag == 1  # nobody took it
+    await rt.aclose()
+    await client.aclose()
