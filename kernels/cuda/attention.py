@@ -83,7 +83,8 @@ def _indexer_scores_kernel(
     k = tl.load(keys_ptr + (b * E + e[:, None]) * D + d[None, :], mask=(e[:, None] < E) & d_ok[None, :], other=0.0)
     logits = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=PRECISION)  # [H, E]
     w = tl.load(w_ptr + row * HI + h, mask=h_ok, other=0.0).to(tl.float32)
-    if ROUND_BF16:  # the reference scores bf16 tensors: round where its bf16 ops round
+    if ROUND_BF16:  # the contract's official bf16 scoring: weights, dot, weighting and head sum rounded to bf16
+        w = w.to(tl.bfloat16).to(tl.float32)
         logits = logits.to(tl.bfloat16).to(tl.float32)
         part = (tl.maximum(logits, 0.0) * w[:, None]).to(tl.bfloat16).to(tl.float32)
         score = tl.sum(part, axis=0).to(tl.bfloat16).to(tl.float32)
