@@ -67,8 +67,7 @@ class LLMEngine:
         c = self.config
         self.kv = KVCacheManager(model, c.num_blocks, c.block_size, c.num_slots or c.max_num_seqs + 8)
         self.scheduler = Scheduler(
-            SchedulerConfig(self.config.max_num_seqs, self.config.max_num_batched_tokens, self.config.chunked_prefill),
-            self.kv,
+            SchedulerConfig(c.max_num_seqs, c.max_num_batched_tokens, c.chunked_prefill), self.kv
         )
         self.runner = ModelRunner(model, use_mtp=c.speculative_mtp)
         self.eos_token_id = model.cfg.eos_token_id

@@ -35,7 +35,7 @@ class ModelRunner:
     def __init__(self, model: DeepseekV4, use_mtp: bool = False) -> None:
         if use_mtp and not len(model.mtp):
             raise ValueError("MTP speculative decoding needs the model's MTP module (load it with mtp=True)")
-        self.model, self.use_mtp = model, use_mtp
+        self.model = model
         self.drafts = mtp.DraftStats()
         self._mtp_work: list[tuple[Sequence, torch.Tensor, int]] = []
 

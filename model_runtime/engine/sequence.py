@@ -77,10 +77,6 @@ class Sequence:
         return len(self.output_token_ids)
 
     @property
-    def in_prefill(self) -> bool:
-        return self.num_uncomputed > 1
-
-    @property
     def finished(self) -> bool:
         return self.status is SequenceStatus.FINISHED
 
