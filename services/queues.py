@@ -179,18 +179,26 @@ class WorkQueue:
     async def read(self, count: int = 1, block_ms: int = MAX_BLOCK_MS) -> list[Delivery]:
         """New jobs for this consumer, waiting at most `block_ms` (0 = return at once)."""
         with unavailable_as_typed(f"reading {self.stream}"):
-            resp: Any = await self.client.xreadgroup(
-                self.group, self.consumer, {self.key: ">"}, count=count, block=min(block_ms, MAX_BLOCK_MS) or None
-            )
+            try:
+                resp: Any = await self.client.xreadgroup(
+                    self.group, self.consumer, {self.key: ">"}, count=count, block=min(block_ms, MAX_BLOCK_MS) or None
+                )
+            except redis.ResponseError as e:
+                await self._regroup_if_lost(e)
+                return []
         entries = resp[0][1] if resp else []
         return await self._parse(entries, reclaimed=False)
 
     async def reclaim(self, min_idle_ms: int, count: int = 10) -> list[Delivery]:
         """Take over jobs that other consumers have not touched for `min_idle_ms` (their worker presumably died)."""
         with unavailable_as_typed(f"reclaiming from {self.stream}"):
-            resp: Any = await self.client.xautoclaim(
-                self.key, self.group, self.consumer, min_idle_ms, "0-0", count=count
-            )
+            try:
+                resp: Any = await self.client.xautoclaim(
+                    self.key, self.group, self.consumer, min_idle_ms, "0-0", count=count
+                )
+            except redis.ResponseError as e:
+                await self._regroup_if_lost(e)
+                return []
         return await self._parse(resp[1], reclaimed=True)
 
     async def touch(self, entry_ids: Sequence[str]) -> None:
@@ -198,7 +206,18 @@ class WorkQueue:
         if not entry_ids:
             return
         with unavailable_as_typed(f"touching jobs of {self.stream}"):
-            await self.client.xclaim(self.key, self.group, self.consumer, 0, list(entry_ids), justid=True)
+            try:
+                await self.client.xclaim(self.key, self.group, self.consumer, 0, list(entry_ids), justid=True)
+            except redis.ResponseError as e:
+                await self._regroup_if_lost(e)
+
+    async def _regroup_if_lost(self, e: redis.ResponseError) -> None:
+        # A Redis that restarted without persistence lost the stream and its group: recreate both and carry on
+        # (the jobs themselves are gone; their clients get errors or timeouts from the gateway).
+        if "NOGROUP" not in str(e):
+            raise e
+        log.warning("consumer group of %s is gone (Redis restarted?); recreating it", self.key)
+        await self.ensure_group()
 
     async def ack(self, entry_id: str) -> None:
         """Acknowledge and delete a finished job (deleting only acknowledged entries keeps the group's lag exact)."""

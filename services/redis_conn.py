@@ -11,8 +11,8 @@ from contextlib import contextmanager
 
 import redis
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialBackoff
-from redis.retry import Retry
 
 # Blocking reads (XREAD BLOCK) must stay well under SOCKET_TIMEOUT_S, or the socket times out first.
 SOCKET_TIMEOUT_S = 5.0

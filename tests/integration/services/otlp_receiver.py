@@ -76,12 +76,13 @@ class OtlpReceiver:
                             )
                         )
 
-    def wait_for(self, *names: str, timeout: float = 15) -> dict[str, ReceivedSpan]:
-        """The first received span of each name, waiting until all arrived."""
+    def wait_for(self, *names: str, trace_id: str | None = None, timeout: float = 15) -> dict[str, ReceivedSpan]:
+        """The first received span of each name (in `trace_id`, when given), waiting until all arrived."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             with self._lock:
-                found = {n: next((s for s in self.spans if s.name == n), None) for n in names}
+                mine = [s for s in self.spans if trace_id is None or s.trace_id == trace_id]
+                found = {n: next((s for s in mine if s.name == n), None) for n in names}
             if all(found.values()):
                 return {n: s for n, s in found.items() if s is not None}
             time.sleep(0.05)

@@ -209,3 +209,17 @@ async def test_redis_down_is_a_typed_error_within_seconds(redis_server: LocalRed
     await q.enqueue(job("after"))
     assert [d.job.request_id for d in await q.read()] == ["after"]
     await client.aclose()
+
+
+async def test_consumer_group_lost_with_a_redis_restart_is_recreated(redis_server: LocalRedis) -> None:
+    client = connect(redis_server.url)
+    q = WorkQueue(client, DEP, contract.DECODE_STREAM, consumer="w")
+    await q.ensure_group()
+    redis_server.kill()
+    redis_server.start()  # persistence is off: stream and group are gone
+    await q.touch(["1-0"])
+    assert await q.reclaim(min_idle_ms=0) == []
+    assert await q.read(block_ms=0) == []
+    await q.enqueue(job("fresh"))
+    assert [d.job.request_id for d in await q.read()] == ["fresh"]
+    await client.aclose()
