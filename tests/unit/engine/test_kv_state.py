@@ -44,9 +44,15 @@ def _drive(model: DeepseekV4, states: list, ids: torch.Tensor, cuts: list[int]) 
     return out
 
 
-@pytest.mark.parametrize("qat", [True, False], ids=["fp8-fp4", "model-dtype"])
-def test_paged_state_computes_exactly_like_the_dense_state(flash_ckpt: Path, model: DeepseekV4, qat: bool) -> None:
-    m = model if qat else load_model(flash_ckpt, qat_simulation=False)
+@pytest.mark.parametrize(
+    ("qat", "dtype"),
+    [(True, torch.float32), (False, torch.float32), (True, torch.bfloat16)],
+    ids=["fp8-fp4", "model-dtype", "bf16-fp8-fp4"],
+)
+def test_paged_state_computes_exactly_like_the_dense_state(
+    flash_ckpt: Path, model: DeepseekV4, qat: bool, dtype: torch.dtype
+) -> None:
+    m = model if qat and dtype == torch.float32 else load_model(flash_ckpt, dtype=dtype, qat_simulation=qat)
     ids = torch.randint(3, 128000, (3, 27), generator=torch.Generator().manual_seed(3))
     cuts = [0, 5, 6, 17, 27]
     dense = _drive(m, [m.new_state() for _ in range(3)], ids, cuts)
