@@ -14,8 +14,10 @@ from dsv4.model_runtime.engine.llm import LLM
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
 from dsv4.model_runtime.tokenizer import Tokenizer
+from dsv4.services import telemetry
 from dsv4.services.local_redis import LocalRedis
 
+from ..integration.services.otlp_receiver import OtlpReceiver
 from .processes import RoleProcess
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +37,9 @@ def reference(checkpoint: Path) -> LLM:
 
 
 class Cluster:
-    def __init__(self, checkpoint: Path, redis_url: str) -> None:
+    def __init__(self, checkpoint: Path, redis: LocalRedis, otlp_endpoint: str) -> None:
+        self.redis = redis
+        redis_url = redis.url
         env = {
             "DSV4_DEPLOYMENT": "e2e",
             "DSV4_MODEL": str(checkpoint),
@@ -46,6 +50,8 @@ class Cluster:
             "DSV4_HEARTBEAT_S": "0.3",
             "DSV4_TOKEN_TIMEOUT_S": "60",
             "OMP_NUM_THREADS": "1",
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": otlp_endpoint,
+            "OTEL_BSP_SCHEDULE_DELAY": "100",
         }
         self.gateway = RoleProcess("gateway", [], env)
         self.prefill = RoleProcess("prefill", [], env)
@@ -67,9 +73,15 @@ class Cluster:
 
 
 @pytest.fixture(scope="module")
-def cluster(checkpoint: Path) -> Iterator[Cluster]:
+def receiver() -> Iterator[OtlpReceiver]:
+    with OtlpReceiver() as r:
+        yield r
+
+
+@pytest.fixture(scope="module")
+def cluster(checkpoint: Path, receiver: OtlpReceiver) -> Iterator[Cluster]:
     with LocalRedis() as redis_server:
-        c = Cluster(checkpoint, redis_server.url).start()
+        c = Cluster(checkpoint, redis_server, receiver.endpoint).start()
         try:
             yield c
         finally:
@@ -136,3 +148,66 @@ async def test_sigkill_of_a_decode_worker_mid_stream_loses_and_duplicates_nothin
         assert text == tok.decode(expected[i], skip_special_tokens=True), f"request {i}"
     # Bring the pool back for any later test.
     cluster.decode[0] = RoleProcess("decode", [], victim.env).start().wait_ready()
+
+
+async def test_one_trace_spans_gateway_prefill_and_decode(cluster: Cluster, receiver: OtlpReceiver) -> None:
+    trace_id = "0af7651916cd43dd8448eb211c80319c"
+    async with httpx.AsyncClient(timeout=60) as h:
+        r = await h.post(
+            cluster.gateway.url + "/v1/completions",
+            json={"model": MODEL, "prompt": [11, 12, 13, 14], "max_tokens": 4, "temperature": 0},
+            headers={"Authorization": f"Bearer {KEY}", "traceparent": f"00-{trace_id}-b7ad6b7169203331-01"},
+        )
+    assert r.status_code == 200, r.text
+    names = (
+        telemetry.SPAN_GATEWAY,
+        telemetry.SPAN_PREFILL_QUEUE,
+        telemetry.SPAN_PREFILL_COMPUTE,
+        telemetry.SPAN_KV_EXPORT,
+        telemetry.SPAN_KV_WRITE,
+        telemetry.SPAN_DECODE_QUEUE,
+        telemetry.SPAN_DECODE_GENERATE,
+        telemetry.SPAN_KV_READ,
+        telemetry.SPAN_KV_IMPORT,
+    )
+    spans = receiver.wait_for(*names, trace_id=trace_id, timeout=30)
+    assert {s.service for s in spans.values()} == {"gateway", "prefill", "decode"}
+    assert (
+        spans[telemetry.SPAN_KV_WRITE].attributes[telemetry.ATTR_KV_BYTES]
+        == (spans[telemetry.SPAN_KV_READ].attributes[telemetry.ATTR_KV_BYTES])
+    )
+    by_id = {s.span_id: s for s in receiver.spans if s.trace_id == trace_id}
+    assert by_id[spans[telemetry.SPAN_DECODE_GENERATE].parent_span_id].name == telemetry.SPAN_PREFILL_COMPUTE
+    assert by_id[spans[telemetry.SPAN_PREFILL_COMPUTE].parent_span_id].name == telemetry.SPAN_GATEWAY
+
+
+async def test_redis_restart_under_load_ends_in_answers_or_clean_errors(cluster: Cluster) -> None:
+    async def one(c: openai.AsyncOpenAI, i: int) -> str:
+        try:
+            stream = await c.completions.create(
+                model=MODEL, prompt=[100 + i, 200, 300], max_tokens=40, temperature=0, stream=True,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            n = 0
+            async for _ in stream:
+                n += 1
+            return "completed" if n else "empty"
+        except openai.APIStatusError as e:
+            return f"http {e.status_code}"
+        except openai.APIError as e:  # an error event inside an open stream
+            return f"stream error: {e.message[:40]}"
+
+    async with client(cluster) as c:
+        tasks = [asyncio.create_task(one(c, i)) for i in range(10)]
+        await asyncio.sleep(0.5)
+        await asyncio.to_thread(cluster.redis.kill)
+        await asyncio.sleep(1.0)
+        await asyncio.to_thread(cluster.redis.start)
+        outcomes = await asyncio.wait_for(asyncio.gather(*tasks), timeout=90)  # no hang
+        assert all(o == "completed" or o.startswith(("http 503", "http 504", "stream error")) for o in outcomes), (
+            outcomes
+        )
+        for p in [cluster.prefill, *cluster.decode]:  # the workers recreate their groups and are ready again
+            await asyncio.to_thread(p.wait_ready, 30)
+        resp = await c.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=3, temperature=0)
+    assert resp.usage is not None and resp.usage.completion_tokens == 3
