@@ -61,6 +61,9 @@ class PrefillOutput:
     kv_chunks: Iterator[bytes]
     prompt_tokens: int
     first_token_logprob: float | None = None
+    # Set when token 0 already ends the request (EOS or a stop token, unless ignored); the worker then ends the
+    # stream at once and hands nothing over.
+    finish_reason: FinishReason | None = None
 
 
 @dataclass(frozen=True)

@@ -66,8 +66,8 @@ class PrefillWorker:
             # Token 0 goes to the client now: time to first token does not include the handoff.
             await tokens.write(0, [out.first_token])
             metrics.GENERATED_TOKENS.labels(role=contract.Role.PREFILL.value).inc()
-            if job.sampling.max_tokens <= 1:
-                await tokens.finish("length", Usage(len(job.prompt_ids), 1))
+            if out.finish_reason is not None or job.sampling.max_tokens <= 1:
+                await tokens.finish(out.finish_reason or "length", Usage(len(job.prompt_ids), 1))
                 await rt.queue.ack(d.entry_id)
                 return
             with tracer.start_as_current_span(telemetry.SPAN_KV_EXPORT, attributes=attrs):

@@ -1,5 +1,6 @@
-"""The decode worker in-process with the real engine on the tiny checkpoint: a good handoff is imported and
-released; a corrupt, expired or foreign one is recomputed; both give exactly the reference tokens."""
+"""Prefill and decode workers in-process with the real engine on the tiny checkpoint: the prefill streams token 0
+and hands over once; a good handoff is imported and released; a corrupt, expired or foreign one is recomputed;
+every path gives exactly the reference tokens."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
 from dsv4.services import contract
 from dsv4.services.engine_port import KVMeta, SamplingSpec
-from dsv4.services.handoff import HandoffWriter, chunk_key, descriptor_key
+from dsv4.services.handoff import HandoffReader, HandoffWriter, chunk_key, descriptor_key
 from dsv4.services.local_redis import LocalRedis
 from dsv4.services.queues import Finish, Job, TokenChunk, TokenReader, TokenWriter, WorkQueue, queue_stats
 from dsv4.services.redis_conn import connect
 from dsv4.services.workers.decode import DecodeWorker
+from dsv4.services.workers.prefill import PrefillWorker, handed_over_key
 from dsv4.services.workers.runtime import WorkerRuntime
 from dsv4.services.workers.settings import WorkerSettings
 
@@ -127,5 +129,39 @@ async def test_drain_finishes_in_flight_work_then_leaves_the_group(
     await WorkQueue(client, DEP, contract.DECODE_STREAM).enqueue(Job("after", tuple(PROMPT), SPEC))
     await asyncio.sleep(0.5)
     assert (await queue_stats(client, DEP, contract.DECODE_STREAM)).lag == 1  # nobody took it
+    await rt.aclose()
+    await client.aclose()
+
+
+async def test_prefill_streams_token_zero_hands_over_once(
+    redis_server: LocalRedis, engine: AsyncEngine, expected: list[int]
+) -> None:
+    settings = WorkerSettings(deployment=DEP, redis_url=redis_server.url, pod_name="pf-1", heartbeat_s=0.2)
+    rt = WorkerRuntime(contract.Role.PREFILL, settings, engine, contract.PREFILL_STREAM)
+    worker = PrefillWorker(rt)
+    task = asyncio.create_task(rt.run(worker.handle))
+    client = connect(redis_server.url)
+    trace = {"traceparent": "00-" + "5" * 32 + "-" + "6" * 16 + "-01"}
+    await WorkQueue(client, DEP, contract.PREFILL_STREAM).enqueue(Job("p1", tuple(PROMPT), SPEC, trace_context=trace))
+    decode = WorkQueue(client, DEP, contract.DECODE_STREAM, consumer="test")
+    await decode.ensure_group()
+    deliveries = []
+    for _ in range(100):
+        deliveries = await decode.read(block_ms=200)
+        if deliveries:
+            break
+    [d] = deliveries
+    assert d.job.request_id == "p1" and d.job.handoff_key and d.job.prompt_ids == tuple(PROMPT)
+    assert d.job.trace_context["traceparent"].startswith("00-" + "5" * 32)  # same trace, new parent span
+    assert await TokenWriter(client, DEP, "p1").streamed() == expected[:1]
+    h = await HandoffReader(client, DEP).read(
+        d.job.handoff_key, model_fingerprint=engine.model_fingerprint, kv_format_version=engine.kv_format_version
+    )
+    assert h.descriptor.first_token == expected[0] and h.descriptor.num_tokens == len(PROMPT)
+    assert await client.exists(handed_over_key(DEP, "p1"))
+    rt.drain()
+    await asyncio.wait_for(task, 30)
+    stats = await queue_stats(client, DEP, contract.PREFILL_STREAM)
+    assert (stats.length, stats.pending) == (0, 0)
     await rt.aclose()
     await client.aclose()
