@@ -22,37 +22,39 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from kubernetes.dynamic import DynamicClient
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests.cluster is not installed; it is imported from the checkout
 
 from dsv4.operator import builders, crd  # noqa: E402
 from dsv4.operator.builders import Owner  # noqa: E402
+from dsv4.operator.kube import CHILD_KINDS  # noqa: E402
 from dsv4.operator.spec import parse_spec  # noqa: E402
 from tests.cluster.control_plane import KubeCluster  # noqa: E402
 
 SPEC = {"model": {"variant": "tiny"}, "accelerator": {"type": "cpu"}}
-CHILD_KINDS = "configmaps,services,deployments,statefulsets,poddisruptionbudgets"
 
 
 def _resource(name: str) -> dict[str, Any]:
     return {"apiVersion": "dsv4.io/v1alpha1", "kind": "DeepSeekV4Deployment", "metadata": {"name": name}, "spec": SPEC}
 
 
-def _child_counts(cluster: KubeCluster, namespace: str) -> dict[str, int]:
-    out = cluster.kubectl("get", CHILD_KINDS, "-n", namespace, "-o", "json").stdout
+def _child_counts(dyn: DynamicClient, namespace: str) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for item in json.loads(out)["items"]:
-        inst = item["metadata"].get("labels", {}).get("app.kubernetes.io/instance")
-        if inst:
-            counts[inst] = counts.get(inst, 0) + 1
+    for api_version, kind in CHILD_KINDS:
+        items = dyn.get(dyn.resources.get(api_version=api_version, kind=kind), namespace=namespace).items
+        for item in items:
+            inst = (item.metadata.labels or {}).get("app.kubernetes.io/instance")
+            if inst:
+                counts[inst] = counts.get(inst, 0) + 1
     return counts
 
 
-def _wait_children(cluster: KubeCluster, namespace: str, names: list[str], per: int, timeout: float = 300) -> float:
+def _wait_children(dyn: DynamicClient, namespace: str, names: list[str], per: int, timeout: float = 300) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout:
-        counts = _child_counts(cluster, namespace)
+        counts = _child_counts(dyn, namespace)
         if all(counts.get(n, 0) >= per for n in names):
             return time.monotonic() - start
         time.sleep(0.05)
@@ -86,20 +88,21 @@ def main() -> int:
                 stderr=subprocess.STDOUT,
                 env=env,
             )
+            dyn = DynamicClient(cluster.api_client())
             cluster.kubectl("create", "namespace", "bench-single")
             cluster.kubectl("create", "namespace", "bench-burst")
             cluster.kubectl("create", "namespace", "bench-baseline")
             _timed_apply(cluster, "bench-single", [_resource("warmup")])
-            _wait_children(cluster, "bench-single", ["warmup"], per, timeout=120)
+            _wait_children(dyn, "bench-single", ["warmup"], per, timeout=120)
 
             singles = []
             for i in range(args.single):
                 name = f"s{i}"
                 apply_s = _timed_apply(cluster, "bench-single", [_resource(name)])
-                singles.append(apply_s + _wait_children(cluster, "bench-single", [name], per))
+                singles.append(apply_s + _wait_children(dyn, "bench-single", [name], per))
             names = [f"b{i}" for i in range(args.burst)]
             apply_s = _timed_apply(cluster, "bench-burst", [_resource(n) for n in names])
-            burst = apply_s + _wait_children(cluster, "bench-burst", names, per)
+            burst = apply_s + _wait_children(dyn, "bench-burst", names, per)
 
             # Baseline: the same children written directly by kubectl (no operator), one CR's worth.
             direct = builders.children(Owner("direct", "bench-baseline", "uid"), parse_spec(SPEC), "img")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -24,16 +25,22 @@ DEFAULT_IMAGE_ENV = "DSV4_IMAGE"
 DEFAULT_IMAGE = "ghcr.io/dsv4/dsv4:0.1.0"
 TICK_S = 5.0  # timer granularity; the planner runs every spec.autoscaling.intervalSeconds
 RESYNC_S = 60.0  # repair drift (a child edited or deleted by hand) at least this often
+REFRESH_DELAY_S = 0.5  # child events arrive in bursts (a rollout sends dozens); one status refresh per burst
+
+_refresh_pending: set[tuple[str, str]] = set()
+_refresh_tasks: set[asyncio.Task[None]] = set()
 
 _kube: Kube | None = None
+_kube_lock = threading.Lock()
 
 
 def kube() -> Kube:
-    """The shared API client, connected on first use."""
+    """The shared API client, connected on first use (handlers start in several threads at once)."""
     global _kube
-    if _kube is None:
-        _kube = Kube.connect()
-    return _kube
+    with _kube_lock:
+        if _kube is None:
+            _kube = Kube.connect()
+        return _kube
 
 
 def default_image() -> str:
@@ -56,7 +63,7 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     # The timer makes kopf hold a finalizer, so that it can stop the timer before the resource goes.
     settings.persistence.finalizer = f"{api.GROUP}/finalizer"
     settings.posting.level = logging.WARNING  # our own Events say what happened; kopf's would repeat them
-    settings.execution.max_workers = 8
+    settings.execution.max_workers = 16
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
     settings.networking.request_timeout = 30
 
@@ -82,11 +89,28 @@ def _owner_name(labels: kopf.Labels) -> str | None:
 
 @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": MANAGER})
 @kopf.on.event("apps", "v1", "statefulsets", labels={"app.kubernetes.io/managed-by": MANAGER})
-def child_changed(labels: kopf.Labels, namespace: str | None, type: str, **_: Any) -> None:
-    """A pool's pods changed: recompute the owner's status."""
+async def child_changed(labels: kopf.Labels, namespace: str | None, type: str, **_: Any) -> None:
+    """A pool's pods changed: recompute the owner's status, once per burst of child events."""
     owner = _owner_name(labels)
-    if owner and namespace and type != "DELETED":
-        reconcile.refresh_status(kube(), namespace, owner)
+    if not owner or not namespace or type == "DELETED":
+        return
+    key = (namespace, owner)
+    if key in _refresh_pending:
+        return
+    _refresh_pending.add(key)
+    task = asyncio.get_running_loop().create_task(_refresh_soon(key))
+    _refresh_tasks.add(task)
+    task.add_done_callback(_refresh_tasks.discard)
+
+
+async def _refresh_soon(key: tuple[str, str]) -> None:
+    await asyncio.sleep(REFRESH_DELAY_S)
+    # Cleared before the refresh: an event that arrives while it runs schedules the next one.
+    _refresh_pending.discard(key)
+    try:
+        await asyncio.to_thread(reconcile.refresh_status, kube(), *key)
+    except Exception:  # a failed refresh is repaired by the next child event or the resync timer
+        logging.getLogger(__name__).exception("status refresh of %s/%s failed", *key)
 
 
 @kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=TICK_S, initial_delay=TICK_S)

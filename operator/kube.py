@@ -6,6 +6,8 @@ retry the handler later. No manifest logic here: that is in `builders.py`.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -74,8 +76,13 @@ class Kube:
         except kubernetes.config.ConfigException:
             kubernetes.config.load_kube_config()
         client = ApiClient()
+        # The discovery cache is per process: the default file is shared by every client on the machine and a
+        # concurrent writer leaves it half-written.
+        cache = os.path.join(tempfile.gettempdir(), f"dsv4-operator-discovery-{os.getpid()}.json")
         return cls(
-            DynamicClient(client), kubernetes.client.CoreV1Api(client), kubernetes.client.CustomObjectsApi(client)
+            DynamicClient(client, cache_file=cache),
+            kubernetes.client.CoreV1Api(client),
+            kubernetes.client.CustomObjectsApi(client),
         )
 
     def _resource(self, api_version: str, kind: str) -> Any:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from dsv4.operator import builders, checks
@@ -18,6 +19,8 @@ from dsv4.services import contract
 
 # post(type, reason, message): a Kubernetes Event on the DeepSeekV4Deployment.
 Post = Callable[[str, str, str], None]
+# Children are independent objects: applying them in parallel cuts a reconcile from 12 round trips to about 2.
+_appliers = ThreadPoolExecutor(max_workers=8, thread_name_prefix="dsv4-apply")
 
 
 def now_iso() -> str:
@@ -93,8 +96,7 @@ def reconcile(kube: Kube, body: Mapping[str, Any], default_image: str, post: Pos
         post("Warning", p.reason, p.message)
     applied: list[dict[str, Any]] = []
     wanted = builders.children(Owner(name, namespace, uid), spec, default_image)
-    for obj in wanted:
-        after = kube.apply(obj)
+    for obj, after in zip(wanted, _appliers.map(kube.apply, wanted), strict=True):
         after.setdefault("kind", obj["kind"])
         before = existing.get(_key(obj))
         if before is None:

@@ -26,8 +26,11 @@ def test_helm_lint_is_clean(k8s_cluster: KubeCluster) -> None:
 
 
 def test_rbac_is_least_privilege(k8s_cluster: KubeCluster) -> None:
-    [role] = [d for d in _render(k8s_cluster) if d["kind"] == "ClusterRole"]
-    for rule in role["rules"]:
+    roles = {d["metadata"]["name"]: d for d in _render(k8s_cluster) if d["kind"] == "ClusterRole"}
+    assert roles["dsv4-dsv4-operator-crd-reader"]["rules"] == [
+        {"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "verbs": ["list", "watch"]}
+    ]
+    for rule in roles["dsv4-dsv4-operator"]["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
         if "secrets" in rule["resources"]:
             assert rule["verbs"] == ["get"]  # never list or watch Secrets
@@ -37,8 +40,9 @@ def test_rbac_is_least_privilege(k8s_cluster: KubeCluster) -> None:
 
 def test_watch_namespaces_use_namespaced_roles_only(k8s_cluster: KubeCluster) -> None:
     docs = _render(k8s_cluster, "watchNamespaces={team-a,team-b}")
-    kinds = [d["kind"] for d in docs]
-    assert "ClusterRole" not in kinds and "ClusterRoleBinding" not in kinds
+    cluster_roles = [d for d in docs if d["kind"] == "ClusterRole"]
+    # Only the read-only CRD watch kopf needs is cluster-wide.
+    assert [r["metadata"]["name"] for r in cluster_roles] == ["dsv4-dsv4-operator-crd-reader"]
     assert sorted(d["metadata"]["namespace"] for d in docs if d["kind"] == "Role") == ["team-a", "team-b"]
     [deployment] = [d for d in docs if d["kind"] == "Deployment"]
     env = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}

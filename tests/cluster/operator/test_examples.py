@@ -85,7 +85,12 @@ def wait_ready(cluster: KubeCluster, namespace: str, name: str, timeout: float =
         obj: dict[str, Any] = get_json(cluster, "dsv4", name, "-n", namespace)
         return obj if (obj.get("status") or {}).get("phase") == "Ready" else None
 
-    result: dict[str, Any] = wait_until(f"{name} Ready", ready, timeout)
+    try:
+        result: dict[str, Any] = wait_until(f"{name} Ready", ready, timeout)
+    except AssertionError as err:
+        status = get_json(cluster, "dsv4", name, "-n", namespace).get("status")
+        events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
+        raise AssertionError(f"{err}\nstatus: {status}\nevents:\n{events.stdout}") from None
     return result
 
 
