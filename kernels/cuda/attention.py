@@ -20,7 +20,7 @@ from dsv4.kernels.registry import register
 def _compress_pool_kernel(
     kv_ptr, score_ptr, out_ptr, L: tl.constexpr, C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr
 ):
-    row = tl.program_id(0)
+    row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     slot = tl.arange(0, BLOCK_L)
     ok = (slot[:, None] < L) & (c[None, :] < C)
@@ -72,7 +72,7 @@ def _indexer_scores_kernel(
     ROUND_BF16: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    row = tl.program_id(0)  # b * S + s
+    row = tl.program_id(0).to(tl.int64)  # b * S + s; int64: row * E passes 2^31 at long context
     b = row // S
     e = tl.program_id(1) * BLOCK_E + tl.arange(0, BLOCK_E)
     h = tl.arange(0, BLOCK_H)
@@ -105,7 +105,7 @@ def _sort_key(x):
 
 @triton.jit
 def _topk_kernel(score_ptr, visible_ptr, out_ptr, rows, E, K, BLOCK_R: tl.constexpr, BLOCK_E: tl.constexpr):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_ok = r < rows
     one = tl.full([BLOCK_R], 1, tl.int64)
     kth = tl.zeros([BLOCK_R], dtype=tl.int64)
@@ -217,7 +217,7 @@ def _sparse_attention_kernel(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    row = tl.program_id(0)  # b * S + s
+    row = tl.program_id(0).to(tl.int64)  # b * S + s; int64: row * H * D passes 2^31 in long prefills
     b = row // S
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, BLOCK_D)

@@ -40,7 +40,7 @@ def _sinkhorn_tile(logits, valid, iters, eps):
 
 @triton.jit
 def _sinkhorn_kernel(logits_ptr, out_ptr, rows, iters, eps, N_HC: tl.constexpr, NP: tl.constexpr, BN: tl.constexpr):
-    r = tl.program_id(0) * BN + tl.arange(0, BN)
+    r = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     i = tl.arange(0, NP)
     valid = (r[:, None, None] < rows) & (i[None, :, None] < N_HC) & (i[None, None, :] < N_HC)
     offs = r[:, None, None] * N_HC * N_HC + i[None, :, None] * N_HC + i[None, None, :]
@@ -104,7 +104,7 @@ def _mhc_pre_kernel(
     BK: tl.constexpr,
     BD: tl.constexpr,
 ):
-    r = tl.program_id(0) * BN + tl.arange(0, BN)
+    r = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     r_ok = r < rows
     width = N_HC * DIM  # flattened streams of one row
     i = tl.arange(0, NP)
@@ -200,7 +200,7 @@ def _hc_head_kernel(
     BK: tl.constexpr,
     BD: tl.constexpr,
 ):
-    r = tl.program_id(0) * BN + tl.arange(0, BN)
+    r = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     r_ok = r < rows
     width = N_HC * DIM
     i = tl.arange(0, NP)
@@ -262,7 +262,7 @@ def _mhc_post_kernel(
     BN: tl.constexpr,
     BD: tl.constexpr,
 ):
-    r = tl.program_id(0) * BN + tl.arange(0, BN)
+    r = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     r_ok = r < rows
     d = tl.program_id(1) * BD + tl.arange(0, BD)
     d_ok = d < DIM

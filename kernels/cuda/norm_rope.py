@@ -33,7 +33,7 @@ def _norm_rope_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # rows * D can pass 2^31
     d = tl.arange(0, BLOCK_D)
     inside = (r[:, None] < rows) & (d[None, :] < D)
     base = r[:, None] * D
@@ -134,7 +134,7 @@ def rms_norm_rope(
 def _swiglu_kernel(
     gate_ptr, up_ptr, scale_ptr, out_ptr, total, inter, limit, HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr
 ):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offs < total
     g = tl.minimum(tl.load(gate_ptr + offs, mask=inside, other=0.0).to(tl.float32), limit)
     u = tl.load(up_ptr + offs, mask=inside, other=0.0).to(tl.float32)
