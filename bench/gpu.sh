@@ -4,7 +4,8 @@
 #   1. the kernel tests compiled for the GPU: every fp32 case of tests/unit/kernels plus the `gpu` (bf16, FP8,
 #      MXFP4) cases the Triton interpreter cannot run; the Ascend tests are left out (they download a wheel);
 #   2. bench/kernels_gpu.py: each Triton kernel timed against the PyTorch reference and the H200 roofline.
-# Output: JSON lines on stdout and in $OUT/gpu.jsonl, pytest's JUnit XML in $OUT/gpu_tests.xml.
+# Output: JSON lines on stdout and in $OUT/gpu.jsonl; pytest logs and JUnit XML per step in $OUT.
+# Time limits per step (100 + 90 + 90 s) keep the whole check under 5 minutes.
 # Usage: OUT=/some/dir bench/gpu.sh          (PYTHON=python3 by default; its torch and triton are used as-is)
 set -uo pipefail
 
@@ -29,20 +30,31 @@ if ! "$PYTHON" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
   exit 1
 fi
 
-start=$(date +%s)
-if "$PYTHON" -c 'import pytest' 2>/dev/null; then
+# run_tests NAME SECONDS PYTEST_ARGS...: one pytest run, its JUnit XML and log under $OUT, one JSON line
+run_tests() {
+  local name=$1 limit=$2
+  shift 2
+  local start rc summary
+  start=$(date +%s)
   # -c /dev/null: the device's pytest may predate the project's pinned minversion and plugins
-  timeout 200 "$PYTHON" -m pytest -c /dev/null --rootdir=. --import-mode=importlib -p no:cacheprovider -q \
-    -m "unit or gpu" tests/unit/kernels --ignore=tests/unit/kernels/ascend \
-    --junitxml="$OUT/gpu_tests.xml" >"$OUT/gpu_tests.log" 2>&1
+  timeout "$limit" "$PYTHON" -m pytest -c /dev/null --rootdir=. --import-mode=importlib -p no:cacheprovider -q \
+    --junitxml="$OUT/$name.xml" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
-  summary=$(tail -n 1 "$OUT/gpu_tests.log" | tr -d '"=' | sed 's/^ *//')
-  emit "{\"bench\": \"gpu.sh\", \"step\": \"kernel tests\", \"exit\": $rc, \"summary\": \"$summary\", \"seconds\": $(($(date +%s) - start))}"
+  summary=$(tail -n 1 "$OUT/$name.log" | tr -d '"=' | sed 's/^ *//')
+  emit "{\"bench\": \"gpu.sh\", \"step\": \"$name\", \"exit\": $rc, \"summary\": \"$summary\", \"seconds\": $(($(date +%s) - start))}"
+}
+
+if "$PYTHON" -c 'import pytest' 2>/dev/null; then
+  # the cases only a GPU can check first (bf16, FP8, MXFP4), then the fp32 suite compiled for the GPU; the
+  # Ascend tests (they download a wheel) and the CPU-only compile/interpreter checks are left out
+  run_tests gpu_cases 100 -m gpu tests/unit/kernels/test_gpu_numerics.py
+  run_tests fp32_cases 90 -m unit tests/unit/kernels --ignore=tests/unit/kernels/ascend \
+    --ignore=tests/unit/kernels/test_compile_sm90.py --ignore=tests/unit/kernels/test_interpreter_canary.py
 else
   emit '{"bench": "gpu.sh", "step": "kernel tests", "error": "pytest is not installed for '"$PYTHON"'"}'
 fi
 
 start=$(date +%s)
-timeout 240 "$PYTHON" bench/kernels_gpu.py --out "$OUT/kernels_gpu.jsonl" | tee -a "$JSONL"
+timeout 90 "$PYTHON" bench/kernels_gpu.py --out "$OUT/kernels_gpu.jsonl" | tee -a "$JSONL"
 rc=${PIPESTATUS[0]}
 emit "{\"bench\": \"gpu.sh\", \"step\": \"kernel timings\", \"exit\": $rc, \"seconds\": $(($(date +%s) - start))}"
