@@ -13,8 +13,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import triton
@@ -26,27 +30,31 @@ from dsv4.kernels.cuda import attention, mhc, moe, norm_rope
 _C = "constexpr"
 
 
-def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:
-    """(name, kernel, argument types, constexpr values) at Flash decode shapes, bf16 activations."""
+def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
+    """(name, kernel, argument types, constexpr values, warps) at Flash decode shapes, bf16 activations, with the
+    tile sizes and warp counts the wrappers launch."""
     bf, f32, i32, i64 = "*bf16", "*fp32", "i32", "*i64"
-    specs: list[tuple[str, Any, dict[str, str], dict[str, Any]]] = [
+    specs: list[tuple[str, Any, dict[str, str], dict[str, Any], int]] = [
         (
             "norm_rope[d512,heads]",
             norm_rope._norm_rope_kernel,
             dict(x_ptr=bf, w_ptr=f32, cos_ptr=f32, sin_ptr=f32, out_ptr=bf, rows=i32, heads=i32, eps="fp32"),
             dict(D=512, HALF_R=32, NORM=True, HAS_WEIGHT=True, ROPE=True, INVERSE=False, BLOCK_R=8, BLOCK_D=512),
+            4,
         ),
         (
             "swiglu",
             norm_rope._swiglu_kernel,
             dict(gate_ptr=bf, up_ptr=bf, scale_ptr=f32, out_ptr=bf, total=i32, inter=i32, limit="fp32"),
             dict(HAS_SCALE=True, BLOCK=1024),
+            4,
         ),
         (
             "sinkhorn[n4]",
             mhc._sinkhorn_kernel,
             dict(logits_ptr=f32, out_ptr=f32, rows=i32, iters=i32, eps="fp32"),
             dict(N_HC=4, NP=4, BN=16),
+            4,
         ),
         (
             "mhc_pre[n4,d4096]",
@@ -64,7 +72,8 @@ def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:
                 hc_eps="fp32",
                 norm_eps="fp32",
             ),
-            dict(N_HC=4, DIM=4096, NP=4, BN=16, BK=64, BD=128),
+            dict(N_HC=4, DIM=4096, NP=4, BN=mhc.BLOCK_N, BK=mhc.BLOCK_K, BD=mhc.BLOCK_D),
+            mhc.NUM_WARPS,
         ),
         (
             "hc_head[n4,d4096]",
@@ -79,37 +88,43 @@ def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:
                 hc_eps="fp32",
                 norm_eps="fp32",
             ),
-            dict(N_HC=4, DIM=4096, NP=4, BN=16, BK=64, BD=128),
+            dict(N_HC=4, DIM=4096, NP=4, BN=mhc.BLOCK_N, BK=mhc.BLOCK_K, BD=mhc.BLOCK_D),
+            mhc.NUM_WARPS,
         ),
         (
             "mhc_post[n4,d4096]",
             mhc._mhc_post_kernel,
             dict(y_ptr=bf, streams_ptr=bf, post_ptr=f32, comb_ptr=f32, out_ptr=bf, rows=i32),
-            dict(N_HC=4, DIM=4096, NP=4, BN=16, BD=128),
+            dict(N_HC=4, DIM=4096, NP=4, BN=mhc.BLOCK_N, BD=mhc.BLOCK_D),
+            mhc.NUM_WARPS,
         ),
         (
             "compress_pool[l8,c512]",
             attention._compress_pool_kernel,
             dict(kv_ptr=f32, score_ptr=f32, out_ptr=f32),
             dict(L=8, C=512, BLOCK_L=8, BLOCK_C=128),
+            4,
         ),
         (
             "indexer_scores[h64,d128]",
             attention._indexer_scores_kernel,
             dict(q_ptr=bf, w_ptr=bf, keys_ptr=bf, visible_ptr=i64, out_ptr=f32, S=i32, E=i32),
             dict(HI=64, D=128, BLOCK_H=64, BLOCK_D=128, BLOCK_E=64, ROUND_BF16=True, PRECISION="tf32"),
+            4,
         ),
         (
             "topk[e1024]",
             attention._topk_kernel,
             dict(score_ptr=f32, visible_ptr=i64, out_ptr=i64, rows=i32, E=i32, K=i32),
             dict(BLOCK_R=2, BLOCK_E=1024),
+            4,
         ),
         (
             "sparse_attention[h64,d512]",
             attention._sparse_attention_kernel,
             dict(q_ptr=bf, kv_ptr=bf, idx_ptr=i64, sink_ptr=f32, out_ptr=bf, S=i32, N=i32, K=i32, scale="fp32"),
             dict(H=64, D=512, BLOCK_H=16, BLOCK_D=512, BLOCK_K=16, PRECISION="tf32"),
+            attention.ATTENTION_WARPS,
         ),
         (
             "route[e256,k6]",
@@ -118,6 +133,7 @@ def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:
                 logits_ptr=f32, bias_ptr=f32, hash_ptr=i64, w_ptr=f32, idx_ptr=i64, rows=i32, E=i32, route_scale="fp32"
             ),
             dict(TOPK=6, HASH=False, BLOCK_R=16, BLOCK_E=256, BLOCK_K=8),
+            4,
         ),
     ]
     for quant, weight, scale in ((0, bf, f32), (1, "*fp8e4nv", "*u8"), (2, "*u8", "*u8")):
@@ -138,29 +154,60 @@ def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any]]]:
                     K=i32,
                     N_EXPERTS=i32,
                 ),
-                dict(QUANT=quant, SCALE_E8M0=quant > 0, BLOCK_M=16, BLOCK_O=64, BLOCK_K=64, PRECISION="tf32"),
+                dict(
+                    QUANT=quant,
+                    SCALE_E8M0=quant > 0,
+                    BLOCK_M=16,
+                    BLOCK_O=64,
+                    BLOCK_K=moe.GROUPED_BLOCK_K,
+                    PRECISION="tf32",
+                ),
+                moe.GROUPED_WARPS,
             )
         )
     return specs
 
 
+def register_usage(ptx: str, arch: int) -> dict[str, int]:
+    """Registers per thread and spill-store bytes that `ptxas -v` reports for the kernel's PTX."""
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "kernel.ptx"
+        src.write_text(ptx)
+        for ptxas in ("ptxas-blackwell", "ptxas"):  # the one whose PTX ISA version matches this Triton's output
+            done = subprocess.run(
+                [str(bin_dir / ptxas), f"-arch=sm_{arch}a", "-v", str(src), "-o", str(Path(tmp) / "k.cubin")],
+                capture_output=True,
+                text=True,
+            )
+            regs = re.search(r"Used (\d+) registers", done.stderr)
+            spills = re.search(r"(\d+) bytes spill stores", done.stderr)
+            if done.returncode == 0 and regs and spills:
+                return {"registers": int(regs.group(1)), "spill_store_bytes": int(spills.group(1))}
+    raise RuntimeError(f"ptxas -v gave no register report: {done.stderr[-500:]}")
+
+
 def compile_all(arch: int = 90) -> list[dict[str, Any]]:
-    """Compile every kernel for `cuda` sm_<arch>; one result dict per kernel (ok, seconds, shared bytes, error)."""
+    """Compile every kernel for `cuda` sm_<arch>; one result per kernel: ok, shared bytes, registers a thread and
+    spill-store bytes (ptxas -v), seconds, or the error."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("aot: run without TRITON_INTERPRET=1 (the kernels must be JIT functions)")
     target = GPUTarget("cuda", arch, 32)
     results = []
-    for name, kernel, types, constexprs in _specs():
+    for name, kernel, types, constexprs, warps in _specs():
         signature = dict(types) | dict.fromkeys(constexprs, _C)
         start = time.perf_counter()
         try:
-            compiled = triton.compile(ASTSource(fn=kernel, signature=signature, constexprs=constexprs), target=target)
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            compiled = triton.compile(source, target=target, options={"num_warps": warps})
             results.append(
                 {
                     "kernel": name,
                     "arch": f"sm_{arch}",
                     "ok": "cubin" in compiled.asm,
+                    "num_warps": warps,
                     "shared_bytes": int(compiled.metadata.shared),
+                    **register_usage(compiled.asm["ptx"], arch),
                     "seconds": round(time.perf_counter() - start, 2),
                 }
             )

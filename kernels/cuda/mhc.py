@@ -17,7 +17,9 @@ from dsv4.kernels.cuda.launch import block, check_device
 from dsv4.kernels.registry import register
 
 BLOCK_N = 16  # token rows per program
-BLOCK_K = 64  # flattened-stream columns per step of the mixing GEMV
+BLOCK_K = 32  # flattened-stream columns per step of the mixing GEMV
+# 8 warps: at 4, pre and post need 255 and 182 registers a thread (ptxas for sm_90; 102 and 147 at 8)
+NUM_WARPS = 8
 BLOCK_D = 128  # hidden columns per step of the stream collapse / expansion
 
 
@@ -179,6 +181,7 @@ def mhc_pre(
             BN=BLOCK_N,
             BK=BLOCK_K,
             BD=BLOCK_D,
+            num_warps=NUM_WARPS,
         )
     return x, post, comb
 
@@ -244,6 +247,7 @@ def hc_head(
             BN=BLOCK_N,
             BK=BLOCK_K,
             BD=BLOCK_D,
+            num_warps=NUM_WARPS,
         )
     return x
 
@@ -303,5 +307,6 @@ def mhc_post(y: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: t
             NP=_np(n),
             BN=BLOCK_N,
             BD=BLOCK_D,
+            num_warps=NUM_WARPS,
         )
     return out

@@ -1,4 +1,5 @@
-"""Every Triton kernel compiles to an sm_90 (H100/H200) cubin with Triton's own compiler and ptxas, on CPU.
+"""Every Triton kernel compiles to an sm_90 (H100/H200) cubin with Triton's own compiler and ptxas, on CPU,
+without register spills.
 
 The interpreter runs kernels as numpy and accepts constructs the real compiler may reject; this closes that
 gap without a GPU. It proves nothing about running them (bench/gpu.sh does). A subprocess, because this
@@ -44,3 +45,5 @@ def test_every_kernel_compiles_for_sm90():
         "grouped_matmul",
     }
     assert all(r["shared_bytes"] <= 227 * 1024 for r in results)  # the H100/H200 per-block shared-memory limit
+    # ptxas -v at the wrappers' tile sizes and warp counts: no register spills, within the 255-register limit
+    assert all(r["spill_store_bytes"] == 0 and r["registers"] <= 255 for r in results), results
