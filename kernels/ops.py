@@ -121,9 +121,11 @@ def sparse_attention(
     """Shared-K=V sparse attention with a per-head sink over the entries `idx` selects.
 
     q [B, S, H, D]; kv [B, N, D] (one K=V head: window entries and compressed entries of the row); idx
-    [B, S, K] int64 into kv's N axis, -1 = no entry; sink [H] fp32. For each query and head, in fp32:
-    s_e = scale * q . kv[e] over the valid e; out = sum_e exp(s_e - M) kv[e] / (sum_e exp(s_e - M) +
-    exp(sink_h - M)), M = max(max_e s_e, sink_h). A query with no valid entry returns 0.
+    [B, S, K] int64 into kv's N axis, -1 = no entry, the valid ones distinct within a row (as the model builds
+    them; a repeated index is unspecified: the reference and the kernels may count it once or twice); sink [H]
+    fp32. For each query and head, in fp32: s_e = scale * q . kv[e] over the valid e;
+    out = sum_e exp(s_e - M) kv[e] / (sum_e exp(s_e - M) + exp(sink_h - M)), M = max(max_e s_e, sink_h).
+    A query with no valid entry returns 0.
     Returns [B, S, H, D] in q.dtype.
     """
     return resolve("sparse_attention", q.device)(q, kv, idx, sink, scale)
