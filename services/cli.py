@@ -24,6 +24,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=8000, help="port to listen on (default: %(default)s)")
     p.add_argument("--redis-url", metavar="URL", help="use this Redis instead of a local one")
     p.add_argument("--api-key-file", metavar="FILE", help="file with one accepted API key per line")
+    p.add_argument(
+        "--broker",
+        choices=("auto", "redis-server", "in-process"),
+        default="auto",
+        help="Redis to start when no --redis-url: auto = redis-server if installed, else in-process (default: auto)",
+    )
 
 
 def _gateway_args(p: argparse.ArgumentParser) -> None:
@@ -64,7 +70,7 @@ class Command:
 
 
 COMMANDS: dict[str, Command] = {
-    "serve": Command("run gateway, prefill and decode on this machine", _serve_args, None),
+    "serve": Command("run gateway, prefill and decode on this machine", _serve_args, "dsv4.services.serve:run"),
     "gateway": Command("run the OpenAI-compatible gateway", _gateway_args, "dsv4.services.gateway.main:run"),
     "prefill": Command("run a prefill worker", _worker_args, "dsv4.services.workers.main:run_prefill"),
     "decode": Command("run a decode worker", _worker_args, "dsv4.services.workers.main:run_decode"),

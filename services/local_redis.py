@@ -72,7 +72,10 @@ class LocalRedis:
             "--logfile", str(self.log_path),
             "--protected-mode", "yes",
         ]  # fmt: skip
-        self._proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        # Its own process group: a terminal's Ctrl-C reaches only the owner, which stops Redis after its clients.
+        self._proc = subprocess.Popen(
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, process_group=0
+        )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:

@@ -1,0 +1,255 @@
+"""`dsv4 serve` as a user runs it: a real subprocess with its gateway, workers and Redis (a real redis-server or the
+in-process broker), the embedded model made on first use, the official openai client, SIGTERM, and clear errors."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from dsv4.model_runtime.chat_encoding import ChatEncoder
+from dsv4.model_runtime.engine.llm import LLM
+from dsv4.model_runtime.engine.sampling_params import SamplingParams
+from dsv4.model_runtime.tokenizer import Tokenizer
+from dsv4.services.local_redis import free_port
+
+pytestmark = pytest.mark.e2e
+
+READY_TIMEOUT_S = 240.0
+
+
+def descendants(pid: int) -> set[int]:
+    """Every live process below `pid` (from /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+class Serve:
+    """`dsv4 serve` in a subprocess; its stdout is collected line by line, stderr kept for the end."""
+
+    def __init__(self, home: Path, *args: str, env: dict[str, str] | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        full_env = {**os.environ, "DSV4_HOME": str(home), "OMP_NUM_THREADS": "1", **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dsv4.services.cli", "serve", "--port", str(self.port), *args],
+            env=full_env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._lines: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line.rstrip("\n"))
+        self._lines.put(None)
+
+    def wait_for(self, pattern: str, timeout: float = READY_TIMEOUT_S) -> re.Match[str]:
+        """The first stdout line matching `pattern`; fails when serve exits or the time runs out."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            if line is None:
+                pytest.fail(f"dsv4 serve exited ({self.proc.wait()}) before {pattern!r}: {self.output()}")
+            self.lines.append(line)
+            if m := re.search(pattern, line):
+                return m
+        pytest.fail(f"no {pattern!r} from dsv4 serve within {timeout:.0f} s: {self.output()}")
+
+    def output(self) -> str:
+        return "\n".join(self.lines)
+
+    def rest(self) -> str:
+        """Everything serve printed, once it has exited."""
+        while (line := self._lines.get(timeout=10)) is not None:
+            self.lines.append(line)
+        return self.output()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        self.proc.send_signal(sig)
+        return self.proc.wait(timeout=timeout)
+
+    def kill_all(self) -> None:
+        """Cleanup after a failed test: nothing may outlive it."""
+        for pid in descendants(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.kill()
+        self.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One DSV4_HOME for the serving tests: the first one makes the embedded model, the second reuses it."""
+    return tmp_path_factory.mktemp("dsv4-home")
+
+
+@pytest.fixture(scope="module")
+def references() -> dict[str, LLM]:
+    return {}
+
+
+@pytest.fixture
+def serve_cleanup() -> Iterator[list[Serve]]:
+    started: list[Serve] = []
+    yield started
+    for s in started:
+        if s.proc.poll() is None or descendants(s.proc.pid):
+            s.kill_all()
+
+
+PROMPT = "Tell me about Redis."
+MAX_TOKENS = 12
+
+
+@pytest.mark.parametrize(("broker", "transport"), [("redis-server", "redis"), ("in-process", "direct")])
+def test_serve_streams_greedy_chat_equal_to_llm_generate_and_stops_cleanly(
+    broker: str, transport: str, home: Path, references: dict[str, LLM], serve_cleanup: list[Serve]
+) -> None:
+    model_dir = home / "models" / "tiny-flash"
+    first_run = not model_dir.exists()
+    serve = Serve(home, "--broker", broker, env={"DSV4_DISAGGREGATION__MODE": "always"})
+    serve_cleanup.append(serve)
+    serve.wait_for(r"dsv4 serve: ready in [\d.]+ s at " + re.escape(serve.url) + "/v1")
+    assert ("first run only" in serve.output()) == first_run
+    assert broker in serve.output()
+    prefill_metrics = serve.wait_for(r"(http://127\.0\.0\.1:\d+/metrics) \(prefill\)", timeout=5).group(1)
+    serve.wait_for("Ctrl-C stops the server", timeout=5)
+    assert (model_dir / "config.json").is_file() and not list(model_dir.parent.glob(".tiny-flash.partial-*"))
+
+    with openai.OpenAI(base_url=serve.url + "/v1", api_key="none", max_retries=0, timeout=120) as client:
+        stream = client.chat.completions.create(
+            model="deepseek-v4-flash",
+            messages=[{"role": "user", "content": PROMPT}],
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
+        chunks = list(stream)
+    text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == MAX_TOKENS
+    handoff = httpx.get(prefill_metrics, timeout=10).text
+    assert f'dsv4_handoff_bytes_total{{direction="write",transport="{transport}"}}' in handoff
+
+    tokenizer = Tokenizer.from_pretrained(model_dir)
+    prompt_ids = ChatEncoder(tokenizer).encode([{"role": "user", "content": PROMPT}]).token_ids
+    if "llm" not in references:
+        references["llm"] = LLM(str(model_dir))
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    [expected] = references["llm"].generate([prompt_ids], params)
+    assert text == tokenizer.decode(expected.token_ids)
+
+    children = descendants(serve.proc.pid)
+    assert len(children) >= 3  # gateway, prefill, decode (+ redis-server)
+    assert serve.stop(signal.SIGTERM) == 0, serve.proc.stderr.read() if serve.proc.stderr else ""
+    assert not [pid for pid in children if alive(pid)]
+    assert "dsv4 serve: stopped" in serve.rest()
+
+
+def test_interrupted_first_run_leaves_no_half_model(tmp_path: Path, serve_cleanup: list[Serve]) -> None:
+    serve = Serve(tmp_path)
+    serve_cleanup.append(serve)
+    serve.wait_for("first run only", timeout=60)
+    time.sleep(0.5)  # inside the checkpoint writer
+    assert serve.stop(signal.SIGTERM) == 130
+    models = tmp_path / "models"
+    assert not (models / "tiny-flash").exists()
+    assert list(models.iterdir()) == []  # the partial folder was removed too
+
+
+def test_a_model_that_cannot_load_stops_everything_with_one_line(tmp_path: Path, serve_cleanup: list[Serve]) -> None:
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    serve = Serve(tmp_path, "--model", str(broken))
+    serve_cleanup.append(serve)
+    serve.wait_for("starting gateway, prefill and decode", timeout=60)
+    children = descendants(serve.proc.pid)
+    assert serve.proc.wait(timeout=READY_TIMEOUT_S) == 1
+    assert serve.proc.stderr is not None
+    err = serve.proc.stderr.read().strip()
+    assert err.count("\n") == 0 and "exited with status" in err and ("prefill" in err or "decode" in err), err
+    assert not [pid for pid in children if alive(pid)]
+
+
+def _taken_port() -> tuple[socket.socket, int]:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    s.listen()
+    return s, s.getsockname()[1]
+
+
+@pytest.mark.parametrize("case", ["missing model", "not a checkpoint", "port taken", "redis unreachable"])
+def test_cannot_start_exits_nonzero_with_one_clear_line(case: str, tmp_path: Path) -> None:
+    args: list[str] = []
+    expected = ""
+    holder: socket.socket | None = None
+    if case == "missing model":
+        args, expected = ["--model", str(tmp_path / "nope")], f"--model {tmp_path / 'nope'}: no such folder"
+    elif case == "not a checkpoint":
+        args, expected = ["--model", str(tmp_path)], "no config.json"
+    elif case == "port taken":
+        holder, port = _taken_port()
+        args, expected = ["--port", str(port)], f"cannot listen on 127.0.0.1:{port}"
+    else:
+        args, expected = ["--redis-url", f"redis://:secret@127.0.0.1:{free_port()}/0"], "cannot reach Redis at"
+    try:
+        cmd = [sys.executable, "-m", "dsv4.services.cli", "serve", *args]
+        if case != "port taken":
+            cmd += ["--port", str(free_port())]
+        done = subprocess.run(cmd, env={**os.environ, "DSV4_HOME": str(tmp_path)}, capture_output=True, text=True,
+                              timeout=60, check=False)  # fmt: skip
+    finally:
+        if holder is not None:
+            holder.close()
+    assert done.returncode == 1
+    err = done.stderr.strip()
+    assert err.startswith("dsv4 serve: ") and err.count("\n") == 0 and expected in err, err
+    assert "secret" not in err
+    assert not (tmp_path / "models").exists()  # nothing was written before the checks
