@@ -246,6 +246,10 @@ class Role:
                 process_group=0,
             )
 
+    @property
+    def title(self) -> str:
+        return self.name if self.name == contract.Role.GATEWAY.value else f"{self.name} worker"
+
     def exited(self) -> int | None:
         return None if self.proc is None else self.proc.poll()
 
@@ -298,7 +302,7 @@ def wait_ready(roles: list[Role], timeout: float, check: Callable[[], None]) -> 
             for role in list(waiting):
                 code = role.exited()
                 if code is not None:
-                    raise ServeError(f"the {role.name} exited with status {code} while starting: {role.last_error()}")
+                    raise ServeError(f"the {role.title} exited with status {code} while starting: {role.last_error()}")
                 try:
                     if http.get(role.ready_url + contract.READY_PATH).status_code == 200:
                         waiting.remove(role)
@@ -470,7 +474,7 @@ def _supervise(roles: list[Role], signals: _Signals) -> int:
         for role in roles:
             code = role.exited()
             if code is not None:
-                print(f"dsv4 serve: the {role.name} exited with status {code}: {role.last_error()}; stopping",
+                print(f"dsv4 serve: the {role.title} exited with status {code}: {role.last_error()}; stopping",
                       file=sys.stderr, flush=True)  # fmt: skip
                 return EXIT_FAILED
         time.sleep(0.2)
