@@ -1,7 +1,7 @@
 """kopf handlers: thin wiring of cluster events to `reconcile.py` and `autoscaler.py`.
 
 - create / update / resume: reconcile (apply children, delete unwanted ones, write status, post Events);
-- child Deployment / StatefulSet changes: refresh the owner's status (Ready follows the pods);
+- child Deployment / StatefulSet / pod changes: refresh the owner's status (Ready follows the pods);
 - a timer: drift repair every RESYNC_S, and the planner when `spec.autoscaling.enabled`;
 - delete: children go by garbage collection (owner references); the handler only records it.
 """
@@ -13,6 +13,7 @@ import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import kopf
@@ -56,7 +57,7 @@ def _poster(body: kopf.Body) -> reconcile.Post:
 
 
 @kopf.on.startup()
-def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+async def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     """Keep kopf's bookkeeping in annotations: the status schema is structural and would prune it."""
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=api.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=api.GROUP)
@@ -66,6 +67,9 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.execution.max_workers = 16
     settings.batching.error_delays = [1, 2, 5, 10, 30, 60]
     settings.networking.request_timeout = 30
+    # Status refreshes and the timer run blocking API calls through asyncio.to_thread; the default pool (cores + 4)
+    # is too small for many resources at once.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(max_workers=16, thread_name_prefix="dsv4"))
 
 
 @kopf.on.create(api.GROUP, api.VERSION, api.PLURAL)
@@ -89,10 +93,11 @@ def _owner_name(labels: kopf.Labels) -> str | None:
 
 @kopf.on.event("apps", "v1", "deployments", labels={"app.kubernetes.io/managed-by": MANAGER})
 @kopf.on.event("apps", "v1", "statefulsets", labels={"app.kubernetes.io/managed-by": MANAGER})
+@kopf.on.event("", "v1", "pods", labels={"app.kubernetes.io/managed-by": MANAGER})
 async def child_changed(labels: kopf.Labels, namespace: str | None, type: str, **_: Any) -> None:
-    """A pool's pods changed: recompute the owner's status, once per burst of child events."""
+    """A pool or one of its pods changed: recompute the owner's status, once per burst of events."""
     owner = _owner_name(labels)
-    if not owner or not namespace or type == "DELETED":
+    if not owner or not namespace:
         return
     key = (namespace, owner)
     if key in _refresh_pending:

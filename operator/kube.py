@@ -11,7 +11,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import kubernetes
@@ -29,6 +29,7 @@ ATTEMPTS = 5
 BACKOFF_S = 0.2
 # (connect, read) seconds: an overloaded API server must not stall a handler forever.
 TIMEOUT = (5.0, 30.0)
+POOL_SIZE = 32  # parallel applies, status refreshes and the planner share one client
 
 # Kinds the operator creates, as (apiVersion, kind); listing them by label finds every child, including orphans.
 WORKLOAD_KINDS = (("apps/v1", "Deployment"), ("apps/v1", "StatefulSet"))
@@ -67,6 +68,8 @@ class Kube:
     dynamic: DynamicClient
     core: kubernetes.client.CoreV1Api
     custom: kubernetes.client.CustomObjectsApi
+    # Resolved once: the dynamic client's lazy discovery is not safe to run from several threads at once.
+    resources: dict[tuple[str, str], Any] = field(default_factory=dict)
 
     @classmethod
     def connect(cls) -> Kube:
@@ -75,18 +78,19 @@ class Kube:
             kubernetes.config.load_incluster_config()
         except kubernetes.config.ConfigException:
             kubernetes.config.load_kube_config()
-        client = ApiClient()
+        config = kubernetes.client.Configuration.get_default_copy()
+        config.connection_pool_maxsize = POOL_SIZE
+        client = ApiClient(config)
         # The discovery cache is per process: the default file is shared by every client on the machine and a
         # concurrent writer leaves it half-written.
         cache = os.path.join(tempfile.gettempdir(), f"dsv4-operator-discovery-{os.getpid()}.json")
-        return cls(
-            DynamicClient(client, cache_file=cache),
-            kubernetes.client.CoreV1Api(client),
-            kubernetes.client.CustomObjectsApi(client),
-        )
+        dynamic = DynamicClient(client, cache_file=cache)
+        kinds = (*CHILD_KINDS, ("v1", "Pod"))
+        resources = {k: dynamic.resources.get(api_version=k[0], kind=k[1]) for k in kinds}
+        return cls(dynamic, kubernetes.client.CoreV1Api(client), kubernetes.client.CustomObjectsApi(client), resources)
 
     def _resource(self, api_version: str, kind: str) -> Any:
-        return self.dynamic.resources.get(api_version=api_version, kind=kind)
+        return self.resources[(api_version, kind)]
 
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply `obj` as the operator's field manager; returns the object as stored."""
@@ -123,6 +127,11 @@ class Kube:
                 item.setdefault("kind", kind)
                 out.append(item)
         return out
+
+    def list_pods(self, namespace: str, instance: str) -> list[dict[str, Any]]:
+        """The pods of every pool of `instance`, as dicts."""
+        pods = self.list_children(namespace, instance, (("v1", "Pod"),))
+        return pods
 
     def delete(self, obj: dict[str, Any]) -> None:
         """Delete a child (already gone is fine)."""

@@ -14,7 +14,15 @@ from dsv4.operator import builders, checks
 from dsv4.operator.builders import Owner
 from dsv4.operator.kube import WORKLOAD_KINDS, Kube
 from dsv4.operator.spec import DeploymentSpec
-from dsv4.operator.status import DeploymentStatus, Problem, Workload, compute_status, endpoint_url, read_workload
+from dsv4.operator.status import (
+    DeploymentStatus,
+    Problem,
+    Workload,
+    compute_status,
+    endpoint_url,
+    read_workload,
+    ready_pods,
+)
 from dsv4.services import contract
 
 # post(type, reason, message): a Kubernetes Event on the DeepSeekV4Deployment.
@@ -50,23 +58,30 @@ def problems_of(kube: Kube, namespace: str, spec: DeploymentSpec) -> list[Proble
     return checks.spec_problems(spec) + refs
 
 
-def _workloads(spec: DeploymentSpec, objs: list[dict[str, Any]]) -> dict[str, Workload | None]:
-    found = {
-        o["metadata"]["labels"].get("app.kubernetes.io/component"): read_workload(o)
-        for o in objs
-        if o["kind"] in {kind for _, kind in WORKLOAD_KINDS}
-    }
+def _workloads(
+    spec: DeploymentSpec, objs: list[dict[str, Any]], pods: list[dict[str, Any]]
+) -> dict[str, Workload | None]:
+    ready = ready_pods(pods)
+    found = {}
+    for o in objs:
+        if o["kind"] in {kind for _, kind in WORKLOAD_KINDS}:
+            component = o["metadata"]["labels"].get("app.kubernetes.io/component")
+            found[component] = read_workload(o, ready.get(component, 0))
     return {k: found.get(k) for k in builders.workload_keys(spec)}
 
 
 def _status(
-    body: Mapping[str, Any], spec: DeploymentSpec | None, problems: list[Problem], objs: list[dict[str, Any]]
+    body: Mapping[str, Any],
+    spec: DeploymentSpec | None,
+    problems: list[Problem],
+    objs: list[dict[str, Any]],
+    pods: list[dict[str, Any]],
 ) -> DeploymentStatus:
     meta = body["metadata"]
     previous = (body.get("status") or {}).get("conditions") or []
     return compute_status(
         generation=int(meta.get("generation", 0)),
-        workloads=_workloads(spec, objs) if spec is not None else {},
+        workloads=_workloads(spec, objs, pods) if spec is not None else {},
         problems=problems,
         endpoint=endpoint_url(meta["name"], meta["namespace"], contract.GATEWAY_PORT),
         now=now_iso(),
@@ -87,7 +102,7 @@ def reconcile(kube: Kube, body: Mapping[str, Any], default_image: str, post: Pos
     spec, problems = checks.parse(body.get("spec") or {})
     existing = {_key(o): o for o in kube.list_children(namespace, name) if _owned_by(o, uid)}
     if spec is None:
-        status = _status(body, None, problems, list(existing.values()))
+        status = _status(body, None, problems, list(existing.values()), [])
         kube.patch_status(namespace, name, status_patch(status))
         post("Warning", problems[0].reason, problems[0].message)
         return status
@@ -107,7 +122,7 @@ def reconcile(kube: Kube, body: Mapping[str, Any], default_image: str, post: Pos
     for key in existing.keys() - {_key(o) for o in wanted}:
         kube.delete(existing[key])
         post("Normal", "Deleted", f"deleted {key[0]} {key[1]}: no longer part of the spec")
-    status = _status(body, spec, problems, applied)
+    status = _status(body, spec, problems, applied, kube.list_pods(namespace, name))
     kube.patch_status(namespace, name, status_patch(status))
     return status
 
@@ -123,7 +138,7 @@ def refresh_status(kube: Kube, namespace: str, name: str) -> DeploymentStatus | 
     uid = body["metadata"]["uid"]
     # Only the workloads decide the status: two lists, not five, on every pod change.
     objs = [o for o in kube.list_children(namespace, name, WORKLOAD_KINDS) if _owned_by(o, uid)]
-    status = _status(body, spec, problems, objs)
+    status = _status(body, spec, problems, objs, kube.list_pods(namespace, name))
     patch = status_patch(status)
     current = body.get("status") or {}
     if any(current.get(k) != v for k, v in patch.items()):

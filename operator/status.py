@@ -6,7 +6,7 @@ The `DeploymentStatus` model is also the status schema of the CRD.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -84,8 +84,27 @@ class Problem:
     message: str
 
 
-def read_workload(obj: Mapping[str, Any]) -> Workload:
-    """The replica counts and failure reason of a Deployment or StatefulSet as returned by the API server."""
+def ready_pods(pods: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """Pods that are Ready and not being deleted, per `app.kubernetes.io/component`."""
+    out: dict[str, int] = {}
+    for pod in pods:
+        meta = pod.get("metadata") or {}
+        conditions = (pod.get("status") or {}).get("conditions") or []
+        if meta.get("deletionTimestamp") or not any(
+            c.get("type") == "Ready" and c.get("status") == "True" for c in conditions
+        ):
+            continue
+        component = (meta.get("labels") or {}).get("app.kubernetes.io/component", "")
+        out[component] = out.get(component, 0) + 1
+    return out
+
+
+def read_workload(obj: Mapping[str, Any], ready_pods: int = 0) -> Workload:
+    """The replica counts and failure reason of a Deployment or StatefulSet as returned by the API server.
+
+    `ready_pods` (Ready pods of that workload, counted by the operator) covers a workload controller whose status
+    lags behind its pods: the larger of the two counts, at most the desired count, is what is ready.
+    """
     spec, status = obj.get("spec") or {}, obj.get("status") or {}
     desired = int(spec.get("replicas", 1))
     generation = (obj.get("metadata") or {}).get("generation", 0)
@@ -97,7 +116,7 @@ def read_workload(obj: Mapping[str, Any]) -> Workload:
             failure = f"ProgressDeadlineExceeded: {cond.get('message', '')}".strip()
     return Workload(
         desired=desired,
-        ready=int(status.get("readyReplicas", 0)),
+        ready=max(int(status.get("readyReplicas", 0)), min(desired, ready_pods)),
         updated=int(status.get("updatedReplicas", 0)),
         up_to_date=status.get("observedGeneration", 0) >= generation,
         failure=failure,

@@ -67,7 +67,7 @@ The operator's image.
 
 {{/*
 The rules the operator needs, and no more: its own resource and status, the child kinds it applies and deletes,
-reading (never listing) referenced Secrets, marking pods to drain, and posting Events.
+reading (never listing) referenced Secrets, watching pods and marking them to drain, and posting Events.
 */}}
 {{- define "dsv4-operator.rules" -}}
 - apiGroups: [dsv4.io]
@@ -87,7 +87,7 @@ reading (never listing) referenced Secrets, marking pods to drain, and posting E
   verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, patch]
+  verbs: [get, list, watch, patch]
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]

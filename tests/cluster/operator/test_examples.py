@@ -90,7 +90,8 @@ def wait_ready(cluster: KubeCluster, namespace: str, name: str, timeout: float =
     except AssertionError as err:
         status = get_json(cluster, "dsv4", name, "-n", namespace).get("status")
         events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
-        raise AssertionError(f"{err}\nstatus: {status}\nevents:\n{events.stdout}") from None
+        pods = cluster.kubectl("get", "pods,deployments", "-n", namespace, "-o", "wide").stdout
+        raise AssertionError(f"{err}\nstatus: {status}\nevents:\n{events.stdout}\n{pods}") from None
     return result
 
 
@@ -115,12 +116,18 @@ def test_tiny_cpu_example(k8s_cluster: KubeCluster, k8s_namespace: str, running_
     assert children(k8s_cluster, k8s_namespace, "tiny-cpu") == expected_children("tiny-cpu", managed_redis=True)
     assert obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
     assert obj["status"]["endpoint"] == f"http://tiny-cpu-gateway.{k8s_namespace}.svc:{contract.GATEWAY_PORT}"
-    conditions = {c["type"]: (c["status"], c["reason"]) for c in obj["status"]["conditions"]}
-    assert conditions == {
+    settled = {
         "Ready": ("True", "AllPoolsReady"),
         "Progressing": ("False", "Stable"),
         "Degraded": ("False", "AsExpected"),
     }
+
+    def conditions() -> dict[str, tuple[str, str]]:
+        status = get_json(k8s_cluster, "dsv4", "tiny-cpu", "-n", k8s_namespace)["status"]
+        return {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+
+    # Ready follows the pods; Progressing settles once the Deployments report the rollout done.
+    wait_until("conditions settled", lambda: conditions() == settled, 90)
     for component in ("gateway", "prefill", "decode", "redis"):
         for pod in pods(k8s_cluster, k8s_namespace, "tiny-cpu", component):
             assert_on_pool(pod, CPU_POOL)

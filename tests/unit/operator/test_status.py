@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from dsv4.operator import checks
-from dsv4.operator.status import Problem, Workload, compute_status, read_workload
+from dsv4.operator.status import Problem, Workload, compute_status, read_workload, ready_pods
 
 from .conftest import Admit
 
@@ -153,3 +153,23 @@ def test_missing_secrets_and_keys(admit: Admit) -> None:
 def test_unreadable_spec_is_a_problem_not_a_crash() -> None:
     spec, problems = checks.parse({"model": {"variant": "tiny"}, "accelerator": {"type": "cpu"}, "bogus": 1})
     assert spec is None and problems[0].reason == "InvalidSpec" and "spec.bogus" in problems[0].message
+
+
+def _pod(component: str, ready: bool, deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"labels": {"app.kubernetes.io/component": component}}
+    if deleting:
+        meta["deletionTimestamp"] = NOW
+    return {"metadata": meta, "status": {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}]}}
+
+
+def test_ready_pods_counts_ready_pods_that_stay() -> None:
+    pods = [_pod("decode", True), _pod("decode", True, deleting=True), _pod("decode", False), _pod("gateway", True)]
+    assert ready_pods(pods) == {"decode": 1, "gateway": 1}
+
+
+def test_pods_cover_a_lagging_workload_controller() -> None:
+    deployment = {"metadata": {"generation": 1}, "spec": {"replicas": 2}, "status": {"observedGeneration": 1}}
+    assert read_workload(deployment, ready_pods=2).ready == 2  # the Deployment's status still says 0
+    assert read_workload(deployment, ready_pods=3).ready == 2  # surge pods during a rollout do not count twice
+    lagging_pods = {**deployment, "status": {"observedGeneration": 1, "readyReplicas": 2}}
+    assert read_workload(lagging_pods, ready_pods=0).ready == 2
