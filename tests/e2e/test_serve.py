@@ -225,7 +225,9 @@ def _taken_port() -> tuple[socket.socket, int]:
     return s, s.getsockname()[1]
 
 
-@pytest.mark.parametrize("case", ["missing model", "not a checkpoint", "port taken", "redis unreachable"])
+@pytest.mark.parametrize(
+    "case", ["missing model", "not a checkpoint", "missing key file", "port taken", "redis unreachable"]
+)
 def test_cannot_start_exits_nonzero_with_one_clear_line(case: str, tmp_path: Path) -> None:
     args: list[str] = []
     expected = ""
@@ -234,6 +236,8 @@ def test_cannot_start_exits_nonzero_with_one_clear_line(case: str, tmp_path: Pat
         args, expected = ["--model", str(tmp_path / "nope")], f"--model {tmp_path / 'nope'}: no such folder"
     elif case == "not a checkpoint":
         args, expected = ["--model", str(tmp_path)], "no config.json"
+    elif case == "missing key file":
+        args, expected = ["--api-key-file", str(tmp_path / "keys")], f"--api-key-file {tmp_path / 'keys'}: no such file"
     elif case == "port taken":
         holder, port = _taken_port()
         args, expected = ["--port", str(port)], f"cannot listen on 127.0.0.1:{port}"
