@@ -89,6 +89,7 @@ class Dims:
     experts: int = 32
     inter: int = 2048
     rows_per_expert: int = 6
+    vocab: int = 129280
 
 
 def cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
@@ -238,6 +239,27 @@ def cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
             (randn(t, n, n, dtype=torch.float32), 20, 1e-6),
             2 * t * n * n * 4,
             20 * 4 * t * n * n,
+        )
+    )
+    # Sampling (PyTorch ops on the device, no Triton kernel): the FLOP count ignores the sorts, a floor only.
+    logits = randn(t, dims.vocab, dtype=torch.float32)
+    u = torch.rand(t, dims.vocab, generator=g, dtype=torch.float64).clamp_(min=1e-300).to(device)
+    filters = (
+        torch.full((t,), 0.8, dtype=torch.float64, device=device),
+        torch.full((t,), 50, dtype=torch.long, device=device),
+        torch.full((t,), 0.9, dtype=torch.float64, device=device),
+        torch.zeros(t, dtype=torch.float64, device=device),
+    )
+    out.append(
+        Case("filter_logits", f"t{t}v{dims.vocab}", (logits, *filters), 3 * _nbytes(logits), 10 * logits.numel())
+    )
+    out.append(
+        Case(
+            "sample_tokens",
+            f"t{t}v{dims.vocab}",
+            (logits, *filters, -torch.log(-torch.log(u))),
+            3 * _nbytes(logits) + _nbytes(u),
+            12 * logits.numel(),
         )
     )
     return out

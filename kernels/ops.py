@@ -187,3 +187,35 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float, row_scale: torch.
     Computed in fp32; returns gate.dtype.
     """
     return resolve("swiglu", gate.device)(gate, up, limit, row_scale)
+
+
+def filter_logits(
+    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
+) -> torch.Tensor:
+    """The distribution a sampled token is drawn from, as fp64 logits with the excluded tokens at -inf.
+
+    logits [B, V] any float; temperature [B] (> 0); top_k [B] int64 (0 or >= V = off); top_p [B] (1 = off);
+    min_p [B] (0 = off). In fp64, per row: x = logits / temperature; top-k keeps x >= the k-th largest value
+    (ties kept); top-p keeps the smallest prefix of the tokens sorted by probability (stable order) whose mass
+    reaches top_p, i.e. drops a token when the mass strictly ahead of it is >= top_p; min-p drops tokens whose
+    probability is < min_p * the row's largest probability (probabilities = softmax after top-k). Rows never
+    influence each other. Returns [B, V] fp64.
+    """
+    return resolve("filter_logits", logits.device)(logits, temperature, top_k, top_p, min_p)
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    top_p: torch.Tensor,
+    min_p: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
+    """One token per row: argmax(logits) where temperature <= 0, else argmax(filter_logits(...) + noise).
+
+    logits [B, V]; temperature, top_k, top_p, min_p [B] as in `filter_logits`; noise [B, V] fp64 standard Gumbel
+    noise chosen by the caller (the engine seeds it per request and token index, which makes a draw reproducible
+    and independent of the batch; it is ignored in greedy rows). Ties go to the lowest token id. Returns [B] int64.
+    """
+    return resolve("sample_tokens", logits.device)(logits, temperature, top_k, top_p, min_p, noise)

@@ -65,12 +65,18 @@ def backend_for(device: torch.device) -> str:
         ) from None
 
 
+def _check_cuda_runnable() -> None:
+    # Checked on every lookup, not only when the backend is first imported: a process that imported the kernels
+    # under the interpreter and later dropped TRITON_INTERPRET must not keep running them on CPU tensors.
+    if os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+        raise KernelBackendError("kernel backend 'cuda' needs a CUDA device (or TRITON_INTERPRET=1); none found")
+
+
 def _check_available(backend: str) -> None:
     if backend == "cuda":
         if importlib.util.find_spec("triton") is None:
             raise KernelBackendError("kernel backend 'cuda' needs the triton package, which is not installed")
-        if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
-            raise KernelBackendError("kernel backend 'cuda' needs a CUDA device (or TRITON_INTERPRET=1); none found")
+        _check_cuda_runnable()
     elif backend == "ascend" and importlib.util.find_spec("torch_npu") is None:
         raise KernelBackendError("kernel backend 'ascend' needs torch_npu (and CANN), which is not installed")
 
@@ -91,6 +97,8 @@ def lookup(op: str, backend: str) -> Callable[..., Any]:
     if backend not in BACKENDS:
         raise KernelBackendError(f"unknown kernel backend {backend!r}; known: {', '.join(BACKENDS)}")
     _load(backend)
+    if backend == "cuda":
+        _check_cuda_runnable()
     try:
         return _IMPLS[(op, backend)]
     except KeyError:

@@ -2,8 +2,8 @@
 
 Each adapter reshapes our canonical tensors into the layout the op documents (BSND, 4-D RoPE inputs, -1 padded
 index lists with the valid entries first, cumulative group lists), calls the op through `npu()`, and maps the
-result back. Ops without a fitting torch_npu op (router, SwiGLU with clamp, compressor pooling, hyper head) run
-the PyTorch reference on the NPU tensors; kernels/CAPABILITIES.md lists which is which.
+result back. Ops without a fitting torch_npu op (router, SwiGLU with clamp, compressor pooling, hyper head,
+sampling) run the PyTorch reference on the NPU tensors; kernels/CAPABILITIES.md lists which is which.
 """
 
 from __future__ import annotations
@@ -15,13 +15,16 @@ from dsv4.kernels.reference import attention as ref_attention
 from dsv4.kernels.reference import mhc as ref_mhc
 from dsv4.kernels.reference import moe as ref_moe
 from dsv4.kernels.reference import norm_rope as ref_norm_rope
+from dsv4.kernels.reference import sampling as ref_sampling
 from dsv4.kernels.reference.quant_moe import dequant_fp8_experts, dequant_mxfp4_experts
 from dsv4.kernels.registry import register
 
 # Plain PyTorch on the NPU: torch_npu 2.14 has no op with these semantics (npu_swiglu has no clamp; the custom
-# `compressor` fuses projection and cache insert).
+# `compressor` fuses projection and cache insert; sampling has no fused top-k/top-p op worth the layout change).
 for _op, _fn in (
     ("swiglu", ref_norm_rope.swiglu),
+    ("filter_logits", ref_sampling.filter_logits),
+    ("sample_tokens", ref_sampling.sample_tokens),
     ("compress_pool", ref_attention.compress_pool),
     ("hc_head", ref_mhc.hc_head),
 ):

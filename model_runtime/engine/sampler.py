@@ -1,5 +1,8 @@
 """Token sampling: penalties, greedy / temperature / top-k / top-p / min-p, seeded draws, logprobs.
 
+Filtering and the draw itself are the kernel registry's `filter_logits` / `sample_tokens` ops (per device);
+the penalties, the seeded noise and logprobs stay here.
+
 Each row is sampled on its own, so a request's token never depends on the other rows of the batch. A sampled
 token i of a request is drawn by the Gumbel-max trick with noise from an RNG seeded by (seed, i): a resumed or
 recomputed decode reproduces the same tokens. Gumbel-max (not an inverse CDF) because its outcome only flips
@@ -15,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv4.kernels import ops
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.engine.sequence import TokenLogprob
 
@@ -60,23 +64,21 @@ def apply_penalties(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
     return logits
 
 
+def _row_params(
+    p: SamplingParams, device: torch.device, greedy: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One row's (temperature, top_k, top_p, min_p) as the registry's sampling ops take them; 0 = greedy."""
+    return (
+        torch.tensor([0.0 if greedy else p.temperature], dtype=torch.float64, device=device),
+        torch.tensor([p.top_k], dtype=torch.long, device=device),
+        torch.tensor([p.top_p], dtype=torch.float64, device=device),
+        torch.tensor([p.min_p], dtype=torch.float64, device=device),
+    )
+
+
 def filtered_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """fp64 logits / temperature with the tokens top-k, top-p and min-p exclude set to -inf."""
-    logits = logits.double() / p.temperature
-    if p.top_k and p.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, p.top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if p.top_p < 1.0 or p.min_p > 0.0:
-        probs = torch.softmax(logits, dim=-1)
-        drop = torch.zeros_like(probs, dtype=torch.bool)
-        if p.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True, stable=True)
-            before = sorted_probs.cumsum(0) - sorted_probs  # mass strictly ahead of each token
-            drop[order[before >= p.top_p]] = True  # the smallest prefix reaching top_p is kept
-        if p.min_p > 0.0:
-            drop |= probs < p.min_p * probs.max()
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+    return ops.filter_logits(logits[None], *_row_params(p, logits.device))[0]
 
 
 def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -88,12 +90,12 @@ def sample_row(logits: torch.Tensor, req: SampleRequest) -> tuple[int, TokenLogp
     """One row: logits [vocab] fp32 -> (token id, its logprob record when asked)."""
     p = req.params
     scores = apply_penalties(logits, req)
+    vocab, device = scores.shape[-1], scores.device
     if p.greedy:
-        token = int(torch.argmax(scores))
+        noise = torch.zeros(vocab, dtype=torch.float64, device=device)
     else:
-        # argmax(logits + Gumbel noise) is a draw from softmax(logits); excluded tokens stay at -inf.
-        noisy = filtered_logits(scores, p) + token_gumbel(req.seed, req.index, scores.shape[-1], scores.device)
-        token = int(torch.argmax(noisy))
+        noise = token_gumbel(req.seed, req.index, vocab, device)
+    token = int(ops.sample_tokens(scores[None], *_row_params(p, device, p.greedy), noise[None])[0])
     if p.logprobs is None:
         return token, None
     logp = torch.log_softmax(logits.float(), dim=-1)
