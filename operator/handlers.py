@@ -26,6 +26,9 @@ DEFAULT_IMAGE_ENV = "DSV4_IMAGE"
 DEFAULT_IMAGE = "ghcr.io/dsv4/dsv4:0.1.0"
 TICK_S = 5.0  # timer granularity; the planner runs every spec.autoscaling.intervalSeconds
 RESYNC_S = 60.0  # repair drift (a child edited or deleted by hand) at least this often
+# Watch events can lag far behind the API server's state when it is overloaded (seen in the test cluster, where
+# the ReplicaSet controller missed pod updates for minutes); a cheap poll bounds how stale the status gets.
+STATUS_POLL_S = 10.0
 REFRESH_DELAY_S = 0.5  # child events arrive in bursts (a rollout sends dozens); one status refresh per burst
 
 _refresh_pending: set[tuple[str, str]] = set()
@@ -120,10 +123,14 @@ async def _refresh_soon(key: tuple[str, str]) -> None:
 
 @kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=TICK_S, initial_delay=TICK_S)
 async def tick(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
-    """Drift repair every RESYNC_S; the planner at its interval."""
+    """Drift repair every RESYNC_S, a status poll every STATUS_POLL_S, the planner at its interval."""
     now = time.monotonic()
     last = memo.get("resynced")
     if last is None or now - last >= RESYNC_S:
-        memo["resynced"] = now
+        memo["resynced"] = memo["polled"] = now
         await asyncio.to_thread(reconcile.reconcile, kube(), body, default_image(), _poster(body))
+    elif now - memo.get("polled", now) >= STATUS_POLL_S:
+        memo["polled"] = now
+        meta = body["metadata"]
+        await asyncio.to_thread(reconcile.refresh_status, kube(), meta["namespace"], meta["name"])
     await autoscaler.maybe_plan(kube(), body, memo, _poster(body), logger)

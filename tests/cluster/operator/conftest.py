@@ -31,7 +31,12 @@ class OperatorProcess:
         self.starts = 0
 
     def start(self) -> None:
-        env = {**self.cluster.env, "KUBECONFIG": str(self.kubeconfig), "DSV4_IMAGE": IMAGE}
+        env = {
+            **self.cluster.env,
+            "KUBECONFIG": str(self.kubeconfig),
+            "DSV4_IMAGE": IMAGE,
+            "DSV4_OPERATOR_VERBOSE": "1",
+        }
         dsv4 = Path(sys.executable).parent / "dsv4"
         with self.log.open("ab") as out:
             self.proc = subprocess.Popen(
@@ -57,7 +62,7 @@ class OperatorProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def tail(self, lines: int = 60) -> str:
+    def tail(self, lines: int = 400) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:]) if self.log.exists() else ""
 
 

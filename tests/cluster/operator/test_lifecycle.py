@@ -86,7 +86,7 @@ def test_missing_secret_is_degraded_not_a_crash(
     # Creating the Secret heals it without any restart.
     k8s_cluster.kubectl("create", "secret", "generic", "nope", "--from-literal=keys=k", "-n", k8s_namespace)
     k8s_cluster.kubectl("annotate", "dsv4", "nokeys", "-n", k8s_namespace, "touch=1")  # no spec change: resync
-    wait_ready(k8s_cluster, k8s_namespace, "nokeys", timeout=90)
+    wait_ready(k8s_cluster, k8s_namespace, "nokeys", timeout=150)
     assert running_operator.alive()
 
 
@@ -116,9 +116,29 @@ def test_restart_mid_reconcile_converges_without_duplicates(
     assert 0 < partial < len(names) * len(expected_children("x", managed_redis=True))
     running_operator.start()
     for n in names:
-        wait_ready(k8s_cluster, k8s_namespace, n, timeout=180)
-        assert children(k8s_cluster, k8s_namespace, n) == expected_children(n, managed_redis=True)
+        # Converged: the restarted operator completed the pass (every child, status written for this generation).
+        wait_until(
+            f"{n} children", lambda n=n: children(k8s_cluster, k8s_namespace, n) == expected_children(n, True), 120
+        )
+        wait_until(
+            f"{n} status",
+            lambda n=n: (
+                (get_json(k8s_cluster, "dsv4", n, "-n", k8s_namespace).get("status") or {}).get("observedGeneration")
+                == 1
+            ),
+            120,
+        )
     for n in names:
+        wait_until(
+            f"{n} pods",
+            lambda n=n: (
+                len(
+                    get_json(k8s_cluster, "pods", "-n", k8s_namespace, "-l", f"app.kubernetes.io/instance={n}")["items"]
+                )
+                == 4
+            ),
+            120,
+        )
         rs = get_json(k8s_cluster, "replicasets", "-n", k8s_namespace, "-l", f"app.kubernetes.io/instance={n}")
         assert len(rs["items"]) == 3  # one per Deployment: no second rollout, no duplicate
         pods = get_json(k8s_cluster, "pods", "-n", k8s_namespace, "-l", f"app.kubernetes.io/instance={n}")
