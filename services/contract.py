@@ -38,6 +38,7 @@ ENV_CONFIG_FILE = "DSV4_CONFIG_FILE"
 ENV_API_KEY_FILE = "DSV4_API_KEY_FILE"
 ENV_API_KEYS = "DSV4_API_KEYS"  # comma-separated accepted keys, e.g. from a Secret via secretKeyRef
 ENV_DEVICE = "DSV4_DEVICE"  # cpu | cuda | npu; the accelerator profile sets it
+ENV_DTYPE = "DSV4_DTYPE"  # float32 (default) | bfloat16 | float16 | float64: the model's compute dtype
 ENV_POD_NAME = "DSV4_POD_NAME"  # downward API; the consumer name of a worker in the Redis consumer groups
 ENV_POD_IP = "DSV4_POD_IP"  # downward API; where the `direct` data plane is reached
 

@@ -266,11 +266,18 @@ async def queue_stats(client: aioredis.Redis, deployment: str, stream: str) -> Q
     """Lag, pending and age of the work stream `stream` of `deployment`; the one function the planner calls."""
     key = contract.stream_key(deployment, stream)
     with unavailable_as_typed(f"reading stats of {key}"):
-        length = int(await client.xlen(key))
-        try:
-            groups = await client.xinfo_groups(key)
-        except redis.ResponseError:  # no such stream yet
-            groups = []
+        # One MULTI snapshot: read apart, an ack (XACK + XDEL) landing between the two reads would show a job that
+        # is neither pending nor gone.
+        async with client.pipeline(transaction=True) as p:
+            p.xlen(key)
+            p.xinfo_groups(key)
+            length_raw, groups_raw = await p.execute(raise_on_error=False)
+        if isinstance(length_raw, BaseException):
+            raise length_raw
+        length = int(length_raw)
+        groups: Any = [] if isinstance(groups_raw, redis.ResponseError) else groups_raw  # no such stream yet
+        if isinstance(groups, BaseException):
+            raise groups
         group = next((g for g in groups if _s(g["name"]) == contract.WORKER_GROUP), None)
         if group is None:
             return QueueStats(stream, length, length, 0, 0, await _age_after(client, key, "-"))

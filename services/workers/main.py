@@ -34,9 +34,12 @@ def _run(args: argparse.Namespace, role: contract.Role) -> int:
         print(f"dsv4 {role.value}: no model: pass --model PATH or set {contract.ENV_MODEL}", file=sys.stderr)
         return 2
     telemetry.setup_tracing(role.value)
-    from dsv4.model_runtime.engine.async_engine import AsyncEngine  # torch is imported only here
+    import torch  # imported only here, so the CLI's help and errors stay fast
 
-    engine = AsyncEngine.from_path(settings.model, device=settings.device or "cpu")
+    from dsv4.model_runtime.engine.async_engine import AsyncEngine
+
+    dtype = getattr(torch, settings.dtype)
+    engine = AsyncEngine.from_path(settings.model, device=settings.device or "cpu", dtype=dtype)
     try:
         asyncio.run(_serve(role, settings, engine))
     finally:

@@ -49,6 +49,9 @@ class WorkerSettings(BaseSettings):
     redis_password: SecretStr | None = None
     model: Path | None = None
     device: str | None = None
+    # float64 exists for exactness checks on CPU: fp32 GEMMs round differently with the batch shape, which can flip
+    # a near-tie greedy token of a random test model after a takeover re-batches a request.
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
     pod_name: str = Field(default_factory=_default_consumer)  # the consumer name in the group
     pod_ip: str = "127.0.0.1"  # where the direct data plane is reached
     host: str = "0.0.0.0"
