@@ -91,6 +91,15 @@ def wait_ready(cluster: KubeCluster, namespace: str, name: str, timeout: float =
         status = get_json(cluster, "dsv4", name, "-n", namespace).get("status")
         events = cluster.kubectl("get", "events", "-n", namespace, "--field-selector", f"involvedObject.name={name}")
         pods = cluster.kubectl("get", "pods,deployments", "-n", namespace, "-o", "wide").stdout
+        pods += cluster.kubectl(
+            "get",
+            "pods",
+            "-n",
+            namespace,
+            "-o",
+            'jsonpath={range .items[*]}{.metadata.name} Ready={.status.conditions[?(@.type=="Ready")].status}'
+            ' containers={.status.containerStatuses[*].ready}{"\\n"}{end}',
+        ).stdout
         raise AssertionError(f"{err}\nstatus: {status}\nevents:\n{events.stdout}\n{pods}") from None
     return result
 
