@@ -306,6 +306,10 @@ class KubeCluster:
             f"--service-account-private-key-file={pki.service_account_key}",
             f"--root-ca-file={pki.ca.cert}",
             f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+            # kwok renews node leases late when the 2 shared cores are busy; after the default 50 s grace the node
+            # lifecycle controller marks the node unhealthy and sets every pod on it NotReady, and kwok's pod-ready
+            # stage (Pending pods only) never makes them Ready again. Nodes here never really fail.
+            "--node-monitor-grace-period=1h",
             "--profiling=false",
         )
         sched_cert = pki.client("kube-scheduler", "system:kube-scheduler")
