@@ -20,11 +20,11 @@ import time
 from pathlib import Path
 
 import torch
-from runtime_cpu import load_transformers  # bench/ is the script's folder
 
 from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
+from dsv4.model_runtime.transformers_oracle import load_transformers_oracle
 from dsv4.model_runtime.weights import load_model
 
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"writing {args.preset} checkpoint ...", file=sys.stderr)
         ckpt = write_checkpoint(Path(tmp) / args.preset, args.preset, quantized=True, seed=0)
         model = load_model(ckpt, qat_simulation=False)
-        oracle = load_transformers(ckpt)
+        oracle = load_transformers_oracle(ckpt)
         variants = {"dsv4": EngineConfig(max_num_seqs=32, max_num_batched_tokens=1024)}
         if args.mtp:
             variants["dsv4_mtp"] = EngineConfig(max_num_seqs=32, max_num_batched_tokens=1024, speculative_mtp=True)

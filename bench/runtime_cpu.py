@@ -23,24 +23,7 @@ import torch
 
 from dsv4.model_runtime import load_model
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
-
-
-def load_transformers(ckpt: Path) -> Any:
-    """transformers' DeepseekV4ForCausalLM on an official-format checkpoint (oracle_notes.md §2), fp32 eager."""
-    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
-
-    raw = json.loads((ckpt / "config.json").read_text())
-    ratios = raw.pop("compress_ratios")[: raw["num_hidden_layers"]]
-    raw["layer_types"] = [
-        {0: "sliding_attention", 4: "compressed_sparse_attention"}.get(r, "heavily_compressed_attention")
-        for r in ratios
-    ]
-    hca = [r for r in ratios if r not in (0, 4)]
-    raw["compress_rates"] = {"compressed_sparse_attention": 4, "heavily_compressed_attention": hca[0] if hca else 128}
-    model = DeepseekV4ForCausalLM.from_pretrained(
-        str(ckpt), config=DeepseekV4Config.from_dict(raw), dtype=torch.float32, attn_implementation="eager"
-    )
-    return model.float().eval()
+from dsv4.model_runtime.transformers_oracle import load_transformers_oracle
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -94,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             impls: dict[str, tuple[Any, Callable[[Any, torch.Tensor, torch.Tensor], tuple[float, float]]]] = {
                 "dsv4": (load_model(ckpt, qat_simulation=False), run_dsv4),
                 "dsv4_qat": (load_model(ckpt, qat_simulation=True), run_dsv4),
-                "transformers": (load_transformers(ckpt), run_transformers),
+                "transformers": (load_transformers_oracle(ckpt), run_transformers),
             }
             for batch in (int(b) for b in args.batches.split(",")):
                 ids = torch.randint(2, 129280, (batch, args.prompt), generator=torch.Generator().manual_seed(0))

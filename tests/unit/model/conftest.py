@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import pytest
 import torch
 
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
+from dsv4.model_runtime.transformers_oracle import load_transformers_oracle
 
 VOCAB = 129280
 
@@ -39,25 +39,6 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, bool]
     return get
 
 
-def load_oracle(ckpt: Path) -> Any:
-    """transformers 5.23.0 DeepseekV4ForCausalLM on the same checkpoint, fp32 eager (oracle_notes.md §2)."""
-    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
-
-    raw = json.loads((ckpt / "config.json").read_text())
-    ratios = raw.pop("compress_ratios")[: raw["num_hidden_layers"]]
-    raw["layer_types"] = [
-        {0: "sliding_attention", 4: "compressed_sparse_attention"}.get(r, "heavily_compressed_attention")
-        for r in ratios
-    ]
-    hca = [r for r in ratios if r not in (0, 4)]
-    raw["compress_rates"] = {"compressed_sparse_attention": 4, "heavily_compressed_attention": hca[0] if hca else 128}
-    cfg = DeepseekV4Config.from_dict(raw)
-    model = DeepseekV4ForCausalLM.from_pretrained(
-        str(ckpt), config=cfg, dtype=torch.float32, attn_implementation="eager"
-    )
-    return model.float().eval()
-
-
 @pytest.fixture(scope="session")
 def oracle() -> Callable[[Path], Any]:
     """oracle(ckpt) -> the transformers model on that checkpoint, loaded once per session."""
@@ -65,7 +46,7 @@ def oracle() -> Callable[[Path], Any]:
 
     def get(ckpt: Path) -> Any:
         if ckpt not in cache:
-            cache[ckpt] = load_oracle(ckpt)
+            cache[ckpt] = load_transformers_oracle(ckpt)
         return cache[ckpt]
 
     return get
