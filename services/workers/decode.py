@@ -12,13 +12,11 @@ import contextlib
 import logging
 import time
 
-from opentelemetry.util.types import AttributeValue
-
 from dsv4.services import contract, metrics, telemetry
 from dsv4.services.engine_port import KVImportError
 from dsv4.services.handoff import Handoff, HandoffError, HandoffReader
 from dsv4.services.queues import Delivery, Job, TokenWriter, Usage, is_cancelled
-from dsv4.services.workers.runtime import WorkerRuntime
+from dsv4.services.workers.runtime import WorkerRuntime, start_job_trace
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +32,8 @@ class DecodeWorker:
 
     async def handle(self, d: Delivery) -> None:
         job, rt, dep = d.job, self.rt, self.rt.settings.deployment
-        ctx = telemetry.extract(job.trace_context)
+        ctx, attrs = start_job_trace(job, telemetry.SPAN_DECODE_QUEUE)
         tracer = telemetry.tracer()
-        attrs: dict[str, AttributeValue] = {
-            telemetry.ATTR_REQUEST_ID: job.request_id,
-            telemetry.ATTR_PROMPT_TOKENS: len(job.prompt_ids),
-        }
-        tracer.start_span(
-            telemetry.SPAN_DECODE_QUEUE, context=ctx, start_time=job.enqueued_at_ms * 1_000_000, attributes=attrs
-        ).end()
         tokens = TokenWriter(rt.client, dep, job.request_id)
         streamed, ended = await tokens.progress()
         if ended or await is_cancelled(rt.client, dep, job.request_id):

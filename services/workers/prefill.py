@@ -6,13 +6,11 @@ import asyncio
 import logging
 import time
 
-from opentelemetry.util.types import AttributeValue
-
 from dsv4.services import contract, metrics, telemetry
 from dsv4.services.handoff import HandoffWriter, descriptor_key
 from dsv4.services.queues import TOKEN_STREAM_TTL_S, Delivery, Job, TokenWriter, Usage, WorkQueue, is_cancelled
 from dsv4.services.redis_conn import unavailable_as_typed
-from dsv4.services.workers.runtime import WorkerRuntime
+from dsv4.services.workers.runtime import WorkerRuntime, start_job_trace
 
 log = logging.getLogger(__name__)
 
@@ -41,15 +39,8 @@ class PrefillWorker:
 
     async def handle(self, d: Delivery) -> None:
         job, rt, dep = d.job, self.rt, self.rt.settings.deployment
-        ctx = telemetry.extract(job.trace_context)
+        ctx, attrs = start_job_trace(job, telemetry.SPAN_PREFILL_QUEUE)
         tracer = telemetry.tracer()
-        attrs: dict[str, AttributeValue] = {
-            telemetry.ATTR_REQUEST_ID: job.request_id,
-            telemetry.ATTR_PROMPT_TOKENS: len(job.prompt_ids),
-        }
-        tracer.start_span(
-            telemetry.SPAN_PREFILL_QUEUE, context=ctx, start_time=job.enqueued_at_ms * 1_000_000, attributes=attrs
-        ).end()
         if await is_cancelled(rt.client, dep, job.request_id) or (
             d.reclaimed and await rt.client.exists(handed_over_key(dep, job.request_id))
         ):

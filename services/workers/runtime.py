@@ -18,11 +18,13 @@ import redis.asyncio as aioredis
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
+from opentelemetry import context as otel_context
+from opentelemetry.util.types import AttributeValue
 
-from dsv4.services import contract, metrics
+from dsv4.services import contract, metrics, telemetry
 from dsv4.services.engine_port import Engine
 from dsv4.services.handoff import DirectStore, direct_router
-from dsv4.services.queues import Delivery, WorkQueue
+from dsv4.services.queues import Delivery, Job, WorkQueue
 from dsv4.services.redis_conn import RedisUnavailable, connect
 from dsv4.services.workers.settings import WorkerSettings
 
@@ -33,6 +35,21 @@ Handler = Callable[[Delivery], Awaitable[None]]
 RECLAIM_EVERY_HEARTBEATS = 3
 REDIS_RETRY_S = 1.0
 
+
+
+def start_job_trace(job: Job, queue_span: str) -> tuple[otel_context.Context, dict[str, AttributeValue]]:
+    """The job's trace context and common span attributes; records the time it waited in the queue as `queue_span`.
+
+    The worker's own spans of the job start in the returned context with these attributes."""
+    ctx = telemetry.extract(job.trace_context)
+    attrs: dict[str, AttributeValue] = {
+        telemetry.ATTR_REQUEST_ID: job.request_id,
+        telemetry.ATTR_PROMPT_TOKENS: len(job.prompt_ids),
+    }
+    telemetry.tracer().start_span(
+        queue_span, context=ctx, start_time=job.enqueued_at_ms * 1_000_000, attributes=attrs
+    ).end()
+    return ctx, attrs
 
 class WorkerRuntime:
     """The consumer side of one work stream, running `handle` for each job; `run()` until drained."""
