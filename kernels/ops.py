@@ -110,7 +110,9 @@ def indexer_topk(
     rounded to q.dtype after the dot product (fp32 accumulation), after the weighting and after the head sum
     (bf16 q gives the official bf16 scoring; keys and weights are first rounded to q.dtype). k = min(topk, E).
     Returns idx [B, S, k] int64:
-    the selected entry indices, -1 where the pick is not visible. Order within a row is unspecified.
+    the selected entry indices, -1 where the pick is not visible. Order within a row is unspecified. Ties at
+    the k-th score go to the lower entry index (+0.0 and -0.0 are equal): bf16 scores tie often, and a prefill
+    must select what the decode steps selected, or a decode that recomputes its prefix continues differently.
     """
     return resolve("indexer_topk", q.device)(q, weights, keys, visible, topk)
 
@@ -143,7 +145,8 @@ def route(
     logits [N, E] fp32; bias [E] fp32 (selection only) or hash_idx [N, k] int64 (the tid2eid rows of the
     tokens); exactly one of them. scores = sqrt(softplus(logits)); idx = topk(scores + bias) or hash_idx;
     weights = scores[idx] / sum(scores[idx]) * route_scale.
-    Returns (weights [N, k] fp32, idx [N, k] int64); the order of the k experts is unspecified.
+    Returns (weights [N, k] fp32, idx [N, k] int64); the order of the k experts is unspecified; among experts
+    with equal biased scores the lower index is chosen (as in `indexer_topk`).
     """
     return resolve("route", logits.device)(logits, topk, route_scale, bias, hash_idx)
 

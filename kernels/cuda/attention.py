@@ -101,6 +101,7 @@ def _indexer_scores_kernel(
 @triton.jit
 def _sort_key(x):
     """fp32 -> int64 in [0, 2^32) with the same order (negative floats: bits flipped; positive: top bit set)."""
+    x = tl.where(x == 0.0, 0.0, x)  # -0.0 ties with +0.0, as in the reference's comparisons
     bits = x.to(tl.int32, bitcast=True)
     unsigned = bits.to(tl.int64) & 0xFFFFFFFF
     return tl.where(bits < 0, 0xFFFFFFFF - unsigned, unsigned + 0x80000000)

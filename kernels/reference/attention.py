@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from dsv4.kernels.reference._dtypes import accumulation_dtype
+from dsv4.kernels.reference._select import topk_lower_index_wins
 from dsv4.kernels.registry import register
 
 
@@ -36,7 +37,7 @@ def indexer_topk(
     entry = torch.arange(n_entries, device=q.device)
     masked = entry.view(1, 1, -1) >= visible.unsqueeze(-1)
     score = score.masked_fill(masked, float("-inf"))
-    idx = score.topk(k, dim=-1).indices
+    idx = topk_lower_index_wins(score, k)
     return torch.where(idx >= visible.unsqueeze(-1), torch.full_like(idx, -1), idx)
 
 

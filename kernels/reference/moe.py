@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4.kernels.reference._dtypes import accumulation_dtype
+from dsv4.kernels.reference._select import topk_lower_index_wins
 from dsv4.kernels.registry import register
 
 
@@ -25,7 +26,7 @@ def route(
         idx = hash_idx.long()
     else:
         assert bias is not None
-        idx = torch.topk(scores + bias.to(A), topk, dim=-1, sorted=False).indices
+        idx = topk_lower_index_wins(scores + bias.to(A), topk)
     weights = scores.gather(1, idx)
     return weights / weights.sum(dim=-1, keepdim=True) * route_scale, idx
 

@@ -36,7 +36,6 @@ RECLAIM_EVERY_HEARTBEATS = 3
 REDIS_RETRY_S = 1.0
 
 
-
 def start_job_trace(job: Job, queue_span: str) -> tuple[otel_context.Context, dict[str, AttributeValue]]:
     """The job's trace context and common span attributes; records the time it waited in the queue as `queue_span`.
 
@@ -50,6 +49,7 @@ def start_job_trace(job: Job, queue_span: str) -> tuple[otel_context.Context, di
         queue_span, context=ctx, start_time=job.enqueued_at_ms * 1_000_000, attributes=attrs
     ).end()
     return ctx, attrs
+
 
 class WorkerRuntime:
     """The consumer side of one work stream, running `handle` for each job; `run()` until drained."""

@@ -45,6 +45,22 @@ def test_resumed_decode_continues_the_seeded_stream(make_engine: Callable[..., L
         assert seq.output_token_ids == full
 
 
+def test_greedy_decode_recomputed_at_any_token_continues_the_same(make_engine: Callable[..., LLMEngine]) -> None:
+    """A takeover recomputes prompt + streamed tokens in one prefill; the continuation must not change.
+
+    This prompt (the SIGKILL e2e test's request 7) once diverged when resumed after 21 tokens: a bf16 tie in the
+    indexer's top-k was broken one way in a decode row and the other way in the prefill's rows.
+    """
+    prompt = [(31 * k + 49) % 120000 + 100 for k in range(19)]
+    params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
+    full = _gen(make_engine(), [prompt], params)[0]
+    engine = make_engine(max_num_seqs=64, max_num_batched_tokens=4096)
+    resumed = {k: engine.add_request(f"r{k}", prompt, params, output_token_ids=full[:k]) for k in range(1, 48)}
+    while not all(seq.finished for seq in resumed.values()):
+        engine.step()
+    assert [k for k, seq in resumed.items() if seq.output_token_ids != full] == []
+
+
 def test_filters_that_leave_one_token_are_greedy(make_engine: Callable[..., LLMEngine]) -> None:
     greedy = _gen(make_engine(), [PROMPT], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))[0]
     for p in (

@@ -64,14 +64,36 @@ def test_indexer_topk(impls, device, b, s, hi, d, e, topk, visible):
     _assert_same_selection(got, want, _scores(q, w, keys, vis), vis)
 
 
-def test_topk_select_breaks_ties_by_count(device):
+def test_topk_select_gives_ties_to_the_lower_index(device):
     scores = torch.tensor([[3.0, 1.0, 3.0, 3.0, 0.0, 3.0, -2.0], [0.0, 0.0, 0.0, -1.0, 5.0, 0.0, 0.0]], device=device)
     got = topk_select(scores, torch.tensor([7, 7], device=device), 3)
-    assert sorted(scores[0][got[0]].tolist()) == [3.0, 3.0, 3.0] and got[0].unique().numel() == 3
-    assert sorted(scores[1][got[1]].tolist()) == [0.0, 0.0, 5.0] and got[1].unique().numel() == 3
+    assert sorted(got[0].tolist()) == [0, 2, 3]
+    assert sorted(got[1].tolist()) == [0, 1, 4]
     negative = torch.tensor([[-0.0, 0.0, -1e-30, -3.5, float("-inf"), 2.0]], device=device)
-    picked = topk_select(negative, torch.tensor([6], device=device), 4)
-    assert sorted(picked[0].tolist()) == [0, 1, 2, 5]
+    assert sorted(topk_select(negative, torch.tensor([6], device=device), 4)[0].tolist()) == [0, 1, 2, 5]
+    signed_zeros = torch.tensor([[1.0, 0.0, -0.0, 0.0]], device=device)  # -0.0 ties with +0.0
+    assert sorted(topk_select(signed_zeros, torch.tensor([4], device=device), 2)[0].tolist()) == [0, 1]
+    assert sorted(topk_select(-signed_zeros, torch.tensor([4], device=device), 2)[0].tolist()) == [1, 2]
+
+
+def test_indexer_topk_ties_go_to_the_lower_entry_in_prefill_and_decode_rows(impls, device):
+    """Repeated keys score exactly alike: every query row, whatever its shape, keeps the lowest-indexed copies."""
+    torch.manual_seed(4)
+    base = torch.randn(1, 3, 16, device=device)
+    keys = base[:, [0, 1, 0, 1, 0, 1, 2, 2]]  # two keys alternating: the third pick always has a twin
+    q = torch.randn(1, 5, 4, 16, device=device)
+    w = torch.randn(1, 5, 4, device=device).abs()
+    visible = torch.tensor([[8, 8, 6, 5, 4]], device=device)
+    scores = _scores(q, w, keys, visible)[0]
+    for impl in impls("indexer_topk"):
+        prefill = impl(q, w, keys, visible, 3)
+        for s in range(5):
+            vis = int(visible[0, s])
+            want = sorted(sorted(range(vis), key=lambda e: (-float(scores[s, e]), e))[:3])
+            assert (scores[s, :vis] == scores[s, want].min()).sum() > 1, "the case needs a tie at the k-th score"
+            assert sorted(prefill[0, s].tolist()) == want, (impl, s)
+            decode = impl(q[:, s : s + 1], w[:, s : s + 1], keys, visible[:, s : s + 1], 3)
+            assert sorted(decode[0, 0].tolist()) == want, (impl, s)
 
 
 def _idx(b: int, s: int, k: int, n: int, device: torch.device) -> torch.Tensor:

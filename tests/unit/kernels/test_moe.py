@@ -30,6 +30,13 @@ def test_route_learned(impls, device, n, e, k):
     torch.testing.assert_close(got[0], want[0], atol=1e-6, rtol=1e-5)
 
 
+def test_route_ties_go_to_the_lower_expert(impls, device):
+    logits = torch.tensor([[0.5, 2.0, 0.5, 2.0, 0.5, -1.0]], device=device)
+    for impl in impls("route"):
+        _, idx = impl(logits, 3, 1.0, torch.zeros(6, device=device), None)
+        assert sorted(idx[0].tolist()) == [0, 1, 3], impl
+
+
 def test_route_hash(impls, device):
     ref, cuda = impls("route")
     torch.manual_seed(1)
