@@ -12,13 +12,15 @@ finish reason and usage, or an error marker.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import struct
 import time
+import weakref
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import redis
 import redis.asyncio as aioredis
@@ -347,6 +349,58 @@ class TokenStreamTimeout(TimeoutError):
     """Nothing arrived on a request's stream within the reader's idle timeout."""
 
 
+class _StreamAppender:
+    """Appends to token streams of one client, coalescing the appends of all requests into one pipeline.
+
+    A decode worker streams one token per request per engine step; with a round trip per token its event loop
+    spent most of its time in redis-py and socket writes, holding the GIL the engine thread needs. Appends made
+    while a pipeline is in flight go out together in the next one, in call order (so an end marker never
+    overtakes the tokens before it); each caller still returns only once its entry is in Redis.
+    """
+
+    _by_client: ClassVar[weakref.WeakKeyDictionary[aioredis.Redis, _StreamAppender]] = weakref.WeakKeyDictionary()
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self._pending: list[tuple[str, dict[bytes, bytes], int, asyncio.Future[None]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+
+    @classmethod
+    def of(cls, client: aioredis.Redis) -> _StreamAppender:
+        """The appender shared by every writer on `client`."""
+        appender = cls._by_client.get(client)
+        if appender is None:
+            appender = cls._by_client[client] = cls(client)
+        return appender
+
+    async def append(self, key: str, fields: dict[bytes, bytes], ttl_s: int) -> None:
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._pending.append((key, fields, ttl_s, done))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+        await done
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch, self._pending = self._pending, []
+            try:
+                with unavailable_as_typed("writing a token stream"):
+                    async with self.client.pipeline(transaction=False) as p:
+                        for key, fields, _, _ in batch:
+                            p.xadd(key, fields)  # type: ignore[arg-type]
+                        for key, ttl in {key: ttl for key, _, ttl, _ in batch}.items():
+                            p.expire(key, ttl)
+                        await p.execute()
+            except Exception as e:  # every caller of the batch gets the failure
+                for *_, done in batch:
+                    if not done.done():
+                        done.set_exception(e)
+                continue
+            for *_, done in batch:
+                if not done.done():
+                    done.set_result(None)
+
+
 class TokenWriter:
     """The worker side of one request's token stream."""
 
@@ -390,11 +444,7 @@ class TokenWriter:
         return tokens, ended
 
     async def _add(self, fields: dict[bytes, bytes]) -> None:
-        with unavailable_as_typed("writing a token stream"):
-            async with self.client.pipeline(transaction=False) as p:
-                p.xadd(self.key, fields)  # type: ignore[arg-type]
-                p.expire(self.key, self.ttl_s)
-                await p.execute()
+        await _StreamAppender.of(self.client).append(self.key, fields, self.ttl_s)
 
 
 class TokenReader:

@@ -9,6 +9,7 @@ recomputes draws the same tokens (the port's determinism contract).
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import queue
@@ -69,6 +70,7 @@ class AsyncEngine:
         self._stop = False
         self._requests: dict[str, _Request] = {}
         self._lock = threading.Lock()
+        self._outbox: dict[asyncio.AbstractEventLoop, list[Callable[[], object]]] = {}  # engine thread only
         self._thread = threading.Thread(target=self._loop, name="dsv4-engine", daemon=True)
         self._thread.start()
 
@@ -165,6 +167,7 @@ class AsyncEngine:
             out = self._engine.abort(request_id)
             if out is not None:
                 self._deliver(out)
+                self._flush_outbox()
             loop.call_soon_threadsafe(_resolve, done, None)
 
         self._post(abort)
@@ -233,6 +236,7 @@ class AsyncEngine:
                 continue
             for out in outputs:
                 self._deliver(out)
+            self._flush_outbox()
 
     def _add(
         self,
@@ -288,8 +292,14 @@ class AsyncEngine:
         if out.finished and not out.token_ids:
             items.append(TokenOutput(out.first_index, CANCELLED_TOKEN_ID, _reason(out.finish_reason)))
         req.done = out.finished
-        for item in items:
-            req.loop.call_soon_threadsafe(req.tokens.put_nowait, item)
+        self._outbox.setdefault(req.loop, []).extend(functools.partial(req.tokens.put_nowait, i) for i in items)
+
+    def _flush_outbox(self) -> None:
+        # One wake-up of each caller loop per step, not one per token: each call_soon_threadsafe writes to the
+        # loop's self-pipe, and a worker's loop woken 16 times a step took the GIL from this thread as often.
+        for loop, calls in self._outbox.items():
+            loop.call_soon_threadsafe(_run_all, calls)
+        self._outbox.clear()
 
     def _finish_prefill(self, req: _Request, out: RequestOutput, seq: EngineSequence | None) -> None:
         assert req.prefill is not None
@@ -335,6 +345,11 @@ class AsyncEngine:
 
 def _reason(reason: str | None) -> Any:
     return reason if reason in ("stop", "length", "cancelled", "error") else "stop"
+
+
+def _run_all(calls: list[Callable[[], object]]) -> None:
+    for call in calls:
+        call()
 
 
 def _resolve(fut: asyncio.Future[Any], value: Any) -> None:

@@ -187,6 +187,53 @@ async def test_token_stream_has_a_ttl(client) -> None:  # type: ignore[no-untype
     assert 0 < await client.ttl(w.key) <= 30
 
 
+async def test_concurrent_token_writers_share_round_trips_and_keep_order(client, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """A decode worker writes one token per request per step: those writes coalesce into shared pipelines."""
+    executed: list[int] = []
+    real_pipeline = client.pipeline
+
+    def counting_pipeline(*args, **kwargs):  # type: ignore[no-untyped-def]
+        p = real_pipeline(*args, **kwargs)
+        real_execute = p.execute
+
+        async def execute(*a, **k):  # type: ignore[no-untyped-def]
+            executed.append(len(p.command_stack))
+            return await real_execute(*a, **k)
+
+        p.execute = execute
+        return p
+
+    monkeypatch.setattr(client, "pipeline", counting_pipeline)
+    writers = [TokenWriter(client, DEP, f"co{r}") for r in range(16)]
+
+    async def stream(r: int) -> None:
+        for i in range(8):
+            await writers[r].write(i, [r * 100 + i])
+        await writers[r].finish("length", Usage(1, 8))
+
+    await asyncio.gather(*(stream(r) for r in range(16)))
+    assert len(executed) < 16 * 9 / 4, f"{len(executed)} pipelines for {16 * 9} writes"
+    for r in range(16):
+        events = [e async for e in TokenReader(client, DEP, f"co{r}").events(idle_timeout_s=2)]
+        assert [t for e in events if isinstance(e, TokenChunk) for t in e.token_ids] == [r * 100 + i for i in range(8)]
+        assert events[-1] == Finish("length", Usage(1, 8))
+
+
+async def test_token_writers_waiting_on_a_dead_redis_all_get_the_typed_error(redis_server: LocalRedis) -> None:
+    client = connect(redis_server.url)
+    await TokenWriter(client, DEP, "warm").write(0, [1])
+    redis_server.kill()
+    results = await asyncio.gather(
+        *(TokenWriter(client, DEP, f"down{r}").write(0, [r]) for r in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(r, RedisUnavailable) for r in results), results
+    redis_server.start()
+    w = TokenWriter(client, DEP, "back")
+    await w.write(0, [7])
+    assert await w.streamed() == [7]
+    await client.aclose()
+
+
 async def test_cancel_flag(client) -> None:  # type: ignore[no-untyped-def]
     assert not await is_cancelled(client, DEP, "c")
     await request_cancel(client, DEP, "c")
