@@ -18,7 +18,7 @@ import logging
 import time
 import uuid
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import crc32c
@@ -100,7 +100,10 @@ class Descriptor:
     format_version: int = DESCRIPTOR_FORMAT
 
     def to_json(self) -> bytes:
-        return json.dumps(asdict(self), separators=(",", ":")).encode()
+        # Shallow on purpose: `asdict` deep-copies every field and cost ~0.1 ms, a tenth of a 1 MiB handoff.
+        d = {f.name: getattr(self, f.name) for f in fields(self)}
+        d["trace_context"] = dict(self.trace_context)
+        return json.dumps(d, separators=(",", ":")).encode()
 
     @classmethod
     def from_json(cls, raw: bytes) -> Descriptor:
@@ -344,13 +347,12 @@ class HandoffReader:
     async def read(self, key: str, *, model_fingerprint: str, kv_format_version: int) -> Handoff:
         """Fetch and verify the handoff at `key` for an engine with this fingerprint and KV format."""
         # The first chunks travel in the descriptor's round trip: a small handoff costs one round trip, not two.
+        # One MGET (every key shares the deployment's hash slot): one reply to parse instead of nine.
         handoff_id = handoff_id_of(key)
         with unavailable_as_typed("reading a handoff"):
-            pipe = self.client.pipeline(transaction=False)
-            pipe.get(key)
-            for i in range(PIPELINE_CHUNKS):
-                pipe.get(chunk_key(self.deployment, handoff_id, i))
-            raw, *first = await pipe.execute()
+            raw, *first = await self.client.mget(
+                [key, *(chunk_key(self.deployment, handoff_id, i) for i in range(PIPELINE_CHUNKS))]
+            )
         desc = self._parse(key, raw)
         if desc.model_fingerprint != model_fingerprint or desc.kv_format_version != kv_format_version:
             raise FingerprintMismatch(
@@ -401,10 +403,8 @@ class HandoffReader:
         n = len(desc.chunk_sizes)
         with unavailable_as_typed("reading handoff chunks"):
             for batch in range(start, n, PIPELINE_CHUNKS):
-                pipe = self.client.pipeline(transaction=False)
-                for i in range(batch, min(n, batch + PIPELINE_CHUNKS)):
-                    pipe.get(chunk_key(self.deployment, desc.handoff_id, i))
-                out.extend(await pipe.execute())
+                batch_ids = range(batch, min(n, batch + PIPELINE_CHUNKS))
+                out.extend(await self.client.mget([chunk_key(self.deployment, desc.handoff_id, i) for i in batch_ids]))
         return out
 
     async def _direct_chunks(self, desc: Descriptor) -> list[bytes | None]:
