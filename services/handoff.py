@@ -350,9 +350,10 @@ class HandoffReader:
         # One MGET (every key shares the deployment's hash slot): one reply to parse instead of nine.
         handoff_id = handoff_id_of(key)
         with unavailable_as_typed("reading a handoff"):
-            raw, *first = await self.client.mget(
+            replies: list[Any] = await self.client.mget(
                 [key, *(chunk_key(self.deployment, handoff_id, i) for i in range(PIPELINE_CHUNKS))]
             )
+        raw, *first = replies
         desc = self._parse(key, raw)
         if desc.model_fingerprint != model_fingerprint or desc.kv_format_version != kv_format_version:
             raise FingerprintMismatch(
@@ -403,8 +404,12 @@ class HandoffReader:
         n = len(desc.chunk_sizes)
         with unavailable_as_typed("reading handoff chunks"):
             for batch in range(start, n, PIPELINE_CHUNKS):
-                batch_ids = range(batch, min(n, batch + PIPELINE_CHUNKS))
-                out.extend(await self.client.mget([chunk_key(self.deployment, desc.handoff_id, i) for i in batch_ids]))
+                keys = [
+                    chunk_key(self.deployment, desc.handoff_id, i)
+                    for i in range(batch, min(n, batch + PIPELINE_CHUNKS))
+                ]
+                got: list[Any] = await self.client.mget(keys)
+                out.extend(got)
         return out
 
     async def _direct_chunks(self, desc: Descriptor) -> list[bytes | None]:
