@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from dsv4.services.supervised import exit_with_supervisor
+
 EXIT_NOT_IMPLEMENTED = 2
 
 CHECKPOINT_PRESETS = ("tiny-flash", "tiny-pro", "small-flash")
@@ -111,6 +113,7 @@ def _resolve(target: str) -> Callable[[argparse.Namespace], int]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `dsv4` script; returns the process exit status."""
     args = build_parser().parse_args(argv)
+    exit_with_supervisor()
     cmd = COMMANDS[args.command]
     if cmd.target is None:
         print(f"dsv4 {args.command}: not implemented yet in this build of dsv4", file=sys.stderr)

@@ -41,6 +41,7 @@ ENV_DEVICE = "DSV4_DEVICE"  # cpu | cuda | npu; the accelerator profile sets it
 ENV_DTYPE = "DSV4_DTYPE"  # float32 (default) | bfloat16 | float16 | float64: the model's compute dtype
 ENV_POD_NAME = "DSV4_POD_NAME"  # downward API; the consumer name of a worker in the Redis consumer groups
 ENV_POD_IP = "DSV4_POD_IP"  # downward API; where the `direct` data plane is reached
+ENV_SUPERVISOR_PID = "DSV4_SUPERVISOR_PID"  # set by `dsv4 serve` for its children: they stop when it dies
 
 # Files mounted into the pod: the ConfigMap with the services' settings and the Secret with API keys.
 CONFIG_DIR = "/etc/dsv4"

@@ -5,12 +5,15 @@ from __future__ import annotations
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from types import TracebackType
 
 import redis
+
+from dsv4.services.supervised import supervised_env
 
 
 class RedisServerError(RuntimeError):
@@ -37,8 +40,17 @@ class LocalRedis:
     its tail is part of every error.
     """
 
-    def __init__(self, port: int | None = None, host: str = "127.0.0.1", startup_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        startup_timeout: float = 10.0,
+        *,
+        bound_to_this_process: bool = False,
+    ) -> None:
+        """`bound_to_this_process`: the server exits when this process does, even when it is SIGKILLed (Linux)."""
         self.host = host
+        self.bound = bound_to_this_process
         self.port = port or free_port(host)
         self.startup_timeout = startup_timeout
         self._proc: subprocess.Popen[bytes] | None = None
@@ -73,8 +85,12 @@ class LocalRedis:
             "--protected-mode", "yes",
         ]  # fmt: skip
         # Its own process group: a terminal's Ctrl-C reaches only the owner, which stops Redis after its clients.
+        env = None
+        if self.bound:
+            args = [sys.executable, "-m", "dsv4.services.supervised", *args]
+            env = supervised_env()
         self._proc = subprocess.Popen(
-            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, process_group=0
+            args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, process_group=0, env=env
         )
         deadline = time.monotonic() + self.startup_timeout
         while time.monotonic() < deadline:

@@ -34,6 +34,7 @@ import httpx
 
 from dsv4.services import contract
 from dsv4.services.local_redis import LocalRedis, RedisServerError, free_port, redis_server_binary
+from dsv4.services.supervised import supervised_env
 
 EMBEDDED_PRESET = "tiny-flash"
 READY_TIMEOUT_S = 600.0  # a real checkpoint can take minutes to load; the tiny one takes seconds
@@ -77,6 +78,7 @@ def ensure_embedded_model(say: Callable[[str], None], check: Callable[[], None])
         cmd = ["make-checkpoint", "--preset", EMBEDDED_PRESET, "--quantized", "--seed", "0", str(tmp)]
         writer = subprocess.Popen(
             [sys.executable, "-m", "dsv4.services.cli", *cmd],
+            env=supervised_env(),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
@@ -206,7 +208,7 @@ def start_broker(choice: str, redis_url: str | None) -> RedisForRoles:
         return RedisForRoles(_External(redis_url), f"Redis at {redact(redis_url)}")
     if choice == "redis-server" or (choice == "auto" and redis_server_binary() is not None):
         try:
-            server = LocalRedis().start()
+            server = LocalRedis(bound_to_this_process=True).start()
         except RedisServerError as e:
             raise ServeError(f"cannot start redis-server: {e}".splitlines()[0]) from e
         return RedisForRoles(server, f"redis-server on {server.host}:{server.port}")
@@ -264,7 +266,7 @@ def role_processes(
     args: argparse.Namespace, model: Path, redis_url: str, in_process_broker: bool, log_dir: Path
 ) -> list[Role]:
     """The gateway, one prefill and one decode worker, configured for this machine."""
-    base = dict(os.environ)
+    base = supervised_env()
     base[contract.ENV_MODEL] = str(model)  # the gateway reads the checkpoint's tokenizer
     workers = dict(base)
     # Two engines share the cores: give each half, unless the user chose (torch reads OMP_NUM_THREADS).

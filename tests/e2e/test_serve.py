@@ -191,6 +191,27 @@ def test_serve_streams_greedy_chat_equal_to_llm_generate_and_stops_cleanly(
     assert "dsv4 serve: stopped" in serve.rest()
 
 
+def test_sigkill_of_serve_takes_its_roles_and_redis_down(home: Path, serve_cleanup: list[Serve]) -> None:
+    """SIGKILL cannot be forwarded; the children must notice their supervisor is gone and exit by themselves."""
+    serve = Serve(home, "--broker", "redis-server")
+    serve_cleanup.append(serve)
+    serve.wait_for(r"dsv4 serve: ready in [\d.]+ s")
+    children = descendants(serve.proc.pid)
+    names = {Path(f"/proc/{pid}/comm").read_text().strip() for pid in children}
+    assert len(children) >= 4 and "redis-server" in names, names  # gateway, prefill, decode, redis-server
+    serve.proc.kill()
+    serve.proc.wait()
+    try:
+        deadline = time.monotonic() + 60
+        while [pid for pid in children if alive(pid)] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not [pid for pid in children if alive(pid)], "orphans outlived dsv4 serve"
+    finally:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_interrupted_first_run_leaves_no_half_model(tmp_path: Path, serve_cleanup: list[Serve]) -> None:
     serve = Serve(tmp_path)
     serve_cleanup.append(serve)
