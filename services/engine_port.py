@@ -39,6 +39,15 @@ class SamplingSpec:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """A generated token's log-probability under the model (before penalties and temperature) and the
+    `SamplingSpec.logprobs` most likely tokens as (id, log-probability), best first."""
+
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class KVMeta:
     """What the engine states about an exported KV state; the handoff descriptor carries it verbatim."""
 
@@ -60,7 +69,7 @@ class PrefillOutput:
     kv_meta: KVMeta
     kv_chunks: Iterator[bytes]
     prompt_tokens: int
-    first_token_logprob: float | None = None
+    first_token_logprobs: TokenLogprobs | None = None  # when the spec asked for logprobs
     # Set when token 0 already ends the request (EOS or a stop token, unless ignored); the worker then ends the
     # stream at once and hands nothing over.
     finish_reason: FinishReason | None = None
@@ -73,7 +82,7 @@ class TokenOutput:
     index: int
     token_id: int
     finish_reason: FinishReason | None = None
-    logprob: float | None = None
+    logprobs: TokenLogprobs | None = None  # when the spec asked for logprobs
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ import redis
 import redis.asyncio as aioredis
 
 from dsv4.services import contract
-from dsv4.services.engine_port import SamplingSpec
+from dsv4.services.engine_port import SamplingSpec, TokenLogprobs
 from dsv4.services.redis_conn import MAX_BLOCK_MS, unavailable_as_typed
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,23 @@ def unpack_ids(data: bytes) -> tuple[int, ...]:
 
 class MalformedEntry(ValueError):
     """A stream entry that does not follow this protocol."""
+
+
+def pack_logprobs(logprobs: Sequence[TokenLogprobs]) -> bytes:
+    """Logprobs of consecutive tokens as JSON: [[logprob, [[id, logprob], …]], …] (small next to the text)."""
+    return json.dumps([[lp.logprob, [list(t) for t in lp.top]] for lp in logprobs], separators=(",", ":")).encode()
+
+
+def unpack_logprobs(data: bytes, count: int) -> tuple[TokenLogprobs, ...]:
+    """Inverse of `pack_logprobs`; raises MalformedEntry unless it holds exactly `count` well-formed entries."""
+    try:
+        raw = json.loads(data)
+        out = tuple(TokenLogprobs(float(lp), tuple((int(i), float(v)) for i, v in top)) for lp, top in raw)
+    except (ValueError, TypeError) as e:
+        raise MalformedEntry(f"unreadable token logprobs: {e}") from e
+    if len(out) != count:
+        raise MalformedEntry(f"{len(out)} token logprobs for {count} tokens")
+    return out
 
 
 @dataclass(frozen=True)
@@ -319,10 +336,12 @@ class Usage:
 
 @dataclass(frozen=True)
 class TokenChunk:
-    """Consecutive new tokens of a request; `start` is the index of the first one."""
+    """Consecutive new tokens of a request; `start` is the index of the first one. `logprobs`, when the worker
+    sent them, has one entry per token."""
 
     start: int
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprobs, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -411,9 +430,15 @@ class TokenWriter:
         self.key = token_stream_key(deployment, request_id)
         self.ttl_s = ttl_s
 
-    async def write(self, start: int, token_ids: Sequence[int]) -> None:
-        """Append tokens `start`, `start+1`, …; rewriting an index already written is harmless."""
-        await self._add({b"i": str(start).encode(), b"ids": pack_ids(token_ids)})
+    async def write(
+        self, start: int, token_ids: Sequence[int], logprobs: Sequence[TokenLogprobs | None] | None = None
+    ) -> None:
+        """Append tokens `start`, `start+1`, …; rewriting an index already written is harmless. `logprobs`, one
+        per token, travel with them when every one is known."""
+        fields = {b"i": str(start).encode(), b"ids": pack_ids(token_ids)}
+        if logprobs is not None and len(logprobs) == len(token_ids) and all(lp is not None for lp in logprobs):
+            fields[b"lp"] = pack_logprobs([lp for lp in logprobs if lp is not None])
+        await self._add(fields)
 
     async def finish(self, reason: str, usage: Usage) -> None:
         """Append the end marker."""
@@ -482,10 +507,12 @@ class TokenReader:
             start, ids = int(fields[b"i"]), unpack_ids(fields[b"ids"])
             if start > self.next_index:
                 raise TokenStreamGap(f"{self.key}: token {start} arrived while {self.next_index} was expected")
-            new = ids[self.next_index - start :]
+            skip = self.next_index - start
+            new = ids[skip:]
             if not new:
                 return None
-            chunk = TokenChunk(self.next_index, tuple(new))
+            logprobs = unpack_logprobs(fields[b"lp"], len(ids))[skip:] if b"lp" in fields else None
+            chunk = TokenChunk(self.next_index, tuple(new), logprobs)
             self.next_index += len(new)
             return chunk
         if b"end" in fields:

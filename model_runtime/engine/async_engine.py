@@ -25,12 +25,14 @@ from dsv4.model_runtime.engine import kv_export
 from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.engine.sequence import Sequence as EngineSequence
+from dsv4.model_runtime.engine.sequence import TokenLogprob
 from dsv4.services.engine_port import (
     EngineStats,
     KVImportError,
     KVMeta,
     PrefillOutput,
     SamplingSpec,
+    TokenLogprobs,
     TokenOutput,
 )
 
@@ -285,7 +287,7 @@ class AsyncEngine:
                 index=out.first_index + k,
                 token_id=t,
                 finish_reason=_reason(out.finish_reason) if out.finished and k == len(out.token_ids) - 1 else None,
-                logprob=out.logprobs[k].logprob if k < len(out.logprobs) else None,
+                logprobs=_port_logprobs(out.logprobs[k]) if k < len(out.logprobs) else None,
             )
             for k, t in enumerate(out.token_ids)
         ]
@@ -325,7 +327,7 @@ class AsyncEngine:
             kv_meta=meta,
             kv_chunks=iter(chunks),
             prompt_tokens=len(seq.prompt_token_ids),
-            first_token_logprob=seq.logprobs[0].logprob if seq.logprobs else None,
+            first_token_logprobs=_port_logprobs(seq.logprobs[0]) if seq.logprobs else None,
         )
         req.loop.call_soon_threadsafe(_resolve, req.prefill, result)
 
@@ -341,6 +343,10 @@ class AsyncEngine:
                 req.done = True
                 item = TokenOutput(out.first_index, CANCELLED_TOKEN_ID, "error")
                 req.loop.call_soon_threadsafe(req.tokens.put_nowait, item)
+
+
+def _port_logprobs(lp: TokenLogprob) -> TokenLogprobs:
+    return TokenLogprobs(lp.logprob, lp.top)
 
 
 def _reason(reason: str | None) -> Any:

@@ -7,7 +7,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +23,7 @@ from dsv4.model_runtime.chat_encoding import ChatEncoder
 from dsv4.model_runtime.chat_parsing import CompletionStreamParser, DeltaEvent
 from dsv4.model_runtime.tokenizer import Tokenizer
 from dsv4.services import contract, metrics, telemetry
-from dsv4.services.engine_port import SamplingSpec
+from dsv4.services.engine_port import SamplingSpec, TokenLogprobs
 from dsv4.services.gateway.decision import PrefillDecision, decide_prefill
 from dsv4.services.gateway.errors import APIError, install_error_handlers, invalid, unavailable
 from dsv4.services.gateway.schemas import ChatCompletionRequest, CompletionRequest
@@ -190,8 +190,6 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         gw = state(request)
         _check_model(settings, body.model)
-        if body.logprobs or body.top_logprobs:
-            raise invalid("logprobs are not served yet", param="logprobs")
         tools = (
             [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and body.tool_choice != "none" else None
         )
@@ -206,14 +204,13 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         except ValueError as e:
             raise invalid(f"messages: {e}", param="messages") from e
         prepared = _prepare(settings, gw, "chatcmpl-", encoded.token_ids, body, body.max_new_tokens())
-        return await _serve(gw, request, prepared, "/v1/chat/completions", _ChatFormat(body, prepared.request_id))
+        fmt = _ChatFormat(body, prepared.request_id, gw.tokenizer)
+        return await _serve(gw, request, prepared, "/v1/chat/completions", fmt)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)], response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         gw = state(request)
         _check_model(settings, body.model)
-        if body.logprobs:
-            raise invalid("logprobs are not served yet", param="logprobs")
         if isinstance(body.prompt, str):
             ids = gw.tokenizer.encode(body.prompt)
         else:
@@ -223,7 +220,8 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         if not ids:
             raise invalid("prompt is empty", param="prompt")
         prepared = _prepare(settings, gw, "cmpl-", ids, body, body.max_new_tokens())
-        return await _serve(gw, request, prepared, "/v1/completions", _TextFormat(body, prepared.request_id))
+        fmt = _TextFormat(body, prepared.request_id, gw.tokenizer)
+        return await _serve(gw, request, prepared, "/v1/completions", fmt)
 
     return app
 
@@ -290,6 +288,7 @@ def _prepare(
         repetition_penalty=body.repetition_penalty or 1.0,
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
+        logprobs=body.requested_logprobs(),
     )
     return _Prepared(prefix + uuid.uuid4().hex, prompt_ids, sampling, body.stop_list())
 
@@ -385,7 +384,8 @@ async def _serve(gw: _State, request: Request, prepared: _Prepared, endpoint: st
             raise err from e
         done = outputs[-1]
         assert isinstance(done, Done)
-        body = fmt.full("".join(o.text for o in outputs if isinstance(o, TextDelta)), done)
+        deltas = [o for o in outputs if isinstance(o, TextDelta)]
+        body = fmt.full("".join(d.text for d in deltas), done, [lp for d in deltas for lp in d.logprobs])
         _finish(span, timing, endpoint, "200", done)
         return JSONResponse(body)
 
@@ -398,7 +398,7 @@ async def _serve(gw: _State, request: Request, prepared: _Prepared, endpoint: st
             ev: TextDelta | Done = first
             while True:
                 if isinstance(ev, TextDelta):
-                    for chunk in fmt.delta(ev.text):
+                    for chunk in fmt.delta(ev.text, ev.logprobs):
                         yield _sse(chunk)
                 else:
                     done = ev
@@ -463,29 +463,38 @@ def _sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
+Logprobs = tuple[tuple[int, TokenLogprobs], ...]
+
+
 class _Format:
-    """How one endpoint turns generated text into response bodies and stream chunks."""
+    """How one endpoint turns generated text (and token logprobs) into response bodies and stream chunks."""
 
     skip_special_tokens = False
 
-    def __init__(self, stream: bool, include_usage: bool, request_id: str, model: str) -> None:
+    def __init__(self, stream: bool, include_usage: bool, request_id: str, model: str, tokenizer: Tokenizer) -> None:
         self.stream = stream
         self.include_usage = include_usage
         self.id = request_id
         self.model = model
         self.created = int(time.time())
+        self.tokenizer = tokenizer
 
     def start(self) -> list[dict[str, Any]]:
         return []
 
-    def delta(self, text: str) -> list[dict[str, Any]]:
+    def delta(self, text: str, logprobs: Logprobs) -> list[dict[str, Any]]:
         raise NotImplementedError
 
     def end(self, done: Done) -> list[dict[str, Any]]:
         raise NotImplementedError
 
-    def full(self, text: str, done: Done) -> dict[str, Any]:
+    def full(self, text: str, done: Done, logprobs: list[tuple[int, TokenLogprobs]]) -> dict[str, Any]:
         raise NotImplementedError
+
+    def _token(self, token_id: int) -> tuple[str, bytes]:
+        """A token's text as OpenAI reports it (an incomplete UTF-8 sequence shows U+FFFD) and its raw bytes."""
+        raw = self.tokenizer.token_bytes(token_id)
+        return raw.decode("utf-8", errors="replace"), raw
 
     def _usage(self, done: Done) -> dict[str, int]:
         u = done.usage
@@ -503,9 +512,9 @@ class _Format:
 
 
 class _ChatFormat(_Format):
-    def __init__(self, body: ChatCompletionRequest, request_id: str) -> None:
+    def __init__(self, body: ChatCompletionRequest, request_id: str, tokenizer: Tokenizer) -> None:
         include = bool(body.stream_options and body.stream_options.include_usage)
-        super().__init__(body.stream, include, request_id, body.model)
+        super().__init__(body.stream, include, request_id, body.model, tokenizer)
         self.parser = CompletionStreamParser(body.thinking_mode())
         self.tool_calls = 0
 
@@ -521,6 +530,14 @@ class _ChatFormat(_Format):
             chunk["usage"] = None
         return chunk
 
+    def _logprobs(self, logprobs: Sequence[tuple[int, TokenLogprobs]]) -> dict[str, Any]:
+        def entry(token_id: int, logprob: float) -> dict[str, Any]:
+            text, raw = self._token(token_id)
+            return {"token": text, "logprob": logprob, "bytes": list(raw)}
+
+        content = [{**entry(t, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]} for t, lp in logprobs]
+        return {"content": content, "refusal": None}
+
     def _events(self, events: list[DeltaEvent]) -> list[dict[str, Any]]:
         out = []
         for e in events:
@@ -533,8 +550,13 @@ class _ChatFormat(_Format):
     def start(self) -> list[dict[str, Any]]:
         return [self._chunk({"role": "assistant", "content": ""})]
 
-    def delta(self, text: str) -> list[dict[str, Any]]:
-        return self._events(self.parser.feed(text)) if text else []
+    def delta(self, text: str, logprobs: Logprobs) -> list[dict[str, Any]]:
+        chunks = self._events(self.parser.feed(text)) if text else []
+        if logprobs:  # on the delta's first chunk; a token whose text is still held back gets a chunk of its own
+            if not chunks:
+                chunks.append(self._chunk({}))
+            chunks[0]["choices"][0]["logprobs"] = self._logprobs(logprobs)
+        return chunks
 
     def _reason(self, done: Done) -> str:
         return "tool_calls" if self.tool_calls and done.reason == "stop" else done.reason
@@ -544,17 +566,23 @@ class _ChatFormat(_Format):
         chunks.append(self._chunk({}, self._reason(done)))
         return chunks + self._usage_chunk("chat.completion.chunk", done)
 
-    def full(self, text: str, done: Done) -> dict[str, Any]:
+    def full(self, text: str, done: Done, logprobs: list[tuple[int, TokenLogprobs]]) -> dict[str, Any]:
         self.parser.feed(text)
         self.parser.finish()
         message = self.parser.result.to_openai_message()
         self.tool_calls = len(self.parser.result.tool_calls)
+        choice = {
+            "index": 0,
+            "message": message,
+            "logprobs": self._logprobs(logprobs) if logprobs else None,
+            "finish_reason": self._reason(done),
+        }
         return {
             "id": self.id,
             "object": "chat.completion",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": self._reason(done)}],
+            "choices": [choice],
             "usage": self._usage(done),
         }
 
@@ -562,34 +590,52 @@ class _ChatFormat(_Format):
 class _TextFormat(_Format):
     skip_special_tokens = True
 
-    def __init__(self, body: CompletionRequest, request_id: str) -> None:
+    def __init__(self, body: CompletionRequest, request_id: str, tokenizer: Tokenizer) -> None:
         include = bool(body.stream_options and body.stream_options.include_usage)
-        super().__init__(body.stream, include, request_id, body.model)
+        super().__init__(body.stream, include, request_id, body.model, tokenizer)
+        self.offset = 0  # text_offset of the next token
 
-    def _chunk(self, text: str, finish_reason: str | None) -> dict[str, Any]:
+    def _chunk(self, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None = None) -> dict[str, Any]:
         chunk: dict[str, Any] = {
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+            "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
         }
         if self.include_usage:
             chunk["usage"] = None
         return chunk
 
-    def delta(self, text: str) -> list[dict[str, Any]]:
-        return [self._chunk(text, None)] if text else []
+    def _logprobs(self, logprobs: Sequence[tuple[int, TokenLogprobs]]) -> dict[str, Any]:
+        tokens, offsets = [], []
+        for token_id, _ in logprobs:
+            text, _raw = self._token(token_id)
+            tokens.append(text)
+            offsets.append(self.offset)
+            self.offset += len(text)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.logprob for _, lp in logprobs],
+            "top_logprobs": [{self._token(i)[0]: v for i, v in lp.top} for _, lp in logprobs],
+            "text_offset": offsets,
+        }
+
+    def delta(self, text: str, logprobs: Logprobs) -> list[dict[str, Any]]:
+        if not text and not logprobs:
+            return []
+        return [self._chunk(text, None, self._logprobs(logprobs) if logprobs else None)]
 
     def end(self, done: Done) -> list[dict[str, Any]]:
         return [self._chunk("", done.reason), *self._usage_chunk("text_completion", done)]
 
-    def full(self, text: str, done: Done) -> dict[str, Any]:
+    def full(self, text: str, done: Done, logprobs: list[tuple[int, TokenLogprobs]]) -> dict[str, Any]:
         return {
             "id": self.id,
             "object": "text_completion",
             "created": self.created,
             "model": self.model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": done.reason}],
+            "choices": [{"index": 0, "text": text, "logprobs": self._logprobs(logprobs) if logprobs else None,
+                         "finish_reason": done.reason}],
             "usage": self._usage(done),
-        }
+        }  # fmt: skip

@@ -136,7 +136,13 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError(f"tool_choice names function {self.tool_choice.function.name!r}, which is not in tools")
         if self.tool_choice == "required" and not names:
             raise ValueError("tool_choice 'required' needs tools")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
         return self
+
+    def requested_logprobs(self) -> int | None:
+        """How many alternatives per token to report (0: only the sampled token's), or None for no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def thinking_mode(self) -> Literal["chat", "thinking"]:
         if self.thinking is not None:
@@ -164,6 +170,10 @@ class CompletionRequest(_Sampling):
         if self.suffix:
             raise ValueError("suffix is not supported")
         return self
+
+    def requested_logprobs(self) -> int | None:
+        """How many alternatives per token to report (0: only the sampled token's), or None for no logprobs."""
+        return self.logprobs
 
     def max_new_tokens(self) -> int | None:
         return self.max_tokens

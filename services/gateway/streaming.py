@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 
 from dsv4.model_runtime.dsml import find_stop, held_back
 from dsv4.model_runtime.tokenizer import IncrementalDetokenizer
+from dsv4.services.engine_port import TokenLogprobs
 from dsv4.services.queues import Finish, TokenChunk, TokenReader, Usage, request_cancel
 from dsv4.services.redis_conn import RedisUnavailable
 
@@ -45,10 +46,12 @@ class StopMatcher:
 
 @dataclass(frozen=True)
 class TextDelta:
-    """New text (possibly empty) and how many tokens it took."""
+    """New text (possibly empty), how many tokens it took, and those tokens with their logprobs when the workers
+    sent them (a token whose logprobs are unknown is left out)."""
 
     text: str
     tokens: int
+    logprobs: tuple[tuple[int, TokenLogprobs], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,7 +83,8 @@ async def text_stream(
             if isinstance(event, TokenChunk):
                 generated += len(event.token_ids)
                 text = matcher.feed(detokenizer.add_many(event.token_ids))
-                yield TextDelta(text, len(event.token_ids))
+                logprobs = tuple(zip(event.token_ids, event.logprobs, strict=True)) if event.logprobs else ()
+                yield TextDelta(text, len(event.token_ids), logprobs)
                 if matcher.stopped:
                     yield Done("stop", Usage(prompt_tokens, generated))
                     return

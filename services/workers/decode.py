@@ -112,7 +112,7 @@ class DecodeWorker:
                     finished = True
                     await tokens.fail("the engine failed while generating", "engine_error")
                     return
-                await tokens.write(t.index, [t.token_id])
+                await tokens.write(t.index, [t.token_id], [t.logprobs])
                 metrics.GENERATED_TOKENS.labels(role=contract.Role.DECODE.value).inc()
                 if t.finish_reason is not None:
                     finished = True

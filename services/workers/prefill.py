@@ -55,7 +55,7 @@ class PrefillWorker:
                 await rt.queue.ack(d.entry_id)
                 return
             # Token 0 goes to the client now: time to first token does not include the handoff.
-            await tokens.write(0, [out.first_token])
+            await tokens.write(0, [out.first_token], [out.first_token_logprobs])
             metrics.GENERATED_TOKENS.labels(role=contract.Role.PREFILL.value).inc()
             if out.finish_reason is not None or job.sampling.max_tokens <= 1:
                 await tokens.finish(out.finish_reason or "length", Usage(len(job.prompt_ids), 1))

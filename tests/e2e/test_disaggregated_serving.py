@@ -95,7 +95,8 @@ def client(c: Cluster) -> openai.AsyncOpenAI:
 async def test_streamed_chat_equals_llm_generate(cluster: Cluster, reference: LLM, checkpoint: Path) -> None:
     tok = Tokenizer.from_pretrained(checkpoint)
     prompt_ids = tok.encode("<｜begin▁of▁sentence｜><｜User｜>Tell me about Redis.<｜Assistant｜></think>")
-    [expected] = reference.generate([prompt_ids], SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
+    params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, logprobs=2)
+    [expected] = reference.generate([prompt_ids], params)
     async with client(cluster) as c:
         stream = await c.chat.completions.create(
             model=MODEL,
@@ -104,11 +105,20 @@ async def test_streamed_chat_equals_llm_generate(cluster: Cluster, reference: LL
             temperature=0,
             stream=True,
             stream_options={"include_usage": True},
+            logprobs=True,
+            top_logprobs=2,
             extra_body={"ignore_eos": True},
         )
         chunks = [ch async for ch in stream]
     text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
     assert text == tok.decode(expected.token_ids)
+    # Logprobs from the prefill worker (token 0) and the decode worker (the rest) match the in-process engine's.
+    got = [e for ch in chunks if ch.choices and ch.choices[0].logprobs for e in ch.choices[0].logprobs.content or []]
+    assert [bytes(e.bytes or []) for e in got] == [tok.token_bytes(t) for t in expected.token_ids]
+    for e, want in zip(got, expected.logprobs, strict=True):
+        assert e.logprob == pytest.approx(want.logprob, abs=1e-4)
+        assert [bytes(x.bytes or []) for x in e.top_logprobs] == [tok.token_bytes(i) for i, _ in want.top]
+        assert [x.logprob for x in e.top_logprobs] == pytest.approx([v for _, v in want.top], abs=1e-4)
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 12
     async with httpx.AsyncClient() as h:
         prefill_metrics = (await h.get(cluster.prefill.url + "/metrics")).text

@@ -17,6 +17,7 @@ import httpx
 import pytest
 
 from dsv4.services import contract
+from dsv4.services.engine_port import TokenLogprobs
 from dsv4.services.local_redis import LocalRedis, free_port
 from dsv4.services.queues import Delivery, Job, TokenWriter, Usage, WorkQueue
 from dsv4.services.redis_conn import connect
@@ -137,12 +138,21 @@ async def worker_side(module_redis: LocalRedis) -> AsyncIterator[Callable[[Respo
             await asyncio.wait([t], timeout=1)
 
 
+def fake_logprobs(index: int, token_id: int, k: int) -> TokenLogprobs:
+    """Made-up but checkable logprobs of generated token `index`: the token itself is the best of k."""
+    lp = -0.125 * (index + 1)
+    return TokenLogprobs(lp, tuple((token_id + j, lp - j) for j in range(k)))
+
+
 async def write_tokens(job: Job, writer: TokenWriter, ids: list[int], *, duplicate: bool = True) -> None:
-    """Write `ids` (cut at max_tokens) one entry a token, each written twice when `duplicate`, then the end."""
+    """Write `ids` (cut at max_tokens) one entry a token, each written twice when `duplicate`, then the end;
+    with `fake_logprobs` when the job asks for logprobs."""
     ids = ids[: job.sampling.max_tokens]
+    k = job.sampling.logprobs
     for i, t in enumerate(ids):
-        await writer.write(i, [t])
+        logprobs = None if k is None else [fake_logprobs(i, t, k)]
+        await writer.write(i, [t], logprobs)
         if duplicate:
-            await writer.write(i, [t])
+            await writer.write(i, [t], logprobs)
     reason = "length" if len(ids) == job.sampling.max_tokens else "stop"
     await writer.finish(reason, Usage(len(job.prompt_ids), len(ids)))

@@ -17,7 +17,7 @@ from dsv4.services import contract
 from dsv4.services.local_redis import LocalRedis
 from dsv4.services.queues import Job, TokenWriter, cancel_key, token_stream_key
 
-from .conftest import API_KEY, DEPLOYMENT, MODEL, GatewayProcess, write_tokens
+from .conftest import API_KEY, DEPLOYMENT, MODEL, GatewayProcess, fake_logprobs, write_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -85,6 +85,51 @@ async def test_chat_non_stream_and_request_id_echo(gateway, worker_side) -> None
     async with httpx.AsyncClient() as h:
         r = await h.get(gateway.url + "/healthz")
     assert len(r.headers["x-request-id"]) == 32  # generated when the client sends none
+
+
+def _token_text(token_id: int) -> str:
+    return TOK.token_bytes(token_id).decode("utf-8", errors="replace")
+
+
+async def test_chat_logprobs_streamed_and_whole(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
+    """Each token's logprob exactly once, in order, with its text, bytes and the asked number of alternatives."""
+    side = worker_side(answer)
+    messages = [{"role": "user", "content": "Say hello"}]
+    stream = await client(gateway).chat.completions.create(
+        model=MODEL, messages=messages, stream=True, logprobs=True, top_logprobs=2  # type: ignore[arg-type]
+    )
+    chunks = [c async for c in stream]
+    streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content or []]
+    assert [e.token for e in streamed] == [_token_text(t) for t in ANSWER_IDS]
+    assert [e.bytes for e in streamed] == [list(TOK.token_bytes(t)) for t in ANSWER_IDS]
+    assert [e.logprob for e in streamed] == [fake_logprobs(i, t, 2).logprob for i, t in enumerate(ANSWER_IDS)]
+    for i, (e, t) in enumerate(zip(streamed, ANSWER_IDS, strict=True)):
+        want = fake_logprobs(i, t, 2).top
+        assert [(x.token, x.logprob) for x in e.top_logprobs] == [(_token_text(j), v) for j, v in want]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER
+    assert {j.sampling.logprobs for _, j in side.jobs} == {2}
+
+    whole = await client(gateway).chat.completions.create(model=MODEL, messages=messages, max_tokens=4, logprobs=True)  # type: ignore[arg-type]
+    assert whole.choices[0].logprobs is not None and whole.choices[0].logprobs.content is not None
+    content = whole.choices[0].logprobs.content
+    assert [e.token for e in content] == [_token_text(t) for t in ANSWER_IDS[:4]] and content[0].top_logprobs == []
+    plain = await client(gateway).chat.completions.create(model=MODEL, messages=messages, max_tokens=2)  # type: ignore[arg-type]
+    assert plain.choices[0].logprobs is None
+
+
+async def test_completion_logprobs_with_offsets(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
+    worker_side(answer)
+    c = client(gateway)
+    whole = await c.completions.create(model=MODEL, prompt="Hi", max_tokens=6, logprobs=1)
+    lp = whole.choices[0].logprobs
+    assert lp is not None and lp.tokens == [_token_text(t) for t in ANSWER_IDS[:6]]
+    assert lp.token_logprobs == [fake_logprobs(i, t, 1).logprob for i, t in enumerate(ANSWER_IDS[:6])]
+    assert lp.top_logprobs == [{_token_text(t): fake_logprobs(i, t, 1).logprob} for i, t in enumerate(ANSWER_IDS[:6])]
+    assert lp.text_offset == [sum(len(x) for x in lp.tokens[:i]) for i in range(6)]
+    stream = await c.completions.create(model=MODEL, prompt="Hi", max_tokens=6, logprobs=1, stream=True)
+    parts = [ch.choices[0].logprobs for ch in [x async for x in stream] if ch.choices and ch.choices[0].logprobs]
+    assert [t for p in parts for t in p.tokens or []] == lp.tokens
+    assert [o for p in parts for o in p.text_offset or []] == lp.text_offset
 
 
 async def test_thinking_mode_and_tool_calls_are_parsed(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
@@ -173,6 +218,9 @@ async def test_models_and_auth(gateway) -> None:  # type: ignore[no-untyped-def]
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}, 400, "max_tokens"),
         ({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, None),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, 400,
+         "top_logprobs"),
         (
             {
                 "model": MODEL,

@@ -9,11 +9,12 @@ from collections.abc import AsyncIterator
 import pytest
 
 from dsv4.services import contract
-from dsv4.services.engine_port import SamplingSpec
+from dsv4.services.engine_port import SamplingSpec, TokenLogprobs
 from dsv4.services.local_redis import LocalRedis
 from dsv4.services.queues import (
     Finish,
     Job,
+    MalformedEntry,
     TokenChunk,
     TokenReader,
     TokenStreamFailed,
@@ -24,8 +25,10 @@ from dsv4.services.queues import (
     WorkQueue,
     dead_letter_key,
     is_cancelled,
+    pack_ids,
     queue_stats,
     request_cancel,
+    token_stream_key,
 )
 from dsv4.services.redis_conn import RedisUnavailable, connect
 
@@ -139,6 +142,21 @@ async def test_token_stream_drops_duplicates_and_ends_with_usage(client) -> None
     assert events[-1].usage.total_tokens == 9  # type: ignore[union-attr]
     await reader.close()
     assert not await client.exists(reader.key)
+
+
+async def test_token_stream_carries_logprobs_through_rewrites(client) -> None:  # type: ignore[no-untyped-def]
+    lp = [TokenLogprobs(-0.5 * i, ((i, -0.5 * i), (i + 1, -9.0))) for i in range(4)]
+    w = TokenWriter(client, DEP, "lp")
+    await w.write(0, [10, 11], lp[:2])
+    await w.write(1, [11, 12, 13], lp[1:])  # overlaps token 1: only 12 and 13 are new, with their own logprobs
+    await w.write(4, [14], [None])  # a token whose logprobs are unknown travels without
+    await w.finish("length", Usage(1, 5))
+    events = [e async for e in TokenReader(client, DEP, "lp").events(idle_timeout_s=2)]
+    assert events[:3] == [TokenChunk(0, (10, 11), tuple(lp[:2])), TokenChunk(2, (12, 13), tuple(lp[2:])),
+                          TokenChunk(4, (14,), None)]  # fmt: skip
+    await client.xadd(token_stream_key(DEP, "bad-lp"), {b"i": b"0", b"ids": pack_ids([1, 2]), b"lp": b"[[0.1,[]]]"})
+    with pytest.raises(MalformedEntry, match="1 token logprobs for 2 tokens"):
+        _ = [e async for e in TokenReader(client, DEP, "bad-lp").events(idle_timeout_s=2)]
 
 
 async def test_token_stream_reads_while_written(client) -> None:  # type: ignore[no-untyped-def]

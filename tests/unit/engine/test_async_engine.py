@@ -16,7 +16,7 @@ pytestmark = pytest.mark.unit
 
 PROMPT = [(53 * k + 7) % 128000 for k in range(19)]
 GREEDY = SamplingSpec(max_tokens=7, temperature=0.0, ignore_eos=True)
-SEEDED = SamplingSpec(max_tokens=7, temperature=0.9, top_p=0.95, seed=42, ignore_eos=True, logprobs=0)
+SEEDED = SamplingSpec(max_tokens=7, temperature=0.9, top_p=0.95, seed=42, ignore_eos=True, logprobs=2)
 
 
 @pytest.fixture
@@ -57,7 +57,8 @@ async def test_prefill_in_one_engine_decode_in_another(
     assert [out.first_token] + [t.token_id for t in tokens] == expected
     assert tokens[-1].finish_reason == "length" and all(t.finish_reason is None for t in tokens[:-1])
     if spec.logprobs is not None:
-        assert out.first_token_logprob is not None and all(t.logprob is not None for t in tokens)
+        logprobs = [out.first_token_logprobs, *(t.logprobs for t in tokens)]
+        assert all(lp is not None and len(lp.top) == spec.logprobs and lp.logprob <= 0 for lp in logprobs)
     assert b.stats().running_requests == 0 and b.stats().kv_cache_used_blocks == 0
 
 
