@@ -86,6 +86,14 @@ def render_tool_calls(tool_calls: Sequence[Mapping[str, Any]]) -> str:
     return f"\n\n<{DSML}{TOOL_CALLS_BLOCK}>\n{invokes}\n</{DSML}{TOOL_CALLS_BLOCK}>"
 
 
+def forced_tool_call_prefix(function: str | None) -> str:
+    """The start of an assistant turn that can only continue as tool calls (`tool_choice` "required"), or as a
+    call of `function` first (a named `tool_choice`): appended to the prompt, it makes the model write the rest of
+    the block. The text `render_tool_calls` writes, cut after the opening tag (and the named invoke's)."""
+    prefix = f"\n\n<{DSML}{TOOL_CALLS_BLOCK}>\n"
+    return prefix + f'<{DSML}invoke name="{function}">\n' if function is not None else prefix
+
+
 def arguments_json(params: Sequence[tuple[str, str, bool]]) -> str:
     """The `arguments` JSON string for parsed (name, value text, is_string) parameters, spelled as the official
     decoder spells it (non-string values are inserted verbatim, so a malformed one stays visible)."""

@@ -21,6 +21,7 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from dsv4.model_runtime.chat_encoding import ChatEncoder
 from dsv4.model_runtime.chat_parsing import CompletionStreamParser, DeltaEvent
+from dsv4.model_runtime.dsml import forced_tool_call_prefix
 from dsv4.model_runtime.tokenizer import Tokenizer
 from dsv4.services import contract, metrics, telemetry
 from dsv4.services.engine_port import SamplingSpec, TokenLogprobs
@@ -203,8 +204,10 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
             )
         except ValueError as e:
             raise invalid(f"messages: {e}", param="messages") from e
-        prepared = _prepare(settings, gw, "chatcmpl-", encoded.token_ids, body, body.max_new_tokens())
-        fmt = _ChatFormat(body, prepared.request_id, gw.tokenizer)
+        forced = _forced_tool_call(body)
+        prompt_ids = encoded.token_ids + gw.tokenizer.encode(forced)
+        prepared = _prepare(settings, gw, "chatcmpl-", prompt_ids, body, body.max_new_tokens())
+        fmt = _ChatFormat(body, prepared.request_id, gw.tokenizer, forced)
         return await _serve(gw, request, prepared, "/v1/chat/completions", fmt)
 
     @app.post("/v1/completions", dependencies=[Depends(authorize)], response_model=None)
@@ -224,6 +227,25 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         return await _serve(gw, request, prepared, "/v1/completions", fmt)
 
     return app
+
+
+def _forced_tool_call(body: ChatCompletionRequest) -> str:
+    """The assistant-turn start that enforces `tool_choice` "required" or a named function ("" otherwise).
+
+    The block is opened in the prompt, so the model can only continue with tool calls (and, when named, inside
+    that function's call); the arguments are not constrained to the schema. Thinking mode is refused: the block
+    comes after the reasoning, whose end cannot be known in advance.
+    """
+    choice = body.tool_choice
+    if choice in (None, "none", "auto"):
+        return ""
+    if body.thinking_mode() == "thinking":
+        raise invalid(
+            "tool_choice 'required' or a named function cannot be enforced in thinking mode; "
+            "use tool_choice 'auto' or turn thinking off",
+            param="tool_choice",
+        )
+    return forced_tool_call_prefix(None if choice == "required" else choice.function.name)  # type: ignore[union-attr]
 
 
 def _document_served_model(app: FastAPI, served: str) -> None:
@@ -512,11 +534,13 @@ class _Format:
 
 
 class _ChatFormat(_Format):
-    def __init__(self, body: ChatCompletionRequest, request_id: str, tokenizer: Tokenizer) -> None:
+    def __init__(self, body: ChatCompletionRequest, request_id: str, tokenizer: Tokenizer, forced: str = "") -> None:
         include = bool(body.stream_options and body.stream_options.include_usage)
         super().__init__(body.stream, include, request_id, body.model, tokenizer)
         self.parser = CompletionStreamParser(body.thinking_mode())
         self.tool_calls = 0
+        # A forced tool-call start is in the prompt, not the output: the parser reads it as the output's start.
+        self._forced_events = self.parser.feed(forced) if forced else []
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
         chunk: dict[str, Any] = {
@@ -548,7 +572,7 @@ class _ChatFormat(_Format):
         return out
 
     def start(self) -> list[dict[str, Any]]:
-        return [self._chunk({"role": "assistant", "content": ""})]
+        return [self._chunk({"role": "assistant", "content": ""}), *self._events(self._forced_events)]
 
     def delta(self, text: str, logprobs: Logprobs) -> list[dict[str, Any]]:
         chunks = self._events(self.parser.feed(text)) if text else []

@@ -96,7 +96,11 @@ async def test_chat_logprobs_streamed_and_whole(gateway, worker_side) -> None:  
     side = worker_side(answer)
     messages = [{"role": "user", "content": "Say hello"}]
     stream = await client(gateway).chat.completions.create(
-        model=MODEL, messages=messages, stream=True, logprobs=True, top_logprobs=2  # type: ignore[arg-type]
+        model=MODEL,
+        messages=messages,
+        stream=True,
+        logprobs=True,
+        top_logprobs=2,  # type: ignore[arg-type]
     )
     chunks = [c async for c in stream]
     streamed = [e for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content or []]
@@ -161,6 +165,64 @@ async def test_thinking_mode_and_tool_calls_are_parsed(gateway, worker_side) -> 
     assert "## Tools" in prompt and prompt.endswith("<｜Assistant｜><think>")
 
 
+WEATHER_TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+    {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
+]
+INVOKE_REST = (
+    '<｜DSML｜parameter name="city" string="true">Paris</｜DSML｜parameter>\n</｜DSML｜invoke>\n</｜DSML｜tool_calls>'
+    + EOS
+)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_tool_choice_required_and_named_are_enforced_by_the_prompt(gateway, worker_side, stream: bool) -> None:  # type: ignore[no-untyped-def]
+    """The tool-call block is opened in the prompt; the worker's output is parsed as its continuation."""
+
+    async def respond(job: Job, writer: TokenWriter) -> None:
+        named = TOK.decode(job.prompt_ids).endswith('<｜DSML｜invoke name="get_time">\n')
+        rest = INVOKE_REST if named else '<｜DSML｜invoke name="get_weather">\n' + INVOKE_REST
+        await write_tokens(job, writer, TOK.encode(rest))
+
+    side = worker_side(respond)
+    c = client(gateway)
+    messages = [{"role": "user", "content": "Weather in Paris?"}]
+    for choice, name in [
+        ("required", "get_weather"),
+        ({"type": "function", "function": {"name": "get_time"}}, "get_time"),
+    ]:
+        resp = await c.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            tools=WEATHER_TOOLS,
+            tool_choice=choice,
+            stream=stream,  # type: ignore[arg-type]
+        )
+        if stream:
+            chunks = [ch async for ch in resp]  # type: ignore[union-attr]
+            calls = [tc for ch in chunks if ch.choices for tc in ch.choices[0].delta.tool_calls or []]
+            finish = [ch.choices[0].finish_reason for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+            content = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+        else:
+            calls = resp.choices[0].message.tool_calls or []  # type: ignore[union-attr]
+            finish = [resp.choices[0].finish_reason]  # type: ignore[union-attr]
+            content = resp.choices[0].message.content or ""  # type: ignore[union-attr]
+        assert [(tc.function.name, tc.function.arguments) for tc in calls] == [(name, '{"city": "Paris"}')]  # type: ignore[union-attr]
+        assert finish == ["tool_calls"] and content == ""
+        prompt = TOK.decode(side.jobs[-1][1].prompt_ids)
+        assert prompt.endswith(
+            "<｜Assistant｜></think>\n\n<｜DSML｜tool_calls>\n"
+            + ("" if name == "get_weather" else '<｜DSML｜invoke name="get_time">\n')
+        )
+
+    with pytest.raises(openai.BadRequestError) as e:
+        await c.chat.completions.create(
+            model=MODEL, messages=messages, tools=WEATHER_TOOLS, tool_choice="required",  # type: ignore[arg-type]
+            extra_body={"thinking": {"type": "enabled"}},
+        )  # fmt: skip
+    assert e.value.body["param"] == "tool_choice" and "thinking mode" in e.value.body["message"]  # type: ignore[index]
+
+
 async def test_stop_string_cuts_the_text_and_cancels_the_workers(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
     side = worker_side(answer)
     resp = await client(gateway).chat.completions.create(
@@ -219,8 +281,11 @@ async def test_models_and_auth(gateway) -> None:  # type: ignore[no-untyped-def]
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}, 400, "max_tokens"),
         ({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, None),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21}, 400,
-         "top_logprobs"),
+        (
+            {"model": MODEL, "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+            400,
+            "top_logprobs",
+        ),
         (
             {
                 "model": MODEL,
