@@ -70,6 +70,14 @@ def tool_call_arguments(tool_call: Mapping[str, Any]) -> tuple[str, dict[str, An
     return name, arguments
 
 
+# The blank line and opening tag that start a tool-call block in a message, and the opening of one invoke.
+_BLOCK_START = f"\n\n<{DSML}{TOOL_CALLS_BLOCK}>\n"
+
+
+def _invoke_start(name: str) -> str:
+    return f'<{DSML}invoke name="{name}">\n'
+
+
 def render_invoke(name: str, arguments: Mapping[str, Any]) -> str:
     """One `<｜DSML｜invoke>` element."""
     params = "\n".join(
@@ -77,21 +85,20 @@ def render_invoke(name: str, arguments: Mapping[str, Any]) -> str:
         f"{value if isinstance(value, str) else _to_json(value)}</{DSML}parameter>"
         for key, value in arguments.items()
     )
-    return f'<{DSML}invoke name="{name}">\n{params}\n</{DSML}invoke>'
+    return f"{_invoke_start(name)}{params}\n</{DSML}invoke>"
 
 
 def render_tool_calls(tool_calls: Sequence[Mapping[str, Any]]) -> str:
     """The DSML block for OpenAI-style `tool_calls`, with the blank line that precedes it in a message."""
     invokes = "\n".join(render_invoke(*tool_call_arguments(tc)) for tc in tool_calls)
-    return f"\n\n<{DSML}{TOOL_CALLS_BLOCK}>\n{invokes}\n</{DSML}{TOOL_CALLS_BLOCK}>"
+    return f"{_BLOCK_START}{invokes}\n</{DSML}{TOOL_CALLS_BLOCK}>"
 
 
 def forced_tool_call_prefix(function: str | None) -> str:
     """The start of an assistant turn that can only continue as tool calls (`tool_choice` "required"), or as a
     call of `function` first (a named `tool_choice`): appended to the prompt, it makes the model write the rest of
     the block. The text `render_tool_calls` writes, cut after the opening tag (and the named invoke's)."""
-    prefix = f"\n\n<{DSML}{TOOL_CALLS_BLOCK}>\n"
-    return prefix + f'<{DSML}invoke name="{function}">\n' if function is not None else prefix
+    return _BLOCK_START + (_invoke_start(function) if function is not None else "")
 
 
 def arguments_json(params: Sequence[tuple[str, str, bool]]) -> str:

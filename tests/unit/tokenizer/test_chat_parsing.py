@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from dsv4.model_runtime.chat_encoding import render_prompt
 from dsv4.model_runtime.chat_parsing import CompletionStreamParser, DeltaEvent, ParsedCompletion, parse_completion
 from dsv4.model_runtime.chat_tokens import DSML, EOS, RESERVED_IN_OUTPUT
-from dsv4.model_runtime.dsml import TOOL_CALLS_START, render_tool_calls
+from dsv4.model_runtime.dsml import TOOL_CALLS_START, forced_tool_call_prefix, render_tool_calls
 
 pytestmark = pytest.mark.unit
 
@@ -245,3 +245,20 @@ def test_parser_lifecycle_errors() -> None:
         parser.feed("x")
     with pytest.raises(ValueError, match="thinking_mode"):
         CompletionStreamParser(unknown_mode)
+
+
+@pytest.mark.parametrize("function", [None, "get_weather"])
+def test_a_forced_tool_call_start_plus_the_rest_parses_as_the_rendered_call(function: str | None) -> None:
+    """What the gateway appends to the prompt is the start of what `render_tool_calls` writes; fed to the parser
+    before the model's continuation, the whole parses back to the call."""
+    call = {"type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    block = render_tool_calls([call])
+    prefix = forced_tool_call_prefix(function)
+    assert block.startswith(prefix) and prefix.startswith(TOOL_CALLS_START)
+    parser = CompletionStreamParser("chat")
+    assert parser.feed(prefix) == []
+    parser.feed(block[len(prefix) :] + EOS)
+    parser.finish()
+    [parsed] = parser.result.tool_calls
+    assert (parsed.name, json.loads(parsed.arguments)) == ("get_weather", {"city": "Paris"})
+    assert parser.result.content == ""
