@@ -7,7 +7,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +18,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace import Span, Status, StatusCode
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dsv4.model_runtime.chat_encoding import ChatEncoder
 from dsv4.model_runtime.chat_parsing import CompletionStreamParser, DeltaEvent
@@ -45,6 +47,34 @@ log = logging.getLogger(__name__)
 
 REQUEST_ID_HEADER = "X-Request-Id"
 _REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,200}$")
+
+
+class _RequestIdMiddleware:
+    """Echo the caller's X-Request-Id (a fresh one when absent or unusable) on every response; handlers read it as
+    `request.state.request_id`.
+
+    Plain ASGI on purpose: Starlette's `BaseHTTPMiddleware` relays each chunk of a streamed response through a
+    memory stream and an extra task, per token of every SSE stream.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = Headers(scope=scope).get(REQUEST_ID_HEADER, "")
+        if not _REQUEST_ID_RE.match(rid):
+            rid = uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = rid
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 class _KeyStore:
@@ -133,15 +163,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     install_error_handlers(app, settings.retry_after_s)
     _document_served_model(app, settings.served_model_name)
 
-    @app.middleware("http")
-    async def request_id(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        rid = request.headers.get(REQUEST_ID_HEADER, "")
-        if not _REQUEST_ID_RE.match(rid):
-            rid = uuid.uuid4().hex
-        request.state.request_id = rid
-        response = await call_next(request)
-        response.headers[REQUEST_ID_HEADER] = rid
-        return response
+    app.add_middleware(_RequestIdMiddleware)
 
     def state(request: Request) -> _State:
         gw: _State = request.app.state.gw

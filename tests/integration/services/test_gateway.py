@@ -303,6 +303,7 @@ async def test_malformed_requests_get_openai_style_4xx(gateway, body: dict, stat
             gateway.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {API_KEY}"}
         )
     assert r.status_code == status, r.text
+    assert len(r.headers["x-request-id"]) == 32  # errors carry a request id too
     err = r.json()["error"]
     assert set(err) == {"message", "type", "param", "code"} and err["message"]
     assert err["type"] == ("invalid_request_error" if status == 400 else "not_found_error")
