@@ -380,7 +380,7 @@ class _StreamAppender:
     _by_client: ClassVar[weakref.WeakKeyDictionary[aioredis.Redis, _StreamAppender]] = weakref.WeakKeyDictionary()
 
     def __init__(self, client: aioredis.Redis) -> None:
-        self.client = client
+        self._client = weakref.ref(client)  # a strong reference would keep the registry's key alive forever
         self._pending: list[tuple[str, dict[bytes, bytes], int, asyncio.Future[None]]] = []
         self._flusher: asyncio.Task[None] | None = None
 
@@ -402,9 +402,12 @@ class _StreamAppender:
     async def _flush(self) -> None:
         while self._pending:
             batch, self._pending = self._pending, []
+            client = self._client()
             try:
+                if client is None:
+                    raise RuntimeError("the Redis client of these token streams is gone")
                 with unavailable_as_typed("writing a token stream"):
-                    async with self.client.pipeline(transaction=False) as p:
+                    async with client.pipeline(transaction=False) as p:
                         for key, fields, _, _ in batch:
                             p.xadd(key, fields)  # type: ignore[arg-type]
                         for key, ttl in {key: ttl for key, _, ttl, _ in batch}.items():

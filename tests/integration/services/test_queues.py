@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 from collections.abc import AsyncIterator
 
 import pytest
@@ -235,6 +237,16 @@ async def test_concurrent_token_writers_share_round_trips_and_keep_order(client,
         events = [e async for e in TokenReader(client, DEP, f"co{r}").events(idle_timeout_s=2)]
         assert [t for e in events if isinstance(e, TokenChunk) for t in e.token_ids] == [r * 100 + i for i in range(8)]
         assert events[-1] == Finish("length", Usage(1, 8))
+
+
+async def test_a_closed_client_is_not_kept_alive_by_its_token_writes(redis_url: str) -> None:
+    c = connect(redis_url)
+    await TokenWriter(c, DEP, "gc").write(0, [1])
+    await c.aclose()
+    ref = weakref.ref(c)
+    del c
+    gc.collect()
+    assert ref() is None
 
 
 async def test_token_writers_waiting_on_a_dead_redis_all_get_the_typed_error(redis_server: LocalRedis) -> None:
