@@ -169,7 +169,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         gw: _State = request.app.state.gw
         return gw
 
-    def authorize(request: Request) -> None:
+    async def authorize(request: Request) -> None:  # async: FastAPI runs sync dependencies in a thread pool
         accepted = keys.keys()
         if not accepted:
             return
