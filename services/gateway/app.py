@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -109,20 +110,27 @@ class _State:
     prefill: WorkQueue
     decode: WorkQueue
     _stats: tuple[float, QueueStats] | None = field(default=None)
+    _refresh: asyncio.Future[QueueStats] | None = field(default=None)
 
     async def prefill_stats(self) -> QueueStats:
-        now = time.monotonic()
-        if self._stats is None or now - self._stats[0] > self.settings.queue_stats_ttl_s:
-            stats = await queue_stats(self.client, self.settings.deployment, contract.PREFILL_STREAM)
-            self._stats = (now, stats)
-            for gauge, value in (
-                (metrics.QUEUE_LENGTH, stats.length),
-                (metrics.QUEUE_LAG, stats.lag),
-                (metrics.QUEUE_PENDING, stats.pending),
-                (metrics.QUEUE_CONSUMERS, stats.consumers),
-            ):
-                gauge.labels(stream=contract.PREFILL_STREAM).set(value)
-        return self._stats[1]
+        """The prefill queue's stats, at most `queue_stats_ttl_s` old; concurrent requests share one refresh."""
+        if self._stats is not None and time.monotonic() - self._stats[0] <= self.settings.queue_stats_ttl_s:
+            return self._stats[1]
+        if self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.ensure_future(self._fetch_stats())
+        return await asyncio.shield(self._refresh)
+
+    async def _fetch_stats(self) -> QueueStats:
+        stats = await queue_stats(self.client, self.settings.deployment, contract.PREFILL_STREAM)
+        self._stats = (time.monotonic(), stats)
+        for gauge, value in (
+            (metrics.QUEUE_LENGTH, stats.length),
+            (metrics.QUEUE_LAG, stats.lag),
+            (metrics.QUEUE_PENDING, stats.pending),
+            (metrics.QUEUE_CONSUMERS, stats.consumers),
+        ):
+            gauge.labels(stream=contract.PREFILL_STREAM).set(value)
+        return stats
 
 
 @dataclass(frozen=True)

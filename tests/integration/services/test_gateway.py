@@ -121,6 +121,20 @@ async def test_chat_logprobs_streamed_and_whole(gateway, worker_side) -> None:  
     assert plain.choices[0].logprobs is None
 
 
+async def test_a_burst_of_requests_shares_one_queue_stats_refresh(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
+    worker_side(answer)
+    r = redis.Redis.from_url(gateway.redis_url)
+
+    def xlen_calls() -> int:
+        return int(r.info("commandstats").get("cmdstat_xlen", {}).get("calls", 0))
+
+    await asyncio.sleep(1.1)  # let the gateway's cached stats expire
+    before = xlen_calls()
+    c = client(gateway)
+    await asyncio.gather(*(c.completions.create(model=MODEL, prompt=f"hi {i}", max_tokens=1) for i in range(16)))
+    assert xlen_calls() - before <= 2, "every request of the burst fetched the queue stats itself"
+
+
 async def test_completion_logprobs_with_offsets(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
     worker_side(answer)
     c = client(gateway)
