@@ -170,7 +170,7 @@ class AsyncEngine:
             if out is not None:
                 self._deliver(out)
                 self._flush_outbox()
-            loop.call_soon_threadsafe(_resolve, done, None)
+            _call_in(loop, _resolve, done, None)
 
         self._post(abort)
         await done
@@ -265,10 +265,10 @@ class AsyncEngine:
             )
         except Exception as e:
             if waiter is not None:
-                req.loop.call_soon_threadsafe(_fail, waiter, e)
+                _call_in(req.loop, _fail, waiter, e)
             return
         if not export and waiter is not None:
-            req.loop.call_soon_threadsafe(_resolve, waiter, None)
+            _call_in(req.loop, _resolve, waiter, None)
 
     def _deliver(self, out: RequestOutput) -> None:
         req = self._requests.get(out.request_id)
@@ -299,20 +299,20 @@ class AsyncEngine:
     def _flush_outbox(self) -> None:
         # One wake-up of each caller loop per step, not one per token: each call_soon_threadsafe writes to the
         # loop's self-pipe, and a worker's loop woken 16 times a step took the GIL from this thread as often.
-        for loop, calls in self._outbox.items():
-            loop.call_soon_threadsafe(_run_all, calls)
-        self._outbox.clear()
+        outbox, self._outbox = self._outbox, {}
+        for loop, calls in outbox.items():
+            _call_in(loop, _run_all, calls)
 
     def _finish_prefill(self, req: _Request, out: RequestOutput, seq: EngineSequence | None) -> None:
         assert req.prefill is not None
         if out.finish_reason == "cancelled" or seq is None:
-            req.loop.call_soon_threadsafe(_fail, req.prefill, RequestCancelled(f"prefill {out.request_id} cancelled"))
+            _call_in(req.loop, _fail, req.prefill, RequestCancelled(f"prefill {out.request_id} cancelled"))
             return
         try:
             assert seq.state is not None
             chunks = list(kv_export.export_chunks(self._engine.model, seq.state, self._chunk_size))
         except Exception as e:
-            req.loop.call_soon_threadsafe(_fail, req.prefill, e)
+            _call_in(req.loop, _fail, req.prefill, e)
             return
         finally:
             self._engine.release(seq)
@@ -329,7 +329,7 @@ class AsyncEngine:
             prompt_tokens=len(seq.prompt_token_ids),
             first_token_logprobs=_port_logprobs(seq.logprobs[0]) if seq.logprobs else None,
         )
-        req.loop.call_soon_threadsafe(_resolve, req.prefill, result)
+        _call_in(req.loop, _resolve, req.prefill, result)
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self._requests):
@@ -338,11 +338,11 @@ class AsyncEngine:
             if req is None:
                 continue
             if req.prefill is not None:
-                req.loop.call_soon_threadsafe(_fail, req.prefill, error)
+                _call_in(req.loop, _fail, req.prefill, error)
             elif req.tokens is not None and out is not None:
                 req.done = True
                 item = TokenOutput(out.first_index, CANCELLED_TOKEN_ID, "error")
-                req.loop.call_soon_threadsafe(req.tokens.put_nowait, item)
+                _call_in(req.loop, req.tokens.put_nowait, item)
 
 
 def _port_logprobs(lp: TokenLogprob) -> TokenLogprobs:
@@ -351,6 +351,15 @@ def _port_logprobs(lp: TokenLogprob) -> TokenLogprobs:
 
 def _reason(reason: str | None) -> Any:
     return reason if reason in ("stop", "length", "cancelled", "error") else "stop"
+
+
+def _call_in(loop: asyncio.AbstractEventLoop, fn: Callable[..., object], *args: Any) -> None:
+    """Run `fn(*args)` on a caller's loop, from the engine thread; a loop that has closed has nobody left to tell
+    (and must not take the engine thread down with it)."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+    except RuntimeError:
+        log.warning("a caller's event loop is closed; dropped a call to %s", getattr(fn, "__name__", fn))
 
 
 def _run_all(calls: list[Callable[[], object]]) -> None:

@@ -152,3 +152,23 @@ async def test_a_prefill_the_caller_abandons_is_stopped(make_engine: Callable[..
             await asyncio.sleep(0.01)
         assert engine.stats().running_requests == 0 and engine.stats().kv_cache_used_blocks == 0
         assert engine.stats().waiting_requests == 0
+
+
+def test_a_caller_loop_that_closed_does_not_stop_the_engine(make_engine: Callable[..., LLMEngine]) -> None:
+    """Tokens for a loop that is gone are dropped; the engine keeps serving the other callers."""
+    engine = AsyncEngine(make_engine())
+    try:
+
+        async def abandon() -> None:
+            long = SamplingSpec(max_tokens=40, temperature=0.0, ignore_eos=True)
+            await engine.submit_decode("gone", PROMPT, long, kv_blob=None, streamed_ids=[])
+
+        asyncio.run(abandon())  # this loop closes while its request still generates
+
+        async def serve() -> list[TokenOutput]:
+            await engine.submit_decode("next", PROMPT, GREEDY, kv_blob=None, streamed_ids=[])
+            return await _collect(engine, "next")
+
+        assert [t.index for t in asyncio.run(asyncio.wait_for(serve(), timeout=60))] == list(range(7))
+    finally:
+        engine.close()
