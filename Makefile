@@ -25,12 +25,14 @@ system-deps:
 serve: install
 	$(BIN)/dsv4 serve $(SERVE_ARGS)
 
-# mypy cannot follow the editable install's import hook, so it reads the folders through a farm of links that
-# spells the installed names (dsv4/<folder> -> <folder>).
+# mypy and lint-imports cannot follow the editable install's import hook, so they read the folders through a farm of
+# links that spells the installed names (dsv4/<folder> -> <folder>). lint-imports checks the layer contracts of
+# pyproject.toml ([tool.importlinter]).
 lint: install
 	$(BIN)/ruff check .
-	@mkdir -p build/mypy/dsv4 && for d in model_runtime kernels services operator; do ln -sfn ../../../$$d build/mypy/dsv4/$$d; done
-	MYPYPATH=build/mypy $(BIN)/mypy -p dsv4.model_runtime -p dsv4.kernels -p dsv4.services -p dsv4.operator
+	@mkdir -p build/mypy/dsv4 && for d in kernels model_runtime protocol services operator; do ln -sfn ../../../$$d build/mypy/dsv4/$$d; done
+	MYPYPATH=build/mypy $(BIN)/mypy -p dsv4.kernels -p dsv4.model_runtime -p dsv4.protocol -p dsv4.services -p dsv4.operator
+	PYTHONPATH=build/mypy $(BIN)/lint-imports --no-cache
 
 # The real Kubernetes control plane for the cluster tests, built from pinned Go modules into
 # ${DSV4_K8S_CACHE:-~/.cache/dsv4/k8s}; seconds when cached, long on a cold machine (README.md, docs/cluster.md).

@@ -1,12 +1,12 @@
 """Package discovery for the `dsv4` distribution; everything else is in pyproject.toml.
 
-The fixed top-level folders (DESIGN.md §1) install as `dsv4.<folder>`. Subpackages are discovered here so that a
-new folder with an `__init__.py` is packaged without editing a list.
+The top-level package folders (README.md, "What each folder holds") install as `dsv4.<folder>`. Subpackages are
+discovered here so that a new folder with an `__init__.py` is packaged without editing a list.
 """
 
 from setuptools import find_packages, setup
 
-FOLDERS = ("model_runtime", "kernels", "services", "operator")
+FOLDERS = ("kernels", "model_runtime", "protocol", "services", "operator")
 
 packages = []
 for folder in FOLDERS:

@@ -22,10 +22,11 @@ import redis.asyncio as aioredis
 import uvicorn
 from fastapi import FastAPI
 
-from dsv4.services.engine_port import KVMeta
-from dsv4.services.handoff import DirectStore, HandoffReader, HandoffWriter, descriptor_key, direct_router
+from dsv4.model_runtime.engine.port import KVMeta
+from dsv4.protocol.connection import connect
+from dsv4.protocol.keys import descriptor_key
+from dsv4.services.handoff import DirectStore, HandoffReader, HandoffWriter, direct_router
 from dsv4.services.local_redis import LocalRedis, free_port
-from dsv4.services.redis_conn import connect
 
 DEP = "bench"
 FP = "bench-fp"

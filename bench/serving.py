@@ -34,10 +34,10 @@ import torch
 
 from dsv4.model_runtime.engine.async_engine import AsyncEngine
 from dsv4.model_runtime.engine.llm import LLM
+from dsv4.model_runtime.engine.port import SamplingSpec
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
 from dsv4.model_runtime.tokenizer import Tokenizer
-from dsv4.services.engine_port import SamplingSpec
 from dsv4.services.local_redis import free_port
 
 MODEL_NAME = "deepseek-v4-flash"

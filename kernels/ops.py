@@ -1,224 +1,245 @@
-"""The hot ops of the DeepSeek-V4 model: one typed public function per op, dispatched through the registry.
+"""The hot ops of the DeepSeek-V4 model: one typed method per op on `Ops`, the implementations of one backend.
 
 These docstrings are the contract every backend (reference PyTorch, cuda/Triton, ascend/torch_npu) implements:
 shapes, dtypes and semantics. Shape letters: B batch, S query tokens, H heads, D head dim, N rows (tokens),
 n mHC streams, d hidden size, E experts / entries, K selected entries or input features, k top-k.
 Unless stated, float outputs have the dtype of the first float input and internal math is at least fp32.
+
+`bind(device)` looks every op up once, for the backend the device implies (or `DSV4_KERNEL_BACKEND`); a model binds
+its `Ops` when it is built and calls them in every forward pass, so no call reads the environment or checks a device.
 """
 
 from __future__ import annotations
 
 import torch
 
-from dsv4.kernels.registry import resolve
+from dsv4.kernels import registry
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """RMSNorm over the last axis: `x * rsqrt(mean(x^2) + eps) * weight`, computed in fp32.
+class Ops:
+    """Every op of one backend, looked up once (raises `KernelBackendError` when the backend cannot run here)."""
 
-    x [..., D] any float dtype; weight [D] (any float dtype, used in fp32) or None for the unweighted norm.
-    Returns [..., D] in x.dtype.
-    """
-    return resolve("rms_norm", x.device)(x, weight, eps)
+    def __init__(self, backend: str) -> None:
+        self.backend = backend
+        self._fns = {name: registry.lookup(name, backend) for name in OP_NAMES}
+
+    def __repr__(self) -> str:
+        return f"Ops(backend={self.backend!r})"
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+        """RMSNorm over the last axis: `x * rsqrt(mean(x^2) + eps) * weight`, computed in fp32.
+
+        x [..., D] any float dtype; weight [D] (any float dtype, used in fp32) or None for the unweighted norm.
+        Returns [..., D] in x.dtype.
+        """
+        return self._fns["rms_norm"](x, weight, eps)
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
+        """Interleaved (GPT-J style) rotary embedding on the LAST R dims of x, R = 2 * cos.shape[-1].
+
+        x [B, S, ..., D] (any number of head axes between S and D); cos, sin [B, S, R/2] fp32 (cos/sin of
+        position * inv_freq). Pairs (D-R+2i, D-R+2i+1) are rotated by the angle of pair i (by minus that angle when
+        `inverse`, which undoes the rotation); the first D-R dims pass through. Computed in fp32; returns x.dtype.
+        """
+        return self._fns["rope"](x, cos, sin, inverse)
+
+    def rms_norm_rope(
+        self, x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        """Fused `rope(rms_norm(x, weight, eps), cos, sin)` (the q / kv / compressed-entry prologue), all in fp32.
+
+        Shapes as `rope` (x [B, S, ..., D], cos/sin [B, S, R/2]); the normalized row is not rounded to x.dtype
+        before the rotation, so for bf16 x it is the composition minus one rounding. Returns x.dtype.
+        """
+        return self._fns["rms_norm_rope"](x, weight, eps, cos, sin)
+
+    def sinkhorn(self, logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
+        """mHC residual mixing matrix from its logits: Sinkhorn-Knopp started from a row softmax.
+
+        logits [N, n, n] fp32. comb = softmax(logits, -1) + eps; comb /= (column sums + eps); then (iters - 1) times:
+        comb /= (row sums + eps); comb /= (column sums + eps). Returns [N, n, n] fp32 (columns sum to ~1).
+        """
+        return self._fns["sinkhorn"](logits, iters, eps)
+
+    def mhc_pre(
+        self,
+        streams: torch.Tensor,
+        fn: torch.Tensor,
+        scale: torch.Tensor,
+        base: torch.Tensor,
+        sinkhorn_iters: int,
+        hc_eps: float,
+        norm_eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """mHC pre-mapping of one sub-layer: collapse the n residual streams into the sub-layer input.
+
+        streams [N, n, d]; fn [(2+n)*n, n*d], scale [3], base [(2+n)*n] (fp32). In fp32:
+        v = flatten(streams); mu = fn @ (v * rsqrt(mean(v^2) + norm_eps)); split mu = [pre n | post n | res n*n];
+        pre = sigmoid(scale[0]*mu_pre + base_pre) + hc_eps; post = 2*sigmoid(scale[1]*mu_post + base_post);
+        comb = sinkhorn(scale[2]*mu_res + base_res viewed [n, n] row-major, sinkhorn_iters, hc_eps).
+        Returns (x [N, d] = sum_j pre_j * streams_j in streams.dtype, post [N, n] fp32, comb [N, n, n] fp32).
+        """
+        return self._fns["mhc_pre"](streams, fn, scale, base, sinkhorn_iters, hc_eps, norm_eps)
+
+    def mhc_post(self, y: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+        """mHC post-mapping: new streams X'_k = post_k * y + sum_j comb[j, k] * X_j  (i.e. comb^T X).
+
+        y [N, d] sub-layer output; streams [N, n, d]; post [N, n]; comb [N, n, n]. Returns [N, n, d] streams.dtype.
+        """
+        return self._fns["mhc_post"](y, streams, post, comb)
+
+    def hc_head(
+        self,
+        streams: torch.Tensor,
+        fn: torch.Tensor,
+        scale: torch.Tensor,
+        base: torch.Tensor,
+        hc_eps: float,
+        norm_eps: float,
+    ) -> torch.Tensor:
+        """Final mHC collapse (model head and MTP head): sum_j w_j * X_j.
+
+        streams [N, n, d]; fn [n, n*d], scale [1], base [n] fp32. w = sigmoid(scale * (fn @ rmsnorm(v)) + base) +
+        hc_eps with v = flatten(streams) and the unweighted RMS norm of mhc_pre. Returns [N, d] in streams.dtype.
+        """
+        return self._fns["hc_head"](streams, fn, scale, base, hc_eps, norm_eps)
+
+    def compress_pool(self, kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
+        """Compressor pooling: per channel, a softmax over the L slots of a block weights the slot contents.
+
+        kv, score [..., L, C] fp32 (empty slots: kv 0, score -inf; at least one finite score per channel).
+        Returns [..., C] = sum_l softmax_l(score)[l] * kv[l], fp32.
+        """
+        return self._fns["compress_pool"](kv, score)
+
+    def indexer_topk(
+        self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, topk: int
+    ) -> torch.Tensor:
+        """Lightning-indexer selection: score_{s,e} = sum_h weights[s,h] * ReLU(q[s,h] . keys[e]); top-k per query.
+
+        q [B, S, Hi, D]; weights [B, S, Hi] (already multiplied by D^-1/2 * Hi^-1/2); keys [B, E, D]; visible
+        [B, S] int64 = number of entries query s may see (entries e >= visible[b, s] score -inf). Scores are
+        rounded to q.dtype after the dot product (fp32 accumulation), after the weighting and after the head sum
+        (bf16 q gives the official bf16 scoring; keys and weights are first rounded to q.dtype). k = min(topk, E).
+        Returns idx [B, S, k] int64:
+        the selected entry indices, -1 where the pick is not visible. Order within a row is unspecified. Ties at
+        the k-th score go to the lower entry index (+0.0 and -0.0 are equal): bf16 scores tie often, and a prefill
+        must select what the decode steps selected, or a decode that recomputes its prefix continues differently.
+        """
+        return self._fns["indexer_topk"](q, weights, keys, visible, topk)
+
+    def sparse_attention(
+        self, q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        """Shared-K=V sparse attention with a per-head sink over the entries `idx` selects.
+
+        q [B, S, H, D]; kv [B, N, D] (one K=V head: window entries and compressed entries of the row); idx
+        [B, S, K] int64 into kv's N axis, -1 = no entry, the valid ones distinct within a row (as the model builds
+        them; a repeated index is unspecified: the reference and the kernels may count it once or twice); sink [H]
+        fp32. For each query and head, in fp32: s_e = scale * q . kv[e] over the valid e;
+        out = sum_e exp(s_e - M) kv[e] / (sum_e exp(s_e - M) + exp(sink_h - M)), M = max(max_e s_e, sink_h).
+        A query with no valid entry returns 0.
+        Returns [B, S, H, D] in q.dtype.
+        """
+        return self._fns["sparse_attention"](q, kv, idx, sink, scale)
+
+    def route(
+        self,
+        logits: torch.Tensor,
+        topk: int,
+        route_scale: float,
+        bias: torch.Tensor | None = None,
+        hash_idx: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """MoE router: sqrtsoftplus scores, expert choice by biased top-k (learned) or by table (hash).
+
+        logits [N, E] fp32; bias [E] fp32 (selection only) or hash_idx [N, k] int64 (the tid2eid rows of the
+        tokens); exactly one of them. scores = sqrt(softplus(logits)); idx = topk(scores + bias) or hash_idx;
+        weights = scores[idx] / sum(scores[idx]) * route_scale.
+        Returns (weights [N, k] fp32, idx [N, k] int64); the order of the k experts is unspecified; among experts
+        with equal biased scores the lower index is chosen (as in `indexer_topk`).
+        """
+        return self._fns["route"](logits, topk, route_scale, bias, hash_idx)
+
+    def grouped_matmul(self, x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
+        """Grouped expert matmul: rows of x are sorted by expert; rows [ends[e-1], ends[e]) use weight[e].
+
+        x [M, K]; weight [E, O, K] (the experts' weights in the nn.Linear [out, in] layout, dequantized to x.dtype;
+        the quantized FP8/MXFP4 variants for device kernels take the packed weight and its `.scale` instead);
+        group_ends [E] int32, cumulative row counts (ends[-1] == M). Returns [M, O] in x.dtype, fp32 accumulation.
+        """
+        return self._fns["grouped_matmul"](x, weight, group_ends)
+
+    def grouped_matmul_fp8(
+        self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group_ends: torch.Tensor
+    ) -> torch.Tensor:
+        """`grouped_matmul` over FP8 weights dequantized on the fly (the official linear-layer format).
+
+        weight F8_E4M3 [E, O, K]; scale [E, ceil(O/128), ceil(K/128)] E8M0 or F32, one per 128x128 block:
+        W[e, o, k] = weight[e, o, k] * scale[e, o // 128, k // 128]. x, group_ends and the result as `grouped_matmul`.
+        """
+        return self._fns["grouped_matmul_fp8"](x, weight, scale, group_ends)
+
+    def grouped_matmul_mxfp4(
+        self, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group_ends: torch.Tensor
+    ) -> torch.Tensor:
+        """`grouped_matmul` over MXFP4 weights dequantized on the fly (the official expert format).
+
+        weight I8 [E, O, K/2], two e2m1 codes per byte (low nibble = even column); scale E8M0 [E, O, K/32]:
+        W[e, o, k] = e2m1(code[e, o, k]) * scale[e, o, k // 32]. x, group_ends and the result as `grouped_matmul`.
+        """
+        return self._fns["grouped_matmul_mxfp4"](x, weight, scale, group_ends)
+
+    def swiglu(
+        self, gate: torch.Tensor, up: torch.Tensor, limit: float, row_scale: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Clamped SwiGLU: silu(min(gate, limit)) * clamp(up, -limit, limit) [* row_scale[:, None]].
+
+        gate, up [M, I]; row_scale [M] fp32 (the routing weight, applied before w2) or None (shared expert).
+        Computed in fp32; returns gate.dtype.
+        """
+        return self._fns["swiglu"](gate, up, limit, row_scale)
+
+    def filter_logits(
+        self,
+        logits: torch.Tensor,
+        temperature: torch.Tensor,
+        top_k: torch.Tensor,
+        top_p: torch.Tensor,
+        min_p: torch.Tensor,
+    ) -> torch.Tensor:
+        """The distribution a sampled token is drawn from, as fp64 logits with the excluded tokens at -inf.
+
+        logits [B, V] any float; temperature [B] (> 0); top_k [B] int64 (0 or >= V = off); top_p [B] (1 = off);
+        min_p [B] (0 = off). In fp64, per row: x = logits / temperature; top-k keeps x >= the k-th largest value
+        (ties kept); top-p keeps the smallest prefix of the tokens sorted by probability (stable order) whose mass
+        reaches top_p, i.e. drops a token when the mass strictly ahead of it is >= top_p; min-p drops tokens whose
+        probability is < min_p * the row's largest probability (probabilities = softmax after top-k). Rows never
+        influence each other. Returns [B, V] fp64.
+        """
+        return self._fns["filter_logits"](logits, temperature, top_k, top_p, min_p)
+
+    def sample_tokens(
+        self,
+        logits: torch.Tensor,
+        temperature: torch.Tensor,
+        top_k: torch.Tensor,
+        top_p: torch.Tensor,
+        min_p: torch.Tensor,
+        noise: torch.Tensor,
+    ) -> torch.Tensor:
+        """One token per row: argmax(logits) where temperature <= 0, else argmax(filter_logits(...) + noise).
+
+        logits [B, V]; temperature, top_k, top_p, min_p [B] as in `filter_logits`; noise [B, V] fp64 standard Gumbel
+        noise chosen by the caller (the engine seeds it per request and token index, which makes a draw reproducible
+        and independent of the batch; it is ignored in greedy rows). Ties go to the lowest token id. Returns [B] int64.
+        """
+        return self._fns["sample_tokens"](logits, temperature, top_k, top_p, min_p, noise)
 
 
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Interleaved (GPT-J style) rotary embedding on the LAST R dims of x, R = 2 * cos.shape[-1].
-
-    x [B, S, ..., D] (any number of head axes between S and D); cos, sin [B, S, R/2] fp32 (cos/sin of
-    position * inv_freq). Pairs (D-R+2i, D-R+2i+1) are rotated by the angle of pair i (by minus that angle when
-    `inverse`, which undoes the rotation); the first D-R dims pass through. Computed in fp32; returns x.dtype.
-    """
-    return resolve("rope", x.device)(x, cos, sin, inverse)
+OP_NAMES = tuple(name for name in vars(Ops) if not name.startswith("_"))
 
 
-def rms_norm_rope(
-    x: torch.Tensor, weight: torch.Tensor | None, eps: float, cos: torch.Tensor, sin: torch.Tensor
-) -> torch.Tensor:
-    """Fused `rope(rms_norm(x, weight, eps), cos, sin)` (the q / kv / compressed-entry prologue), all in fp32.
-
-    Shapes as `rope` (x [B, S, ..., D], cos/sin [B, S, R/2]); the normalized row is not rounded to x.dtype
-    before the rotation, so for bf16 x it is the composition minus one rounding. Returns x.dtype.
-    """
-    return resolve("rms_norm_rope", x.device)(x, weight, eps, cos, sin)
-
-
-def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
-    """mHC residual mixing matrix from its logits: Sinkhorn-Knopp started from a row softmax.
-
-    logits [N, n, n] fp32. comb = softmax(logits, -1) + eps; comb /= (column sums + eps); then (iters - 1) times:
-    comb /= (row sums + eps); comb /= (column sums + eps). Returns [N, n, n] fp32 (columns sum to ~1).
-    """
-    return resolve("sinkhorn", logits.device)(logits, iters, eps)
-
-
-def mhc_pre(
-    streams: torch.Tensor,
-    fn: torch.Tensor,
-    scale: torch.Tensor,
-    base: torch.Tensor,
-    sinkhorn_iters: int,
-    hc_eps: float,
-    norm_eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """mHC pre-mapping of one sub-layer: collapse the n residual streams into the sub-layer input.
-
-    streams [N, n, d]; fn [(2+n)*n, n*d], scale [3], base [(2+n)*n] (fp32). In fp32:
-    v = flatten(streams); mu = fn @ (v * rsqrt(mean(v^2) + norm_eps)); split mu = [pre n | post n | res n*n];
-    pre = sigmoid(scale[0]*mu_pre + base_pre) + hc_eps; post = 2*sigmoid(scale[1]*mu_post + base_post);
-    comb = sinkhorn(scale[2]*mu_res + base_res viewed [n, n] row-major, sinkhorn_iters, hc_eps).
-    Returns (x [N, d] = sum_j pre_j * streams_j in streams.dtype, post [N, n] fp32, comb [N, n, n] fp32).
-    """
-    return resolve("mhc_pre", streams.device)(streams, fn, scale, base, sinkhorn_iters, hc_eps, norm_eps)
-
-
-def mhc_post(y: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """mHC post-mapping: new streams X'_k = post_k * y + sum_j comb[j, k] * X_j  (i.e. comb^T X).
-
-    y [N, d] sub-layer output; streams [N, n, d]; post [N, n]; comb [N, n, n]. Returns [N, n, d] streams.dtype.
-    """
-    return resolve("mhc_post", y.device)(y, streams, post, comb)
-
-
-def hc_head(
-    streams: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, hc_eps: float, norm_eps: float
-) -> torch.Tensor:
-    """Final mHC collapse (model head and MTP head): sum_j w_j * X_j.
-
-    streams [N, n, d]; fn [n, n*d], scale [1], base [n] fp32. w = sigmoid(scale * (fn @ rmsnorm(v)) + base) +
-    hc_eps with v = flatten(streams) and the unweighted RMS norm of mhc_pre. Returns [N, d] in streams.dtype.
-    """
-    return resolve("hc_head", streams.device)(streams, fn, scale, base, hc_eps, norm_eps)
-
-
-def compress_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    """Compressor pooling: per channel, a softmax over the L slots of a block weights the slot contents.
-
-    kv, score [..., L, C] fp32 (empty slots: kv 0, score -inf; at least one finite score per channel).
-    Returns [..., C] = sum_l softmax_l(score)[l] * kv[l], fp32.
-    """
-    return resolve("compress_pool", kv.device)(kv, score)
-
-
-def indexer_topk(
-    q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, topk: int
-) -> torch.Tensor:
-    """Lightning-indexer selection: score_{s,e} = sum_h weights[s,h] * ReLU(q[s,h] . keys[e]); top-k per query.
-
-    q [B, S, Hi, D]; weights [B, S, Hi] (already multiplied by D^-1/2 * Hi^-1/2); keys [B, E, D]; visible
-    [B, S] int64 = number of entries query s may see (entries e >= visible[b, s] score -inf). Scores are
-    rounded to q.dtype after the dot product (fp32 accumulation), after the weighting and after the head sum
-    (bf16 q gives the official bf16 scoring; keys and weights are first rounded to q.dtype). k = min(topk, E).
-    Returns idx [B, S, k] int64:
-    the selected entry indices, -1 where the pick is not visible. Order within a row is unspecified. Ties at
-    the k-th score go to the lower entry index (+0.0 and -0.0 are equal): bf16 scores tie often, and a prefill
-    must select what the decode steps selected, or a decode that recomputes its prefix continues differently.
-    """
-    return resolve("indexer_topk", q.device)(q, weights, keys, visible, topk)
-
-
-def sparse_attention(
-    q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor, scale: float
-) -> torch.Tensor:
-    """Shared-K=V sparse attention with a per-head sink over the entries `idx` selects.
-
-    q [B, S, H, D]; kv [B, N, D] (one K=V head: window entries and compressed entries of the row); idx
-    [B, S, K] int64 into kv's N axis, -1 = no entry, the valid ones distinct within a row (as the model builds
-    them; a repeated index is unspecified: the reference and the kernels may count it once or twice); sink [H]
-    fp32. For each query and head, in fp32: s_e = scale * q . kv[e] over the valid e;
-    out = sum_e exp(s_e - M) kv[e] / (sum_e exp(s_e - M) + exp(sink_h - M)), M = max(max_e s_e, sink_h).
-    A query with no valid entry returns 0.
-    Returns [B, S, H, D] in q.dtype.
-    """
-    return resolve("sparse_attention", q.device)(q, kv, idx, sink, scale)
-
-
-def route(
-    logits: torch.Tensor,
-    topk: int,
-    route_scale: float,
-    bias: torch.Tensor | None = None,
-    hash_idx: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """MoE router: sqrtsoftplus scores, expert choice by biased top-k (learned) or by table (hash).
-
-    logits [N, E] fp32; bias [E] fp32 (selection only) or hash_idx [N, k] int64 (the tid2eid rows of the
-    tokens); exactly one of them. scores = sqrt(softplus(logits)); idx = topk(scores + bias) or hash_idx;
-    weights = scores[idx] / sum(scores[idx]) * route_scale.
-    Returns (weights [N, k] fp32, idx [N, k] int64); the order of the k experts is unspecified; among experts
-    with equal biased scores the lower index is chosen (as in `indexer_topk`).
-    """
-    return resolve("route", logits.device)(logits, topk, route_scale, bias, hash_idx)
-
-
-def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
-    """Grouped expert matmul: rows of x are sorted by expert; rows [ends[e-1], ends[e]) use weight[e].
-
-    x [M, K]; weight [E, O, K] (the experts' weights in the nn.Linear [out, in] layout, dequantized to x.dtype;
-    the quantized FP8/MXFP4 variants for device kernels take the packed weight and its `.scale` instead);
-    group_ends [E] int32, cumulative row counts (ends[-1] == M). Returns [M, O] in x.dtype, fp32 accumulation.
-    """
-    return resolve("grouped_matmul", x.device)(x, weight, group_ends)
-
-
-def grouped_matmul_fp8(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group_ends: torch.Tensor
-) -> torch.Tensor:
-    """`grouped_matmul` over FP8 weights dequantized on the fly (the official linear-layer format).
-
-    weight F8_E4M3 [E, O, K]; scale [E, ceil(O/128), ceil(K/128)] E8M0 or F32, one per 128x128 block:
-    W[e, o, k] = weight[e, o, k] * scale[e, o // 128, k // 128]. x, group_ends and the result as `grouped_matmul`.
-    """
-    return resolve("grouped_matmul_fp8", x.device)(x, weight, scale, group_ends)
-
-
-def grouped_matmul_mxfp4(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, group_ends: torch.Tensor
-) -> torch.Tensor:
-    """`grouped_matmul` over MXFP4 weights dequantized on the fly (the official expert format).
-
-    weight I8 [E, O, K/2], two e2m1 codes per byte (low nibble = even column); scale E8M0 [E, O, K/32]:
-    W[e, o, k] = e2m1(code[e, o, k]) * scale[e, o, k // 32]. x, group_ends and the result as `grouped_matmul`.
-    """
-    return resolve("grouped_matmul_mxfp4", x.device)(x, weight, scale, group_ends)
-
-
-def swiglu(gate: torch.Tensor, up: torch.Tensor, limit: float, row_scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Clamped SwiGLU: silu(min(gate, limit)) * clamp(up, -limit, limit) [* row_scale[:, None]].
-
-    gate, up [M, I]; row_scale [M] fp32 (the routing weight, applied before w2) or None (shared expert).
-    Computed in fp32; returns gate.dtype.
-    """
-    return resolve("swiglu", gate.device)(gate, up, limit, row_scale)
-
-
-def filter_logits(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor
-) -> torch.Tensor:
-    """The distribution a sampled token is drawn from, as fp64 logits with the excluded tokens at -inf.
-
-    logits [B, V] any float; temperature [B] (> 0); top_k [B] int64 (0 or >= V = off); top_p [B] (1 = off);
-    min_p [B] (0 = off). In fp64, per row: x = logits / temperature; top-k keeps x >= the k-th largest value
-    (ties kept); top-p keeps the smallest prefix of the tokens sorted by probability (stable order) whose mass
-    reaches top_p, i.e. drops a token when the mass strictly ahead of it is >= top_p; min-p drops tokens whose
-    probability is < min_p * the row's largest probability (probabilities = softmax after top-k). Rows never
-    influence each other. Returns [B, V] fp64.
-    """
-    return resolve("filter_logits", logits.device)(logits, temperature, top_k, top_p, min_p)
-
-
-def sample_tokens(
-    logits: torch.Tensor,
-    temperature: torch.Tensor,
-    top_k: torch.Tensor,
-    top_p: torch.Tensor,
-    min_p: torch.Tensor,
-    noise: torch.Tensor,
-) -> torch.Tensor:
-    """One token per row: argmax(logits) where temperature <= 0, else argmax(filter_logits(...) + noise).
-
-    logits [B, V]; temperature, top_k, top_p, min_p [B] as in `filter_logits`; noise [B, V] fp64 standard Gumbel
-    noise chosen by the caller (the engine seeds it per request and token index, which makes a draw reproducible
-    and independent of the batch; it is ignored in greedy rows). Ties go to the lowest token id. Returns [B] int64.
-    """
-    return resolve("sample_tokens", logits.device)(logits, temperature, top_k, top_p, min_p, noise)
+def bind(device: torch.device | str, backend: str | None = None) -> Ops:
+    """The ops for tensors on `device`: `backend` if given, else `DSV4_KERNEL_BACKEND`, else the device's own."""
+    return Ops(backend or registry.backend_for(torch.device(device)))

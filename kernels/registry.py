@@ -1,9 +1,9 @@
 """The op registry: (op name, backend) -> implementation.
 
-The backend follows the device of the op's first tensor argument (cpu -> "reference", cuda -> "cuda",
-npu -> "ascend"); the environment variable `DSV4_KERNEL_BACKEND` overrides it. A backend whose device or library
-is missing, or that has no implementation of the op, raises `KernelBackendError`: there is never a silent
-fallback to another backend.
+The backend follows the device a model runs on (cpu -> "reference", cuda -> "cuda", npu -> "ascend"); the
+environment variable `DSV4_KERNEL_BACKEND` overrides it. `dsv4.kernels.ops.bind` looks a backend's ops up once. A
+backend whose device or library is missing, or that has no implementation of the op, raises `KernelBackendError`:
+there is never a silent fallback to another backend.
 """
 
 from __future__ import annotations
@@ -16,7 +16,9 @@ from typing import Any, TypeVar
 
 import torch
 
-ENV_BACKEND = "DSV4_KERNEL_BACKEND"
+from dsv4.protocol import env
+
+ENV_BACKEND = env.KERNEL_BACKEND
 BACKENDS = ("reference", "cuda", "ascend")
 DEVICE_BACKEND = {"cpu": "reference", "cuda": "cuda", "npu": "ascend"}
 # Module that registers each backend's implementations when imported.
@@ -97,17 +99,11 @@ def lookup(op: str, backend: str) -> Callable[..., Any]:
     if backend not in BACKENDS:
         raise KernelBackendError(f"unknown kernel backend {backend!r}; known: {', '.join(BACKENDS)}")
     _load(backend)
-    if backend == "cuda":
-        _check_cuda_runnable()
+    _check_available(backend)  # again after the first import: the device or library may have gone since
     try:
         return _IMPLS[(op, backend)]
     except KeyError:
         raise KernelBackendError(f"kernel backend {backend!r} has no implementation of op {op!r}") from None
-
-
-def resolve(op: str, device: torch.device) -> Callable[..., Any]:
-    """The implementation of `op` for tensors on `device`."""
-    return lookup(op, backend_for(device))
 
 
 def registered(backend: str) -> list[str]:

@@ -24,8 +24,8 @@ from dsv4.operator.builders import Owner
 from dsv4.operator.kube import TIMEOUT, Kube
 from dsv4.operator.reconcile import Post, now_iso
 from dsv4.operator.spec import DeploymentSpec, PoolSpec
-from dsv4.services import contract
-from dsv4.services.redis_conn import RedisUnavailable
+from dsv4.protocol import contract, keys
+from dsv4.protocol.connection import RedisUnavailable
 
 DELETION_COST = "controller.kubernetes.io/pod-deletion-cost"
 DRAIN_COST = "-1000"
@@ -108,8 +108,8 @@ async def decide(
     client = aioredis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
     try:
         queues = {
-            "prefill": await signals.queue_signal(client, owner.name, contract.PREFILL_STREAM),
-            "decode": await signals.queue_signal(client, owner.name, contract.DECODE_STREAM),
+            "prefill": await signals.queue_signal(client, owner.name, keys.PREFILL_STREAM),
+            "decode": await signals.queue_signal(client, owner.name, keys.DECODE_STREAM),
         }
     finally:
         await client.aclose()

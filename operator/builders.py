@@ -18,8 +18,9 @@ import yaml
 from dsv4.operator import api
 from dsv4.operator.profiles import Profile, profile
 from dsv4.operator.spec import DeploymentSpec, GatewaySpec, PoolSpec, Resources, Scheduling
-from dsv4.services import contract
-from dsv4.services.contract import Role
+from dsv4.protocol import contract, env
+from dsv4.protocol.config import GatewayFile, WorkerFile
+from dsv4.protocol.contract import Role
 
 APP_NAME = "dsv4"
 MANAGER = "dsv4-operator"
@@ -86,30 +87,23 @@ def redis_url(owner: Owner, spec: DeploymentSpec) -> str:
     return spec.redis.url
 
 
-def role_config(owner: Owner, spec: DeploymentSpec, role: Role) -> dict[str, Any]:
-    """The settings file of one role (mounted at contract.CONFIG_FILE); only what that role reads."""
-    common: dict[str, Any] = {
-        "deployment": owner.name,
-        "namespace": owner.namespace,
-        "role": role.value,
-        "model": {"variant": spec.model.variant, "revision": spec.model.revision},
-        "streams": {
-            "prefill": contract.stream_key(owner.name, contract.PREFILL_STREAM),
-            "decode": contract.stream_key(owner.name, contract.DECODE_STREAM),
-            "group": contract.WORKER_GROUP,
-        },
-    }
+def served_model_name(spec: DeploymentSpec) -> str:
+    """The model id the gateway answers to (`/v1/models`, the `model` field of requests)."""
+    return f"deepseek-v4-{spec.model.variant}"
+
+
+def role_config(owner: Owner, spec: DeploymentSpec, role: Role) -> GatewayFile | WorkerFile:
+    """The settings file of one role (mounted at contract.CONFIG_FILE): exactly the model that role reads."""
     if role is Role.GATEWAY:
-        common["disaggregation"] = spec.disaggregation.model_dump(by_alias=True)
-    else:
-        pool = spec.prefill if role is Role.PREFILL else spec.decode
-        common["kvHandoff"] = spec.kv_handoff.model_dump(by_alias=True)
-        common["parallelism"] = pool.parallelism.model_dump(by_alias=True)
-    return common
+        return GatewayFile(
+            deployment=owner.name, served_model_name=served_model_name(spec), disaggregation=spec.disaggregation
+        )
+    pool = spec.prefill if role is Role.PREFILL else spec.decode
+    return WorkerFile(deployment=owner.name, kv_handoff=spec.kv_handoff, parallelism=pool.parallelism)
 
 
 def _config_text(owner: Owner, spec: DeploymentSpec, role: Role) -> str:
-    return yaml.safe_dump(role_config(owner, spec, role), sort_keys=True)
+    return yaml.safe_dump(role_config(owner, spec, role).model_dump(by_alias=True, mode="json"), sort_keys=True)
 
 
 def config_map(owner: Owner, spec: DeploymentSpec) -> dict[str, Any]:
@@ -186,14 +180,14 @@ def _model_volume(spec: DeploymentSpec) -> tuple[list[dict[str, Any]], list[dict
 
 
 def _env(owner: Owner, spec: DeploymentSpec, role: Role, device: str) -> list[dict[str, Any]]:
-    env: list[dict[str, Any]] = [
-        {"name": contract.ENV_DEPLOYMENT, "value": owner.name},
-        {"name": contract.ENV_ROLE, "value": role.value},
-        {"name": contract.ENV_CONFIG_FILE, "value": contract.CONFIG_FILE},
-        {"name": contract.ENV_REDIS_URL, "value": redis_url(owner, spec)},
-        {"name": contract.ENV_DEVICE, "value": device},
-        {"name": contract.ENV_POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": contract.ENV_POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+    out: list[dict[str, Any]] = [
+        {"name": env.DEPLOYMENT, "value": owner.name},
+        {"name": env.ROLE, "value": role.value},
+        {"name": env.CONFIG_FILE, "value": contract.CONFIG_FILE},
+        {"name": env.REDIS_URL, "value": redis_url(owner, spec)},
+        {"name": env.DEVICE, "value": device},
+        {"name": env.POD_NAME, "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": env.POD_IP, "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         # The root filesystem is read-only: every cache (torch, triton, HF) goes to the /tmp emptyDir.
         {"name": "HOME", "value": "/tmp"},
         {"name": "XDG_CACHE_HOME", "value": "/tmp/cache"},
@@ -206,22 +200,22 @@ def _env(owner: Owner, spec: DeploymentSpec, role: Role, device: str) -> list[di
         {"name": "OTEL_TRACES_SAMPLER_ARG", "value": str(spec.telemetry.sampling_ratio)},
     ]
     if spec.model.source is not None:
-        env.append({"name": contract.ENV_MODEL, "value": contract.MODEL_DIR})
+        out.append({"name": env.MODEL, "value": contract.MODEL_DIR})
     if spec.telemetry.otlp_endpoint:
-        env.append({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": spec.telemetry.otlp_endpoint})
+        out.append({"name": "OTEL_EXPORTER_OTLP_ENDPOINT", "value": spec.telemetry.otlp_endpoint})
     else:
-        env.append({"name": "OTEL_TRACES_EXPORTER", "value": "none"})
+        out.append({"name": "OTEL_TRACES_EXPORTER", "value": "none"})
     if spec.redis.secret_ref is not None:
         ref = spec.redis.secret_ref
-        env.append(
+        out.append(
             {
-                "name": contract.ENV_REDIS_PASSWORD,
+                "name": env.REDIS_PASSWORD,
                 "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
             }
         )
     if role is Role.GATEWAY and spec.auth.api_key_secret_ref is not None:
-        env.append({"name": contract.ENV_API_KEY_FILE, "value": contract.API_KEY_FILE})
-    return env
+        out.append({"name": env.API_KEY_FILE, "value": contract.API_KEY_FILE})
+    return out
 
 
 def _pod_template(owner: Owner, spec: DeploymentSpec, role: Role, pool: PoolSpec | GatewaySpec) -> dict[str, Any]:

@@ -21,8 +21,8 @@ import kopf
 from dsv4.operator import api, autoscaler, reconcile
 from dsv4.operator.builders import MANAGER
 from dsv4.operator.kube import Kube
+from dsv4.protocol import env
 
-DEFAULT_IMAGE_ENV = "DSV4_IMAGE"
 DEFAULT_IMAGE = "ghcr.io/dsv4/dsv4:0.1.0"
 TICK_S = 5.0  # timer granularity; the planner runs every spec.autoscaling.intervalSeconds
 RESYNC_S = 60.0  # repair drift (a child edited or deleted by hand) at least this often
@@ -49,7 +49,7 @@ def kube() -> Kube:
 
 def default_image() -> str:
     """The image for pods whose spec names none: the operator's own (the chart sets DSV4_IMAGE)."""
-    return os.environ.get(DEFAULT_IMAGE_ENV, DEFAULT_IMAGE)
+    return os.environ.get(env.IMAGE, DEFAULT_IMAGE)
 
 
 def _poster(body: kopf.Body) -> reconcile.Post:

@@ -9,9 +9,7 @@ import kopf
 
 # Importing the handlers registers them with kopf's default registry.
 from dsv4.operator import handlers  # noqa: F401
-
-WATCH_NAMESPACES_ENV = "DSV4_WATCH_NAMESPACES"  # comma-separated; the chart sets it
-LIVENESS_ENV = "DSV4_LIVENESS_ENDPOINT"  # e.g. http://0.0.0.0:8080/healthz
+from dsv4.protocol import env
 
 
 def main(args: argparse.Namespace) -> int:
@@ -19,14 +17,14 @@ def main(args: argparse.Namespace) -> int:
     every namespace."""
     namespaces: list[str] = list(args.namespace or [])
     if not namespaces and not args.all_namespaces:
-        namespaces = [ns for ns in os.environ.get(WATCH_NAMESPACES_ENV, "").split(",") if ns.strip()]
+        namespaces = [ns for ns in os.environ.get(env.WATCH_NAMESPACES, "").split(",") if ns.strip()]
     # Every reconcile, planner decision and problem is a Kubernetes Event; the log keeps warnings unless asked.
-    verbose = bool(os.environ.get("DSV4_OPERATOR_VERBOSE"))
+    verbose = bool(os.environ.get(env.OPERATOR_VERBOSE))
     kopf.configure(verbose=verbose, quiet=not verbose)
     kopf.run(
         standalone=True,
         clusterwide=not namespaces,
         namespaces=namespaces,
-        liveness_endpoint=os.environ.get(LIVENESS_ENV),
+        liveness_endpoint=os.environ.get(env.LIVENESS_ENDPOINT),
     )
     return 0

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from dsv4.operator.spec import AcceleratorSpec, Parallelism
+from dsv4.operator.spec import AcceleratorSpec
+from dsv4.protocol.config import ParallelismConfig
 
 NVIDIA_GPU = "nvidia.com/gpu"
 ASCEND_910 = "huawei.com/Ascend910"
@@ -45,7 +46,7 @@ class Profile:
     shm_size: str | None = None  # /dev/shm as a memory-backed emptyDir (NCCL/HCCL and torch workers use it)
 
 
-def devices_per_pod(acc: AcceleratorSpec, parallelism: Parallelism) -> int:
+def devices_per_pod(acc: AcceleratorSpec, parallelism: ParallelismConfig) -> int:
     """Devices one worker pod asks for: the explicit count, else tensor x data parallelism."""
     if acc.type == "cpu":
         return 0
@@ -63,7 +64,7 @@ def resource_name(acc: AcceleratorSpec) -> str | None:
     return None
 
 
-def profile(acc: AcceleratorSpec, parallelism: Parallelism) -> Profile:
+def profile(acc: AcceleratorSpec, parallelism: ParallelismConfig) -> Profile:
     """The profile of one worker pool on `acc`."""
     n = devices_per_pod(acc, parallelism)
     name = resource_name(acc)

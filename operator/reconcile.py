@@ -23,7 +23,7 @@ from dsv4.operator.status import (
     read_workload,
     ready_pods,
 )
-from dsv4.services import contract
+from dsv4.protocol import contract
 
 # post(type, reason, message): a Kubernetes Event on the DeepSeekV4Deployment.
 Post = Callable[[str, str, str], None]

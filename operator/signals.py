@@ -14,8 +14,8 @@ import aiohttp
 import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
-from dsv4.services import contract
-from dsv4.services.queues import queue_stats
+from dsv4.protocol import keys
+from dsv4.protocol.stats import queue_stats
 
 SCRAPE_TIMEOUT_S = 2.0
 
@@ -35,7 +35,7 @@ async def queue_signal(client: aioredis.Redis, deployment: str, stream: str) -> 
     stats = await queue_stats(client, deployment, stream)
     per: dict[str, int] = {}
     try:
-        consumers: Any = await client.xinfo_consumers(contract.stream_key(deployment, stream), contract.WORKER_GROUP)
+        consumers: Any = await client.xinfo_consumers(keys.stream_key(deployment, stream), keys.WORKER_GROUP)
     except aioredis.ResponseError:  # no stream or no group yet: nobody holds work
         consumers = []
     for c in consumers:

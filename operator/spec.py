@@ -1,8 +1,10 @@
-"""The `DeepSeekV4Deployment` spec: the one source of the CRD schema, its defaults and its CEL rules (DESIGN.md §5).
+"""The `DeepSeekV4Deployment` spec: the one source of the CRD schema, its defaults and its CEL rules.
 
 The pydantic models below are what the operator reads; `dsv4.operator.crd` turns them into the CRD's structural
 OpenAPI schema. Rules the API server enforces with CEL are attached to the model they constrain with `cel(...)`, so a
-rule and the fields it names live side by side. What CEL cannot check is in `dsv4.operator.checks`.
+rule and the fields it names live side by side. What CEL cannot check is in `dsv4.operator.checks`. The parts a role
+also reads (`kvHandoff`, `disaggregation`, `parallelism`) are the models of `dsv4.protocol.config`, so the API server
+and the roles accept the same values.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
+from dsv4.protocol.config import DisaggregationConfig, KvHandoffConfig, ParallelismConfig
+
 # Kubernetes quantities ("2", "16Gi", 4) keep their user spelling; the API server accepts either JSON type.
 Quantity = Annotated[str | int, WithJsonSchema({"x-kubernetes-int-or-string": True})]
 
 # Names that end up in child object names (e.g. `<name>-gateway`, `<name>-redis-0`) must leave room for suffixes.
 MAX_NAME_LENGTH = 40
-MAX_CHUNK_BYTES = 4 * 1024 * 1024  # DESIGN §4: handoff chunks are at most 4 MiB
 
 NVIDIA_PRODUCTS = ("A100", "H100", "H200", "H20", "B200", "GB200", "L40S")
 ASCEND_PRODUCTS = ("910B", "910C", "310P")
@@ -141,14 +144,6 @@ class Scheduling(Base):
     priority_class_name: str | None = None
 
 
-class Parallelism(Base):
-    """How a worker pod splits the model over its devices."""
-
-    tensor: int = Field(default=1, ge=1, le=64)
-    data: int = Field(default=1, ge=1, le=64)
-    expert: bool = Field(default=False, description="expert parallel MoE across the pod's devices")
-
-
 class PoolSpec(Base):
     """One pool of identical pods: its size, bounds for the planner, resources and placement."""
 
@@ -163,7 +158,7 @@ class PoolSpec(Base):
     min_replicas: int = Field(default=1, ge=0, le=1024)
     max_replicas: int = Field(default=4, ge=0, le=1024)
     resources: Resources = Field(default_factory=Resources)
-    parallelism: Parallelism = Field(default_factory=Parallelism)
+    parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig)
     scheduling: Scheduling = Field(default_factory=Scheduling)
 
 
@@ -183,22 +178,6 @@ class GatewaySpec(Base):
     service_type: Literal["ClusterIP", "NodePort", "LoadBalancer"] = "ClusterIP"
     resources: Resources = Field(default_factory=Resources)
     scheduling: Scheduling = Field(default_factory=Scheduling)
-
-
-class DisaggregationSpec(Base):
-    """When the gateway sends a request through the prefill pool rather than letting decode prefill it."""
-
-    mode: Literal["auto", "always", "never"] = "auto"
-    min_prompt_tokens: int = Field(default=512, ge=0, description="auto: shorter prompts are prefilled by decode")
-    max_prefill_queue: int = Field(default=64, ge=0, description="auto: a longer prefill queue sends work to decode")
-
-
-class KvHandoffSpec(Base):
-    """How KV state travels from prefill to decode."""
-
-    transport: Literal["redis", "direct"] = "redis"
-    ttl_seconds: int = Field(default=120, ge=1, le=3600, description="lease on handoff keys; crashes clean up after it")
-    chunk_bytes: int = Field(default=MAX_CHUNK_BYTES, ge=65536, le=MAX_CHUNK_BYTES)
 
 
 class SecretKeyRef(Base):
@@ -291,8 +270,8 @@ class DeploymentSpec(Base):
     prefill: PoolSpec = Field(default_factory=PoolSpec)
     decode: PoolSpec = Field(default_factory=PoolSpec)
     gateway: GatewaySpec = Field(default_factory=GatewaySpec)
-    disaggregation: DisaggregationSpec = Field(default_factory=DisaggregationSpec)
-    kv_handoff: KvHandoffSpec = Field(default_factory=KvHandoffSpec)
+    disaggregation: DisaggregationConfig = Field(default_factory=DisaggregationConfig)
+    kv_handoff: KvHandoffConfig = Field(default_factory=KvHandoffConfig)
     redis: RedisSpec = Field(default_factory=RedisSpec)
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     telemetry: TelemetrySpec = Field(default_factory=TelemetrySpec)

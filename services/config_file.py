@@ -3,36 +3,43 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import ValidationError
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource
 
-from dsv4.services import contract
+from dsv4.protocol import env
+from dsv4.protocol.config import WireModel
 
 
-def read_role_config() -> dict[str, Any]:
-    """The YAML mapping at `$DSV4_CONFIG_FILE`, or {} when the variable is unset or the file absent."""
-    path = os.environ.get(contract.ENV_CONFIG_FILE)
+class ConfigFileError(ValueError):
+    """The mounted settings file is unreadable or does not match its role's model; the message names the file."""
+
+
+def read_role_config(model: type[WireModel]) -> dict[str, Any]:
+    """The fields set in the file at `$DSV4_CONFIG_FILE`, validated by `model` (snake_case names, nested as dicts);
+    {} when the variable is unset or the file is absent."""
+    path = os.environ.get(env.CONFIG_FILE)
     if not path or not Path(path).is_file():
         return {}
-    data = yaml.safe_load(Path(path).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
-    return data
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return model.model_validate(data).model_dump(exclude_unset=True)
+    except (yaml.YAMLError, ValidationError) as e:
+        raise ConfigFileError(f"{path}: not a valid {model.__name__} settings file: {e}") from e
 
 
 class ConfigFileSource(PydanticBaseSettingsSource):
-    """Feeds `to_fields(read_role_config())` into a settings class, below init arguments and the environment."""
+    """Feeds the role's settings file into a settings class, below init arguments and the environment."""
 
-    def __init__(self, settings_cls: type[BaseSettings], to_fields: Callable[[dict[str, Any]], dict[str, Any]]):
+    def __init__(self, settings_cls: type[BaseSettings], model: type[WireModel]) -> None:
         super().__init__(settings_cls)
-        self._to_fields = to_fields
+        self._model = model
 
     def get_field_value(self, field: Any, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False
 
     def __call__(self) -> dict[str, Any]:
-        return self._to_fields(read_role_config())
+        return read_role_config(self._model)

@@ -27,9 +27,10 @@ import redis.asyncio as aioredis
 from fastapi import APIRouter, HTTPException, Response
 from redis.asyncio.client import Pipeline
 
-from dsv4.services import contract
-from dsv4.services.engine_port import KVMeta
-from dsv4.services.redis_conn import UNAVAILABLE_ERRORS, unavailable_as_typed
+from dsv4.model_runtime.engine.port import KVMeta
+from dsv4.protocol import keys
+from dsv4.protocol.connection import UNAVAILABLE_ERRORS, unavailable_as_typed
+from dsv4.protocol.keys import chunk_key, descriptor_key
 
 log = logging.getLogger(__name__)
 
@@ -62,22 +63,12 @@ class FingerprintMismatch(HandoffError):
     """The state was exported by a different model or KV format than the reader's engine."""
 
 
-def descriptor_key(deployment: str, handoff_id: str) -> str:
-    """Key of a handoff's descriptor."""
-    return contract.redis_key(deployment, "kv", handoff_id, "desc")
-
-
 def handoff_id_of(key: str) -> str:
     """The handoff id inside a descriptor key; raises HandoffCorrupt for a key that is not one."""
-    parts = key.split(":")
-    if len(parts) != 5 or parts[0] != "dsv4" or parts[2] != "kv" or parts[4] != "desc":
+    handoff_id = keys.handoff_id_of(key)
+    if handoff_id is None:
         raise HandoffCorrupt(f"not a handoff descriptor key: {key!r}")
-    return parts[3]
-
-
-def chunk_key(deployment: str, handoff_id: str, index: int) -> str:
-    """Key of chunk `index` of a handoff on the `redis` data plane."""
-    return contract.redis_key(deployment, "kv", handoff_id, "chunk", str(index))
+    return handoff_id
 
 
 @dataclass(frozen=True)

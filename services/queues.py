@@ -25,35 +25,16 @@ from typing import Any, ClassVar
 import redis
 import redis.asyncio as aioredis
 
-from dsv4.services import contract
-from dsv4.services.engine_port import SamplingSpec, TokenLogprobs
-from dsv4.services.redis_conn import MAX_BLOCK_MS, unavailable_as_typed
+from dsv4.model_runtime.engine.port import SamplingSpec, TokenLogprobs
+from dsv4.protocol import keys
+from dsv4.protocol.connection import MAX_BLOCK_MS, unavailable_as_typed
+from dsv4.protocol.keys import cancel_key, dead_letter_key, token_stream_key
 
 log = logging.getLogger(__name__)
 
 JOB_FORMAT = b"1"
 TOKEN_STREAM_TTL_S = 600
 CANCEL_TTL_S = 600
-# A worker polls at least every MAX_BLOCK_MS; one not seen for this long is presumed dead.
-CONSUMER_ALIVE_MS = 10_000
-
-
-# ---------------------------------------------------------------------------------------------------------- keys
-
-
-def token_stream_key(deployment: str, request_id: str) -> str:
-    """The per-request token stream."""
-    return contract.redis_key(deployment, "tokens", request_id)
-
-
-def cancel_key(deployment: str, request_id: str) -> str:
-    """Set while the client of `request_id` went away; workers stop generating."""
-    return contract.redis_key(deployment, "cancel", request_id)
-
-
-def dead_letter_key(deployment: str, stream: str) -> str:
-    """Where malformed entries of `stream` are moved, so bad input is kept for inspection and never retried."""
-    return contract.redis_key(deployment, "dead", stream)
 
 
 # ---------------------------------------------------------------------------------------------------------- jobs
@@ -164,8 +145,8 @@ class WorkQueue:
         self.client = client
         self.deployment = deployment
         self.stream = stream
-        self.key = contract.stream_key(deployment, stream)
-        self.group = contract.WORKER_GROUP
+        self.key = keys.stream_key(deployment, stream)
+        self.group = keys.WORKER_GROUP
         self.consumer = consumer
 
     async def ensure_group(self) -> None:
@@ -267,56 +248,6 @@ class WorkQueue:
                 p.xack(self.key, self.group, entry_id)
                 p.xdel(self.key, entry_id)
                 await p.execute()
-
-
-@dataclass(frozen=True)
-class QueueStats:
-    """The autoscaling signal of one work stream (what KEDA's Redis Streams scaler reads, plus the queue age)."""
-
-    stream: str
-    length: int  # entries in the stream (waiting + pending; acknowledged ones are deleted)
-    lag: int  # entries not yet delivered to any consumer
-    pending: int  # delivered, not yet acknowledged (in progress)
-    consumers: int  # consumers seen within CONSUMER_ALIVE_MS (a dead worker's consumer lingers in the group)
-    oldest_waiting_age_s: float  # age of the oldest undelivered job; 0 when none waits
-
-
-async def queue_stats(client: aioredis.Redis, deployment: str, stream: str) -> QueueStats:
-    """Lag, pending and age of the work stream `stream` of `deployment`; the one function the planner calls."""
-    key = contract.stream_key(deployment, stream)
-    with unavailable_as_typed(f"reading stats of {key}"):
-        # One MULTI snapshot: read apart, an ack (XACK + XDEL) landing between the two reads would show a job that
-        # is neither pending nor gone.
-        async with client.pipeline(transaction=True) as p:
-            p.xlen(key)
-            p.xinfo_groups(key)
-            length_raw, groups_raw = await p.execute(raise_on_error=False)
-        if isinstance(length_raw, BaseException):
-            raise length_raw
-        length = int(length_raw)
-        groups: Any = [] if isinstance(groups_raw, redis.ResponseError) else groups_raw  # no such stream yet
-        if isinstance(groups, BaseException):
-            raise groups
-        group = next((g for g in groups if _s(g["name"]) == contract.WORKER_GROUP), None)
-        if group is None:
-            return QueueStats(stream, length, length, 0, 0, await _age_after(client, key, "-"))
-        consumers: Any = await client.xinfo_consumers(key, contract.WORKER_GROUP) if group["consumers"] else []
-        alive = sum(1 for c in consumers if int(c["idle"]) < CONSUMER_ALIVE_MS)
-        last = _s(group["last-delivered-id"])
-        lag = group.get("lag")
-        if lag is None:  # Redis cannot tell after some deletions; count the entries after last-delivered-id
-            undelivered: Any = await client.xrange(key, f"({last}", "+")
-            lag = len(undelivered)
-        age = await _age_after(client, key, f"({last}") if lag else 0.0
-        return QueueStats(stream, length, int(lag), int(group["pending"]), alive, age)
-
-
-async def _age_after(client: aioredis.Redis, key: str, start: str) -> float:
-    first: Any = await client.xrange(key, start, "+", count=1)
-    if not first:
-        return 0.0
-    ms = int(_s(first[0][0]).split("-")[0])
-    return max(0.0, time.time() - ms / 1000)
 
 
 # ---------------------------------------------------------------------------------------------------------- tokens

@@ -32,7 +32,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 
-from dsv4.services import contract
+from dsv4.protocol import contract, env
 from dsv4.services.local_redis import LocalRedis, RedisServerError, free_port, redis_server_binary
 from dsv4.services.supervised import supervised_env
 
@@ -54,7 +54,7 @@ class ServeError(RuntimeError):
 
 def dsv4_home() -> Path:
     """`$DSV4_HOME`, else `~/.cache/dsv4`: where `dsv4 serve` keeps the embedded model and its logs."""
-    return Path(os.environ.get("DSV4_HOME") or Path.home() / ".cache" / "dsv4")
+    return Path(os.environ.get(env.HOME) or Path.home() / ".cache" / "dsv4")
 
 
 def embedded_model_dir() -> Path:
@@ -152,10 +152,10 @@ def redact(url: str) -> str:
 
 def check_redis(url: str) -> None:
     """Raise ServeError unless the Redis at `url` answers PING within a few seconds."""
-    from dsv4.services.redis_conn import connect
+    from dsv4.protocol.connection import connect
 
     async def ping() -> None:
-        client = connect(url, os.environ.get(contract.ENV_REDIS_PASSWORD))
+        client = connect(url, os.environ.get(env.REDIS_PASSWORD))
         try:
             await asyncio.wait_for(client.ping(), REDIS_CHECK_TIMEOUT_S)
         finally:
@@ -267,24 +267,25 @@ def role_processes(
 ) -> list[Role]:
     """The gateway, one prefill and one decode worker, configured for this machine."""
     base = supervised_env()
-    base[contract.ENV_MODEL] = str(model)  # the gateway reads the checkpoint's tokenizer
+    base[env.MODEL] = str(model)  # the gateway reads the checkpoint's tokenizer
     workers = dict(base)
     # Two engines share the cores: give each half, unless the user chose (torch reads OMP_NUM_THREADS).
     workers.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
-    workers.setdefault("DSV4_DRAIN_TIMEOUT_S", DRAIN_TIMEOUT_S)
-    workers.setdefault("DSV4_HOST", "127.0.0.1")
-    workers.setdefault(contract.ENV_POD_IP, "127.0.0.1")
+    workers.setdefault(env.DRAIN_TIMEOUT_S, DRAIN_TIMEOUT_S)
+    workers.setdefault(env.HOST, "127.0.0.1")
+    workers.setdefault(env.POD_IP, "127.0.0.1")
     if in_process_broker:
         # The broker is slow with multi-MiB values: KV state goes worker to worker, Redis carries the descriptor.
-        workers.setdefault("DSV4_KV_HANDOFF__TRANSPORT", "direct")
+        workers.setdefault(f"{env.KV_HANDOFF}__TRANSPORT", "direct")
     gateway_args = ["--host", args.host, "--port", str(args.port), "--redis-url", redis_url]
     if args.api_key_file:
         gateway_args += ["--api-key-file", str(Path(args.api_key_file).resolve())]
     roles = [Role("gateway", gateway_args, base, _http_url(args.host, args.port), log_dir / "gateway.log")]
     for name in (contract.Role.PREFILL.value, contract.Role.DECODE.value):
         port = free_port()
-        env = {**workers, "DSV4_PORT": str(port), contract.ENV_POD_NAME: f"{name}-local-{port}"}
-        roles.append(Role(name, ["--redis-url", redis_url], env, f"http://127.0.0.1:{port}", log_dir / f"{name}.log"))
+        role_env = {**workers, env.PORT: str(port), env.POD_NAME: f"{name}-local-{port}"}
+        ready = f"http://127.0.0.1:{port}"
+        roles.append(Role(name, ["--redis-url", redis_url], role_env, ready, log_dir / f"{name}.log"))
     return roles
 
 
@@ -376,8 +377,8 @@ def _say(line: str) -> None:
 def banner(url: str, model_name: str, model_desc: str, broker_desc: str, roles: list[Role], ready_s: float,
            key_file: str | None) -> str:  # fmt: skip
     """What `dsv4 serve` prints once it is ready: the URL and how to call it (curl and openai-python)."""
-    auth_curl = ' \\\n    -H "Authorization: Bearer $DSV4_API_KEY"' if key_file else ""
-    api_key = 'os.environ["DSV4_API_KEY"]' if key_file else '"none"'
+    auth_curl = ' \\\n    -H "Authorization: Bearer $OPENAI_API_KEY"' if key_file else ""
+    api_key = 'os.environ["OPENAI_API_KEY"]' if key_file else '"none"'
     body = json.dumps({"model": model_name, "messages": [{"role": "user", "content": "Hello!"}], "max_tokens": 32})
     metrics = ", ".join(f"{r.ready_url}{contract.METRICS_PATH} ({r.name})" for r in roles)
     lines = [
@@ -388,7 +389,7 @@ def banner(url: str, model_name: str, model_desc: str, broker_desc: str, roles: 
         f"  logs     {roles[0].log_path.parent}/{{gateway,prefill,decode}}.log",
     ]
     if key_file:
-        lines.append(f"  auth     export DSV4_API_KEY=<a key from {key_file}>")
+        lines.append(f"  auth     export OPENAI_API_KEY=<a key from {key_file}>")
     lines += [
         "",
         "curl:",

@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 
-from dsv4.services import contract
+from dsv4.protocol import env
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 POLL_S = 1.0
@@ -23,7 +23,7 @@ POLL_S = 1.0
 
 def supervised_env() -> dict[str, str]:
     """This process's environment for a child that must exit when this process does."""
-    return {**os.environ, contract.ENV_SUPERVISOR_PID: str(os.getpid())}
+    return {**os.environ, env.SUPERVISOR_PID: str(os.getpid())}
 
 
 def exit_with_supervisor() -> None:
@@ -32,7 +32,7 @@ def exit_with_supervisor() -> None:
     The variable is removed from this process's environment, so its own children are not bound to a process
     that is not their parent.
     """
-    raw = os.environ.pop(contract.ENV_SUPERVISOR_PID, None)
+    raw = os.environ.pop(env.SUPERVISOR_PID, None)
     if not raw:
         return
     supervisor = int(raw)

@@ -1,4 +1,4 @@
-"""`AsyncEngine`: the engine as the serving workers use it (`dsv4.services.engine_port.Engine`).
+"""`AsyncEngine`: the engine as the serving workers use it (`dsv4.model_runtime.engine.port.Engine`).
 
 One background thread owns the `LLMEngine` and steps it whenever it has work; coroutines only post commands to
 that thread and await futures or per-request queues, so the worker's event loop never blocks on the model.
@@ -23,10 +23,7 @@ import torch
 
 from dsv4.model_runtime.engine import kv_export
 from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine, RequestOutput
-from dsv4.model_runtime.engine.sampling_params import SamplingParams
-from dsv4.model_runtime.engine.sequence import Sequence as EngineSequence
-from dsv4.model_runtime.engine.sequence import TokenLogprob
-from dsv4.services.engine_port import (
+from dsv4.model_runtime.engine.port import (
     EngineStats,
     KVImportError,
     KVMeta,
@@ -35,6 +32,9 @@ from dsv4.services.engine_port import (
     TokenLogprobs,
     TokenOutput,
 )
+from dsv4.model_runtime.engine.sampling_params import SamplingParams
+from dsv4.model_runtime.engine.sequence import Sequence as EngineSequence
+from dsv4.model_runtime.engine.sequence import TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ class _Request:
 
 
 class AsyncEngine:
-    """Implements `dsv4.services.engine_port.Engine` over a background-stepped `LLMEngine`."""
+    """Implements `dsv4.model_runtime.engine.port.Engine` over a background-stepped `LLMEngine`."""
 
     def __init__(self, engine: LLMEngine, kv_chunk_size: int = kv_export.CHUNK_SIZE) -> None:
         self._engine = engine

@@ -30,9 +30,9 @@ import crc32c
 import torch
 
 from dsv4.model_runtime.engine.kv_layout import RowCodec, entry_codec, index_key_codec
+from dsv4.model_runtime.engine.port import KVImportError
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.state import LayerState, SequenceState
-from dsv4.services.engine_port import KVImportError
 
 FORMAT_VERSION = 1
 MAGIC = b"DSV4-KV\n"

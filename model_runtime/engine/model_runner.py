@@ -12,6 +12,7 @@ from collections import defaultdict
 
 import torch
 
+from dsv4.kernels.ops import Ops
 from dsv4.model_runtime.engine import mtp
 from dsv4.model_runtime.engine.sampler import SampleRequest, sample_row
 from dsv4.model_runtime.engine.scheduler import ScheduledChunk
@@ -24,9 +25,9 @@ def _request(seq: Sequence) -> SampleRequest:
     return SampleRequest(seq.params, seq.seed, seq.num_generated, seq.prompt_token_ids, seq.output_token_ids)
 
 
-def _draw(seq: Sequence, logits: torch.Tensor) -> int:
+def _draw(ops: Ops, seq: Sequence, logits: torch.Tensor) -> int:
     """Sample the sequence's next token from logits [vocab] and append it; returns the token."""
-    token, logprob = sample_row(logits, _request(seq))
+    token, logprob = sample_row(ops, logits, _request(seq))
     seq.append(token, logprob)
     return token
 
@@ -79,7 +80,7 @@ class ModelRunner:
         produced = []
         for row, s in enumerate(seqs):
             if logits is not None and row in ready:
-                _draw(s, logits[ready.index(row)])
+                _draw(self.model.ops, s, logits[ready.index(row)])
                 produced.append(s)
             if s.use_mtp and not s.finished:
                 self._follow(s, streams[row], s.num_computed - n)
@@ -125,11 +126,11 @@ class ModelRunner:
             draft, s.draft = s.draft, None
             self.drafts.proposed += 1
             start = s.num_computed
-            if _draw(s, logits[row, 0]) == draft:
+            if _draw(self.model.ops, s, logits[row, 0]) == draft:
                 self.drafts.accepted += 1
                 s.num_computed += 2
                 if not s.finished:
-                    _draw(s, logits[row, 1])
+                    _draw(self.model.ops, s, logits[row, 1])
                 if s.use_mtp and not s.finished:
                     self._follow(s, streams[row], start)
             else:

@@ -1,6 +1,6 @@
 """Token sampling: penalties, greedy / temperature / top-k / top-p / min-p, seeded draws, logprobs.
 
-Filtering and the draw itself are the kernel registry's `filter_logits` / `sample_tokens` ops (per device);
+Filtering and the draw itself are the kernel ops `filter_logits` / `sample_tokens` (the model's bound `Ops`);
 the penalties, the seeded noise and logprobs stay here.
 
 Each row is sampled on its own, so a request's token never depends on the other rows of the batch. A sampled
@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dsv4.kernels import ops
+from dsv4.kernels.ops import Ops
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.engine.sequence import TokenLogprob
 
@@ -76,17 +76,17 @@ def _row_params(
     )
 
 
-def filtered_logits(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+def filtered_logits(ops: Ops, logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """fp64 logits / temperature with the tokens top-k, top-p and min-p exclude set to -inf."""
     return ops.filter_logits(logits[None], *_row_params(p, logits.device))[0]
 
 
-def filtered_probs(logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
+def filtered_probs(ops: Ops, logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The distribution a sampled token is drawn from: softmax of `filtered_logits` (fp64)."""
-    return torch.softmax(filtered_logits(logits, p), dim=-1)
+    return torch.softmax(filtered_logits(ops, logits, p), dim=-1)
 
 
-def sample_row(logits: torch.Tensor, req: SampleRequest) -> tuple[int, TokenLogprob | None]:
+def sample_row(ops: Ops, logits: torch.Tensor, req: SampleRequest) -> tuple[int, TokenLogprob | None]:
     """One row: logits [vocab] fp32 -> (token id, its logprob record when asked)."""
     p = req.params
     scores = apply_penalties(logits, req)
@@ -104,6 +104,6 @@ def sample_row(logits: torch.Tensor, req: SampleRequest) -> tuple[int, TokenLogp
     return token, TokenLogprob(logprob=float(logp[token]), top=pairs)
 
 
-def sample(logits: torch.Tensor, requests: list[SampleRequest]) -> list[tuple[int, TokenLogprob | None]]:
+def sample(ops: Ops, logits: torch.Tensor, requests: list[SampleRequest]) -> list[tuple[int, TokenLogprob | None]]:
     """logits [B, vocab] -> one (token, logprob) per row."""
-    return [sample_row(logits[row], req) for row, req in enumerate(requests)]
+    return [sample_row(ops, logits[row], req) for row, req in enumerate(requests)]

@@ -15,11 +15,11 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
-from dsv4.kernels import ops
 from dsv4.model_runtime.config import ModelConfig
 from dsv4.model_runtime.layers.compressor import Compressor
 from dsv4.model_runtime.layers.indexer import Indexer
 from dsv4.model_runtime.layers.norm import RMSNorm
+from dsv4.model_runtime.layers.ops_module import OpsModule
 from dsv4.model_runtime.layers.rope import RopeTable
 from dsv4.model_runtime.qat import q4_hadamard, q8_nope
 from dsv4.model_runtime.state import LayerState
@@ -38,7 +38,7 @@ class StepContext:
     qat: bool
 
 
-class Attention(nn.Module):
+class Attention(OpsModule):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         d, c, h = cfg.hidden_size, cfg.head_dim, cfg.num_attention_heads
@@ -65,8 +65,8 @@ class Attention(nn.Module):
         cos, sin = ctx.cos_sin[compressed]
         qr = self.q_norm(self.wq_a(x))  # [B, S, q_lora]
         q = self.wq_b(qr).view(b, s, self.n_heads, self.head_dim)
-        q = ops.rope(ops.rms_norm(q, None, self.eps), cos, sin)  # unweighted per-head RMS norm
-        kv = ops.rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, S, c], K = V
+        q = self.ops.rope(self.ops.rms_norm(q, None, self.eps), cos, sin)  # unweighted per-head RMS norm
+        kv = self.ops.rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, S, c], K = V
         if ctx.qat:
             kv = q8_nope(kv, self.rope_dim)
 
@@ -83,8 +83,8 @@ class Attention(nn.Module):
             visible = (ctx.positions + 1) // self.ratio  # [B, S]
             idx = torch.cat([idx, torch.where(entry < visible[..., None], entry + self.window + s, -1)], dim=-1)
 
-        o = ops.sparse_attention(q, buffer, idx, self.attn_sink, self.head_dim**-0.5)  # [B, S, H, c]
-        o = ops.rope(o, cos, sin, inverse=True)
+        o = self.ops.sparse_attention(q, buffer, idx, self.attn_sink, self.head_dim**-0.5)  # [B, S, H, c]
+        o = self.ops.rope(o, cos, sin, inverse=True)
         o = o.reshape(b, s, self.groups, -1)  # heads grouped contiguously
         wo_a = self.wo_a.weight.view(self.groups, -1, o.shape[-1])  # [G, o_lora, H*c/G]
         out = self.wo_b(torch.einsum("bsgi,goi->bsgo", o, wo_a).flatten(2))

@@ -15,12 +15,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4.kernels import ops
 from dsv4.model_runtime.layers.norm import RMSNorm
+from dsv4.model_runtime.layers.ops_module import OpsModule
 from dsv4.model_runtime.layers.rope import RopeTable
 
 
-class Compressor(nn.Module):
+class Compressor(OpsModule):
     def __init__(self, dim: int, head_dim: int, ratio: int, overlap: bool, eps: float) -> None:
         super().__init__()
         self.ratio, self.head_dim, self.overlap = ratio, head_dim, overlap
@@ -65,7 +65,7 @@ class Compressor(nn.Module):
             slots_kv, slots_sc = blocks_kv, blocks_sc
         state_kv[off:], state_score[off:] = 0.0, float("-inf")
         state_kv[off : off + rem], state_score[off : off + rem] = kv[nb * m :], sc[nb * m :]
-        return ops.compress_pool(slots_kv, slots_sc)
+        return self.ops.compress_pool(slots_kv, slots_sc)
 
     def finish(
         self,
@@ -79,5 +79,5 @@ class Compressor(nn.Module):
         entries = self.norm(pooled.to(dtype))
         positions = (torch.arange(pooled.shape[0], device=pooled.device) + first_block) * self.ratio
         cos, sin = rope(positions[None])
-        entries = ops.rope(entries[None], cos, sin)[0]
+        entries = self.ops.rope(entries[None], cos, sin)[0]
         return simulate(entries) if simulate is not None else entries

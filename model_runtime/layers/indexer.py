@@ -12,13 +12,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4.kernels import ops
 from dsv4.model_runtime.config import ModelConfig
 from dsv4.model_runtime.layers.compressor import Compressor
+from dsv4.model_runtime.layers.ops_module import OpsModule
 from dsv4.model_runtime.qat import q4_hadamard
 
 
-class Indexer(nn.Module):
+class Indexer(OpsModule):
     def __init__(self, cfg: ModelConfig, ratio: int) -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
@@ -32,7 +32,7 @@ class Indexer(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, S, d], qr [B, S, q_lora] -> (q [B, S, Hi, ic], weights [B, S, Hi])."""
         b, s, _ = x.shape
-        q = ops.rope(self.wq_b(qr).view(b, s, self.n_heads, self.head_dim), cos, sin)
+        q = self.ops.rope(self.wq_b(qr).view(b, s, self.n_heads, self.head_dim), cos, sin)
         weights = F.linear(x, self.weights_proj.weight) * self.weight_scale
         if qat:
             q = q4_hadamard(q)
@@ -44,4 +44,4 @@ class Indexer(nn.Module):
         """keys [B, E, ic] (padded), visible [B, S] -> selected entry indices [B, S, k] (-1 = none)."""
         if qat:  # the official scoring runs on bf16 tensors
             q, weights, keys = q.bfloat16(), weights.bfloat16(), keys.bfloat16()
-        return ops.indexer_topk(q, weights, keys, visible, self.topk)
+        return self.ops.indexer_topk(q, weights, keys, visible, self.topk)

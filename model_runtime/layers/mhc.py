@@ -10,11 +10,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4.kernels import ops
 from dsv4.model_runtime.config import ModelConfig
+from dsv4.model_runtime.layers.ops_module import OpsModule
 
 
-class HyperConnection(nn.Module):
+class HyperConnection(OpsModule):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         n = cfg.hc_mult
@@ -25,15 +25,14 @@ class HyperConnection(nn.Module):
 
     def pre(self, streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """streams [N, n, d] -> (x [N, d], post [N, n], comb [N, n, n])."""
-        return ops.mhc_pre(streams, self.fn, self.scale, self.base, self.iters, self.hc_eps, self.norm_eps)
+        return self.ops.mhc_pre(streams, self.fn, self.scale, self.base, self.iters, self.hc_eps, self.norm_eps)
 
-    @staticmethod
-    def post(y: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    def post(self, y: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
         """y [N, d] sub-layer output -> new streams [N, n, d]."""
-        return ops.mhc_post(y, streams, post, comb)
+        return self.ops.mhc_post(y, streams, post, comb)
 
 
-class HyperHead(nn.Module):
+class HyperHead(OpsModule):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         n = cfg.hc_mult
@@ -44,4 +43,4 @@ class HyperHead(nn.Module):
 
     def forward(self, streams: torch.Tensor) -> torch.Tensor:
         """streams [N, n, d] -> [N, d]."""
-        return ops.hc_head(streams, self.fn, self.scale, self.base, self.hc_eps, self.norm_eps)
+        return self.ops.hc_head(streams, self.fn, self.scale, self.base, self.hc_eps, self.norm_eps)

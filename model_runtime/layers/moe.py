@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dsv4.kernels import ops
 from dsv4.model_runtime.config import ModelConfig
+from dsv4.model_runtime.layers.ops_module import OpsModule
 
 
-class Gate(nn.Module):
+class Gate(OpsModule):
     def __init__(self, cfg: ModelConfig, hashed: bool) -> None:
         super().__init__()
         self.topk, self.route_scale, self.hashed = cfg.num_experts_per_tok, cfg.routed_scaling_factor, hashed
@@ -26,10 +26,10 @@ class Gate(nn.Module):
         acc = torch.promote_types(u.dtype, torch.float32)
         logits = F.linear(u.to(acc), self.weight.to(acc))
         hash_idx = self.tid2eid[token_ids] if self.tid2eid is not None else None
-        return ops.route(logits, self.topk, self.route_scale, bias=self.bias, hash_idx=hash_idx)
+        return self.ops.route(logits, self.topk, self.route_scale, bias=self.bias, hash_idx=hash_idx)
 
 
-class SharedExpert(nn.Module):
+class SharedExpert(OpsModule):
     def __init__(self, dim: int, inter: int, limit: float) -> None:
         super().__init__()
         self.w1 = nn.Linear(dim, inter, bias=False)
@@ -38,10 +38,10 @@ class SharedExpert(nn.Module):
         self.limit = limit
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        return self.w2(ops.swiglu(self.w1(u), self.w3(u), self.limit))
+        return self.w2(self.ops.swiglu(self.w1(u), self.w3(u), self.limit))
 
 
-class MoE(nn.Module):
+class MoE(OpsModule):
     def __init__(self, cfg: ModelConfig, hashed: bool) -> None:
         super().__init__()
         e, d, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
@@ -59,9 +59,9 @@ class MoE(nn.Module):
         order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
         token = order // k
         ends = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)
-        h = ops.grouped_matmul(u[token], self.w13, ends)  # [N*k, 2I]
-        act = ops.swiglu(h[:, : self.inter], h[:, self.inter :], self.limit, weights.flatten()[order])
-        out = ops.grouped_matmul(act, self.w2, ends)  # [N*k, d]
+        h = self.ops.grouped_matmul(u[token], self.w13, ends)  # [N*k, 2I]
+        act = self.ops.swiglu(h[:, : self.inter], h[:, self.inter :], self.limit, weights.flatten()[order])
+        out = self.ops.grouped_matmul(act, self.w2, ends)  # [N*k, d]
         acc = torch.promote_types(u.dtype, torch.float32)
         y = torch.zeros(u.shape, dtype=acc, device=u.device).index_add_(0, token, out.to(acc))
         if self.shared_experts is not None:

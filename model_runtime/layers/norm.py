@@ -5,14 +5,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4.kernels import ops
+from dsv4.model_runtime.layers.ops_module import OpsModule
 
 
-class RMSNorm(nn.Module):
+class RMSNorm(OpsModule):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.rms_norm(x, self.weight, self.eps)
+        return self.ops.rms_norm(x, self.weight, self.eps)

@@ -11,17 +11,19 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dsv4.kernels.ops import bind as bind_backend
 from dsv4.model_runtime.config import ModelConfig
 from dsv4.model_runtime.layers.attention import StepContext
 from dsv4.model_runtime.layers.mhc import HyperHead
 from dsv4.model_runtime.layers.norm import RMSNorm
+from dsv4.model_runtime.layers.ops_module import OpsModule, bind_ops
 from dsv4.model_runtime.layers.rope import RopeTable
 from dsv4.model_runtime.models.block import Block
 from dsv4.model_runtime.mtp import MTPBlock
 from dsv4.model_runtime.state import SequenceState, new_sequence_state
 
 
-class DeepseekV4(nn.Module):
+class DeepseekV4(OpsModule):
     def __init__(self, cfg: ModelConfig, qat_simulation: bool = True, mtp: bool = True) -> None:
         super().__init__()
         self.cfg, self.qat_simulation = cfg, qat_simulation
@@ -41,6 +43,11 @@ class DeepseekV4(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return self.embed.weight.dtype
+
+    def bind_ops(self, backend: str | None = None) -> None:
+        """Bind every layer's kernel ops for the model's device: `backend`, else `DSV4_KERNEL_BACKEND`, else the
+        device's own backend (the loaders call it; call it again after moving the model or to switch backends)."""
+        bind_ops(self, bind_backend(self.device, backend))
 
     def new_state(self) -> SequenceState:
         """A fresh per-sequence state (position 0)."""

@@ -112,4 +112,5 @@ def load_parallel_model(
     missing = sorted(set(params) - assigned - {"rope_main.inv_freq", "rope_compress.inv_freq"})
     if missing:
         raise CheckpointError(f"{path}: model parameters not loaded from the checkpoint: {missing[:5]}")
+    model.bind_ops()
     return model.eval(), log

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4.kernels import ops
 from dsv4.model_runtime.layers.attention import Attention
 from dsv4.model_runtime.layers.moe import MoE
+from dsv4.model_runtime.layers.ops_module import OpsModule
 from dsv4.model_runtime.parallel.group import ParallelConfig, all_reduce_sum
 
 
@@ -41,7 +41,7 @@ def shard_attention(attn: Attention, pc: ParallelConfig) -> None:
     attn.register_forward_hook(_reduce_output)
 
 
-class ExpertParallelMoE(nn.Module):
+class ExpertParallelMoE(OpsModule):
     """MoE with experts [first, first + n_local) of E on this rank; output summed over the ranks."""
 
     def __init__(self, moe: MoE, pc: ParallelConfig) -> None:
@@ -64,9 +64,9 @@ class ExpertParallelMoE(nn.Module):
         pairs = pairs[order]
         token = pairs // k
         ends = torch.bincount(local[pairs], minlength=self.n_local).cumsum(0).to(torch.int32)
-        h = ops.grouped_matmul(u[token], self.w13, ends)
-        act = ops.swiglu(h[:, : self.inter], h[:, self.inter :], self.limit, weights.flatten()[pairs])
-        out = ops.grouped_matmul(act, self.w2, ends)
+        h = self.ops.grouped_matmul(u[token], self.w13, ends)
+        act = self.ops.swiglu(h[:, : self.inter], h[:, self.inter :], self.limit, weights.flatten()[pairs])
+        out = self.ops.grouped_matmul(act, self.w2, ends)
         acc = torch.promote_types(u.dtype, torch.float32)
         y = torch.zeros(u.shape, dtype=acc, device=u.device).index_add_(0, token, out.to(acc))
         if self.shared_experts is not None:

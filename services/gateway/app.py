@@ -25,24 +25,18 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dsv4.model_runtime.chat_encoding import ChatEncoder
 from dsv4.model_runtime.chat_parsing import CompletionStreamParser, DeltaEvent
 from dsv4.model_runtime.dsml import forced_tool_call_prefix
+from dsv4.model_runtime.engine.port import SamplingSpec, TokenLogprobs
 from dsv4.model_runtime.tokenizer import Tokenizer
-from dsv4.services import contract, metrics, telemetry
-from dsv4.services.engine_port import SamplingSpec, TokenLogprobs
+from dsv4.protocol import contract, keys
+from dsv4.protocol.connection import RedisUnavailable, connect
+from dsv4.protocol.stats import QueueStats, queue_stats
+from dsv4.services import metrics, telemetry
 from dsv4.services.gateway.decision import PrefillDecision, decide_prefill
 from dsv4.services.gateway.errors import APIError, install_error_handlers, invalid, unavailable
 from dsv4.services.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from dsv4.services.gateway.settings import GatewaySettings
 from dsv4.services.gateway.streaming import Done, TextDelta, text_stream
-from dsv4.services.queues import (
-    Job,
-    QueueStats,
-    TokenStreamFailed,
-    TokenStreamGap,
-    TokenStreamTimeout,
-    WorkQueue,
-    queue_stats,
-)
-from dsv4.services.redis_conn import RedisUnavailable, connect
+from dsv4.services.queues import Job, TokenStreamFailed, TokenStreamGap, TokenStreamTimeout, WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +100,7 @@ class _State:
     client: aioredis.Redis
     tokenizer: Tokenizer
     encoder: ChatEncoder
-    keys: _KeyStore
+    api_keys: _KeyStore
     prefill: WorkQueue
     decode: WorkQueue
     _stats: tuple[float, QueueStats] | None = field(default=None)
@@ -121,7 +115,7 @@ class _State:
         return await asyncio.shield(self._refresh)
 
     async def _fetch_stats(self) -> QueueStats:
-        stats = await queue_stats(self.client, self.settings.deployment, contract.PREFILL_STREAM)
+        stats = await queue_stats(self.client, self.settings.deployment, keys.PREFILL_STREAM)
         self._stats = (time.monotonic(), stats)
         for gauge, value in (
             (metrics.QUEUE_LENGTH, stats.length),
@@ -129,7 +123,7 @@ class _State:
             (metrics.QUEUE_PENDING, stats.pending),
             (metrics.QUEUE_CONSUMERS, stats.consumers),
         ):
-            gauge.labels(stream=contract.PREFILL_STREAM).set(value)
+            gauge.labels(stream=keys.PREFILL_STREAM).set(value)
         return stats
 
 
@@ -145,21 +139,21 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     """The gateway app; `settings` default to the environment and the mounted config file."""
     settings = settings or GatewaySettings()
     tokenizer = Tokenizer.from_pretrained(settings.model)
-    keys = _KeyStore(settings)
+    api_keys = _KeyStore(settings)
     telemetry.setup_tracing(contract.Role.GATEWAY.value)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        password = settings.redis_password.get_secret_value() if settings.redis_password else None
+        password = settings.redis_password_value()
         client = connect(settings.redis_url, password)
         app.state.gw = _State(
             settings=settings,
             client=client,
             tokenizer=tokenizer,
             encoder=ChatEncoder(tokenizer),
-            keys=keys,
-            prefill=WorkQueue(client, settings.deployment, contract.PREFILL_STREAM),
-            decode=WorkQueue(client, settings.deployment, contract.DECODE_STREAM),
+            api_keys=api_keys,
+            prefill=WorkQueue(client, settings.deployment, keys.PREFILL_STREAM),
+            decode=WorkQueue(client, settings.deployment, keys.DECODE_STREAM),
         )
         try:
             yield
@@ -178,7 +172,7 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
         return gw
 
     async def authorize(request: Request) -> None:  # async: FastAPI runs sync dependencies in a thread pool
-        accepted = keys.keys()
+        accepted = api_keys.keys()
         if not accepted:
             return
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from dsv4.services.gateway.settings import DisaggregationSettings
+from dsv4.protocol.config import DisaggregationConfig
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class PrefillDecision:
 
 
 def decide_prefill(
-    prompt_tokens: int, prefill_queue_depth: int, prefill_workers: int, policy: DisaggregationSettings
+    prompt_tokens: int, prefill_queue_depth: int, prefill_workers: int, policy: DisaggregationConfig
 ) -> PrefillDecision:
     """Short prompts, a long prefill queue, or no prefill worker alive → decode prefills locally (mode `auto`).
 

@@ -10,7 +10,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from dsv4.services.redis_conn import RedisUnavailable
+from dsv4.protocol.connection import RedisUnavailable
 
 log = logging.getLogger(__name__)
 

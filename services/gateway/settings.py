@@ -1,68 +1,34 @@
-"""Gateway settings: init arguments, then `DSV4_*` environment variables, then the mounted config file."""
+"""Gateway settings (`RoleSettings` sources: flags, `DSV4_*` environment, the mounted `GatewayFile`)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
-from pydantic.alias_generators import to_camel
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+from pydantic import Field, SecretStr
 
-from dsv4.services.config_file import ConfigFileSource
+from dsv4.protocol import contract
+from dsv4.protocol.config import DisaggregationConfig, GatewayFile
+from dsv4.services.settings import RoleSettings
 
-
-class DisaggregationSettings(BaseModel):
-    """When a request goes through the prefill pool (the operator's `spec.disaggregation`, same field names)."""
-
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, frozen=True)
-
-    mode: Literal["auto", "always", "never"] = "auto"
-    min_prompt_tokens: int = Field(default=512, ge=0)
-    max_prefill_queue: int = Field(default=64, ge=0)
+DEFAULT_SERVED_MODEL_NAME = "deepseek-v4-flash"
 
 
-def _from_config_file(data: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if "deployment" in data:
-        out["deployment"] = data["deployment"]
-    if "disaggregation" in data:
-        out["disaggregation"] = data["disaggregation"]
-    variant = (data.get("model") or {}).get("variant")
-    if variant:
-        out["served_model_name"] = f"deepseek-v4-{variant}"
-    return out
+class GatewaySettings(RoleSettings):
+    """Everything the gateway reads. `model` is the checkpoint folder whose tokenizer.json it uses (else the bundled
+    official tokenizer); the gateway never loads weights."""
 
+    file_model = GatewayFile
 
-class GatewaySettings(BaseSettings):
-    """Everything the gateway reads. Environment names are `DSV4_<FIELD>` (contract.py lists the shared ones)."""
-
-    model_config = SettingsConfigDict(env_prefix="DSV4_", env_nested_delimiter="__", extra="ignore", frozen=True)
-
-    deployment: str = "default"
-    redis_url: str = "redis://127.0.0.1:6379/0"
-    redis_password: SecretStr | None = None
+    port: int = contract.GATEWAY_PORT
     api_key_file: Path | None = None
     api_keys: SecretStr | None = None  # comma-separated
-    model: Path | None = None  # checkpoint folder; its tokenizer.json, else the bundled official tokenizer
-    served_model_name: str = "deepseek-v4-flash"
-    disaggregation: DisaggregationSettings = DisaggregationSettings()
+    served_model_name: str = DEFAULT_SERVED_MODEL_NAME
+    disaggregation: DisaggregationConfig = DisaggregationConfig()
     max_model_len: int = Field(default=65536, ge=16)
     default_max_tokens: int = Field(default=1024, ge=1)
     token_timeout_s: float = Field(default=600.0, gt=0, description="504 when no token arrives for this long")
     queue_stats_ttl_s: float = Field(default=0.5, ge=0, description="how long one read of the queue depth is reused")
     retry_after_s: int = Field(default=2, ge=1, description="Retry-After of 503 answers")
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, ConfigFileSource(settings_cls, _from_config_file)
 
     def accepted_api_keys(self) -> frozenset[str]:
         """Keys from the key file (one per line; blank lines and `#` comments skipped) and `DSV4_API_KEYS`.

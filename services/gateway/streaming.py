@@ -9,10 +9,10 @@ from dataclasses import dataclass
 import redis.asyncio as aioredis
 
 from dsv4.model_runtime.dsml import find_stop, held_back
+from dsv4.model_runtime.engine.port import TokenLogprobs
 from dsv4.model_runtime.tokenizer import IncrementalDetokenizer
-from dsv4.services.engine_port import TokenLogprobs
+from dsv4.protocol.connection import RedisUnavailable
 from dsv4.services.queues import Finish, TokenChunk, TokenReader, Usage, request_cancel
-from dsv4.services.redis_conn import RedisUnavailable
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,9 @@ import contextlib
 import logging
 import time
 
-from dsv4.services import contract, metrics, telemetry
-from dsv4.services.engine_port import KVImportError
+from dsv4.model_runtime.engine.port import KVImportError
+from dsv4.protocol import contract
+from dsv4.services import metrics, telemetry
 from dsv4.services.handoff import Handoff, HandoffError, HandoffReader
 from dsv4.services.queues import Delivery, Job, TokenWriter, Usage, is_cancelled
 from dsv4.services.workers.runtime import WorkerRuntime, start_job_trace

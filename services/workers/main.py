@@ -8,8 +8,9 @@ import logging
 import sys
 from typing import Any
 
-from dsv4.services import contract, telemetry
-from dsv4.services.engine_port import Engine
+from dsv4.model_runtime.engine.port import Engine
+from dsv4.protocol import contract, env, keys
+from dsv4.services import telemetry
 from dsv4.services.workers.settings import WorkerSettings
 
 
@@ -31,7 +32,7 @@ def _run(args: argparse.Namespace, role: contract.Role) -> int:
             overrides[name] = getattr(args, name)
     settings = WorkerSettings(**overrides)
     if settings.model is None:
-        print(f"dsv4 {role.value}: no model: pass --model PATH or set {contract.ENV_MODEL}", file=sys.stderr)
+        print(f"dsv4 {role.value}: no model: pass --model PATH or set {env.MODEL}", file=sys.stderr)
         return 2
     telemetry.setup_tracing(role.value)
     import torch  # imported only here, so the CLI's help and errors stay fast
@@ -53,7 +54,7 @@ async def _serve(role: contract.Role, settings: WorkerSettings, engine: Engine) 
     from dsv4.services.workers.prefill import PrefillWorker
     from dsv4.services.workers.runtime import WorkerRuntime, serve_worker
 
-    stream = contract.PREFILL_STREAM if role is contract.Role.PREFILL else contract.DECODE_STREAM
+    stream = keys.PREFILL_STREAM if role is contract.Role.PREFILL else keys.DECODE_STREAM
     runtime = WorkerRuntime(role, settings, engine, stream)
     worker = PrefillWorker(runtime) if role is contract.Role.PREFILL else DecodeWorker(runtime)
     await serve_worker(runtime, worker.handle)

@@ -6,18 +6,15 @@ import asyncio
 import logging
 import time
 
-from dsv4.services import contract, metrics, telemetry
-from dsv4.services.handoff import HandoffWriter, descriptor_key
+from dsv4.protocol import contract, keys
+from dsv4.protocol.connection import unavailable_as_typed
+from dsv4.protocol.keys import descriptor_key, handed_over_key
+from dsv4.services import metrics, telemetry
+from dsv4.services.handoff import HandoffWriter
 from dsv4.services.queues import TOKEN_STREAM_TTL_S, Delivery, Job, TokenWriter, Usage, WorkQueue, is_cancelled
-from dsv4.services.redis_conn import unavailable_as_typed
 from dsv4.services.workers.runtime import WorkerRuntime, start_job_trace
 
 log = logging.getLogger(__name__)
-
-
-def handed_over_key(deployment: str, request_id: str) -> str:
-    """Set once a request's decode job is enqueued, so a reclaimed prefill job is not handed over twice."""
-    return contract.redis_key(deployment, "handed", request_id)
 
 
 class PrefillWorker:
@@ -26,7 +23,7 @@ class PrefillWorker:
     def __init__(self, runtime: WorkerRuntime) -> None:
         self.rt = runtime
         s = runtime.settings
-        self.decode_queue = WorkQueue(runtime.client, s.deployment, contract.DECODE_STREAM)
+        self.decode_queue = WorkQueue(runtime.client, s.deployment, keys.DECODE_STREAM)
         self.writer = HandoffWriter(
             runtime.client,
             s.deployment,

@@ -21,11 +21,12 @@ from fastapi.responses import JSONResponse
 from opentelemetry import context as otel_context
 from opentelemetry.util.types import AttributeValue
 
-from dsv4.services import contract, metrics, telemetry
-from dsv4.services.engine_port import Engine
+from dsv4.model_runtime.engine.port import Engine
+from dsv4.protocol import contract
+from dsv4.protocol.connection import RedisUnavailable, connect
+from dsv4.services import metrics, telemetry
 from dsv4.services.handoff import DirectStore, direct_router
 from dsv4.services.queues import Delivery, Job, WorkQueue
-from dsv4.services.redis_conn import RedisUnavailable, connect
 from dsv4.services.workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -58,7 +59,7 @@ class WorkerRuntime:
         self.role = role
         self.settings = settings
         self.engine = engine
-        password = settings.redis_password.get_secret_value() if settings.redis_password else None
+        password = settings.redis_password_value()
         self.client: aioredis.Redis = connect(settings.redis_url, password)
         self.queue = WorkQueue(self.client, settings.deployment, stream, consumer=settings.pod_name)
         self.direct_store = DirectStore()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from dsv4.services import contract
+from dsv4.protocol import contract
 from dsv4.services.local_redis import free_port
 
 

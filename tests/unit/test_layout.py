@@ -13,7 +13,7 @@ import pytest
 pytestmark = pytest.mark.unit
 
 ROOT = Path(__file__).resolve().parents[2]
-FOLDERS = ("model_runtime", "kernels", "services", "operator")
+FOLDERS = ("kernels", "model_runtime", "protocol", "services", "operator")
 STDLIB_OPERATOR = "import operator, collections, dsv4.operator; assert hasattr(operator, 'itemgetter'); print('ok')"
 
 

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dsv4.services import contract
+from dsv4.protocol import contract, env
 from tests.cluster.control_plane import KubeCluster
 from tests.cluster.node_pools import ASCEND_POOL, CPU_POOL, NVIDIA_POOL, NodePool
 from tests.cluster.operator.conftest import OperatorProcess
@@ -168,7 +168,7 @@ def test_flash_on_h200_example(k8s_cluster: KubeCluster, k8s_namespace: str, run
                 assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["spec"][
                     "tolerations"
                 ]
-                assert _env(pod)[contract.ENV_DEVICE] == "cuda" and _env(pod)[contract.ENV_MODEL] == contract.MODEL_DIR
+                assert _env(pod)[env.DEVICE] == "cuda" and _env(pod)[env.MODEL] == contract.MODEL_DIR
                 assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["spec"]["volumes"])
         for pod in pods(k8s_cluster, k8s_namespace, "flash-h200", "gateway"):
             assert_on_pool(pod, CPU_POOL)
@@ -198,14 +198,14 @@ def test_pro_on_ascend_example(k8s_cluster: KubeCluster, k8s_namespace: str, run
             assert_on_pool(pod, ASCEND_POOL)
             c = pod["spec"]["containers"][0]
             assert c["resources"]["limits"] == {"huawei.com/Ascend910": "8"}
-            env = _env(pod)
-            assert env["ASCEND_RT_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"
-            assert env["HCCL_IF_IP"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.podIP"}}
-            assert env[contract.ENV_REDIS_PASSWORD]["secretKeyRef"] == {"name": "dsv4-redis", "key": "password"}
+            got = _env(pod)
+            assert got["ASCEND_RT_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"
+            assert got["HCCL_IF_IP"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.podIP"}}
+            assert got[env.REDIS_PASSWORD]["secretKeyRef"] == {"name": "dsv4-redis", "key": "password"}
             mounts = {m["mountPath"] for m in c["volumeMounts"]}
             assert {"/usr/local/Ascend/driver", "/etc/hccn.conf"} <= mounts
         [gw] = pods(k8s_cluster, k8s_namespace, "pro-910c", "gateway")
-        assert _env(gw)[contract.ENV_API_KEY_FILE] == contract.API_KEY_FILE
+        assert _env(gw)[env.API_KEY_FILE] == contract.API_KEY_FILE
     finally:
         k8s_cluster.kubectl("delete", "dsv4", "--all", "-n", k8s_namespace, "--wait=false", check=False)
         k8s_cluster.kubectl("delete", "pv", volume[0]["metadata"]["name"], "--wait=false", check=False)

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 import redis
 
-from dsv4.services import contract
+from dsv4.protocol import keys
 from tests.cluster.control_plane import KubeCluster
 from tests.cluster.operator.conftest import OperatorProcess
 from tests.cluster.operator.helpers import get_json, wait_until
@@ -54,8 +54,8 @@ def test_planner_follows_the_queues(
     }
     apply(k8s_cluster, k8s_namespace, resource("auto", spec))
     client = redis.Redis.from_url(redis_url)
-    key = contract.stream_key("auto", contract.PREFILL_STREAM)
-    client.xgroup_create(key, contract.WORKER_GROUP, id="0", mkstream=True)
+    key = keys.stream_key("auto", keys.PREFILL_STREAM)
+    client.xgroup_create(key, keys.WORKER_GROUP, id="0", mkstream=True)
     ids = [client.xadd(key, {"job": str(i)}) for i in range(40)]
 
     # 40 waiting prefill jobs: prefill doubles to 2, then 4 (its max); decode follows to keep prefill:decode <= 2.
@@ -65,9 +65,9 @@ def test_planner_follows_the_queues(
 
     # A worker holds 3 jobs, the others none; then all queued work is done.
     busy = pods(k8s_cluster, k8s_namespace, "auto", "prefill")[0]["metadata"]["name"]
-    client.xreadgroup(contract.WORKER_GROUP, busy, {key: ">"}, count=3)
-    client.xreadgroup(contract.WORKER_GROUP, "someone-else", {key: ">"}, count=100)
-    client.xack(key, contract.WORKER_GROUP, *ids[3:])
+    client.xreadgroup(keys.WORKER_GROUP, busy, {key: ">"}, count=3)
+    client.xreadgroup(keys.WORKER_GROUP, "someone-else", {key: ">"}, count=100)
+    client.xack(key, keys.WORKER_GROUP, *ids[3:])
     client.xdel(key, *ids[3:])
 
     wait_until("first scale-down", lambda: _replicas(k8s_cluster, k8s_namespace)[0] == 3, timeout=60)

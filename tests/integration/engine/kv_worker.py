@@ -1,6 +1,6 @@
 """Subprocess half of the cross-process KV test: `prefill CKPT DIR` or `decode CKPT DIR` (see test_kv_handoff.py).
 
-Both halves use the serving workers' interface (`AsyncEngine`, i.e. `services.engine_port.Engine`): the prefill
+Both halves use the serving workers' interface (`AsyncEngine`, i.e. `model_runtime.engine.port.Engine`): the prefill
 process also records what a single engine generates for each prompt, the decode process imports every blob.
 """
 
@@ -15,8 +15,8 @@ import torch
 
 from dsv4.model_runtime.engine.async_engine import AsyncEngine
 from dsv4.model_runtime.engine.llm_engine import LLMEngine
+from dsv4.model_runtime.engine.port import Engine, SamplingSpec
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
-from dsv4.services.engine_port import Engine, SamplingSpec
 
 # Prompt lengths of every position class of tiny-flash (window 16, CSA m=4, HCA m=8): inside the window, at and
 # around compression-block ends, at and past the window.

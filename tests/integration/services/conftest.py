@@ -16,11 +16,11 @@ from pathlib import Path
 import httpx
 import pytest
 
-from dsv4.services import contract
-from dsv4.services.engine_port import TokenLogprobs
+from dsv4.model_runtime.engine.port import TokenLogprobs
+from dsv4.protocol import contract, env, keys
+from dsv4.protocol.connection import connect
 from dsv4.services.local_redis import LocalRedis, free_port
 from dsv4.services.queues import Delivery, Job, TokenWriter, Usage, WorkQueue
-from dsv4.services.redis_conn import connect
 
 DEPLOYMENT = "itest"
 API_KEY = "sk-test-key"
@@ -30,7 +30,7 @@ MODEL = "deepseek-v4-flash"
 class GatewayProcess:
     """`dsv4 gateway` in a subprocess on a free port; `stop()` sends SIGTERM and waits."""
 
-    def __init__(self, redis_url: str, env: Mapping[str, str] | None = None) -> None:
+    def __init__(self, redis_url: str, extra_env: Mapping[str, str] | None = None) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._dir = Path(tempfile.mkdtemp(prefix="dsv4-gw-"))
@@ -39,10 +39,10 @@ class GatewayProcess:
         self.log_path = self._dir / "gateway.log"
         self.env = {
             **os.environ,
-            contract.ENV_DEPLOYMENT: DEPLOYMENT,
-            "DSV4_TOKEN_TIMEOUT_S": "3",
-            "DSV4_QUEUE_STATS_TTL_S": "0",
-            **(env or {}),
+            env.DEPLOYMENT: DEPLOYMENT,
+            env.TOKEN_TIMEOUT_S: "3",
+            env.QUEUE_STATS_TTL_S: "0",
+            **(extra_env or {}),
         }
         self.redis_url = redis_url
         self.proc: subprocess.Popen[bytes] | None = None
@@ -100,7 +100,7 @@ class WorkerSide:
     """The worker end of the queue protocol, scripted by a test: reads jobs, writes tokens back."""
 
     redis_url: str
-    streams: tuple[str, ...] = (contract.DECODE_STREAM, contract.PREFILL_STREAM)
+    streams: tuple[str, ...] = (keys.DECODE_STREAM, keys.PREFILL_STREAM)
     jobs: list[tuple[str, Job]] = field(default_factory=list)
 
     async def serve(self, respond: Responder) -> None:

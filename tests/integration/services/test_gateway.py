@@ -13,9 +13,10 @@ import redis
 
 from dsv4.model_runtime.chat_tokens import EOS
 from dsv4.model_runtime.tokenizer import Tokenizer
-from dsv4.services import contract
+from dsv4.protocol import keys
+from dsv4.protocol.keys import cancel_key, token_stream_key
 from dsv4.services.local_redis import LocalRedis
-from dsv4.services.queues import Job, TokenWriter, cancel_key, token_stream_key
+from dsv4.services.queues import Job, TokenWriter
 
 from .conftest import API_KEY, DEPLOYMENT, MODEL, GatewayProcess, fake_logprobs, write_tokens
 
@@ -63,7 +64,7 @@ async def test_chat_stream_delivers_each_token_once_in_order_with_usage(gateway,
     [(stream_name, job)] = [(s, j) for s, j in side.jobs if j.request_id == chunks[0].id]
     assert chunks[-1].usage.prompt_tokens == len(job.prompt_ids)
     assert chunks[-1].usage.completion_tokens == len(ANSWER_IDS)
-    assert stream_name == contract.DECODE_STREAM  # a short prompt is prefilled by decode
+    assert stream_name == keys.DECODE_STREAM  # a short prompt is prefilled by decode
     assert job.prompt_ids == tuple(TOK.encode("<｜begin▁of▁sentence｜><｜User｜>Say hello<｜Assistant｜></think>"))
     assert job.trace_context["traceparent"].startswith("00-")
     assert not redis.Redis.from_url(gateway.redis_url).exists(token_stream_key(DEPLOYMENT, job.request_id))
@@ -265,7 +266,7 @@ async def test_long_prompt_goes_to_the_prefill_pool(gateway, worker_side) -> Non
     long_text = "tell me a story " * 40
     await client(gateway).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}])
     await client(gateway).chat.completions.create(model=MODEL, messages=[{"role": "user", "content": long_text}])
-    assert [s for s, _ in side.jobs[-2:]] == [contract.DECODE_STREAM, contract.PREFILL_STREAM]
+    assert [s for s, _ in side.jobs[-2:]] == [keys.DECODE_STREAM, keys.PREFILL_STREAM]
     async with httpx.AsyncClient() as h:
         text = (await h.get(gateway.url + "/metrics")).text
     assert 'dsv4_prefill_decisions_total{placement="disaggregated",reason="long_prompt"}' in text

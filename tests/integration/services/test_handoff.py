@@ -14,7 +14,8 @@ from fastapi import FastAPI
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dsv4.services.engine_port import KVMeta
+from dsv4.model_runtime.engine.port import KVMeta
+from dsv4.protocol.connection import RedisUnavailable, connect
 from dsv4.services.handoff import (
     DirectStore,
     FingerprintMismatch,
@@ -28,7 +29,6 @@ from dsv4.services.handoff import (
     direct_router,
 )
 from dsv4.services.local_redis import LocalRedis, free_port
-from dsv4.services.redis_conn import RedisUnavailable, connect
 
 pytestmark = pytest.mark.integration
 

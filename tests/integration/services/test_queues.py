@@ -10,8 +10,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from dsv4.services import contract
-from dsv4.services.engine_port import SamplingSpec, TokenLogprobs
+from dsv4.model_runtime.engine.port import SamplingSpec, TokenLogprobs
+from dsv4.protocol import keys
+from dsv4.protocol.connection import RedisUnavailable, connect
+from dsv4.protocol.keys import dead_letter_key, token_stream_key
+from dsv4.protocol.stats import queue_stats
 from dsv4.services.local_redis import LocalRedis
 from dsv4.services.queues import (
     Finish,
@@ -25,14 +28,10 @@ from dsv4.services.queues import (
     TokenWriter,
     Usage,
     WorkQueue,
-    dead_letter_key,
     is_cancelled,
     pack_ids,
-    queue_stats,
     request_cancel,
-    token_stream_key,
 )
-from dsv4.services.redis_conn import RedisUnavailable, connect
 
 pytestmark = pytest.mark.integration
 
@@ -52,12 +51,12 @@ def job(rid: str) -> Job:
 
 
 async def test_enqueue_read_ack_and_stats(client) -> None:  # type: ignore[no-untyped-def]
-    producer = WorkQueue(client, DEP, contract.PREFILL_STREAM)
-    worker = WorkQueue(client, DEP, contract.PREFILL_STREAM, consumer="w1")
-    assert (await queue_stats(client, DEP, contract.PREFILL_STREAM)).lag == 0
+    producer = WorkQueue(client, DEP, keys.PREFILL_STREAM)
+    worker = WorkQueue(client, DEP, keys.PREFILL_STREAM, consumer="w1")
+    assert (await queue_stats(client, DEP, keys.PREFILL_STREAM)).lag == 0
     await producer.enqueue(job("a"))
     await producer.enqueue(job("b"))
-    stats = await queue_stats(client, DEP, contract.PREFILL_STREAM)
+    stats = await queue_stats(client, DEP, keys.PREFILL_STREAM)
     assert (stats.length, stats.lag, stats.pending, stats.consumers) == (2, 2, 0, 0)
     await worker.ensure_group()
     await worker.ensure_group()  # idempotent
@@ -66,26 +65,26 @@ async def test_enqueue_read_ack_and_stats(client) -> None:  # type: ignore[no-un
     assert (got[0].job.prompt_ids, got[0].job.sampling) == ((1, 2, 3), SamplingSpec(max_tokens=4))
     assert not got[0].reclaimed
     assert got[0].job.trace_context["traceparent"].startswith("00-111")
-    stats = await queue_stats(client, DEP, contract.PREFILL_STREAM)
+    stats = await queue_stats(client, DEP, keys.PREFILL_STREAM)
     assert (stats.lag, stats.pending, stats.consumers) == (1, 1, 1)
     assert stats.oldest_waiting_age_s >= 0
     await worker.ack(got[0].entry_id)
-    stats = await queue_stats(client, DEP, contract.PREFILL_STREAM)
+    stats = await queue_stats(client, DEP, keys.PREFILL_STREAM)
     assert (stats.length, stats.lag, stats.pending) == (1, 1, 0)
     [b] = await worker.read(count=5)
     assert b.job.request_id == "b"
     await worker.ack(b.entry_id)
-    stats = await queue_stats(client, DEP, contract.PREFILL_STREAM)  # an empty stream still has its workers
+    stats = await queue_stats(client, DEP, keys.PREFILL_STREAM)  # an empty stream still has its workers
     assert (stats.length, stats.lag, stats.pending, stats.consumers) == (0, 0, 0, 1)
     assert await worker.read(count=5, block_ms=50) == []
     assert await worker.leave()
-    assert (await queue_stats(client, DEP, contract.PREFILL_STREAM)).consumers == 0
+    assert (await queue_stats(client, DEP, keys.PREFILL_STREAM)).consumers == 0
 
 
 async def test_consumer_counts_from_registration_and_leave_keeps_busy_ones(client) -> None:  # type: ignore[no-untyped-def]
-    busy = WorkQueue(client, DEP, contract.DECODE_STREAM, consumer="busy")
+    busy = WorkQueue(client, DEP, keys.DECODE_STREAM, consumer="busy")
     await busy.ensure_group()
-    assert (await queue_stats(client, DEP, contract.DECODE_STREAM)).consumers == 1  # before any read
+    assert (await queue_stats(client, DEP, keys.DECODE_STREAM)).consumers == 1  # before any read
     await busy.enqueue(job("j"))
     [d] = await busy.read()
     assert not await busy.leave()  # it still holds a job: leaving would orphan it from XPENDING by consumer
@@ -94,9 +93,9 @@ async def test_consumer_counts_from_registration_and_leave_keeps_busy_ones(clien
 
 
 async def test_dead_worker_job_is_reclaimed_but_touched_job_is_not(client) -> None:  # type: ignore[no-untyped-def]
-    dead = WorkQueue(client, DEP, contract.DECODE_STREAM, consumer="dead")
-    alive = WorkQueue(client, DEP, contract.DECODE_STREAM, consumer="alive")
-    rescuer = WorkQueue(client, DEP, contract.DECODE_STREAM, consumer="rescuer")
+    dead = WorkQueue(client, DEP, keys.DECODE_STREAM, consumer="dead")
+    alive = WorkQueue(client, DEP, keys.DECODE_STREAM, consumer="alive")
+    rescuer = WorkQueue(client, DEP, keys.DECODE_STREAM, consumer="rescuer")
     await dead.ensure_group()
     await dead.enqueue(job("orphan"))
     await dead.enqueue(job("busy"))
@@ -109,20 +108,20 @@ async def test_dead_worker_job_is_reclaimed_but_touched_job_is_not(client) -> No
     assert [(d.job.request_id, d.reclaimed) for d in taken] == [("orphan", True)]
     assert taken[0].entry_id == orphan.entry_id
     await rescuer.ack(orphan.entry_id)
-    stats = await queue_stats(client, DEP, contract.DECODE_STREAM)
+    stats = await queue_stats(client, DEP, keys.DECODE_STREAM)
     assert (stats.length, stats.pending) == (1, 1)
 
 
 async def test_malformed_entry_goes_to_dead_letter_and_is_not_redelivered(client) -> None:  # type: ignore[no-untyped-def]
-    q = WorkQueue(client, DEP, contract.PREFILL_STREAM, consumer="w")
+    q = WorkQueue(client, DEP, keys.PREFILL_STREAM, consumer="w")
     await q.ensure_group()
     await client.xadd(q.key, {b"v": b"1", b"rid": b"x"})  # no prompt, no sampling
     await q.enqueue(job("good"))
     got = await q.read(count=10)
     assert [d.job.request_id for d in got] == ["good"]
-    dead = await client.xrange(dead_letter_key(DEP, contract.PREFILL_STREAM))
+    dead = await client.xrange(dead_letter_key(DEP, keys.PREFILL_STREAM))
     assert len(dead) == 1 and b"dead_reason" in dead[0][1] and dead[0][1][b"rid"] == b"x"
-    assert (await queue_stats(client, DEP, contract.PREFILL_STREAM)).pending == 1
+    assert (await queue_stats(client, DEP, keys.PREFILL_STREAM)).pending == 1
 
 
 async def test_token_stream_drops_duplicates_and_ends_with_usage(client) -> None:  # type: ignore[no-untyped-def]
@@ -272,14 +271,14 @@ async def test_cancel_flag(client) -> None:  # type: ignore[no-untyped-def]
 
 async def test_redis_down_is_a_typed_error_within_seconds(redis_server: LocalRedis) -> None:
     client = connect(redis_server.url)
-    q = WorkQueue(client, DEP, contract.PREFILL_STREAM, consumer="w")
+    q = WorkQueue(client, DEP, keys.PREFILL_STREAM, consumer="w")
     await q.ensure_group()
     redis_server.kill()
     t0 = time.monotonic()
     with pytest.raises(RedisUnavailable):
         await q.enqueue(job("lost"))
     with pytest.raises(RedisUnavailable):
-        await queue_stats(client, DEP, contract.PREFILL_STREAM)
+        await queue_stats(client, DEP, keys.PREFILL_STREAM)
     assert time.monotonic() - t0 < 10
     redis_server.start()
     await q.ensure_group()
@@ -290,7 +289,7 @@ async def test_redis_down_is_a_typed_error_within_seconds(redis_server: LocalRed
 
 async def test_consumer_group_lost_with_a_redis_restart_is_recreated(redis_server: LocalRedis) -> None:
     client = connect(redis_server.url)
-    q = WorkQueue(client, DEP, contract.DECODE_STREAM, consumer="w")
+    q = WorkQueue(client, DEP, keys.DECODE_STREAM, consumer="w")
     await q.ensure_group()
     redis_server.kill()
     redis_server.start()  # persistence is off: stream and group are gone

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from dsv4.services import contract
+from dsv4.protocol import env
 
 pytestmark = pytest.mark.integration
 
@@ -56,14 +56,14 @@ def test_a_bound_child_exits_when_its_supervisor_is_sigkilled() -> None:
 
 
 def test_a_child_whose_supervisor_is_already_gone_stops_at_once() -> None:
-    env = {**os.environ, contract.ENV_SUPERVISOR_PID: "1"}  # not our parent: as if it died before we started
+    child_env = {**os.environ, env.SUPERVISOR_PID: "1"}  # not our parent: as if it died before we started
     done = subprocess.run(
-        [sys.executable, "-m", "dsv4.services.supervised", "sleep", "300"], env=env, timeout=30, check=False
+        [sys.executable, "-m", "dsv4.services.supervised", "sleep", "300"], env=child_env, timeout=30, check=False
     )
     assert done.returncode == -signal.SIGTERM
 
 
 def test_without_a_supervisor_nothing_is_bound() -> None:
-    env = {k: v for k, v in os.environ.items() if k != contract.ENV_SUPERVISOR_PID}
-    done = subprocess.run([sys.executable, "-m", "dsv4.services.supervised", "true"], env=env, timeout=30)
+    unsupervised = {k: v for k, v in os.environ.items() if k != env.SUPERVISOR_PID}
+    done = subprocess.run([sys.executable, "-m", "dsv4.services.supervised", "true"], env=unsupervised, timeout=30)
     assert done.returncode == 0

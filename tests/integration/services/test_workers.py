@@ -12,16 +12,18 @@ import pytest
 import torch
 
 from dsv4.model_runtime.engine.async_engine import AsyncEngine
+from dsv4.model_runtime.engine.port import KVMeta, SamplingSpec
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
-from dsv4.services import contract
-from dsv4.services.engine_port import KVMeta, SamplingSpec
-from dsv4.services.handoff import HandoffReader, HandoffWriter, chunk_key, descriptor_key
+from dsv4.protocol import contract, keys
+from dsv4.protocol.connection import connect
+from dsv4.protocol.keys import chunk_key, descriptor_key, handed_over_key
+from dsv4.protocol.stats import queue_stats
+from dsv4.services.handoff import HandoffReader, HandoffWriter
 from dsv4.services.local_redis import LocalRedis
-from dsv4.services.queues import Finish, Job, TokenChunk, TokenReader, TokenWriter, WorkQueue, queue_stats
-from dsv4.services.redis_conn import connect
+from dsv4.services.queues import Finish, Job, TokenChunk, TokenReader, TokenWriter, WorkQueue
 from dsv4.services.workers.decode import DecodeWorker
-from dsv4.services.workers.prefill import PrefillWorker, handed_over_key
+from dsv4.services.workers.prefill import PrefillWorker
 from dsv4.services.workers.runtime import WorkerRuntime
 from dsv4.services.workers.settings import WorkerSettings
 
@@ -48,7 +50,7 @@ def expected(engine: AsyncEngine) -> list[int]:
 @pytest.fixture
 async def worker(redis_server: LocalRedis, engine: AsyncEngine) -> AsyncIterator[WorkerRuntime]:
     settings = WorkerSettings(deployment=DEP, redis_url=redis_server.url, pod_name="dw-1", heartbeat_s=0.2)
-    rt = WorkerRuntime(contract.Role.DECODE, settings, engine, contract.DECODE_STREAM)
+    rt = WorkerRuntime(contract.Role.DECODE, settings, engine, keys.DECODE_STREAM)
     task = asyncio.create_task(rt.run(DecodeWorker(rt).handle))
     yield rt
     rt.drain()
@@ -73,7 +75,7 @@ async def handoff_then_decode(rt: WorkerRuntime, engine: AsyncEngine, rid: str, 
         await asyncio.sleep(0.5)
     await TokenWriter(rt.client, DEP, rid).write(0, [out.first_token])  # as the prefill worker does
     job = Job(rid, tuple(PROMPT), SPEC, handoff_key=descriptor_key(DEP, desc.handoff_id))
-    await WorkQueue(rt.client, DEP, contract.DECODE_STREAM).enqueue(job)
+    await WorkQueue(rt.client, DEP, keys.DECODE_STREAM).enqueue(job)
     tokens: list[int] = []
     async for ev in TokenReader(rt.client, DEP, rid).events(idle_timeout_s=30):
         if isinstance(ev, TokenChunk):
@@ -88,19 +90,19 @@ async def test_handoff_is_imported_or_recomputed_to_the_same_tokens(
     worker: WorkerRuntime, engine: AsyncEngine, expected: list[int], damage: str
 ) -> None:
     assert await handoff_then_decode(worker, engine, f"r-{damage}", damage) == expected
-    stats = await queue_stats(worker.client, DEP, contract.DECODE_STREAM)
+    stats = await queue_stats(worker.client, DEP, keys.DECODE_STREAM)
     for _ in range(50):  # the ack follows the end marker
         if stats.pending == 0:
             break
         await asyncio.sleep(0.05)
-        stats = await queue_stats(worker.client, DEP, contract.DECODE_STREAM)
+        stats = await queue_stats(worker.client, DEP, keys.DECODE_STREAM)
     assert (stats.length, stats.pending) == (0, 0)
     leftover = [k async for k in worker.client.scan_iter(match=f"dsv4:{{{DEP}}}:kv:*")]
     assert leftover == [] or damage in ("corrupt", "foreign")  # unusable handoffs are left to their lease
 
 
 async def test_local_prefill_job(worker: WorkerRuntime, expected: list[int]) -> None:
-    await WorkQueue(worker.client, DEP, contract.DECODE_STREAM).enqueue(Job("local", tuple(PROMPT), SPEC))
+    await WorkQueue(worker.client, DEP, keys.DECODE_STREAM).enqueue(Job("local", tuple(PROMPT), SPEC))
     tokens = [
         t
         async for ev in TokenReader(worker.client, DEP, "local").events(idle_timeout_s=30)
@@ -114,10 +116,10 @@ async def test_drain_finishes_in_flight_work_then_leaves_the_group(
     redis_server: LocalRedis, engine: AsyncEngine, expected: list[int]
 ) -> None:
     settings = WorkerSettings(deployment=DEP, redis_url=redis_server.url, pod_name="dw-drain", heartbeat_s=0.2)
-    rt = WorkerRuntime(contract.Role.DECODE, settings, engine, contract.DECODE_STREAM)
+    rt = WorkerRuntime(contract.Role.DECODE, settings, engine, keys.DECODE_STREAM)
     task = asyncio.create_task(rt.run(DecodeWorker(rt).handle))
     client = connect(redis_server.url)
-    await WorkQueue(client, DEP, contract.DECODE_STREAM).enqueue(Job("drained", tuple(PROMPT), SPEC))
+    await WorkQueue(client, DEP, keys.DECODE_STREAM).enqueue(Job("drained", tuple(PROMPT), SPEC))
     tokens: list[int] = []
     async for ev in TokenReader(client, DEP, "drained").events(idle_timeout_s=30):
         if isinstance(ev, TokenChunk):
@@ -125,10 +127,10 @@ async def test_drain_finishes_in_flight_work_then_leaves_the_group(
             rt.drain()  # SIGTERM arrives mid-request: no new work, but this request completes
     assert tokens == expected
     await asyncio.wait_for(task, 30)
-    assert (await queue_stats(client, DEP, contract.DECODE_STREAM)).consumers == 0
-    await WorkQueue(client, DEP, contract.DECODE_STREAM).enqueue(Job("after", tuple(PROMPT), SPEC))
+    assert (await queue_stats(client, DEP, keys.DECODE_STREAM)).consumers == 0
+    await WorkQueue(client, DEP, keys.DECODE_STREAM).enqueue(Job("after", tuple(PROMPT), SPEC))
     await asyncio.sleep(0.5)
-    assert (await queue_stats(client, DEP, contract.DECODE_STREAM)).lag == 1  # nobody took it
+    assert (await queue_stats(client, DEP, keys.DECODE_STREAM)).lag == 1  # nobody took it
     await rt.aclose()
     await client.aclose()
 
@@ -137,13 +139,13 @@ async def test_prefill_streams_token_zero_hands_over_once(
     redis_server: LocalRedis, engine: AsyncEngine, expected: list[int]
 ) -> None:
     settings = WorkerSettings(deployment=DEP, redis_url=redis_server.url, pod_name="pf-1", heartbeat_s=0.2)
-    rt = WorkerRuntime(contract.Role.PREFILL, settings, engine, contract.PREFILL_STREAM)
+    rt = WorkerRuntime(contract.Role.PREFILL, settings, engine, keys.PREFILL_STREAM)
     worker = PrefillWorker(rt)
     task = asyncio.create_task(rt.run(worker.handle))
     client = connect(redis_server.url)
     trace = {"traceparent": "00-" + "5" * 32 + "-" + "6" * 16 + "-01"}
-    await WorkQueue(client, DEP, contract.PREFILL_STREAM).enqueue(Job("p1", tuple(PROMPT), SPEC, trace_context=trace))
-    decode = WorkQueue(client, DEP, contract.DECODE_STREAM, consumer="test")
+    await WorkQueue(client, DEP, keys.PREFILL_STREAM).enqueue(Job("p1", tuple(PROMPT), SPEC, trace_context=trace))
+    decode = WorkQueue(client, DEP, keys.DECODE_STREAM, consumer="test")
     await decode.ensure_group()
     deliveries = []
     for _ in range(100):
@@ -161,7 +163,7 @@ async def test_prefill_streams_token_zero_hands_over_once(
     assert await client.exists(handed_over_key(DEP, "p1"))
     rt.drain()
     await asyncio.wait_for(task, 30)
-    stats = await queue_stats(client, DEP, contract.PREFILL_STREAM)
+    stats = await queue_stats(client, DEP, keys.PREFILL_STREAM)
     assert (stats.length, stats.pending) == (0, 0)
     await rt.aclose()
     await client.aclose()

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dsv4.kernels.registry import ENV_BACKEND, resolve
+from dsv4.kernels.registry import lookup
 from dsv4.model_runtime import load_model
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
@@ -34,12 +34,12 @@ def _decode_steps(model: DeepseekV4, states: list[SequenceState], ids: torch.Ten
 
 
 def test_cuda_backend_logits_match_reference(
-    model: DeepseekV4, device: torch.device, monkeypatch: pytest.MonkeyPatch
+    model: DeepseekV4, device: torch.device
 ) -> None:
     """Full-sequence logits of one row, and 2 decode steps of two rows (S = 1, ragged: they start at different
     positions)."""
     ids = torch.randint(2, 129280, (2, 20), generator=torch.Generator().manual_seed(0)).to(device)
-    monkeypatch.setenv(ENV_BACKEND, "reference")
+    model.bind_ops("reference")
     want_full = model(ids[:1])
     prefix = [ids[:1, :18], ids[1:, :13]]
     states: dict[str, list[SequenceState]] = {}
@@ -50,8 +50,8 @@ def test_cuda_backend_logits_match_reference(
     steps = ids[:, 18:20]
     want_steps = _decode_steps(model, states["reference"], steps)
 
-    monkeypatch.setenv(ENV_BACKEND, "cuda")
-    assert resolve("sparse_attention", device).__module__ == "dsv4.kernels.cuda.attention"
+    model.bind_ops("cuda")
+    assert lookup("sparse_attention", model.ops.backend).__module__ == "dsv4.kernels.cuda.attention"
     got_full = model(ids[:1])
     got_steps = _decode_steps(model, states["cuda"], steps)
     torch.testing.assert_close(got_full, want_full, atol=2e-4, rtol=1e-4)

@@ -10,7 +10,9 @@ import yaml
 
 from dsv4.operator import builders, profiles
 from dsv4.operator.builders import Owner
-from dsv4.services import contract
+from dsv4.protocol import contract, env
+from dsv4.services.gateway.settings import GatewaySettings
+from dsv4.services.workers.settings import WorkerSettings
 
 from .conftest import Admit
 
@@ -61,9 +63,9 @@ def test_children_of_a_managed_redis_deployment(admit: Admit) -> None:
 def test_external_redis_has_no_redis_children_and_its_url_is_passed(admit: Admit) -> None:
     kids = _children(admit, PRO)
     assert not any(name == "demo-redis" for _, name in kids)
-    env = _env(_container(kids, "decode"))
-    assert env[contract.ENV_REDIS_URL] == "redis://r:6379/0"
-    assert env[contract.ENV_REDIS_PASSWORD] == {"secretKeyRef": {"name": "rpw", "key": "password"}}
+    got = _env(_container(kids, "decode"))
+    assert got[env.REDIS_URL] == "redis://r:6379/0"
+    assert got[env.REDIS_PASSWORD] == {"secretKeyRef": {"name": "rpw", "key": "password"}}
 
 
 def test_every_child_is_owned_labelled_and_namespaced(admit: Admit) -> None:
@@ -89,7 +91,7 @@ def test_nvidia_profile(admit: Admit) -> None:
     shm = next(v for v in prefill["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"]["medium"] == "Memory"
     assert {"name": "dshm", "mountPath": "/dev/shm"} in prefill["containers"][0]["volumeMounts"]
-    assert _env(prefill["containers"][0])[contract.ENV_DEVICE] == "cuda"
+    assert _env(prefill["containers"][0])[env.DEVICE] == "cuda"
     model = next(m for m in prefill["containers"][0]["volumeMounts"] if m["name"] == "model")
     assert model == {"name": "model", "mountPath": contract.MODEL_DIR, "readOnly": True, "subPath": "flash"}
 
@@ -100,10 +102,10 @@ def test_ascend_profile(admit: Admit) -> None:
     assert container["resources"]["limits"] == {"huawei.com/Ascend910": "16"}
     assert pod["nodeSelector"] == {"accelerator": "huawei-Ascend910"}
     assert pod["tolerations"][0]["key"] == "huawei.com/Ascend910"
-    env = _env(container)
-    assert env["ASCEND_RT_VISIBLE_DEVICES"] == ",".join(str(i) for i in range(16))
-    assert env["HCCL_IF_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
-    assert env[contract.ENV_DEVICE] == "npu"
+    got = _env(container)
+    assert got["ASCEND_RT_VISIBLE_DEVICES"] == ",".join(str(i) for i in range(16))
+    assert got["HCCL_IF_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
+    assert got[env.DEVICE] == "npu"
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     for _, path, _ in profiles.ASCEND_HOST_MOUNTS:
         assert mounts[path]["readOnly"] is True
@@ -126,8 +128,8 @@ def test_cpu_profile_asks_for_no_device(admit: Admit) -> None:
     pod = kids[("Deployment", "demo-decode")]["spec"]["template"]["spec"]
     assert "nodeSelector" not in pod and "tolerations" not in pod
     assert not any(v["name"] == "dshm" for v in pod["volumes"])
-    env = _env(pod["containers"][0])
-    assert env[contract.ENV_DEVICE] == "cpu" and contract.ENV_MODEL not in env
+    got = _env(pod["containers"][0])
+    assert got[env.DEVICE] == "cpu" and env.MODEL not in got
 
 
 def test_gateway_never_asks_for_devices_or_model(admit: Admit) -> None:
@@ -166,24 +168,49 @@ def test_big_models_get_a_long_startup_window(admit: Admit) -> None:
 def test_contract_env_config_and_api_keys(admit: Admit) -> None:
     kids = _children(admit, PRO)
     gw = _container(kids, "gateway")
-    env = _env(gw)
-    assert env[contract.ENV_DEPLOYMENT] == "demo" and env[contract.ENV_ROLE] == "gateway"
-    assert env[contract.ENV_CONFIG_FILE] == contract.CONFIG_FILE
-    assert env[contract.ENV_API_KEY_FILE] == contract.API_KEY_FILE
-    assert env[contract.ENV_POD_NAME] == {"fieldRef": {"fieldPath": "metadata.name"}}
+    got = _env(gw)
+    assert got[env.DEPLOYMENT] == "demo" and got[env.ROLE] == "gateway"
+    assert got[env.CONFIG_FILE] == contract.CONFIG_FILE
+    assert got[env.API_KEY_FILE] == contract.API_KEY_FILE
+    assert got[env.POD_NAME] == {"fieldRef": {"fieldPath": "metadata.name"}}
     pod = kids[("Deployment", "demo-gateway")]["spec"]["template"]["spec"]
     secret = next(v for v in pod["volumes"] if v["name"] == "api-keys")["secret"]
     assert secret == {"secretName": "keys", "items": [{"key": "api", "path": "keys"}]}
-    assert contract.ENV_API_KEY_FILE not in _env(_container(kids, "decode"))
+    assert env.API_KEY_FILE not in _env(_container(kids, "decode"))
     config = yaml.safe_load(kids[("ConfigMap", "demo-config")]["data"]["prefill.yaml"])
-    assert config["streams"]["prefill"] == contract.stream_key("demo", contract.PREFILL_STREAM)
     assert config["kvHandoff"]["chunkBytes"] == 4 * 1024 * 1024
     assert "disaggregation" in yaml.safe_load(kids[("ConfigMap", "demo-config")]["data"]["gateway.yaml"])
 
 
+def test_every_key_of_a_role_config_file_is_read_by_that_role(
+    admit: Admit, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    raw = {
+        **PRO,
+        "disaggregation": {"mode": "always", "minPromptTokens": 7, "maxPrefillQueue": 9},
+        "kvHandoff": {"transport": "direct", "ttlSeconds": 33, "chunkBytes": 1 << 20},
+        "decode": {"parallelism": {"tensor": 4, "data": 2, "expert": True}},
+    }
+    data = _children(admit, raw)[("ConfigMap", "demo-config")]["data"]
+    for name in ("gateway", "prefill", "decode"):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(data[f"{name}.yaml"])
+        monkeypatch.setenv(env.CONFIG_FILE, str(path))
+        settings = GatewaySettings() if name == "gateway" else WorkerSettings()
+        written = settings.file_model.model_validate(yaml.safe_load(data[f"{name}.yaml"]))
+        assert written.model_fields_set == set(type(written).model_fields)  # the operator writes every field
+        for field in written.model_fields_set:  # and the role's settings carry each one
+            assert getattr(settings, field) == getattr(written, field), (name, field)
+    worker = WorkerSettings()  # the decode file is the last one set
+    assert worker.parallelism.tensor == 4 and worker.parallelism.expert and worker.kv_handoff.ttl_seconds == 33
+    monkeypatch.setenv(env.CONFIG_FILE, str(tmp_path / "gateway.yaml"))
+    assert GatewaySettings().served_model_name == "deepseek-v4-pro"
+    assert GatewaySettings().disaggregation.min_prompt_tokens == 7
+
+
 def test_managed_redis_url_and_statefulset(admit: Admit) -> None:
     kids = _children(admit, TINY)
-    assert _env(_container(kids, "prefill"))[contract.ENV_REDIS_URL] == "redis://demo-redis.serving.svc:6379/0"
+    assert _env(_container(kids, "prefill"))[env.REDIS_URL] == "redis://demo-redis.serving.svc:6379/0"
     sts = kids[("StatefulSet", "demo-redis")]["spec"]
     assert sts["replicas"] == 1 and sts["serviceName"] == "demo-redis"
     assert kids[("Service", "demo-redis")]["spec"]["ports"][0]["port"] == 6379

@@ -8,7 +8,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
 from dsv4.operator import planner, signals
-from dsv4.services import contract
+from dsv4.protocol import contract
 
 pytestmark = pytest.mark.unit
 

@@ -6,12 +6,12 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from dsv4.protocol.config import DisaggregationConfig
 from dsv4.services.gateway.decision import decide_prefill
-from dsv4.services.gateway.settings import DisaggregationSettings
 
 pytestmark = pytest.mark.unit
 
-AUTO = DisaggregationSettings(mode="auto", min_prompt_tokens=512, max_prefill_queue=8)
+AUTO = DisaggregationConfig(mode="auto", min_prompt_tokens=512, max_prefill_queue=8)
 
 
 @pytest.mark.parametrize(
@@ -31,8 +31,8 @@ def test_auto_thresholds(prompt: int, depth: int, workers: int, disagg: bool, re
 
 @given(st.integers(0, 10**6), st.integers(0, 10**4), st.integers(0, 10))
 def test_fixed_modes_ignore_load(prompt: int, depth: int, workers: int) -> None:
-    assert decide_prefill(prompt, depth, workers, DisaggregationSettings(mode="always")).disaggregate
-    assert not decide_prefill(prompt, depth, workers, DisaggregationSettings(mode="never")).disaggregate
+    assert decide_prefill(prompt, depth, workers, DisaggregationConfig(mode="always")).disaggregate
+    assert not decide_prefill(prompt, depth, workers, DisaggregationConfig(mode="never")).disaggregate
 
 
 @given(st.integers(0, 10**6), st.integers(0, 10**4), st.integers(1, 10))
@@ -45,5 +45,5 @@ def test_auto_is_monotone_in_prompt_length_and_queue_depth(prompt: int, depth: i
 
 
 def test_operator_config_names_are_accepted() -> None:
-    s = DisaggregationSettings.model_validate({"mode": "never", "minPromptTokens": 3, "maxPrefillQueue": 4})
+    s = DisaggregationConfig.model_validate({"mode": "never", "minPromptTokens": 3, "maxPrefillQueue": 4})
     assert (s.mode, s.min_prompt_tokens, s.max_prefill_queue) == ("never", 3, 4)

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dsv4.services.engine_port import SamplingSpec
+from dsv4.model_runtime.engine.port import SamplingSpec
 from dsv4.services.queues import Job, MalformedEntry, pack_ids, unpack_ids
 
 pytestmark = pytest.mark.unit

@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 
-from dsv4.kernels.registry import ENV_BACKEND, resolve
+from dsv4.kernels.registry import ENV_BACKEND, lookup
 from dsv4.model_runtime import load_model
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
 
@@ -38,7 +38,9 @@ def test_model_logits_on_emulated_ascend(npu_ops, tmp_path, monkeypatch):
     fake.__getattr__ = op  # type: ignore[method-assign]
     monkeypatch.setitem(sys.modules, "torch_npu", fake)
     monkeypatch.setenv(ENV_BACKEND, "ascend")
-    assert resolve("sparse_attention", torch.device("cpu")).__module__ == "dsv4.kernels.ascend.adapters"
+    model.bind_ops()
+    assert model.ops.backend == "ascend"
+    assert lookup("sparse_attention", "ascend").__module__ == "dsv4.kernels.ascend.adapters"
     got = model(ids)
     called = {name for name, _ in npu_ops.calls}
     assert called >= {

@@ -9,8 +9,8 @@ import pytest
 
 from dsv4.model_runtime.engine.async_engine import AsyncEngine
 from dsv4.model_runtime.engine.llm_engine import LLMEngine
+from dsv4.model_runtime.engine.port import Engine, KVImportError, SamplingSpec, TokenOutput
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
-from dsv4.services.engine_port import Engine, KVImportError, SamplingSpec, TokenOutput
 
 pytestmark = pytest.mark.unit
 

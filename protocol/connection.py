@@ -1,4 +1,4 @@
-"""The one place that builds Redis clients for the services and turns "Redis is gone" into one typed error.
+"""The one place that builds Redis clients (services and operator) and turns "Redis is gone" into one typed error.
 
 Every client has short connect and socket timeouts and a bounded retry, so an unreachable or frozen Redis becomes
 `RedisUnavailable` within seconds; nothing in the serving path may hang on Redis.

@@ -1,8 +1,8 @@
-"""The boundary between the serving workers and the model engine: exactly what the prefill and decode workers call.
+"""The engine's port: exactly what the serving workers (`dsv4.services`) call, and the types that cross it.
 
-The engine (`dsv4.model_runtime`) implements `Engine`; the workers in `dsv4.services` only ever see this module, so
-the serving path (queues, handoff, gateway) is built and tested without importing torch. Token indexes count
-generated tokens only: index 0 is the first token, produced by the prefill.
+The engine (`AsyncEngine`) implements `Engine`; the workers only ever see this module, which imports nothing but
+the standard library, so the serving path (queues, handoff, gateway) is built and tested without importing torch.
+Token indexes count generated tokens only: index 0 is the first token, produced by the prefill.
 
 Determinism contract (the failure policy depends on it): a decode that resumes from an imported KV state plus the
 tokens already streamed, or from a recompute of prompt + streamed tokens, must produce exactly the tokens the
@@ -19,9 +19,16 @@ from typing import Literal, Protocol, runtime_checkable
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
+GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily (vLLM's convention)
+
+
 @dataclass(frozen=True)
 class SamplingSpec:
-    """Sampling parameters of one request, as they travel in queue entries (JSON-able, engine-independent)."""
+    """Sampling parameters of one request, as they travel in queue entries (JSON-able, engine-independent).
+
+    Validated on construction (ValueError naming the field), so a malformed queue entry is refused where it is read.
+    Stop strings are matched by the gateway on detokenized text; the engine only sees token ids.
+    """
 
     max_tokens: int
     temperature: float = 1.0
@@ -34,8 +41,35 @@ class SamplingSpec:
     repetition_penalty: float = 1.0
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
-    # Stop strings are matched by the gateway on detokenized text; the engine only sees token ids.
     logprobs: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        checks = [
+            (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
+            (self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}"),
+            (0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1], got {self.top_p}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
+            (0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1], got {self.min_p}"),
+            (self.repetition_penalty > 0.0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),
+            (-2.0 <= self.presence_penalty <= 2.0, f"presence_penalty must be in [-2, 2], got {self.presence_penalty}"),
+            (
+                -2.0 <= self.frequency_penalty <= 2.0,
+                f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
+            ),
+            (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0, got {self.logprobs}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"{type(self).__name__}: {message}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_TEMPERATURE
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ from hypothesis import strategies as st
 from dsv4.model_runtime.engine import kv_export
 from dsv4.model_runtime.engine.kv_export import KVFormatError, export_state, load, restore
 from dsv4.model_runtime.engine.llm_engine import LLMEngine
+from dsv4.model_runtime.engine.port import KVImportError
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.weights import load_model
-from dsv4.services.engine_port import KVImportError
 
 pytestmark = pytest.mark.unit
 

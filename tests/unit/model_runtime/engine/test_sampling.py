@@ -7,12 +7,14 @@ from collections.abc import Callable
 import pytest
 import torch
 
+from dsv4.kernels import ops
 from dsv4.model_runtime.engine.llm_engine import LLMEngine
 from dsv4.model_runtime.engine.sampler import SampleRequest, apply_penalties, filtered_probs, sample_row
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.unit
+REF = ops.bind("cpu", "reference")
 
 PROMPT = [15, 2000, 31337, 42, 7, 99, 1234, 5678, 910, 11]
 
@@ -74,14 +76,14 @@ def test_filters_that_leave_one_token_are_greedy(make_engine: Callable[..., LLME
 def test_filtered_probs_keep_exactly_the_allowed_tokens() -> None:
     logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
     probs = torch.softmax(logits.double(), -1)
-    top_k = filtered_probs(logits, SamplingParams(top_k=3))
+    top_k = filtered_probs(REF, logits, SamplingParams(top_k=3))
     assert (top_k > 0).tolist() == [True, True, True, False, False, False]
     # top-p keeps the smallest prefix (by probability) whose mass reaches p.
     p = float(probs[0] + probs[1]) - 1e-6
-    assert (filtered_probs(logits, SamplingParams(top_p=p)) > 0).tolist() == [True, True] + [False] * 4
-    min_p = filtered_probs(logits, SamplingParams(min_p=0.3))
+    assert (filtered_probs(REF, logits, SamplingParams(top_p=p)) > 0).tolist() == [True, True] + [False] * 4
+    min_p = filtered_probs(REF, logits, SamplingParams(min_p=0.3))
     assert (min_p > 0).tolist() == (probs >= 0.3 * probs.max()).tolist()
-    hot = filtered_probs(logits, SamplingParams(temperature=2.0))
+    hot = filtered_probs(REF, logits, SamplingParams(temperature=2.0))
     assert torch.allclose(hot / hot.sum(), torch.softmax(logits.double() / 2.0, -1))
 
 
@@ -93,7 +95,9 @@ def test_seeded_draws_follow_the_distribution() -> None:
     counts = torch.zeros(5)
     n = 4000
     for i in range(n):
-        token, _ = sample_row(logits, SampleRequest(params, seed=9, index=i, prompt_token_ids=[], output_token_ids=[]))
+        token, _ = sample_row(
+            REF, logits, SampleRequest(params, seed=9, index=i, prompt_token_ids=[], output_token_ids=[])
+        )
         counts[token] += 1
     kept = probs[:4] / probs[:4].sum()
     assert counts[4] == 0

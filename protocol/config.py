@@ -1,0 +1,71 @@
+"""The settings a role reads from the file the operator mounts from its ConfigMap (`contract.CONFIG_FILE`).
+
+One model per concern, used on both sides: the operator's CRD schema embeds `KvHandoffConfig`, `DisaggregationConfig`
+and `ParallelismConfig` (so the API server enforces the same limits the roles accept), the operator writes a
+`GatewayFile` or `WorkerFile`, and each role parses its file with the same model. Every key the operator writes is
+a field a role reads; unknown keys are an error on both sides.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+MAX_CHUNK_BYTES = 4 << 20  # a KV handoff chunk is at most 4 MiB (one Redis value, pipelined)
+MIN_CHUNK_BYTES = 64 << 10  # smaller chunks only multiply round trips
+DEFAULT_HANDOFF_TTL_S = 120
+MAX_HANDOFF_TTL_S = 3600  # a handoff's keys outlive a crash by at most an hour
+
+
+class WireModel(BaseModel):
+    """camelCase on the wire (as every Kubernetes API and the ConfigMap files), snake_case in Python; unknown fields
+    are errors; immutable."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+class KvHandoffConfig(WireModel):
+    """How KV state travels from prefill to decode."""
+
+    transport: Literal["redis", "direct"] = "redis"
+    ttl_seconds: int = Field(
+        default=DEFAULT_HANDOFF_TTL_S,
+        ge=1,
+        le=MAX_HANDOFF_TTL_S,
+        description="lease on handoff keys; crashes clean up after it",
+    )
+    chunk_bytes: int = Field(default=MAX_CHUNK_BYTES, ge=MIN_CHUNK_BYTES, le=MAX_CHUNK_BYTES)
+
+
+class DisaggregationConfig(WireModel):
+    """When the gateway sends a request through the prefill pool rather than letting decode prefill it."""
+
+    mode: Literal["auto", "always", "never"] = "auto"
+    min_prompt_tokens: int = Field(default=512, ge=0, description="auto: shorter prompts are prefilled by decode")
+    max_prefill_queue: int = Field(default=64, ge=0, description="auto: a longer prefill queue sends work to decode")
+
+
+class ParallelismConfig(WireModel):
+    """How one worker replica splits the model over its devices."""
+
+    tensor: int = Field(default=1, ge=1, le=64)
+    data: int = Field(default=1, ge=1, le=64)
+    expert: bool = Field(default=False, description="expert parallel MoE across the replica's devices")
+
+
+class GatewayFile(WireModel):
+    """The gateway's settings file."""
+
+    deployment: str
+    served_model_name: str
+    disaggregation: DisaggregationConfig = Field(default_factory=DisaggregationConfig)
+
+
+class WorkerFile(WireModel):
+    """A prefill or decode worker's settings file."""
+
+    deployment: str
+    kv_handoff: KvHandoffConfig = Field(default_factory=KvHandoffConfig)
+    parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig)

@@ -1,0 +1,33 @@
+"""The container contract between the operator and the services: one image serves every role, and the operator starts
+it with these commands, ports, HTTP paths, mounted files and metric names (the env names are in `env`)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Role(StrEnum):
+    """A process role; the value is also the `dsv4` subcommand that runs it."""
+
+    GATEWAY = "gateway"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+# Ports inside the pod. Workers serve /healthz, /readyz, /metrics and the `direct` KV data plane on WORKER_PORT.
+GATEWAY_PORT = 8000
+WORKER_PORT = 8100
+
+HEALTH_PATH = "/healthz"
+READY_PATH = "/readyz"
+METRICS_PATH = "/metrics"
+# Prometheus histograms (seconds) the gateway exports and the operator's planner reads: TTFT sizes prefill, ITL decode.
+METRIC_TTFT = "dsv4_time_to_first_token_seconds"
+METRIC_ITL = "dsv4_inter_token_latency_seconds"
+
+# Files mounted into the pod: the ConfigMap with the role's settings and the Secret with API keys.
+CONFIG_DIR = "/etc/dsv4"
+CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
+API_KEY_DIR = "/etc/dsv4/api-keys"
+API_KEY_FILE = f"{API_KEY_DIR}/keys"  # one key per line; the Secret's key `keys`
+MODEL_DIR = "/models"

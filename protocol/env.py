@@ -1,0 +1,51 @@
+"""Every `DSV4_*` environment variable dsv4 reads, named once (this module imports nothing, so any layer may use it).
+
+The services' settings classes read `DSV4_<FIELD>` for each field (pydantic-settings, nested fields with `__`); a
+unit test checks that every such name is declared here and that nothing here is left unread.
+"""
+
+PREFIX = "DSV4_"
+
+# ---- every role (the operator sets them in every pod; `dsv4 serve` sets them for its children)
+DEPLOYMENT = "DSV4_DEPLOYMENT"  # namespaces every Redis key: two deployments can share one Redis
+ROLE = "DSV4_ROLE"
+MODEL = "DSV4_MODEL"  # checkpoint folder inside the pod
+REDIS_URL = "DSV4_REDIS_URL"
+REDIS_PASSWORD = "DSV4_REDIS_PASSWORD"  # from the secret named in spec.redis.secretRef, when set
+CONFIG_FILE = "DSV4_CONFIG_FILE"  # the role's settings file from the operator's ConfigMap
+HOST = "DSV4_HOST"
+PORT = "DSV4_PORT"
+SUPERVISOR_PID = "DSV4_SUPERVISOR_PID"  # set by `dsv4 serve` for its children: they stop when it dies
+
+# ---- gateway
+API_KEY_FILE = "DSV4_API_KEY_FILE"
+API_KEYS = "DSV4_API_KEYS"  # comma-separated accepted keys, e.g. from a Secret via secretKeyRef
+SERVED_MODEL_NAME = "DSV4_SERVED_MODEL_NAME"
+DISAGGREGATION = "DSV4_DISAGGREGATION"  # nested: DSV4_DISAGGREGATION__MODE, __MIN_PROMPT_TOKENS, __MAX_PREFILL_QUEUE
+MAX_MODEL_LEN = "DSV4_MAX_MODEL_LEN"
+DEFAULT_MAX_TOKENS = "DSV4_DEFAULT_MAX_TOKENS"
+TOKEN_TIMEOUT_S = "DSV4_TOKEN_TIMEOUT_S"
+QUEUE_STATS_TTL_S = "DSV4_QUEUE_STATS_TTL_S"
+RETRY_AFTER_S = "DSV4_RETRY_AFTER_S"
+
+# ---- prefill and decode workers
+DEVICE = "DSV4_DEVICE"  # cpu | cuda | npu; the accelerator profile sets it
+DTYPE = "DSV4_DTYPE"  # the model's compute dtype
+POD_NAME = "DSV4_POD_NAME"  # downward API; the consumer name of a worker in the Redis consumer groups
+POD_IP = "DSV4_POD_IP"  # downward API; where the `direct` data plane is reached
+KV_HANDOFF = "DSV4_KV_HANDOFF"  # nested: DSV4_KV_HANDOFF__TRANSPORT, __TTL_SECONDS, __CHUNK_BYTES
+PARALLELISM = "DSV4_PARALLELISM"  # nested: DSV4_PARALLELISM__TENSOR, __DATA, __EXPERT
+MAX_INFLIGHT = "DSV4_MAX_INFLIGHT"
+RECLAIM_IDLE_MS = "DSV4_RECLAIM_IDLE_MS"
+HEARTBEAT_S = "DSV4_HEARTBEAT_S"
+DRAIN_TIMEOUT_S = "DSV4_DRAIN_TIMEOUT_S"
+
+# ---- the model runtime and kernels
+KERNEL_BACKEND = "DSV4_KERNEL_BACKEND"  # reference | cuda | ascend: overrides the backend the device implies
+
+# ---- `dsv4 serve` and the operator
+HOME = "DSV4_HOME"  # where `dsv4 serve` keeps the embedded model and its logs (default ~/.cache/dsv4)
+IMAGE = "DSV4_IMAGE"  # the operator's default image for pods whose spec names none
+WATCH_NAMESPACES = "DSV4_WATCH_NAMESPACES"  # the operator's namespaces (comma-separated), from the chart
+OPERATOR_VERBOSE = "DSV4_OPERATOR_VERBOSE"
+LIVENESS_ENDPOINT = "DSV4_LIVENESS_ENDPOINT"  # the operator's kopf liveness probe address

@@ -1,0 +1,62 @@
+"""Every Redis key and stream name a deployment uses. Each is namespaced by the deployment name, with a hash tag, so
+two deployments can share one Redis and one deployment's keys stay in one Redis Cluster slot."""
+
+from __future__ import annotations
+
+# Redis Streams consumer groups (the autoscaling signal): the work streams and their one group.
+PREFILL_STREAM = "prefill"
+DECODE_STREAM = "decode"
+WORKER_GROUP = "workers"
+
+
+def redis_key(deployment: str, *parts: str) -> str:
+    """The Redis key of `parts` inside `deployment`'s namespace, e.g. `dsv4:{prod}:stream:prefill`.
+
+    The hash tag braces keep one deployment's keys in one Redis Cluster slot, so multi-key operations stay legal.
+    """
+    if not deployment or any(c in deployment for c in "{}:"):
+        raise ValueError(f"invalid deployment name for a Redis namespace: {deployment!r}")
+    return ":".join(("dsv4", "{" + deployment + "}", *parts))
+
+
+def stream_key(deployment: str, stream: str) -> str:
+    """The key of the work stream `stream` (PREFILL_STREAM or DECODE_STREAM)."""
+    return redis_key(deployment, "stream", stream)
+
+
+def dead_letter_key(deployment: str, stream: str) -> str:
+    """Where malformed entries of `stream` are moved, so bad input is kept for inspection and never retried."""
+    return redis_key(deployment, "dead", stream)
+
+
+def token_stream_key(deployment: str, request_id: str) -> str:
+    """The per-request token stream."""
+    return redis_key(deployment, "tokens", request_id)
+
+
+def cancel_key(deployment: str, request_id: str) -> str:
+    """Set while the client of `request_id` went away; workers stop generating."""
+    return redis_key(deployment, "cancel", request_id)
+
+
+def handed_over_key(deployment: str, request_id: str) -> str:
+    """Set once a request's decode job is enqueued, so a reclaimed prefill job is not handed over twice."""
+    return redis_key(deployment, "handed", request_id)
+
+
+def descriptor_key(deployment: str, handoff_id: str) -> str:
+    """Key of a KV handoff's descriptor."""
+    return redis_key(deployment, "kv", handoff_id, "desc")
+
+
+def handoff_id_of(key: str) -> str | None:
+    """The handoff id inside a descriptor key, or None for a key that is not one."""
+    parts = key.split(":")
+    if len(parts) != 5 or parts[0] != "dsv4" or parts[2] != "kv" or parts[4] != "desc":
+        return None
+    return parts[3]
+
+
+def chunk_key(deployment: str, handoff_id: str, index: int) -> str:
+    """Key of chunk `index` of a handoff on the `redis` data plane."""
+    return redis_key(deployment, "kv", handoff_id, "chunk", str(index))
