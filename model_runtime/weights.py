@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from dsv4.model_runtime.loader import CheckpointError, CheckpointReader, load_tensor, read_config
+from dsv4.model_runtime.checkpoint import CheckpointError, CheckpointReader, load_tensor, read_config
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.schema import checkpoint_schema
 

@@ -18,6 +18,8 @@ class Role(StrEnum):
 GATEWAY_PORT = 8000
 WORKER_PORT = 8100
 
+RENDEZVOUS_PORT = 29500  # torch.distributed's store on a group's leader (env.MASTER_PORT)
+
 HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
 METRICS_PATH = "/metrics"

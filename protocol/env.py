@@ -49,3 +49,15 @@ IMAGE = "DSV4_IMAGE"  # the operator's default image for pods whose spec names n
 WATCH_NAMESPACES = "DSV4_WATCH_NAMESPACES"  # the operator's namespaces (comma-separated), from the chart
 OPERATOR_VERBOSE = "DSV4_OPERATOR_VERBOSE"
 LIVENESS_ENDPOINT = "DSV4_LIVENESS_ENDPOINT"  # the operator's kopf liveness probe address
+
+# ---- rank groups: torchrun's names. A worker replica is a group of pods, each starting NPROC_PER_NODE rank processes
+# (one per device). The operator sets these five on every pod of a group (dsv4 serve sets them for its local group);
+# the worker gives each rank process RANK = NODE_RANK * NPROC_PER_NODE + LOCAL_RANK, LOCAL_RANK, LOCAL_WORLD_SIZE.
+MASTER_ADDR = "MASTER_ADDR"  # the group leader's stable DNS name (node rank 0)
+MASTER_PORT = "MASTER_PORT"  # contract.RENDEZVOUS_PORT inside a pod
+WORLD_SIZE = "WORLD_SIZE"  # ranks in the group: pods per replica x NPROC_PER_NODE
+NODE_RANK = "NODE_RANK"  # this pod's index in its group, 0 = the leader (it runs the engine's scheduler)
+NPROC_PER_NODE = "NPROC_PER_NODE"  # rank processes this pod starts: its devices
+RANK = "RANK"
+LOCAL_RANK = "LOCAL_RANK"
+LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"

@@ -32,9 +32,8 @@ from dsv4.model_runtime.engine.port import (
     TokenLogprobs,
     TokenOutput,
 )
+from dsv4.model_runtime.engine.request import Request, TokenLogprob
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
-from dsv4.model_runtime.engine.sequence import Sequence as EngineSequence
-from dsv4.model_runtime.engine.sequence import TokenLogprob
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +50,7 @@ def request_seed(request_id: str) -> int:
 
 
 @dataclass
-class _Request:
+class _Caller:
     loop: asyncio.AbstractEventLoop
     tokens: asyncio.Queue[TokenOutput] | None = None
     prefill: asyncio.Future[PrefillOutput] | None = None
@@ -70,7 +69,7 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
-        self._requests: dict[str, _Request] = {}
+        self._requests: dict[str, _Caller] = {}
         self._lock = threading.Lock()
         self._outbox: dict[asyncio.AbstractEventLoop, list[Callable[[], object]]] = {}  # engine thread only
         self._thread = threading.Thread(target=self._loop, name="dsv4-engine", daemon=True)
@@ -203,11 +202,11 @@ class AsyncEngine:
         params = SamplingParams.from_spec(spec)
         return params if params.seed is not None else replace(params, seed=request_seed(request_id))
 
-    def _register(self, request_id: str, loop: asyncio.AbstractEventLoop) -> _Request:
+    def _register(self, request_id: str, loop: asyncio.AbstractEventLoop) -> _Caller:
         with self._lock:
             if request_id in self._requests:
                 raise ValueError(f"request {request_id!r} is already live in this engine")
-            req = self._requests[request_id] = _Request(loop)
+            req = self._requests[request_id] = _Caller(loop)
         return req
 
     def _forget(self, request_id: str) -> None:
@@ -303,7 +302,7 @@ class AsyncEngine:
         for loop, calls in outbox.items():
             _call_in(loop, _run_all, calls)
 
-    def _finish_prefill(self, req: _Request, out: RequestOutput, seq: EngineSequence | None) -> None:
+    def _finish_prefill(self, req: _Caller, out: RequestOutput, seq: Request | None) -> None:
         assert req.prefill is not None
         if out.finish_reason == "cancelled" or seq is None:
             _call_in(req.loop, _fail, req.prefill, RequestCancelled(f"prefill {out.request_id} cancelled"))

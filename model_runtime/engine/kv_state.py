@@ -23,7 +23,7 @@ import torch
 from dsv4.model_runtime.config import ModelConfig
 from dsv4.model_runtime.engine import kv_export
 from dsv4.model_runtime.engine.kv_layout import RowCodec, entry_codec, index_key_codec
-from dsv4.model_runtime.engine.sequence import Sequence
+from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.state import LayerState, SequenceState
 
@@ -265,15 +265,15 @@ class KVCacheManager:
         """Whether a sequence of `num_tokens` positions fits an otherwise empty pool."""
         return self.blocks_for(num_tokens) <= self.total_blocks
 
-    def _held(self, seq: Sequence) -> int:
+    def _held(self, seq: Request) -> int:
         return len(seq.state.table) if isinstance(seq.state, PagedSequenceState) else 0
 
-    def can_grow(self, seq: Sequence, n_new: int) -> bool:
+    def can_grow(self, seq: Request, n_new: int) -> bool:
         if seq.state is None and not self._free_slots:
             return False
         return self.blocks_for(seq.num_computed + n_new) - self._held(seq) <= len(self._free_blocks)
 
-    def grow(self, seq: Sequence, n_new: int) -> None:
+    def grow(self, seq: Request, n_new: int) -> None:
         """Reserve room for `n_new` more positions; the first call takes a slot and restores an imported state."""
         if not self.can_grow(seq, n_new):
             raise RuntimeError(f"KV pool: no room for {n_new} more tokens of {seq.request_id}")
@@ -289,7 +289,7 @@ class KVCacheManager:
             kv_export.restore(self.model, seq.snapshot, state)
             seq.snapshot = None
 
-    def free(self, seq: Sequence) -> None:
+    def free(self, seq: Request) -> None:
         """Give the sequence's blocks and slot back (idempotent); an imported state not yet restored is dropped."""
         state = seq.state
         if isinstance(state, PagedSequenceState):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import secrets
-from collections.abc import Sequence as Seq
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,9 +12,9 @@ import torch
 from dsv4.model_runtime.engine.kv_export import KVSnapshot
 from dsv4.model_runtime.engine.kv_state import KVCacheManager
 from dsv4.model_runtime.engine.model_runner import ModelRunner
+from dsv4.model_runtime.engine.request import Request, TokenLogprob
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.engine.scheduler import Scheduler, SchedulerConfig
-from dsv4.model_runtime.engine.sequence import Sequence, TokenLogprob
 from dsv4.model_runtime.engine.text_stream import TextStream
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.tokenizer import Tokenizer
@@ -73,7 +73,7 @@ class LLMEngine:
         self.eos_token_id = model.cfg.eos_token_id
         self._sent: dict[str, int] = {}
         # Finished `export_after_prefill` sequences whose state waits for its export (then `release`).
-        self.exported: dict[str, Sequence] = {}
+        self.exported: dict[str, Request] = {}
 
     @classmethod
     def from_path(
@@ -93,13 +93,13 @@ class LLMEngine:
     def add_request(
         self,
         request_id: str,
-        prompt_token_ids: Seq[int],
+        prompt_token_ids: Sequence[int],
         params: SamplingParams,
         *,
-        output_token_ids: Seq[int] = (),
+        output_token_ids: Sequence[int] = (),
         snapshot: KVSnapshot | None = None,
         export_after_prefill: bool = False,
-    ) -> Sequence:
+    ) -> Request:
         """Queue a request. `output_token_ids` are already generated tokens to replay (a resumed decode);
         `snapshot` is an imported KV state (`kv_export.load`) covering exactly the prompt. Raises ValueError for a
         request that cannot run."""
@@ -127,7 +127,7 @@ class LLMEngine:
         text = (
             TextStream(self.tokenizer, params.stop, params.skip_special_tokens) if self.tokenizer is not None else None
         )
-        seq = Sequence(
+        seq = Request(
             request_id=request_id,
             prompt_token_ids=list(prompt_token_ids),
             params=params,
@@ -157,7 +157,7 @@ class LLMEngine:
         seq.finish("cancelled")
         return self._output(seq)
 
-    def release(self, seq: Sequence) -> None:
+    def release(self, seq: Request) -> None:
         """Free the state a finished `export_after_prefill` sequence kept for its export."""
         self.exported.pop(seq.request_id, None)
         self.kv.free(seq)
@@ -198,7 +198,7 @@ class LLMEngine:
             outputs.append(self._output(seq))
         return outputs
 
-    def _output(self, seq: Sequence) -> RequestOutput:
+    def _output(self, seq: Request) -> RequestOutput:
         first = self._sent[seq.request_id]
         new = seq.output_token_ids[first:]
         self._sent[seq.request_id] = seq.num_generated
@@ -216,7 +216,7 @@ class LLMEngine:
         )
 
     def generate_ids(
-        self, prompts: Seq[Seq[int]], params: SamplingParams | Seq[SamplingParams]
+        self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams]
     ) -> list[CompletionOutput]:
         """Run prompts (token ids) to completion; outputs in prompt order."""
         plist = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)

@@ -13,19 +13,19 @@ from collections import defaultdict
 import torch
 
 from dsv4.kernels.ops import Ops
-from dsv4.model_runtime.engine import mtp
+from dsv4.model_runtime.engine import speculative
+from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.sampler import SampleRequest, sample_row
 from dsv4.model_runtime.engine.scheduler import ScheduledChunk
-from dsv4.model_runtime.engine.sequence import Sequence
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.state import SequenceState
 
 
-def _request(seq: Sequence) -> SampleRequest:
+def _request(seq: Request) -> SampleRequest:
     return SampleRequest(seq.params, seq.seed, seq.num_generated, seq.prompt_token_ids, seq.output_token_ids)
 
 
-def _draw(ops: Ops, seq: Sequence, logits: torch.Tensor) -> int:
+def _draw(ops: Ops, seq: Request, logits: torch.Tensor) -> int:
     """Sample the sequence's next token from logits [vocab] and append it; returns the token."""
     token, logprob = sample_row(ops, logits, _request(seq))
     seq.append(token, logprob)
@@ -37,10 +37,10 @@ class ModelRunner:
         if use_mtp and not len(model.mtp):
             raise ValueError("MTP speculative decoding needs the model's MTP module (load it with mtp=True)")
         self.model = model
-        self.drafts = mtp.DraftStats()
-        self._mtp_work: list[tuple[Sequence, torch.Tensor, int]] = []
+        self.drafts = speculative.DraftStats()
+        self._mtp_work: list[tuple[Request, torch.Tensor, int]] = []
 
-    def _states(self, seqs: list[Sequence]) -> list[SequenceState]:
+    def _states(self, seqs: list[Request]) -> list[SequenceState]:
         states = []
         for s in seqs:
             assert s.state is not None, f"{s.request_id} scheduled without a KV state"
@@ -48,10 +48,10 @@ class ModelRunner:
         return states
 
     @torch.no_grad()
-    def run(self, chunks: list[ScheduledChunk]) -> list[Sequence]:
+    def run(self, chunks: list[ScheduledChunk]) -> list[Request]:
         """Feed every chunk; returns the sequences that received new tokens this step."""
-        groups: dict[int, list[Sequence]] = defaultdict(list)
-        verify: list[Sequence] = []
+        groups: dict[int, list[Request]] = defaultdict(list)
+        verify: list[Request] = []
         for chunk in chunks:
             s = chunk.seq
             if s.draft is not None and chunk.num_tokens == s.num_uncomputed + 1:
@@ -65,7 +65,7 @@ class ModelRunner:
         self._run_mtp()
         return produced
 
-    def _feed(self, n: int, seqs: list[Sequence]) -> list[Sequence]:
+    def _feed(self, n: int, seqs: list[Request]) -> list[Request]:
         """Feed the next n tokens of every sequence; sample those that caught up."""
         ids = torch.tensor(
             [s.token_ids[s.num_computed : s.num_computed + n] for s in seqs], dtype=torch.long, device=self.model.device
@@ -86,7 +86,7 @@ class ModelRunner:
                 self._follow(s, streams[row], s.num_computed - n)
         return produced
 
-    def _follow(self, s: Sequence, streams: torch.Tensor, start: int) -> None:
+    def _follow(self, s: Request, streams: torch.Tensor, start: int) -> None:
         """Queue the MTP step over the positions [start, start + k) the main model just consumed (streams
         [k, hc, d]); each pairs with the token after it, which is known: the prompt's next token or the one just
         sampled. `_run_mtp` runs the queued steps batched by k."""
@@ -94,7 +94,7 @@ class ModelRunner:
         self._mtp_work.append((s, streams, start))
 
     def _run_mtp(self) -> None:
-        groups: dict[int, list[tuple[Sequence, torch.Tensor, int]]] = defaultdict(list)
+        groups: dict[int, list[tuple[Request, torch.Tensor, int]]] = defaultdict(list)
         for item in self._mtp_work:
             groups[item[1].shape[0]].append(item)
         self._mtp_work = []
@@ -109,15 +109,15 @@ class ModelRunner:
                 if s.num_computed == s.num_tokens - 1 and not s.finished:
                     self._propose(s, draft)
 
-    def _propose(self, s: Sequence, draft: int) -> None:
+    def _propose(self, s: Request, draft: int) -> None:
         """The MTP's greedy guess for the token after the last one becomes the draft of the next step."""
         s.draft = draft
 
-    def _verify(self, seqs: list[Sequence]) -> list[Sequence]:
+    def _verify(self, seqs: list[Request]) -> list[Request]:
         """Feed [last token, draft] per sequence; keep the draft iff it is the token plain decoding would draw."""
         window = self.model.cfg.sliding_window
         states = self._states(seqs)
-        saved = [mtp.snapshot(st, 2, window) for st in states]
+        saved = [speculative.snapshot(st, 2, window) for st in states]
         ids = torch.tensor([[s.token_ids[-1], s.draft] for s in seqs], dtype=torch.long, device=self.model.device)
         streams = self.model.hidden_streams(ids, states)  # [B, 2, hc, d]
         logits = self.model.logits(streams)  # [B, 2, vocab]
@@ -134,7 +134,7 @@ class ModelRunner:
                 if s.use_mtp and not s.finished:
                     self._follow(s, streams[row], start)
             else:
-                mtp.rollback(states[row], saved[row])
+                speculative.rollback(states[row], saved[row])
                 rejected.append(row)
         if rejected:
             again = [seqs[row] for row in rejected]

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 import torch
 
 from dsv4.kernels.ops import Ops
+from dsv4.model_runtime.engine.request import TokenLogprob
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
-from dsv4.model_runtime.engine.sequence import TokenLogprob
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from dsv4.model_runtime.engine.kv_state import KVCacheManager
-from dsv4.model_runtime.engine.sequence import Sequence, SequenceStatus
+from dsv4.model_runtime.engine.request import Request, RequestStatus
 
 
 @dataclass(frozen=True)
@@ -32,18 +32,18 @@ class SchedulerConfig:
 class ScheduledChunk:
     """`num_tokens` tokens of `seq`, starting at `seq.num_computed`, run this step."""
 
-    seq: Sequence
+    seq: Request
     num_tokens: int
 
 
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
         self.config, self.kv = config, kv
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
         self.num_preemptions = 0
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Request) -> None:
         """Queue a sequence; raises ValueError when its longest possible length can never fit the KV pool."""
         longest = len(seq.prompt_token_ids) + seq.params.max_tokens
         if not self.kv.fits_alone(longest):
@@ -51,14 +51,14 @@ class Scheduler:
                 f"request {seq.request_id}: {longest} tokens (prompt + max_tokens) need "
                 f"{self.kv.blocks_for(longest)} KV blocks but the pool has {self.kv.total_blocks}"
             )
-        seq.status = SequenceStatus.WAITING
+        seq.status = RequestStatus.WAITING
         self.waiting.append(seq)
 
-    def get(self, request_id: str) -> Sequence | None:
+    def get(self, request_id: str) -> Request | None:
         """The waiting or running sequence with this id."""
         return next((s for s in [*self.waiting, *self.running] if s.request_id == request_id), None)
 
-    def abort(self, request_id: str) -> Sequence | None:
+    def abort(self, request_id: str) -> Request | None:
         """Remove a sequence wherever it is and free its state; returns it (None if unknown)."""
         for seq in list(self.waiting):
             if seq.request_id == request_id:
@@ -71,7 +71,7 @@ class Scheduler:
                 return seq
         return None
 
-    def finish(self, seq: Sequence, keep_state: bool = False) -> None:
+    def finish(self, seq: Request, keep_state: bool = False) -> None:
         """Take a finished sequence out of the batch; its state is freed unless the caller still needs it."""
         self.running.remove(seq)
         if not keep_state:
@@ -106,26 +106,26 @@ class Scheduler:
             if n == 0 or not self.kv.can_grow(seq, n):
                 break
             self.waiting.popleft()
-            seq.status = SequenceStatus.RUNNING
+            seq.status = RequestStatus.RUNNING
             self.running.append(seq)
             self.kv.grow(seq, n)
             chunks.append(ScheduledChunk(seq, n))
             budget -= n
         return chunks
 
-    def _chunk_len(self, seq: Sequence, budget: int, first: bool) -> int:
+    def _chunk_len(self, seq: Request, budget: int, first: bool) -> int:
         want = seq.num_uncomputed + (1 if seq.draft is not None else 0)  # an MTP draft is verified in the same step
         if self.config.chunked_prefill:
             return min(want, budget)
         # Whole prompts only; one that exceeds the budget still runs alone so it is never starved.
         return want if want <= budget or first else 0
 
-    def _preempt(self, seq: Sequence) -> None:
+    def _preempt(self, seq: Request) -> None:
         self.running.remove(seq)
         self.kv.free(seq)
         seq.num_computed = 0
         seq.draft = None
         seq.num_preemptions += 1
         self.num_preemptions += 1
-        seq.status = SequenceStatus.WAITING
+        seq.status = RequestStatus.WAITING
         self.waiting.appendleft(seq)

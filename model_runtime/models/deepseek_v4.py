@@ -19,7 +19,7 @@ from dsv4.model_runtime.layers.norm import RMSNorm
 from dsv4.model_runtime.layers.ops_module import OpsModule, bind_ops
 from dsv4.model_runtime.layers.rope import RopeTable
 from dsv4.model_runtime.models.block import Block
-from dsv4.model_runtime.mtp import MTPBlock
+from dsv4.model_runtime.models.mtp_block import MTPBlock
 from dsv4.model_runtime.state import SequenceState, new_sequence_state
 
 

@@ -15,8 +15,8 @@ from dsv4.model_runtime.engine.kv_layout import (
     sequence_constant_bytes,
 )
 from dsv4.model_runtime.engine.kv_state import KVCacheManager, PagedSequenceState
+from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
-from dsv4.model_runtime.engine.sequence import Sequence
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.qat import q4_hadamard, q8_nope
 from dsv4.model_runtime.weights import load_model
@@ -24,11 +24,11 @@ from dsv4.model_runtime.weights import load_model
 pytestmark = pytest.mark.unit
 
 
-def _seq(name: str, n: int) -> Sequence:
-    return Sequence(name, list(range(3, 3 + n)), SamplingParams(), seed=0, eos_token_id=None)
+def _seq(name: str, n: int) -> Request:
+    return Request(name, list(range(3, 3 + n)), SamplingParams(), seed=0, eos_token_id=None)
 
 
-def _paged_states(model: DeepseekV4, lengths: list[int], block_size: int = 8) -> tuple[KVCacheManager, list[Sequence]]:
+def _paged_states(model: DeepseekV4, lengths: list[int], block_size: int = 8) -> tuple[KVCacheManager, list[Request]]:
     kv = KVCacheManager(model, num_blocks=64, block_size=block_size, num_slots=len(lengths))
     seqs = [_seq(f"s{i}", n) for i, n in enumerate(lengths)]
     for s in seqs:

@@ -9,8 +9,8 @@ import torch
 
 from dsv4.model_runtime.engine.llm_engine import LLMEngine
 from dsv4.model_runtime.engine.model_runner import ModelRunner
+from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
-from dsv4.model_runtime.engine.sequence import Sequence
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 
 pytestmark = pytest.mark.unit
@@ -34,7 +34,7 @@ class OracleRunner(ModelRunner):
         self.truth, self.turn = truth, 0
         self.mtp_drafts: dict[str, dict[int, int]] = {}
 
-    def _propose(self, s: Sequence, draft: int) -> None:
+    def _propose(self, s: Request, draft: int) -> None:
         self.mtp_drafts.setdefault(s.request_id, {})[s.num_tokens] = draft
         truth = self.truth[s.request_id]
         right = truth[s.num_generated] if s.num_generated < len(truth) else 0

@@ -14,8 +14,8 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dsv4.model_runtime import load_model
+from dsv4.model_runtime.checkpoint import CheckpointError, read_config
 from dsv4.model_runtime.formats import dequant_fp4, dequant_fp8
-from dsv4.model_runtime.loader import CheckpointError, read_config
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
 from dsv4.model_runtime.schema import checkpoint_schema
 

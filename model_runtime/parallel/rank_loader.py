@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from dsv4.model_runtime.checkpoint import CheckpointError, CheckpointReader, load_tensor, read_config
 from dsv4.model_runtime.formats import FP8_BLOCK, dequant_fp8
 from dsv4.model_runtime.layers.rope import RopeTable
-from dsv4.model_runtime.loader import CheckpointError, CheckpointReader, load_tensor, read_config
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.parallel.group import ParallelConfig
 from dsv4.model_runtime.parallel.shard import shard_model

@@ -14,7 +14,7 @@ if TYPE_CHECKING:
     from dsv4.model_runtime.state import SequenceState
 
 
-class SequenceStatus(enum.Enum):
+class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     FINISHED = "finished"
@@ -29,7 +29,7 @@ class TokenLogprob:
 
 
 @dataclass
-class Sequence:
+class Request:
     """A request: prompt + generated ids; `num_computed` of them are in `state` (the rest are fed next).
 
     Generated token i (index into `output_token_ids`) is sampled after the model consumed all tokens before it;
@@ -45,13 +45,13 @@ class Sequence:
     output_token_ids: list[int] = field(default_factory=list)
     logprobs: list[TokenLogprob] = field(default_factory=list)
     num_computed: int = 0
-    status: SequenceStatus = SequenceStatus.WAITING
+    status: RequestStatus = RequestStatus.WAITING
     finish_reason: str | None = None
     state: SequenceState | None = None
     snapshot: KVSnapshot | None = None  # an imported state of the prompt, restored when the sequence gets a slot
     export_after_prefill: bool = False  # prefill-only request: stop after token 0 and keep the state to export
     num_preemptions: int = 0
-    # MTP speculative decoding (dsv4.model_runtime.engine.mtp): whether the MTP module follows this sequence
+    # MTP speculative decoding (dsv4.model_runtime.engine.speculative): whether the MTP module follows this sequence
     # (its state then holds the MTP layers' cache too), and the draft for the token after the last one.
     use_mtp: bool = False
     draft: int | None = None
@@ -78,7 +78,7 @@ class Sequence:
 
     @property
     def finished(self) -> bool:
-        return self.status is SequenceStatus.FINISHED
+        return self.status is RequestStatus.FINISHED
 
     def append(self, token_id: int, logprob: TokenLogprob | None) -> None:
         """Record a newly sampled token and decide whether the request is finished."""
@@ -99,7 +99,7 @@ class Sequence:
             self.finish("length")
 
     def finish(self, reason: str) -> None:
-        self.status = SequenceStatus.FINISHED
+        self.status = RequestStatus.FINISHED
         self.finish_reason = reason
         if self.text is not None and reason != "cancelled":
             self.text.finish()
