@@ -1,4 +1,4 @@
-"""Names of the `DeepSeekV4Deployment` API (DESIGN.md §5): one place for the group, version, kind and plurals."""
+"""Names of the `DeepSeekV4Deployment` API (docs/operator.md): one place for the group, version, kind and plurals."""
 
 GROUP = "dsv4.io"
 VERSION = "v1alpha1"

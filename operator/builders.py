@@ -1,4 +1,4 @@
-"""Spec → the child objects of a DeepSeekV4Deployment (DESIGN.md §5), as plain dicts ready for server-side apply.
+"""Spec → the child objects of a DeepSeekV4Deployment (docs/operator.md), as plain dicts ready for server-side apply.
 
 Children: one ConfigMap (a config file per role), a Deployment + Service + PodDisruptionBudget per role (gateway,
 prefill, decode) and, when `redis.managed`, a Redis StatefulSet + Service. Every child carries the

@@ -1,4 +1,4 @@
-"""The planner: queue backlog and latency → desired prefill and decode replicas (DESIGN.md §5). Pure functions.
+"""The planner: queue backlog and latency → desired prefill and decode replicas (docs/operator.md). Pure functions.
 
 Per pool, the backlog (lag + pending of its Redis consumer group) and the p95 latency the pool answers for (TTFT for
 prefill, inter-token latency for decode) give a wanted size. Scale-up happens as soon as either signal is over its

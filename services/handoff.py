@@ -1,4 +1,4 @@
-"""KV handoff from a prefill worker to a decode worker (DESIGN.md §4).
+"""KV handoff from a prefill worker to a decode worker (docs/serving.md).
 
 The writer stores the engine's exported KV state (opaque bytes) as chunks of at most 4 MiB under a TTL lease, then
 writes a descriptor naming format, model fingerprint, sizes, per-chunk crc32c, the first token and the trace

@@ -1,4 +1,4 @@
-"""Prometheus metrics of every role (prefix `dsv4_`, DESIGN.md §4); one process registers them once, at import."""
+"""Prometheus metrics of every role (prefix `dsv4_`, docs/serving.md); one process registers them once, at import."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The queue protocol between gateway, prefill and decode workers, over Redis Streams (DESIGN.md §4).
+"""The queue protocol between gateway, prefill and decode workers, over Redis Streams (docs/serving.md).
 
 Work queues: the streams `prefill` and `decode`, each with the consumer group `workers`. A job is read with
 XREADGROUP, acknowledged (and deleted) with XACK + XDEL once its result is safely elsewhere, kept alive by

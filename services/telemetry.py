@@ -21,7 +21,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 TRACER_NAME = "dsv4.services"
 
-# Span names of DESIGN.md §4.
+# Span names (docs/serving.md, Telemetry).
 SPAN_GATEWAY = "gateway.request"
 SPAN_PREFILL_QUEUE = "prefill.queue"
 SPAN_PREFILL_COMPUTE = "prefill.compute"

@@ -1,4 +1,4 @@
-"""The gateway's FastAPI app: OpenAI-compatible endpoints over the Redis queue protocol (DESIGN.md §4)."""
+"""The gateway's FastAPI app: OpenAI-compatible endpoints over the Redis queue protocol (docs/serving.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The prefill worker: prompt → first token (streamed at once) → KV handoff → decode job (DESIGN.md §4)."""
+"""The prefill worker: prompt → first token (streamed at once) → KV handoff → decode job (docs/serving.md)."""
 
 from __future__ import annotations
 
