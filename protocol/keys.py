@@ -60,3 +60,30 @@ def handoff_id_of(key: str) -> str | None:
 def chunk_key(deployment: str, handoff_id: str, index: int) -> str:
     """Key of chunk `index` of a handoff on the `redis` data plane."""
     return redis_key(deployment, "kv", handoff_id, "chunk", str(index))
+
+
+# The shared prefix tier (exported KV states of prompt prefixes, keyed by their chain hash) and the KV events
+# workers publish for the gateway's prefix-aware routing.
+def prefix_blob_key(deployment: str, chain_hash: str) -> str:
+    """The exported KV state of the prefix whose last block has `chain_hash`."""
+    return redis_key(deployment, "prefix", chain_hash)
+
+
+def prefix_lru_key(deployment: str) -> str:
+    """Sorted set: chain hash -> last use (ms); the least recently used prefix leaves first."""
+    return redis_key(deployment, "prefix-lru")
+
+
+def prefix_sizes_key(deployment: str) -> str:
+    """Hash: chain hash -> bytes of its blob (what leaves the budget when it goes)."""
+    return redis_key(deployment, "prefix-sizes")
+
+
+def prefix_bytes_key(deployment: str) -> str:
+    """Integer: bytes of every blob in the tier (the budget is checked against it)."""
+    return redis_key(deployment, "prefix-bytes")
+
+
+def kv_events_key(deployment: str) -> str:
+    """Stream of the workers' KV events (prefixes stored and evicted, with the worker's load)."""
+    return redis_key(deployment, "kv-events")

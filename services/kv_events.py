@@ -1,0 +1,160 @@
+"""KV events: which worker holds which prefixes, published by the workers for the gateway's prefix-aware routing (in
+the manner of llm-d's precise prefix-cache scorer and Dynamo's KV router).
+
+A worker appends events to the deployment's `kv-events` stream: `stored` and `evicted` with the chain hashes of the
+prefixes its engine cache gained or lost, and every few seconds a `snapshot` with everything it holds and its load
+(running and waiting requests). A snapshot replaces what a reader knew of that worker, so a lost event or a
+restarted reader heals within one snapshot period, and a worker whose snapshots stop is forgotten. The stream is
+trimmed to about MAX_EVENTS entries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import redis.asyncio as aioredis
+
+from dsv4.protocol import keys
+from dsv4.protocol.connection import MAX_BLOCK_MS, RedisUnavailable, unavailable_as_typed
+
+log = logging.getLogger(__name__)
+
+MAX_EVENTS = 20_000
+SNAPSHOT_EVERY_S = 5.0
+FORGET_AFTER_S = 3 * SNAPSHOT_EVERY_S
+
+Op = Literal["stored", "evicted", "snapshot"]
+
+
+@dataclass(frozen=True)
+class WorkerLoad:
+    """A worker's load as it reports it."""
+
+    running: int = 0
+    waiting: int = 0
+
+
+@dataclass(frozen=True)
+class KVEvent:
+    """One event of one worker."""
+
+    worker: str
+    op: Op
+    hashes: tuple[str, ...]
+    block_size: int
+    load: WorkerLoad | None = None
+
+    def to_fields(self) -> dict[bytes, bytes]:
+        """The stream entry (hashes as raw digests, 16 bytes each)."""
+        fields = {
+            b"w": self.worker.encode(),
+            b"op": self.op.encode(),
+            b"h": b"".join(bytes.fromhex(h) for h in self.hashes),
+            b"bs": str(self.block_size).encode(),
+        }
+        if self.load is not None:
+            fields[b"run"] = str(self.load.running).encode()
+            fields[b"wait"] = str(self.load.waiting).encode()
+        return fields
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[bytes, bytes]) -> KVEvent:
+        """Parse an entry; raises ValueError on a malformed one."""
+        try:
+            raw, op = fields[b"h"], fields[b"op"].decode()
+            if op not in ("stored", "evicted", "snapshot") or len(raw) % 16:
+                raise ValueError(f"op {op!r}, {len(raw)} hash bytes")
+            load = WorkerLoad(int(fields[b"run"]), int(fields[b"wait"])) if b"run" in fields else None
+            hashes = tuple(raw[i : i + 16].hex() for i in range(0, len(raw), 16))
+            return cls(fields[b"w"].decode(), op, hashes, int(fields[b"bs"]), load)  # type: ignore[arg-type]
+        except (KeyError, ValueError, UnicodeDecodeError) as e:
+            raise ValueError(f"malformed KV event: {e}") from e
+
+
+async def publish(client: aioredis.Redis, deployment: str, event: KVEvent) -> None:
+    """Append one event to the deployment's stream."""
+    with unavailable_as_typed("publishing a KV event"):
+        await client.xadd(
+            keys.kv_events_key(deployment),
+            event.to_fields(),  # type: ignore[arg-type]
+            maxlen=MAX_EVENTS,
+            approximate=True,
+        )
+
+
+@dataclass
+class _Holder:
+    hashes: set[str] = field(default_factory=set)
+    load: WorkerLoad = field(default_factory=WorkerLoad)
+    seen: float = 0.0
+
+
+class PrefixIndex:
+    """What every worker holds, as its events say (pure; fed by `follow`)."""
+
+    def __init__(self, forget_after_s: float = FORGET_AFTER_S) -> None:
+        self.forget_after_s = forget_after_s
+        self.block_size: int | None = None
+        self._workers: dict[str, _Holder] = {}
+
+    def apply(self, event: KVEvent, now: float | None = None) -> None:
+        """Fold one event in."""
+        now = time.monotonic() if now is None else now
+        self.block_size = event.block_size
+        holder = self._workers.setdefault(event.worker, _Holder())
+        holder.seen = now
+        if event.op == "snapshot":
+            holder.hashes = set(event.hashes)
+        elif event.op == "stored":
+            holder.hashes.update(event.hashes)
+        else:
+            holder.hashes.difference_update(event.hashes)
+        if event.load is not None:
+            holder.load = event.load
+
+    def workers(self, now: float | None = None) -> dict[str, WorkerLoad]:
+        """The live workers (a snapshot within `forget_after_s`) and their last reported load."""
+        now = time.monotonic() if now is None else now
+        for name in [n for n, h in self._workers.items() if now - h.seen > self.forget_after_s]:
+            del self._workers[name]
+        return {name: h.load for name, h in self._workers.items()}
+
+    def matched_blocks(self, chain_hashes: Sequence[str], now: float | None = None) -> dict[str, int]:
+        """For each live worker, how many leading blocks of the prompt its longest held prefix covers."""
+        live = self.workers(now)
+        out: dict[str, int] = {}
+        for name in live:
+            held = self._workers[name].hashes
+            out[name] = next((i + 1 for i in range(len(chain_hashes) - 1, -1, -1) if chain_hashes[i] in held), 0)
+        return out
+
+
+async def follow(client: aioredis.Redis, deployment: str, index: PrefixIndex, stop: asyncio.Event) -> None:
+    """Feed `index` from the stream until `stop` is set: the retained history first, then new events as they come.
+    Redis outages are waited out (the index ages, and heals with the next snapshots)."""
+    key, last = keys.kv_events_key(deployment), "0-0"
+    while not stop.is_set():
+        try:
+            with unavailable_as_typed("reading KV events"):
+                batches: Any = await client.xread({key: last}, count=1000, block=MAX_BLOCK_MS)
+        except RedisUnavailable as e:
+            log.warning("%s; retrying", e)
+            await asyncio.sleep(1.0)
+            continue
+        for _, entries in batches or []:
+            for entry_id, fields in entries:
+                last = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
+                try:
+                    index.apply(KVEvent.from_fields(fields))
+                except ValueError as e:
+                    log.warning("skipped a KV event %s: %s", last, e)
+
+
+def snapshot_event(worker: str, hashes: Iterable[str], block_size: int, load: WorkerLoad) -> KVEvent:
+    """The periodic full report of one worker."""
+    return KVEvent(worker, "snapshot", tuple(hashes), block_size, load)
