@@ -11,7 +11,8 @@ from dsv4.protocol.connection import unavailable_as_typed
 from dsv4.protocol.keys import descriptor_key, handed_over_key
 from dsv4.services import metrics, telemetry
 from dsv4.services.handoff import HandoffWriter
-from dsv4.services.queues import TOKEN_STREAM_TTL_S, Delivery, Job, TokenWriter, Usage, WorkQueue, is_cancelled
+from dsv4.services.token_stream import TOKEN_STREAM_TTL_S, TokenWriter, Usage, is_cancelled
+from dsv4.services.work_queue import Delivery, Job, WorkQueue
 from dsv4.services.workers.runtime import WorkerRuntime, start_job_trace
 
 log = logging.getLogger(__name__)

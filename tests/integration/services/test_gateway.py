@@ -16,7 +16,8 @@ from dsv4.model_runtime.tokenizer import Tokenizer
 from dsv4.protocol import keys
 from dsv4.protocol.keys import cancel_key, token_stream_key
 from dsv4.services.local_redis import LocalRedis
-from dsv4.services.queues import Job, TokenWriter
+from dsv4.services.token_stream import TokenWriter
+from dsv4.services.work_queue import Job
 
 from .conftest import API_KEY, DEPLOYMENT, MODEL, GatewayProcess, fake_logprobs, write_tokens
 

@@ -21,7 +21,8 @@ from dsv4.protocol.keys import chunk_key, descriptor_key, handed_over_key
 from dsv4.protocol.stats import queue_stats
 from dsv4.services.handoff import HandoffReader, HandoffWriter
 from dsv4.services.local_redis import LocalRedis
-from dsv4.services.queues import Finish, Job, TokenChunk, TokenReader, TokenWriter, WorkQueue
+from dsv4.services.token_stream import Finish, TokenChunk, TokenReader, TokenWriter
+from dsv4.services.work_queue import Job, WorkQueue
 from dsv4.services.workers.decode import DecodeWorker
 from dsv4.services.workers.prefill import PrefillWorker
 from dsv4.services.workers.runtime import WorkerRuntime
