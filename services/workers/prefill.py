@@ -30,7 +30,6 @@ class PrefillWorker:
             s.deployment,
             transport=s.kv_handoff.transport,
             ttl_s=s.kv_handoff.ttl_seconds,
-            chunk_bytes=s.kv_handoff.chunk_bytes,
             direct_store=runtime.direct_store,
             direct_url=f"http://{s.pod_ip}:{s.port}",
         )

@@ -25,8 +25,8 @@ from dsv4.model_runtime.engine.port import Engine
 from dsv4.protocol import contract
 from dsv4.protocol.connection import RedisUnavailable, connect
 from dsv4.services import metrics, telemetry
-from dsv4.services.handoff import DirectStore, direct_router
 from dsv4.services.health import health_routes
+from dsv4.services.kv_direct import DirectStore, direct_router
 from dsv4.services.work_queue import Delivery, Job, WorkQueue
 from dsv4.services.workers.settings import WorkerSettings
 
