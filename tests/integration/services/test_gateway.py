@@ -373,3 +373,29 @@ async def test_redis_down_answers_503_with_retry_after_then_recovers(redis_serve
             assert (await h.get(gw.url + "/readyz")).status_code == 200
     finally:
         await asyncio.to_thread(gw.stop)
+
+
+async def test_a_request_the_restarted_redis_lost_gets_503_not_504(redis_server: LocalRedis) -> None:
+    """No worker answers, Redis restarts empty under the waiting request: its lease is gone, so the client gets a
+    503 to retry (not the 504 of the 3 s token timeout, which would mean the gateway kept waiting)."""
+    gw = GatewayProcess(redis_server.url)
+    await asyncio.to_thread(gw.start)
+    try:
+        async with httpx.AsyncClient(timeout=20) as h:
+            pending = asyncio.create_task(
+                h.post(
+                    gw.url + "/v1/chat/completions",
+                    json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                    headers={"Authorization": f"Bearer {API_KEY}"},
+                )
+            )
+            sync = redis.Redis.from_url(redis_server.url)
+            while not sync.keys("*lease*"):  # the request is enqueued and waiting for tokens
+                await asyncio.sleep(0.02)
+            redis_server.kill()
+            redis_server.start()
+            r = await pending
+            assert r.status_code == 503 and r.headers["retry-after"] == "2", r.text
+            assert "lost this request" in r.json()["error"]["message"]
+    finally:
+        await asyncio.to_thread(gw.stop)
