@@ -15,6 +15,7 @@ import redis
 from dsv4.services.local_redis import LocalRedis
 from dsv4.services.serve.brokers import MAX_RESTARTS, BrokerForRoles, BrokerWatch
 from dsv4.services.serve.errors import ServeError
+from dsv4.services.serve.in_process_broker import InProcessBroker
 
 pytestmark = pytest.mark.integration
 
@@ -74,3 +75,17 @@ def test_a_broker_that_keeps_dying_stops_serve(owned: LocalRedis) -> None:
     with pytest.raises(ServeError) as e:
         w.check()
     assert f"{MAX_RESTARTS + 1} times within" in str(e.value)
+
+
+def test_the_in_process_broker_restarts_empty_on_the_same_url() -> None:
+    broker = InProcessBroker().start()
+    try:
+        client = redis.Redis.from_url(broker.url)
+        client.set("k", "v")
+        assert broker.exited() is None
+        broker.restart()
+        assert broker.exited() is None and client.get("k") is None and client.ping()
+        client.close()
+    finally:
+        broker.stop()
+    assert broker.exited() is None  # stopped on purpose is not "died"
