@@ -21,11 +21,14 @@ from pathlib import Path
 
 import torch
 
-from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
-from dsv4.model_runtime.engine.sampling_params import SamplingParams
-from dsv4.model_runtime.make_checkpoint import write_checkpoint
-from dsv4.model_runtime.transformers_oracle import load_transformers_oracle
-from dsv4.model_runtime.weights import load_model
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the transformers oracle is a test helper, not in the wheel: from the checkout
+
+from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine  # noqa: E402
+from dsv4.model_runtime.engine.sampling_params import SamplingParams  # noqa: E402
+from dsv4.model_runtime.make_checkpoint import write_checkpoint  # noqa: E402
+from dsv4.model_runtime.weights import load_model  # noqa: E402
+from tests.unit.model_runtime.model.transformers_oracle import load_transformers_oracle  # noqa: E402
 
 
 def run_dsv4(engine: LLMEngine, prompts: list[list[int]], tokens: int) -> tuple[float, list[list[int]]]:

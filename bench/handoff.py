@@ -25,7 +25,8 @@ from fastapi import FastAPI
 from dsv4.model_runtime.engine.port import KVMeta
 from dsv4.protocol.connection import connect
 from dsv4.protocol.keys import descriptor_key
-from dsv4.services.handoff import DirectStore, HandoffReader, HandoffWriter, direct_router
+from dsv4.services.handoff import HandoffReader, HandoffWriter
+from dsv4.services.kv_direct import DirectStore, direct_router
 from dsv4.services.local_redis import LocalRedis, free_port
 
 DEP = "bench"

@@ -21,9 +21,12 @@ from typing import Any
 
 import torch
 
-from dsv4.model_runtime import load_model
-from dsv4.model_runtime.make_checkpoint import write_checkpoint
-from dsv4.model_runtime.transformers_oracle import load_transformers_oracle
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # the transformers oracle is a test helper, not in the wheel: from the checkout
+
+from dsv4.model_runtime import load_model  # noqa: E402
+from dsv4.model_runtime.make_checkpoint import write_checkpoint  # noqa: E402
+from tests.unit.model_runtime.model.transformers_oracle import load_transformers_oracle  # noqa: E402
 
 
 def _timed(fn: Callable[[], object]) -> float:

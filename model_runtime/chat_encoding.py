@@ -12,7 +12,6 @@ user message is dropped unless some message carries tools.
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -28,7 +27,7 @@ from dsv4.model_runtime.chat_tokens import (
     THINK_START,
     USER,
 )
-from dsv4.model_runtime.dsml import render_tool_calls, tool_call_arguments
+from dsv4.model_runtime.dsml import render_tool_calls, to_json, tool_call_arguments
 from dsv4.model_runtime.tokenizer import Tokenizer
 
 ThinkingMode = Literal["chat", "thinking"]
@@ -78,17 +77,13 @@ _TOOLS_SECTION_TAIL = (
 _RESPONSE_FORMAT_HEAD = "## Response Format:\n\nYou MUST strictly adhere to the following schema to reply:\n"
 
 
-def _to_json(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
-
-
 def render_tools(tools: Sequence[Mapping[str, Any]]) -> str:
     """The "## Tools" section for OpenAI-style `tools` (one JSON line per function schema)."""
     return _tools_section(_tool_functions(tools))
 
 
 def _tools_section(functions: Sequence[Mapping[str, Any]]) -> str:
-    return _TOOLS_SECTION_HEAD + "\n".join(_to_json(fn) for fn in functions) + _TOOLS_SECTION_TAIL
+    return _TOOLS_SECTION_HEAD + "\n".join(to_json(fn) for fn in functions) + _TOOLS_SECTION_TAIL
 
 
 def _tool_functions(tools: Any) -> list[dict[str, Any]]:
@@ -270,7 +265,7 @@ def _render_head_extras(msg: Mapping[str, Any]) -> str:
     if msg.get("tools"):
         text += "\n\n" + _tools_section(msg["tools"])
     if msg.get("response_format"):
-        text += "\n\n" + _RESPONSE_FORMAT_HEAD + _to_json(msg["response_format"])
+        text += "\n\n" + _RESPONSE_FORMAT_HEAD + to_json(msg["response_format"])
     return text
 
 

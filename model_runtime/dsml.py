@@ -41,7 +41,8 @@ _NAME_RE = re.compile(r'\s*name="(.*?)">\n\n?', re.DOTALL)
 _PARAM_RE = re.compile(r' name="(.*?)" string="(true|false)">(.*?)<\n?', re.DOTALL)
 
 
-def _to_json(value: Any) -> str:
+def to_json(value: Any) -> str:
+    """JSON as the official encoder writes it into prompts and tool arguments: non-ASCII as is, default spacing."""
     return json.dumps(value, ensure_ascii=False)
 
 
@@ -82,7 +83,7 @@ def render_invoke(name: str, arguments: Mapping[str, Any]) -> str:
     """One `<｜DSML｜invoke>` element."""
     params = "\n".join(
         f'<{DSML}parameter name="{key}" string="{"true" if isinstance(value, str) else "false"}">'
-        f"{value if isinstance(value, str) else _to_json(value)}</{DSML}parameter>"
+        f"{value if isinstance(value, str) else to_json(value)}</{DSML}parameter>"
         for key, value in arguments.items()
     )
     return f"{_invoke_start(name)}{params}\n</{DSML}invoke>"
@@ -104,7 +105,7 @@ def forced_tool_call_prefix(function: str | None) -> str:
 def arguments_json(params: Sequence[tuple[str, str, bool]]) -> str:
     """The `arguments` JSON string for parsed (name, value text, is_string) parameters, spelled as the official
     decoder spells it (non-string values are inserted verbatim, so a malformed one stays visible)."""
-    parts = (f"{_to_json(key)}: {_to_json(value) if is_string else value}" for key, value, is_string in params)
+    parts = (f"{to_json(key)}: {to_json(value) if is_string else value}" for key, value, is_string in params)
     return "{" + ", ".join(parts) + "}"
 
 

@@ -34,6 +34,12 @@ def token_stream_key(deployment: str, request_id: str) -> str:
     return redis_key(deployment, "tokens", request_id)
 
 
+def request_lease_key(deployment: str, request_id: str) -> str:
+    """Held by the gateway while it waits on `request_id`; gone = Redis lost the request (a broker that restarted
+    empty), so the gateway stops waiting for its tokens."""
+    return redis_key(deployment, "lease", request_id)
+
+
 def cancel_key(deployment: str, request_id: str) -> str:
     """Set while the client of `request_id` went away; workers stop generating."""
     return redis_key(deployment, "cancel", request_id)

@@ -1,8 +1,7 @@
 """The `dsv4` command line: one entry point, one subcommand per role of the platform.
 
 Each subcommand names the function that implements it as "module:function"; the module is imported only when the
-subcommand runs, so `dsv4 --help` stays fast and never imports torch. A subcommand whose implementation has not
-landed yet has no target and exits with status 2 and a one-line message.
+subcommand runs, so `dsv4 --help` stays fast and never imports torch.
 """
 
 from __future__ import annotations
@@ -14,8 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from dsv4.services.supervised import exit_with_supervisor
-
-EXIT_NOT_IMPLEMENTED = 2
 
 CHECKPOINT_PRESETS = ("tiny-flash", "tiny-pro", "small-flash")
 
@@ -64,11 +61,11 @@ def _make_checkpoint_args(p: argparse.ArgumentParser) -> None:
 
 @dataclass(frozen=True)
 class Command:
-    """One subcommand: its help line, its arguments and, once implemented, the "module:function" that runs it."""
+    """One subcommand: its help line, its arguments and the "module:function" that runs it."""
 
     help: str
     add_args: Callable[[argparse.ArgumentParser], None]
-    target: str | None
+    target: str
 
 
 COMMANDS: dict[str, Command] = {
@@ -114,12 +111,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `dsv4` script; returns the process exit status."""
     args = build_parser().parse_args(argv)
     exit_with_supervisor()
-    cmd = COMMANDS[args.command]
-    if cmd.target is None:
-        print(f"dsv4 {args.command}: not implemented yet in this build of dsv4", file=sys.stderr)
-        return EXIT_NOT_IMPLEMENTED
     try:
-        return _resolve(cmd.target)(args)
+        return _resolve(COMMANDS[args.command].target)(args)
     except KeyboardInterrupt:
         return 130
 

@@ -1,10 +1,13 @@
 """KV handoff from a prefill worker to a decode worker (docs/serving.md).
 
-The writer stores the engine's exported KV state (opaque bytes) as chunks of at most 4 MiB under a TTL lease, then
-writes a descriptor naming format, model fingerprint, sizes, per-chunk crc32c, the first token and the trace
-context. The descriptor goes last, so a reader that finds it finds every chunk; each write uses fresh keys, so a
-retried prefill never overwrites a handoff someone is reading. The reader verifies everything and returns the bytes
-or raises a `HandoffError` subclass, which the decode worker answers with a recompute.
+The writer stores the engine's exported KV state (opaque bytes) as the engine cut it, one chunk of at most 4 MiB per
+value, under a TTL lease, then writes a descriptor naming format, model fingerprint, chunk sizes, the first token
+and the trace context. The descriptor goes last, so a reader that finds it finds every chunk; each write uses fresh
+keys, so a retried prefill never overwrites a handoff someone is reading. The reader checks what the handoff owns
+(descriptor, fingerprint, lease, chunk count and sizes) and returns the bytes or raises a `HandoffError` subclass,
+which the decode worker answers with a recompute. The bytes themselves are checksummed once, by the KV format
+(`model_runtime/engine/kv_export.py`: crc32c of its header and of every body chunk), and verified when the engine
+imports them; a damaged byte is a `KVImportError` there, answered with the same recompute.
 
 Two data planes: `redis` (chunks are Redis strings next to the descriptor) and `direct` (the prefill worker keeps
 the chunks in memory and serves them on its worker port; Redis holds only the descriptor).
@@ -21,24 +24,22 @@ from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-import crc32c
 import httpx
 import redis.asyncio as aioredis
-from fastapi import APIRouter, HTTPException, Response
 from redis.asyncio.client import Pipeline
 
 from dsv4.model_runtime.engine.port import KVMeta
 from dsv4.protocol import keys
+from dsv4.protocol.config import MAX_CHUNK_BYTES
 from dsv4.protocol.connection import UNAVAILABLE_ERRORS, unavailable_as_typed
 from dsv4.protocol.keys import chunk_key, descriptor_key
+from dsv4.services.kv_direct import DIRECT_PATH, DirectStore
 
 log = logging.getLogger(__name__)
 
-DESCRIPTOR_FORMAT = 1
-MAX_CHUNK_BYTES = 4 << 20
+DESCRIPTOR_FORMAT = 2  # 2: no per-chunk checksums (the KV format has its own)
 DEFAULT_TTL_S = 120
 PIPELINE_CHUNKS = 8  # chunks in flight per round trip: 32 MiB at the maximum chunk size
-DIRECT_PATH = "/kv"
 
 Transport = Literal["redis", "direct"]
 
@@ -56,7 +57,7 @@ class HandoffExpired(HandoffError):
 
 
 class HandoffCorrupt(HandoffError):
-    """A chunk or the descriptor fails verification (size, checksum, count, syntax)."""
+    """A chunk or the descriptor fails verification (size, count, syntax)."""
 
 
 class FingerprintMismatch(HandoffError):
@@ -82,7 +83,6 @@ class Descriptor:
     total_bytes: int
     num_tokens: int
     chunk_sizes: tuple[int, ...]
-    chunk_crc32c: tuple[int, ...]
     first_token: int
     transport: Transport
     lease_deadline_ms: int
@@ -106,12 +106,11 @@ class Descriptor:
             if d.get("format_version") != DESCRIPTOR_FORMAT:
                 raise HandoffCorrupt(f"descriptor format {d.get('format_version')!r}, expected {DESCRIPTOR_FORMAT}")
             d["chunk_sizes"] = tuple(int(x) for x in d["chunk_sizes"])
-            d["chunk_crc32c"] = tuple(int(x) for x in d["chunk_crc32c"])
             desc = cls(**d)
         except (ValueError, TypeError, KeyError) as e:
             raise HandoffCorrupt(f"unreadable handoff descriptor: {type(e).__name__}: {e}") from e
-        if len(desc.chunk_sizes) != len(desc.chunk_crc32c) or sum(desc.chunk_sizes) != desc.total_bytes:
-            raise HandoffCorrupt(f"descriptor {desc.handoff_id}: chunk sizes/checksums disagree with total_bytes")
+        if sum(desc.chunk_sizes) != desc.total_bytes or any(not 0 < n <= MAX_CHUNK_BYTES for n in desc.chunk_sizes):
+            raise HandoffCorrupt(f"descriptor {desc.handoff_id}: chunk sizes disagree with total_bytes or the limit")
         if desc.transport not in ("redis", "direct") or (desc.transport == "direct" and not desc.direct_url):
             raise HandoffCorrupt(f"descriptor {desc.handoff_id}: bad transport {desc.transport!r}")
         return desc
@@ -126,76 +125,16 @@ class Handoff:
     blob: bytes
 
 
-def rechunk(parts: Iterable[bytes], chunk_bytes: int) -> Iterator[bytes]:
-    """Cut a stream of byte strings into pieces of exactly `chunk_bytes` (the last may be shorter, never empty).
-
-    A part that already forms a whole piece is passed through without a copy.
-    """
-    pending: list[bytes] = []
-    pending_len = 0
-    for part in parts:
-        if not part:
-            continue
-        pending.append(part)
-        pending_len += len(part)
-        if pending_len < chunk_bytes:
-            continue
-        joined = pending[0] if len(pending) == 1 else b"".join(pending)
-        cut = pending_len - pending_len % chunk_bytes
-        view = memoryview(joined)
-        for i in range(0, cut, chunk_bytes):
-            yield joined if len(joined) == chunk_bytes else bytes(view[i : i + chunk_bytes])
-        pending = [bytes(view[cut:])] if cut < pending_len else []
-        pending_len -= cut
-    if pending:
-        yield pending[0] if len(pending) == 1 else b"".join(pending)
-
-
-class DirectStore:
-    """Chunks kept in the prefill worker's memory for the `direct` data plane, each handoff until its lease ends."""
-
-    def __init__(self) -> None:
-        self._items: dict[str, tuple[float, list[bytes]]] = {}
-
-    def put(self, handoff_id: str, chunks: list[bytes], deadline_s: float) -> None:
-        self.evict_expired()
-        self._items[handoff_id] = (deadline_s, chunks)
-
-    def get(self, handoff_id: str, index: int) -> bytes | None:
-        item = self._items.get(handoff_id)
-        if item is None or item[0] < time.time() or not 0 <= index < len(item[1]):
-            return None
-        return item[1][index]
-
-    def release(self, handoff_id: str) -> bool:
-        return self._items.pop(handoff_id, None) is not None
-
-    def evict_expired(self) -> None:
-        now = time.time()
-        for hid in [h for h, (deadline, _) in self._items.items() if deadline < now]:
-            del self._items[hid]
-
-    @property
-    def bytes_held(self) -> int:
-        return sum(len(c) for _, chunks in self._items.values() for c in chunks)
-
-
-def direct_router(store: DirectStore) -> APIRouter:
-    """The `direct` data plane endpoints of a prefill worker, mounted on its worker port."""
-    router = APIRouter()
-
-    @router.get(DIRECT_PATH + "/{handoff_id}/{index}")
-    def get_chunk(handoff_id: str, index: int) -> Response:
-        data = store.get(handoff_id, index)
-        if data is None:
-            raise HTTPException(404, f"no chunk {index} of handoff {handoff_id}")
-        return Response(content=data, media_type="application/octet-stream")
-
-    @router.delete(DIRECT_PATH + "/{handoff_id}")
-    def release(handoff_id: str) -> Response:
-        return Response(status_code=204 if store.release(handoff_id) else 404)
-
-    return router
+def _checked(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The non-empty chunks, each within the size of one handoff value."""
+    for c in chunks:
+        if len(c) > MAX_CHUNK_BYTES:
+            raise ValueError(
+                f"KV export chunk of {len(c)} bytes exceeds the handoff's {MAX_CHUNK_BYTES}: "
+                "build the engine with an export chunk size of at most kvHandoff.chunkBytes"
+            )
+        if c:
+            yield c
 
 
 class HandoffWriter:
@@ -208,19 +147,15 @@ class HandoffWriter:
         *,
         transport: Transport = "redis",
         ttl_s: float = DEFAULT_TTL_S,
-        chunk_bytes: int = MAX_CHUNK_BYTES,
         direct_store: DirectStore | None = None,
         direct_url: str | None = None,
     ) -> None:
-        if not 0 < chunk_bytes <= MAX_CHUNK_BYTES:
-            raise ValueError(f"chunk_bytes must be in 1..{MAX_CHUNK_BYTES}, got {chunk_bytes}")
         if transport == "direct" and (direct_store is None or not direct_url):
             raise ValueError("the direct data plane needs a DirectStore and the URL where it is served")
         self.client = client
         self.deployment = deployment
         self.transport = transport
         self.ttl_s = ttl_s
-        self.chunk_bytes = chunk_bytes
         self.direct_store = direct_store
         self.direct_url = direct_url
 
@@ -234,7 +169,10 @@ class HandoffWriter:
     ) -> Descriptor:
         """Store the state and then its descriptor; returns the descriptor (its key: `descriptor_key`).
 
-        Raises RedisUnavailable, or whatever `chunks` raises; in both cases the chunks written so far are deleted
+        `chunks` are stored as they come, one value each (empty ones skipped), so each must be at most
+        MAX_CHUNK_BYTES: the worker builds its engine with that export chunk size. Raises ValueError for a larger
+        chunk or a byte count other than `meta.total_bytes`, RedisUnavailable, or whatever `chunks` raises; in all
+        cases the chunks written so far are deleted
         (when Redis is reachable; otherwise their lease cleans them up) and no descriptor exists.
         """
         if not request_id or any(c in request_id for c in ":{}"):
@@ -242,17 +180,13 @@ class HandoffWriter:
         handoff_id = f"{request_id}.{uuid.uuid4().hex[:12]}"
         deadline_ms = int((time.time() + self.ttl_s) * 1000)
         sizes: list[int] = []
-        crcs: list[int] = []
         try:
             pipe = self.client.pipeline(transaction=False)
             if self.transport == "redis":
-                await self._queue_redis_chunks(pipe, handoff_id, chunks, deadline_ms, sizes, crcs)
+                await self._queue_redis_chunks(pipe, handoff_id, chunks, deadline_ms, sizes)
             else:
-                kept = []
-                for c in rechunk(chunks, self.chunk_bytes):
-                    kept.append(c)
-                    sizes.append(len(c))
-                    crcs.append(crc32c.crc32c(c))
+                kept = list(_checked(chunks))
+                sizes.extend(len(c) for c in kept)
                 assert self.direct_store is not None
                 self.direct_store.put(handoff_id, kept, deadline_ms / 1000)
             if sum(sizes) != meta.total_bytes:
@@ -265,7 +199,6 @@ class HandoffWriter:
                 total_bytes=meta.total_bytes,
                 num_tokens=meta.num_tokens,
                 chunk_sizes=tuple(sizes),
-                chunk_crc32c=tuple(crcs),
                 first_token=first_token,
                 transport=self.transport,
                 lease_deadline_ms=deadline_ms,
@@ -288,16 +221,14 @@ class HandoffWriter:
         chunks: Iterable[bytes],
         deadline_ms: int,
         sizes: list[int],
-        crcs: list[int],
     ) -> None:
         """Send the chunks in pipelined batches, leaving the last batch queued in `pipe`."""
         with unavailable_as_typed("writing handoff chunks"):
-            for c in rechunk(chunks, self.chunk_bytes):
+            for c in _checked(chunks):
                 if len(pipe) >= PIPELINE_CHUNKS:
                     await pipe.execute()
                 pipe.set(chunk_key(self.deployment, handoff_id, len(sizes)), c, pxat=deadline_ms)
                 sizes.append(len(c))
-                crcs.append(crc32c.crc32c(c))
 
     async def _discard(self, handoff_id: str, n_chunks: int) -> None:
         if self.direct_store is not None:
@@ -356,15 +287,13 @@ class HandoffReader:
             chunks = first[:n] + await self._redis_chunks(desc, start=min(n, PIPELINE_CHUNKS))
         else:
             chunks = await self._direct_chunks(desc)
-        for i, (c, size, crc) in enumerate(zip(chunks, desc.chunk_sizes, desc.chunk_crc32c, strict=True)):
+        for i, (c, size) in enumerate(zip(chunks, desc.chunk_sizes, strict=True)):
             if c is None:
                 if time.time() * 1000 >= desc.lease_deadline_ms:
                     raise HandoffExpired(f"handoff {desc.handoff_id}: lease ended before chunk {i} was read")
                 raise HandoffCorrupt(f"handoff {desc.handoff_id}: chunk {i} is missing")
             if len(c) != size:
                 raise HandoffCorrupt(f"handoff {desc.handoff_id}: chunk {i} has {len(c)} bytes, expected {size}")
-            if crc32c.crc32c(c) != crc:
-                raise HandoffCorrupt(f"handoff {desc.handoff_id}: chunk {i} fails its crc32c check")
         return Handoff(key, desc, b"".join(c for c in chunks if c is not None))
 
     @staticmethod

@@ -12,6 +12,8 @@ from pathlib import Path
 from types import TracebackType
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from dsv4.services.supervised import supervised_env
 
@@ -61,6 +63,11 @@ class LocalRedis:
         return f"redis://{self.host}:{self.port}/0"
 
     @property
+    def pid(self) -> int | None:
+        """The server's process id while it was started by this object."""
+        return None if self._proc is None else self._proc.pid
+
+    @property
     def log_path(self) -> Path:
         return self._dir / "redis.log"
 
@@ -107,7 +114,11 @@ class LocalRedis:
         # Compare the pid: on a port already taken, another server answers while our child is still exiting.
         assert self._proc is not None
         try:
-            with redis.Redis(host=self.host, port=self.port, socket_timeout=0.5, socket_connect_timeout=0.2) as c:
+            # No retries: something else listening on the port may never answer, and each retry waits it out again.
+            no_retry = Retry(NoBackoff(), 0)
+            with redis.Redis(
+                host=self.host, port=self.port, socket_timeout=0.5, socket_connect_timeout=0.2, retry=no_retry
+            ) as c:
                 return int(c.info("server")["process_id"]) == self._proc.pid
         except (redis.RedisError, OSError):
             return False
@@ -127,6 +138,20 @@ class LocalRedis:
         if proc.stderr:
             proc.stderr.close()
         shutil.rmtree(self._dir, ignore_errors=True)
+
+    def exited(self) -> int | None:
+        """The server's exit status once it died (killed, crashed), else None; None also before `start()`."""
+        return None if self._proc is None else self._proc.poll()
+
+    def restart(self) -> LocalRedis:
+        """Start a fresh, empty server on the same port after this one died (the clients' URL stays valid)."""
+        if self._proc is not None:
+            if self._proc.poll() is None:
+                raise RedisServerError(f"redis-server on {self.url} is still running; stop it before a restart")
+            if self._proc.stderr:
+                self._proc.stderr.close()
+            self._proc = None
+        return self.start()
 
     def kill(self) -> None:
         """SIGKILL the server without cleaning up, to simulate a crash; `start()` brings it back on the same port."""

@@ -95,8 +95,9 @@ class KVMeta:
 class PrefillOutput:
     """A finished prefill: the first generated token and the exported KV state as a stream of byte chunks.
 
-    `kv_chunks` yields exactly `kv_meta.total_bytes` bytes in order; chunk boundaries are the engine's choice (the
-    handoff re-chunks to its own size). It is consumed once, by the handoff writer.
+    `kv_chunks` yields exactly `kv_meta.total_bytes` bytes in order, cut by the engine at its export chunk size;
+    the handoff stores each chunk as one value, so the worker builds the engine with the handoff's chunk size. It is
+    consumed once, by the handoff writer.
     """
 
     first_token: int

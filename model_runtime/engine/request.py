@@ -99,7 +99,9 @@ class Request:
             self.finish("length")
 
     def finish(self, reason: str) -> None:
-        self.status = RequestStatus.FINISHED
-        self.finish_reason = reason
         if self.text is not None and reason != "cancelled":
             self.text.finish()
+            if self.text.stopped:  # a stop string that only the end of the text could confirm (overlapping stops)
+                reason = "stop"
+        self.status = RequestStatus.FINISHED
+        self.finish_reason = reason

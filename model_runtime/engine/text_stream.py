@@ -1,14 +1,43 @@
 """Detokenized text of one request as it streams: whole-character deltas, stop strings cut exactly.
 
 Text that could still turn into a stop string is held back, so the deltas handed out always concatenate to the
-final text (which ends right before the earliest stop string).
+final text (which ends right before the earliest stop string). The engine (`LLMEngine`) and the gateway (which
+applies the request's stop strings to the token stream the workers send) both use it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
+from dsv4.model_runtime.dsml import find_stop, held_back
 from dsv4.model_runtime.tokenizer import Tokenizer
+
+
+class StopMatcher:
+    """Streams text up to the earliest stop string, holding back tails that may still become one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = list(stops)
+        self._text = ""
+        self._sent = 0
+        self.stopped = False
+
+    def feed(self, delta: str, final: bool = False) -> str:
+        """Add text; returns what can be sent now. After a stop string was seen, `stopped` is True."""
+        if self.stopped:
+            return ""
+        self._text += delta
+        if self.stops:
+            hit = find_stop(self._text, self._sent, self.stops, final)
+            if hit is not None:
+                out = self._text[self._sent : hit[0]]
+                self._sent = len(self._text)
+                self.stopped = True
+                return out
+        end = len(self._text) if final else len(self._text) - held_back(self._text, self._sent, self.stops)
+        out = self._text[self._sent : end]
+        self._sent = end
+        return out
 
 
 class TextStream:
@@ -16,40 +45,34 @@ class TextStream:
 
     def __init__(self, tokenizer: Tokenizer, stop: Sequence[str], skip_special_tokens: bool) -> None:
         self._detok = tokenizer.detokenizer(skip_special_tokens=skip_special_tokens)
-        self._stop = tuple(stop)
-        self._hold = max((len(s) for s in self._stop), default=1) - 1
-        self.text = ""
+        self._matcher = StopMatcher(stop)
+        self.text = ""  # everything released so far; the final text once finished
         self._sent = 0
-        self.stopped = False
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string was found; the text ends right before it and nothing more is added."""
+        return self._matcher.stopped
 
     def add(self, token_id: int) -> None:
         """Append one generated token; sets `stopped` once the text contains a stop string (and cuts it there)."""
-        if self.stopped:
-            return
-        before = len(self.text)
-        self.text += self._detok.add(token_id)
-        self._cut_at_stop(before)
+        self.add_many((token_id,))
+
+    def add_many(self, token_ids: Iterable[int]) -> None:
+        """Append several generated tokens (one stop-string check for all of them)."""
+        if not self.stopped:
+            self.text += self._matcher.feed(self._detok.add_many(token_ids))
 
     def finish(self) -> None:
-        """End of generation: flush bytes of an unfinished character (as `Tokenizer.decode` writes them)."""
+        """End of generation: flush bytes of an unfinished character (as `Tokenizer.decode` writes them) and the
+        text held back for stop strings that can no longer complete."""
         if not self.stopped:
-            before = len(self.text)
-            self.text += self._detok.finish()
-            self._cut_at_stop(before)
+            self.text += self._matcher.feed(self._detok.finish(), final=True)
 
-    def delta(self, final: bool) -> str:
-        """The text not handed out yet; unless `final`, minus a tail that may still become a stop string."""
-        end = len(self.text) if final or self.stopped else max(self._sent, len(self.text) - self._hold)
-        out = self.text[self._sent : end]
-        self._sent = end
+    def delta(self, final: bool = False) -> str:
+        """The text not handed out yet; with `final`, also what was held back for stop strings."""
+        if final and not self.stopped:
+            self.text += self._matcher.feed("", final=True)
+        out = self.text[self._sent :]
+        self._sent = len(self.text)
         return out
-
-    def _cut_at_stop(self, before: int) -> None:
-        if not self._stop:
-            return
-        # A stop string completed by the new text starts at most len(stop) - 1 characters before it.
-        start = max(0, before - self._hold)
-        hits = [i for i in (self.text.find(s, start) for s in self._stop) if i >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.stopped = True

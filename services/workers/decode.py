@@ -16,7 +16,8 @@ from dsv4.model_runtime.engine.port import KVImportError
 from dsv4.protocol import contract
 from dsv4.services import metrics, telemetry
 from dsv4.services.handoff import Handoff, HandoffError, HandoffReader
-from dsv4.services.queues import Delivery, Job, TokenWriter, Usage, is_cancelled
+from dsv4.services.token_stream import TokenWriter, Usage, is_cancelled
+from dsv4.services.work_queue import Delivery, Job
 from dsv4.services.workers.runtime import WorkerRuntime, start_job_trace
 
 log = logging.getLogger(__name__)

@@ -38,9 +38,15 @@ def _run(args: argparse.Namespace, role: contract.Role) -> int:
     import torch  # imported only here, so the CLI's help and errors stay fast
 
     from dsv4.model_runtime.engine.async_engine import AsyncEngine
+    from dsv4.model_runtime.engine.llm_engine import LLMEngine
 
     dtype = getattr(torch, settings.dtype)
-    engine = AsyncEngine.from_path(settings.model, device=settings.device or "cpu", dtype=dtype)
+    # The export's chunks are the handoff's values as they come (one checksummed cut, not two): the size is the
+    # handoff's.
+    engine = AsyncEngine(
+        LLMEngine.from_path(settings.model, device=settings.device or "cpu", dtype=dtype),
+        kv_chunk_size=settings.kv_handoff.chunk_bytes,
+    )
     try:
         asyncio.run(_serve(role, settings, engine))
     finally:

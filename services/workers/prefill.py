@@ -11,7 +11,8 @@ from dsv4.protocol.connection import unavailable_as_typed
 from dsv4.protocol.keys import descriptor_key, handed_over_key
 from dsv4.services import metrics, telemetry
 from dsv4.services.handoff import HandoffWriter
-from dsv4.services.queues import TOKEN_STREAM_TTL_S, Delivery, Job, TokenWriter, Usage, WorkQueue, is_cancelled
+from dsv4.services.token_stream import TOKEN_STREAM_TTL_S, TokenWriter, Usage, is_cancelled
+from dsv4.services.work_queue import Delivery, Job, WorkQueue
 from dsv4.services.workers.runtime import WorkerRuntime, start_job_trace
 
 log = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ class PrefillWorker:
             s.deployment,
             transport=s.kv_handoff.transport,
             ttl_s=s.kv_handoff.ttl_seconds,
-            chunk_bytes=s.kv_handoff.chunk_bytes,
             direct_store=runtime.direct_store,
             direct_url=f"http://{s.pod_ip}:{s.port}",
         )

@@ -13,11 +13,11 @@ import contextlib
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 
 import redis.asyncio as aioredis
 import uvicorn
-from fastapi import FastAPI, Response
-from fastapi.responses import JSONResponse
+from fastapi import FastAPI
 from opentelemetry import context as otel_context
 from opentelemetry.util.types import AttributeValue
 
@@ -25,8 +25,9 @@ from dsv4.model_runtime.engine.port import Engine
 from dsv4.protocol import contract
 from dsv4.protocol.connection import RedisUnavailable, connect
 from dsv4.services import metrics, telemetry
-from dsv4.services.handoff import DirectStore, direct_router
-from dsv4.services.queues import Delivery, Job, WorkQueue
+from dsv4.services.health import health_routes
+from dsv4.services.kv_direct import DirectStore, direct_router
+from dsv4.services.work_queue import Delivery, Job, WorkQueue
 from dsv4.services.workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -173,23 +174,14 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
     """The worker's HTTP side on WORKER_PORT: health, readiness, metrics and the `direct` KV data plane."""
     app = FastAPI(title=f"dsv4 {runtime.role.value} worker", docs_url=None, redoc_url=None, openapi_url=None)
 
-    @app.get(contract.HEALTH_PATH)
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    @app.get(contract.READY_PATH)
-    async def readyz() -> JSONResponse:
+    async def readiness() -> tuple[bool, dict[str, Any]]:
         if runtime.draining.is_set():
-            return JSONResponse({"status": "draining"}, status_code=503)
+            return False, {"status": "draining"}
         if not runtime.started:
-            return JSONResponse({"status": "starting"}, status_code=503)
-        return JSONResponse({"status": "ready", "inflight": len(runtime.inflight)})
+            return False, {"status": "starting"}
+        return True, {"status": "ready", "inflight": len(runtime.inflight)}
 
-    @app.get(contract.METRICS_PATH)
-    async def metrics_endpoint() -> Response:
-        body, content_type = metrics.render()
-        return Response(body, media_type=content_type)
-
+    app.include_router(health_routes(readiness))
     app.include_router(direct_router(runtime.direct_store))
     return app
 

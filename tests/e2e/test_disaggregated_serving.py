@@ -214,9 +214,8 @@ async def test_redis_restart_under_load_ends_in_answers_or_clean_errors(cluster:
         await asyncio.sleep(1.0)
         await asyncio.to_thread(cluster.redis.start)
         outcomes = await asyncio.wait_for(asyncio.gather(*tasks), timeout=90)  # no hang
-        assert all(o == "completed" or o.startswith(("http 503", "http 504", "stream error")) for o in outcomes), (
-            outcomes
-        )
+        # No 504: a request the restarted (empty) Redis lost is told so through its lease, not by the token timeout.
+        assert all(o == "completed" or o.startswith(("http 503", "stream error")) for o in outcomes), outcomes
         for p in [cluster.prefill, *cluster.decode]:  # the workers recreate their groups and are ready again
             await asyncio.to_thread(p.wait_ready, 30)
         resp = await c.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=3, temperature=0)

@@ -3,6 +3,7 @@ in-process broker), the embedded model made on first use, the official openai cl
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import queue
@@ -19,12 +20,14 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+import redis
 
 from dsv4.model_runtime.chat_encoding import ChatEncoder
 from dsv4.model_runtime.engine.llm import LLM
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.tokenizer import Tokenizer
 from dsv4.services.local_redis import free_port
+from dsv4.services.serve.brokers import MAX_RESTARTS
 
 pytestmark = pytest.mark.e2e
 
@@ -278,3 +281,116 @@ def test_cannot_start_exits_nonzero_with_one_clear_line(case: str, tmp_path: Pat
     assert err.startswith("dsv4 serve: ") and err.count("\n") == 0 and expected in err, err
     assert "secret" not in err
     assert not (tmp_path / "models").exists()  # nothing was written before the checks
+
+
+def _redis_server_pid(serve: Serve, not_pid: int | None = None, timeout: float = 30) -> int:
+    """The pid of serve's private redis-server (another one than `not_pid`) once it answers on its port."""
+    port = int(re.findall(r"redis-server on 127\.0\.0\.1:(\d+)", serve.output())[0])
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(redis.RedisError, OSError, ValueError):
+            pid = int(redis.Redis(port=port, socket_timeout=1).info("server")["process_id"])
+            if pid != not_pid and pid in descendants(serve.proc.pid):
+                return pid
+        time.sleep(0.05)
+    err = serve.proc.stderr.read() if serve.proc.poll() is not None and serve.proc.stderr else ""
+    pytest.fail(f"no new redis-server under dsv4 serve within {timeout:.0f} s: {serve.output()}\n{err}")
+
+
+async def _one_streamed_chat(c: openai.AsyncOpenAI, i: int, streaming: asyncio.Event) -> tuple[str, float]:
+    """How one streamed chat ended ("completed", "http <status> retry-after <s>", "stream error: …") and when."""
+    try:
+        stream = await c.chat.completions.create(
+            model="deepseek-v4-flash", messages=[{"role": "user", "content": f"Count to {i}."}], max_tokens=64,
+            temperature=0, stream=True, extra_body={"ignore_eos": True},
+        )  # fmt: skip
+        async for _ in stream:
+            streaming.set()
+        outcome = "completed"
+    except openai.APIStatusError as e:
+        outcome = f"http {e.status_code} retry-after {e.response.headers.get('retry-after')}"
+    except openai.APIError as e:  # the error event of a stream whose headers were sent
+        outcome = f"stream error: {e.message}"
+    return outcome, time.monotonic()
+
+
+def test_a_killed_broker_under_load_is_restarted_and_serving_resumes(home: Path, serve_cleanup: list[Serve]) -> None:
+    """The run of issue #14: SIGKILL the private redis-server while 24 streamed requests are in flight. Each ends at
+    once with a clean 503 (or completes), serve restarts the broker on the same port, and within seconds new
+    requests are served again through the prefill worker and the KV handoff (both workers rejoined)."""
+    serve = Serve(home, "--broker", "redis-server", env={"DSV4_DISAGGREGATION__MODE": "always"})
+    serve_cleanup.append(serve)
+    serve.wait_for(r"dsv4 serve: ready in [\d.]+ s")
+    prefill_metrics = serve.wait_for(r"(http://127\.0\.0\.1:\d+/metrics) \(prefill\)", timeout=5).group(1)
+    old = _redis_server_pid(serve)
+
+    async def load_then_heal() -> tuple[list[tuple[str, float]], float, float]:
+        async with openai.AsyncOpenAI(base_url=serve.url + "/v1", api_key="none", max_retries=0, timeout=120) as c:
+            streaming = asyncio.Event()
+            tasks = [asyncio.create_task(_one_streamed_chat(c, i, streaming)) for i in range(24)]
+            await asyncio.wait_for(streaming.wait(), 120)
+            os.kill(old, signal.SIGKILL)
+            killed = time.monotonic()
+
+            async def first_success() -> float:  # serving resumes, while the requests of the load still end
+                while True:
+                    try:
+                        await c.chat.completions.create(
+                            model="deepseek-v4-flash", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+                        )
+                        return time.monotonic()
+                    except openai.APIStatusError as e:
+                        assert e.status_code == 503 and time.monotonic() - killed < 60, e
+                        await asyncio.sleep(0.2)
+
+            healed = asyncio.create_task(first_success())
+            outcomes = await asyncio.wait_for(asyncio.gather(*tasks), 120)  # no request hangs
+            handoffs_before = await asyncio.to_thread(_handoff_writes, prefill_metrics)
+            again = await c.chat.completions.create(
+                model="deepseek-v4-flash", messages=[{"role": "user", "content": PROMPT}], max_tokens=MAX_TOKENS,
+                temperature=0, extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            assert again.usage is not None and again.usage.completion_tokens == MAX_TOKENS
+            # The prefill worker rejoined its group: the request went through it and the KV handoff.
+            assert await asyncio.to_thread(_handoff_writes, prefill_metrics) > handoffs_before
+        return outcomes, killed, await healed
+
+    outcomes, killed, healed = asyncio.run(load_then_heal())
+    failed = [o for o, _ in outcomes if o != "completed"]
+    assert failed, "the kill hit no request in flight"
+    for outcome in failed:
+        assert outcome == "http 503 retry-after 2" or outcome.startswith("stream error: the request queue"), outcome
+    last_failure = max(t for o, t in outcomes if o != "completed") - killed
+    print(f"\nbroker kill: {len(failed)}/24 requests failed cleanly, the last {last_failure:.2f} s after the kill, "
+          f"{24 - len(failed)} completed; a new request succeeded {healed - killed:.2f} s after it")  # fmt: skip
+    assert last_failure < 60  # without the lease they waited for the token timeout (600 s)
+    assert _redis_server_pid(serve, not_pid=old) != old
+    assert httpx.get(serve.url + "/readyz", timeout=10).status_code == 200
+    assert serve.stop(signal.SIGTERM) == 0
+    assert serve.proc.stderr is not None
+    err = serve.proc.stderr.read()
+    assert "redis-server" in err and "died (status -9); restarting it empty" in err and "back at" in err, err
+
+
+def _handoff_writes(metrics_url: str) -> float:
+    text = httpx.get(metrics_url, timeout=10).text
+    lines = [ln for ln in text.splitlines() if ln.startswith('dsv4_handoff_bytes_total{direction="write"')]
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in lines)
+
+
+def test_a_broker_that_keeps_dying_stops_serve_with_one_line(home: Path, serve_cleanup: list[Serve]) -> None:
+    serve = Serve(home, "--broker", "redis-server")
+    serve_cleanup.append(serve)
+    serve.wait_for(r"dsv4 serve: ready in [\d.]+ s")
+    children = descendants(serve.proc.pid)
+    pid = _redis_server_pid(serve)
+    for _ in range(MAX_RESTARTS):
+        os.kill(pid, signal.SIGKILL)
+        pid = _redis_server_pid(serve, not_pid=pid)
+        time.sleep(1)  # serve's restart has seen it answer too; a kill before that is a failed restart instead
+    os.kill(pid, signal.SIGKILL)
+    assert serve.proc.wait(timeout=120) == 1
+    assert serve.proc.stderr is not None
+    last = serve.proc.stderr.read().strip().splitlines()[-1]
+    assert last.startswith("dsv4 serve: the redis-server on ") and f"{MAX_RESTARTS + 1} times within" in last, last
+    assert not [p for p in children | {pid} if alive(p)]

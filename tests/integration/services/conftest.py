@@ -20,7 +20,8 @@ from dsv4.model_runtime.engine.port import TokenLogprobs
 from dsv4.protocol import contract, env, keys
 from dsv4.protocol.connection import connect
 from dsv4.services.local_redis import LocalRedis, free_port
-from dsv4.services.queues import Delivery, Job, TokenWriter, Usage, WorkQueue
+from dsv4.services.token_stream import TokenWriter, Usage
+from dsv4.services.work_queue import Delivery, Job, WorkQueue
 
 DEPLOYMENT = "itest"
 API_KEY = "sk-test-key"

@@ -16,7 +16,8 @@ from dsv4.model_runtime.tokenizer import Tokenizer
 from dsv4.protocol import keys
 from dsv4.protocol.keys import cancel_key, token_stream_key
 from dsv4.services.local_redis import LocalRedis
-from dsv4.services.queues import Job, TokenWriter
+from dsv4.services.token_stream import TokenWriter
+from dsv4.services.work_queue import Job
 
 from .conftest import API_KEY, DEPLOYMENT, MODEL, GatewayProcess, fake_logprobs, write_tokens
 
@@ -370,5 +371,31 @@ async def test_redis_down_answers_503_with_retry_after_then_recovers(redis_serve
             assert (await h.get(gw.url + "/readyz")).status_code == 503
             redis_server.start()
             assert (await h.get(gw.url + "/readyz")).status_code == 200
+    finally:
+        await asyncio.to_thread(gw.stop)
+
+
+async def test_a_request_the_restarted_redis_lost_gets_503_not_504(redis_server: LocalRedis) -> None:
+    """No worker answers, Redis restarts empty under the waiting request: its lease is gone, so the client gets a
+    503 to retry (not the 504 of the 3 s token timeout, which would mean the gateway kept waiting)."""
+    gw = GatewayProcess(redis_server.url)
+    await asyncio.to_thread(gw.start)
+    try:
+        async with httpx.AsyncClient(timeout=20) as h:
+            pending = asyncio.create_task(
+                h.post(
+                    gw.url + "/v1/chat/completions",
+                    json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+                    headers={"Authorization": f"Bearer {API_KEY}"},
+                )
+            )
+            sync = redis.Redis.from_url(redis_server.url)
+            while not sync.keys("*lease*"):  # the request is enqueued and waiting for tokens
+                await asyncio.sleep(0.02)
+            redis_server.kill()
+            redis_server.start()
+            r = await pending
+            assert r.status_code == 503 and r.headers["retry-after"] == "2", r.text
+            assert "lost this request" in r.json()["error"]["message"]
     finally:
         await asyncio.to_thread(gw.stop)

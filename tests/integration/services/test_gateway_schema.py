@@ -11,7 +11,8 @@ import pytest
 
 from dsv4.model_runtime.chat_tokens import EOS
 from dsv4.model_runtime.tokenizer import Tokenizer
-from dsv4.services.queues import Job, TokenWriter
+from dsv4.services.token_stream import TokenWriter
+from dsv4.services.work_queue import Job
 
 from .conftest import API_KEY, write_tokens
 

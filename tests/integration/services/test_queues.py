@@ -16,10 +16,10 @@ from dsv4.protocol.connection import RedisUnavailable, connect
 from dsv4.protocol.keys import dead_letter_key, token_stream_key
 from dsv4.protocol.stats import queue_stats
 from dsv4.services.local_redis import LocalRedis
-from dsv4.services.queues import (
+from dsv4.services.stream_entries import MalformedEntry, pack_ids
+from dsv4.services.token_stream import (
     Finish,
-    Job,
-    MalformedEntry,
+    RequestLost,
     TokenChunk,
     TokenReader,
     TokenStreamFailed,
@@ -27,11 +27,10 @@ from dsv4.services.queues import (
     TokenStreamTimeout,
     TokenWriter,
     Usage,
-    WorkQueue,
     is_cancelled,
-    pack_ids,
     request_cancel,
 )
+from dsv4.services.work_queue import Job, WorkQueue
 
 pytestmark = pytest.mark.integration
 
@@ -198,6 +197,56 @@ async def test_token_stream_gap_error_and_timeout(client) -> None:  # type: igno
     with pytest.raises(TokenStreamTimeout):
         _ = [e async for e in TokenReader(client, DEP, "nobody").events(idle_timeout_s=0.3)]
     assert time.monotonic() - t0 < 2
+
+
+async def _leased(client, rid: str) -> TokenReader:  # type: ignore[no-untyped-def]
+    """A reader holding its request's lease, taken in the transaction that enqueues the job (as the gateway does)."""
+    reader = TokenReader(client, DEP, rid)
+    async with client.pipeline(transaction=True) as p:
+        reader.take_lease(p)
+        WorkQueue(client, DEP, keys.DECODE_STREAM).enqueue_in(p, job(rid))
+        await p.execute()
+    return reader
+
+
+async def test_a_leased_request_is_read_to_the_end_and_closing_frees_the_lease(client) -> None:  # type: ignore[no-untyped-def]
+    reader = await _leased(client, "leased")
+    assert await client.ttl(reader.lease_key) > 0
+    w = TokenWriter(client, DEP, "leased")
+
+    async def produce() -> None:
+        await asyncio.sleep(1.3)  # past one empty read: the lease is renewed, not mistaken for lost
+        await w.write(0, [7])
+        await w.finish("length", Usage(3, 1))
+
+    task = asyncio.create_task(produce())
+    got = [e async for e in reader.events(idle_timeout_s=5)]
+    await task
+    assert isinstance(got[-1], Finish) and [e.token_ids for e in got if isinstance(e, TokenChunk)] == [(7,)]
+    await reader.close()
+    assert not await client.exists(reader.lease_key, reader.key)
+
+
+async def test_a_request_redis_lost_in_a_restart_is_reported_within_seconds(redis_server: LocalRedis) -> None:
+    """A broker restarted empty while a request waits: the reader says so at its next empty read, not after the
+    idle timeout, and a writer that carries on after the restart (a gap) gets the same verdict."""
+    client = connect(redis_server.url)
+    waiting = await _leased(client, "waiting")
+    streaming = await _leased(client, "streaming")
+    w = TokenWriter(client, DEP, "streaming")
+    await w.write(0, [1])
+    events = streaming.events(idle_timeout_s=60)
+    assert isinstance(await anext(events), TokenChunk)
+    redis_server.kill()
+    redis_server.start()  # persistence is off: jobs, tokens and leases are gone
+    await w.write(5, [6])  # a writer carrying on on the fresh broker: index 5 without 1..4
+    t0 = time.monotonic()
+    with pytest.raises(RequestLost):
+        _ = [e async for e in waiting.events(idle_timeout_s=60)]
+    with pytest.raises(RequestLost):
+        await anext(events)
+    assert time.monotonic() - t0 < 10
+    await client.aclose()
 
 
 async def test_token_stream_has_a_ttl(client) -> None:  # type: ignore[no-untyped-def]

@@ -16,7 +16,8 @@ from dsv4.model_runtime.chat_tokens import EOS
 from dsv4.model_runtime.tokenizer import Tokenizer
 from dsv4.services import telemetry
 from dsv4.services.local_redis import LocalRedis
-from dsv4.services.queues import Job, TokenWriter
+from dsv4.services.token_stream import TokenWriter
+from dsv4.services.work_queue import Job
 
 from .conftest import API_KEY, MODEL, GatewayProcess, write_tokens
 from .otlp_receiver import OtlpReceiver

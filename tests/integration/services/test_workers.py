@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from prometheus_client import REGISTRY
 
 from dsv4.model_runtime.engine.async_engine import AsyncEngine
 from dsv4.model_runtime.engine.port import KVMeta, SamplingSpec
@@ -21,7 +22,8 @@ from dsv4.protocol.keys import chunk_key, descriptor_key, handed_over_key
 from dsv4.protocol.stats import queue_stats
 from dsv4.services.handoff import HandoffReader, HandoffWriter
 from dsv4.services.local_redis import LocalRedis
-from dsv4.services.queues import Finish, Job, TokenChunk, TokenReader, TokenWriter, WorkQueue
+from dsv4.services.token_stream import Finish, TokenChunk, TokenReader, TokenWriter
+from dsv4.services.work_queue import Job, WorkQueue
 from dsv4.services.workers.decode import DecodeWorker
 from dsv4.services.workers.prefill import PrefillWorker
 from dsv4.services.workers.runtime import WorkerRuntime
@@ -65,7 +67,8 @@ async def handoff_then_decode(rt: WorkerRuntime, engine: AsyncEngine, rid: str, 
     if damage == "foreign":
         meta = KVMeta(meta.format_version, "another-model", meta.total_bytes, meta.num_tokens)
     ttl = 0.3 if damage == "expired" else 30
-    desc = await HandoffWriter(rt.client, DEP, ttl_s=ttl, chunk_bytes=4096).write(rid, meta, [blob], out.first_token)
+    chunks = [blob[i : i + 4096] for i in range(0, len(blob), 4096)]  # several chunks: damage one in the middle
+    desc = await HandoffWriter(rt.client, DEP, ttl_s=ttl).write(rid, meta, chunks, out.first_token)
     if damage == "corrupt":
         key = chunk_key(DEP, desc.handoff_id, 1)
         data = bytearray(await rt.client.get(key) or b"")
@@ -89,7 +92,10 @@ async def handoff_then_decode(rt: WorkerRuntime, engine: AsyncEngine, rid: str, 
 async def test_handoff_is_imported_or_recomputed_to_the_same_tokens(
     worker: WorkerRuntime, engine: AsyncEngine, expected: list[int], damage: str
 ) -> None:
+    refused = REGISTRY.get_sample_value("dsv4_handoff_failures_total", {"reason": "KVImportError"}) or 0.0
     assert await handoff_then_decode(worker, engine, f"r-{damage}", damage) == expected
+    if damage == "corrupt":  # a changed byte passes the handoff (sizes) and is refused by the KV format's crc32c
+        assert REGISTRY.get_sample_value("dsv4_handoff_failures_total", {"reason": "KVImportError"}) == refused + 1
     stats = await queue_stats(worker.client, DEP, keys.DECODE_STREAM)
     for _ in range(50):  # the ack follows the end marker
         if stats.pending == 0:

@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -21,7 +22,7 @@ pytestmark = pytest.mark.unit
 def test_every_kernel_compiles_for_sm90():
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"TRITON_DEFAULT_FP_FUSION": "1"}
     done = subprocess.run(
-        [sys.executable, "-m", "dsv4.kernels.cuda.aot", "--arch", "90"],
+        [sys.executable, str(Path(__file__).with_name("cuda_aot.py")), "--arch", "90"],
         env=env,
         capture_output=True,
         text=True,

@@ -36,7 +36,7 @@ async def test_backlog_follows_xadd_xreadgroup_xack(redis_url: str) -> None:
         p, d = planner.plan(_pool(2, sig.backlog), _pool(2, 0), POLICY)
         assert p.desired == 4 and d.desired == 2  # backlog 24 / 4 per replica, capped at double
 
-        # Workers finish everything: acknowledged and deleted, as services.queues does it.
+        # Workers finish everything: acknowledged and deleted, as services.work_queue does it.
         await client.xreadgroup(keys.WORKER_GROUP, "prefill-a", {key: ">"}, count=100)
         for entry in ids:
             await client.xack(key, keys.WORKER_GROUP, entry)

@@ -1,4 +1,4 @@
-"""Handoff chunking and descriptor parsing, without Redis."""
+"""Handoff descriptor parsing, without Redis."""
 
 from __future__ import annotations
 
@@ -6,17 +6,10 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from dsv4.services.handoff import Descriptor, HandoffCorrupt, rechunk
+from dsv4.protocol.config import MAX_CHUNK_BYTES
+from dsv4.services.handoff import Descriptor, HandoffCorrupt
 
 pytestmark = pytest.mark.unit
-
-
-@given(st.lists(st.binary(max_size=300), max_size=30), st.integers(min_value=1, max_value=257))
-def test_rechunk_preserves_bytes_and_cuts_exact_sizes(parts: list[bytes], size: int) -> None:
-    out = list(rechunk(parts, size))
-    assert b"".join(out) == b"".join(parts)
-    assert all(len(c) == size for c in out[:-1])
-    assert all(0 < len(c) <= size for c in out)
 
 
 def _desc(**over: object) -> Descriptor:
@@ -28,7 +21,6 @@ def _desc(**over: object) -> Descriptor:
         total_bytes=5,
         num_tokens=3,
         chunk_sizes=(4, 1),
-        chunk_crc32c=(1, 2),
         first_token=7,
         transport="redis",
         lease_deadline_ms=1,
@@ -46,7 +38,8 @@ def test_descriptor_json_round_trip() -> None:
     "bad",
     [
         _desc(total_bytes=6),
-        _desc(chunk_crc32c=(1,)),
+        _desc(chunk_sizes=(0, 5)),
+        _desc(total_bytes=MAX_CHUNK_BYTES + 1, chunk_sizes=(MAX_CHUNK_BYTES + 1,)),
         _desc(transport="carrier-pigeon"),
         _desc(transport="direct"),
         _desc(format_version=99),

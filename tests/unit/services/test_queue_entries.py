@@ -7,7 +7,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dsv4.model_runtime.engine.port import SamplingSpec
-from dsv4.services.queues import Job, MalformedEntry, pack_ids, unpack_ids
+from dsv4.services.stream_entries import MalformedEntry, pack_ids, unpack_ids
+from dsv4.services.work_queue import Job
 
 pytestmark = pytest.mark.unit
 

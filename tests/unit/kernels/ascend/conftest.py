@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from dsv4.kernels.ascend import emulation
 from dsv4.kernels.ascend.namespace import TORCH_NPU_VERSION, use_namespace
-from dsv4.kernels.ascend.schema import Schema, SchemaError, load_schemas
+
+from . import emulation
+from .schema import Schema, SchemaError, load_schemas
 
 
 def wheel_path() -> Path:

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from dsv4.kernels.ascend import adapters
-from dsv4.kernels.ascend.emulation import DocumentedConstraintError
 from dsv4.kernels.registry import KernelBackendError, lookup
 from dsv4.model_runtime.formats import quant_fp4, quant_fp8
+
+from .emulation import DocumentedConstraintError
 
 pytestmark = pytest.mark.unit
 BF16 = {"atol": 2e-2, "rtol": 2e-2}

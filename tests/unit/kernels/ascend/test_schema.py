@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dsv4.kernels.ascend.schema import SchemaError, parse_schema
+from .schema import SchemaError, parse_schema
 
 pytestmark = pytest.mark.unit
 

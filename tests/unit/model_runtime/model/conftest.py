@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
-from dsv4.model_runtime.transformers_oracle import load_transformers_oracle
+
+from .transformers_oracle import load_transformers_oracle
 
 VOCAB = 129280
 

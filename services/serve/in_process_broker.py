@@ -2,8 +2,9 @@
 
 It is fakeredis's TCP server (streams, consumer groups, XAUTOCLAIM, XCLAIM JUSTID, XINFO, SET with PXAT/EX, MULTI)
 on a free loopback port, served by threads of the process that owns it. The roles reach it with an ordinary
-`redis://` URL through `redis_conn.connect`, exactly as they reach a real Redis, so nothing in the serving path
-knows the difference. It has the same interface as `LocalRedis` (`start`, `stop`, `url`, context manager).
+`redis://` URL through `protocol.connection.connect`, exactly as they reach a real Redis, so nothing in the serving
+path knows the difference. It has the same interface as `LocalRedis` (`start`, `stop`, `exited`, `restart`, `url`,
+context manager).
 
 Limits, which is why `dsv4 serve` prefers a real `redis-server`: it parses large values slowly (a 4 MiB SET takes
 seconds), so `dsv4 serve` moves KV state over the `direct` data plane on it and Redis carries only descriptors;
@@ -53,6 +54,17 @@ class InProcessBroker:
                 time.sleep(0.02)
         self.stop()
         raise RedisServerError(f"in-process broker did not answer on {self.url} within {self.startup_timeout}s")
+
+    def exited(self) -> int | None:
+        """1 once the serving thread ended without `stop()` (a bug in the server), else None."""
+        if self._server is None or self._thread is None:
+            return None
+        return None if self._thread.is_alive() else 1
+
+    def restart(self) -> InProcessBroker:
+        """A fresh, empty server on the same port."""
+        self.stop()
+        return self.start()
 
     def stop(self) -> None:
         """Stop serving and close every connection; safe to call twice."""

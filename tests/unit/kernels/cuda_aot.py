@@ -4,7 +4,7 @@ Triton's compiler and the ptxas it ships run on any machine, so CPU CI can prove
 cubin for sm_90 (H100/H200) at the Flash-sized tile configurations the wrappers pick: the interpreter cannot
 catch a construct the real compiler rejects. Running the cubins needs a GPU (bench/gpu.sh).
 
-    python -m dsv4.kernels.cuda.aot [--arch 90]     # JSON line per kernel; exit 1 if one fails
+    python tests/unit/kernels/cuda_aot.py [--arch 90]     # JSON line per kernel; exit 1 if one fails
 (needs a process without TRITON_INTERPRET=1: the kernels must be JIT functions, not interpreted ones).
 """
 

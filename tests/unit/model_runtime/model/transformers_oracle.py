@@ -1,9 +1,9 @@
 """transformers' `DeepseekV4ForCausalLM` on one of our official-format checkpoints: the CPU test oracle.
 
-Used by the oracle tests and the CPU benchmarks, never by serving; transformers is a test extra and is imported
-only when called. The config differs in one place: transformers takes
-only 0/4/128 in `compress_ratios`, so the HCA rate of small test models travels as `layer_types` +
-`compress_rates`.
+Used by the oracle tests and the CPU benchmarks (which import it from the checkout: it is not in the wheel), never
+by serving; transformers is a test extra and is imported only when called. The config differs in one place:
+transformers takes only 0/4/128 in `compress_ratios`, so the HCA rate of small test models travels as
+`layer_types` + `compress_rates`.
 """
 
 from __future__ import annotations

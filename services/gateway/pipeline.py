@@ -1,0 +1,269 @@
+"""One OpenAI request through the queues: prepare (context and sampling) → enqueue (prefill decision, job and
+lease in one transaction) → stream (the first event decides the status; then one JSON body or an SSE stream).
+
+Every way a request ends goes through `_Call.finish`: the requests metric, the request duration and the end of the
+`gateway.request` span happen exactly once, and a queue failure becomes the client's error in `_Call.fail` alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from fastapi import Request, Response
+from fastapi.responses import JSONResponse, StreamingResponse
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import Span, Status, StatusCode
+
+from dsv4.model_runtime.engine.port import SamplingSpec
+from dsv4.model_runtime.engine.text_stream import TextStream
+from dsv4.protocol.connection import RedisUnavailable, unavailable_as_typed
+from dsv4.services import metrics, telemetry
+from dsv4.services.gateway.decision import PrefillDecision, decide_prefill
+from dsv4.services.gateway.errors import APIError, invalid, unavailable
+from dsv4.services.gateway.openai_format import SSE_DONE, OpenAIFormat, sse_event
+from dsv4.services.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from dsv4.services.gateway.settings import GatewaySettings
+from dsv4.services.gateway.state import GatewayState
+from dsv4.services.gateway.streaming import Done, TextDelta, text_stream
+from dsv4.services.token_stream import (
+    RequestLost,
+    TokenReader,
+    TokenStreamFailed,
+    TokenStreamGap,
+    TokenStreamTimeout,
+)
+from dsv4.services.work_queue import Job
+
+QUEUE_UNAVAILABLE = "the request queue is unavailable; retry shortly"
+_QUEUE_ERRORS = (RedisUnavailable, RequestLost, TokenStreamTimeout, TokenStreamFailed, TokenStreamGap)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated request, ready to enqueue."""
+
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingSpec
+    stops: list[str]
+
+
+def prepare(
+    settings: GatewaySettings,
+    prefix: str,
+    prompt_ids: list[int],
+    body: ChatCompletionRequest | CompletionRequest,
+    max_new: int | None,
+) -> Prepared:
+    """Check the prompt and `max_new` against the context and turn the body's sampling fields into a SamplingSpec;
+    a 400 naming the parameter otherwise."""
+    room = settings.max_model_len - len(prompt_ids)
+    if room < 1:
+        raise invalid(
+            f"the prompt has {len(prompt_ids)} tokens; this model's context is {settings.max_model_len}",
+            param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            code="context_length_exceeded",
+        )
+    if max_new is not None and max_new > room:
+        raise invalid(
+            f"max_tokens {max_new} + {len(prompt_ids)} prompt tokens exceed the context of {settings.max_model_len}",
+            param="max_tokens",
+            code="context_length_exceeded",
+        )
+    sampling = SamplingSpec(
+        max_tokens=max_new or min(settings.default_max_tokens, room),
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=max(0, body.top_k or 0),
+        min_p=body.min_p or 0.0,
+        seed=body.seed,
+        presence_penalty=body.presence_penalty or 0.0,
+        frequency_penalty=body.frequency_penalty or 0.0,
+        repetition_penalty=body.repetition_penalty or 1.0,
+        stop_token_ids=tuple(body.stop_token_ids or ()),
+        ignore_eos=body.ignore_eos,
+        logprobs=body.requested_logprobs(),
+    )
+    return Prepared(prefix + uuid.uuid4().hex, prompt_ids, sampling, body.stop_list())
+
+
+def queue_error(e: Exception, retry_after_s: int) -> APIError:
+    """The client's error for a failure of the queues or the workers."""
+    if isinstance(e, RedisUnavailable):
+        return unavailable(QUEUE_UNAVAILABLE, retry_after_s)
+    if isinstance(e, RequestLost):
+        return unavailable("the request queue restarted and lost this request; retry it", retry_after_s)
+    if isinstance(e, TokenStreamTimeout):
+        return APIError(504, "no worker produced tokens in time", code="timeout")
+    if isinstance(e, TokenStreamFailed):
+        status = 400 if e.code == "invalid_request" else 500
+        return APIError(status, f"generation failed: {e}", code=e.code)
+    if isinstance(e, TokenStreamGap):
+        return APIError(500, f"generation failed: {e}", type="server_error", code="token_stream_gap")
+    raise e
+
+
+class _Call:
+    """One request's span, latency metrics and final status, recorded once whichever way it ends."""
+
+    def __init__(self, request: Request, prepared: Prepared, endpoint: str) -> None:
+        self.t0 = time.monotonic()
+        self.endpoint = endpoint
+        self.span: Span = telemetry.tracer().start_span(
+            telemetry.SPAN_GATEWAY,
+            context=telemetry.extract(request.headers),  # a caller's traceparent makes this span its child
+            attributes={
+                telemetry.ATTR_REQUEST_ID: prepared.request_id,
+                "http.route": endpoint,
+                "dsv4.client_request_id": request.state.request_id,
+                telemetry.ATTR_PROMPT_TOKENS: len(prepared.prompt_ids),
+            },
+        )
+        self._last: float | None = None
+        self._ended = False
+
+    @contextmanager
+    def current(self) -> Iterator[None]:
+        """Make the span the current one inside the block (the job's trace context is injected from it)."""
+        token = otel_context.attach(trace.set_span_in_context(self.span))
+        try:
+            yield
+        finally:
+            otel_context.detach(token)
+
+    def event(self, ev: TextDelta | Done) -> None:
+        """Observe TTFT on the first token-bearing delta, inter-token latency on the later ones."""
+        if not isinstance(ev, TextDelta) or ev.tokens == 0:
+            return
+        now = time.monotonic()
+        if self._last is None:
+            metrics.TTFT.observe(now - self.t0)
+        else:
+            metrics.ITL.observe((now - self._last) / ev.tokens)
+        self._last = now
+
+    def finish(self, status: str, done: Done | None = None, error: BaseException | None = None) -> None:
+        """Count the request with `status` and end the span; later calls do nothing."""
+        if self._ended:
+            return
+        self._ended = True
+        metrics.REQUESTS.labels(endpoint=self.endpoint, status=status).inc()
+        metrics.REQUEST_SECONDS.observe(time.monotonic() - self.t0)
+        if done is not None:
+            self.span.set_attribute(telemetry.ATTR_COMPLETION_TOKENS, done.usage.completion_tokens)
+            self.span.set_attribute(telemetry.ATTR_FINISH_REASON, done.reason)
+        if error is not None:
+            self.span.record_exception(error)
+            self.span.set_status(Status(StatusCode.ERROR, str(error)))
+        self.span.end()
+
+    def fail(self, e: Exception, retry_after_s: int) -> APIError:
+        """The client's error for the queue failure `e`, with the request finished under its status."""
+        err = queue_error(e, retry_after_s)
+        self.finish(str(err.status), error=e)
+        return err
+
+
+async def _enqueue(gw: GatewayState, prepared: Prepared, reader: TokenReader, span: Span) -> PrefillDecision:
+    stats = await gw.prefill_stats()
+    decision = decide_prefill(len(prepared.prompt_ids), stats.lag, stats.consumers, gw.settings.disaggregation)
+    placement = "disaggregated" if decision.disaggregate else "local"
+    metrics.PREFILL_DECISIONS.labels(placement=placement, reason=decision.reason).inc()
+    span.set_attribute(telemetry.ATTR_DISAGGREGATED, decision.disaggregate)
+    span.set_attribute(telemetry.ATTR_DECISION_REASON, decision.reason)
+    job = Job(
+        prepared.request_id,
+        tuple(prepared.prompt_ids),
+        prepared.sampling,
+        trace_context=telemetry.inject(),
+        enqueued_at_ms=int(time.time() * 1000),
+    )
+    queue = gw.prefill if decision.disaggregate else gw.decode
+    with unavailable_as_typed(f"enqueueing into {queue.stream}"):
+        async with gw.client.pipeline(transaction=True) as p:
+            reader.take_lease(p)
+            queue.enqueue_in(p, job)
+            await p.execute()
+    return decision
+
+
+async def serve(gw: GatewayState, request: Request, prepared: Prepared, endpoint: str, fmt: OpenAIFormat) -> Response:
+    """Enqueue, wait for the first event, then answer as one JSON body or as an SSE stream."""
+    call = _Call(request, prepared, endpoint)
+    retry_after_s = gw.settings.retry_after_s
+    reader = TokenReader(gw.client, gw.settings.deployment, prepared.request_id)
+    text = TextStream(gw.tokenizer, prepared.stops, skip_special_tokens=fmt.skip_special_tokens)
+    events = text_stream(reader, text, len(prepared.prompt_ids), gw.settings.token_timeout_s)
+    try:
+        with call.current():
+            await _enqueue(gw, prepared, reader, call.span)
+        metrics.PROMPT_TOKENS.inc(len(prepared.prompt_ids))
+        # The generator closes itself when it raises or ends: an error here leaves nothing to clean up.
+        first = await anext(events)
+        call.event(first)
+        if not fmt.stream:
+            outputs = [first]
+            async for ev in events:
+                call.event(ev)
+                outputs.append(ev)
+    except _QUEUE_ERRORS as e:
+        raise call.fail(e, retry_after_s) from e
+    except asyncio.CancelledError:
+        call.finish("499")
+        raise
+    except Exception as e:
+        call.finish("500", error=e)
+        raise
+
+    if not fmt.stream:
+        done = outputs[-1]
+        assert isinstance(done, Done)
+        deltas = [o for o in outputs if isinstance(o, TextDelta)]
+        body = fmt.full("".join(d.text for d in deltas), done, [lp for d in deltas for lp in d.logprobs])
+        call.finish("200", done)
+        return JSONResponse(body)
+    return StreamingResponse(
+        _sse(call, fmt, first, events, retry_after_s),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache"},
+    )
+
+
+async def _sse(
+    call: _Call,
+    fmt: OpenAIFormat,
+    first: TextDelta | Done,
+    events: AsyncGenerator[TextDelta | Done, None],
+    retry_after_s: int,
+) -> AsyncIterator[bytes]:
+    status = "499"  # the client went away before the end, unless set otherwise below
+    done: Done | None = None
+    try:
+        for chunk in fmt.start():
+            yield sse_event(chunk)
+        ev = first
+        while True:
+            if isinstance(ev, TextDelta):
+                for chunk in fmt.delta(ev.text, ev.logprobs):
+                    yield sse_event(chunk)
+            else:
+                done = ev
+                for chunk in fmt.end(ev):
+                    yield sse_event(chunk)
+                break
+            ev = await anext(events)
+            call.event(ev)
+        status = "200"
+        yield SSE_DONE
+    except _QUEUE_ERRORS as e:
+        # Headers are sent: the error travels as a final SSE event, the way OpenAI's API reports it.
+        yield sse_event(call.fail(e, retry_after_s).body())
+    finally:
+        await events.aclose()
+        call.finish(status, done)

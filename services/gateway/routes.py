@@ -1,0 +1,109 @@
+"""The OpenAI-compatible routes: `/v1/models`, `/v1/chat/completions`, `/v1/completions`.
+
+Each completion route turns its body into prompt token ids (the chat encoding, or the prompt as given) and hands
+it to the request pipeline with the endpoint's response format.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request, Response
+
+from dsv4.model_runtime.dsml import forced_tool_call_prefix
+from dsv4.services.gateway import pipeline
+from dsv4.services.gateway.errors import APIError, invalid
+from dsv4.services.gateway.openai_format import ChatFormat, TextFormat, model_card
+from dsv4.services.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from dsv4.services.gateway.settings import GatewaySettings
+from dsv4.services.gateway.state import GatewayState
+
+
+def openai_routes(settings: GatewaySettings, authorize: Callable[[Request], Awaitable[None]]) -> APIRouter:
+    """The routes, each behind `authorize`; they read the app's `GatewayState` from `request.app.state.gw`."""
+    router = APIRouter(dependencies=[Depends(authorize)])
+
+    @router.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card(settings.served_model_name)]}
+
+    @router.get("/v1/models/{model_id}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        _check_model(settings, model_id)
+        return model_card(model_id)
+
+    @router.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        gw = _state(request)
+        _check_model(settings, body.model)
+        tools = (
+            [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and body.tool_choice != "none" else None
+        )
+        try:
+            encoded = gw.encoder.encode(
+                [m.model_dump(exclude_none=True) for m in body.messages],
+                tools=tools,
+                response_format=body.response_format,
+                thinking_mode=body.thinking_mode(),
+                reasoning_effort=body.reasoning_effort,
+            )
+        except ValueError as e:
+            raise invalid(f"messages: {e}", param="messages") from e
+        forced = _forced_tool_call(body)
+        prompt_ids = encoded.token_ids + gw.tokenizer.encode(forced)
+        prepared = pipeline.prepare(settings, "chatcmpl-", prompt_ids, body, body.max_new_tokens())
+        fmt = ChatFormat(body, prepared.request_id, gw.tokenizer, forced)
+        return await pipeline.serve(gw, request, prepared, "/v1/chat/completions", fmt)
+
+    @router.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        gw = _state(request)
+        _check_model(settings, body.model)
+        if isinstance(body.prompt, str):
+            ids = gw.tokenizer.encode(body.prompt)
+        else:
+            ids = list(body.prompt)
+            if max(ids) >= gw.tokenizer.vocab_size:
+                raise invalid(f"prompt: token id {max(ids)} is outside the vocabulary", param="prompt")
+        if not ids:
+            raise invalid("prompt is empty", param="prompt")
+        prepared = pipeline.prepare(settings, "cmpl-", ids, body, body.max_new_tokens())
+        fmt = TextFormat(body, prepared.request_id, gw.tokenizer)
+        return await pipeline.serve(gw, request, prepared, "/v1/completions", fmt)
+
+    return router
+
+
+def _state(request: Request) -> GatewayState:
+    gw: GatewayState = request.app.state.gw
+    return gw
+
+
+def _forced_tool_call(body: ChatCompletionRequest) -> str:
+    """The assistant-turn start that enforces `tool_choice` "required" or a named function ("" otherwise).
+
+    The block is opened in the prompt, so the model can only continue with tool calls (and, when named, inside
+    that function's call); the arguments are not constrained to the schema. Thinking mode is refused: the block
+    comes after the reasoning, whose end cannot be known in advance.
+    """
+    choice = body.tool_choice
+    if choice in (None, "none", "auto"):
+        return ""
+    if body.thinking_mode() == "thinking":
+        raise invalid(
+            "tool_choice 'required' or a named function cannot be enforced in thinking mode; "
+            "use tool_choice 'auto' or turn thinking off",
+            param="tool_choice",
+        )
+    return forced_tool_call_prefix(None if choice == "required" else choice.function.name)  # type: ignore[union-attr]
+
+
+def _check_model(settings: GatewaySettings, model: str) -> None:
+    if model != settings.served_model_name:
+        raise APIError(
+            404,
+            f"The model '{model}' does not exist; this endpoint serves '{settings.served_model_name}'",
+            param="model",
+            code="model_not_found",
+        )
