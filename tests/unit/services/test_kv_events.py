@@ -16,7 +16,11 @@ def test_events_survive_the_wire_and_bad_ones_are_refused() -> None:
     assert KVEvent.from_fields(ev.to_fields()) == ev
     assert KVEvent.from_fields(KVEvent("w1", "stored", (H[2],), 16).to_fields()).load is None
     fields = ev.to_fields()
-    for broken in ({**fields, b"op": b"grow"}, {**fields, b"h": b"abc"}, {k: v for k, v in fields.items() if k != b"w"}):
+    for broken in (
+        {**fields, b"op": b"grow"},
+        {**fields, b"h": b"abc"},
+        {k: v for k, v in fields.items() if k != b"w"},
+    ):
         with pytest.raises(ValueError, match="malformed KV event"):
             KVEvent.from_fields(broken)
 
