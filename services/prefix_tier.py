@@ -83,7 +83,7 @@ class PrefixTier:
     async def fetch(self, chain_hash: str) -> bytes | None:
         """The blob of a prefix (refreshing its TTL and LRU place), None when it is gone."""
         with unavailable_as_typed("fetching a prefix"):
-            blob: bytes | None = await self.client.get(self._blob(chain_hash))
+            blob: Any = await self.client.get(self._blob(chain_hash))
             if blob is not None:
                 async with self.client.pipeline(transaction=False) as p:
                     p.zadd(self._lru, {chain_hash: int(time.time() * 1000)}, xx=True)
