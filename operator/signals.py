@@ -34,14 +34,22 @@ async def queue_signal(client: aioredis.Redis, deployment: str, stream: str) -> 
     """Lag + pending of `stream`'s worker group, and pending jobs per consumer (who is cheapest to drain)."""
     stats = await queue_stats(client, deployment, stream)
     per: dict[str, int] = {}
-    try:
-        consumers: Any = await client.xinfo_consumers(keys.stream_key(deployment, stream), keys.WORKER_GROUP)
-    except aioredis.ResponseError:  # no stream or no group yet: nobody holds work
-        consumers = []
-    for c in consumers:
-        name = c["name"].decode() if isinstance(c["name"], bytes) else str(c["name"])
-        per[name] = int(c["pending"])
+    workers: Any = await client.smembers(keys.workers_key(deployment, stream))
+    streams = [keys.stream_key(deployment, stream)]
+    streams += [keys.worker_stream_key(deployment, stream, _s(w)) for w in sorted(workers)]
+    for key in streams:  # the shared stream and the workers' own streams
+        try:
+            consumers: Any = await client.xinfo_consumers(key, keys.WORKER_GROUP)
+        except aioredis.ResponseError:  # no stream or no group yet: nobody holds work there
+            consumers = []
+        for c in consumers:
+            name = _s(c["name"])
+            per[name] = per.get(name, 0) + int(c["pending"])
     return QueueSignal(stats.lag + stats.pending, per)
+
+
+def _s(v: bytes | str) -> str:
+    return v.decode() if isinstance(v, bytes) else str(v)
 
 
 def histogram_buckets(text: str, name: str) -> Buckets:

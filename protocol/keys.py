@@ -24,6 +24,17 @@ def stream_key(deployment: str, stream: str) -> str:
     return redis_key(deployment, "stream", stream)
 
 
+def worker_stream_key(deployment: str, stream: str, consumer: str) -> str:
+    """A worker's own work stream (`stream` = PREFILL_STREAM or DECODE_STREAM): the gateway's prefix-aware routing
+    puts a job there when that worker holds the job's prefix."""
+    return redis_key(deployment, "stream", stream, "to", consumer)
+
+
+def workers_key(deployment: str, stream: str) -> str:
+    """Set: the consumers of `stream` that have their own stream (who to take over from when one dies)."""
+    return redis_key(deployment, "workers", stream)
+
+
 def dead_letter_key(deployment: str, stream: str) -> str:
     """Where malformed entries of `stream` are moved, so bad input is kept for inspection and never retried."""
     return redis_key(deployment, "dead", stream)

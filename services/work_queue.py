@@ -88,15 +88,26 @@ class Job:
 
 @dataclass(frozen=True)
 class Delivery:
-    """A job handed to this consumer; `entry_id` acknowledges it. `reclaimed` is True for a takeover."""
+    """A job handed to this consumer from the stream `stream_key`; `entry_id` acknowledges it there. `reclaimed` is
+    True for a takeover (of a job whose worker stopped touching it, or of a dead worker's own stream)."""
 
+    stream_key: str
     entry_id: str
     job: Job
     reclaimed: bool = False
 
 
 class WorkQueue:
-    """One work stream as seen by one consumer (a worker pod) or by a producer (the gateway, a prefill worker)."""
+    """One work pool (`prefill` or `decode`) as seen by one consumer (a worker pod) or by a producer (the gateway, a
+    prefill worker).
+
+    A pool is the shared stream plus one stream per worker (`own`): the gateway puts a job on a worker's own stream
+    when that worker holds the job's prefix, on the shared stream otherwise. A worker reads its own stream first, then
+    the shared one. When a worker dies, the others take over what its own stream holds: the jobs it had started
+    (idle pending entries, XAUTOCLAIM, as on the shared stream) and the jobs it never read (XREADGROUP on its stream
+    once its consumer has been silent for the takeover time). A worker that leaves moves its unread jobs to the shared
+    stream.
+    """
 
     def __init__(self, client: aioredis.Redis, deployment: str, stream: str, consumer: str = "") -> None:
         self.client = client
@@ -105,72 +116,152 @@ class WorkQueue:
         self.key = keys.stream_key(deployment, stream)
         self.group = keys.WORKER_GROUP
         self.consumer = consumer
+        self.own_key = keys.worker_stream_key(deployment, stream, consumer) if consumer else None
+        self._workers = keys.workers_key(deployment, stream)
+
+    def key_for(self, consumer: str | None) -> str:
+        """The stream a producer appends to: `consumer`'s own stream, or the shared one."""
+        return keys.worker_stream_key(self.deployment, self.stream, consumer) if consumer else self.key
 
     async def ensure_group(self) -> None:
-        """Create the stream and its consumer group if missing, and register this consumer, so the worker counts
-        as alive before its first read (idempotent; every worker calls it at start)."""
+        """Create the streams and their consumer group if missing, and register this consumer (and its own stream),
+        so the worker counts as alive before its first read (idempotent; every worker calls it at start)."""
         with unavailable_as_typed(f"creating consumer group of {self.key}"):
-            try:
-                await self.client.xgroup_create(self.key, self.group, id="0", mkstream=True)
-            except redis.ResponseError as e:
-                if "BUSYGROUP" not in str(e):
-                    raise
+            for key in (self.key, self.own_key):
+                if key is None:
+                    continue
+                try:
+                    await self.client.xgroup_create(key, self.group, id="0", mkstream=True)
+                except redis.ResponseError as e:
+                    if "BUSYGROUP" not in str(e):
+                        raise
+                if self.consumer:
+                    await self.client.xgroup_createconsumer(key, self.group, self.consumer)
             if self.consumer:
-                await self.client.xgroup_createconsumer(self.key, self.group, self.consumer)
+                await self.client.sadd(self._workers, self.consumer)
 
     async def leave(self) -> bool:
-        """Remove this consumer from the group if it holds no pending job (graceful exit); True if removed."""
+        """Leave the pool gracefully if this consumer holds no pending job: its unread own jobs move to the shared
+        stream, its own stream and its consumer entries go. True if it left."""
         with unavailable_as_typed(f"leaving {self.key}"):
-            pending: Any = await self.client.xpending_range(self.key, self.group, "-", "+", 1, self.consumer)
-            if pending:
-                return False
+            for key in (self.key, self.own_key):
+                if key is not None:
+                    pending: Any = await self.client.xpending_range(key, self.group, "-", "+", 1, self.consumer)
+                    if pending:
+                        return False
+            if self.own_key is not None:
+                await self._hand_back(self.own_key)
+                async with self.client.pipeline(transaction=True) as p:
+                    p.delete(self.own_key)
+                    p.srem(self._workers, self.consumer)
+                    await p.execute()
             await self.client.xgroup_delconsumer(self.key, self.group, self.consumer)
             return True
 
-    async def enqueue(self, job: Job) -> str:
-        """Append `job`; returns its entry id."""
+    async def enqueue(self, job: Job, to: str | None = None) -> str:
+        """Append `job` (to worker `to`'s own stream, else the shared one); returns its entry id."""
         with unavailable_as_typed(f"enqueueing into {self.stream}"):
-            added = await self.client.xadd(self.key, job.to_fields())  # type: ignore[arg-type]
+            added = await self.client.xadd(self.key_for(to), job.to_fields())  # type: ignore[arg-type]
         return as_text(added)
 
-    def enqueue_in(self, pipe: Pipeline, job: Job) -> None:
+    def enqueue_in(self, pipe: Pipeline, job: Job, to: str | None = None) -> None:
         """Queue the append of `job` into `pipe` (a transaction that does more, e.g. the gateway's lease)."""
-        pipe.xadd(self.key, job.to_fields())  # type: ignore[arg-type]
+        pipe.xadd(self.key_for(to), job.to_fields())  # type: ignore[arg-type]
 
     async def read(self, count: int = 1, block_ms: int = MAX_BLOCK_MS) -> list[Delivery]:
-        """New jobs for this consumer, waiting at most `block_ms` (0 = return at once)."""
+        """New jobs for this consumer, its own stream's first, waiting at most `block_ms` (0 = return at once). Up to
+        `count` jobs from each stream: every job read is this consumer's to run (a job read and left aside would sit
+        until the takeover time)."""
+        streams: dict[Any, Any] = {k: ">" for k in (self.own_key, self.key) if k is not None}
+        block = min(block_ms, MAX_BLOCK_MS) or None
         with unavailable_as_typed(f"reading {self.stream}"):
             try:
-                resp: Any = await self.client.xreadgroup(
-                    self.group, self.consumer, {self.key: ">"}, count=count, block=min(block_ms, MAX_BLOCK_MS) or None
-                )
+                resp: Any = await self.client.xreadgroup(self.group, self.consumer, streams, count=count, block=block)
             except redis.ResponseError as e:
-                await self._regroup_if_lost(e)
-                return []
-        entries = resp[0][1] if resp else []
-        return await self._parse(entries, reclaimed=False)
+                await self._regroup_if_lost(e)  # then read once more: the groups exist again
+                resp = await self.client.xreadgroup(self.group, self.consumer, streams, count=count, block=block)
+        out: list[Delivery] = []
+        for key, entries in resp or []:
+            out += await self._parse(as_text(key), entries, reclaimed=False)
+        return out
 
     async def reclaim(self, min_idle_ms: int, count: int = 10) -> list[Delivery]:
-        """Take over jobs that other consumers have not touched for `min_idle_ms` (their worker presumably died)."""
+        """Take over up to `count` jobs whose worker stopped (presumably died): jobs of the shared and the other
+        workers' own streams that nobody touched for `min_idle_ms`, and the unread jobs of a worker silent that long.
+        """
+        out: list[Delivery] = []
         with unavailable_as_typed(f"reclaiming from {self.stream}"):
-            try:
-                resp: Any = await self.client.xautoclaim(
-                    self.key, self.group, self.consumer, min_idle_ms, "0-0", count=count
-                )
-            except redis.ResponseError as e:
-                await self._regroup_if_lost(e)
-                return []
-        return await self._parse(resp[1], reclaimed=True)
+            out += await self._autoclaim(self.key, min_idle_ms, count)
+            peers: Any = await self.client.smembers(self._workers)
+            for peer in sorted(as_text(p) for p in peers):
+                if len(out) >= count or peer == self.consumer:
+                    continue
+                key = keys.worker_stream_key(self.deployment, self.stream, peer)
+                out += await self._autoclaim(key, min_idle_ms, count - len(out))
+                if len(out) < count and await self._silent(key, peer, min_idle_ms):
+                    out += await self._take_unread(key, peer, count - len(out))
+        return out
 
-    async def touch(self, entry_ids: Sequence[str]) -> None:
+    async def touch(self, deliveries: Sequence[Delivery]) -> None:
         """Reset the idle time of jobs this consumer still works on, so no one reclaims them (a heartbeat)."""
-        if not entry_ids:
-            return
+        by_key: dict[str, list[Any]] = {}
+        for d in deliveries:
+            by_key.setdefault(d.stream_key, []).append(d.entry_id)
         with unavailable_as_typed(f"touching jobs of {self.stream}"):
-            try:
-                await self.client.xclaim(self.key, self.group, self.consumer, 0, list(entry_ids), justid=True)
-            except redis.ResponseError as e:
+            for key, ids in by_key.items():
+                try:
+                    await self.client.xclaim(key, self.group, self.consumer, 0, ids, justid=True)
+                except redis.ResponseError as e:
+                    await self._regroup_if_lost(e)
+
+    async def _autoclaim(self, key: str, min_idle_ms: int, count: int) -> list[Delivery]:
+        try:
+            resp: Any = await self.client.xautoclaim(key, self.group, self.consumer, min_idle_ms, "0-0", count=count)
+        except redis.ResponseError as e:
+            if key == self.key:
                 await self._regroup_if_lost(e)
+            return []  # a peer's stream that is gone (it left, or Redis restarted)
+        return await self._parse(key, resp[1], reclaimed=True)
+
+    async def _silent(self, key: str, peer: str, min_idle_ms: int) -> bool:
+        """Whether `peer` has not read its own stream for `min_idle_ms` (a live worker reads it every second)."""
+        try:
+            consumers: Any = await self.client.xinfo_consumers(key, self.group)
+        except redis.ResponseError:
+            return True
+        idle = [int(c["idle"]) for c in consumers if as_text(c["name"]) == peer]
+        return not idle or idle[0] >= min_idle_ms
+
+    async def _take_unread(self, key: str, peer: str, count: int) -> list[Delivery]:
+        try:
+            resp: Any = await self.client.xreadgroup(self.group, self.consumer, {key: ">"}, count=count)
+        except redis.ResponseError:
+            return []  # its stream or group is gone
+        entries = resp[0][1] if resp else []
+        if not entries:
+            await self._forget_if_empty(key, peer)
+        return await self._parse(key, entries, reclaimed=True)
+
+    async def _forget_if_empty(self, key: str, peer: str) -> None:
+        # A dead worker's stream with nothing left in it (no entry at all: acked entries are deleted) goes, so the
+        # registry does not grow with every pod that ever ran.
+        if int(await self.client.xlen(key)) == 0:
+            async with self.client.pipeline(transaction=True) as p:
+                p.delete(key)
+                p.srem(self._workers, peer)
+                await p.execute()
+
+    async def _hand_back(self, key: str) -> None:
+        """Move the unread entries of our own stream to the shared stream (graceful leave)."""
+        resp: Any = await self.client.xreadgroup(self.group, self.consumer, {key: ">"}, count=10_000)
+        for raw_id, fields in resp[0][1] if resp else []:
+            if fields is None:
+                continue
+            async with self.client.pipeline(transaction=True) as p:
+                p.xadd(self.key, fields)
+                p.xack(key, self.group, raw_id)
+                p.xdel(key, raw_id)
+                await p.execute()
 
     async def _regroup_if_lost(self, e: redis.ResponseError) -> None:
         # A Redis that restarted without persistence lost the stream and its group: recreate both and carry on
@@ -180,32 +271,34 @@ class WorkQueue:
         log.warning("consumer group of %s is gone (Redis restarted?); recreating it", self.key)
         await self.ensure_group()
 
-    async def ack(self, entry_id: str) -> None:
+    async def ack(self, d: Delivery) -> None:
         """Acknowledge and delete a finished job (deleting only acknowledged entries keeps the group's lag exact)."""
         with unavailable_as_typed(f"acknowledging a job of {self.stream}"):
             async with self.client.pipeline(transaction=True) as p:
-                p.xack(self.key, self.group, entry_id)
-                p.xdel(self.key, entry_id)
+                p.xack(d.stream_key, self.group, d.entry_id)
+                p.xdel(d.stream_key, d.entry_id)
                 await p.execute()
 
-    async def _parse(self, entries: Sequence[tuple[bytes, Mapping[bytes, bytes]]], reclaimed: bool) -> list[Delivery]:
+    async def _parse(
+        self, key: str, entries: Sequence[tuple[bytes, Mapping[bytes, bytes]]], reclaimed: bool
+    ) -> list[Delivery]:
         out = []
         for raw_id, fields in entries:
             entry_id = as_text(raw_id)
             if fields is None:  # deleted while pending
                 continue
             try:
-                out.append(Delivery(entry_id, Job.from_fields(fields), reclaimed))
+                out.append(Delivery(key, entry_id, Job.from_fields(fields), reclaimed))
             except MalformedEntry as e:
-                log.error("moving malformed entry %s of %s to the dead-letter stream: %s", entry_id, self.key, e)
-                await self._dead_letter(entry_id, fields, str(e))
+                log.error("moving malformed entry %s of %s to the dead-letter stream: %s", entry_id, key, e)
+                await self._dead_letter(key, entry_id, fields, str(e))
         return out
 
-    async def _dead_letter(self, entry_id: str, fields: Mapping[bytes, bytes], reason: str) -> None:
+    async def _dead_letter(self, key: str, entry_id: str, fields: Mapping[bytes, bytes], reason: str) -> None:
         with unavailable_as_typed(f"dead-lettering an entry of {self.stream}"):
             async with self.client.pipeline(transaction=True) as p:
                 dead: dict[Any, Any] = {**fields, b"dead_reason": reason.encode()}
                 p.xadd(dead_letter_key(self.deployment, self.stream), dead)
-                p.xack(self.key, self.group, entry_id)
-                p.xdel(self.key, entry_id)
+                p.xack(key, self.group, entry_id)
+                p.xdel(key, entry_id)
                 await p.execute()

@@ -39,7 +39,7 @@ class DecodeWorker:
         tokens = TokenWriter(rt.client, dep, job.request_id)
         streamed, ended = await tokens.progress()
         if ended or await is_cancelled(rt.client, dep, job.request_id):
-            await rt.queue.ack(d.entry_id)
+            await rt.queue.ack(d)
             return
         with tracer.start_as_current_span(telemetry.SPAN_DECODE_GENERATE, context=ctx, attributes=attrs) as span:
             handoff = await self._read_handoff(job) if job.handoff_key else None
@@ -51,7 +51,7 @@ class DecodeWorker:
                 await tokens.finish("length", Usage(len(job.prompt_ids), len(streamed)))
             elif await self._submit(job, handoff, streamed, tokens):
                 await self._stream(job, tokens, span)
-        await rt.queue.ack(d.entry_id)
+        await rt.queue.ack(d)
 
     async def _read_handoff(self, job: Job) -> Handoff | None:
         assert job.handoff_key is not None

@@ -41,7 +41,7 @@ class PrefillWorker:
         if await is_cancelled(rt.client, dep, job.request_id) or (
             d.reclaimed and await rt.client.exists(handed_over_key(dep, job.request_id))
         ):
-            await rt.queue.ack(d.entry_id)
+            await rt.queue.ack(d)
             return
         tokens = TokenWriter(rt.client, dep, job.request_id)
         with tracer.start_as_current_span(telemetry.SPAN_PREFILL_COMPUTE, context=ctx, attributes=attrs):
@@ -49,14 +49,14 @@ class PrefillWorker:
                 out = await rt.engine.prefill(job.request_id, job.prompt_ids, job.sampling)
             except ValueError as e:  # the engine refuses the request itself (too long, bad ids): not retryable
                 await tokens.fail(str(e), "invalid_request")
-                await rt.queue.ack(d.entry_id)
+                await rt.queue.ack(d)
                 return
             # Token 0 goes to the client now: time to first token does not include the handoff.
             await tokens.write(0, [out.first_token], [out.first_token_logprobs])
             metrics.GENERATED_TOKENS.labels(role=contract.Role.PREFILL.value).inc()
             if out.finish_reason is not None or job.sampling.max_tokens <= 1:
                 await tokens.finish(out.finish_reason or "length", Usage(len(job.prompt_ids), 1))
-                await rt.queue.ack(d.entry_id)
+                await rt.queue.ack(d)
                 return
             with tracer.start_as_current_span(telemetry.SPAN_KV_EXPORT, attributes=attrs):
                 chunks = await asyncio.to_thread(list, out.kv_chunks)  # serialization must not block the loop
@@ -85,4 +85,4 @@ class PrefillWorker:
         await self.decode_queue.enqueue(decode_job)
         with unavailable_as_typed("marking a handover"):
             await rt.client.set(handed_over_key(dep, job.request_id), b"1", ex=TOKEN_STREAM_TTL_S)
-        await rt.queue.ack(d.entry_id)
+        await rt.queue.ack(d)

@@ -64,7 +64,7 @@ class WorkerRuntime:
         self.client: aioredis.Redis = connect(settings.redis_url, password)
         self.queue = WorkQueue(self.client, settings.deployment, stream, consumer=settings.pod_name)
         self.direct_store = DirectStore()
-        self.inflight: dict[str, asyncio.Task[None]] = {}
+        self.inflight: dict[tuple[str, str], tuple[Delivery, asyncio.Task[None]]] = {}
         self.draining = asyncio.Event()
         self.started = False
         self._handle: Handler | None = None
@@ -79,7 +79,7 @@ class WorkerRuntime:
             while not self.draining.is_set():
                 free = self.settings.max_inflight - len(self.inflight)
                 if free <= 0:
-                    await asyncio.wait(list(self.inflight.values()), return_when=asyncio.FIRST_COMPLETED, timeout=1)
+                    await asyncio.wait(self._tasks(), return_when=asyncio.FIRST_COMPLETED, timeout=1)
                     continue
                 try:
                     deliveries = await self.queue.read(count=free)
@@ -101,12 +101,16 @@ class WorkerRuntime:
             log.info("draining: %d jobs in flight", len(self.inflight))
         self.draining.set()
 
+    def _tasks(self) -> list[asyncio.Task[None]]:
+        return [task for _, task in self.inflight.values()]
+
     def _start(self, d: Delivery, handle: Handler) -> None:
-        if d.entry_id in self.inflight:
+        where = (d.stream_key, d.entry_id)
+        if where in self.inflight:
             return
         task = asyncio.create_task(self._run_one(d, handle), name=f"job-{d.job.request_id}")
-        self.inflight[d.entry_id] = task
-        task.add_done_callback(lambda _: self.inflight.pop(d.entry_id, None))
+        self.inflight[where] = (d, task)
+        task.add_done_callback(lambda _: self.inflight.pop(where, None))
 
     async def _run_one(self, d: Delivery, handle: Handler) -> None:
         try:
@@ -123,7 +127,7 @@ class WorkerRuntime:
             await asyncio.sleep(self.settings.heartbeat_s)
             n += 1
             try:
-                await self.queue.touch(list(self.inflight))
+                await self.queue.touch([d for d, _ in self.inflight.values()])
                 if n % RECLAIM_EVERY_HEARTBEATS == 0 and not self.draining.is_set():
                     free = self.settings.max_inflight - len(self.inflight)
                     if free > 0 and self._handle is not None:
@@ -143,7 +147,7 @@ class WorkerRuntime:
 
     async def _drain(self) -> None:
         if self.inflight:
-            _, pending = await asyncio.wait(list(self.inflight.values()), timeout=self.settings.drain_timeout_s)
+            _, pending = await asyncio.wait(self._tasks(), timeout=self.settings.drain_timeout_s)
             for t in pending:
                 t.cancel()
             if pending:

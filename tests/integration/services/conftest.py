@@ -116,7 +116,7 @@ class WorkerSide:
                     for d in deliveries:
                         self.jobs.append((q.stream, d.job))
                         await respond(d.job, TokenWriter(client, DEPLOYMENT, d.job.request_id))
-                        await q.ack(d.entry_id)
+                        await q.ack(d)
         finally:
             await client.aclose()
 

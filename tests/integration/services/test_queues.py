@@ -30,7 +30,7 @@ from dsv4.services.token_stream import (
     is_cancelled,
     request_cancel,
 )
-from dsv4.services.work_queue import Job, WorkQueue
+from dsv4.services.work_queue import Delivery, Job, WorkQueue
 
 pytestmark = pytest.mark.integration
 
@@ -67,12 +67,12 @@ async def test_enqueue_read_ack_and_stats(client) -> None:  # type: ignore[no-un
     stats = await queue_stats(client, DEP, keys.PREFILL_STREAM)
     assert (stats.lag, stats.pending, stats.consumers) == (1, 1, 1)
     assert stats.oldest_waiting_age_s >= 0
-    await worker.ack(got[0].entry_id)
+    await worker.ack(got[0])
     stats = await queue_stats(client, DEP, keys.PREFILL_STREAM)
     assert (stats.length, stats.lag, stats.pending) == (1, 1, 0)
     [b] = await worker.read(count=5)
     assert b.job.request_id == "b"
-    await worker.ack(b.entry_id)
+    await worker.ack(b)
     stats = await queue_stats(client, DEP, keys.PREFILL_STREAM)  # an empty stream still has its workers
     assert (stats.length, stats.lag, stats.pending, stats.consumers) == (0, 0, 0, 1)
     assert await worker.read(count=5, block_ms=50) == []
@@ -87,7 +87,7 @@ async def test_consumer_counts_from_registration_and_leave_keeps_busy_ones(clien
     await busy.enqueue(job("j"))
     [d] = await busy.read()
     assert not await busy.leave()  # it still holds a job: leaving would orphan it from XPENDING by consumer
-    await busy.ack(d.entry_id)
+    await busy.ack(d)
     assert await busy.leave()
 
 
@@ -102,11 +102,11 @@ async def test_dead_worker_job_is_reclaimed_but_touched_job_is_not(client) -> No
     [busy] = await alive.read(count=1)
     assert await rescuer.reclaim(min_idle_ms=10_000) == []
     await asyncio.sleep(0.3)
-    await alive.touch([busy.entry_id])
+    await alive.touch([busy])
     taken = await rescuer.reclaim(min_idle_ms=200)
     assert [(d.job.request_id, d.reclaimed) for d in taken] == [("orphan", True)]
     assert taken[0].entry_id == orphan.entry_id
-    await rescuer.ack(orphan.entry_id)
+    await rescuer.ack(orphan)
     stats = await queue_stats(client, DEP, keys.DECODE_STREAM)
     assert (stats.length, stats.pending) == (1, 1)
 
@@ -342,9 +342,57 @@ async def test_consumer_group_lost_with_a_redis_restart_is_recreated(redis_serve
     await q.ensure_group()
     redis_server.kill()
     redis_server.start()  # persistence is off: stream and group are gone
-    await q.touch(["1-0"])
+    await q.touch([Delivery(q.key, "1-0", job("gone"))])
     assert await q.reclaim(min_idle_ms=0) == []
     assert await q.read(block_ms=0) == []
     await q.enqueue(job("fresh"))
     assert [d.job.request_id for d in await q.read()] == ["fresh"]
     await client.aclose()
+
+
+async def test_a_job_for_a_worker_goes_to_that_worker(client) -> None:  # type: ignore[no-untyped-def]
+    producer = WorkQueue(client, DEP, keys.PREFILL_STREAM)
+    a = WorkQueue(client, DEP, keys.PREFILL_STREAM, consumer="a")
+    b = WorkQueue(client, DEP, keys.PREFILL_STREAM, consumer="b")
+    await a.ensure_group()
+    await b.ensure_group()
+    await producer.enqueue(job("for-a"), to="a")
+    await producer.enqueue(job("anyone"))
+    assert [d.job.request_id for d in await b.read(count=5, block_ms=50)] == ["anyone"]
+    [mine] = await a.read(count=5, block_ms=50)
+    assert mine.job.request_id == "for-a" and mine.stream_key == a.own_key
+    await a.ack(mine)
+    assert await client.xlen(a.own_key) == 0
+
+
+async def test_a_dead_workers_own_stream_is_taken_over(client) -> None:  # type: ignore[no-untyped-def]
+    producer = WorkQueue(client, DEP, keys.PREFILL_STREAM)
+    dead = WorkQueue(client, DEP, keys.PREFILL_STREAM, consumer="dead")
+    rescuer = WorkQueue(client, DEP, keys.PREFILL_STREAM, consumer="rescuer")
+    await dead.ensure_group()
+    await rescuer.ensure_group()
+    await producer.enqueue(job("started"), to="dead")
+    [started] = await dead.read(count=1, block_ms=50)  # it took this one, then died
+    assert started.stream_key == dead.own_key
+    await producer.enqueue(job("unread"), to="dead")
+    assert await rescuer.reclaim(min_idle_ms=5_000) == [], "a worker that just read is alive"
+    await asyncio.sleep(0.3)
+    taken = await rescuer.reclaim(min_idle_ms=200)
+    assert sorted((d.job.request_id, d.reclaimed) for d in taken) == [("started", True), ("unread", True)]
+    for d in taken:
+        await rescuer.ack(d)
+    assert await rescuer.reclaim(min_idle_ms=200) == []  # the empty stream of the dead worker is forgotten
+    assert not await client.exists(dead.own_key)
+    assert await client.smembers(keys.workers_key(DEP, keys.PREFILL_STREAM)) == {b"rescuer"}
+
+
+async def test_a_worker_that_leaves_hands_its_unread_jobs_back(client) -> None:  # type: ignore[no-untyped-def]
+    producer = WorkQueue(client, DEP, keys.DECODE_STREAM)
+    leaving = WorkQueue(client, DEP, keys.DECODE_STREAM, consumer="leaving")
+    other = WorkQueue(client, DEP, keys.DECODE_STREAM, consumer="other")
+    await leaving.ensure_group()
+    await other.ensure_group()
+    await producer.enqueue(job("routed-late"), to="leaving")
+    assert await leaving.leave()
+    assert not await client.exists(leaving.own_key)
+    assert [d.job.request_id for d in await other.read(count=5, block_ms=50)] == ["routed-late"]

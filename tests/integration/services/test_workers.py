@@ -13,6 +13,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from dsv4.model_runtime.engine.async_engine import AsyncEngine
+from dsv4.model_runtime.engine.llm_engine import LLMEngine
 from dsv4.model_runtime.engine.port import KVMeta, SamplingSpec
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
@@ -37,16 +38,22 @@ SPEC = SamplingSpec(max_tokens=10, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AsyncEngine]:
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     torch.set_num_threads(1)
-    path: Path = write_checkpoint(tmp_path_factory.mktemp("dw") / "tiny", "tiny-flash", quantized=True, seed=0)
-    with AsyncEngine.from_path(path) as e:
+    return write_checkpoint(tmp_path_factory.mktemp("dw") / "tiny", "tiny-flash", quantized=True, seed=0)
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint: Path) -> Iterator[AsyncEngine]:
+    with AsyncEngine.from_path(checkpoint) as e:
         yield e
 
 
 @pytest.fixture(scope="module")
-def expected(engine: AsyncEngine) -> list[int]:
-    return engine._engine.generate_ids([PROMPT], SamplingParams.from_spec(SPEC))[0].token_ids
+def expected(checkpoint: Path) -> list[int]:
+    # Its own engine: the AsyncEngine's thread steps its LLMEngine whenever it has work, so calling into that one from
+    # the test's thread would step it from two threads at once.
+    return LLMEngine.from_path(checkpoint).generate_ids([PROMPT], SamplingParams.from_spec(SPEC))[0].token_ids
 
 
 @pytest.fixture
