@@ -1,7 +1,8 @@
 """kopf handlers: thin wiring of cluster events to `reconcile.py` and `autoscaler.py`.
 
 - create / update / resume: reconcile (apply children, delete unwanted ones, write status, post Events);
-- child Deployment / StatefulSet / pod changes: refresh the owner's status (Ready follows the pods);
+- child Deployment / StatefulSet / pod changes: refresh the owner's status (Ready follows the pods), restart broken
+  rank groups of the StatefulSet fallback and write the Ascend rank tables (`reconcile.tend_groups`);
 - a timer: drift repair every RESYNC_S, and the planner when `spec.autoscaling.enabled`;
 - delete: children go by garbage collection (owner references); the handler only records it.
 """
@@ -13,8 +14,9 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import kopf
 
@@ -52,9 +54,10 @@ def default_image() -> str:
     return os.environ.get(env.IMAGE, DEFAULT_IMAGE)
 
 
-def _poster(body: kopf.Body) -> reconcile.Post:
+def _poster(body: Mapping[str, Any]) -> reconcile.Post:
     def post(type_: str, reason: str, message: str) -> None:
-        kopf.event(body, type=type_, reason=reason, message=message[:1000])
+        # kopf reads only apiVersion, kind and metadata of the body: a plain mapping does.
+        kopf.event(cast(kopf.Body, body), type=type_, reason=reason, message=message[:1000])
 
     return post
 
@@ -116,7 +119,7 @@ async def _refresh_soon(key: tuple[str, str]) -> None:
     # Cleared before the refresh: an event that arrives while it runs schedules the next one.
     _refresh_pending.discard(key)
     try:
-        await asyncio.to_thread(reconcile.refresh_status, kube(), *key)
+        await asyncio.to_thread(reconcile.refresh_status, kube(), *key, _poster)
     except Exception:  # a failed refresh is repaired by the next child event or the resync timer
         logging.getLogger(__name__).exception("status refresh of %s/%s failed", *key)
 
@@ -132,5 +135,5 @@ async def tick(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) 
     elif now - memo.get("polled", now) >= STATUS_POLL_S:
         memo["polled"] = now
         meta = body["metadata"]
-        await asyncio.to_thread(reconcile.refresh_status, kube(), meta["namespace"], meta["name"])
+        await asyncio.to_thread(reconcile.refresh_status, kube(), meta["namespace"], meta["name"], _poster)
     await autoscaler.maybe_plan(kube(), body, memo, _poster(body), logger)

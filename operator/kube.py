@@ -6,8 +6,10 @@ retry the handler later. No manifest logic here: that is in `builders.py`.
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -19,8 +21,8 @@ import urllib3
 from kubernetes.client import ApiClient, ApiException
 from kubernetes.dynamic import DynamicClient
 
-from dsv4.operator import api
-from dsv4.operator.builders import MANAGER
+from dsv4.operator import api, rank_groups
+from dsv4.operator.builders import MANAGER, SERVICE_MONITOR_API_VERSION, ClusterApis
 
 T = TypeVar("T")
 
@@ -34,6 +36,11 @@ POOL_SIZE = 32  # parallel applies, status refreshes and the planner share one c
 # Kinds the operator creates, as (apiVersion, kind); listing them by label finds every child, including orphans.
 WORKLOAD_KINDS = (("apps/v1", "Deployment"), ("apps/v1", "StatefulSet"))
 CHILD_KINDS = (("v1", "ConfigMap"), ("v1", "Service"), *WORKLOAD_KINDS, ("policy/v1", "PodDisruptionBudget"))
+# Kinds of optional APIs: used only while the cluster serves them (`Kube.cluster_apis`).
+LWS_KIND = (rank_groups.LWS_API_VERSION, rank_groups.LWS_KIND)
+SERVICE_MONITOR_KIND = (SERVICE_MONITOR_API_VERSION, "ServiceMonitor")
+# Installing or removing an optional API (LWS, the Prometheus Operator) is noticed within this many seconds.
+APIS_TTL_S = 30.0
 
 
 def retrying(call: Callable[[], T], attempts: int = ATTEMPTS) -> T:
@@ -70,6 +77,8 @@ class Kube:
     custom: kubernetes.client.CustomObjectsApi
     # Resolved once: the dynamic client's lazy discovery is not safe to run from several threads at once.
     resources: dict[tuple[str, str], Any] = field(default_factory=dict)
+    _apis: tuple[float, ClusterApis] | None = None
+    _discovery_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def connect(cls) -> Kube:
@@ -90,7 +99,49 @@ class Kube:
         return cls(dynamic, kubernetes.client.CoreV1Api(client), kubernetes.client.CustomObjectsApi(client), resources)
 
     def _resource(self, api_version: str, kind: str) -> Any:
-        return self.resources[(api_version, kind)]
+        key = (api_version, kind)
+        found = self.resources.get(key)
+        if found is None:
+            with self._discovery_lock:
+                # An optional API installed after start-up: the discovery cache predates it.
+                self.dynamic.resources.invalidate_cache()
+                found = self.resources[key] = self.dynamic.resources.get(api_version=api_version, kind=kind)
+        return found
+
+    def _serves(self, group_version: str, plural: str) -> bool:
+        def get() -> Any:
+            return json.loads(self.dynamic.request("GET", f"/apis/{group_version}", _request_timeout=TIMEOUT).data)
+
+        try:
+            found = retrying(get)
+        except ApiException as err:
+            if err.status in (403, 404):
+                return False
+            raise
+        return any(r.get("name") == plural for r in (found or {}).get("resources") or [])
+
+    def cluster_apis(self) -> ClusterApis:
+        """The optional APIs this cluster serves (LeaderWorkerSet, ServiceMonitor), re-read every APIS_TTL_S."""
+        now = time.monotonic()
+        cached = self._apis
+        if cached is not None and now - cached[0] < APIS_TTL_S:
+            return cached[1]
+        apis = ClusterApis(
+            leader_worker_set=self._serves(LWS_KIND[0], "leaderworkersets"),
+            service_monitor=self._serves(SERVICE_MONITOR_KIND[0], "servicemonitors"),
+        )
+        self._apis = (now, apis)
+        return apis
+
+    def child_kinds(self, workloads_only: bool = False) -> tuple[tuple[str, str], ...]:
+        """The kinds of children to list: the built-in ones and those of the optional APIs the cluster serves."""
+        apis = self.cluster_apis()
+        kinds = WORKLOAD_KINDS if workloads_only else CHILD_KINDS
+        if apis.leader_worker_set:
+            kinds = (*kinds, LWS_KIND)
+        if apis.service_monitor and not workloads_only:
+            kinds = (*kinds, SERVICE_MONITOR_KIND)
+        return kinds
 
     def apply(self, obj: dict[str, Any]) -> dict[str, Any]:
         """Server-side apply `obj` as the operator's field manager; returns the object as stored."""
@@ -111,12 +162,12 @@ class Kube:
         return out
 
     def list_children(
-        self, namespace: str, instance: str, kinds: tuple[tuple[str, str], ...] = CHILD_KINDS
+        self, namespace: str, instance: str, kinds: tuple[tuple[str, str], ...] | None = None
     ) -> list[dict[str, Any]]:
-        """Every object of `kinds` labelled as belonging to `instance`."""
+        """Every object of `kinds` (default: every child kind) labelled as belonging to `instance`."""
         selector = f"app.kubernetes.io/instance={instance},app.kubernetes.io/managed-by={MANAGER}"
         out: list[dict[str, Any]] = []
-        for api_version, kind in kinds:
+        for api_version, kind in kinds if kinds is not None else self.child_kinds():
             res = self._resource(api_version, kind)
 
             def list_kind(res: Any = res) -> Any:
@@ -192,6 +243,11 @@ class Kube:
                 lambda: self.core.list_namespaced_pod(namespace, label_selector=selector, _request_timeout=TIMEOUT)
             ).items
         )
+
+    def delete_pod(self, namespace: str, name: str) -> None:
+        """Delete a pod with its grace period (already gone is fine)."""
+        with not_found_as_none():
+            retrying(lambda: self.core.delete_namespaced_pod(name, namespace, _request_timeout=TIMEOUT))
 
     def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
         """Merge `annotations` into a pod's metadata."""
