@@ -6,7 +6,6 @@ retry the handler later. No manifest logic here: that is in `builders.py`.
 
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import threading
@@ -43,13 +42,17 @@ SERVICE_MONITOR_KIND = (SERVICE_MONITOR_API_VERSION, "ServiceMonitor")
 APIS_TTL_S = 30.0
 
 
-def retrying(call: Callable[[], T], attempts: int = ATTEMPTS) -> T:
-    """`call()`, retried on conflicts, throttling, server errors and timeouts with exponential backoff."""
+def retrying(call: Callable[[], T], attempts: int = ATTEMPTS, retry_conflicts: bool = True) -> T:
+    """`call()`, retried on conflicts, throttling, server errors and timeouts with exponential backoff.
+
+    `retry_conflicts=False` for calls with a precondition, whose 409 is an answer, not contention.
+    """
     for attempt in range(attempts):
         try:
             return call()
         except ApiException as err:
-            if err.status not in RETRYABLE or attempt == attempts - 1:
+            retryable = err.status in RETRYABLE and (retry_conflicts or err.status != 409)
+            if not retryable or attempt == attempts - 1:
                 raise
         except urllib3.exceptions.HTTPError:
             if attempt == attempts - 1:
@@ -65,6 +68,16 @@ def not_found_as_none() -> Iterator[None]:
         yield
     except ApiException as err:
         if err.status != 404:
+            raise
+
+
+@contextmanager
+def _gone_or_replaced() -> Iterator[None]:
+    """Swallow 404 and the refusals of a uid precondition (409, or 422 for a patch that would change the uid)."""
+    try:
+        yield
+    except ApiException as err:
+        if err.status not in (404, 409, 422):
             raise
 
 
@@ -109,8 +122,10 @@ class Kube:
         return found
 
     def _serves(self, group_version: str, plural: str) -> bool:
+        group, version = group_version.split("/")
+
         def get() -> Any:
-            return json.loads(self.dynamic.request("GET", f"/apis/{group_version}", _request_timeout=TIMEOUT).data)
+            return self.custom.get_api_resources(group, version, _request_timeout=TIMEOUT)
 
         try:
             found = retrying(get)
@@ -118,7 +133,7 @@ class Kube:
             if err.status in (403, 404):
                 return False
             raise
-        return any(r.get("name") == plural for r in (found or {}).get("resources") or [])
+        return any(r.name == plural for r in (found.resources or []))
 
     def cluster_apis(self) -> ClusterApis:
         """The optional APIs this cluster serves (LeaderWorkerSet, ServiceMonitor), re-read every APIS_TTL_S."""
@@ -244,16 +259,22 @@ class Kube:
             ).items
         )
 
-    def delete_pod(self, namespace: str, name: str) -> None:
-        """Delete a pod with its grace period (already gone is fine)."""
-        with not_found_as_none():
-            retrying(lambda: self.core.delete_namespaced_pod(name, namespace, _request_timeout=TIMEOUT))
-
-    def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> None:
-        """Merge `annotations` into a pod's metadata."""
-        with not_found_as_none():
+    def delete_pod(self, namespace: str, name: str, uid: str) -> None:
+        """Delete pod `name` if it is still the one with `uid`, with its grace period (gone or replaced is fine)."""
+        body = kubernetes.client.V1DeleteOptions(preconditions=kubernetes.client.V1Preconditions(uid=uid))
+        with _gone_or_replaced():
             retrying(
-                lambda: self.core.patch_namespaced_pod(
-                    name, namespace, {"metadata": {"annotations": annotations}}, _request_timeout=TIMEOUT
-                )
+                lambda: self.core.delete_namespaced_pod(name, namespace, body=body, _request_timeout=TIMEOUT),
+                retry_conflicts=False,
+            )
+
+    def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str], uid: str | None = None) -> None:
+        """Merge `annotations` into a pod's metadata; with `uid`, only if it is still that pod."""
+        meta: dict[str, Any] = {"annotations": annotations}
+        if uid is not None:
+            meta["uid"] = uid  # a precondition: the API server refuses the patch for another pod of that name
+        with _gone_or_replaced():
+            retrying(
+                lambda: self.core.patch_namespaced_pod(name, namespace, {"metadata": meta}, _request_timeout=TIMEOUT),
+                retry_conflicts=uid is None,
             )

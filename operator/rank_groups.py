@@ -25,6 +25,7 @@ LWS_KIND = "LeaderWorkerSet"
 # Labels and env the LWS controller and its pod webhook put on every pod of a group.
 LWS_GROUP_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/group-index"
 LWS_GROUP_KEY_LABEL = "leaderworkerset.sigs.k8s.io/group-key"
+LWS_WORKER_INDEX_LABEL = "leaderworkerset.sigs.k8s.io/worker-index"
 LWS_LEADER_ADDRESS = "LWS_LEADER_ADDRESS"
 LWS_WORKER_INDEX = "LWS_WORKER_INDEX"
 # Ours, on the pods of the StatefulSet fallback; the StatefulSet controller labels each pod with its ordinal.
@@ -33,6 +34,9 @@ POD_INDEX_LABEL = "apps.kubernetes.io/pod-index"
 # Put on every pod of a group the operator restarts, before it deletes them: a terminating pod carrying it is the
 # operator's own doing and never triggers another restart.
 RESTART_ANNOTATION = "dsv4.io/group-restart"
+# The uids of the pods a group was formed with, written on each of them once all are there: a member replaced
+# behind the operator's back (deleted and recreated between two looks) shows up as a uid that is gone.
+MEMBERS_ANNOTATION = "dsv4.io/group-members"
 HOSTNAME_KEY = "kubernetes.io/hostname"
 
 
@@ -163,39 +167,86 @@ def _failure(pod: Mapping[str, Any]) -> str | None:
     return None
 
 
+def _members(pod: Mapping[str, Any]) -> set[str] | None:
+    value = ((pod.get("metadata") or {}).get("annotations") or {}).get(MEMBERS_ANNOTATION)
+    return None if value is None else set(value.split(","))
+
+
+def _uid(pod: Mapping[str, Any]) -> str:
+    return str((pod.get("metadata") or {}).get("uid", ""))
+
+
+def _name(pod: Mapping[str, Any]) -> str:
+    return str((pod.get("metadata") or {}).get("name", ""))
+
+
+PodRef = tuple[str, str]  # (name, uid): StatefulSet pods reuse names, so every action names the uid too
+
+
 @dataclass(frozen=True)
 class Restart:
     """A group to restart as a unit: mark every pod, then delete the ones not already terminating."""
 
     group: str
     reason: str
-    mark: list[str]  # every pod of the group (terminating ones too, so they trigger nothing more)
-    delete: list[str]  # the pods still running
+    mark: list[PodRef]  # every pod of the group (terminating ones too, so they trigger nothing more)
+    delete: list[PodRef]  # the pods of the broken group still running
+
+
+def _fallback_groups(pods: Iterable[Mapping[str, Any]]) -> dict[str, list[Mapping[str, Any]]]:
+    by_group: dict[str, list[Mapping[str, Any]]] = {}
+    for pod in pods:
+        g = group_of(pod)
+        if g is not None and GROUP_LABEL in ((pod.get("metadata") or {}).get("labels") or {}):
+            by_group.setdefault(g, []).append(pod)
+    return dict(sorted(by_group.items()))
 
 
 def restarts(pods: Iterable[Mapping[str, Any]]) -> list[Restart]:
     """The groups of the StatefulSet fallback that must restart because one of their pods failed.
 
     All-or-nothing: a rank that died leaves its peers blocked in a collective, so the whole group goes. A pod the
-    operator itself deleted (marked with RESTART_ANNOTATION) triggers nothing; its replacement starts fresh.
+    operator itself deleted (marked with RESTART_ANNOTATION) triggers nothing; its replacement starts fresh. A member
+    replaced before the operator saw it go is caught by the membership annotation: the pods that still list the old
+    member go, the new ones stay.
     """
-    by_group: dict[str, list[Mapping[str, Any]]] = {}
-    for pod in pods:
-        g = group_of(pod)
-        if g is not None and GROUP_LABEL in ((pod.get("metadata") or {}).get("labels") or {}):
-            by_group.setdefault(g, []).append(pod)
     out = []
-    for g, members in sorted(by_group.items()):
-        reasons = [(m["metadata"]["name"], why) for m in members if (why := _failure(m)) is not None]
-        if not reasons:
+    for g, members in _fallback_groups(pods).items():
+        live = [m for m in members if not (m.get("metadata") or {}).get("deletionTimestamp")]
+        uids = {_uid(m) for m in live}
+        failures = [(_name(m), why) for m in members if (why := _failure(m)) is not None]
+        stale = [m for m in live if (known := _members(m)) is not None and not known <= uids]
+        if failures:
+            name, why = failures[0]
+            going = live
+        elif stale:
+            newcomers = sorted(_name(m) for m in live if _members(m) is None)
+            name, why = ", ".join(newcomers) or _name(stale[0]), "replaced a member of the running group"
+            going = stale
+        else:
             continue
-        name, why = reasons[0]
+        gone = {_uid(m) for m in going}
         out.append(
             Restart(
                 group=g,
                 reason=f"pod {name} {why}",
-                mark=sorted(m["metadata"]["name"] for m in members),
-                delete=sorted(m["metadata"]["name"] for m in members if not _terminating(m)),
+                mark=sorted((_name(m), _uid(m)) for m in members if _uid(m) in gone or m not in live),
+                delete=sorted((_name(m), _uid(m)) for m in going),
             )
         )
+    return out
+
+
+def memberships(pods: Iterable[Mapping[str, Any]], size: int) -> dict[PodRef, str]:
+    """The membership annotation to write, per pod, for complete healthy groups of the StatefulSet fallback whose
+    pods do not all carry it yet (run after `restarts`: a group with a stale member is restarted, not joined)."""
+    out: dict[PodRef, str] = {}
+    for members in _fallback_groups(pods).values():
+        if len(members) != size or any((m.get("metadata") or {}).get("deletionTimestamp") for m in members):
+            continue
+        uids = {_uid(m) for m in members}
+        value = ",".join(sorted(uids))
+        if any((known := _members(m)) is not None and known != uids for m in members):
+            continue
+        out.update({(_name(m), _uid(m)): value for m in members if _members(m) != uids})
     return out

@@ -153,21 +153,27 @@ def status_patch(status: DeploymentStatus) -> dict[str, Any]:
 
 
 def _restart_groups(
-    kube: Kube, owner: Owner, role: Role, pods: list[dict[str, Any]], replicas: int, post: Post
+    kube: Kube, owner: Owner, role: Role, pods: list[dict[str, Any]], replicas: int, size: int, post: Post
 ) -> None:
     # Groups beyond the wanted count are being removed whole: their terminating pods are no failure.
-    live = [p for p in pods if int(rank_groups.group_of(p) or 0) < replicas]
-    for restart in rank_groups.restarts(live):
+    wanted = [p for p in pods if int(rank_groups.group_of(p) or 0) < replicas]
+    restarted = set()
+    for restart in rank_groups.restarts(wanted):
+        restarted.add(restart.group)
         post("Warning", "GroupRestart", f"{role.value} group {restart.group} restarts as a unit: {restart.reason}")
-        for name in restart.mark:
-            kube.annotate_pod(owner.namespace, name, {rank_groups.RESTART_ANNOTATION: restart.reason[:200]})
-        for name in restart.delete:
-            kube.delete_pod(owner.namespace, name)
+        for name, uid in restart.mark:
+            kube.annotate_pod(owner.namespace, name, {rank_groups.RESTART_ANNOTATION: restart.reason[:200]}, uid)
+        for name, uid in restart.delete:
+            kube.delete_pod(owner.namespace, name, uid)
+    healthy = [p for p in wanted if rank_groups.group_of(p) not in restarted]
+    for (name, uid), members in rank_groups.memberships(healthy, size).items():
+        kube.annotate_pod(owner.namespace, name, {rank_groups.MEMBERS_ANNOTATION: members}, uid)
 
 
 def _node_rank(pod: Mapping[str, Any]) -> int:
+    # An LWS leader's StatefulSet ordinal is its group index: the LWS worker index comes first.
     labels = (pod.get("metadata") or {}).get("labels") or {}
-    value = labels.get(rank_groups.POD_INDEX_LABEL, labels.get("leaderworkerset.sigs.k8s.io/worker-index", "0"))
+    value = labels.get(rank_groups.LWS_WORKER_INDEX_LABEL, labels.get(rank_groups.POD_INDEX_LABEL, "0"))
     return int(value)
 
 
@@ -183,8 +189,9 @@ def _write_rank_tables(kube: Kube, owner: Owner, pods: list[dict[str, Any]], siz
             post("Warning", "RankTableInvalid", str(err))
             continue
         for pod in members:
-            if (pod["metadata"].get("annotations") or {}).get(rank_table.TABLE_ANNOTATION) != text:
-                kube.annotate_pod(owner.namespace, pod["metadata"]["name"], {rank_table.TABLE_ANNOTATION: text})
+            meta = pod["metadata"]
+            if (meta.get("annotations") or {}).get(rank_table.TABLE_ANNOTATION) != text:
+                kube.annotate_pod(owner.namespace, meta["name"], {rank_table.TABLE_ANNOTATION: text}, meta.get("uid"))
 
 
 def tend_groups(
@@ -195,7 +202,7 @@ def tend_groups(
         pool = builders.worker_pool(spec, role)
         mine = [p for p in pods if _component(p) == role.value]
         if builders.pool_shape(spec, role, apis) is Shape.STATEFULSETS:
-            _restart_groups(kube, owner, role, mine, pool.replicas, post)
+            _restart_groups(kube, owner, role, mine, pool.replicas, pool.pods_per_replica, post)
         if profile(spec.accelerator, pool).rank_table:
             _write_rank_tables(kube, owner, mine, pool.pods_per_replica, post)
 

@@ -157,11 +157,16 @@ def test_layout_world_size() -> None:
 
 def _pod(name: str, group: str | None, ready: bool = True, **extra: Any) -> dict[str, Any]:
     labels = {} if group is None else {rank_groups.GROUP_LABEL: group}
-    meta: dict[str, Any] = {"name": name, "labels": labels, "annotations": extra.pop("annotations", {})}
+    meta: dict[str, Any] = {"name": name, "uid": f"uid-{name}", "labels": labels}
+    meta["annotations"] = extra.pop("annotations", {})
     if extra.pop("terminating", False):
         meta["deletionTimestamp"] = "2026-12-04T00:00:00Z"
     status: dict[str, Any] = {"conditions": [{"type": "Ready", "status": "True" if ready else "False"}], **extra}
     return {"metadata": meta, "status": status}
+
+
+def _refs(*names: str) -> list[tuple[str, str]]:
+    return [(n, f"uid-{n}") for n in names]
 
 
 def test_a_group_is_ready_only_when_every_pod_is() -> None:
@@ -186,14 +191,14 @@ def test_lws_pods_are_grouped_by_the_lws_group_index() -> None:
         for i in range(2)
     ]
     assert rank_groups.ready_groups(pods, 2) == 1
-    assert rank_groups.restarts(pods) == []  # LWS restarts its own groups
+    assert rank_groups.restarts(pods) == [] and rank_groups.memberships(pods, 2) == {}  # LWS restarts its own
 
 
 def test_a_deleted_pod_restarts_its_whole_group_once() -> None:
     pods = [_pod("g0-0", "0"), _pod("g0-1", "0", terminating=True), _pod("g1-0", "1"), _pod("g1-1", "1")]
     [restart] = rank_groups.restarts(pods)
     assert restart.group == "0" and "g0-1 was deleted" in restart.reason
-    assert restart.mark == ["g0-0", "g0-1"] and restart.delete == ["g0-0"]
+    assert restart.mark == _refs("g0-0", "g0-1") and restart.delete == _refs("g0-0")
     # After the operator marked and deleted them, the terminating pods trigger nothing, and the fresh pod neither.
     marked = {"annotations": {rank_groups.RESTART_ANNOTATION: restart.reason}}
     after = [
@@ -209,10 +214,30 @@ def test_a_deleted_pod_restarts_its_whole_group_once() -> None:
 def test_a_restarted_container_or_failed_pod_restarts_the_group() -> None:
     crashed = _pod("g-0", "0", containerStatuses=[{"name": "decode", "restartCount": 1}])
     [restart] = rank_groups.restarts([crashed, _pod("g-1", "0")])
-    assert "container decode restarted" in restart.reason and restart.delete == ["g-0", "g-1"]
+    assert "container decode restarted" in restart.reason and restart.delete == _refs("g-0", "g-1")
     evicted = _pod("h-0", "0", phase="Failed", reason="Evicted")
     [restart] = rank_groups.restarts([evicted, _pod("h-1", "0")])
     assert "failed (Evicted)" in restart.reason
     init = _pod("i-0", "0", initContainerStatuses=[{"name": "prewarm-weights", "restartCount": 2}])
     assert rank_groups.restarts([init])[0].reason.endswith("container prewarm-weights restarted")
     assert rank_groups.restarts([_pod("j-0", "0"), _pod("j-1", "0")]) == []
+
+
+def test_a_member_replaced_unseen_restarts_the_others() -> None:
+    # The group formed: both pods carry the member uids.
+    formed = [_pod("g-0", "0"), _pod("g-1", "0")]
+    joins = rank_groups.memberships(formed, 2)
+    assert joins == {ref: "uid-g-0,uid-g-1" for ref in _refs("g-0", "g-1")}
+    ann = {"annotations": {rank_groups.MEMBERS_ANNOTATION: "uid-g-0,uid-g-1"}}
+    joined = [_pod("g-0", "0", **ann), _pod("g-1", "0", **ann)]
+    assert rank_groups.memberships(joined, 2) == {} and rank_groups.restarts(joined) == []
+    # g-1 was deleted and recreated (same name, new uid) between two looks of the operator.
+    replaced = [
+        _pod("g-0", "0", **ann),
+        {**_pod("g-1", "0"), "metadata": {**_pod("g-1", "0")["metadata"], "uid": "new"}},
+    ]
+    [restart] = rank_groups.restarts(replaced)
+    assert "g-1 replaced a member" in restart.reason
+    assert restart.delete == _refs("g-0")  # the old member goes; the new one is fresh already
+    # An incomplete group is not joined until every pod is there.
+    assert rank_groups.memberships([_pod("k-0", "0")], 2) == {}
