@@ -11,6 +11,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from dsv4.operator import api, rank_groups
 from dsv4.operator.builders import MANAGER, SERVICE_MONITOR_API_VERSION, ClusterApis
 
 T = TypeVar("T")
+_listers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="dsv4-list")
 
 RETRYABLE = {409, 429, 500, 502, 503, 504}
 ATTEMPTS = 5
@@ -181,18 +183,23 @@ class Kube:
     ) -> list[dict[str, Any]]:
         """Every object of `kinds` (default: every child kind) labelled as belonging to `instance`."""
         selector = f"app.kubernetes.io/instance={instance},app.kubernetes.io/managed-by={MANAGER}"
-        out: list[dict[str, Any]] = []
-        for api_version, kind in kinds if kinds is not None else self.child_kinds():
-            res = self._resource(api_version, kind)
 
-            def list_kind(res: Any = res) -> Any:
-                return self.dynamic.get(res, namespace=namespace, label_selector=selector, _request_timeout=TIMEOUT)
+        def list_kind(kind: tuple[str, str]) -> list[dict[str, Any]]:
+            res = self._resource(*kind)
+            found = retrying(
+                lambda: self.dynamic.get(res, namespace=namespace, label_selector=selector, _request_timeout=TIMEOUT)
+            )
+            items: list[dict[str, Any]] = found.to_dict()["items"]
+            for item in items:
+                item.setdefault("apiVersion", kind[0])
+                item.setdefault("kind", kind[1])
+            return items
 
-            for item in retrying(list_kind).to_dict()["items"]:
-                item.setdefault("apiVersion", api_version)
-                item.setdefault("kind", kind)
-                out.append(item)
-        return out
+        wanted = kinds if kinds is not None else self.child_kinds()
+        for kind in wanted:
+            self._resource(*kind)  # resolve in this thread: discovery is not thread-safe
+        # One round trip for all kinds, not one per kind.
+        return [item for items in _listers.map(list_kind, wanted) for item in items]
 
     def list_pods(self, namespace: str, instance: str) -> list[dict[str, Any]]:
         """The pods of every pool of `instance`, as dicts."""

@@ -13,11 +13,12 @@ import datetime as dt
 import logging
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Any
 
 from dsv4.operator import builders, checks, rank_groups, rank_table
 from dsv4.operator.builders import ClusterApis, Owner
-from dsv4.operator.kube import WORKLOAD_KINDS, Kube
+from dsv4.operator.kube import LWS_KIND, WORKLOAD_KINDS, Kube
 from dsv4.operator.profiles import profile
 from dsv4.operator.rank_groups import Shape
 from dsv4.operator.spec import DeploymentSpec
@@ -217,14 +218,22 @@ def _post_changes(post: Post, created: list[str], updated: list[str], deleted: l
         post("Normal", "Deleted", f"deleted (no longer part of the spec): {', '.join(deleted)}")
 
 
-def reconcile(kube: Kube, body: Mapping[str, Any], default_image: str, post: Post) -> DeploymentStatus:
-    """Bring the children in line with the spec, delete children no longer wanted, and write the status."""
+def reconcile(
+    kube: Kube, body: Mapping[str, Any], default_image: str, post: Post, first: bool = False
+) -> DeploymentStatus:
+    """Bring the children in line with the spec, delete children no longer wanted, and write the status.
+
+    `first`: the resource's first pass (kopf's create). Nothing of an older spec can exist then, so the children are
+    not listed: a burst of new resources spends its API calls on creating, not on finding nothing. (A pass cut short
+    before may have made some of them: applying them again is what server-side apply is for.)
+    """
     meta = body["metadata"]
     name, namespace, uid = meta["name"], meta["namespace"], meta["uid"]
     owner = Owner(name, namespace, uid)
     apis = kube.cluster_apis()
     spec, problems = checks.parse(body.get("spec") or {})
-    existing = {_key(o): o for o in kube.list_children(namespace, name) if _owned_by(o, uid)}
+    listed = [] if first else kube.list_children(namespace, name)
+    existing = {_key(o): o for o in listed if _owned_by(o, uid)}
     if spec is None:
         status = _status(body, None, apis, problems, list(existing.values()), [])
         kube.patch_status(namespace, name, status_patch(status))
@@ -251,21 +260,37 @@ def reconcile(kube: Kube, body: Mapping[str, Any], default_image: str, post: Pos
         kube.delete(existing[key])
         deleted.append(f"{key[0]} {key[1]}")
     _post_changes(post, created, updated, deleted)
-    pods = kube.list_pods(namespace, name)
+    # A first pass made the workloads just now: they have no pods yet worth reading.
+    pods = [] if first else kube.list_pods(namespace, name)
     tend_groups(kube, owner, spec, apis, pods, post)
     status = _status(body, spec, apis, problems, applied, pods)
     kube.patch_status(namespace, name, status_patch(status))
     return status
 
 
+@dataclass(frozen=True)
+class Seen:
+    """What the operator's watches last saw of one resource: its body, its Deployments and StatefulSets, its pods."""
+
+    body: dict[str, Any] | None
+    workloads: list[dict[str, Any]]
+    pods: list[dict[str, Any]]
+
+
 def refresh_status(
-    kube: Kube, namespace: str, name: str, poster: Callable[[Mapping[str, Any]], Post] | None = None
+    kube: Kube,
+    namespace: str,
+    name: str,
+    poster: Callable[[Mapping[str, Any]], Post] | None = None,
+    seen: Seen | None = None,
 ) -> DeploymentStatus | None:
     """Tend the groups and recompute the status from the children as they are now; patch only when it changed.
 
-    `poster(body)` gives the Event poster of the resource (none: problems are only logged).
+    `poster(body)` gives the Event poster of the resource (none: problems are only logged). With `seen`, the
+    resource, its Deployments/StatefulSets and its pods come from the watches instead of the API server (only a
+    LeaderWorkerSet, which no watch covers, is read).
     """
-    body = kube.get_resource(namespace, name)
+    body = kube.get_resource(namespace, name) if seen is None else seen.body
     if body is None or body["metadata"].get("deletionTimestamp"):
         return None
     apis = kube.cluster_apis()
@@ -273,9 +298,16 @@ def refresh_status(
     if spec is not None:
         problems += problems_of(kube, namespace, spec)
     uid = body["metadata"]["uid"]
-    # Only the workloads decide the status: two lists, not five, on every pod change.
-    objs = [o for o in kube.list_children(namespace, name, kube.child_kinds(workloads_only=True)) if _owned_by(o, uid)]
-    pods = kube.list_pods(namespace, name)
+    if seen is None:
+        # Only the workloads decide the status: a few lists, not every kind, on every pod change.
+        kinds = kube.child_kinds(workloads_only=True)
+        objs = [o for o in kube.list_children(namespace, name, kinds) if _owned_by(o, uid)]
+        pods = kube.list_pods(namespace, name)
+    else:
+        objs = [o for o in seen.workloads if _owned_by(o, uid)]
+        if apis.leader_worker_set:
+            objs += [o for o in kube.list_children(namespace, name, (LWS_KIND,)) if _owned_by(o, uid)]
+        pods = seen.pods
     if spec is not None:
         post = poster(body) if poster is not None else _log_only
         tend_groups(kube, Owner(name, namespace, uid), spec, apis, pods, post)
