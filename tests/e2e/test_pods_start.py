@@ -211,6 +211,11 @@ def test_every_container_of_the_example_starts_and_serves(
             local.wait_ready(list(running.values()), READY_TIMEOUT_S)
             for group in _groups(pods).values():
                 check_group(local, group, running)
+            # The weights pre-warm: the first pod on the (one) node copies with progress, the others find it done.
+            warm = [r.log.read_text() for r in local.running if r.container["name"] == "prewarm-weights"]
+            if warm:
+                assert "prewarm: copying" in warm[0] and "(100.0%)" in warm[0] and "is complete" in warm[0], warm[0]
+                assert all("already holds the checkpoint" in log for log in warm[1:]), warm
             _serve_requests(local, pods, children, spec)
         except (PodFailed, AssertionError, httpx.HTTPError) as err:
             raise AssertionError(f"{err}\n\n{local.logs()}") from err
