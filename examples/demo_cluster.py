@@ -1,7 +1,7 @@
 """`make demo-cluster`: the examples on a local control plane with simulated NVIDIA, Ascend and CPU node pools.
 
 Starts the test control plane (tests/cluster; kwok nodes, no containers run), installs the Helm chart, runs
-`dsv4 operator`, applies the three examples and prints `kubectl get dsv4` and the pods on their pools.
+`dsv4 operator`, applies the four examples and prints `kubectl get dsv4` and the pods on their pools.
 `--keep` leaves everything running until Ctrl-C and prints the KUBECONFIG to use.
 """
 
@@ -59,12 +59,9 @@ def _secret(name: str, key: str, value: str) -> dict[str, Any]:
 
 
 def _examples() -> list[dict[str, Any]]:
-    docs = [yaml.safe_load((EXAMPLES / f"{n}.yaml").read_text()) for n in ("tiny-cpu", "flash-h200")]
+    docs = [yaml.safe_load((EXAMPLES / f"{n}.yaml").read_text()) for n in ("tiny-cpu", "flash-h200", "pro-h200")]
     pro = copy.deepcopy(yaml.safe_load((EXAMPLES / "pro-ascend-910c.yaml").read_text()))
-    # The simulated Ascend nodes are 910B with 8 NPUs; the example's Atlas A3 pods ask for 16.
-    pro["spec"]["accelerator"].update(product="910B", devicesPerPod=8)
-    for pool in ("prefill", "decode"):
-        pro["spec"][pool]["parallelism"] = {"tensor": 8, "expert": True}
+    # The simulated Atlas A3 pool has two super pods of three nodes: one prefill pod and one decode group of two.
     pro["spec"]["decode"]["replicas"] = 1
     return [*docs, pro]
 
@@ -109,7 +106,7 @@ def main() -> int:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             phases = cluster.kubectl("get", "dsv4", "-o", "jsonpath={.items[*].status.phase}").stdout.split()
-            if phases.count("Ready") == 3:
+            if phases.count("Ready") == 4:
                 break
             time.sleep(1)
         print(cluster.kubectl("get", "dsv4").stdout)

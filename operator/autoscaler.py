@@ -1,9 +1,10 @@
 """The planner's I/O: read the signals, ask `planner.plan`, drain, resize, remember, and record an Event.
 
-A resize is a patch of `spec.<pool>.replicas` on the DeepSeekV4Deployment itself, so the reconciler applies it like
-any spec change and `kubectl get dsv4 -o yaml` shows what the planner chose. Before a scale-down the pods with the
-least pending work get a low `controller.kubernetes.io/pod-deletion-cost`, so the ReplicaSet removes them first;
-their SIGTERM makes the services stop taking work and finish what they hold (the services' drain).
+A resize is a patch of `spec.<pool>.replicas` (groups) on the DeepSeekV4Deployment itself, so the reconciler applies
+it like any spec change and `kubectl get dsv4 -o yaml` shows what the planner chose. Before a scale-down of a pool of
+single-pod replicas the pods with the least pending work get a low `controller.kubernetes.io/pod-deletion-cost`, so
+the ReplicaSet removes them first; their SIGTERM makes the services stop taking work and finish what they hold (the
+services' drain). Multi-pod groups go whole, highest index first.
 """
 
 from __future__ import annotations
@@ -134,10 +135,22 @@ async def decide(
 
 
 def apply_decision(
-    kube: Kube, owner: Owner, decision: planner.Decision, queue: signals.QueueSignal, post: Post
+    kube: Kube,
+    owner: Owner,
+    decision: planner.Decision,
+    queue: signals.QueueSignal,
+    post: Post,
+    pods_per_replica: int = 1,
 ) -> None:
-    """Drain (mark) the victims of a scale-down, resize the pool in the spec, remember when, and say why."""
-    if decision.desired < decision.current:
+    """Drain (mark) the victims of a scale-down, resize the pool in the spec, remember when, and say why.
+
+    A pool of multi-pod groups loses its highest-numbered groups whole (LeaderWorkerSet and the StatefulSet fallback
+    both number them); their pods drain on SIGTERM for the pool's `drainSeconds`.
+    """
+    if decision.desired < decision.current and pods_per_replica > 1:
+        going = ", ".join(str(g) for g in range(decision.desired, decision.current))
+        post("Normal", "Draining", f"{decision.pool} groups {going} drain and go ({pods_per_replica} pods each)")
+    elif decision.desired < decision.current:
         pods = kube.pods(owner.namespace, owner.name, decision.pool)
         candidates = [
             (
@@ -181,7 +194,8 @@ async def maybe_plan(
         return []
     for d in decisions:
         if d.changed:
-            await asyncio.to_thread(apply_decision, kube, owner, d, queues[d.pool], post)
+            pool = spec.prefill if d.pool == "prefill" else spec.decode
+            await asyncio.to_thread(apply_decision, kube, owner, d, queues[d.pool], post, pool.pods_per_replica)
         elif d.reason.startswith("hold"):
             post("Normal", "PlannerHold", f"{d.pool} stays at {d.current}: {d.reason}")
         logger.debug("planner %s: %s -> %s (%s)", d.pool, d.current, d.desired, d.reason)

@@ -48,14 +48,25 @@ def spec_problems(spec: DeploymentSpec) -> list[Problem]:
                 f"{spec.autoscaling.max_prefill_decode_ratio}]",
             )
         )
+    problems += device_problems(spec)
+    return problems
+
+
+def device_problems(spec: DeploymentSpec) -> list[Problem]:
+    """Pods that ask for more devices than one node has: they would stay Pending forever.
+
+    (The model fit check, `dsv4 plan`'s function, joins the spec checks here once the runtime provides it.)
+    """
+    problems: list[Problem] = []
     limit = DEVICES_PER_NODE.get(spec.accelerator.type)
     for pool_name, pool in (("prefill", spec.prefill), ("decode", spec.decode)):
-        n = devices_per_pod(spec.accelerator, pool.parallelism)
+        n = devices_per_pod(spec.accelerator, pool)
         if limit is not None and n > limit:
             problems.append(
                 Problem(
                     "Unschedulable",
-                    f"{pool_name} pods need {n} {spec.accelerator.type} devices but one node has at most {limit}",
+                    f"{pool_name} pods need {n} {spec.accelerator.type} devices but one node has at most {limit}: "
+                    f"spread each replica over more pods with {pool_name}.podsPerReplica",
                 )
             )
     return problems

@@ -101,8 +101,25 @@ def printer_columns() -> list[dict[str, Any]]:
     """Columns of `kubectl get dsv4`."""
     return [
         {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
-        {"name": "Prefill", "type": "string", "jsonPath": ".status.prefill.summary", "description": "ready/desired"},
-        {"name": "Decode", "type": "string", "jsonPath": ".status.decode.summary", "description": "ready/desired"},
+        {
+            "name": "Prefill",
+            "type": "string",
+            "jsonPath": ".status.prefill.summary",
+            "description": "rank groups ready/desired",
+        },
+        {
+            "name": "Decode",
+            "type": "string",
+            "jsonPath": ".status.decode.summary",
+            "description": "rank groups ready/desired",
+        },
+        {
+            "name": "Pods/Group",
+            "type": "integer",
+            "jsonPath": ".status.decode.podsPerGroup",
+            "description": "pods of one decode group",
+            "priority": 1,
+        },
         {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]

@@ -71,18 +71,67 @@ class ModelSource(Base):
     host_path: str | None = Field(default=None, pattern=r"^/", description="absolute checkpoint folder on every node")
 
 
+class LocalCacheSpec(Base):
+    """Node-local copy of the weights, made by an init container before the worker starts (docs/operator.md)."""
+
+    host_path: str | None = Field(
+        default=None,
+        pattern=r"^/",
+        description="node folder kept across pods (writable by uid 1000); unset: an emptyDir that lives with the pod",
+    )
+    size_limit: Quantity | None = Field(default=None, description="sizeLimit of the emptyDir when hostPath is unset")
+
+
 class ModelSpec(Base):
     """Which DeepSeek-V4 model to serve."""
 
     model_config = validations(
         cel(
             "self.variant == 'tiny' || has(self.source)",
-            "model.source is required unless model.variant is tiny (the checkpoint built into the image)",
-        )
+            "model.source is required unless model.variant is tiny (written into each worker pod at start)",
+        ),
+        cel(
+            "!has(self.localCache) || (has(self.source) && !has(self.source.image))",
+            "model.localCache needs a pvc or hostPath source: an image volume is node-local already",
+        ),
     )
     variant: Literal["flash", "pro", "tiny", "custom"] = Field(description="flash, pro, tiny (test model) or custom")
     source: ModelSource | None = None
     revision: str | None = Field(default=None, description="checkpoint revision, recorded in the config and status")
+    local_cache: LocalCacheSpec | None = Field(
+        default=None, description="copy the weights to node-local storage before each worker starts"
+    )
+
+
+class RdmaSpec(Base):
+    """An RDMA device resource each worker pod asks for (from the cluster's RDMA device plugin)."""
+
+    resource_name: str = Field(
+        pattern=r"^[a-z0-9.-]+/[A-Za-z0-9_.-]+$", max_length=253, description="e.g. rdma/ib or nvidia.com/hostdev"
+    )
+    count: int = Field(default=1, ge=1, le=32)
+
+
+class FabricSpec(Base):
+    """How the ranks of a group reach each other: collective-library env, RDMA devices and the fabric domain."""
+
+    socket_interface: str | None = Field(
+        default=None,
+        pattern=r"^\^?[A-Za-z0-9_.,:=-]+$",
+        max_length=128,
+        description="NIC(s) for bootstrap and socket traffic: NCCL_SOCKET_IFNAME / HCCL_SOCKET_IFNAME / GLOO",
+    )
+    ib_hca: str | None = Field(
+        default=None, pattern=r"^[\^=]?[A-Za-z0-9_.,:-]+$", max_length=256, description="NCCL_IB_HCA (nvidia)"
+    )
+    rdma: RdmaSpec | None = Field(default=None, description="RDMA devices per worker pod (nvidia); adds IPC_LOCK")
+    topology_key: str | None = Field(
+        default=None,
+        max_length=253,
+        pattern=r"^([a-z0-9.-]+/)?[A-Za-z0-9_.-]+$",
+        description="node label every pod of a group must share: an NVLink domain, an Ascend super pod "
+        "(default for 910C: huawei.com/topotree.superpodid)",
+    )
 
 
 class AcceleratorSpec(Base):
@@ -107,6 +156,14 @@ class AcceleratorSpec(Base):
             " || (self.type == 'ascend' && self.resourceName.startsWith('huawei.com/'))",
             "accelerator.resourceName must be nvidia.com/* for type nvidia and huawei.com/* for type ascend",
         ),
+        cel(
+            "self.type == 'nvidia' || (!has(self.fabric.ibHca) && !has(self.fabric.rdma))",
+            "accelerator.fabric.ibHca and rdma apply to type nvidia (Ascend NICs come with the NPUs)",
+        ),
+        cel(
+            "self.type == 'ascend' || !has(self.driverGroupId)",
+            "accelerator.driverGroupId applies to type ascend (the HwHiAiUser group)",
+        ),
     )
     type: Literal["nvidia", "ascend", "cpu"] = Field(description="nvidia, ascend or cpu")
     product: str | None = Field(
@@ -117,6 +174,10 @@ class AcceleratorSpec(Base):
     )
     resource_name: str | None = Field(
         default=None, max_length=253, description="override of the extended resource, e.g. huawei.com/npu"
+    )
+    fabric: FabricSpec = Field(default_factory=FabricSpec)
+    driver_group_id: int | None = Field(
+        default=None, ge=0, le=2147483647, description="gid of HwHiAiUser on the Ascend hosts (default 1000)"
     )
 
 
@@ -145,7 +206,10 @@ class Scheduling(Base):
 
 
 class PoolSpec(Base):
-    """One pool of identical pods: its size, bounds for the planner, resources and placement."""
+    """One pool of replicas: its size in groups, bounds for the planner, resources and placement.
+
+    A replica is a rank group of `podsPerReplica` pods that together hold the pool's parallel layout.
+    """
 
     model_config = validations(
         cel("self.minReplicas <= self.maxReplicas", "minReplicas must not exceed maxReplicas"),
@@ -154,9 +218,13 @@ class PoolSpec(Base):
             "replicas must lie between minReplicas and maxReplicas",
         ),
     )
-    replicas: int = Field(default=1, ge=0, le=1024)
+    replicas: int = Field(default=1, ge=0, le=1024, description="rank groups")
     min_replicas: int = Field(default=1, ge=0, le=1024)
     max_replicas: int = Field(default=4, ge=0, le=1024)
+    pods_per_replica: int = Field(default=1, ge=1, le=64, description="pods of one rank group (one per node)")
+    drain_seconds: int = Field(
+        default=300, ge=0, le=3600, description="SIGTERM: how long in-flight work may finish (the grace period follows)"
+    )
     resources: Resources = Field(default_factory=Resources)
     parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig)
     scheduling: Scheduling = Field(default_factory=Scheduling)
@@ -235,6 +303,34 @@ class AuthSpec(Base):
     api_key_secret_ref: SecretKeyRef | None = None
 
 
+def _layout_rules(pool: str) -> list[dict[str, str]]:
+    """CEL rules tying one pool's layout (tensor x data ranks) to its pods and their devices."""
+    p = f"self.{pool}"
+    ranks = f"{p}.parallelism.tensor * {p}.parallelism.data"
+    pods = f"{p}.podsPerReplica"
+    return [
+        cel(
+            f"!has(self.accelerator.devicesPerPod) || {ranks} <= {pods} * self.accelerator.devicesPerPod",
+            f"tensor x data parallelism of {pool} must fit in {pool}.podsPerReplica x accelerator.devicesPerPod",
+        ),
+        cel(
+            f"{pods} == 1 || !has(self.accelerator.devicesPerPod) || "
+            f"{ranks} == {pods} * self.accelerator.devicesPerPod",
+            f"{pool} spans {pool}.podsPerReplica pods: tensor x data must equal podsPerReplica x devicesPerPod "
+            "(every device of the group holds a rank)",
+        ),
+        cel(
+            f"{pods} == 1 || has(self.accelerator.devicesPerPod) || ({ranks}) % {pods} == 0",
+            f"tensor x data parallelism of {pool} must be a multiple of {pool}.podsPerReplica "
+            "(each pod holds the same number of ranks)",
+        ),
+        cel(
+            f"{pods} == 1 || self.accelerator.type != 'cpu' || {ranks} == {pods}",
+            f"a cpu pod holds one rank: {pool}.parallelism.data must equal {pool}.podsPerReplica",
+        ),
+    ]
+
+
 class DeploymentSpec(Base):
     """`spec` of a DeepSeekV4Deployment."""
 
@@ -251,12 +347,7 @@ class DeploymentSpec(Base):
             "self.disaggregation.mode == 'never' || self.prefill.maxReplicas >= 1",
             "prefill.maxReplicas is 0: raise it or set disaggregation.mode to never",
         ),
-        cel(
-            "!has(self.accelerator.devicesPerPod) || "
-            "(self.prefill.parallelism.tensor * self.prefill.parallelism.data <= self.accelerator.devicesPerPod"
-            " && self.decode.parallelism.tensor * self.decode.parallelism.data <= self.accelerator.devicesPerPod)",
-            "tensor x data parallelism of each pool must fit in accelerator.devicesPerPod",
-        ),
+        *(rule for pool in ("prefill", "decode") for rule in _layout_rules(pool)),
         cel(
             "self.accelerator.type != 'cpu' || (self.prefill.parallelism.tensor == 1 && "
             "self.decode.parallelism.tensor == 1)",

@@ -29,11 +29,13 @@ class Condition(Base):
 
 
 class PoolStatus(Base):
-    """Replicas of one pool; `summary` is the printer column (`ready/desired`)."""
+    """Rank groups of one pool (a group is one pod when podsPerGroup is 1); `summary` is the printer column
+    (`ready/desired` groups). A group is ready when every one of its pods is Ready."""
 
     desired: int = 0
     ready: int = 0
     updated: int = 0
+    pods_per_group: int = 1
     summary: str = "0/0"
 
 
@@ -67,13 +69,15 @@ class DeploymentStatus(Base):
 
 @dataclass(frozen=True)
 class Workload:
-    """What the operator reads from one child Deployment or StatefulSet."""
+    """What the operator reads from the workloads of one component (a Deployment, a StatefulSet, a LeaderWorkerSet
+    or the StatefulSets of a pool's groups), counted in groups."""
 
     desired: int
     ready: int
     updated: int
     up_to_date: bool  # the workload controller has seen the latest template
     failure: str | None  # a controller-reported reason why it cannot progress
+    pods_per_group: int = 1
 
 
 @dataclass(frozen=True)
@@ -100,7 +104,8 @@ def ready_pods(pods: Iterable[Mapping[str, Any]]) -> dict[str, int]:
 
 
 def read_workload(obj: Mapping[str, Any], ready_pods: int = 0) -> Workload:
-    """The replica counts and failure reason of a Deployment or StatefulSet as returned by the API server.
+    """The replica counts and failure reason of a Deployment, StatefulSet or LeaderWorkerSet as returned by the API
+    server (a LeaderWorkerSet counts groups).
 
     `ready_pods` (Ready pods of that workload, counted by the operator) covers a workload controller whose status
     lags behind its pods: the larger of the two counts, at most the desired count, is what is ready.
@@ -128,10 +133,34 @@ def endpoint_url(name: str, namespace: str, port: int) -> str:
     return f"http://{name}-gateway.{namespace}.svc:{port}"
 
 
+def pool_of_groups(groups: Sequence[Workload], desired: int, ready_groups: int, size: int) -> Workload:
+    """A pool whose groups are workloads of their own (the StatefulSet fallback: one per group, each counting pods).
+
+    `ready_groups` is counted from the pods (every pod of the group Ready); as for a single workload, the larger of
+    that and what the workload controllers report is what is ready.
+    """
+    failures = [w.failure for w in groups if w.failure]
+    by_controllers = sum(1 for w in groups if w.desired and w.ready >= w.desired)
+    return Workload(
+        desired=desired,
+        ready=min(desired, max(ready_groups, by_controllers)),
+        updated=min(desired, sum(1 for w in groups if w.updated >= w.desired)),
+        up_to_date=all(w.up_to_date for w in groups),
+        failure=failures[0] if failures else None,
+        pods_per_group=size,
+    )
+
+
 def _pool(w: Workload | None) -> PoolStatus | None:
     if w is None:
         return None
-    return PoolStatus(desired=w.desired, ready=w.ready, updated=w.updated, summary=f"{w.ready}/{w.desired}")
+    return PoolStatus(
+        desired=w.desired,
+        ready=w.ready,
+        updated=w.updated,
+        pods_per_group=w.pods_per_group,
+        summary=f"{w.ready}/{w.desired}",
+    )
 
 
 def _condition(

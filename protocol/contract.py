@@ -33,3 +33,10 @@ CONFIG_FILE = f"{CONFIG_DIR}/config.yaml"
 API_KEY_DIR = "/etc/dsv4/api-keys"
 API_KEY_FILE = f"{API_KEY_DIR}/keys"  # one key per line; the Secret's key `keys`
 MODEL_DIR = "/models"
+# Ascend groups: the HCCL rank table (Ascend's hccl.json format) the operator keeps up to date for each pod's group.
+# It always exists; its "status" is RANK_TABLE_INITIALIZING until every pod of the group has its devices, then
+# RANK_TABLE_COMPLETED with the full server list. The runtime waits for COMPLETED before it initialises HCCL.
+RANK_TABLE_DIR = "/etc/dsv4/hccl"
+RANK_TABLE_FILE = f"{RANK_TABLE_DIR}/hccl.json"
+RANK_TABLE_INITIALIZING = "initializing"
+RANK_TABLE_COMPLETED = "completed"

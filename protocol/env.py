@@ -61,3 +61,5 @@ NPROC_PER_NODE = "NPROC_PER_NODE"  # rank processes this pod starts: its devices
 RANK = "RANK"
 LOCAL_RANK = "LOCAL_RANK"
 LOCAL_WORLD_SIZE = "LOCAL_WORLD_SIZE"
+# Ascend: the group's HCCL rank table (contract.RANK_TABLE_FILE), the name HCCL and torch_npu read.
+RANK_TABLE_FILE = "RANK_TABLE_FILE"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the real Kubernetes test control plane (etcd, kube-apiserver, kube-controller-manager, kube-scheduler,
-# kwok, helm, and kubectl when the machine has none) from upstream Go modules into a cache outside the repo:
+# kwok, the LeaderWorkerSet controller, helm, and kubectl when the machine has none) from upstream Go modules into a
+# cache outside the repo:
 #   ${DSV4_K8S_CACHE:-$HOME/.cache/dsv4/k8s}/<kubernetes version>/bin
 # Every version is pinned once, in the wrapper modules' go.mod files under tests/cluster/modules/ (go.sum
 # alongside); this script reads the versions from there. A binary is rebuilt only when its stamp (module
@@ -89,6 +90,17 @@ for f in node/fast/node-initialize node/heartbeat-with-lease/node-heartbeat-with
 	cat "$kwok_dir/kustomize/stage/$f.yaml"
 done >"$cache/share/.kwok-stages.yaml.tmp"
 mv -f "$cache/share/.kwok-stages.yaml.tmp" "$cache/share/kwok-stages.yaml"
+# The LeaderWorkerSet controller (cmd/main.go of sigs.k8s.io/lws) and, from the same pinned module, its CRDs, so the
+# CRDs always match the controller (it also runs a DisaggregatedSet controller, which needs that CRD to start).
+lws_version=$(module_version lws sigs.k8s.io/lws)
+build lws-controller lws sigs.k8s.io/lws sigs.k8s.io/lws/cmd "-X sigs.k8s.io/lws/pkg/version.GitVersion=$lws_version"
+lws_dir=$(cd "$modules/lws" && go mod download -json sigs.k8s.io/lws | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+for f in leaderworkerset.x-k8s.io_leaderworkersets disaggregatedset.x-k8s.io_disaggregatedsets; do
+	echo "---"
+	cat "$lws_dir/config/crd/bases/$f.yaml"
+done >"$cache/share/.lws-crds.yaml.tmp"
+mv -f "$cache/share/.lws-crds.yaml.tmp" "$cache/share/lws-crds.yaml"
+rm -f "$cache/share/lws-crd.yaml"
 if [[ -x $bin/kubectl ]] || ! command -v kubectl >/dev/null; then
 	build kubectl kubernetes k8s.io/kubernetes k8s.io/kubernetes/cmd/kubectl "${k8s_ldflags[@]}"
 fi

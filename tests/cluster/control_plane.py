@@ -1,5 +1,6 @@
 """A real Kubernetes control plane on loopback for the cluster tests: etcd, kube-apiserver,
-kube-controller-manager, kube-scheduler and kwok (simulated GPU, Ascend and CPU nodes).
+kube-controller-manager, kube-scheduler and kwok (simulated GPU, Ascend and CPU nodes); on request
+(`start_lws`) the LeaderWorkerSet controller with its CRD and admission webhooks.
 
 The binaries come from `tests/cluster/build.sh` (`make cluster-binaries`); nothing here is a mock. See
 tests/cluster/README.md for the API the operator tests use.
@@ -7,6 +8,7 @@ tests/cluster/README.md for the API the operator tests use.
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import os
 import shutil
@@ -19,12 +21,21 @@ import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import kubernetes
 import yaml
 
 from dsv4.services.local_redis import free_port
-from tests.cluster.node_pools import ASCEND_POOL, CPU_POOL, KWOK_ANNOTATION, NODE_POOLS, NVIDIA_POOL, NodePool
+from tests.cluster.node_pools import (
+    ASCEND_A3_POOL,
+    ASCEND_POOL,
+    CPU_POOL,
+    KWOK_ANNOTATION,
+    NODE_POOLS,
+    NVIDIA_POOL,
+    NodePool,
+)
 from tests.cluster.pki import (
     SERVICE_ACCOUNT_ISSUER,
     SERVICE_CLUSTER_IP_RANGE,
@@ -35,7 +46,10 @@ from tests.cluster.pki import (
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BUILD_SCRIPT = REPO_ROOT / "tests" / "cluster" / "build.sh"
-COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "helm")
+COMPONENTS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "helm", "lws-controller")
+LWS_CRD = "leaderworkersets.leaderworkerset.x-k8s.io"
+LWS_CRDS = (LWS_CRD, "disaggregatedsets.disaggregatedset.x-k8s.io")
+LWS_WEBHOOKS = "dsv4-test-lws"  # name of the mutating and the validating webhook configuration
 START_TIMEOUT_S = 120.0
 _NODE_READY_JSONPATH = (
     'jsonpath={range .items[*]}{.metadata.name}={.status.conditions[?(@.type=="Ready")].status}{"\\n"}{end}'
@@ -87,7 +101,8 @@ class KubeCluster:
 
     Attributes operator tests use: `kubeconfig` (admin, system:masters), `server` (https URL), `bin_dir`,
     `log_dir`, `env` (environment for child processes: KUBECONFIG and PATH with the built binaries),
-    `pools` / `NVIDIA_POOL` / `ASCEND_POOL` / `CPU_POOL` (node pool names, labels, taints, resources).
+    `pools` / `NVIDIA_POOL` / `ASCEND_POOL` / `ASCEND_A3_POOL` / `CPU_POOL` (node pool names, labels, taints,
+    resources). `start_lws()` / `stop_lws()` install and remove the LeaderWorkerSet API.
     """
 
     workdir: Path
@@ -98,10 +113,12 @@ class KubeCluster:
     start_seconds: float = 0.0
     _scheduler_port: int = 0
     _components: list[_Component] = field(default_factory=list)
+    _lws: _Component | None = None
 
     pools: tuple[NodePool, ...] = NODE_POOLS
     NVIDIA_POOL = NVIDIA_POOL
     ASCEND_POOL = ASCEND_POOL
+    ASCEND_A3_POOL = ASCEND_A3_POOL
     CPU_POOL = CPU_POOL
 
     def __repr__(self) -> str:
@@ -213,6 +230,72 @@ class KubeCluster:
                 component.proc.kill()
                 component.proc.wait()
         self._components.clear()
+
+    # ----- the LeaderWorkerSet API (optional) -----
+
+    @property
+    def lws_running(self) -> bool:
+        """Whether `start_lws()` installed the LeaderWorkerSet API and its controller runs."""
+        return self._lws is not None and self._lws.proc.poll() is None
+
+    def start_lws(self) -> None:
+        """Install the LeaderWorkerSet CRD and run its controller (the binary build.sh built from the pinned
+        sigs.k8s.io/lws module) with its admission webhooks: they serve on loopback with a certificate of the cluster
+        CA and are registered by URL, since no Service can reach a process outside the cluster. The pod webhook is
+        what gives LWS pods their group labels and LWS_* env, so it is not optional."""
+        if self.lws_running:
+            return
+        crds = self.bin_dir.parent / "share" / "lws-crds.yaml"
+        if not crds.exists():
+            raise ControlPlaneError(f"{crds} is missing: run `make cluster-binaries`")
+        # Over a megabyte each: too large for client-side apply's last-applied annotation.
+        self.kubectl("apply", "--server-side", "--field-manager=dsv4-test", "-f", str(crds), timeout=120)
+        established = 'jsonpath={.status.conditions[?(@.type=="Established")].status}'
+        for name in LWS_CRDS:
+            self.wait_for(
+                f"CRD {name} to be established",
+                lambda name=name: self.kubectl("get", "crd", name, "-o", established, check=False).stdout == "True",
+            )
+        cert = self.pki.server("lws-webhook")
+        cert_dir = self.workdir / "lws-certs"
+        cert_dir.mkdir(exist_ok=True)
+        shutil.copyfile(cert.cert, cert_dir / "tls.crt")
+        shutil.copyfile(cert.key, cert_dir / "tls.key")
+        webhook_port, health_port = free_port(), free_port()
+        config = {
+            "apiVersion": "config.lws.x-k8s.io/v1alpha1",
+            "kind": "Configuration",
+            "leaderElection": {"leaderElect": False},
+            "internalCertManagement": {"enable": False},
+            "webhook": {"host": "127.0.0.1", "port": webhook_port, "certDir": str(cert_dir)},
+            "metrics": {"bindAddress": "0"},
+            "health": {"healthProbeBindAddress": f"127.0.0.1:{health_port}"},
+        }
+        config_file = self.workdir / "lws-config.yaml"
+        config_file.write_text(yaml.safe_dump(config))
+        self._lws = self._spawn("lws-controller", f"--config={config_file}", f"--kubeconfig={self.kubeconfig}")
+        self.wait_for("lws-controller /healthz", lambda: _http_get(f"http://127.0.0.1:{health_port}/healthz") == b"ok")
+        hooks = _lws_webhooks(f"https://127.0.0.1:{webhook_port}", self.pki.ca.cert)
+        self.kubectl("apply", "--server-side", "--field-manager=dsv4-test", "-f", "-", input=yaml.safe_dump_all(hooks))
+        probe = f"https://127.0.0.1:{webhook_port}/healthz"
+        # The webhook server answers (404 for this path) once its certificate is loaded.
+        self.wait_for("the LWS webhook server", lambda: _tls_listening(probe, self.pki.ca.cert))
+
+    def stop_lws(self) -> None:
+        """Remove the webhooks and the CRD (with every LeaderWorkerSet), then stop the controller."""
+        if self._lws is None:
+            return
+        for kind in ("mutatingwebhookconfiguration", "validatingwebhookconfiguration"):
+            self.kubectl("delete", kind, LWS_WEBHOOKS, "--ignore-not-found", check=False)
+        self.kubectl("delete", "crd", *LWS_CRDS, "--ignore-not-found", "--wait=true", timeout=120, check=False)
+        component, self._lws = self._lws, None
+        self._components.remove(component)
+        component.proc.terminate()
+        try:
+            component.proc.wait(timeout=10.0)
+        except subprocess.TimeoutExpired:
+            component.proc.kill()
+            component.proc.wait()
 
     def _spawn(self, name: str, *args: str) -> _Component:
         log = self.log_dir / f"{name}.log"
@@ -376,6 +459,60 @@ class KubeCluster:
         admin = self.pki.root
         ctx.load_cert_chain(str(admin / "admin.crt"), str(admin / "admin.key"))
         return ctx
+
+
+def _lws_webhooks(base_url: str, ca: Path) -> list[dict[str, Any]]:
+    """LWS's webhook configurations (as its Helm chart declares them), pointing at `base_url`."""
+    bundle = base64.b64encode(ca.read_bytes()).decode()
+    only_lws_pods = {"matchExpressions": [{"key": "leaderworkerset.sigs.k8s.io/name", "operator": "Exists"}]}
+
+    def hook(name: str, path: str, group: str, resources: str, ops: list[str], pods: bool) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "name": name,
+            "admissionReviewVersions": ["v1"],
+            "clientConfig": {"url": base_url + path, "caBundle": bundle},
+            "failurePolicy": "Fail",
+            "sideEffects": "None",
+            "rules": [{"apiGroups": [group], "apiVersions": ["v1"], "operations": ops, "resources": [resources]}],
+        }
+        if pods:
+            out["objectSelector"] = only_lws_pods
+        return out
+
+    lws = "leaderworkerset.x-k8s.io"
+    return [
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": LWS_WEBHOOKS},
+            "webhooks": [
+                hook("mleaderworkerset.kb.io", "/mutate-leaderworkerset-x-k8s-io-v1-leaderworkerset", lws,
+                     "leaderworkersets", ["CREATE", "UPDATE"], pods=False),
+                hook("mpod.kb.io", "/mutate--v1-pod", "", "pods", ["CREATE"], pods=True),
+            ],
+        },
+        {
+            "apiVersion": "admissionregistration.k8s.io/v1",
+            "kind": "ValidatingWebhookConfiguration",
+            "metadata": {"name": LWS_WEBHOOKS},
+            "webhooks": [
+                hook("vleaderworkerset.kb.io", "/validate-leaderworkerset-x-k8s-io-v1-leaderworkerset", lws,
+                     "leaderworkersets", ["CREATE", "UPDATE"], pods=False),
+                hook("vpod.kb.io", "/validate--v1-pod", "", "pods", ["CREATE", "UPDATE"], pods=True),
+            ],
+        },
+    ]  # fmt: skip
+
+
+def _tls_listening(url: str, ca: Path) -> bool:
+    ctx = ssl.create_default_context(cafile=str(ca))
+    try:
+        with urllib.request.urlopen(url, timeout=2.0, context=ctx):
+            return True
+    except urllib.error.HTTPError:
+        return True  # it answered over verified TLS
+    except (urllib.error.URLError, OSError):
+        return False
 
 
 def _insecure_tls() -> ssl.SSLContext:

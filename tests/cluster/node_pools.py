@@ -16,6 +16,10 @@ POOL_LABEL = "dsv4.test/pool"
 
 NVIDIA_GPU_RESOURCE = "nvidia.com/gpu"
 ASCEND_NPU_RESOURCE = "huawei.com/Ascend910"
+# The NVIDIA Network Operator's shared RDMA device (k8s-rdma-shared-dev-plugin's default name).
+RDMA_RESOURCE = "rdma/rdma_shared_device_a"
+# Volcano's label of an Atlas A3 node's super pod.
+SUPERPOD_LABEL = "huawei.com/topotree.superpodid"
 
 
 @dataclass(frozen=True)
@@ -47,6 +51,7 @@ class NodePool:
     architecture: str = "amd64"
     accelerator_resource: str | None = None
     extra_annotations: dict[str, str] = field(default_factory=dict)
+    node_labels: tuple[dict[str, str], ...] = ()  # extra labels of node i (e.g. its fabric domain), when set
 
     @property
     def node_names(self) -> tuple[str, ...]:
@@ -62,6 +67,7 @@ class NodePool:
         name = self.node_names[index]
         labels = {
             **self.labels,
+            **(self.node_labels[index] if self.node_labels else {}),
             POOL_LABEL: self.name,
             "kubernetes.io/hostname": name,
             "kubernetes.io/os": "linux",
@@ -89,7 +95,7 @@ _HOST = {"cpu": "64", "memory": "512Gi", "pods": "110", "ephemeral-storage": "1T
 
 NVIDIA_POOL = NodePool(
     name="gpu-h200",
-    size=2,
+    size=6,
     labels={
         "nvidia.com/gpu.present": "true",
         "nvidia.com/gpu.product": "NVIDIA-H200",
@@ -99,7 +105,7 @@ NVIDIA_POOL = NodePool(
         "node.kubernetes.io/instance-type": "gpu-8x-h200",
     },
     taints=(Taint(NVIDIA_GPU_RESOURCE, "present"),),
-    allocatable={**_HOST, "cpu": "192", "memory": "2Ti", NVIDIA_GPU_RESOURCE: "8"},
+    allocatable={**_HOST, "cpu": "192", "memory": "2Ti", NVIDIA_GPU_RESOURCE: "8", RDMA_RESOURCE: "1k"},
     accelerator_resource=NVIDIA_GPU_RESOURCE,
 )
 
@@ -118,6 +124,22 @@ ASCEND_POOL = NodePool(
     accelerator_resource=ASCEND_NPU_RESOURCE,
 )
 
+# Atlas A3 (910C) nodes: 16 NPU dies each, two super pods of three nodes.
+ASCEND_A3_POOL = NodePool(
+    name="npu-910c",
+    size=6,
+    labels={
+        "accelerator": "huawei-Ascend910",
+        "accelerator-type": "module-a3-16-super-pod",
+        "node.kubernetes.io/instance-type": "npu-16x-910c",
+    },
+    taints=(Taint(ASCEND_NPU_RESOURCE, "present"),),
+    allocatable={**_HOST, "cpu": "320", "memory": "1536Gi", ASCEND_NPU_RESOURCE: "16"},
+    architecture="arm64",
+    accelerator_resource=ASCEND_NPU_RESOURCE,
+    node_labels=tuple({SUPERPOD_LABEL: str(i // 3)} for i in range(6)),
+)
+
 CPU_POOL = NodePool(
     name="cpu",
     size=2,
@@ -126,4 +148,4 @@ CPU_POOL = NodePool(
     allocatable=dict(_HOST),
 )
 
-NODE_POOLS: tuple[NodePool, ...] = (NVIDIA_POOL, ASCEND_POOL, CPU_POOL)
+NODE_POOLS: tuple[NodePool, ...] = (NVIDIA_POOL, ASCEND_POOL, ASCEND_A3_POOL, CPU_POOL)

@@ -89,6 +89,12 @@ class Pki:
         self._sign(pair, subject, "clientAuth")
         return pair
 
+    def server(self, name: str, sans: str = "IP:127.0.0.1,DNS:localhost") -> CertPair:
+        """A serving certificate signed by the cluster CA (for webhooks the API server calls on loopback)."""
+        pair = CertPair(self.root / f"{name}.crt", self.root / f"{name}.key")
+        self._sign(pair, f"/CN={name}", "serverAuth", sans)
+        return pair
+
     def _sign(self, pair: CertPair, subject: str, usage: str, sans: str | None = None) -> None:
         _ec_key(pair.key)
         csr = pair.cert.with_suffix(".csr")

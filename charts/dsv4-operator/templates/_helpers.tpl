@@ -66,8 +66,10 @@ The operator's image.
 {{- end }}
 
 {{/*
-The rules the operator needs, and no more: its own resource and status, the child kinds it applies and deletes,
-reading (never listing) referenced Secrets, watching pods and marking them to drain, and posting Events.
+The rules the operator needs, and no more: its own resource and status, the child kinds it applies and deletes
+(LeaderWorkerSets and ServiceMonitors only where those CRDs are installed), reading (never listing) referenced
+Secrets, watching pods, marking them (drain order, rank tables) and deleting them (a rank group restarts as a unit),
+and posting Events.
 */}}
 {{- define "dsv4-operator.rules" -}}
 - apiGroups: [dsv4.io]
@@ -85,9 +87,15 @@ reading (never listing) referenced Secrets, watching pods and marking them to dr
 - apiGroups: [policy]
   resources: [poddisruptionbudgets]
   verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [leaderworkerset.x-k8s.io]
+  resources: [leaderworkersets]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [monitoring.coreos.com]
+  resources: [servicemonitors]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [pods]
-  verbs: [get, list, watch, patch]
+  verbs: [get, list, watch, patch, delete]
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get]

@@ -12,7 +12,7 @@ import yaml
 
 from dsv4.protocol import contract, env
 from tests.cluster.control_plane import KubeCluster
-from tests.cluster.node_pools import ASCEND_POOL, CPU_POOL, NVIDIA_POOL, NodePool
+from tests.cluster.node_pools import ASCEND_A3_POOL, CPU_POOL, NVIDIA_POOL, SUPERPOD_LABEL, NodePool
 from tests.cluster.operator.conftest import OperatorProcess
 from tests.cluster.operator.helpers import get_json, wait_until
 
@@ -71,10 +71,17 @@ def children(cluster: KubeCluster, namespace: str, name: str) -> set[tuple[str, 
     return {(i["kind"], i["metadata"]["name"]) for i in items}
 
 
-def expected_children(name: str, managed_redis: bool) -> set[tuple[str, str]]:
+def expected_children(name: str, managed_redis: bool, groups: dict[str, int] | None = None) -> set[tuple[str, str]]:
+    """The children of a deployment whose pools are Deployments, except those in `groups` (role -> replicas), whose
+    replicas are multi-pod groups of the StatefulSet fallback (no LWS in the cluster)."""
+    groups = groups or {}
     out = {("ConfigMap", f"{name}-config")}
     for role in ("gateway", "prefill", "decode"):
-        out |= {(k, f"{name}-{role}") for k in ("Deployment", "Service", "PodDisruptionBudget")}
+        out |= {(k, f"{name}-{role}") for k in ("Service", "PodDisruptionBudget")}
+        if role in groups:
+            out |= {(k, f"{name}-{role}-{g}") for g in range(groups[role]) for k in ("StatefulSet", "Service")}
+        else:
+            out.add(("Deployment", f"{name}-{role}"))
     if managed_redis:
         out |= {("StatefulSet", f"{name}-redis"), ("Service", f"{name}-redis")}
     return out
@@ -169,9 +176,11 @@ def test_flash_on_h200_example(k8s_cluster: KubeCluster, k8s_namespace: str, run
                     "tolerations"
                 ]
                 assert _env(pod)[env.DEVICE] == "cuda" and _env(pod)[env.MODEL] == contract.MODEL_DIR
+                assert _env(pod)[env.DTYPE] == "bfloat16"
                 assert any(v.get("emptyDir", {}).get("medium") == "Memory" for v in pod["spec"]["volumes"])
         for pod in pods(k8s_cluster, k8s_namespace, "flash-h200", "gateway"):
             assert_on_pool(pod, CPU_POOL)
+            assert env.MODEL not in _env(pod)  # the gateway reads the bundled tokenizer, mounts no weights
     finally:
         k8s_cluster.kubectl("delete", "dsv4", "--all", "-n", k8s_namespace, "--wait=false", check=False)
         k8s_cluster.kubectl("delete", "pv", volume[0]["metadata"]["name"], "--wait=false", check=False)
@@ -179,33 +188,38 @@ def test_flash_on_h200_example(k8s_cluster: KubeCluster, k8s_namespace: str, run
 
 def test_pro_on_ascend_example(k8s_cluster: KubeCluster, k8s_namespace: str, running_operator: OperatorProcess) -> None:
     doc = copy.deepcopy(example("pro-ascend-910c"))
-    # The simulated Ascend pool is two 910B nodes of 8 NPUs; the example asks for 16-NPU Atlas A3 (910C) pods.
-    spec = doc["spec"]
-    spec["accelerator"].update(product="910B", devicesPerPod=8)
-    for pool in ("prefill", "decode"):
-        spec[pool]["parallelism"] = {"tensor": 8, "expert": True}
-    spec["decode"].update(replicas=1)
+    doc["spec"]["decode"].update(replicas=1)  # the simulated A3 pool: 1 prefill pod + 1 decode group of 2
     volume = read_only_volume(k8s_cluster, k8s_namespace, "deepseek-v4-pro")
     try:
         apply(
             k8s_cluster, k8s_namespace, *volume, secret("dsv4-redis", password="pw"), secret("dsv4-api-keys", keys="k1")
         )
         apply(k8s_cluster, k8s_namespace, doc)
-        wait_ready(k8s_cluster, k8s_namespace, "pro-910c")
-        assert children(k8s_cluster, k8s_namespace, "pro-910c") == expected_children("pro-910c", managed_redis=False)
-        for component in ("prefill", "decode"):
-            [pod] = pods(k8s_cluster, k8s_namespace, "pro-910c", component)
-            assert_on_pool(pod, ASCEND_POOL)
+        obj = wait_ready(k8s_cluster, k8s_namespace, "pro-910c")
+        assert obj["status"]["decode"]["podsPerGroup"] == 2 and obj["status"]["decode"]["summary"] == "1/1"
+        assert children(k8s_cluster, k8s_namespace, "pro-910c") == expected_children(
+            "pro-910c", managed_redis=False, groups={"decode": 1}
+        )
+        decode = pods(k8s_cluster, k8s_namespace, "pro-910c", "decode")
+        assert len(decode) == 2 and len({p["spec"]["nodeName"] for p in decode}) == 2
+        superpods = set()
+        for pod in [*decode, *pods(k8s_cluster, k8s_namespace, "pro-910c", "prefill")]:
+            assert_on_pool(pod, ASCEND_A3_POOL)
             c = pod["spec"]["containers"][0]
-            assert c["resources"]["limits"] == {"huawei.com/Ascend910": "8"}
+            assert c["resources"]["limits"]["huawei.com/Ascend910"] == "16"
+            assert pod["spec"]["securityContext"]["supplementalGroups"] == [1000]
             got = _env(pod)
-            assert got["ASCEND_RT_VISIBLE_DEVICES"] == "0,1,2,3,4,5,6,7"
+            assert got["ASCEND_RT_VISIBLE_DEVICES"] == ",".join(str(i) for i in range(16))
             assert got["HCCL_IF_IP"] == {"fieldRef": {"apiVersion": "v1", "fieldPath": "status.podIP"}}
             assert got[env.REDIS_PASSWORD]["secretKeyRef"] == {"name": "dsv4-redis", "key": "password"}
             mounts = {m["mountPath"] for m in c["volumeMounts"]}
-            assert {"/usr/local/Ascend/driver", "/etc/hccn.conf"} <= mounts
+            assert {"/usr/local/Ascend/driver", "/etc/hccn.conf", contract.RANK_TABLE_DIR} <= mounts
+        for pod in decode:
+            node = get_json(k8s_cluster, "node", pod["spec"]["nodeName"])
+            superpods.add(node["metadata"]["labels"][SUPERPOD_LABEL])
+        assert len(superpods) == 1  # the group stays inside one super pod
         [gw] = pods(k8s_cluster, k8s_namespace, "pro-910c", "gateway")
-        assert _env(gw)[env.API_KEY_FILE] == contract.API_KEY_FILE
+        assert _env(gw)[env.API_KEY_FILE] == contract.API_KEY_FILE and env.MODEL not in _env(gw)
     finally:
         k8s_cluster.kubectl("delete", "dsv4", "--all", "-n", k8s_namespace, "--wait=false", check=False)
         k8s_cluster.kubectl("delete", "pv", volume[0]["metadata"]["name"], "--wait=false", check=False)

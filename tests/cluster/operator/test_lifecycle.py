@@ -143,3 +143,34 @@ def test_restart_mid_reconcile_converges_without_duplicates(
         assert len(rs["items"]) == 3  # one per Deployment: no second rollout, no duplicate
         pods = get_json(k8s_cluster, "pods", "-n", k8s_namespace, "-l", f"app.kubernetes.io/instance={n}")
         assert len(pods["items"]) == 4  # gateway, prefill, decode, redis
+
+
+def test_service_monitor_appears_with_its_crd(
+    k8s_cluster: KubeCluster, k8s_namespace: str, running_operator: OperatorProcess
+) -> None:
+    crd = Path(__file__).resolve().parents[1] / "testdata" / "servicemonitor-crd.yaml"
+    apply(k8s_cluster, k8s_namespace, resource("mon", TINY))
+    wait_ready(k8s_cluster, k8s_namespace, "mon")
+    assert "servicemonitor" not in {kind.lower() for kind, _ in children(k8s_cluster, k8s_namespace, "mon")}
+    k8s_cluster.kubectl("apply", "-f", str(crd))
+    try:
+        # A running operator sees the new API within kube.APIS_TTL_S and applies the monitor at its next resync;
+        # restarted, it does so at once (its resume pass).
+        running_operator.stop()
+        running_operator.start()
+        monitor = wait_until(
+            "the ServiceMonitor",
+            lambda: get_json(k8s_cluster, "servicemonitors", "-n", k8s_namespace)["items"],
+            90,
+        )[0]
+        assert monitor["metadata"]["name"] == "mon-metrics"
+        selector = monitor["spec"]["selector"]["matchLabels"]
+        services = get_json(
+            k8s_cluster, "services", "-n", k8s_namespace, "-l", ",".join(f"{k}={v}" for k, v in selector.items())
+        )
+        assert sorted(s["metadata"]["name"] for s in services["items"]) == ["mon-decode", "mon-gateway", "mon-prefill"]
+        pods = get_json(k8s_cluster, "pods", "-n", k8s_namespace, "-l", "app.kubernetes.io/instance=mon")["items"]
+        workers = [p for p in pods if p["metadata"]["labels"]["app.kubernetes.io/component"] != "redis"]
+        assert workers and all(p["metadata"]["annotations"]["prometheus.io/scrape"] == "true" for p in workers)
+    finally:
+        k8s_cluster.kubectl("delete", "-f", str(crd), "--wait=true", check=False)

@@ -126,17 +126,48 @@ def test_ascend_resource_name_follows_product_and_override(admit: Admit) -> None
 def test_cpu_profile_asks_for_no_device(admit: Admit) -> None:
     kids = _children(admit, TINY)
     pod = kids[("Deployment", "demo-decode")]["spec"]["template"]["spec"]
-    assert "nodeSelector" not in pod and "tolerations" not in pod
+    assert "nodeSelector" not in pod and "tolerations" not in pod and "affinity" not in pod
     assert not any(v["name"] == "dshm" for v in pod["volumes"])
     got = _env(pod["containers"][0])
-    assert got[env.DEVICE] == "cpu" and env.MODEL not in got
+    assert got[env.DEVICE] == "cpu" and env.DTYPE not in got  # cpu keeps the workers' default dtype
+    assert got[env.MODEL] == contract.MODEL_DIR
 
 
-def test_gateway_never_asks_for_devices_or_model(admit: Admit) -> None:
-    pod = _children(admit, FLASH)[("Deployment", "demo-gateway")]["spec"]["template"]["spec"]
-    assert "nodeSelector" not in pod
+def test_tiny_workers_write_their_checkpoint_in_an_init_container(admit: Admit) -> None:
+    pod = _children(admit, TINY)[("Deployment", "demo-prefill")]["spec"]["template"]["spec"]
+    [init] = pod["initContainers"]
+    assert init["command"] == ["dsv4", "make-checkpoint", "--preset", builders.TINY_PRESET, contract.MODEL_DIR]
+    assert {"name": "model", "mountPath": contract.MODEL_DIR} in init["volumeMounts"]
+    assert {"name": "model", "emptyDir": {}} in pod["volumes"]
+    main = pod["containers"][0]
+    assert {"name": "model", "mountPath": contract.MODEL_DIR, "readOnly": True} in main["volumeMounts"]
+    assert init["securityContext"] == main["securityContext"] and init["image"] == main["image"]
+
+
+@pytest.mark.parametrize("raw", [TINY, FLASH, PRO], ids=["tiny", "flash", "pro"])
+def test_gateway_uses_the_bundled_tokenizer_and_mounts_no_weights(admit: Admit, raw: dict[str, Any]) -> None:
+    # The crash-loop bug: DSV4_MODEL pointed the gateway at /models, which only the workers mounted.
+    pod = _children(admit, raw)[("Deployment", "demo-gateway")]["spec"]["template"]["spec"]
+    assert "nodeSelector" not in pod and "initContainers" not in pod
     assert pod["containers"][0]["resources"] == {}
-    assert {v["name"] for v in pod["volumes"]} == {"tmp", "config"}
+    assert {v["name"] for v in pod["volumes"]} <= {"tmp", "config", "api-keys"}
+    assert env.MODEL not in _env(pod["containers"][0])
+
+
+@pytest.mark.parametrize(
+    "source",
+    [{"pvc": {"claimName": "w", "subPath": "m"}}, {"hostPath": "/data/m"}, {"image": "reg/m:1"}],
+    ids=["pvc", "hostPath", "image"],
+)
+def test_custom_gateway_mounts_the_checkpoint_it_reads_the_tokenizer_from(admit: Admit, source: dict[str, Any]) -> None:
+    raw = {"model": {"variant": "custom", "source": source}, "accelerator": {"type": "nvidia"}}
+    pod = _children(admit, raw)[("Deployment", "demo-gateway")]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert _env(container)[env.MODEL] == contract.MODEL_DIR
+    [mount] = [m for m in container["volumeMounts"] if m["mountPath"] == contract.MODEL_DIR]
+    assert mount["readOnly"] is True
+    [volume] = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume.keys() & {"persistentVolumeClaim", "hostPath", "image"}
 
 
 @pytest.mark.parametrize("raw", [TINY, FLASH, PRO], ids=["cpu", "nvidia", "ascend"])
@@ -152,6 +183,8 @@ def test_pod_security_and_probes(admit: Admit, raw: dict[str, Any]) -> None:
             assert sc["allowPrivilegeEscalation"] is False and sc["readOnlyRootFilesystem"] is True
             assert sc["capabilities"] == {"drop": ["ALL"]}
             assert "readinessProbe" in c and "livenessProbe" in c
+        for c in pod.get("initContainers", []):
+            assert c["securityContext"]["capabilities"] == {"drop": ["ALL"]}
     for role in ("gateway", "prefill", "decode"):
         c = _container(_children(admit, raw), role)
         assert c["readinessProbe"]["httpGet"]["path"] == contract.READY_PATH

@@ -7,7 +7,7 @@ from typing import Any
 import pytest
 
 from dsv4.operator import checks
-from dsv4.operator.status import Problem, Workload, compute_status, read_workload, ready_pods
+from dsv4.operator.status import Problem, Workload, compute_status, pool_of_groups, read_workload, ready_pods
 
 from .conftest import Admit
 
@@ -173,3 +173,27 @@ def test_pods_cover_a_lagging_workload_controller() -> None:
     assert read_workload(deployment, ready_pods=3).ready == 2  # surge pods during a rollout do not count twice
     lagging_pods = {**deployment, "status": {"observedGeneration": 1, "readyReplicas": 2}}
     assert read_workload(lagging_pods, ready_pods=0).ready == 2
+
+
+def test_groups_ready_counts_whole_groups() -> None:
+    # The StatefulSet fallback: one StatefulSet per group, each counting its pods.
+    groups = [_w(2, 2), _w(2, 1), _w(2, 0, updated=1)]
+    pool = pool_of_groups(groups, desired=3, ready_groups=1, size=2)
+    assert (pool.desired, pool.ready, pool.updated, pool.pods_per_group) == (3, 1, 2, 2)
+    s = _status({"gateway": _w(1, 1), "prefill": _w(1, 1), "decode": pool})
+    assert s.decode is not None and s.decode.summary == "1/3" and s.decode.pods_per_group == 2
+    assert s.phase == "Progressing" and _cond(s, "Ready") == ("False", "PodsNotReady")
+    # Pods Ready before the controllers say so: the pods win, never beyond the desired groups.
+    assert pool_of_groups([_w(2, 0), _w(2, 0)], desired=2, ready_groups=5, size=2).ready == 2
+    failing = pool_of_groups([_w(2, 0, failure="FailedCreate: quota")], desired=1, ready_groups=0, size=2)
+    assert failing.failure == "FailedCreate: quota"
+
+
+def test_leader_worker_set_counts_groups() -> None:
+    lws = {
+        "metadata": {"generation": 4},
+        "spec": {"replicas": 2},
+        "status": {"readyReplicas": 1, "updatedReplicas": 2, "observedGeneration": 4},
+    }
+    w = read_workload(lws)
+    assert (w.desired, w.ready, w.updated, w.up_to_date) == (2, 1, 2, True)
