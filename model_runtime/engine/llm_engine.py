@@ -31,6 +31,7 @@ class EngineConfig:
     block_size: int = 256
     num_slots: int = 0  # sequences holding a state at once (running + awaiting export); 0 = max_num_seqs + 8
     speculative_mtp: bool = False  # draft one token per decode step with the checkpoint's MTP module
+    cuda_graphs: bool = True  # on a CUDA device, replay batched decode steps from captured CUDA graphs
 
 
 @dataclass(frozen=True)
@@ -69,7 +70,9 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(c.max_num_seqs, c.max_num_batched_tokens, c.chunked_prefill), self.kv
         )
-        self.runner = ModelRunner(model, use_mtp=c.speculative_mtp)
+        self.runner = ModelRunner(
+            model, use_mtp=c.speculative_mtp, cuda_graphs=c.cuda_graphs and model.device.type == "cuda"
+        )
         self.eos_token_id = model.cfg.eos_token_id
         self._sent: dict[str, int] = {}
         # Finished `export_after_prefill` sequences whose state waits for its export (then `release`).
