@@ -29,7 +29,6 @@ import torch
 
 from dsv4.kernels.paged import PagedRows
 from dsv4.model_runtime.config import ModelConfig
-from dsv4.model_runtime.engine import kv_export
 from dsv4.model_runtime.engine.kv_layout import RowCodec, entry_codec, index_key_codec
 from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.transfer import to_device
@@ -367,6 +366,9 @@ class KVCacheManager:
         if len(state.table) > first:
             self.pool.assign_blocks(state.slot, first, state.table[first:])
         if seq.snapshot is not None:
+            # imported here: the KV blob format needs crc32c, which the engine itself does not (bench/gpu.sh)
+            from dsv4.model_runtime.engine import kv_export
+
             kv_export.restore(self.model, seq.snapshot, state)
             seq.snapshot = None
 

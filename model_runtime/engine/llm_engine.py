@@ -6,10 +6,10 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from dsv4.model_runtime.engine.kv_export import KVSnapshot
 from dsv4.model_runtime.engine.kv_state import KVCacheManager
 from dsv4.model_runtime.engine.model_runner import ModelRunner
 from dsv4.model_runtime.engine.request import Request, TokenLogprob
@@ -18,6 +18,9 @@ from dsv4.model_runtime.engine.scheduler import Scheduler, SchedulerConfig
 from dsv4.model_runtime.engine.text_stream import TextStream
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the KV blob format needs crc32c, which the bare GPU machine of bench/gpu.sh lacks
+    from dsv4.model_runtime.engine.kv_export import KVSnapshot
 
 
 @dataclass(frozen=True)
