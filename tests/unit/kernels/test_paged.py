@@ -140,3 +140,26 @@ def test_cuda_paged_indexer_matches_the_reference(impls, device, fmt: str) -> No
     got = cuda(q, w, rows, tables.to(device), visible, 8)
     want = ref(q, w, rows, tables.to(device), visible, 8)
     assert torch.equal(got.sort(-1).values, want.sort(-1).values)
+
+
+@pytest.mark.parametrize(
+    ("e_pad", "chunk", "k", "visible"),
+    [(64, 16, 4, [64, 30, 0]), (256, 16, 8, [256, 200, 5]), (32, 32, 8, [32, 31, 17])],
+    ids=["four-chunks", "merge-levels", "one-chunk"],
+)
+def test_split_topk_is_the_lower_index_top_k(device, e_pad: int, chunk: int, k: int, visible: list[int]) -> None:
+    """Split-k over chunks, then merged in groups: the contract's selection, ties to the lower index included
+    (scores drawn from a few values so that most picks are decided by ties)."""
+    from dsv4.kernels.cuda.paged import split_topk
+    from dsv4.kernels.reference._select import topk_lower_index_wins
+
+    gen = torch.Generator().manual_seed(6)
+    scores = torch.randint(0, 4, (3, e_pad), generator=gen).float() - 1.5
+    scores[1, ::7] = -0.0  # -0.0 ties with +0.0
+    scores[1, 3::7] = 0.0
+    vis = torch.tensor(visible)
+    masked = scores.masked_fill(torch.arange(e_pad) >= vis[:, None], float("-inf"))
+    got = split_topk(masked.to(device), vis.to(device), k, chunk).cpu()
+    want = topk_lower_index_wins(masked, k)
+    want = torch.where(want < vis[:, None], want, -1)
+    assert torch.equal(got.sort(-1).values, want.sort(-1).values)
