@@ -1,4 +1,4 @@
-"""Decode steps replayed from CUDA graphs, one per (batch bucket, block-table width), as vLLM and SGLang do.
+"""Decode steps replayed from device graphs, one per (batch bucket, block-table width), as vLLM and SGLang do.
 
 A decode step (`DeepseekV4.decode_paged`) is a fixed sequence of kernels for a given batch size and block-table
 width, with every input a device tensor, so it is captured once per shape and replayed: the rows of a step are
@@ -8,20 +8,36 @@ the logits in the graph's static output. Batches are padded to 1, 2, 4, 8 and th
 powers of two. Graphs are captured on first use and share one memory pool. Sampling runs eagerly after the
 replay (its work depends on the rows' parameters, not only on shapes).
 
-Without `capture` (any device but CUDA) the same static buffers and padding are used and the step runs eagerly at
-"replay": the CPU tests exercise everything here but the capture itself. NOT RUN ON A GPU YET.
+On an Ascend NPU the same code captures with torch_npu's graph API (`torch.npu.NPUGraph`, `torch.npu.graph`,
+`torch.npu.graph_pool_handle`: aclgraph, present in the pinned torch_npu 2.14.0 and shaped like torch.cuda's).
+Without `capture` the same static buffers and padding are used and the step runs eagerly at "replay": the CPU
+tests exercise everything here but the capture itself. NOT RUN ON A GPU OR AN NPU YET.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
 import torch
 
 from dsv4.model_runtime.engine.kv_state import KVPool
 from dsv4.model_runtime.engine.step_inputs import DecodeInputs
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
+
+GRAPH_DEVICES = ("cuda", "npu")
+
+
+def graph_api(device: torch.device) -> tuple[ModuleType, Any]:
+    """The device's graph namespace (torch.cuda or torch.npu) and its graph class."""
+    if device.type == "cuda":
+        return torch.cuda, torch.cuda.CUDAGraph
+    if device.type == "npu":
+        npu: Any = getattr(torch, "npu")  # noqa: B009  (torch_npu adds it; mypy's torch has none)
+        return npu, npu.NPUGraph
+    raise ValueError(f"device graphs run on {' or '.join(GRAPH_DEVICES)}, not on {device}")
 
 
 def batch_bucket(rows: int) -> int:
@@ -47,11 +63,10 @@ class DecodeGraphs:
     """The captured decode steps of one model over one pool."""
 
     def __init__(self, model: DeepseekV4, pool: KVPool, capture: bool) -> None:
-        if capture and model.device.type != "cuda":
-            raise ValueError(f"CUDA graphs need a model on a CUDA device, this one is on {model.device}")
         self.model, self.pool, self.capture = model, pool, capture
         self._graphs: dict[tuple[int, int], _Graph] = {}
-        self._mempool = torch.cuda.graph_pool_handle() if capture else None
+        self._api = graph_api(model.device)[0] if capture else None
+        self._mempool = self._api.graph_pool_handle() if self._api is not None else None
         # the row a padding row copies: token 0 at position 0 in the sink slot
         self._pad = torch.tensor([[0, 0, pool.sink_slot]], dtype=torch.int64, device=model.device)
 
@@ -80,18 +95,19 @@ class DecodeGraphs:
             inputs = DecodeInputs(rows, block_tables)
             return self.model.decode_paged(inputs.token_ids, inputs.step(self.pool))
 
-        if not self.capture:
+        if self._api is None:
             return _Graph(rows, block_tables, step)
+        api, graph_class = graph_api(device)
         # Warm up on a side stream first (Triton compiles, cuBLAS picks its workspace, lazily built constants such
         # as the Hadamard matrix are made), then capture; the padding rows write only the sink slot and sink rows.
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
+        side = api.Stream(device)
+        side.wait_stream(api.current_stream(device))
+        with api.stream(side):
             for _ in range(2):
                 step()
-        torch.cuda.current_stream(device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._mempool):
+        api.current_stream(device).wait_stream(side)
+        graph = graph_class()
+        with api.graph(graph, pool=self._mempool):
             logits = step()
 
         def replay() -> torch.Tensor:

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dsv4.model_runtime.engine.cuda_graphs import GRAPH_DEVICES
 from dsv4.model_runtime.engine.kv_state import KVCacheManager
 from dsv4.model_runtime.engine.model_runner import ModelRunner
 from dsv4.model_runtime.engine.request import Request, TokenLogprob
@@ -34,7 +35,8 @@ class EngineConfig:
     block_size: int = 256
     num_slots: int = 0  # sequences holding a state at once (running + awaiting export); 0 = max_num_seqs + 8
     speculative_mtp: bool = False  # draft one token per decode step with the checkpoint's MTP module
-    cuda_graphs: bool = True  # on a CUDA device, replay batched decode steps from captured CUDA graphs
+    # on a CUDA device (or an Ascend NPU, untested), replay batched decode steps from captured graphs
+    cuda_graphs: bool = True
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ class LLMEngine:
             SchedulerConfig(c.max_num_seqs, c.max_num_batched_tokens, c.chunked_prefill), self.kv
         )
         self.runner = ModelRunner(
-            model, use_mtp=c.speculative_mtp, cuda_graphs=c.cuda_graphs and model.device.type == "cuda"
+            model, use_mtp=c.speculative_mtp, cuda_graphs=c.cuda_graphs and model.device.type in GRAPH_DEVICES
         )
         self.eos_token_id = model.cfg.eos_token_id
         self._sent: dict[str, int] = {}

@@ -17,7 +17,7 @@ import torch
 
 from dsv4.kernels.ops import Ops
 from dsv4.model_runtime.engine import speculative
-from dsv4.model_runtime.engine.cuda_graphs import DecodeGraphs, width_bucket
+from dsv4.model_runtime.engine.cuda_graphs import GRAPH_DEVICES, DecodeGraphs, width_bucket
 from dsv4.model_runtime.engine.kv_state import PagedSequenceState
 from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.sampler import SampleRequest, SamplingInputs, sample_batch, sample_row, unpack
@@ -40,8 +40,8 @@ def _draw(ops: Ops, seq: Request, logits: torch.Tensor) -> int:
 
 
 class ModelRunner:
-    """`cuda_graphs`: run batched decode steps from captured graphs (padded to buckets; captured only on CUDA,
-    elsewhere the padded step runs eagerly, which only tests make use of)."""
+    """`cuda_graphs`: run batched decode steps from captured graphs (padded to buckets; captured on CUDA and
+    Ascend devices, elsewhere the padded step runs eagerly, which only tests make use of)."""
 
     def __init__(self, model: DeepseekV4, use_mtp: bool = False, cuda_graphs: bool = False) -> None:
         if use_mtp and not len(model.mtp):
@@ -112,7 +112,8 @@ class ModelRunner:
         width = table_width(seqs, pool.block_size)
         if self.cuda_graphs:
             if self.graphs is None or self.graphs.pool is not pool:
-                self.graphs = DecodeGraphs(self.model, pool, capture=self.model.device.type == "cuda")
+                capture = self.model.device.type in GRAPH_DEVICES
+                self.graphs = DecodeGraphs(self.model, pool, capture=capture)
             inputs = DecodeInputs.build(seqs, pool, width_bucket(width, pool.max_blocks))
             logits = self.graphs.run(inputs)
         else:
