@@ -68,8 +68,9 @@ class Attention(OpsModule):
         cos, sin = ctx.cos_sin[compressed]
         qr = self.q_norm(self.wq_a(x))  # [B, S, q_lora]
         q = self.wq_b(qr).view(b, s, self.n_heads, self.head_dim)
-        q = self.ops.rope(self.ops.rms_norm(q, None, self.eps), cos, sin)  # unweighted per-head RMS norm
-        kv = self.ops.rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, S, c], K = V
+        # fused norm + RoPE (one kernel; in bf16 it skips the rounding between them)
+        q = self.ops.rms_norm_rope(q, None, self.eps, cos, sin)  # unweighted per-head RMS norm
+        kv = self.ops.rms_norm_rope(self.wkv(x), self.kv_norm.weight, self.kv_norm.eps, cos, sin)  # [B, S, c], K = V
         if ctx.qat:
             kv = q8_nope(kv, self.rope_dim)
         if isinstance(states, PagedLayerView):
