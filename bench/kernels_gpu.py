@@ -90,6 +90,8 @@ class Dims:
     inter: int = 2048
     rows_per_expert: int = 6
     vocab: int = 129280
+    window: int = 128  # sliding window
+    block_rows: int = 64  # CSA entries per pool block (block_size 256 / m 4)
 
 
 def cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
@@ -140,6 +142,7 @@ def cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
             2 * t * hi * e_idx * ic,
         )
     )
+    out += paged_cases(device, dims, randn)
     blocks = randn(dims.blocks, 8, c, dtype=torch.float32), randn(dims.blocks, 8, c, dtype=torch.float32)
     out.append(
         Case("compress_pool", f"blocks{dims.blocks}x8x{c}", blocks, _nbytes(*blocks) * 1.5, 5 * blocks[0].numel())
@@ -260,6 +263,57 @@ def cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
             (logits, *filters, -torch.log(-torch.log(u))),
             3 * _nbytes(logits) + _nbytes(u),
             12 * logits.numel(),
+        )
+    )
+    return out
+
+
+def paged_cases(device: torch.device, dims: Dims, randn: Callable[..., torch.Tensor]) -> list[Case]:
+    """The paged decode ops over a pool in the engine's formats (FP8 entries and MXFP4 keys where the dims allow,
+    else the model dtype): t rows, each with e_idx entries in its own blocks, top-k of them attended."""
+    from dsv4.kernels.paged import PagedRows
+    from dsv4.model_runtime.engine.kv_layout import FP4Codec, FP8NopeCodec, RowCodec
+
+    t, h, c, rd, e, rpb = dims.t, dims.h, dims.c, dims.rd, dims.e_idx, dims.block_rows
+    n_blocks = -(-e // rpb)
+    tables = torch.arange(t * n_blocks, device=device, dtype=torch.int32).view(t, n_blocks)
+
+    def store(codec: RowCodec) -> PagedRows:
+        encoded = codec.encode(randn(t * n_blocks * rpb + 1, codec.width, std=0.5))
+        return PagedRows(
+            codec.format, tuple(encoded[f.name] for f in codec.fields), rpb, codec.width, torch.bfloat16
+        )
+
+    bf16 = torch.bfloat16
+    entries = store(FP8NopeCodec(c, bf16, rd) if (c - rd) % 64 == 0 else RowCodec(c, bf16))
+    keys = store(FP4Codec(dims.ic, bf16) if dims.ic % 32 == 0 else RowCodec(dims.ic, bf16))
+    q, window = randn(t, h, c), randn(t + 1, dims.window, c)
+    slots = torch.arange(t, device=device)
+    positions = torch.full((t,), 4 * e - 1, device=device)  # CSA m = 4: every entry visible
+    topk = min(dims.topk, e)
+    g = torch.Generator(device="cpu").manual_seed(1)
+    idx = torch.stack([torch.randperm(e, generator=g)[:topk] for _ in range(t)]).to(device)
+    sink = randn(h, dtype=torch.float32)
+    entry_bytes = sum(x.shape[-1] * x.element_size() for x in entries.tensors)
+    read = t * (dims.window * c * 2 + topk * entry_bytes)
+    out = [
+        Case(
+            "paged_sparse_attention",
+            f"b{t}h{h}w{dims.window}k{topk}d{c}-{entries.format}",
+            (q, window, slots, positions, entries, tables, idx, sink, c**-0.5),
+            read + 2 * _nbytes(q) + _nbytes(idx, tables),
+            4 * t * h * (dims.window + topk) * c,
+        )
+    ]
+    qi, wi = randn(t, dims.hi, dims.ic), randn(t, dims.hi, std=0.01)
+    key_bytes = sum(x.shape[-1] * x.element_size() for x in keys.tensors)
+    out.append(
+        Case(
+            "paged_indexer_topk",
+            f"b{t}e{e}k{dims.topk}-{keys.format}",
+            (qi, wi, keys, tables, torch.full((t,), e, device=device), dims.topk),
+            t * e * key_bytes + _nbytes(qi, wi, tables) + t * topk * 8,
+            2 * t * dims.hi * e * dims.ic,
         )
     )
     return out

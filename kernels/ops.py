@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from dsv4.kernels import registry
+from dsv4.kernels.paged import PagedRows
 
 
 class Ops:
@@ -143,6 +144,49 @@ class Ops:
         """
         return self._fns["sparse_attention"](q, kv, idx, sink, scale)
 
+    def paged_sparse_attention(
+        self,
+        q: torch.Tensor,
+        window: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        entries: PagedRows | None,
+        block_tables: torch.Tensor,
+        entry_idx: torch.Tensor | None,
+        sink: torch.Tensor,
+        scale: float,
+    ) -> torch.Tensor:
+        """`sparse_attention` of one decode token per row, reading the paged KV pool in place.
+
+        q [B, H, D]; window [Ns, W, D] the sliding-window rings (position p of a sequence at row p % W of its slot,
+        the current token's K=V already written); slots [B] and positions [B] int64 (the token's position t);
+        entries the compressed K=V store (`dsv4.kernels.paged`, any format) or None; block_tables [B, T] int32/int64;
+        entry_idx [B, K] int64 entry numbers of the row's sequence (< T * entries.rows_per_block; -1 = none) or None.
+        Row b attends to the ring rows of positions max(0, t-W+1)..t and to the entries entry_idx[b], decoded from
+        the store; only those rows are read. Softmax, sink and scale as `sparse_attention`. Returns [B, H, D] q.dtype.
+        """
+        return self._fns["paged_sparse_attention"](
+            q, window, slots, positions, entries, block_tables, entry_idx, sink, scale
+        )
+
+    def paged_indexer_topk(
+        self,
+        q: torch.Tensor,
+        weights: torch.Tensor,
+        keys: PagedRows,
+        block_tables: torch.Tensor,
+        visible: torch.Tensor,
+        topk: int,
+    ) -> torch.Tensor:
+        """`indexer_topk` of one decode query per row over the indexer keys of the paged pool, read in place.
+
+        q [B, Hi, D]; weights [B, Hi]; keys the CSA indexer-key store (`dsv4.kernels.paged`, any format);
+        block_tables [B, T]; visible [B] int64 = keys the row may see (its entries 0..visible-1). Scores, rounding
+        and ties exactly as `indexer_topk` over the decoded keys 0..T*rows_per_block-1. k = min(topk,
+        T * keys.rows_per_block). Returns idx [B, k] int64 entry numbers, -1 where the pick is not visible.
+        """
+        return self._fns["paged_indexer_topk"](q, weights, keys, block_tables, visible, topk)
+
     def route(
         self,
         logits: torch.Tensor,
@@ -204,18 +248,19 @@ class Ops:
         self,
         logits: torch.Tensor,
         temperature: torch.Tensor,
-        top_k: torch.Tensor,
-        top_p: torch.Tensor,
-        min_p: torch.Tensor,
+        top_k: torch.Tensor | None,
+        top_p: torch.Tensor | None,
+        min_p: torch.Tensor | None,
     ) -> torch.Tensor:
         """The distribution a sampled token is drawn from, as fp64 logits with the excluded tokens at -inf.
 
         logits [B, V] any float; temperature [B] (> 0); top_k [B] int64 (0 or >= V = off); top_p [B] (1 = off);
-        min_p [B] (0 = off). In fp64, per row: x = logits / temperature; top-k keeps x >= the k-th largest value
-        (ties kept); top-p keeps the smallest prefix of the tokens sorted by probability (stable order) whose mass
-        reaches top_p, i.e. drops a token when the mass strictly ahead of it is >= top_p; min-p drops tokens whose
-        probability is < min_p * the row's largest probability (probabilities = softmax after top-k). Rows never
-        influence each other. Returns [B, V] fp64.
+        min_p [B] (0 = off); None for a filter no row uses (the caller knows it without reading the tensors, so the
+        op never inspects values on the host). In fp64, per row: x = logits / temperature; top-k keeps x >= the
+        k-th largest value (ties kept); top-p keeps the smallest prefix of the tokens sorted by probability (stable
+        order) whose mass reaches top_p, i.e. drops a token when the mass strictly ahead of it is >= top_p; min-p
+        drops tokens whose probability is < min_p * the row's largest probability (probabilities = softmax after
+        top-k). Rows never influence each other. Returns [B, V] fp64.
         """
         return self._fns["filter_logits"](logits, temperature, top_k, top_p, min_p)
 
@@ -223,16 +268,17 @@ class Ops:
         self,
         logits: torch.Tensor,
         temperature: torch.Tensor,
-        top_k: torch.Tensor,
-        top_p: torch.Tensor,
-        min_p: torch.Tensor,
-        noise: torch.Tensor,
+        top_k: torch.Tensor | None,
+        top_p: torch.Tensor | None,
+        min_p: torch.Tensor | None,
+        noise: torch.Tensor | None,
     ) -> torch.Tensor:
         """One token per row: argmax(logits) where temperature <= 0, else argmax(filter_logits(...) + noise).
 
-        logits [B, V]; temperature, top_k, top_p, min_p [B] as in `filter_logits`; noise [B, V] fp64 standard Gumbel
-        noise chosen by the caller (the engine seeds it per request and token index, which makes a draw reproducible
-        and independent of the batch; it is ignored in greedy rows). Ties go to the lowest token id. Returns [B] int64.
+        logits [B, V]; temperature, top_k, top_p, min_p [B] as in `filter_logits` (None = filter off in every row);
+        noise [B, V] fp64 standard Gumbel noise chosen by the caller (the engine seeds it per request and token
+        index, which makes a draw reproducible and independent of the batch; it is ignored in greedy rows), or None
+        when every row is greedy. Ties go to the lowest token id. Returns [B] int64, without a host sync.
         """
         return self._fns["sample_tokens"](logits, temperature, top_k, top_p, min_p, noise)
 

@@ -6,6 +6,8 @@ Scales are powers of two (`scale_fmt = ue8m0`): `s = 2^ceil(log2(amax / qmax))`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FP8_BLOCK = 128
@@ -14,6 +16,13 @@ FP8_MAX = 448.0
 FP4_MAX = 6.0
 # e2m1 code -> value; bit 3 is the sign.
 E2M1_VALUES = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+@functools.cache
+def e2m1_values(device: torch.device) -> torch.Tensor:
+    """`E2M1_VALUES` on `device`, copied once (a copy per call is a host-to-device transfer in every decode step,
+    which a CUDA graph cannot capture)."""
+    return E2M1_VALUES.to(device)
 
 
 def pow2_scale(amax: torch.Tensor, qmax: float) -> torch.Tensor:
@@ -56,7 +65,7 @@ def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = 
     """MXFP4: packed I8 [out, in/2] (low nibble = even column) and E8M0 scale [out, in/32] -> [out, in]."""
     b = packed.view(torch.uint8)
     codes = torch.stack([b & 0x0F, b >> 4], dim=-1).flatten(-2).long()  # [out, in]
-    values = E2M1_VALUES.to(packed.device)[codes]
+    values = e2m1_values(packed.device)[codes]
     return (values * scale.float().repeat_interleave(FP4_BLOCK, dim=1)).to(dtype)
 
 
@@ -72,7 +81,7 @@ def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
 
 def e2m1_round(x: torch.Tensor) -> torch.Tensor:
     """x rounded to the e2m1 grid (round to nearest, ties to the even code); x must lie in [-6, 6]."""
-    return E2M1_VALUES.to(x.device)[e2m1_codes(x.float())].to(x.dtype)
+    return e2m1_values(x.device)[e2m1_codes(x.float())].to(x.dtype)
 
 
 def quant_fp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,15 +21,22 @@ cap >= n_entries (grows by doubling):
 Compressor state layout (as the official code): HCA slots [0, r) hold the r = position % m tokens of the
 current, incomplete block. CSA slots [0, m) hold the previous complete block's full 2c-wide projections (its
 A halves are pooled into the next entry) and slots [m, m + r) the current block's tokens. A fresh state is
-kv = 0, score = -inf. Layers without a compressor keep empty [0, ...] tensors.
+kv = 0, score = -inf. Layers without a compressor keep empty [0, ...] tensors. Only the live rows (those above)
+carry meaning: rows past them may hold an older block's values, and nothing reads them.
+
+The engine's batched decode step does not go through these per-sequence objects: `PagedDecode` hands the model
+the pool's tensors (`PagedLayerStorage`, batch axis = the pool's slots) and one step's device inputs (positions,
+slots, block tables), so a step is a fixed sequence of batched tensor ops, whatever the batch and the context.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from dsv4.kernels.paged import FORMATS, PagedRows
 from dsv4.model_runtime.config import ModelConfig
 
 
@@ -123,3 +130,57 @@ def new_sequence_state(cfg: ModelConfig, device: torch.device, dtype: torch.dtyp
         if mtp
         else [],
     )
+
+
+@dataclass(frozen=True)
+class PagedStore:
+    """One store of the paged pool as a decode step writes it: the rows (flat, in a `dsv4.kernels.paged` format),
+    the encoder of that format (rows [N, dim] -> field name -> [N, width]), and the flat row that takes the writes
+    of rows that store nothing this step (`sink_row`: past the last block, never read)."""
+
+    rows: PagedRows
+    encode: Callable[[torch.Tensor], dict[str, torch.Tensor]]
+    sink_row: int
+
+    def write(self, flat: torch.Tensor, values: torch.Tensor) -> None:
+        """Store values [N, dim] at flat rows [N] (the sink row may repeat)."""
+        encoded = self.encode(values)
+        for name, t in zip(FORMATS[self.rows.format], self.rows.tensors, strict=True):
+            t.index_put_((flat,), encoded[name])
+
+
+@dataclass(frozen=True)
+class PagedLayerStorage:
+    """One layer's tensors in the pool, batch axis = pool slot: window rings [slots, W, c], the compressor states
+    by name (`comp_kv`, ... as `LayerState`, [slots, rows, width] fp32), the entry and indexer-key stores.
+    `sink_slot` is a slot no sequence holds: padding rows of a batch write their window and compressor rows there."""
+
+    window: torch.Tensor
+    comp: dict[str, torch.Tensor]
+    entries: PagedStore | None
+    index_keys: PagedStore | None
+    sink_slot: int
+
+
+@dataclass(frozen=True)
+class PagedDecode:
+    """One decode token per row over the paged pool: the step's device inputs and the pool's layers.
+
+    positions [B] int64 (the position of the token each row feeds), slots [B] int64 (the row's pool slot, or
+    `sink_slot` for a padding row), block_tables [B, T] int32 (the row's blocks; padding rows any valid ids)."""
+
+    positions: torch.Tensor
+    slots: torch.Tensor
+    block_tables: torch.Tensor
+    layers: list[PagedLayerStorage]
+
+    def layer(self, i: int) -> PagedLayerView:
+        return PagedLayerView(self, self.layers[i])
+
+
+@dataclass(frozen=True)
+class PagedLayerView:
+    """What a decoder layer sees of a `PagedDecode`: the step and its own storage."""
+
+    step: PagedDecode
+    storage: PagedLayerStorage

@@ -11,10 +11,12 @@ from __future__ import annotations
 import torch
 
 from dsv4.kernels.ascend.namespace import npu
+from dsv4.kernels.paged import PagedRows
 from dsv4.kernels.reference import attention as ref_attention
 from dsv4.kernels.reference import mhc as ref_mhc
 from dsv4.kernels.reference import moe as ref_moe
 from dsv4.kernels.reference import norm_rope as ref_norm_rope
+from dsv4.kernels.reference import paged as ref_paged
 from dsv4.kernels.reference import sampling as ref_sampling
 from dsv4.kernels.reference.quant_moe import dequant_fp8_experts, dequant_mxfp4_experts
 from dsv4.kernels.registry import register
@@ -200,3 +202,35 @@ def sparse_attention(
         sinks=sink.float(),
     )
     return out
+
+
+# Paged decode ops: the rows are gathered and decoded by PyTorch ops on the NPU (torch_npu 2.14 has no op that
+# reads our FP8 / MXFP4 page formats), then the adapters above attend / select over them.
+@register("paged_sparse_attention", "ascend")
+def paged_sparse_attention(
+    q: torch.Tensor,
+    window: torch.Tensor,
+    slots: torch.Tensor,
+    positions: torch.Tensor,
+    entries: PagedRows | None,
+    block_tables: torch.Tensor,
+    entry_idx: torch.Tensor | None,
+    sink: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    keys, valid = ref_paged.gather_rows(window, slots, positions, entries, block_tables, entry_idx)
+    idx = torch.where(valid, torch.arange(keys.shape[1], device=q.device), -1)
+    return sparse_attention(q[:, None], keys.to(q.dtype), idx[:, None], sink, scale)[:, 0]
+
+
+@register("paged_indexer_topk", "ascend")
+def paged_indexer_topk(
+    q: torch.Tensor,
+    weights: torch.Tensor,
+    keys: PagedRows,
+    block_tables: torch.Tensor,
+    visible: torch.Tensor,
+    topk: int,
+) -> torch.Tensor:
+    decoded = ref_paged.all_keys(keys, block_tables)
+    return indexer_topk(q[:, None], weights[:, None], decoded, visible[:, None], topk)[:, 0]

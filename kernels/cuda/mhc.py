@@ -1,10 +1,14 @@
-"""Triton mHC: Sinkhorn, the fused pre-mapping (norm, mixing GEMV, sigmoid gates, Sinkhorn, stream collapse),
-the post-mapping and the hyper head.
+"""Triton mHC: Sinkhorn, the pre-mapping (norm, mixing GEMV, sigmoid gates, Sinkhorn, stream collapse), the
+post-mapping and the hyper head.
 
-Each program takes a block of token rows. The mixing weights fn [(2+n)n, n·d] stream through once per block;
-the n x n residual logits are accumulated flattened ([rows, NP*NP]) and reshaped for Sinkhorn, which normalizes
-rows (axis 2) and columns (axis 1) of all the block's matrices at once. n is padded to NP (a power of two, at
-least 4 so that NP*NP fills a tile) and masked.
+The pre-mapping and the hyper head run in two kernels. The mixing GEMV (fn [outputs, n·d] times each row's
+flattened streams, and the rows' sums of squares for the RMS norm) is split over the n·d columns: a program per
+(block of rows, 512 columns) writes partial sums, so a decode batch of a few rows still spreads over the GPU
+(one program per block of rows streamed all of fn alone: 4 programs for 64 rows). The second kernel, a program
+per (block of rows, block of hidden columns), adds the partials up, applies the norm and the gates, runs
+Sinkhorn, and collapses its columns of the streams. The n x n residual logits are handled flattened
+([rows, NP*NP]) and reshaped for Sinkhorn, which normalizes rows (axis 2) and columns (axis 1) of all the block's
+matrices at once. n is padded to NP (a power of two, at least 4 so that NP*NP fills a tile) and masked.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ BLOCK_K = 32  # flattened-stream columns per step of the mixing GEMV
 # 8 warps: at 4, pre and post need 255 and 182 registers a thread (ptxas for sm_90; 102 and 147 at 8)
 NUM_WARPS = 8
 BLOCK_D = 128  # hidden columns per step of the stream collapse / expansion
+SPLIT_COLS = 512  # flattened-stream columns per program of the split mixing GEMV
 
 
 @triton.jit
@@ -67,84 +72,141 @@ def sinkhorn(logits: torch.Tensor, iters: int, eps: float) -> torch.Tensor:
 
 
 @triton.jit
-def _collapse(
-    streams_ptr, out_ptr, weights, r, rows, N_HC: tl.constexpr, DIM: tl.constexpr, NP: tl.constexpr, BD: tl.constexpr
+def _mix_partial_kernel(
+    streams_ptr,
+    fn_ptr,
+    part_ptr,
+    sq_ptr,
+    rows,
+    OUT: tl.constexpr,
+    WIDTH: tl.constexpr,
+    BO: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SPLIT: tl.constexpr,
 ):
-    """out[r, :] = sum_j weights[r, j] * streams[r, j, :] for the block's rows."""
-    i = tl.arange(0, NP)
-    for d0 in range(0, DIM, BD):
-        d = d0 + tl.arange(0, BD)
-        ok = (r[:, None, None] < rows) & (i[None, :, None] < N_HC) & (d[None, None, :] < DIM)
-        xs = tl.load(
-            streams_ptr + r[:, None, None] * N_HC * DIM + i[None, :, None] * DIM + d[None, None, :], mask=ok, other=0.0
-        ).to(tl.float32)
-        x = tl.sum(weights[:, :, None] * xs, axis=1)
-        tl.store(
-            out_ptr + r[:, None] * DIM + d[None, :],
-            x.to(out_ptr.dtype.element_ty),
-            mask=(r[:, None] < rows) & (d[None, :] < DIM),
-        )
+    """Partial mixing GEMV over the columns [split * SPLIT, (split + 1) * SPLIT) of the flattened streams:
+    part[split, r, o] = sum_k fn[o, k] * v[r, k] and sq[split, r] = sum_k v[r, k]^2 (fp32)."""
+    r = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    split = tl.program_id(1)
+    r_ok = r < rows
+    o = tl.arange(0, BO)
+    o_ok = o < OUT
+    acc = tl.zeros([BN, BO], dtype=tl.float32)
+    sq = tl.zeros([BN], dtype=tl.float32)
+    for k0 in range(0, SPLIT, BK):
+        k = split * SPLIT + k0 + tl.arange(0, BK)
+        k_ok = k < WIDTH
+        v = tl.load(streams_ptr + r[:, None] * WIDTH + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
+        v = v.to(tl.float32)
+        sq += tl.sum(v * v, axis=1)
+        f = tl.load(fn_ptr + o[:, None] * WIDTH + k[None, :], mask=o_ok[:, None] & k_ok[None, :], other=0.0)
+        acc += tl.sum(v[:, None, :] * f.to(tl.float32)[None, :, :], axis=2)
+    base = split.to(tl.int64) * rows
+    tl.store(part_ptr + (base + r[:, None]) * BO + o[None, :], acc, mask=r_ok[:, None])
+    tl.store(sq_ptr + base + r, sq, mask=r_ok)
 
 
 @triton.jit
-def _mhc_pre_kernel(
+def _summed(part_ptr, sq_ptr, r, r_ok, cols, cols_ok, rows, splits, BO: tl.constexpr):
+    """The partials of `_mix_partial_kernel` added over the splits: (mix [len(r), len(cols)], sum of squares)."""
+    acc = tl.zeros([r.shape[0], cols.shape[0]], dtype=tl.float32)
+    sq = tl.zeros([r.shape[0]], dtype=tl.float32)
+    for split in range(0, splits):
+        base = split * rows
+        acc += tl.load(
+            part_ptr + (base + r[:, None]) * BO + cols[None, :], mask=r_ok[:, None] & cols_ok[None, :], other=0.0
+        )
+        sq += tl.load(sq_ptr + base + r, mask=r_ok, other=0.0)
+    return acc, sq
+
+
+@triton.jit
+def _collapse_block(streams_ptr, out_ptr, weights, r, r_ok, d, N_HC: tl.constexpr, DIM: tl.constexpr, NP: tl.constexpr):
+    """out[r, d] = sum_j weights[r, j] * streams[r, j, d] for one block of rows and hidden columns."""
+    i = tl.arange(0, NP)
+    d_ok = d < DIM
+    ok = r_ok[:, None, None] & (i[None, :, None] < N_HC) & d_ok[None, None, :]
+    xs = tl.load(
+        streams_ptr + r[:, None, None] * N_HC * DIM + i[None, :, None] * DIM + d[None, None, :], mask=ok, other=0.0
+    ).to(tl.float32)
+    x = tl.sum(weights[:, :, None] * xs, axis=1)
+    tl.store(
+        out_ptr + r[:, None] * DIM + d[None, :], x.to(out_ptr.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :]
+    )
+
+
+@triton.jit
+def _mhc_pre_finish_kernel(
+    part_ptr,
+    sq_ptr,
     streams_ptr,
-    fn_ptr,
     scale_ptr,
     base_ptr,
     x_ptr,
     post_ptr,
     comb_ptr,
     rows,
+    splits,
     iters,
     hc_eps,
     norm_eps,
     N_HC: tl.constexpr,
     DIM: tl.constexpr,
     NP: tl.constexpr,
+    BO: tl.constexpr,
     BN: tl.constexpr,
-    BK: tl.constexpr,
     BD: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     r_ok = r < rows
-    width = N_HC * DIM  # flattened streams of one row
     i = tl.arange(0, NP)
     i_ok = i < N_HC
     ij = tl.arange(0, NP * NP)
     ij_ok = (ij // NP < N_HC) & (ij % NP < N_HC)
-    res_row = 2 * N_HC + (ij // NP) * N_HC + ij % NP  # fn row of residual logit (i, j)
-    acc_pre = tl.zeros([BN, NP], dtype=tl.float32)
-    acc_post = tl.zeros([BN, NP], dtype=tl.float32)
-    acc_res = tl.zeros([BN, NP * NP], dtype=tl.float32)
-    sq = tl.zeros([BN], dtype=tl.float32)
-    for k0 in range(0, width, BK):
-        k = k0 + tl.arange(0, BK)
-        k_ok = k < width
-        v = tl.load(streams_ptr + r[:, None] * width + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        v = v.to(tl.float32)
-        sq += tl.sum(v * v, axis=1)
-        m2 = i_ok[:, None] & k_ok[None, :]
-        f_pre = tl.load(fn_ptr + i[:, None] * width + k[None, :], mask=m2, other=0.0).to(tl.float32)
-        f_post = tl.load(fn_ptr + (N_HC + i[:, None]) * width + k[None, :], mask=m2, other=0.0).to(tl.float32)
-        f_res = tl.load(
-            fn_ptr + res_row[:, None] * width + k[None, :], mask=ij_ok[:, None] & k_ok[None, :], other=0.0
-        ).to(tl.float32)
-        acc_pre += tl.sum(v[:, None, :] * f_pre[None, :, :], axis=2)
-        acc_post += tl.sum(v[:, None, :] * f_post[None, :, :], axis=2)
-        acc_res += tl.sum(v[:, None, :] * f_res[None, :, :], axis=2)
-    rstd = tl.rsqrt(sq / width + norm_eps)[:, None]
+    res_col = 2 * N_HC + (ij // NP) * N_HC + ij % NP  # fn row of residual logit (i, j)
+    acc_pre, sq = _summed(part_ptr, sq_ptr, r, r_ok, i, i_ok, rows, splits, BO)
+    acc_post, _ = _summed(part_ptr, sq_ptr, r, r_ok, N_HC + i, i_ok, rows, splits, BO)
+    acc_res, _ = _summed(part_ptr, sq_ptr, r, r_ok, res_col, ij_ok, rows, splits, BO)
+    rstd = tl.rsqrt(sq / (N_HC * DIM) + norm_eps)[:, None]
     pre = tl.sigmoid(acc_pre * rstd * tl.load(scale_ptr) + tl.load(base_ptr + i, mask=i_ok, other=0.0)[None, :])
     pre = tl.where(i_ok[None, :], pre + hc_eps, 0.0)
-    post = 2.0 * tl.sigmoid(
-        acc_post * rstd * tl.load(scale_ptr + 1) + tl.load(base_ptr + N_HC + i, mask=i_ok, other=0.0)[None, :]
+    _collapse_block(streams_ptr, x_ptr, pre, r, r_ok, tl.program_id(1) * BD + tl.arange(0, BD), N_HC, DIM, NP)
+    if tl.program_id(1) == 0:  # one program per block of rows stores the gates and the mixing matrix
+        post = 2.0 * tl.sigmoid(
+            acc_post * rstd * tl.load(scale_ptr + 1) + tl.load(base_ptr + N_HC + i, mask=i_ok, other=0.0)[None, :]
+        )
+        logits = acc_res * rstd * tl.load(scale_ptr + 2) + tl.load(base_ptr + res_col, mask=ij_ok, other=0.0)[None, :]
+        valid = r_ok[:, None, None] & i_ok[None, :, None] & i_ok[None, None, :]
+        comb = _sinkhorn_tile(tl.reshape(logits, [BN, NP, NP]), valid, iters, hc_eps)
+        tl.store(post_ptr + r[:, None] * N_HC + i[None, :], post, mask=r_ok[:, None] & i_ok[None, :])
+        offs = r[:, None, None] * N_HC * N_HC + i[None, :, None] * N_HC + i[None, None, :]
+        tl.store(comb_ptr + offs, comb, mask=valid)
+
+
+def _mix_partials(streams: torch.Tensor, fn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+    """(partial mixes [splits, rows, BO], partial sums of squares [splits, rows], splits, BO) of streams [rows,
+    n, d] against fn [outputs, n*d]."""
+    rows, n, d = streams.shape
+    width, outputs = n * d, fn.shape[0]
+    splits, bo = triton.cdiv(width, SPLIT_COLS), block(outputs, minimum=4)
+    part = torch.empty(splits, rows, bo, dtype=torch.float32, device=streams.device)
+    sq = torch.empty(splits, rows, dtype=torch.float32, device=streams.device)
+    _mix_partial_kernel[(triton.cdiv(rows, BLOCK_N), splits)](
+        streams.contiguous(),
+        fn.contiguous(),
+        part,
+        sq,
+        rows,
+        OUT=outputs,
+        WIDTH=width,
+        BO=bo,
+        BN=BLOCK_N,
+        BK=BLOCK_K,
+        SPLIT=SPLIT_COLS,
+        num_warps=NUM_WARPS,
     )
-    logits = acc_res * rstd * tl.load(scale_ptr + 2) + tl.load(base_ptr + res_row, mask=ij_ok, other=0.0)[None, :]
-    valid = r_ok[:, None, None] & i_ok[None, :, None] & i_ok[None, None, :]
-    comb = _sinkhorn_tile(tl.reshape(logits, [BN, NP, NP]), valid, iters, hc_eps)
-    tl.store(post_ptr + r[:, None] * N_HC + i[None, :], post, mask=r_ok[:, None] & i_ok[None, :])
-    tl.store(comb_ptr + r[:, None, None] * N_HC * N_HC + i[None, :, None] * N_HC + i[None, None, :], comb, mask=valid)
-    _collapse(streams_ptr, x_ptr, pre, r, rows, N_HC, DIM, NP, BD)
+    return part, sq, splits, bo
 
 
 @register("mhc_pre", "cuda")
@@ -163,23 +225,26 @@ def mhc_pre(
     post = torch.empty(rows, n, dtype=torch.float32, device=streams.device)
     comb = torch.empty(rows, n, n, dtype=torch.float32, device=streams.device)
     if rows:
-        _mhc_pre_kernel[(triton.cdiv(rows, BLOCK_N),)](
+        part, sq, splits, bo = _mix_partials(streams, fn)
+        _mhc_pre_finish_kernel[(triton.cdiv(rows, BLOCK_N), triton.cdiv(d, BLOCK_D))](
+            part,
+            sq,
             streams.contiguous(),
-            fn.contiguous(),
             scale.float().contiguous(),
             base.float().contiguous(),
             x,
             post,
             comb,
             rows,
+            splits,
             sinkhorn_iters,
             hc_eps,
             norm_eps,
             N_HC=n,
             DIM=d,
             NP=_np(n),
+            BO=bo,
             BN=BLOCK_N,
-            BK=BLOCK_K,
             BD=BLOCK_D,
             num_warps=NUM_WARPS,
         )
@@ -187,41 +252,33 @@ def mhc_pre(
 
 
 @triton.jit
-def _hc_head_kernel(
+def _hc_head_finish_kernel(
+    part_ptr,
+    sq_ptr,
     streams_ptr,
-    fn_ptr,
     scale_ptr,
     base_ptr,
     x_ptr,
     rows,
+    splits,
     hc_eps,
     norm_eps,
     N_HC: tl.constexpr,
     DIM: tl.constexpr,
     NP: tl.constexpr,
+    BO: tl.constexpr,
     BN: tl.constexpr,
-    BK: tl.constexpr,
     BD: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     r_ok = r < rows
-    width = N_HC * DIM
     i = tl.arange(0, NP)
     i_ok = i < N_HC
-    acc = tl.zeros([BN, NP], dtype=tl.float32)
-    sq = tl.zeros([BN], dtype=tl.float32)
-    for k0 in range(0, width, BK):
-        k = k0 + tl.arange(0, BK)
-        k_ok = k < width
-        v = tl.load(streams_ptr + r[:, None] * width + k[None, :], mask=r_ok[:, None] & k_ok[None, :], other=0.0)
-        v = v.to(tl.float32)
-        sq += tl.sum(v * v, axis=1)
-        f = tl.load(fn_ptr + i[:, None] * width + k[None, :], mask=i_ok[:, None] & k_ok[None, :], other=0.0)
-        acc += tl.sum(v[:, None, :] * f.to(tl.float32)[None, :, :], axis=2)
-    rstd = tl.rsqrt(sq / width + norm_eps)[:, None]
+    acc, sq = _summed(part_ptr, sq_ptr, r, r_ok, i, i_ok, rows, splits, BO)
+    rstd = tl.rsqrt(sq / (N_HC * DIM) + norm_eps)[:, None]
     w = tl.sigmoid(acc * rstd * tl.load(scale_ptr) + tl.load(base_ptr + i, mask=i_ok, other=0.0)[None, :])
     w = tl.where(i_ok[None, :], w + hc_eps, 0.0)
-    _collapse(streams_ptr, x_ptr, w, r, rows, N_HC, DIM, NP, BD)
+    _collapse_block(streams_ptr, x_ptr, w, r, r_ok, tl.program_id(1) * BD + tl.arange(0, BD), N_HC, DIM, NP)
 
 
 @register("hc_head", "cuda")
@@ -232,20 +289,23 @@ def hc_head(
     rows, n, d = streams.shape
     x = torch.empty(rows, d, dtype=streams.dtype, device=streams.device)
     if rows:
-        _hc_head_kernel[(triton.cdiv(rows, BLOCK_N),)](
+        part, sq, splits, bo = _mix_partials(streams, fn)
+        _hc_head_finish_kernel[(triton.cdiv(rows, BLOCK_N), triton.cdiv(d, BLOCK_D))](
+            part,
+            sq,
             streams.contiguous(),
-            fn.contiguous(),
             scale.float().contiguous(),
             base.float().contiguous(),
             x,
             rows,
+            splits,
             hc_eps,
             norm_eps,
             N_HC=n,
             DIM=d,
             NP=_np(n),
+            BO=bo,
             BN=BLOCK_N,
-            BK=BLOCK_K,
             BD=BLOCK_D,
             num_warps=NUM_WARPS,
         )

@@ -56,16 +56,16 @@ def sparse_attention(
         selected.scatter_(-1, torch.where(valid, idx, n), True)
         scores = torch.einsum("bshd,bnd->bshn", q.to(A), keys) * scale
         scores = scores.masked_fill(~selected[..., :n].unsqueeze(2), float("-inf"))
-        return _softmax_with_sink(scores, sink.to(A), keys, "bshn,bnd->bshd").to(q.dtype)
+        return softmax_with_sink(scores, sink.to(A), keys, "bshn,bnd->bshd").to(q.dtype)
     gathered = torch.gather(kv.to(A), 1, idx.clamp(min=0).reshape(b, s * k, 1).expand(-1, -1, kv.shape[-1])).view(
         b, s, k, -1
     )  # [B, S, K, D]
     scores = torch.einsum("bshd,bskd->bshk", q.to(A), gathered) * scale
     scores = scores.masked_fill(~valid.unsqueeze(2), float("-inf"))
-    return _softmax_with_sink(scores, sink.to(A), gathered, "bshk,bskd->bshd").to(q.dtype)
+    return softmax_with_sink(scores, sink.to(A), gathered, "bshk,bskd->bshd").to(q.dtype)
 
 
-def _softmax_with_sink(scores: torch.Tensor, sink: torch.Tensor, values: torch.Tensor, equation: str) -> torch.Tensor:
+def softmax_with_sink(scores: torch.Tensor, sink: torch.Tensor, values: torch.Tensor, equation: str) -> torch.Tensor:
     """Softmax over the last axis of scores [B, S, H, K] with a per-head sink logit in the denominator only."""
     b, s = scores.shape[:2]
     logits = torch.cat([scores, sink.view(1, 1, -1, 1).expand(b, s, -1, 1)], dim=-1)

@@ -12,7 +12,7 @@ from dsv4.kernels.registry import register
 FP8_BLOCK = 128
 FP4_BLOCK = 32
 # e2m1 code -> value; bit 3 is the sign (OCP MX spec).
-_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+E2M1_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
 def dequant_fp8_experts(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -26,7 +26,7 @@ def dequant_mxfp4_experts(weight: torch.Tensor, scale: torch.Tensor) -> torch.Te
     """weight I8 [E, O, K/2] (low nibble = even column), scale E8M0 [E, O, K/32] -> fp32 [E, O, K]."""
     b = weight.view(torch.uint8)
     codes = torch.stack([b & 0x0F, b >> 4], dim=-1).flatten(-2).long()
-    values = torch.tensor(_E2M1, device=weight.device)[codes]
+    values = torch.tensor(E2M1_VALUES, device=weight.device)[codes]
     return values * scale.float().repeat_interleave(FP4_BLOCK, dim=-1)
 
 

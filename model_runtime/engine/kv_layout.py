@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dsv4.kernels import paged
 from dsv4.model_runtime.config import ModelConfig
 from dsv4.model_runtime.formats import FP8_MAX, dequant_fp4, pow2_scale, quant_fp4
 from dsv4.model_runtime.qat import Q8_BLOCK
@@ -37,7 +38,10 @@ class Field:
 
 
 class RowCodec:
-    """How rows of `width` values of the model dtype are stored: the fields, and the exact encode / decode."""
+    """How rows of `width` values of the model dtype are stored: the fields, and the exact encode / decode.
+    `format` names the layout for the paged kernel ops (`dsv4.kernels.paged`), whose decode matches `decode`."""
+
+    format = paged.PLAIN
 
     def __init__(self, width: int, dtype: torch.dtype) -> None:
         self.width, self.dtype = width, dtype
@@ -59,6 +63,8 @@ class RowCodec:
 
 class FP8NopeCodec(RowCodec):
     """FP8 e4m3 non-RoPE dims with a UE8M0 scale per 64, RoPE dims in the model dtype."""
+
+    format = paged.FP8_NOPE
 
     def __init__(self, width: int, dtype: torch.dtype, rope_dim: int) -> None:
         super().__init__(width, dtype)
@@ -92,6 +98,8 @@ class FP8NopeCodec(RowCodec):
 
 class FP4Codec(RowCodec):
     """MXFP4: e2m1 codes packed two per byte (low nibble first) and a UE8M0 scale per 32 values."""
+
+    format = paged.MXFP4
 
     @property
     def fields(self) -> list[Field]:

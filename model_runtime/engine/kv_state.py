@@ -10,8 +10,15 @@ Two kinds of storage, both shared by all sequences of the engine:
   dtype) and the compressors' partial-block state (fp32), as `dsv4.model_runtime.state` lays them out.
 
 `PagedSequenceState` gives the model the interface of `SequenceState` over that storage (window and compressor
-tensors are views of the sequence's slot; entries are gathered from its blocks and decoded), so the model runs
-unchanged on it.
+tensors are views of the sequence's slot; entries are gathered from its blocks and decoded), so the model's
+per-sequence path (prefill) runs unchanged on it. The batched decode step reads and writes the same storage
+through `KVPool.storage` (`dsv4.model_runtime.state.PagedDecode`) and the block tables on the device
+(`KVPool.block_tables`, one row per slot, updated incrementally as sequences take blocks).
+
+Every store has one spare flat row past its blocks and the pool one spare slot (`sink_row`, `sink_slot`): a
+decode step writes every row of the batch unconditionally, and a row with nothing to store this step (no block
+completed, or a padding row of a CUDA graph batch) writes there. Nothing reads them, and the accounting
+(`block_bytes`, `slot_bytes`) leaves them out.
 """
 
 from __future__ import annotations
@@ -20,21 +27,27 @@ import math
 
 import torch
 
+from dsv4.kernels.paged import PagedRows
 from dsv4.model_runtime.config import ModelConfig
-from dsv4.model_runtime.engine import kv_export
 from dsv4.model_runtime.engine.kv_layout import RowCodec, entry_codec, index_key_codec
 from dsv4.model_runtime.engine.request import Request
+from dsv4.model_runtime.engine.transfer import to_device
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
-from dsv4.model_runtime.state import LayerState, SequenceState
+from dsv4.model_runtime.state import LayerState, PagedLayerStorage, PagedStore, SequenceState
 
 
 class BlockStore:
-    """Rows of one codec in [num_blocks, rows_per_block] pages."""
+    """Rows of one codec in [num_blocks, rows_per_block] pages (plus the sink row, past the last page)."""
 
     def __init__(self, codec: RowCodec, num_blocks: int, rows_per_block: int, device: torch.device) -> None:
         self.codec, self.rows_per_block = codec, rows_per_block
+        self.sink_row = num_blocks * rows_per_block
+        # flat [pages * rows + 1, width]: what the paged kernel ops index; `tensors` views the pages only
+        self.flat = {
+            f.name: torch.zeros(self.sink_row + 1, f.width, dtype=f.dtype, device=device) for f in codec.fields
+        }
         self.tensors = {
-            f.name: torch.zeros(num_blocks, rows_per_block, f.width, dtype=f.dtype, device=device) for f in codec.fields
+            name: t[: self.sink_row].view(num_blocks, rows_per_block, t.shape[-1]) for name, t in self.flat.items()
         }
 
     def _where(self, table: list[int], rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,13 +65,26 @@ class BlockStore:
         blocks, offsets = self._where(table, torch.arange(n, device=device))
         return self.codec.decode({name: t[blocks, offsets] for name, t in self.tensors.items()})
 
+    def paged(self, dtype: torch.dtype) -> PagedStore:
+        """The store as the batched decode step writes and the paged kernel ops read it."""
+        rows = PagedRows(
+            self.codec.format,
+            tuple(self.flat[f.name] for f in self.codec.fields),
+            self.rows_per_block,
+            self.codec.width,
+            dtype,
+        )
+        return PagedStore(rows, self.codec.encode, self.sink_row)
+
     @property
     def block_bytes(self) -> int:
         return self.rows_per_block * self.codec.row_bytes
 
 
 class KVPool:
-    """All KV storage of one engine: `num_blocks` blocks of `block_size` positions and `num_slots` slots."""
+    """All KV storage of one engine: `num_blocks` blocks of `block_size` positions and `num_slots` slots (plus the
+    sink slot `num_slots`), and the block table of every slot on the device ([num_slots + 1, max_blocks] int32;
+    the sink slot's row stays 0)."""
 
     def __init__(
         self,
@@ -72,27 +98,42 @@ class KVPool:
         mtp_layers: int = 0,
     ) -> None:
         self.cfg, self.block_size, self.dtype = cfg, block_size, dtype
-        self.mtp_layers = mtp_layers
+        self.mtp_layers, self.sink_slot = mtp_layers, num_slots
+        # + 1: an MTP draft may stand one position past the longest request
+        self.max_blocks = min(num_blocks, math.ceil((cfg.max_position_embeddings + 1) / block_size))
+        self.block_tables = torch.zeros(num_slots + 1, self.max_blocks, dtype=torch.int32, device=device)
+        self._table_writes: list[tuple[int, int, int]] = []  # (slot, index, block) not yet on the device
         f32 = torch.float32
         self.window: list[torch.Tensor] = []
         self.comp: list[dict[str, torch.Tensor]] = []
         self.entries: list[BlockStore | None] = []
         self.index_keys: list[BlockStore | None] = []
         ecodec, kcodec = entry_codec(cfg, dtype, low_precision), index_key_codec(cfg, dtype, low_precision)
+        slots = num_slots + 1
         for i in range(cfg.num_hidden_layers + mtp_layers):  # MTP layer j is layer num_hidden_layers + j
             m, csa = cfg.ratio(i), cfg.is_csa(i)
-            self.window.append(torch.zeros(num_slots, cfg.sliding_window, cfg.head_dim, dtype=dtype, device=device))
+            self.window.append(torch.zeros(slots, cfg.sliding_window, cfg.head_dim, dtype=dtype, device=device))
             comp: dict[str, torch.Tensor] = {}
             if m:
                 coff = 2 if csa else 1
                 for name in ("comp_kv", "comp_score"):
-                    comp[name] = torch.zeros(num_slots, coff * m, coff * cfg.head_dim, dtype=f32, device=device)
+                    comp[name] = torch.zeros(slots, coff * m, coff * cfg.head_dim, dtype=f32, device=device)
                 if csa:
                     for name in ("icomp_kv", "icomp_score"):
-                        comp[name] = torch.zeros(num_slots, 2 * m, 2 * cfg.index_head_dim, dtype=f32, device=device)
+                        comp[name] = torch.zeros(slots, 2 * m, 2 * cfg.index_head_dim, dtype=f32, device=device)
             self.comp.append(comp)
             self.entries.append(BlockStore(ecodec, num_blocks, block_size // m, device) if m else None)
             self.index_keys.append(BlockStore(kcodec, num_blocks, block_size // m, device) if csa else None)
+        self.storage = [
+            PagedLayerStorage(
+                window=self.window[i],
+                comp=self.comp[i],
+                entries=e.paged(dtype) if (e := self.entries[i]) is not None else None,
+                index_keys=k.paged(dtype) if (k := self.index_keys[i]) is not None else None,
+                sink_slot=self.sink_slot,
+            )
+            for i in range(cfg.num_hidden_layers)
+        ]
 
     def reset_slot(self, slot: int) -> None:
         """A fresh sequence's slot: empty window, compressor state kv = 0 and score = -inf."""
@@ -100,6 +141,18 @@ class KVPool:
             self.window[i][slot].zero_()
             for name, t in comp.items():
                 t[slot].fill_(float("-inf") if name.endswith("score") else 0.0)
+
+    def assign_blocks(self, slot: int, first: int, blocks: list[int]) -> None:
+        """Blocks `blocks` become entries first.. of the slot's block table (on the device at the next flush)."""
+        self._table_writes += [(slot, first + i, b) for i, b in enumerate(blocks)]
+
+    def flush_block_tables(self) -> None:
+        """Copy the pending block-table entries to the device: one transfer and one indexed write, whatever they
+        are (none included), so a decode step is the same ops whether sequences took blocks or not."""
+        writes, self._table_writes = self._table_writes, []
+        columns = [[w[k] for w in writes] for k in range(3)]  # [3, n]: a 2-D tensor even when n = 0
+        slot, index, block = to_device(torch.tensor(columns, dtype=torch.int64), self.block_tables.device)
+        self.block_tables.index_put_((slot, index), block.to(torch.int32))
 
     @property
     def block_bytes(self) -> int:
@@ -113,12 +166,35 @@ class KVPool:
 
 
 class PagedLayerState(LayerState):
-    """One layer of a sequence, over its pool slot and block table (the `LayerState` interface)."""
+    """One layer of a sequence, over its pool slot and block table (the `LayerState` interface).
+
+    `n_entries` follows from the sequence's position (entries of complete blocks: position // m), plus the
+    entries the per-sequence path appended during the call that has not advanced the position yet; so the batched
+    decode step, which advances only `position`, keeps every layer consistent without touching it."""
 
     # The dataclass fields of LayerState become views of the pool, so its generated __init__ is not used.
-    def __init__(self, pool: KVPool, layer: int, slot: int, table: list[int]) -> None:
+    def __init__(self, pool: KVPool, layer: int, slot: int, table: list[int], seq: PagedSequenceState) -> None:
         self._pool, self._layer, self._slot, self._table = pool, layer, slot, table
-        self.n_entries = 0
+        self._seq, self._ratio = seq, pool.cfg.ratio(layer)
+        self._mtp = layer >= pool.cfg.num_hidden_layers
+        self._extra, self._at = 0, -1  # entries appended at position `_at` beyond position // m
+
+    def _position(self) -> int:
+        return self._seq.mtp_position if self._mtp else self._seq.position
+
+    @property
+    def n_entries(self) -> int:
+        if not self._ratio:
+            return 0
+        position = self._position()
+        if self._at != position:
+            self._extra, self._at = 0, position
+        return position // self._ratio + self._extra
+
+    @n_entries.setter
+    def n_entries(self, value: int) -> None:
+        position = self._position()
+        self._extra, self._at = value - (position // self._ratio if self._ratio else 0), position
 
     def _comp(self, name: str) -> torch.Tensor:
         comp = self._pool.comp[self._layer]
@@ -200,27 +276,28 @@ class PagedLayerState(LayerState):
         store = self._pool.entries[self._layer]
         if store is None or entries.shape[0] == 0:
             return
-        need = math.ceil((self.n_entries + entries.shape[0]) / store.rows_per_block)
+        first = self.n_entries
+        need = math.ceil((first + entries.shape[0]) / store.rows_per_block)
         if need > len(self._table):
             raise RuntimeError(f"KV pool: entries past the sequence's {len(self._table)} reserved blocks")
-        store.write(self._table, self.n_entries, entries)
+        store.write(self._table, first, entries)
         keys = self._pool.index_keys[self._layer]
         if keys is not None and index_keys is not None:
-            keys.write(self._table, self.n_entries, index_keys)
-        self.n_entries += entries.shape[0]
+            keys.write(self._table, first, index_keys)
+        self.n_entries = first + entries.shape[0]
 
 
 class PagedSequenceState(SequenceState):
     """A sequence's state in the pool: its slot and its block table (ids of the blocks it holds, in order)."""
 
     def __init__(self, pool: KVPool, slot: int) -> None:
-        self.slot = slot
+        self.pool, self.slot = pool, slot
         self.table: list[int] = []
-        n = pool.cfg.num_hidden_layers
-        self.layers = [PagedLayerState(pool, i, slot, self.table) for i in range(n)]
-        self.mtp_layers = [PagedLayerState(pool, n + j, slot, self.table) for j in range(pool.mtp_layers)]
         self.position = 0
         self.mtp_position = 0
+        n = pool.cfg.num_hidden_layers
+        self.layers = [PagedLayerState(pool, i, slot, self.table, self) for i in range(n)]
+        self.mtp_layers = [PagedLayerState(pool, n + j, slot, self.table, self) for j in range(pool.mtp_layers)]
 
 
 class KVCacheManager:
@@ -283,9 +360,15 @@ class KVCacheManager:
             seq.state = PagedSequenceState(self.pool, slot)
         state = seq.state
         assert isinstance(state, PagedSequenceState)
+        first = len(state.table)
         while len(state.table) < self.blocks_for(seq.num_computed + n_new):
             state.table.append(self._free_blocks.pop())
+        if len(state.table) > first:
+            self.pool.assign_blocks(state.slot, first, state.table[first:])
         if seq.snapshot is not None:
+            # imported here: the KV blob format needs crc32c, which the engine itself does not (bench/gpu.sh)
+            from dsv4.model_runtime.engine import kv_export
+
             kv_export.restore(self.model, seq.snapshot, state)
             seq.snapshot = None
 

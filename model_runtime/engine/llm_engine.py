@@ -6,10 +6,11 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from dsv4.model_runtime.engine.kv_export import KVSnapshot
+from dsv4.model_runtime.engine.cuda_graphs import GRAPH_DEVICES
 from dsv4.model_runtime.engine.kv_state import KVCacheManager
 from dsv4.model_runtime.engine.model_runner import ModelRunner
 from dsv4.model_runtime.engine.request import Request, TokenLogprob
@@ -18,6 +19,9 @@ from dsv4.model_runtime.engine.scheduler import Scheduler, SchedulerConfig
 from dsv4.model_runtime.engine.text_stream import TextStream
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.tokenizer import Tokenizer
+
+if TYPE_CHECKING:  # the KV blob format needs crc32c, which the bare GPU machine of bench/gpu.sh lacks
+    from dsv4.model_runtime.engine.kv_export import KVSnapshot
 
 
 @dataclass(frozen=True)
@@ -31,6 +35,8 @@ class EngineConfig:
     block_size: int = 256
     num_slots: int = 0  # sequences holding a state at once (running + awaiting export); 0 = max_num_seqs + 8
     speculative_mtp: bool = False  # draft one token per decode step with the checkpoint's MTP module
+    # on a CUDA device (or an Ascend NPU, untested), replay batched decode steps from captured graphs
+    cuda_graphs: bool = True
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,9 @@ class LLMEngine:
         self.scheduler = Scheduler(
             SchedulerConfig(c.max_num_seqs, c.max_num_batched_tokens, c.chunked_prefill), self.kv
         )
-        self.runner = ModelRunner(model, use_mtp=c.speculative_mtp)
+        self.runner = ModelRunner(
+            model, use_mtp=c.speculative_mtp, cuda_graphs=c.cuda_graphs and model.device.type in GRAPH_DEVICES
+        )
         self.eos_token_id = model.cfg.eos_token_id
         self._sent: dict[str, int] = {}
         # Finished `export_after_prefill` sequences whose state waits for its export (then `release`).

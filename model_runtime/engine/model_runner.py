@@ -1,9 +1,12 @@
 """Runs one scheduled step through the model and samples the sequences whose tokens are all computed.
 
-The model advances every row of a call by the same number of tokens, so the step's chunks are grouped by length:
-all decoding sequences (one token each) share one call, prefill chunks of equal length share another, and MTP
-verification steps (last token + draft) share a third. Sampled tokens are appended to their sequence here, in
-order, because a second token of a verified draft is drawn only if the first did not finish the request.
+Decoding sequences (one token each, paged state, no MTP) share the batched decode step: `DecodeInputs` on the
+device, `DeepseekV4.decode_paged` over the paged pool (replayed from a CUDA graph when enabled), no host sync and
+no per-row work. Other chunks go through the per-sequence path, grouped by length because it advances every row
+of a call by the same number of tokens: prefill chunks of equal length share a call. Every row that samples this
+step, from either path, is sampled in one batched call whose result reaches the host in the step's one copy.
+MTP verification steps (last token + draft) keep their own per-row path: a second token of a verified draft is
+drawn only if the first did not finish the request.
 """
 
 from __future__ import annotations
@@ -14,9 +17,13 @@ import torch
 
 from dsv4.kernels.ops import Ops
 from dsv4.model_runtime.engine import speculative
+from dsv4.model_runtime.engine.cuda_graphs import GRAPH_DEVICES, DecodeGraphs, width_bucket
+from dsv4.model_runtime.engine.kv_state import PagedSequenceState
 from dsv4.model_runtime.engine.request import Request
-from dsv4.model_runtime.engine.sampler import SampleRequest, sample_row
+from dsv4.model_runtime.engine.sampler import SampleRequest, SamplingInputs, sample_batch, sample_row, unpack
 from dsv4.model_runtime.engine.scheduler import ScheduledChunk
+from dsv4.model_runtime.engine.step_inputs import DecodeInputs, table_width
+from dsv4.model_runtime.engine.transfer import to_host
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.state import SequenceState
 
@@ -33,11 +40,16 @@ def _draw(ops: Ops, seq: Request, logits: torch.Tensor) -> int:
 
 
 class ModelRunner:
-    def __init__(self, model: DeepseekV4, use_mtp: bool = False) -> None:
+    """`cuda_graphs`: run batched decode steps from captured graphs (padded to buckets; captured on CUDA and
+    Ascend devices, elsewhere the padded step runs eagerly, which only tests make use of)."""
+
+    def __init__(self, model: DeepseekV4, use_mtp: bool = False, cuda_graphs: bool = False) -> None:
         if use_mtp and not len(model.mtp):
             raise ValueError("MTP speculative decoding needs the model's MTP module (load it with mtp=True)")
         self.model = model
         self.drafts = speculative.DraftStats()
+        self.cuda_graphs = cuda_graphs
+        self.graphs: DecodeGraphs | None = None
         self._mtp_work: list[tuple[Request, torch.Tensor, int]] = []
 
     def _states(self, seqs: list[Request]) -> list[SequenceState]:
@@ -47,44 +59,99 @@ class ModelRunner:
             states.append(s.state)
         return states
 
+    @staticmethod
+    def _batched_decode(chunk: ScheduledChunk) -> bool:
+        s = chunk.seq
+        one = chunk.num_tokens == 1 and s.num_uncomputed == 1
+        return one and not s.use_mtp and isinstance(s.state, PagedSequenceState)
+
     @torch.no_grad()
     def run(self, chunks: list[ScheduledChunk]) -> list[Request]:
         """Feed every chunk; returns the sequences that received new tokens this step."""
+        decode: list[Request] = []
         groups: dict[int, list[Request]] = defaultdict(list)
         verify: list[Request] = []
         for chunk in chunks:
             s = chunk.seq
             if s.draft is not None and chunk.num_tokens == s.num_uncomputed + 1:
                 verify.append(s)
+                continue
+            s.draft = None  # the step has no room for it
+            if self._batched_decode(chunk):
+                decode.append(s)
             else:
-                s.draft = None  # the step has no room for it
                 groups[chunk.num_tokens].append(s)
-        produced = [s for n, seqs in groups.items() for s in self._feed(n, seqs)]
+        ready: list[Request] = []
+        logits: list[torch.Tensor] = []
+        if decode:
+            logits.append(self._decode(decode))
+            ready += decode
+        follow: list[tuple[Request, torch.Tensor, int]] = []
+        for n, seqs in groups.items():
+            fed, fed_logits = self._feed(n, seqs, follow)
+            ready += fed
+            if fed_logits is not None:
+                logits.append(fed_logits)
+        if ready:
+            self._sample(ready, logits[0] if len(logits) == 1 else torch.cat(logits))
+        for s, streams, start in follow:
+            if not s.finished:
+                self._follow(s, streams, start)
+        produced = ready
         if verify:
             produced += self._verify(verify)
         self._run_mtp()
         return produced
 
-    def _feed(self, n: int, seqs: list[Request]) -> list[Request]:
-        """Feed the next n tokens of every sequence; sample those that caught up."""
+    def _decode(self, seqs: list[Request]) -> torch.Tensor:
+        """The batched decode step of `seqs` (one token each): logits [len(seqs), vocab] on the device."""
+        state = seqs[0].state
+        assert isinstance(state, PagedSequenceState)
+        pool = state.pool
+        pool.flush_block_tables()
+        width = table_width(seqs, pool.block_size)
+        if self.cuda_graphs:
+            if self.graphs is None or self.graphs.pool is not pool:
+                capture = self.model.device.type in GRAPH_DEVICES
+                self.graphs = DecodeGraphs(self.model, pool, capture=capture)
+            inputs = DecodeInputs.build(seqs, pool, width_bucket(width, pool.max_blocks))
+            logits = self.graphs.run(inputs)
+        else:
+            inputs = DecodeInputs.build(seqs, pool, width)
+            logits = self.model.decode_paged(inputs.token_ids, inputs.step(pool))
+        for s in seqs:
+            s.num_computed += 1
+            assert s.state is not None
+            s.state.position += 1
+        return logits
+
+    def _feed(
+        self, n: int, seqs: list[Request], follow: list[tuple[Request, torch.Tensor, int]]
+    ) -> tuple[list[Request], torch.Tensor | None]:
+        """Feed the next n tokens of every sequence through the per-sequence path; returns the sequences that
+        caught up and their logits. MTP sequences are queued in `follow` (streams, first position fed)."""
         ids = torch.tensor(
             [s.token_ids[s.num_computed : s.num_computed + n] for s in seqs], dtype=torch.long, device=self.model.device
         )
         streams = self.model.hidden_streams(ids, self._states(seqs))  # [B, n, hc, d]
-        ready = []
+        rows = []
         for row, s in enumerate(seqs):
             s.num_computed += n
             if s.num_uncomputed == 0:
-                ready.append(row)
-        logits = self.model.logits(streams[ready, -1]) if ready else None
-        produced = []
-        for row, s in enumerate(seqs):
-            if logits is not None and row in ready:
-                _draw(self.model.ops, s, logits[ready.index(row)])
-                produced.append(s)
-            if s.use_mtp and not s.finished:
-                self._follow(s, streams[row], s.num_computed - n)
-        return produced
+                rows.append(row)
+            if s.use_mtp:
+                follow.append((s, streams[row], s.num_computed - n))
+        if not rows:
+            return [], None
+        return [seqs[row] for row in rows], self.model.logits(streams[rows, -1])
+
+    def _sample(self, seqs: list[Request], logits: torch.Tensor) -> None:
+        """Draw every row's token in one batched call, bring them to the host in one copy, append them."""
+        requests = [_request(s) for s in seqs]
+        inputs = SamplingInputs.build(requests, logits.shape[-1], logits.device)
+        drawn = unpack(to_host(sample_batch(self.model.ops, logits, inputs)), [r.params for r in requests])
+        for s, (token, logprob) in zip(seqs, drawn, strict=True):
+            s.append(token, logprob)
 
     def _follow(self, s: Request, streams: torch.Tensor, start: int) -> None:
         """Queue the MTP step over the positions [start, start + k) the main model just consumed (streams

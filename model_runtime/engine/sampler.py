@@ -1,19 +1,22 @@
 """Token sampling: penalties, greedy / temperature / top-k / top-p / min-p, seeded draws, logprobs.
 
-Filtering and the draw itself are the kernel ops `filter_logits` / `sample_tokens` (the model's bound `Ops`);
-the penalties, the seeded noise and logprobs stay here.
+Every row a step samples goes through one batched call (`sample_batch`): a fixed sequence of tensor ops whatever
+the batch, with no value read on the host. What the rows need (any top-k? any logprobs?) is known on the host
+from their parameters (`SamplingFlags`), so no stage inspects tensors to decide whether to run. Filtering and the
+draw are the kernel ops `filter_logits` / `sample_tokens` (the model's bound `Ops`); the penalties, the seeded
+noise and the logprobs stay here. The result comes back to the host in one copy (`engine.transfer.to_host`).
 
 Each row is sampled on its own, so a request's token never depends on the other rows of the batch. A sampled
-token i of a request is drawn by the Gumbel-max trick with noise from an RNG seeded by (seed, i): a resumed or
-recomputed decode reproduces the same tokens. Gumbel-max (not an inverse CDF) because its outcome only flips
-when the two best perturbed scores are within float noise of each other, whereas a cumulative sum over the
-whole vocabulary moves every boundary: recomputing the logits in another batch or chunk shape must not change
-the token.
+token i of a request is drawn by the Gumbel-max trick with noise from a counter-based hash of (seed, i, token id)
+(`gumbel_noise`): integer ops that every device computes alike, so a resumed or recomputed decode reproduces the
+same tokens, on any device. Gumbel-max (not an inverse CDF) because its outcome only flips when the two best
+perturbed scores are within float noise of each other, whereas a cumulative sum over the whole vocabulary moves
+every boundary: recomputing the logits in another batch or chunk shape must not change the token.
 """
 
 from __future__ import annotations
 
-import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +24,7 @@ import torch
 from dsv4.kernels.ops import Ops
 from dsv4.model_runtime.engine.request import TokenLogprob
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
+from dsv4.model_runtime.engine.transfer import to_device, to_host
 
 
 @dataclass(frozen=True)
@@ -34,42 +38,204 @@ class SampleRequest:
     output_token_ids: list[int]
 
 
-def token_gumbel(seed: int, index: int, vocab: int, device: torch.device) -> torch.Tensor:
-    """Gumbel noise [vocab] (fp64) that decides generated token `index` of a request seeded with `seed`.
+@dataclass(frozen=True)
+class SamplingFlags:
+    """What the rows of a batch use, read from their parameters on the host: the work the batch needs."""
 
-    Drawn by the device's own generator, so the same seed gives the same tokens on the same kind of device."""
-    digest = hashlib.blake2b(f"{seed}:{index}".encode(), digest_size=8).digest()
-    gen = torch.Generator(device=device).manual_seed(int.from_bytes(digest, "little") >> 1)
-    u = torch.rand(vocab, generator=gen, dtype=torch.float64, device=device).clamp_(min=1e-300)
+    greedy: bool  # every row is greedy: no noise, no filter
+    top_k: bool
+    top_p: bool
+    min_p: bool
+    penalties: bool
+    logprobs: int  # the most alternatives a row asks for; -1 when no row asks for logprobs
+
+    @classmethod
+    def of(cls, params: Sequence[SamplingParams]) -> SamplingFlags:
+        sampled = [p for p in params if not p.greedy]
+        asked = [p.logprobs for p in params if p.logprobs is not None]
+        return cls(
+            greedy=not sampled,
+            top_k=any(p.top_k > 0 for p in sampled),
+            top_p=any(p.top_p < 1.0 for p in sampled),
+            min_p=any(p.min_p > 0.0 for p in sampled),
+            penalties=any(p.penalized for p in params),
+            logprobs=max(asked, default=-1),
+        )
+
+
+def sampling_columns(req: SampleRequest) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """A row's integer columns (seed, token index, top_k) and float columns (temperature, 0 = greedy; top_p;
+    min_p) of `SamplingInputs`."""
+    p = req.params
+    return (req.seed, req.index, p.top_k), (0.0 if p.greedy else p.temperature, p.top_p, p.min_p)
+
+
+@dataclass(frozen=True)
+class Penalties:
+    """The context of penalized rows: ids [R, L] int64 (prompt ids, then output ids + vocab, -1 = padding) and
+    per row (repetition, presence, frequency) [R, 3] float64 (1, 0, 0 in rows without penalties)."""
+
+    ids: torch.Tensor
+    values: torch.Tensor
+
+    @classmethod
+    def build(cls, requests: Sequence[SampleRequest], vocab: int, device: torch.device) -> Penalties:
+        rows = [
+            [*r.prompt_token_ids, *(t + vocab for t in r.output_token_ids)] if r.params.penalized else []
+            for r in requests
+        ]
+        width = max(1, max(len(r) for r in rows))
+        ids = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int64)
+        values = torch.tensor(
+            [(r.params.repetition_penalty, r.params.presence_penalty, r.params.frequency_penalty) for r in requests],
+            dtype=torch.float64,
+        )
+        return cls(to_device(ids, device), to_device(values, device))
+
+
+@dataclass(frozen=True)
+class SamplingInputs:
+    """The sampling state of a batch on the device: ints [R, 3] int64 (seed, token index, top_k), floats [R, 3]
+    float64 (temperature, 0 = greedy; top_p; min_p), the host-side flags and the penalties' context."""
+
+    ints: torch.Tensor
+    floats: torch.Tensor
+    flags: SamplingFlags
+    penalties: Penalties | None
+
+    @classmethod
+    def build(cls, requests: Sequence[SampleRequest], vocab: int, device: torch.device) -> SamplingInputs:
+        columns = [sampling_columns(r) for r in requests]
+        ints = torch.tensor([c[0] for c in columns], dtype=torch.int64).view(-1, 3)
+        floats = torch.tensor([c[1] for c in columns], dtype=torch.float64).view(-1, 3)
+        flags = SamplingFlags.of([r.params for r in requests])
+        penalties = Penalties.build(requests, vocab, device) if flags.penalties else None
+        return cls(to_device(ints, device), to_device(floats, device), flags, penalties)
+
+
+_LSR_MASK = {n: (1 << (32 - n)) - 1 for n in (15, 16)}
+
+
+def _int32(c: int) -> int:
+    return c - (1 << 32) if c >= 1 << 31 else c
+
+
+_MIX_A, _MIX_B = _int32(0x7FEB352D), _int32(0x846CA68B)
+
+
+def mix32(x: torch.Tensor) -> torch.Tensor:
+    """lowbias32 (C. Wellons), a bijective 32-bit hash, on int32 tensors holding uint32 bit patterns.
+
+    Relies on int32 multiplication wrapping modulo 2^32, as CPU and GPU kernels do (checked against a pure
+    Python version in tests/unit/model_runtime/engine/test_sampling_batch.py); `>>` is arithmetic on int32, so the
+    logical shift masks."""
+    x = x ^ ((x >> 16) & _LSR_MASK[16])
+    x = x * _MIX_A
+    x = x ^ ((x >> 15) & _LSR_MASK[15])
+    x = x * _MIX_B
+    return x ^ ((x >> 16) & _LSR_MASK[16])
+
+
+def _low32(x: torch.Tensor) -> torch.Tensor:
+    """The low 32 bits of int64 values as int32 bit patterns."""
+    low = x & 0xFFFFFFFF
+    return torch.where(low >= 1 << 31, low - (1 << 32), low).to(torch.int32)
+
+
+def gumbel_noise(seeds: torch.Tensor, index: torch.Tensor, vocab: int) -> torch.Tensor:
+    """Standard Gumbel noise [R, vocab] fp64 that decides generated token index[r] of a request seeded seeds[r].
+
+    u = (mix32(key ^ token id) + 0.5) / 2^32 with key = mix32(mix32(mix32(seed_lo) ^ seed_hi) ^ index): a
+    different permutation of the 2^32 grid per (seed, index), the same numbers on every device."""
+    key = mix32(mix32(mix32(_low32(seeds)) ^ _low32(seeds >> 32)) ^ _low32(index))
+    bits = mix32(key[:, None] ^ torch.arange(vocab, dtype=torch.int32, device=seeds.device))
+    u = (bits.double() + (2.0**31 + 0.5)) * 2.0**-32  # the int32 pattern, offset to (0, 1)
     return -torch.log(-torch.log(u))
 
 
-def apply_penalties(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
-    """Repetition penalty over prompt + output tokens; presence and frequency penalties over output tokens."""
-    p = req.params
-    if not p.penalized:
-        return logits
-    logits = logits.clone()
-    if p.repetition_penalty != 1.0:
-        seen = torch.tensor(
-            sorted(set(req.prompt_token_ids + req.output_token_ids)), dtype=torch.long, device=logits.device
+def penalize(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
+    """Repetition penalty over prompt + output tokens; presence and frequency penalties over output tokens.
+    logits [R, V] are not modified; rows without penalties come back unchanged."""
+    r, vocab = logits.shape
+    ids = penalties.ids
+    dump = 2 * vocab  # the column padding scatters into
+    counts = torch.zeros(r, 2 * vocab + 1, dtype=logits.dtype, device=logits.device)
+    counts.scatter_add_(1, torch.where(ids >= 0, ids, dump), torch.ones_like(ids, dtype=logits.dtype))
+    in_prompt, outputs = counts[:, :vocab], counts[:, vocab:dump]
+    rep, presence, frequency = (v.to(logits.dtype)[:, None] for v in penalties.values.unbind(-1))
+    seen = (in_prompt + outputs) > 0
+    x = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return x - (frequency * outputs + presence * (outputs > 0).to(logits.dtype))
+
+
+def sample_batch(ops: Ops, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
+    """logits [R, V] -> what the host needs, on the device: token ids [R] int64, or with logprobs asked, [R, 2 + 2k]
+    float64 rows (token id, its logprob, then the k best ids and their logprobs); see `unpack`."""
+    flags = inputs.flags
+    scores = penalize(logits, inputs.penalties) if inputs.penalties is not None else logits
+    if flags.greedy:
+        tokens = torch.argmax(scores, dim=-1)
+    else:
+        seed, index, top_k = inputs.ints.unbind(-1)
+        temperature, top_p, min_p = inputs.floats.unbind(-1)
+        tokens = ops.sample_tokens(
+            scores,
+            temperature,
+            top_k if flags.top_k else None,
+            top_p if flags.top_p else None,
+            min_p if flags.min_p else None,
+            gumbel_noise(seed, index, scores.shape[-1]),
         )
-        if seen.numel():
-            vals = logits[seen]
-            logits[seen] = torch.where(vals > 0, vals / p.repetition_penalty, vals * p.repetition_penalty)
-    if (p.presence_penalty or p.frequency_penalty) and req.output_token_ids:
-        outputs = torch.tensor(req.output_token_ids, dtype=torch.long, device=logits.device)
-        counts = torch.bincount(outputs, minlength=logits.shape[-1])
-        logits -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty * (counts > 0).to(logits.dtype)
-    return logits
+    if flags.logprobs < 0:
+        return tokens
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = torch.topk(logp, flags.logprobs, dim=-1)
+    picked = logp.gather(-1, tokens[:, None])
+    return torch.cat([tokens[:, None].double(), picked.double(), top.indices.double(), top.values.double()], dim=-1)
+
+
+def unpack(host: torch.Tensor, params: Sequence[SamplingParams]) -> list[tuple[int, TokenLogprob | None]]:
+    """The host copy of `sample_batch`'s result -> (token, logprob record when the row asked for one) per row."""
+    if host.dim() == 1:
+        return [(t, None) for t in host.tolist()]
+    rows = host.tolist()
+    k = (host.shape[1] - 2) // 2
+    out: list[tuple[int, TokenLogprob | None]] = []
+    for row, p in zip(rows, params, strict=True):
+        token = int(row[0])
+        if p.logprobs is None:
+            out.append((token, None))
+            continue
+        ids, values = row[2 : 2 + p.logprobs], row[2 + k : 2 + k + p.logprobs]
+        top = tuple((int(i), v) for i, v in zip(ids, values, strict=True))
+        out.append((token, TokenLogprob(logprob=row[1], top=top)))
+    return out
+
+
+def sample(ops: Ops, logits: torch.Tensor, requests: Sequence[SampleRequest]) -> list[tuple[int, TokenLogprob | None]]:
+    """logits [R, vocab] -> one (token, logprob) per row: one batched draw, one copy to the host."""
+    inputs = SamplingInputs.build(requests, logits.shape[-1], logits.device)
+    return unpack(to_host(sample_batch(ops, logits, inputs)), [r.params for r in requests])
+
+
+def sample_row(ops: Ops, logits: torch.Tensor, req: SampleRequest) -> tuple[int, TokenLogprob | None]:
+    """One row: logits [vocab] -> (token id, its logprob record when asked)."""
+    return sample(ops, logits[None], [req])[0]
+
+
+def apply_penalties(logits: torch.Tensor, req: SampleRequest) -> torch.Tensor:
+    """One row's logits [V] after its penalties (a new tensor)."""
+    if not req.params.penalized:
+        return logits
+    return penalize(logits[None], Penalties.build([req], logits.shape[-1], logits.device))[0]
 
 
 def _row_params(
-    p: SamplingParams, device: torch.device, greedy: bool = False
+    p: SamplingParams, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """One row's (temperature, top_k, top_p, min_p) as the registry's sampling ops take them; 0 = greedy."""
+    """One row's (temperature, top_k, top_p, min_p) as the registry's sampling ops take them."""
     return (
-        torch.tensor([0.0 if greedy else p.temperature], dtype=torch.float64, device=device),
+        torch.tensor([p.temperature], dtype=torch.float64, device=device),
         torch.tensor([p.top_k], dtype=torch.long, device=device),
         torch.tensor([p.top_p], dtype=torch.float64, device=device),
         torch.tensor([p.min_p], dtype=torch.float64, device=device),
@@ -84,26 +250,3 @@ def filtered_logits(ops: Ops, logits: torch.Tensor, p: SamplingParams) -> torch.
 def filtered_probs(ops: Ops, logits: torch.Tensor, p: SamplingParams) -> torch.Tensor:
     """The distribution a sampled token is drawn from: softmax of `filtered_logits` (fp64)."""
     return torch.softmax(filtered_logits(ops, logits, p), dim=-1)
-
-
-def sample_row(ops: Ops, logits: torch.Tensor, req: SampleRequest) -> tuple[int, TokenLogprob | None]:
-    """One row: logits [vocab] fp32 -> (token id, its logprob record when asked)."""
-    p = req.params
-    scores = apply_penalties(logits, req)
-    vocab, device = scores.shape[-1], scores.device
-    if p.greedy:
-        noise = torch.zeros(vocab, dtype=torch.float64, device=device)
-    else:
-        noise = token_gumbel(req.seed, req.index, vocab, device)
-    token = int(ops.sample_tokens(scores[None], *_row_params(p, device, p.greedy), noise[None])[0])
-    if p.logprobs is None:
-        return token, None
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    top = torch.topk(logp, p.logprobs) if p.logprobs else None
-    pairs = tuple(zip(top.indices.tolist(), top.values.tolist(), strict=True)) if top is not None else ()
-    return token, TokenLogprob(logprob=float(logp[token]), top=pairs)
-
-
-def sample(ops: Ops, logits: torch.Tensor, requests: list[SampleRequest]) -> list[tuple[int, TokenLogprob | None]]:
-    """logits [B, vocab] -> one (token, logprob) per row."""
-    return [sample_row(ops, logits[row], req) for row, req in enumerate(requests)]

@@ -1,9 +1,12 @@
 """Shared-K=V attention of one DeepSeek-V4 layer: sliding window, plus CSA (indexer top-k of compressed
 entries) or HCA (all visible compressed entries), one softmax with a per-head sink, grouped output projection.
 
-Works on a batch of sequences, each with its own `LayerState` and start position, all advancing by S tokens.
-Key buffer of row b: [window ring (W) | this call's K=V (S) | compressed entries (E_b, padded)]; each query
-attends to the indices `_window_indices` and the compressed selection give into that buffer.
+Two paths. Over per-sequence `LayerState`s (prefill, and any step of S tokens): a batch of sequences, each with
+its own start position, all advancing by S tokens; key buffer of row b: [window ring (W) | this call's K=V (S) |
+compressed entries (E_b, padded)], and each query attends to the indices `_window_indices` and the compressed
+selection give into that buffer. Over a `PagedLayerView` (the engine's decode step, S = 1): the window ring, the
+compressor states and the entry stores of the paged pool are written and read in place by batched ops and the
+paged kernel ops, with no per-row work and nothing that grows with the context but the indexer's scoring pass.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from dsv4.model_runtime.layers.norm import RMSNorm
 from dsv4.model_runtime.layers.ops_module import OpsModule
 from dsv4.model_runtime.layers.rope import RopeTable
 from dsv4.model_runtime.qat import q4_hadamard, q8_nope
-from dsv4.model_runtime.state import LayerState
+from dsv4.model_runtime.state import LayerState, PagedLayerView
 
 
 @dataclass
@@ -30,7 +33,7 @@ class StepContext:
     """What every layer of one forward call shares: positions and RoPE of the S new tokens of each row."""
 
     starts: torch.Tensor  # [B] int64, position of each row's first new token
-    start_list: list[int]  # the same, as Python ints (per-row bookkeeping without device syncs)
+    start_list: list[int] | None  # the same, as Python ints (per-sequence states only; None in a paged step)
     positions: torch.Tensor  # [B, S] int64
     rope_main: RopeTable  # SWA layers: θ = rope_theta, no YaRN
     rope_compress: RopeTable  # CSA/HCA layers: θ = compress_rope_theta with YaRN
@@ -58,17 +61,21 @@ class Attention(OpsModule):
         )
         self.indexer = Indexer(cfg, self.ratio) if cfg.is_csa(layer) else None
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, states: list[LayerState]) -> torch.Tensor:
-        """x [B, S, d] -> [B, S, d]; updates each row's state with the S new tokens."""
+    def forward(self, x: torch.Tensor, ctx: StepContext, states: list[LayerState] | PagedLayerView) -> torch.Tensor:
+        """x [B, S, d] -> [B, S, d]; updates each row's state (or the paged pool) with the S new tokens."""
         b, s, _ = x.shape
         compressed = self.compressor is not None
         cos, sin = ctx.cos_sin[compressed]
         qr = self.q_norm(self.wq_a(x))  # [B, S, q_lora]
         q = self.wq_b(qr).view(b, s, self.n_heads, self.head_dim)
-        q = self.ops.rope(self.ops.rms_norm(q, None, self.eps), cos, sin)  # unweighted per-head RMS norm
-        kv = self.ops.rope(self.kv_norm(self.wkv(x)), cos, sin)  # [B, S, c], K = V
+        # fused norm + RoPE (one kernel; in bf16 it skips the rounding between them)
+        q = self.ops.rms_norm_rope(q, None, self.eps, cos, sin)  # unweighted per-head RMS norm
+        kv = self.ops.rms_norm_rope(self.wkv(x), self.kv_norm.weight, self.kv_norm.eps, cos, sin)  # [B, S, c], K = V
         if ctx.qat:
             kv = q8_nope(kv, self.rope_dim)
+        if isinstance(states, PagedLayerView):
+            o = self._attend_paged(x, qr, q, kv, ctx, states)
+            return self._output(o, cos, sin)
 
         if compressed:
             self._update_compressed(x, ctx, states)
@@ -84,12 +91,94 @@ class Attention(OpsModule):
             idx = torch.cat([idx, torch.where(entry < visible[..., None], entry + self.window + s, -1)], dim=-1)
 
         o = self.ops.sparse_attention(q, buffer, idx, self.attn_sink, self.head_dim**-0.5)  # [B, S, H, c]
-        o = self.ops.rope(o, cos, sin, inverse=True)
-        o = o.reshape(b, s, self.groups, -1)  # heads grouped contiguously
-        wo_a = self.wo_a.weight.view(self.groups, -1, o.shape[-1])  # [G, o_lora, H*c/G]
-        out = self.wo_b(torch.einsum("bsgi,goi->bsgo", o, wo_a).flatten(2))
+        out = self._output(o, cos, sin)
         self._write_window(kv, ctx, states)
         return out
+
+    def _output(self, o: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Attention output o [B, S, H, c] -> [B, S, d]: inverse RoPE, grouped low-rank output projection."""
+        b, s = o.shape[:2]
+        o = self.ops.rope(o, cos, sin, inverse=True)
+        o = o.reshape(b * s, self.groups, -1).transpose(0, 1)  # [G, B*S, H*c/G]: heads grouped contiguously
+        wo_a = self.wo_a.weight.view(self.groups, -1, o.shape[-1])  # [G, o_lora, H*c/G]
+        # An explicit copy back to [B*S, G, o_lora]: a reshape copies only when B*S > 1, and a decode step's ops
+        # must not depend on the batch size.
+        grouped = torch.bmm(o, wo_a.transpose(1, 2)).transpose(0, 1).clone(memory_format=torch.contiguous_format)
+        return self.wo_b(grouped.view(b, s, -1))
+
+    def _attend_paged(
+        self,
+        x: torch.Tensor,
+        qr: torch.Tensor,
+        q: torch.Tensor,
+        kv: torch.Tensor,
+        ctx: StepContext,
+        layer: PagedLayerView,
+    ) -> torch.Tensor:
+        """One decode token per row over the paged pool: store its K=V (window ring, compressed entries) and
+        attend to the window and the selected entries in place. Returns o [B, 1, H, c]."""
+        step, store = layer.step, layer.storage
+        positions = step.positions
+        # The token's K=V goes into the ring first: position t replaces t - W, which has left the window.
+        store.window.index_put_((step.slots, positions % self.window), kv[:, 0].to(store.window.dtype))
+        entry_idx = None
+        if self.compressor is not None:
+            assert store.entries is not None
+            self._update_compressed_paged(x, ctx, layer)
+            visible = (positions + 1) // self.ratio
+            if self.indexer is not None:
+                assert store.index_keys is not None
+                cos, sin = ctx.cos_sin[True]
+                q_i, w_i = self.indexer.queries(x, qr, cos, sin, ctx.qat)
+                entry_idx = self.indexer.select_paged(
+                    q_i[:, 0], w_i[:, 0], store.index_keys.rows, step.block_tables, visible, ctx.qat
+                )
+            else:  # HCA: every visible entry
+                n = step.block_tables.shape[1] * store.entries.rows.rows_per_block
+                entry = torch.arange(n, device=x.device)
+                entry_idx = torch.where(entry < visible[:, None], entry, -1)
+        entries = store.entries.rows if store.entries is not None else None
+        o = self.ops.paged_sparse_attention(
+            q[:, 0],
+            store.window,
+            step.slots,
+            positions,
+            entries,
+            step.block_tables,
+            entry_idx,
+            self.attn_sink,
+            self.head_dim**-0.5,
+        )
+        return o[:, None]
+
+    def _update_compressed_paged(self, x: torch.Tensor, ctx: StepContext, layer: PagedLayerView) -> None:
+        """Fold every row's token into its compressor states; rows whose token completes a block store the block's
+        entry (and CSA indexer key) in their blocks, the others write the stores' sink row."""
+        assert self.compressor is not None
+        step, store = layer.step, layer.storage
+        assert store.entries is not None
+        positions, m = step.positions, self.ratio
+        block = positions // m
+        a, z = self.compressor.project(x, ctx.positions)
+        pooled, complete = self.compressor.pool_step(
+            store.comp["comp_kv"], store.comp["comp_score"], a[:, 0], z[:, 0], step.slots, positions, store.sink_slot
+        )
+        sim: Callable[[torch.Tensor], torch.Tensor] | None = (lambda e: q8_nope(e, self.rope_dim)) if ctx.qat else None
+        entries = self.compressor.finish(pooled, block, ctx.rope_compress, sim, x.dtype)
+        target = store.entries.rows.flat_rows(step.block_tables, block[:, None])[:, 0]
+        target = torch.where(complete, target, store.entries.sink_row)
+        store.entries.write(target, entries)
+        if self.indexer is not None:
+            assert store.index_keys is not None
+            ia, iz = self.indexer.compressor.project(x, ctx.positions)
+            ipooled, _ = self.indexer.compressor.pool_step(
+                store.comp["icomp_kv"], store.comp["icomp_score"], ia[:, 0], iz[:, 0], step.slots, positions,
+                store.sink_slot,
+            )  # fmt: skip
+            keys = self.indexer.compressor.finish(
+                ipooled, block, ctx.rope_compress, q4_hadamard if ctx.qat else None, x.dtype
+            )
+            store.index_keys.write(torch.where(complete, target, store.index_keys.sink_row), keys)
 
     def _window_indices(self, ctx: StepContext) -> torch.Tensor:
         """[B, S, W] buffer indices of the keys at positions t-W+1..t (-1 before position 0)."""
@@ -113,6 +202,7 @@ class Attention(OpsModule):
         a, z = self.compressor.project(x, ctx.positions)
         if self.indexer is not None:
             ia, iz = self.indexer.compressor.project(x, ctx.positions)
+        assert ctx.start_list is not None
         for row, st in enumerate(states):
             start = ctx.start_list[row]
             first_block = start // self.ratio
@@ -122,11 +212,12 @@ class Attention(OpsModule):
                 ipooled = self.indexer.compressor.pool(st.icomp_kv, st.icomp_score, ia[row], iz[row], start)
             if pooled is None:
                 continue
-            entries = self.compressor.finish(pooled, first_block, ctx.rope_compress, main_sim, x.dtype)
+            blocks = torch.arange(pooled.shape[0], device=x.device) + first_block
+            entries = self.compressor.finish(pooled, blocks, ctx.rope_compress, main_sim, x.dtype)
             keys = None
             if self.indexer is not None and ipooled is not None:
                 keys = self.indexer.compressor.finish(
-                    ipooled, first_block, ctx.rope_compress, q4_hadamard if ctx.qat else None, x.dtype
+                    ipooled, blocks, ctx.rope_compress, q4_hadamard if ctx.qat else None, x.dtype
                 )
             st.append_entries(entries, keys)
 
@@ -151,6 +242,7 @@ class Attention(OpsModule):
         return self.indexer.select(q, weights, keys, visible, ctx.qat)
 
     def _write_window(self, kv: torch.Tensor, ctx: StepContext, states: list[LayerState]) -> None:
+        assert ctx.start_list is not None
         s, w = kv.shape[1], self.window
         if s == 1:  # decode: one ring slot per row
             for row, st in enumerate(states):

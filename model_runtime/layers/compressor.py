@@ -67,17 +67,50 @@ class Compressor(OpsModule):
         state_kv[off : off + rem], state_score[off : off + rem] = kv[nb * m :], sc[nb * m :]
         return self.ops.compress_pool(slots_kv, slots_sc)
 
+    def pool_step(
+        self,
+        state_kv: torch.Tensor,
+        state_score: torch.Tensor,
+        a: torch.Tensor,
+        z: torch.Tensor,
+        slots: torch.Tensor,
+        positions: torch.Tensor,
+        sink_slot: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """A batch of decode tokens: fold a, z [B, coff*c] of the token at positions [B] into the states of their
+        pool slots (state_kv, state_score [slots, coff*m, coff*c]) in place.
+
+        Returns (pooled [B, c], complete [B]): pooled is the entry of the row's block, meaningful only where the
+        token completes it (complete); every row is pooled, so the step is the same ops for any batch.
+        """
+        m, c = self.ratio, self.head_dim
+        row = positions % m + (m if self.overlap else 0)
+        # index_put_ rather than item assignment, whose Python path adds views when B = 1: the same ops for any B
+        state_kv.index_put_((slots, row), a.to(state_kv.dtype))
+        state_score.index_put_((slots, row), z.to(state_score.dtype))
+        kv, sc = state_kv[slots], state_score[slots]  # [B, coff*m, coff*c]
+        complete = (positions + 1) % m == 0
+        if not self.overlap:
+            return self.ops.compress_pool(kv, sc), complete
+        # A completed block becomes the previous one (slots [0, m)); other rows write the sink slot. Rows [m, 2m)
+        # are not cleared: the next block's tokens overwrite all of them before its entry is pooled.
+        keep = torch.where(complete, slots, sink_slot)
+        state_kv[:, :m].index_put_((keep,), kv[:, m:])
+        state_score[:, :m].index_put_((keep,), sc[:, m:])
+        slots_kv = torch.cat([kv[:, :m, :c], kv[:, m:, c:]], dim=1)  # [B, 2m, c]
+        slots_sc = torch.cat([sc[:, :m, :c], sc[:, m:, c:]], dim=1)
+        return self.ops.compress_pool(slots_kv, slots_sc), complete
+
     def finish(
         self,
         pooled: torch.Tensor,
-        first_block: int,
+        blocks: torch.Tensor,
         rope: RopeTable,
         simulate: Callable[[torch.Tensor], torch.Tensor] | None,
         dtype: torch.dtype,
     ) -> torch.Tensor:
-        """pooled [nb, c] fp32 of blocks first_block.. -> entries [nb, c]: norm, RoPE at block*m, simulation."""
+        """pooled [N, c] fp32 of blocks [N] (int64) -> entries [N, c]: norm, RoPE at block*m, simulation."""
         entries = self.norm(pooled.to(dtype))
-        positions = (torch.arange(pooled.shape[0], device=pooled.device) + first_block) * self.ratio
-        cos, sin = rope(positions[None])
-        entries = self.ops.rope(entries[None], cos, sin)[0]
+        cos, sin = rope((blocks * self.ratio)[:, None])
+        entries = self.ops.rope(entries[:, None], cos, sin)[:, 0]
         return simulate(entries) if simulate is not None else entries

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dsv4.kernels.paged import PagedRows
 from dsv4.model_runtime.config import ModelConfig
 from dsv4.model_runtime.layers.compressor import Compressor
 from dsv4.model_runtime.layers.ops_module import OpsModule
@@ -45,3 +46,17 @@ class Indexer(OpsModule):
         if qat:  # the official scoring runs on bf16 tensors
             q, weights, keys = q.bfloat16(), weights.bfloat16(), keys.bfloat16()
         return self.ops.indexer_topk(q, weights, keys, visible, self.topk)
+
+    def select_paged(
+        self,
+        q: torch.Tensor,
+        weights: torch.Tensor,
+        keys: PagedRows,
+        block_tables: torch.Tensor,
+        visible: torch.Tensor,
+        qat: bool,
+    ) -> torch.Tensor:
+        """One query per row over the paged keys: q [B, Hi, ic], weights [B, Hi], visible [B] -> [B, k] (-1 = none)."""
+        if qat:  # the official scoring runs on bf16 tensors
+            q, weights = q.bfloat16(), weights.bfloat16()
+        return self.ops.paged_indexer_topk(q, weights, keys, block_tables, visible, self.topk)

@@ -55,15 +55,19 @@ class MoE(OpsModule):
         """u [N, d], token_ids [N] -> [N, d] (sum over the k routed experts and the shared expert, fp32)."""
         weights, idx = self.gate(u, token_ids)  # [N, k]
         k = idx.shape[1]
-        flat = idx.flatten()
-        order = flat.argsort(stable=True)  # (token, slot) pairs grouped by expert
+        # Sorted segments: (token, slot) pairs grouped by expert, the segment ends found on the device (bincount
+        # sizes its output from the data, a host sync on a GPU).
+        experts, order = idx.flatten().sort(stable=True)
         token = order // k
-        ends = torch.bincount(flat, minlength=self.n_experts).cumsum(0).to(torch.int32)
+        bounds = torch.arange(self.n_experts, device=u.device)
+        ends = torch.searchsorted(experts, bounds, right=True).to(torch.int32)
         h = self.ops.grouped_matmul(u[token], self.w13, ends)  # [N*k, 2I]
         act = self.ops.swiglu(h[:, : self.inter], h[:, self.inter :], self.limit, weights.flatten()[order])
         out = self.ops.grouped_matmul(act, self.w2, ends)  # [N*k, d]
         acc = torch.promote_types(u.dtype, torch.float32)
-        y = torch.zeros(u.shape, dtype=acc, device=u.device).index_add_(0, token, out.to(acc))
+        # Back to (token, slot) order and summed over the slots: the same order for every batch (an atomic
+        # index_add on a GPU would add a token's experts in a different order from run to run).
+        y = out.new_empty(out.shape).index_copy_(0, order, out).view(-1, k, out.shape[-1]).to(acc).sum(1)
         if self.shared_experts is not None:
             y = y + self.shared_experts(u).to(acc)
         return y.to(u.dtype)

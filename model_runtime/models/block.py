@@ -10,7 +10,7 @@ from dsv4.model_runtime.layers.attention import Attention, StepContext
 from dsv4.model_runtime.layers.mhc import HyperConnection
 from dsv4.model_runtime.layers.moe import MoE
 from dsv4.model_runtime.layers.norm import RMSNorm
-from dsv4.model_runtime.state import LayerState
+from dsv4.model_runtime.state import LayerState, PagedLayerView
 
 
 class Block(nn.Module):
@@ -26,9 +26,14 @@ class Block(nn.Module):
         self.ffn = MoE(cfg, hashed=cfg.is_hash_layer(layer))
 
     def forward(
-        self, streams: torch.Tensor, token_ids: torch.Tensor, ctx: StepContext, states: list[LayerState]
+        self,
+        streams: torch.Tensor,
+        token_ids: torch.Tensor,
+        ctx: StepContext,
+        states: list[LayerState] | PagedLayerView,
     ) -> torch.Tensor:
-        """streams [B, S, n, d], token_ids [B, S] -> streams [B, S, n, d]."""
+        """streams [B, S, n, d], token_ids [B, S] -> streams [B, S, n, d] (states: per sequence, or the paged pool
+        of a decode step)."""
         b, s, n, d = streams.shape
         flat = streams.view(b * s, n, d)
         x, post, comb = self.hc_attn.pre(flat)

@@ -3,7 +3,9 @@
 `model(input_ids)` runs a fresh sequence per row and returns all logits. The incremental API runs over
 explicit per-sequence states (`dsv4.model_runtime.state`): `prefill` advances every row by the same number
 of tokens from wherever each row's state stands (chunked prefill, or batched decode with S = 1), `decode` is
-`prefill` of one token per row.
+`prefill` of one token per row. `decode_paged` is the engine's decode step: one token per row over the paged KV
+pool, every input a device tensor, a fixed sequence of ops (no host sync, nothing per row), so it can be
+captured in a CUDA graph.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from dsv4.model_runtime.layers.ops_module import OpsModule, bind_ops
 from dsv4.model_runtime.layers.rope import RopeTable
 from dsv4.model_runtime.models.block import Block
 from dsv4.model_runtime.models.mtp_block import MTPBlock
-from dsv4.model_runtime.state import SequenceState, new_sequence_state
+from dsv4.model_runtime.state import PagedDecode, SequenceState, new_sequence_state
 
 
 class DeepseekV4(OpsModule):
@@ -56,15 +58,30 @@ class DeepseekV4(OpsModule):
     def context(self, starts_list: list[int], n_tokens: int) -> StepContext:
         starts = torch.tensor(starts_list, dtype=torch.long, device=self.device)
         positions = starts[:, None] + torch.arange(n_tokens, device=self.device)
+        return self._context(starts, list(starts_list), positions)
+
+    def _context(self, starts: torch.Tensor, start_list: list[int] | None, positions: torch.Tensor) -> StepContext:
         return StepContext(
             starts=starts,
-            start_list=list(starts_list),
+            start_list=start_list,
             positions=positions,
             rope_main=self.rope_main,
             rope_compress=self.rope_compress,
             cos_sin={False: self.rope_main(positions), True: self.rope_compress(positions)},
             qat=self.qat_simulation,
         )
+
+    @torch.no_grad()
+    def decode_paged(self, token_ids: torch.Tensor, step: PagedDecode) -> torch.Tensor:
+        """One token per row over the paged pool: token_ids [B] int64 at step.positions -> logits [B, vocab].
+
+        Writes each row's window, compressor and entry rows in the pool; the caller advances its bookkeeping."""
+        ids = token_ids.view(-1, 1)
+        ctx = self._context(step.positions, None, step.positions.view(-1, 1))
+        streams = self.embed(ids).unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1).contiguous()
+        for i, block in enumerate(self.layers):
+            streams = block(streams, ids, ctx, step.layer(i))
+        return self.logits(streams[:, -1])
 
     def hidden_streams(self, input_ids: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
         """Run the decoder blocks: input_ids [B, S] -> residual streams [B, S, n, d] before the hyper head.

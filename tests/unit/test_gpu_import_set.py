@@ -40,6 +40,14 @@ class BareMachine(importlib.abc.MetaPathFinder):
         raise ModuleNotFoundError(f"No module named {top!r} (not on the bare GPU machine)", name=top)
 
 sys.meta_path.insert(0, BareMachine())
+if args and args[0] == "--import-scripts":
+    import importlib.util
+    for i, path in enumerate(args[1:]):
+        spec = importlib.util.spec_from_file_location(f"gpu_sh_script_{i}", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module
+        spec.loader.exec_module(module)
+    sys.exit(0)
 import pytest
 sys.exit(pytest.main(args))
 """
@@ -77,6 +85,11 @@ def _gpu_sh_linked_packages() -> list[str]:
     return match.group(1).split()
 
 
+def _gpu_sh_scripts() -> list[str]:
+    """Every bench/ script gpu.sh runs."""
+    return sorted(set(re.findall(r"\b(bench/\w+\.py)", GPU_SH.read_text())))
+
+
 def _gpu_sh_test_paths() -> list[str]:
     """Every tests/ path gpu.sh hands to pytest."""
     return sorted(set(re.findall(r"\b(tests/[\w/.]+)", GPU_SH.read_text())))
@@ -105,3 +118,20 @@ def test_the_tests_gpu_sh_runs_collect_with_only_the_device_packages(tmp_path: P
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     collected = re.search(r"(\d+) tests? collected", done.stdout)
     assert collected and int(collected.group(1)) > 50, done.stdout[-2000:]
+
+
+def test_the_benchmarks_gpu_sh_runs_import_with_only_the_device_packages() -> None:
+    """The engine benchmark imports the engine: a module-level import of a serving library (or of crc32c, which
+    the KV blob format needs) would fail on the device before printing a number."""
+    allowed = _top_level_modules(_requirement_closure(DEVICE_DISTRIBUTIONS)) | {"numpy"}
+    scripts = _gpu_sh_scripts()
+    assert {"bench/kernels_gpu.py", "bench/engine_gpu.py"} <= set(scripts)
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(sorted(allowed)), json.dumps(_gpu_sh_linked_packages()),
+         json.dumps(["--import-scripts", *scripts])],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]

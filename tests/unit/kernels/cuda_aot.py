@@ -25,7 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dsv4.kernels.cuda import attention, mhc, moe, norm_rope
+from dsv4.kernels.cuda import attention, mhc, moe, norm_rope, paged
 
 _C = "constexpr"
 
@@ -57,38 +57,49 @@ def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
             4,
         ),
         (
-            "mhc_pre[n4,d4096]",
-            mhc._mhc_pre_kernel,
+            "mix_partial[out24,n4,d4096]",
+            mhc._mix_partial_kernel,
+            dict(streams_ptr=bf, fn_ptr=f32, part_ptr=f32, sq_ptr=f32, rows=i32),
+            dict(OUT=24, WIDTH=4 * 4096, BO=32, BN=mhc.BLOCK_N, BK=mhc.BLOCK_K, SPLIT=mhc.SPLIT_COLS),
+            mhc.NUM_WARPS,
+        ),
+        (
+            "mhc_pre[n4,d4096,finish]",
+            mhc._mhc_pre_finish_kernel,
             dict(
+                part_ptr=f32,
+                sq_ptr=f32,
                 streams_ptr=bf,
-                fn_ptr=f32,
                 scale_ptr=f32,
                 base_ptr=f32,
                 x_ptr=bf,
                 post_ptr=f32,
                 comb_ptr=f32,
                 rows=i32,
+                splits=i32,
                 iters=i32,
                 hc_eps="fp32",
                 norm_eps="fp32",
             ),
-            dict(N_HC=4, DIM=4096, NP=4, BN=mhc.BLOCK_N, BK=mhc.BLOCK_K, BD=mhc.BLOCK_D),
+            dict(N_HC=4, DIM=4096, NP=4, BO=32, BN=mhc.BLOCK_N, BD=mhc.BLOCK_D),
             mhc.NUM_WARPS,
         ),
         (
-            "hc_head[n4,d4096]",
-            mhc._hc_head_kernel,
+            "hc_head[n4,d4096,finish]",
+            mhc._hc_head_finish_kernel,
             dict(
+                part_ptr=f32,
+                sq_ptr=f32,
                 streams_ptr=bf,
-                fn_ptr=f32,
                 scale_ptr=f32,
                 base_ptr=f32,
                 x_ptr=bf,
                 rows=i32,
+                splits=i32,
                 hc_eps="fp32",
                 norm_eps="fp32",
             ),
-            dict(N_HC=4, DIM=4096, NP=4, BN=mhc.BLOCK_N, BK=mhc.BLOCK_K, BD=mhc.BLOCK_D),
+            dict(N_HC=4, DIM=4096, NP=4, BO=4, BN=mhc.BLOCK_N, BD=mhc.BLOCK_D),
             mhc.NUM_WARPS,
         ),
         (
@@ -136,6 +147,38 @@ def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
             4,
         ),
     ]
+    u8, i32p = "*u8", "*i32"
+    specs += [
+        (
+            "paged_attention[h64,d512,fp8]",
+            paged._paged_attention_kernel,
+            dict(
+                q_ptr=bf, win_ptr=bf, slot_ptr=i64, pos_ptr=i64, e0_ptr=u8, e1_ptr=u8, e2_ptr=bf, table_ptr=i32p,
+                idx_ptr=i64, sink_ptr=f32, out_ptr=bf, T=i32, K=i32, scale="fp32",
+            ),
+            dict(H=64, D=512, W=128, NOPE=448, RPB=64, FORMAT=1, BLOCK_H=16, BLOCK_D=512, BLOCK_K=16,
+                 PRECISION="tf32"),
+            attention.ATTENTION_WARPS,
+        ),
+        (
+            "paged_scores[h64,d128,mxfp4]",
+            paged._paged_scores_kernel,
+            dict(
+                q_ptr=bf, w_ptr=bf, k0_ptr=u8, k1_ptr=u8, k2_ptr=u8, table_ptr=i32p, visible_ptr=i64, out_ptr=f32,
+                T=i32, E_PAD=i32,
+            ),
+            dict(HI=64, D=128, RPB=64, FORMAT=2, BLOCK_H=64, BLOCK_D=128, BLOCK_E=64, ROUND_BF16=True,
+                 PRECISION="tf32"),
+            4,
+        ),
+        (
+            "merge_topk[g8,k512]",
+            paged._merge_topk_kernel,
+            dict(score_ptr=f32, cand_ptr=i64, visible_ptr=i64, out_ptr=i64, N=i32, K=i32, E_PAD=i32, GROUPS=i32),
+            dict(BLOCK=1024, BITS=19),
+            4,
+        ),
+    ]  # fmt: skip
     for quant, weight, scale in ((0, bf, f32), (1, "*fp8e4nv", "*u8"), (2, "*u8", "*u8")):
         specs.append(
             (

@@ -90,3 +90,54 @@ def test_mhc_pre_post_bf16():
         torch.testing.assert_close(g, w, **BF16)
     y = torch.randn(64, 4096, device="cuda").bfloat16()
     torch.testing.assert_close(post_cuda(y, streams, want[1], want[2]), post_ref(y, streams, want[1], want[2]), **BF16)
+
+
+def _paged(codec, values: torch.Tensor, rows_per_block: int):
+    """values [B, E, W] as a store in the codec's format, each row's blocks in shuffled order; + block tables."""
+    from dsv4.kernels.paged import PagedRows
+
+    b, e, width = values.shape
+    tables = torch.randperm(b * e // rows_per_block).view(b, -1).to(torch.int32).cuda()
+    flat = (tables.long()[:, :, None] * rows_per_block + torch.arange(rows_per_block, device="cuda")).flatten()
+    fields = {f.name: torch.zeros(b * e + 1, f.width, dtype=f.dtype, device="cuda") for f in codec.fields}
+    for name, data in codec.encode(values.flatten(0, 1)).items():
+        fields[name][flat] = data
+    return PagedRows(
+        codec.format, tuple(fields[f.name] for f in codec.fields), rows_per_block, width, values.dtype
+    ), tables
+
+
+def test_paged_sparse_attention_bf16_fp8_pages():
+    from dsv4.model_runtime.engine.kv_layout import FP8NopeCodec
+    from dsv4.model_runtime.qat import q8_nope
+
+    ref, cuda = _pair("paged_sparse_attention")
+    entries = q8_nope(torch.randn(4, 2048, 512, device="cuda"), 64).bfloat16()
+    rows, tables = _paged(FP8NopeCodec(512, torch.bfloat16, 64), entries, 64)
+    q, window = torch.randn(4, 64, 512, device="cuda").bfloat16(), torch.randn(5, 128, 512, device="cuda").bfloat16()
+    slots, positions = torch.tensor([3, 0, 1, 2], device="cuda"), torch.tensor([5, 127, 4000, 8191], device="cuda")
+    idx = torch.rand(4, 2048, device="cuda").argsort(-1)[:, :512]
+    idx[:, ::9] = -1
+    sink = torch.randn(64, device="cuda")
+    args = (q, window, slots, positions, rows, tables, idx, sink, 512**-0.5)
+    torch.testing.assert_close(cuda(*args), ref(*args), **BF16)
+
+
+def test_paged_indexer_topk_bf16_mxfp4_pages_picks_entries_of_the_same_scores():
+    from dsv4.kernels.reference.paged import all_keys
+    from dsv4.model_runtime.engine.kv_layout import FP4Codec
+    from dsv4.model_runtime.qat import q4_hadamard
+
+    ref, cuda = _pair("paged_indexer_topk")
+    keys = q4_hadamard(torch.randn(2, 8192, 128, device="cuda")).bfloat16()
+    rows, tables = _paged(FP4Codec(128, torch.bfloat16), keys, 64)
+    q = torch.randn(2, 64, 128, device="cuda").bfloat16()
+    w = (torch.randn(2, 64, device="cuda") * (64 * 128) ** -0.5).bfloat16()
+    visible = torch.tensor([8192, 3000], device="cuda")
+    got, want = cuda(q, w, rows, tables, visible, 512), ref(q, w, rows, tables, visible, 512)
+    decoded = all_keys(rows, tables).float()
+    score = (torch.einsum("bhd,bed->bhe", q.float(), decoded).relu() * w.float()[..., None]).sum(1)
+    for b in range(2):
+        g, r = got[b], want[b]
+        assert int((g < 0).sum()) == int((r < 0).sum()) and g[g >= 0].unique().numel() == int((g >= 0).sum())
+        torch.testing.assert_close(score[b, g[g >= 0]].sort().values, score[b, r[r >= 0]].sort().values, **BF16)

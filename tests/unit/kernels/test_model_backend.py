@@ -16,6 +16,10 @@ import torch
 
 from dsv4.kernels.registry import lookup
 from dsv4.model_runtime import load_model
+from dsv4.model_runtime.engine.kv_state import KVCacheManager
+from dsv4.model_runtime.engine.request import Request
+from dsv4.model_runtime.engine.sampling_params import SamplingParams
+from dsv4.model_runtime.engine.step_inputs import DecodeInputs
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.state import SequenceState
@@ -33,9 +37,7 @@ def _decode_steps(model: DeepseekV4, states: list[SequenceState], ids: torch.Ten
     return [model.decode(ids[:, t], states) for t in range(ids.shape[1])]
 
 
-def test_cuda_backend_logits_match_reference(
-    model: DeepseekV4, device: torch.device
-) -> None:
+def test_cuda_backend_logits_match_reference(model: DeepseekV4, device: torch.device) -> None:
     """Full-sequence logits of one row, and 2 decode steps of two rows (S = 1, ragged: they start at different
     positions)."""
     ids = torch.randint(2, 129280, (2, 20), generator=torch.Generator().manual_seed(0)).to(device)
@@ -57,4 +59,34 @@ def test_cuda_backend_logits_match_reference(
     torch.testing.assert_close(got_full, want_full, atol=2e-4, rtol=1e-4)
     assert bool((got_full.argmax(-1) == want_full.argmax(-1)).all())
     for got, want in zip(got_steps, want_steps, strict=True):
+        torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
+
+
+def test_cuda_backend_paged_decode_matches_reference(model: DeepseekV4, device: torch.device) -> None:
+    """The engine's decode step over the paged pool with the paged Triton kernels: the reference backend's
+    logits, 3 steps of two ragged rows across pool-block and compressor-block boundaries. Without QAT (the pool
+    in fp32): with it the indexer scores in bf16, which the interpreter computes wrongly; the FP8 / MXFP4 pages
+    are checked per kernel in test_paged.py and in bf16 on a GPU (test_gpu_numerics.py)."""
+    ids = torch.randint(2, 129280, (2, 21), generator=torch.Generator().manual_seed(1))
+    logits: dict[str, list[torch.Tensor]] = {}
+    for backend in ("reference", "cuda"):
+        model.bind_ops("reference")  # the same prefilled states for both
+        kv = KVCacheManager(model, num_blocks=16, block_size=8, num_slots=2)
+        states = []
+        for row, n in enumerate((18, 13)):
+            seq = Request(f"r{row}", ids[row, :n].tolist(), SamplingParams(), seed=0, eos_token_id=None)
+            kv.grow(seq, n + 3)
+            model.prefill(ids[row : row + 1, :n].to(device), [seq.state])  # type: ignore[list-item]
+            states.append(seq.state)
+        model.bind_ops(backend)
+        kv.pool.flush_block_tables()
+        logits[backend] = []
+        for _ in range(3):
+            rows = torch.tensor([[int(ids[r, st.position]), st.position, st.slot] for r, st in enumerate(states)])
+            inputs = DecodeInputs(rows.to(device), kv.pool.block_tables[rows[:, 2].to(device), :3])
+            logits[backend].append(model.decode_paged(inputs.token_ids, inputs.step(kv.pool)))
+            for st in states:
+                st.position += 1
+    assert lookup("paged_sparse_attention", model.ops.backend).__module__ == "dsv4.kernels.cuda.paged"
+    for got, want in zip(logits["cuda"], logits["reference"], strict=True):
         torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)

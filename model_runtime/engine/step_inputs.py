@@ -1,0 +1,59 @@
+"""The inputs of one batched decode step, as device tensors: what rank 0 of a multi-rank engine broadcasts.
+
+A decode step over the paged pool needs, per row, the token it feeds, that token's position and the row's pool
+slot (`DecodeInputs.rows`, [D, 3] int64) and the row's block table (`block_tables`, [D, T] int32, gathered on the
+device from the pool's tables); the sampler needs `sampler.SamplingInputs` (ints [R, 3], floats [R, 3]) and, on
+the host, its `SamplingFlags`. With T and the flags (a few Python values) that is the whole step: every rank can
+run `DeepseekV4.decode_paged` and `sampler.sample_batch` from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from dsv4.model_runtime.engine.kv_state import KVPool, PagedSequenceState
+from dsv4.model_runtime.engine.request import Request
+from dsv4.model_runtime.engine.transfer import to_device
+from dsv4.model_runtime.state import PagedDecode
+
+TOKEN, POSITION, SLOT = range(3)
+
+
+def next_token(seq: Request) -> int:
+    """The token a decoding sequence feeds: its last one (the only one its state does not hold)."""
+    return seq.output_token_ids[-1] if seq.output_token_ids else seq.prompt_token_ids[-1]
+
+
+def table_width(seqs: Sequence[Request], block_size: int) -> int:
+    """Block-table columns a step over `seqs` needs: the blocks holding each row's newest position."""
+    return max(s.num_computed // block_size + 1 for s in seqs)
+
+
+@dataclass(frozen=True)
+class DecodeInputs:
+    """rows [D, 3] int64 (token id, position, pool slot) and block_tables [D, T] int32 of one decode step."""
+
+    rows: torch.Tensor
+    block_tables: torch.Tensor
+
+    @classmethod
+    def build(cls, seqs: Sequence[Request], pool: KVPool, width: int) -> DecodeInputs:
+        """The inputs of decoding `seqs` (each with one uncomputed token) with `width` block-table columns."""
+        table: list[list[int]] = []
+        for s in seqs:
+            state = s.state
+            assert isinstance(state, PagedSequenceState), f"{s.request_id} decodes without a paged KV state"
+            table.append([next_token(s), s.num_computed, state.slot])
+        rows = to_device(torch.tensor(table, dtype=torch.int64), pool.block_tables.device)
+        return cls(rows, pool.block_tables[rows[:, SLOT], :width])
+
+    def step(self, pool: KVPool) -> PagedDecode:
+        """The model's view of the step over `pool`."""
+        return PagedDecode(self.rows[:, POSITION], self.rows[:, SLOT], self.block_tables, pool.storage)
+
+    @property
+    def token_ids(self) -> torch.Tensor:
+        return self.rows[:, TOKEN]
