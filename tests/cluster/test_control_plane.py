@@ -34,6 +34,8 @@ def _accelerator_deployment(name: str, pool: NodePool, tolerate: bool = True) ->
                 "metadata": {"labels": {"app": name}},
                 "spec": {
                     "tolerations": pool.tolerations() if tolerate else [],
+                    # Two Ascend pools (910B, 910C) offer the same resource: the pool label picks one.
+                    "nodeSelector": {POOL_LABEL: pool.name},
                     "containers": [
                         {
                             "name": "worker",
@@ -76,6 +78,7 @@ def test_accelerator_deployment_runs_on_its_pool(k8s_cluster: KubeCluster, k8s_n
 def test_accelerator_pod_without_toleration_is_unschedulable(k8s_cluster: KubeCluster, k8s_namespace: str) -> None:
     name = "untolerated"
     manifest = _accelerator_deployment(name, NVIDIA_POOL, tolerate=False)
+    del manifest["spec"]["template"]["spec"]["nodeSelector"]  # only the taint keeps it off the GPU nodes
     k8s_cluster.kubectl("apply", "-n", k8s_namespace, "-f", "-", input=yaml.safe_dump(manifest))
 
     def unschedulable_message() -> str:
