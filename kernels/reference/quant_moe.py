@@ -15,11 +15,19 @@ FP4_BLOCK = 32
 _E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
 
 
+def dequant_fp8_blocks(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """weight F8_E4M3 [..., O, K], scale [..., ceil(O/128), ceil(K/128)] (E8M0 or F32) -> `dtype` [..., O, K]."""
+    o, k = weight.shape[-2:]
+    if o % FP8_BLOCK == 0 and k % FP8_BLOCK == 0:  # whole blocks: broadcast the scales, no expanded copy
+        blocks = weight.unflatten(-1, (-1, FP8_BLOCK)).unflatten(-3, (-1, FP8_BLOCK)).to(dtype)
+        return (blocks * scale.to(dtype)[..., :, None, :, None]).flatten(-4, -3).flatten(-2, -1)
+    s = scale.to(dtype).repeat_interleave(FP8_BLOCK, -2)[..., :o, :].repeat_interleave(FP8_BLOCK, -1)[..., :k]
+    return weight.to(dtype) * s
+
+
 def dequant_fp8_experts(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """weight F8_E4M3 [E, O, K], scale [E, ceil(O/128), ceil(K/128)] (E8M0 or F32) -> fp32 [E, O, K]."""
-    _, o, k = weight.shape
-    s = scale.float().repeat_interleave(FP8_BLOCK, 1)[:, :o].repeat_interleave(FP8_BLOCK, 2)[:, :, :k]
-    return weight.float() * s
+    return dequant_fp8_blocks(weight, scale, torch.float32)
 
 
 def dequant_mxfp4_experts(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

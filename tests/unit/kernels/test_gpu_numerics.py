@@ -90,3 +90,19 @@ def test_mhc_pre_post_bf16():
         torch.testing.assert_close(g, w, **BF16)
     y = torch.randn(64, 4096, device="cuda").bfloat16()
     torch.testing.assert_close(post_cuda(y, streams, want[1], want[2]), post_ref(y, streams, want[1], want[2]), **BF16)
+
+
+@pytest.mark.parametrize("quant", ["fp8", "bf16-to-fp32"])
+def test_linear_bf16(quant):
+    """The block-scaled FP8 projection in bf16, and a bf16 weight with an fp32 output (head, router, compressors)."""
+    ref, cuda = _pair("linear")
+    x = torch.randn(37, 1024, device="cuda").bfloat16()
+    master = torch.randn(4096, 1024) * 0.05
+    if quant == "fp8":
+        w, s = quant_fp8(master)
+        args: tuple[torch.Tensor | None, ...] = (w.cuda(), s.cuda(), None)
+    else:
+        args = (master.bfloat16().cuda(), None, torch.float32)
+    got, want = cuda(x, *args), ref(x, *args)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, **BF16)

@@ -33,9 +33,7 @@ def _decode_steps(model: DeepseekV4, states: list[SequenceState], ids: torch.Ten
     return [model.decode(ids[:, t], states) for t in range(ids.shape[1])]
 
 
-def test_cuda_backend_logits_match_reference(
-    model: DeepseekV4, device: torch.device
-) -> None:
+def test_cuda_backend_logits_match_reference(model: DeepseekV4, device: torch.device) -> None:
     """Full-sequence logits of one row, and 2 decode steps of two rows (S = 1, ragged: they start at different
     positions)."""
     ids = torch.randint(2, 129280, (2, 20), generator=torch.Generator().manual_seed(0)).to(device)
