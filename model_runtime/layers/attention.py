@@ -18,6 +18,7 @@ from torch.nn.utils.rnn import pad_sequence
 from dsv4.model_runtime.config import ModelConfig
 from dsv4.model_runtime.layers.compressor import Compressor
 from dsv4.model_runtime.layers.indexer import Indexer
+from dsv4.model_runtime.layers.linear import Linear
 from dsv4.model_runtime.layers.norm import RMSNorm
 from dsv4.model_runtime.layers.ops_module import OpsModule
 from dsv4.model_runtime.layers.rope import RopeTable
@@ -45,13 +46,13 @@ class Attention(OpsModule):
         self.n_heads, self.head_dim, self.rope_dim = h, c, cfg.qk_rope_head_dim
         self.window, self.groups, self.eps = cfg.sliding_window, cfg.o_groups, cfg.rms_norm_eps
         self.ratio = cfg.ratio(layer)
-        self.wq_a = nn.Linear(d, cfg.q_lora_rank, bias=False)
+        self.wq_a = Linear(d, cfg.q_lora_rank)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-        self.wq_b = nn.Linear(cfg.q_lora_rank, h * c, bias=False)
-        self.wkv = nn.Linear(d, c, bias=False)
+        self.wq_b = Linear(cfg.q_lora_rank, h * c)
+        self.wkv = Linear(d, c)
         self.kv_norm = RMSNorm(c, cfg.rms_norm_eps)
-        self.wo_a = nn.Linear(h * c // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)  # grouped
-        self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, d, bias=False)
+        self.wo_a = Linear(h * c // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank)  # grouped
+        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, d)
         self.attn_sink = nn.Parameter(torch.zeros(h))
         self.compressor = (
             Compressor(d, c, self.ratio, overlap=cfg.is_csa(layer), eps=cfg.rms_norm_eps) if self.ratio else None
@@ -86,8 +87,7 @@ class Attention(OpsModule):
         o = self.ops.sparse_attention(q, buffer, idx, self.attn_sink, self.head_dim**-0.5)  # [B, S, H, c]
         o = self.ops.rope(o, cos, sin, inverse=True)
         o = o.reshape(b, s, self.groups, -1)  # heads grouped contiguously
-        wo_a = self.wo_a.weight.view(self.groups, -1, o.shape[-1])  # [G, o_lora, H*c/G]
-        out = self.wo_b(torch.einsum("bsgi,goi->bsgo", o, wo_a).flatten(2))
+        out = self.wo_b(self.wo_a.grouped(o).flatten(2))  # wo_a viewed [G, o_lora, H*c/G]
         self._write_window(kv, ctx, states)
         return out
 
