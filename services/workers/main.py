@@ -39,7 +39,7 @@ def _run(args: argparse.Namespace, role: contract.Role) -> int:
 
     from dsv4.model_runtime.engine.async_engine import AsyncEngine
 
-    dtype = getattr(torch, settings.dtype)
+    dtype = getattr(torch, settings.compute_dtype())
     engine = AsyncEngine.from_path(settings.model, device=settings.device or "cpu", dtype=dtype)
     try:
         asyncio.run(_serve(role, settings, engine))
