@@ -211,12 +211,14 @@ class CheckpointReader:
         self, entry: Entry, dest: torch.Tensor, axis: int | None = None, start: int = 0, stop: int = 0
     ) -> int:
         """Copy `entry` (or its [start, stop) along `axis`: 0 = rows, 1 = columns) into `dest`, which has exactly
-        that shape and the entry's dtype; returns the bytes read from the file."""
+        that shape and the entry's dtype (or, for a BF16/F16/F32 entry, any float dtype it is converted to through
+        the staging buffer); returns the bytes read from the file."""
         shape = entry.shape
         if axis is None:
             axis, start, stop = 0, 0, shape[0]
         want = (stop - start, *shape[1:]) if axis == 0 else (shape[0], stop - start, *shape[2:])
-        if tuple(dest.shape) != want or dest.dtype != entry.torch_dtype:
+        widened = entry.dtype in _PLAIN_FORMATS and dest.is_floating_point()  # BF16 into the compute dtype
+        if tuple(dest.shape) != want or (dest.dtype != entry.torch_dtype and not widened):
             raise CheckpointError(
                 f"{entry.where}: the model's tensor {list(dest.shape)} {dest.dtype} cannot take "
                 f"{list(want)} {entry.torch_dtype} of it"
@@ -225,7 +227,7 @@ class CheckpointReader:
         row_bytes = entry.nbytes // shape[0] if shape[0] else 0
         if axis == 0:
             first, n_rows = entry.offset + start * row_bytes, stop - start
-            if dest.device.type == "cpu" and dest.is_contiguous():  # straight into the destination's memory
+            if dest.device.type == "cpu" and dest.is_contiguous() and dest.dtype == entry.torch_dtype:  # in place
                 _pread(fd, entry, dest.reshape(-1).view(torch.uint8), first)
             else:
                 for r, n in _chunks(n_rows, row_bytes):

@@ -6,6 +6,8 @@ Scales are powers of two (`scale_fmt = ue8m0`): `s = 2^ceil(log2(amax / qmax))`.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 FP8_BLOCK = 128
@@ -69,6 +71,7 @@ def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     return code | (((x < 0) & (code > 0)).long() << 3)
 
 
+@functools.cache
 def _e2m1_midpoints(device: torch.device) -> torch.Tensor:
     strict = torch.tensor([0.25, 1.25, 2.5, 5.0])
     inclusive = torch.tensor([0.75, 1.75, 3.5])

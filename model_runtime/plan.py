@@ -122,16 +122,25 @@ def kv_bytes_per_sequence(cfg: ModelConfig, dtype_bytes: int, mtp_layers: int) -
     return total
 
 
-def rank_weights(cfg: ModelConfig, layout: Layout, rank: int, formats: dict[str, str] | None = None) -> dict[str, int]:
+def rank_weights(
+    cfg: ModelConfig,
+    layout: Layout,
+    rank: int,
+    formats: dict[str, str] | None = None,
+    float_bytes: int = 2,
+) -> dict[str, int]:
     """Bytes of the weights rank `rank` holds, by class; `formats` (name -> format) defaults to the released
-    formats (FP8 / MXFP4 when the config has a quantization_config, else BF16)."""
+    formats (FP8 / MXFP4 when the config has a quantization_config, else BF16). BF16/F16 tensors are held in the
+    compute dtype (`float_bytes` per element), as the loader holds them."""
     quantized = cfg.quantization_config is not None
     out = {"fp8": 0, "mxfp4": 0, "bf16": 0, "other": 0}
     for spec in checkpoint_schema(cfg):
         fmt = formats[spec.name] if formats is not None else released_format(spec.kind, quantized)
         piece = place(spec, fmt, cfg, layout, rank)
         if piece is not None:
-            out[weight_class(fmt)] += stored_bytes(fmt, piece.shape(spec.shape))
+            shape = piece.shape(spec.shape)
+            held = math.prod(shape) * float_bytes if fmt in ("bf16", "f16") else stored_bytes(fmt, shape)
+            out[weight_class(fmt)] += held
     return out
 
 
@@ -192,7 +201,8 @@ def plan(
         )
     layout.check(cfg)
     ranks = sorted({0, world - 1})
-    per_rank = {r: rank_weights(cfg, layout, r) for r in ranks}
+    a = DTYPE_BYTES[dtype]
+    per_rank = {r: rank_weights(cfg, layout, r, float_bytes=a) for r in ranks}
     largest = max(ranks, key=lambda r: sum(per_rank[r].values()))
     weights = per_rank[largest]
     total_w = sum(weights.values())
@@ -200,7 +210,6 @@ def plan(
         stored_bytes(released_format(s.kind, cfg.quantization_config is not None), s.shape)
         for s in checkpoint_schema(cfg)
     )
-    a = DTYPE_BYTES[dtype]
     act = activation_bytes(cfg, layout, a, max_batch_tokens, max_seqs, context)
     bpt = kv_bytes_per_token(cfg, a)
     per_seq = kv_bytes_per_sequence(cfg, a, cfg.num_nextn_predict_layers)

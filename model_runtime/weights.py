@@ -2,8 +2,9 @@
 
 The model is built on the meta device; `parallel.shard` gives its modules this rank's shapes; then every tensor
 this rank holds (`placement`) is read from the safetensors shards straight into a tensor allocated on the target
-device, in the format the checkpoint stores it (FP8 + scales and MXFP4 stay packed; BF16 stays BF16): no fp32
-copy, no other rank's piece. The MTP layer is loaded too. Long loads log their progress (bytes, shards, rate).
+device: FP8 + scales and MXFP4 stay packed, F32 stays F32, BF16 takes the compute dtype (the target dtype of
+the model; bf16 on accelerators). No fp32 copy of a packed weight, no other rank's piece. The MTP layer is
+loaded too. Long loads log their progress (bytes, shards, rate).
 """
 
 from __future__ import annotations
@@ -206,9 +207,12 @@ def _destination(
     stacks: dict[tuple[str, str], torch.Tensor],
 ) -> torch.Tensor:
     """The model tensor (or the view of a stacked expert tensor) that `piece` of `entry` goes into, allocated on
-    `device` in the stored dtype and installed in its module (`logical`: the same piece in the logical shape)."""
+    `device` and installed in its module (`logical`: the same piece in the logical shape). Packed formats and F32
+    tensors keep their stored dtype; BF16/F16 tensors take the compute dtype (exact: bf16 values are exact in
+    fp32), so a CPU model computing in fp32 does not widen them at every call."""
     spec = stored.spec
     is_scale = entry is stored.scale
+    held = model.dtype if not is_scale and stored.format in ("bf16", "f16") else entry.torch_dtype
     expert = expert_of(spec.name)
     if expert is not None:
         index, part = expert
@@ -220,16 +224,16 @@ def _destination(
         key = (ffn, attr)
         if key not in stacks:
             rows = shape[0] * (1 if part == "w2" else 2)
-            stack = torch.empty(len(experts), rows, *shape[1:], dtype=entry.torch_dtype, device=device)
+            stack = torch.empty(len(experts), rows, *shape[1:], dtype=held, device=device)
             placeholder = getattr(module, "w2" if part == "w2" else "w13")
             if not is_scale and placeholder.is_meta:
                 _check_logical(spec.name, placeholder.shape[1:], _expert_logical(stored, logical, part))
             _install(module, attr, stack, spec.name)
             stacks[key] = stack
         stack = stacks[key]
-        if stack.dtype != entry.torch_dtype:
+        if stack.dtype != held:
             raise CheckpointError(
-                f"{entry.where}: stored {entry.dtype}, but expert {experts[0]} of this layer is stored "
+                f"{entry.where}: stored {entry.dtype}, but expert {experts[0]} of this layer is held as "
                 f"{stack.dtype}; one MoE layer's experts must share one format"
             )
         rows = shape[0]
@@ -254,7 +258,7 @@ def _destination(
                 f"{entry.where}: stored FP8, but 'o_lora_rank' ({model.cfg.o_lora_rank}), its rows per output "
                 f"group, is not a multiple of {FP8_BLOCK}: a 128-row scale block would span two output groups"
             )
-    dest = torch.empty(_local_shape(entry, piece), dtype=entry.torch_dtype, device=device)
+    dest = torch.empty(_local_shape(entry, piece), dtype=held, device=device)
     _install(module, attr, dest, spec.name)
     return dest
 

@@ -108,7 +108,12 @@ def test_quantized_weights_stay_packed_and_decode_to_the_stored_values(checkpoin
     ends = torch.tensor([0] * 5 + [x.shape[0]] * 3, dtype=torch.int32)  # every row through expert 5
     got = model.ops.grouped_matmul_mxfp4(x, ffn.w13, ffn.w13_scale, ends)[:, 128:]
     assert torch.equal(got, w3.T)
-    assert model.embed.weight.dtype == torch.bfloat16 and model.layers[0].hc_attn.fn.dtype == torch.float32
+    # BF16 tensors take the compute dtype (fp32 here: exact), F32 ones stay F32
+    assert (
+        model.embed.weight.dtype == model.dtype == torch.float32 and model.layers[0].hc_attn.fn.dtype == torch.float32
+    )
+    bf16 = load_model(ckpt, dtype=torch.bfloat16)
+    assert bf16.embed.weight.dtype == torch.bfloat16 and bf16.layers[3].attn.wo_b.weight.dtype == torch.float8_e4m3fn
 
 
 def test_writer_refuses_a_non_empty_folder(tmp_path: Path) -> None:
