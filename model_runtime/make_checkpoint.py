@@ -32,6 +32,8 @@ from dsv4.model_runtime.schema import TensorSpec, checkpoint_schema
 from dsv4.protocol import env
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Bump when the values write_checkpoint generates change (cached checkpoints are keyed by it).
+WRITER_VERSION = 1
 BRANCH_OUTPUT_GAIN = 0.5  # damps the residual branches (wo_b, w2) to keep random models from blowing up
 
 
@@ -137,13 +139,12 @@ def write_checkpoint(
 
 def cached_checkpoint(preset: str, quantized: bool = False, seed: int = 0, root: str | Path | None = None) -> Path:
     """A checkpoint of `preset` written once and kept under `root` (default $DSV4_HOME/checkpoints, DSV4_HOME
-    defaulting to ~/.cache/dsv4), in a folder named by the preset and a hash of its config, seed and the writer's
-    code, so a changed preset or writer gets a new folder. Written to a temporary folder and renamed into place."""
+    defaulting to ~/.cache/dsv4), in a folder named by the preset and a hash of its config, seed and
+    WRITER_VERSION, so a changed preset or writer gets a new folder. Written to a temporary folder and renamed
+    into place."""
     cfg = preset_config(preset, quantized)
     h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
-    for module in (sys.modules[__name__], sys.modules[quant_fp8.__module__]):
-        h.update(Path(str(module.__file__)).read_bytes())
-    h.update(f"seed={seed}".encode())
+    h.update(f"seed={seed} writer={WRITER_VERSION}".encode())
     base = Path(root) if root is not None else Path(os.environ.get(env.HOME) or Path.home() / ".cache" / "dsv4")
     folder = base / "checkpoints" / f"{preset}-{'q' if quantized else 'bf16'}-{h.hexdigest()[:12]}"
     if not (folder / "config.json").exists():

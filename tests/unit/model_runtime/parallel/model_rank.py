@@ -1,7 +1,7 @@
 """One rank of a sharded model run (a launcher target): load this rank's shard, measure it, run the model.
 
 args: checkpoint, layout ("tp,ep"), token ids file (.pt), output folder. Writes rank<r>.pt with the logits of a
-full forward and of one decode step after a prefill, what the loader read, the live bytes of the weights by
+prefill of all tokens but the last (every position) and of the decode step of the last one, what the loader read, the live bytes of the weights by
 dtype, and the RSS before and at the peak of the load (VmHWM reset before loading).
 """
 
@@ -38,13 +38,12 @@ def main(ctx: RankContext, args: list[str]) -> None:
     by_dtype: Counter[str] = Counter()
     for _, t in tensors:
         by_dtype[str(t.dtype).removeprefix("torch.")] += t.numel() * t.element_size()
-    full = model(ids)
     states = [model.new_state() for _ in range(ids.shape[0])]
-    model.prefill(ids[:, :-1], states)
+    prefill = model.prefill(ids[:, :-1], states)
     step = model.decode(ids[:, -1], states)
     torch.save(
         {
-            "full": full,
+            "prefill": prefill,
             "step": step,
             "pieces": {n: (p.axis, p.start, p.stop) for n, p in report.pieces.items()},
             "skipped": report.skipped,

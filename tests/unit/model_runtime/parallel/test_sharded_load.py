@@ -19,14 +19,15 @@ import torch
 from dsv4.model_runtime.checkpoint import CheckpointReader
 from dsv4.model_runtime.config import ModelConfig
 from dsv4.model_runtime.make_checkpoint import cached_checkpoint
-from dsv4.model_runtime.placement import Layout
+from dsv4.model_runtime.placement import Layout, place
 from dsv4.model_runtime.plan import rank_weights
 from dsv4.model_runtime.schema import checkpoint_schema
 
 pytestmark = pytest.mark.integration
-# Peak RSS growth during a load beyond the rank's own weights: the 64 MiB staging buffer of column slices, the
-# allocator's slack and the torch/safetensors bookkeeping. Measured on this CPU runner (2026-12-04): at most
-# ~90 MiB over the share at world 1, 2 and 4; the bound leaves room for allocator variation.
+# Peak RSS growth during a load beyond the rank's own weights: the 64 MiB staging buffers (column slices, BF16
+# widened to the fp32 compute dtype), the allocator's slack and the loader's bookkeeping. Measured on the 2-core
+# CPU runner (2026-12-04, `pytest -s` prints it): 154-162 MiB over the share at world 1, 2 and 4 alike (shares
+# 5477, 2809 and 1475 MiB); the bound leaves room for allocator variation.
 RSS_SLACK = 256 << 20
 ROPE_BUFFER_BYTES = 2 * 32 * 4  # the two RoPE tables' inv_freq (fp32, rope dim / 2): built, not loaded
 
@@ -58,7 +59,7 @@ def _live(rank: Any) -> int:
 def test_logits_equal_world_1(runs: dict[int, list[Any]], world: int) -> None:
     want = runs[1][0]
     for rank in runs[world]:
-        torch.testing.assert_close(rank["full"], want["full"], atol=1e-4, rtol=0)
+        torch.testing.assert_close(rank["prefill"], want["prefill"], atol=1e-4, rtol=0)
         torch.testing.assert_close(rank["step"], want["step"], atol=1e-4, rtol=0)
 
 
@@ -78,24 +79,36 @@ def test_each_rank_holds_its_share(runs: dict[int, list[Any]], width_true: tuple
 
 @pytest.mark.parametrize("world", [1, 2, 4])
 def test_peak_rss_of_a_load_is_its_share_plus_a_constant(runs: dict[int, list[Any]], world: int) -> None:
-    for rank in runs[world]:
+    for r, rank in enumerate(runs[world]):
         growth = rank["rss_peak"] - rank["rss_before"]
+        print(
+            f"world {world} rank {r}: share {_live(rank) / 2**20:.0f} MiB, peak RSS growth over it "
+            f"{(growth - _live(rank)) / 2**20:.0f} MiB, load {rank['load_seconds']:.1f} s"
+        )
         assert growth <= _live(rank) + RSS_SLACK, (growth - _live(rank)) / 2**20
 
 
 @pytest.mark.parametrize("world", [1, 4])
 def test_fp8_and_mxfp4_stay_packed(runs: dict[int, list[Any]], width_true: tuple[Path, Path], world: int) -> None:
-    """The ranks together hold exactly the checkpoint's FP8 weights, E8M0 scales and MXFP4 (I8) experts, byte for
-    byte in their stored dtypes: nothing packed was widened on load (BF16 tensors take the fp32 compute dtype)."""
+    """Each rank holds its FP8 weights, E8M0 scales and MXFP4 (I8) experts byte for byte in their stored dtypes:
+    nothing packed was widened on load (BF16 tensors take the fp32 compute dtype)."""
     ckpt = width_true[0]
+    cfg = ModelConfig.from_file(ckpt)
     with CheckpointReader(ckpt) as reader:
-        stored: dict[str, int] = {}
-        for name in reader.weight_map:
-            entry = reader.entry(name)
-            stored[entry.dtype] = stored.get(entry.dtype, 0) + entry.nbytes
-    held = {k: sum(r["bytes_by_dtype"].get(k, 0) for r in runs[world]) for k in ("float8_e4m3fn", "int8")}
-    assert held["float8_e4m3fn"] == stored["F8_E4M3"] and held["int8"] == stored["I8"]
-    scales = sum(r["bytes_by_dtype"].get("float8_e8m0fnu", 0) for r in runs[world])
-    assert scales == stored["F8_E8M0"]
-    for rank in runs[world]:
+        stored = {s.name: reader.check(s) for s in checkpoint_schema(cfg)}
+    layout = Layout(world, world, world)
+    for r, rank in enumerate(runs[world]):
+        want = {"float8_e4m3fn": 0, "int8": 0, "float8_e8m0fnu": 0}
+        for st in stored.values():
+            piece = place(st.spec, st.format, cfg, layout, r)
+            if piece is None or st.format not in ("fp8", "fp4"):
+                continue
+            rows, cols = piece.shape(st.spec.shape)
+            if st.format == "fp8":
+                want["float8_e4m3fn"] += rows * cols
+                want["float8_e8m0fnu"] += -(-rows // 128) * -(-cols // 128)
+            else:
+                want["int8"] += rows * cols // 2
+                want["float8_e8m0fnu"] += rows * cols // 32
+        assert {k: rank["bytes_by_dtype"].get(k, 0) for k in want} == want, r
         assert "bfloat16" not in rank["bytes_by_dtype"]  # fp32 compute: BF16 tensors held in fp32
