@@ -1,8 +1,9 @@
 """One rank of a sharded model run (a launcher target): load this rank's shard, measure it, run the model.
 
 args: checkpoint, layout ("tp,ep"), token ids file (.pt), output folder. Writes rank<r>.pt with the logits of a
-prefill of all tokens but the last (every position) and of the decode step of the last one, what the loader read, the live bytes of the weights by
-dtype, and the RSS before and at the peak of the load (VmHWM reset before loading).
+prefill of all tokens but the last (every position) and of the decode step of the last one, what the loader read,
+the live bytes of the weights by dtype, and the RSS before and at the peak of the load (VmHWM reset before
+loading).
 """
 
 from __future__ import annotations
