@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import tempfile
 import time
@@ -25,12 +26,19 @@ import torch
 from safetensors.torch import save_file
 
 
-def _fp8(shape: tuple[int, ...], g: torch.Generator) -> torch.Tensor:
-    """Random e4m3 codes of magnitude < 2 (exponent field <= 7): never NaN, never huge."""
-    bits = torch.randint(0, 64, shape, generator=g, dtype=torch.uint8) | (
-        torch.randint(0, 2, shape, generator=g, dtype=torch.uint8) << 7
-    )
-    return bits.view(torch.float8_e4m3fn)
+def _tiled(shape: tuple[int, ...], pool: torch.Tensor) -> torch.Tensor:
+    """A tensor of `shape` and pool's dtype filled by repeating `pool` (the values only have to be valid)."""
+    n, p = math.prod(shape), pool.numel()
+    out = torch.empty(n, dtype=pool.dtype)
+    full = n // p
+    out[: full * p].view(full, p).copy_(pool.expand(full, p))
+    out[full * p :] = pool[: n - full * p]
+    return out.view(shape)
+
+
+def _fp8(shape: tuple[int, ...], pool: torch.Tensor) -> torch.Tensor:
+    """e4m3 codes of magnitude < 2 (exponent field <= 7, sign kept): never NaN, never huge."""
+    return _tiled(shape, (pool & 0x3F) | (pool & 0x80)).view(torch.float8_e4m3fn)
 
 
 def _e8m0(shape: tuple[int, ...], exponent: int) -> torch.Tensor:
@@ -45,23 +53,24 @@ def write_random_bytes_checkpoint(out: Path, preset: str = "flash-widths") -> Pa
 
     cfg = preset_config(preset, quantized=True)
     g = torch.Generator().manual_seed(0)
+    pool = torch.randint(0, 256, (1 << 22,), generator=g, dtype=torch.uint8)
+    floats = torch.randn(1 << 20, generator=g) * 0.02
     tensors: dict[str, torch.Tensor] = {}
     for spec in checkpoint_schema(cfg):
         scale = spec.name.removesuffix(".weight") + ".scale"
         if spec.kind == "fp8":
-            tensors[spec.name] = _fp8(spec.shape, g)
+            tensors[spec.name] = _fp8(spec.shape, pool)
             tensors[scale] = _e8m0(fp8_block_scale_shape(*spec.shape), -6)
         elif spec.kind == "fp4":
             out_f, in_f = spec.shape
-            tensors[spec.name] = torch.randint(-128, 128, (out_f, in_f // 2), generator=g, dtype=torch.int8)
+            tensors[spec.name] = _tiled((out_f, in_f // 2), pool).view(torch.int8)  # every byte is two e2m1 codes
             tensors[scale] = _e8m0(fp4_scale_shape(out_f, in_f), -6)
         elif spec.kind == "i64":
             tensors[spec.name] = torch.randint(0, cfg.n_routed_experts, spec.shape, generator=g)
         elif spec.name.endswith("norm.weight"):
             tensors[spec.name] = torch.ones(spec.shape, dtype=torch.bfloat16)
         else:
-            t = torch.randn(spec.shape, generator=g) * 0.02
-            tensors[spec.name] = t if spec.kind == "f32" else t.bfloat16()
+            tensors[spec.name] = _tiled(spec.shape, floats if spec.kind == "f32" else floats.bfloat16())
     out.mkdir(parents=True)
     save_file(tensors, str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(cfg.to_dict()))
