@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dsv4.model_runtime import load_model
-from dsv4.model_runtime.checkpoint import CheckpointError, read_config
+from dsv4.model_runtime.checkpoint import CheckpointError, CheckpointReader, read_config
 from dsv4.model_runtime.formats import dequant_fp4, dequant_fp8
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
 from dsv4.model_runtime.schema import checkpoint_schema
@@ -221,3 +221,27 @@ def test_an_mxfp4_expert_needs_whole_32_column_blocks(tmp_path: Path) -> None:
         "not a multiple of 32",
     ):
         load_model(ckpt)
+
+
+def test_a_load_reports_bytes_shards_and_rate(
+    checkpoint: Callable[[str, bool], Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every load ends with one progress line: bytes of this rank, shards, GB/s (long loads also log on the way)."""
+    import logging
+
+    from dsv4.model_runtime.placement import Layout
+    from dsv4.model_runtime.weights import LoadProgress, load_rank
+
+    ckpt = checkpoint("tiny-flash", True)
+    with caplog.at_level(logging.INFO, logger="dsv4.model_runtime.load"):
+        _, report = load_rank(ckpt, Layout(), 0)
+    shards = len(list(ckpt.glob("*.safetensors")))
+    with CheckpointReader(ckpt) as reader:  # world 1 reads every stored tensor once
+        total = sum(reader.entry(name).nbytes for name in reader.weight_map)
+    assert report.shards == shards and report.bytes_read == total
+    line = [r.getMessage() for r in caplog.records if "loaded" in r.getMessage()][-1]
+    assert f"of {report.bytes_read / 1e9:.2f} GB (100%), shards {shards} of {shards}," in line and "GB/s" in line
+    progress = LoadProgress("loading", 2_000_000_000, 4, every_s=0.0)
+    with caplog.at_level(logging.INFO, logger="dsv4.model_runtime.load"):
+        progress.advance(500_000_000, shard_done=True)
+    assert "loading: 0.50 of 2.00 GB (25%), shards 1 of 4," in caplog.records[-1].getMessage()
