@@ -5,9 +5,12 @@
 #      MXFP4) cases the Triton interpreter cannot run; the Ascend tests are left out (they download a wheel);
 #   2. bench/kernels_gpu.py: each Triton kernel timed against the PyTorch reference and the H200 roofline;
 #   3. bench/engine_gpu.py: LLMEngine tokens/s, tiny-flash and small-flash in bf16, batch 1/8/32/64, with CUDA
-#      graphs, eager Triton and the reference backend (it skips what does not fit its own 85 s budget).
+#      graphs, eager Triton and the reference backend (it skips what does not fit its own 60 s budget);
+#   4. bench/decode_gpu.py: the width-true model's decode step (Flash's layer widths, weights packed FP8/MXFP4,
+#      bf16) at batch 1 and 64: ms per step against the bytes it must read at the measured copy bandwidth;
+#   5. bench/nccl_smoke.py: a one-GPU nccl process group through the rank launcher (all-reduce, all-gather).
 # Output: JSON lines on stdout and in $OUT/gpu.jsonl; pytest logs and JUnit XML per step in $OUT.
-# Time limits per step (60 + 70 + 60 + 100 s) keep the whole check under 5 minutes.
+# Time limits per step (50 + 60 + 50 + 70 + 45 + 15 s) keep the whole check under 5 minutes.
 # Usage: OUT=/some/dir bench/gpu.sh          (PYTHON=python3 by default; its torch and triton are used as-is)
 set -uo pipefail
 
@@ -52,9 +55,9 @@ run_tests() {
 if "$PYTHON" -c 'import pytest' 2>/dev/null; then
   # the cases only a GPU can check first (bf16, FP8, MXFP4), then the fp32 suite compiled for the GPU; the
   # Ascend tests (they download a wheel) and the CPU-only compile/interpreter checks are left out
-  run_tests gpu_cases 60 -m gpu tests/unit/kernels/test_gpu_numerics.py
+  run_tests gpu_cases 50 -m gpu tests/unit/kernels/test_gpu_numerics.py
   # (tests/unit/test_gpu_import_set.py checks on CPU that all of these collect with only the device's packages)
-  run_tests fp32_cases 70 -m unit tests/unit/kernels \
+  run_tests fp32_cases 60 -m unit tests/unit/kernels \
     --ignore=tests/unit/kernels/ascend --ignore=tests/unit/kernels/test_compile_sm90.py \
     --ignore=tests/unit/kernels/test_interpreter_canary.py
 else
@@ -62,18 +65,20 @@ else
   status=1
 fi
 
-# run_bench NAME SECONDS SCRIPT ARGS...: one benchmark script, its JSON lines into $JSONL, one closing line
+# run_bench NAME SECONDS SCRIPT ARGS...: a benchmark script's JSON lines into $JSONL, then one line for the step
 run_bench() {
-  local name=$1 limit=$2 script=$3
-  shift 3
+  local name=$1 limit=$2
+  shift 2
   local start rc
   start=$(date +%s)
-  timeout "$limit" "$PYTHON" "$script" "$@" | tee -a "$JSONL"
+  timeout "$limit" "$PYTHON" "$@" | tee -a "$JSONL"
   rc=${PIPESTATUS[0]}
   [ "$rc" -eq 0 ] || status=1
   emit "{\"bench\": \"gpu.sh\", \"step\": \"$name\", \"exit\": $rc, \"seconds\": $(($(date +%s) - start))}"
 }
 
-run_bench "kernel timings" 60 bench/kernels_gpu.py --out "$OUT/kernels_gpu.jsonl"
-run_bench "engine timings" 100 bench/engine_gpu.py --budget 85 --out "$OUT/engine_gpu.jsonl"
+run_bench "kernel timings" 50 bench/kernels_gpu.py --out "$OUT/kernels_gpu.jsonl"
+run_bench "engine timings" 70 bench/engine_gpu.py --budget 60 --out "$OUT/engine_gpu.jsonl"
+run_bench "decode step" 45 bench/decode_gpu.py --out "$OUT/decode_gpu.jsonl"
+run_bench "nccl group" 15 bench/nccl_smoke.py
 exit "$status"

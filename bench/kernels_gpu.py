@@ -193,6 +193,26 @@ def cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
             10 * logits.numel(),
         )
     )
+    w_proj, s_proj = (t.to(device) for t in quant_fp8(torch.randn(d, d, generator=g) * 0.02))
+    out.append(
+        Case(
+            "linear",
+            f"fp8-t{t}x{d}x{d}",
+            (x, w_proj, s_proj, None),
+            _nbytes(x, w_proj, s_proj) + t * d * 2,
+            2 * t * d * d,
+        )
+    )
+    head = randn(dims.vocab, d, std=0.02)
+    out.append(
+        Case(
+            "linear",
+            f"head-bf16-fp32out-t{t}x{dims.vocab}",
+            (x, head, None, torch.float32),
+            _nbytes(x, head) + t * dims.vocab * 4,
+            2 * t * dims.vocab * d,
+        )
+    )
     experts, inter = dims.experts, dims.inter
     rows = experts * dims.rows_per_expert
     ends = torch.linspace(rows / experts, rows, experts).round().to(device=device, dtype=torch.int32)

@@ -205,11 +205,29 @@ class Ops:
         """
         return self._fns["route"](logits, topk, route_scale, bias, hash_idx)
 
+    def linear(
+        self,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        scale: torch.Tensor | None = None,
+        out_dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """A projection y = x W^T over a weight kept as the checkpoint stores it (the block-scaled FP8 GEMM).
+
+        x [..., K] float; weight [O, K] in the nn.Linear [out, in] layout: either a float weight of any float dtype
+        (scale None), or F8_E4M3 with scale [ceil(O/128), ceil(K/128)] E8M0 or F32, one per 128x128 block:
+        W[o, k] = weight[o, k] * scale[o // 128, k // 128]. x and W enter at their exact values (the activations are
+        not quantized); products are accumulated in at least fp32. Returns [..., O] in `out_dtype` (default x.dtype):
+        a wider out_dtype (fp32 logits, router and compressor projections of a bf16 model) is rounded once, from
+        the accumulator, never from a rounded x.dtype result.
+        """
+        return self._fns["linear"](x, weight, scale, out_dtype)
+
     def grouped_matmul(self, x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
         """Grouped expert matmul: rows of x are sorted by expert; rows [ends[e-1], ends[e]) use weight[e].
 
-        x [M, K]; weight [E, O, K] (the experts' weights in the nn.Linear [out, in] layout, dequantized to x.dtype;
-        the quantized FP8/MXFP4 variants for device kernels take the packed weight and its `.scale` instead);
+        x [M, K]; weight [E, O, K] (the experts' weights in the nn.Linear [out, in] layout, any float dtype, used at
+        its exact value in x.dtype; the FP8/MXFP4 variants below take the packed weight and its `.scale` instead);
         group_ends [E] int32, cumulative row counts (ends[-1] == M). Returns [M, O] in x.dtype, fp32 accumulation.
         """
         return self._fns["grouped_matmul"](x, weight, group_ends)

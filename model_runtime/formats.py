@@ -71,12 +71,18 @@ def dequant_fp4(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = 
 
 def e2m1_codes(x: torch.Tensor) -> torch.Tensor:
     """Nearest e2m1 code of x (already clamped to [-6, 6]), ties to the even code (0.25->0, 0.75->1, 2.5->2, 5->4)."""
-    mag = x.abs()
     # The code is the number of midpoints below |x|; at a midpoint the tie goes to the even neighbour, i.e. up
-    # when the lower neighbour's code is odd (0.75, 1.75, 3.5) and down otherwise (0.25, 1.25, 2.5, 5).
-    code = sum((mag > t).long() for t in (0.25, 1.25, 2.5, 5.0)) + sum((mag >= t).long() for t in (0.75, 1.75, 3.5))
-    assert isinstance(code, torch.Tensor)
+    # when the lower neighbour's code is odd (0.75, 1.75, 3.5) and down otherwise (0.25, 1.25, 2.5, 5). One
+    # bucketize counts them: the midpoints that count when equal are moved down by one fp32 ulp.
+    code = torch.bucketize(x.abs().float(), _e2m1_midpoints(x.device), right=False)
     return code | (((x < 0) & (code > 0)).long() << 3)
+
+
+@functools.cache
+def _e2m1_midpoints(device: torch.device) -> torch.Tensor:
+    strict = torch.tensor([0.25, 1.25, 2.5, 5.0])
+    inclusive = torch.tensor([0.75, 1.75, 3.5])
+    return torch.cat([strict, torch.nextafter(inclusive, torch.zeros(()))]).sort().values.to(device)
 
 
 def e2m1_round(x: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,16 @@ magnitude ~2): random tiny models are chaotic and would otherwise amplify roundi
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
+import os
 import shutil
 import sys
+import tempfile
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
@@ -25,16 +29,19 @@ from dsv4.model_runtime.config import ModelConfig
 from dsv4.model_runtime.formats import quant_fp4, quant_fp8
 from dsv4.model_runtime.presets import PRESETS, QUANTIZATION_CONFIG
 from dsv4.model_runtime.schema import TensorSpec, checkpoint_schema
+from dsv4.protocol import env
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+# Bump when the values write_checkpoint generates change (cached checkpoints are keyed by it).
+WRITER_VERSION = 1
 BRANCH_OUTPUT_GAIN = 0.5  # damps the residual branches (wo_b, w2) to keep random models from blowing up
 
 
-def preset_config(preset: str, quantized: bool = False) -> ModelConfig:
-    """The ModelConfig of a named preset (see dsv4.model_runtime.presets)."""
+def preset_config(preset: str, quantized: bool = False, overrides: dict[str, Any] | None = None) -> ModelConfig:
+    """The ModelConfig of a named preset (see dsv4.model_runtime.presets), with config.json keys `overrides`."""
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    raw = dict(PRESETS[preset])
+    raw = dict(PRESETS[preset]) | dict(overrides or {})
     if quantized:
         raw["quantization_config"] = dict(QUANTIZATION_CONFIG)
     return ModelConfig.from_dict(raw)
@@ -97,33 +104,62 @@ def _shard_key(name: str, cfg: ModelConfig) -> int:
     return 1 + (cfg.num_hidden_layers + 1) // 2
 
 
-def write_checkpoint(out: str | Path, preset: str, quantized: bool = False, seed: int = 0) -> Path:
-    """Write a random checkpoint of `preset` into folder `out` (created; must be empty or absent)."""
+def write_checkpoint(
+    out: str | Path, preset: str, quantized: bool = False, seed: int = 0, overrides: dict[str, Any] | None = None
+) -> Path:
+    """Write a random checkpoint of `preset` (config.json keys `overrides` applied) into folder `out` (created;
+    must be empty or absent). Shards are generated and written one at a time, so memory stays at one shard."""
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out}: folder is not empty; refusing to overwrite a checkpoint")
-    cfg = preset_config(preset, quantized)
+    cfg = preset_config(preset, quantized, overrides)
     gen = torch.Generator().manual_seed(seed)
-    shards: dict[int, dict[str, torch.Tensor]] = {}
-    for spec in checkpoint_schema(cfg):
-        shards.setdefault(_shard_key(spec.name, cfg), {}).update(
-            _stored(spec, _random_tensor(spec, cfg, gen), quantized)
-        )
+    specs = checkpoint_schema(cfg)
+    keys = sorted({_shard_key(spec.name, cfg) for spec in specs})  # the keys follow the schema's order
     out.mkdir(parents=True, exist_ok=True)
-    n = len(shards)
     weight_map: dict[str, str] = {}
     total = 0
-    for i, key in enumerate(sorted(shards)):
-        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-        save_file(shards[key], str(out / fname), metadata={"format": "pt"})
-        for name, t in shards[key].items():
-            weight_map[name] = fname
-            total += t.numel() * t.element_size()
+    shard: dict[str, torch.Tensor] = {}
+    for i, spec in enumerate(specs):
+        shard.update(_stored(spec, _random_tensor(spec, cfg, gen), quantized))
+        key = _shard_key(spec.name, cfg)
+        if i + 1 == len(specs) or _shard_key(specs[i + 1].name, cfg) != key:
+            fname = f"model-{keys.index(key) + 1:05d}-of-{len(keys):05d}.safetensors"
+            save_file(shard, str(out / fname), metadata={"format": "pt"})
+            for name, t in shard.items():
+                weight_map[name] = fname
+                total += t.numel() * t.element_size()
+            shard = {}
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
     (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
     (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     copy_tokenizer_files(out)
     return out
+
+
+def cached_checkpoint(preset: str, quantized: bool = False, seed: int = 0, root: str | Path | None = None) -> Path:
+    """A checkpoint of `preset` written once and kept under `root` (default $DSV4_HOME/checkpoints, DSV4_HOME
+    defaulting to ~/.cache/dsv4), in a folder named by the preset and a hash of its config, seed and
+    WRITER_VERSION, so a changed preset or writer gets a new folder. Written to a temporary folder and renamed
+    into place."""
+    cfg = preset_config(preset, quantized)
+    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    h.update(f"seed={seed} writer={WRITER_VERSION}".encode())
+    base = Path(root) if root is not None else Path(os.environ.get(env.HOME) or Path.home() / ".cache" / "dsv4")
+    folder = base / "checkpoints" / f"{preset}-{'q' if quantized else 'bf16'}-{h.hexdigest()[:12]}"
+    if not (folder / "config.json").exists():
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+        try:
+            write_checkpoint(tmp / "ckpt", preset, quantized, seed)
+            try:
+                os.replace(tmp / "ckpt", folder)
+            except OSError:
+                if not (folder / "config.json").exists():  # not another process's copy: a real failure
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def copy_tokenizer_files(out: Path) -> None:

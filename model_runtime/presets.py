@@ -87,6 +87,29 @@ PRESETS: dict[str, dict[str, Any]] = {
         "num_hash_layers": 2,
         "routed_scaling_factor": 1.5,
     },
+    # Flash's real widths (hidden 4096, 64 heads x 512, q/o LoRA ranks, indexer 64 x 128, experts 2048 wide,
+    # window 128, ratios 4 and 128) with one layer of each kind (SWA, CSA, HCA), the MTP layer and 16 experts:
+    # every weight shape of a layer is Flash's, so sharding, packing and kernels see the real sizes (a few GB).
+    "flash-widths": {
+        **_COMMON,
+        "hidden_size": 4096,
+        "num_hidden_layers": 3,
+        "num_attention_heads": 64,
+        "head_dim": 512,
+        "q_lora_rank": 1024,
+        "o_groups": 8,
+        "o_lora_rank": 1024,
+        "compress_ratios": [0, 4, 128, 0],
+        "sliding_window": 128,
+        "index_n_heads": 64,
+        "index_head_dim": 128,
+        "index_topk": 512,
+        "n_routed_experts": 16,
+        "num_experts_per_tok": 6,
+        "moe_intermediate_size": 2048,
+        "num_hash_layers": 1,
+        "routed_scaling_factor": 1.5,
+    },
 }
 
 QUANTIZATION_CONFIG: dict[str, Any] = {
@@ -96,3 +119,35 @@ QUANTIZATION_CONFIG: dict[str, Any] = {
     "activation_scheme": "dynamic",
     "weight_block_size": [128, 128],
 }
+
+
+def published_config(model: str) -> dict[str, Any]:
+    """The released config.json of DeepSeek-V4 `model` ("flash" or "pro"): the values of the Hugging Face
+    repositories deepseek-ai/DeepSeek-V4-Flash and -Pro (April 2026 release), for planning without a download."""
+    if model not in ("flash", "pro"):
+        raise ValueError(f"unknown published model {model!r}; choose flash or pro")
+    flash = model == "flash"
+    n = 43 if flash else 61
+    body = [r for _ in range((n - 3) // 2) for r in (4, 128)] + [4]  # CSA/HCA alternating, CSA last
+    return {
+        **_COMMON,
+        "hidden_size": 4096 if flash else 7168,
+        "num_hidden_layers": n,
+        "num_attention_heads": 64 if flash else 128,
+        "head_dim": 512,
+        "qk_rope_head_dim": 64,
+        "q_lora_rank": 1024 if flash else 1536,
+        "o_groups": 8 if flash else 16,
+        "o_lora_rank": 1024,
+        "sliding_window": 128,
+        "compress_ratios": ([0, 0] if flash else [128, 128]) + body + [0],
+        "index_n_heads": 64,
+        "index_head_dim": 128,
+        "index_topk": 512 if flash else 1024,
+        "n_routed_experts": 256 if flash else 384,
+        "num_experts_per_tok": 6,
+        "moe_intermediate_size": 2048 if flash else 3072,
+        "num_hash_layers": 3,
+        "routed_scaling_factor": 1.5 if flash else 2.5,
+        "quantization_config": dict(QUANTIZATION_CONFIG),
+    }

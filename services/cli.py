@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from dsv4.services.supervised import exit_with_supervisor
 
-CHECKPOINT_PRESETS = ("tiny-flash", "tiny-pro", "small-flash")
+CHECKPOINT_PRESETS = ("tiny-flash", "tiny-pro", "small-flash", "flash-widths")
 
 
 def _serve_args(p: argparse.ArgumentParser) -> None:
@@ -59,6 +59,26 @@ def _make_checkpoint_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("out", metavar="OUT", help="folder to write the checkpoint into")
 
 
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    from dsv4.model_runtime.plan import ACCELERATORS, CONTEXT, KV_FRACTION, MAX_BATCH_TOKENS, MAX_SEQS
+
+    model = p.add_mutually_exclusive_group(required=True)
+    model.add_argument("--config", metavar="PATH", help="a checkpoint's config.json (or the checkpoint folder)")
+    model.add_argument("--preset", choices=("flash", "pro"), help="the published DeepSeek-V4 Flash or Pro shapes")
+    p.add_argument("--accelerator", required=True, choices=sorted(ACCELERATORS), help="device type of the pods")
+    p.add_argument("--devices-per-pod", type=int, default=8, help="devices (ranks) per pod (default: %(default)s)")
+    p.add_argument("--pods", type=int, default=1, help="pods per replica group (default: %(default)s)")
+    p.add_argument("--tensor", type=int, help="tensor parallel ranks (default: all ranks / --data)")
+    p.add_argument("--data", type=int, default=1, help="data-parallel attention groups (default: %(default)s)")
+    p.add_argument("--no-expert-parallel", action="store_true", help="split experts by tensor parallel instead")
+    p.add_argument("--dtype", default="bfloat16", help="activation dtype (default: %(default)s)")
+    p.add_argument("--context", type=int, default=CONTEXT, help="sequence length to count (default: %(default)s)")
+    p.add_argument("--max-batch-tokens", type=int, default=MAX_BATCH_TOKENS, help="tokens of one step")
+    p.add_argument("--max-seqs", type=int, default=MAX_SEQS, help="sequences of one decode step")
+    p.add_argument("--kv-fraction", type=float, default=KV_FRACTION, help="share of free memory for the KV pool")
+    p.add_argument("--json", action="store_true", help="print the plan as one JSON object")
+
+
 @dataclass(frozen=True)
 class Command:
     """One subcommand: its help line, its arguments and the "module:function" that runs it."""
@@ -74,6 +94,11 @@ COMMANDS: dict[str, Command] = {
     "prefill": Command("run a prefill worker", _worker_args, "dsv4.services.workers.main:run_prefill"),
     "decode": Command("run a decode worker", _worker_args, "dsv4.services.workers.main:run_decode"),
     "operator": Command("run the Kubernetes operator", _operator_args, "dsv4.operator.main:main"),
+    "plan": Command(
+        "will a model fit a parallel layout on an accelerator (exit 1 when it does not)",
+        _plan_args,
+        "dsv4.model_runtime.plan:main_args",
+    ),
     "make-checkpoint": Command(
         "write a small random checkpoint in the official format",
         _make_checkpoint_args,

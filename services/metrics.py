@@ -27,6 +27,8 @@ HANDOFF_SECONDS = Histogram(
 HANDOFF_FAILURES = Counter("dsv4_handoff_failures", "Handoffs that could not be used", ["reason"])
 BATCH_SIZE = Gauge("dsv4_batch_size", "Requests in the engine's running batch", ["role"])
 KV_CACHE_USAGE = Gauge("dsv4_kv_cache_usage_ratio", "Used fraction of the engine's KV-cache blocks", ["role"])
+KV_POOL_BLOCKS = Gauge("dsv4_kv_pool_blocks", "Blocks of the engine's KV pool (sized at start)", ["role"])
+KV_POOL_MAX_TOKENS = Gauge("dsv4_kv_pool_max_tokens", "Token positions the engine's KV pool holds", ["role"])
 
 
 def render() -> tuple[bytes, str]:

@@ -13,6 +13,7 @@ import torch
 from dsv4.kernels.ascend.namespace import npu
 from dsv4.kernels.paged import PagedRows
 from dsv4.kernels.reference import attention as ref_attention
+from dsv4.kernels.reference import linear as ref_linear
 from dsv4.kernels.reference import mhc as ref_mhc
 from dsv4.kernels.reference import moe as ref_moe
 from dsv4.kernels.reference import norm_rope as ref_norm_rope
@@ -22,8 +23,12 @@ from dsv4.kernels.reference.quant_moe import dequant_fp8_experts, dequant_mxfp4_
 from dsv4.kernels.registry import register
 
 # Plain PyTorch on the NPU: torch_npu 2.14 has no op with these semantics (npu_swiglu has no clamp; the custom
-# `compressor` fuses projection and cache insert; sampling has no fused top-k/top-p op worth the layout change).
+# `compressor` fuses projection and cache insert; sampling has no fused top-k/top-p op worth the layout change;
+# the quantized matmuls of the 2.14 schema take INT8/INT4 weights (npu_weight_quant_batchmatmul,
+# npu_quant_matmul on Atlas A2/A3), FP8 only on Ascend 950, so an FP8 block-scaled `linear` is dequantized to the
+# activation dtype and multiplied, every call).
 for _op, _fn in (
+    ("linear", ref_linear.linear),
     ("swiglu", ref_norm_rope.swiglu),
     ("filter_logits", ref_sampling.filter_logits),
     ("sample_tokens", ref_sampling.sample_tokens),
@@ -129,7 +134,7 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tens
     # one output tensor (split_item 3)
     (out,) = npu().npu_grouped_matmul(
         [x],
-        [weight.transpose(1, 2)],
+        [weight.to(x.dtype).transpose(1, 2)],
         group_list=group_ends.to(torch.int64),
         split_item=3,
         group_type=0,

@@ -5,6 +5,6 @@ mode, fp32 only: the interpreter computes bf16 and fp32->fp8 casts wrongly). Sel
 tensors is always explicit: `DSV4_KERNEL_BACKEND=cuda` together with `TRITON_INTERPRET=1`.
 """
 
-from dsv4.kernels.cuda import attention, mhc, moe, norm_rope, paged, sampling
+from dsv4.kernels.cuda import attention, linear, mhc, moe, norm_rope, paged, sampling
 
-__all__ = ["attention", "mhc", "moe", "norm_rope", "paged", "sampling"]
+__all__ = ["attention", "linear", "mhc", "moe", "norm_rope", "paged", "sampling"]

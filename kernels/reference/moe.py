@@ -38,6 +38,7 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 0:
         return x.new_zeros(0, weight.shape[1])
+    weight = weight.to(x.dtype)  # a weight kept in its stored dtype (bf16 experts under fp32 compute)
     if x.dtype in _GROUPED_MM_DTYPES:
         return torch._grouped_mm(x, weight.transpose(1, 2), offs=group_ends.to(torch.int32))
     # Other dtypes (float64 in precision tests): gather each row's expert weight; memory M*O*K, fine at test sizes.

@@ -4,15 +4,16 @@ Layout (little endian):
 
     magic b"DSV4-KV\\n" | u32 format version | u32 header length | u32 crc32c(header) | header (UTF-8 JSON) | body
 
-The header names the model (`model_fingerprint`: sha256 of the config, every parameter's name/shape/dtype and
-the QAT flag), the position the state stands at, and every section of the body in order (name, dtype, shape,
-byte count). The body is cut in `chunk_size` chunks, each with its crc32c in the header, so a reader can verify
-the stream chunk by chunk. Per layer the parts are: the window ring; for compressed layers the entries
-(position // m of them) and the compressor's live rows; for CSA layers also the indexer keys and the indexer
-compressor's live rows. K=V rows and indexer keys are stored in the paged pool's formats (`kv_layout`: FP8
-e4m3 + UE8M0 scales and MXFP4 when the model runs the QAT simulation, exact for the values it rounds), one
-section per stored field (`layers.3.entries.fp8`, `.scale`, `.rope`); compressor rows in fp32. `load` checks
-all of it against the importing model and raises `KVFormatError` (a `KVImportError`, hence a ValueError) naming
+The header names the model (`model_fingerprint`: sha256 of the config, every checkpoint tensor's name, logical
+shape and stored format, the compute dtype and the QAT flag), the position the state stands at, and every section
+of the body in order (name, dtype, shape, byte count). The body is cut in `chunk_size` chunks, each with its crc32c
+in the header, so a reader can verify the stream chunk by chunk. Per layer the parts are: the window ring; for
+compressed layers the entries (position // m of them) and the compressor's live rows; for CSA layers also the
+indexer keys and the indexer compressor's live rows. K=V rows and indexer keys are stored in the paged pool's
+formats (`kv_layout`: FP8 e4m3 + UE8M0 scales and MXFP4 when the model runs the QAT simulation, exact for the
+values it rounds), one section per stored field (`layers.3.entries.fp8`, `.scale`, `.rope`); compressor rows in
+fp32. `load` checks all of it against the importing model and raises `KVFormatError` (a `KVImportError`, hence a
+ValueError) naming
 what is wrong; it never returns a state it did not fully verify.
 """
 
@@ -67,12 +68,14 @@ class KVSnapshot:
 
 
 def model_fingerprint(model: DeepseekV4) -> str:
-    """sha256 over the config, every parameter/buffer name, shape and dtype, and the QAT flag (hex, 32 chars)."""
+    """sha256 over the config, every checkpoint tensor's name, logical shape and stored format, the compute dtype
+    and the QAT flag (hex, 32 chars). It does not depend on the parallel layout: ranks of different layouts hold
+    different pieces of the same tensors, and a state exported under one imports under another."""
     h = hashlib.sha256()
     h.update(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
-    h.update(f"qat={model.qat_simulation}".encode())
+    for line in model.weight_signature:
+        h.update(f"{line}\n".encode())
+    h.update(f"dtype={model.dtype}\nqat={model.qat_simulation}".encode())
     return h.hexdigest()[:32]
 
 

@@ -28,7 +28,7 @@ class LLM:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         qat_simulation: bool = True,
-        **engine_config: int | bool,
+        **engine_config: int | bool | float | None,
     ) -> None:
         self.engine = LLMEngine.from_path(
             path,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from dsv4.model_runtime.engine.cuda_graphs import GRAPH_DEVICES
+from dsv4.model_runtime.engine.kv_budget import kv_budget
 from dsv4.model_runtime.engine.kv_state import KVCacheManager
 from dsv4.model_runtime.engine.model_runner import ModelRunner
 from dsv4.model_runtime.engine.request import Request, TokenLogprob
@@ -23,15 +25,19 @@ from dsv4.model_runtime.tokenizer import Tokenizer
 if TYPE_CHECKING:  # the KV blob format needs crc32c, which the bare GPU machine of bench/gpu.sh lacks
     from dsv4.model_runtime.engine.kv_export import KVSnapshot
 
+log = logging.getLogger("dsv4.model_runtime.engine")
+
 
 @dataclass(frozen=True)
 class EngineConfig:
-    """Batch limits and the KV pool size (in blocks of `block_size` positions)."""
+    """Batch limits and the KV pool size (in blocks of `block_size` positions): `num_blocks`, or None for
+    `kv_memory_fraction` of the device memory free after loading (`kv_budget`)."""
 
     max_num_seqs: int = 32
     max_num_batched_tokens: int = 512
     chunked_prefill: bool = True
-    num_blocks: int = 4096
+    num_blocks: int | None = None
+    kv_memory_fraction: float = 0.9
     block_size: int = 256
     num_slots: int = 0  # sequences holding a state at once (running + awaiting export); 0 = max_num_seqs + 8
     speculative_mtp: bool = False  # draft one token per decode step with the checkpoint's MTP module
@@ -71,7 +77,20 @@ class LLMEngine:
         self.config = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
         c = self.config
-        self.kv = KVCacheManager(model, c.num_blocks, c.block_size, c.num_slots or c.max_num_seqs + 8)
+        slots = c.num_slots or c.max_num_seqs + 8
+        self.kv_budget = kv_budget(
+            model.cfg,
+            model.device,
+            model.dtype,
+            model.qat_simulation,
+            len(model.mtp),
+            c.block_size,
+            slots,
+            c.num_blocks,
+            c.kv_memory_fraction,
+        )
+        log.info("%s", self.kv_budget.describe())
+        self.kv = KVCacheManager(model, self.kv_budget.num_blocks, c.block_size, slots)
         self.scheduler = Scheduler(
             SchedulerConfig(c.max_num_seqs, c.max_num_batched_tokens, c.chunked_prefill), self.kv
         )
@@ -182,9 +201,13 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     def stats_extra(self) -> dict[str, float]:
-        """Counters beyond the batch figures: KV bytes per token, preemptions, MTP drafts and acceptance."""
+        """Counters beyond the batch figures: the KV pool's size (blocks, tokens, bytes), KV bytes per token,
+        preemptions, MTP drafts and acceptance."""
         drafts = self.runner.drafts
         return {
+            "kv_pool_blocks": float(self.kv_budget.num_blocks),
+            "kv_pool_max_tokens": float(self.kv_budget.max_tokens),
+            "kv_pool_bytes": float(self.kv_budget.pool_bytes),
             "kv_bytes_per_token": float(self.kv.bytes_per_token),
             "preemptions": float(self.scheduler.num_preemptions),
             "mtp_drafts_proposed": float(drafts.proposed),

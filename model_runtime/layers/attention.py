@@ -21,6 +21,7 @@ from torch.nn.utils.rnn import pad_sequence
 from dsv4.model_runtime.config import ModelConfig
 from dsv4.model_runtime.layers.compressor import Compressor
 from dsv4.model_runtime.layers.indexer import Indexer
+from dsv4.model_runtime.layers.linear import Linear
 from dsv4.model_runtime.layers.norm import RMSNorm
 from dsv4.model_runtime.layers.ops_module import OpsModule
 from dsv4.model_runtime.layers.rope import RopeTable
@@ -48,13 +49,13 @@ class Attention(OpsModule):
         self.n_heads, self.head_dim, self.rope_dim = h, c, cfg.qk_rope_head_dim
         self.window, self.groups, self.eps = cfg.sliding_window, cfg.o_groups, cfg.rms_norm_eps
         self.ratio = cfg.ratio(layer)
-        self.wq_a = nn.Linear(d, cfg.q_lora_rank, bias=False)
+        self.wq_a = Linear(d, cfg.q_lora_rank)
         self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
-        self.wq_b = nn.Linear(cfg.q_lora_rank, h * c, bias=False)
-        self.wkv = nn.Linear(d, c, bias=False)
+        self.wq_b = Linear(cfg.q_lora_rank, h * c)
+        self.wkv = Linear(d, c)
         self.kv_norm = RMSNorm(c, cfg.rms_norm_eps)
-        self.wo_a = nn.Linear(h * c // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)  # grouped
-        self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, d, bias=False)
+        self.wo_a = Linear(h * c // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank)  # grouped
+        self.wo_b = Linear(cfg.o_groups * cfg.o_lora_rank, d)
         self.attn_sink = nn.Parameter(torch.zeros(h))
         self.compressor = (
             Compressor(d, c, self.ratio, overlap=cfg.is_csa(layer), eps=cfg.rms_norm_eps) if self.ratio else None
@@ -99,11 +100,7 @@ class Attention(OpsModule):
         """Attention output o [B, S, H, c] -> [B, S, d]: inverse RoPE, grouped low-rank output projection."""
         b, s = o.shape[:2]
         o = self.ops.rope(o, cos, sin, inverse=True)
-        o = o.reshape(b * s, self.groups, -1).transpose(0, 1)  # [G, B*S, H*c/G]: heads grouped contiguously
-        wo_a = self.wo_a.weight.view(self.groups, -1, o.shape[-1])  # [G, o_lora, H*c/G]
-        # An explicit copy back to [B*S, G, o_lora]: a reshape copies only when B*S > 1, and a decode step's ops
-        # must not depend on the batch size.
-        grouped = torch.bmm(o, wo_a.transpose(1, 2)).transpose(0, 1).clone(memory_format=torch.contiguous_format)
+        grouped = self.wo_a.grouped(o.reshape(b * s, self.groups, -1))  # heads grouped contiguously: [B*S, G, o_lora]
         return self.wo_b(grouped.view(b, s, -1))
 
     def _attend_paged(

@@ -12,9 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from dsv4.model_runtime.layers.linear import Linear
 from dsv4.model_runtime.layers.norm import RMSNorm
 from dsv4.model_runtime.layers.ops_module import OpsModule
 from dsv4.model_runtime.layers.rope import RopeTable
@@ -25,17 +25,16 @@ class Compressor(OpsModule):
         super().__init__()
         self.ratio, self.head_dim, self.overlap = ratio, head_dim, overlap
         width = (2 if overlap else 1) * head_dim
-        self.wkv = nn.Linear(dim, width, bias=False)
-        self.wgate = nn.Linear(dim, width, bias=False)
+        self.wkv = Linear(dim, width)
+        self.wgate = Linear(dim, width)
         self.ape = nn.Parameter(torch.zeros(ratio, width))
         self.norm = RMSNorm(head_dim, eps)
 
     def project(self, x: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [B, S, d], positions [B, S] -> (a, z) [B, S, coff*c] in >= fp32 (z includes ape of the slot)."""
         acc = torch.promote_types(x.dtype, torch.float32)
-        xf = x.to(acc)
-        a = F.linear(xf, self.wkv.weight.to(acc))
-        z = F.linear(xf, self.wgate.weight.to(acc)) + self.ape.to(acc)[positions % self.ratio]
+        a = self.wkv(x, out_dtype=acc)
+        z = self.wgate(x, out_dtype=acc) + self.ape.to(acc)[positions % self.ratio]
         return a, z
 
     def pool(

@@ -9,12 +9,11 @@ q and keys, and the scoring in bf16 (the official numerics).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from dsv4.kernels.paged import PagedRows
 from dsv4.model_runtime.config import ModelConfig
 from dsv4.model_runtime.layers.compressor import Compressor
+from dsv4.model_runtime.layers.linear import Linear
 from dsv4.model_runtime.layers.ops_module import OpsModule
 from dsv4.model_runtime.qat import q4_hadamard
 
@@ -23,8 +22,8 @@ class Indexer(OpsModule):
     def __init__(self, cfg: ModelConfig, ratio: int) -> None:
         super().__init__()
         self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
-        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
-        self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
+        self.wq_b = Linear(cfg.q_lora_rank, self.n_heads * self.head_dim)
+        self.weights_proj = Linear(cfg.hidden_size, self.n_heads)
         self.compressor = Compressor(cfg.hidden_size, self.head_dim, ratio, overlap=True, eps=cfg.rms_norm_eps)
         self.weight_scale = self.head_dim**-0.5 * self.n_heads**-0.5
 
@@ -34,7 +33,7 @@ class Indexer(OpsModule):
         """x [B, S, d], qr [B, S, q_lora] -> (q [B, S, Hi, ic], weights [B, S, Hi])."""
         b, s, _ = x.shape
         q = self.ops.rope(self.wq_b(qr).view(b, s, self.n_heads, self.head_dim), cos, sin)
-        weights = F.linear(x, self.weights_proj.weight) * self.weight_scale
+        weights = self.weights_proj(x) * self.weight_scale
         if qat:
             q = q4_hadamard(q)
         return q, weights

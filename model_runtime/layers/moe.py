@@ -5,10 +5,10 @@ through a grouped matmul, and one shared expert; clamped SwiGLU in both (oracle_
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv4.model_runtime.config import ModelConfig
+from dsv4.model_runtime.layers.linear import Linear, expert_matmul
 from dsv4.model_runtime.layers.ops_module import OpsModule
 
 
@@ -23,8 +23,7 @@ class Gate(OpsModule):
 
     def forward(self, u: torch.Tensor, token_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """u [N, d], token_ids [N] -> (weights [N, k] fp32, expert ids [N, k])."""
-        acc = torch.promote_types(u.dtype, torch.float32)
-        logits = F.linear(u.to(acc), self.weight.to(acc))
+        logits = self.ops.linear(u, self.weight, None, torch.promote_types(u.dtype, torch.float32))
         hash_idx = self.tid2eid[token_ids] if self.tid2eid is not None else None
         return self.ops.route(logits, self.topk, self.route_scale, bias=self.bias, hash_idx=hash_idx)
 
@@ -32,9 +31,9 @@ class Gate(OpsModule):
 class SharedExpert(OpsModule):
     def __init__(self, dim: int, inter: int, limit: float) -> None:
         super().__init__()
-        self.w1 = nn.Linear(dim, inter, bias=False)
-        self.w2 = nn.Linear(inter, dim, bias=False)
-        self.w3 = nn.Linear(dim, inter, bias=False)
+        self.w1 = Linear(dim, inter)
+        self.w2 = Linear(inter, dim)
+        self.w3 = Linear(dim, inter)
         self.limit = limit
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
@@ -47,8 +46,14 @@ class MoE(OpsModule):
         e, d, inter = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.n_experts, self.inter, self.limit = e, inter, cfg.swiglu_limit
         self.gate = Gate(cfg, hashed)
-        self.w13 = nn.Parameter(torch.zeros(e, 2 * inter, d))  # experts' w1 and w3 stacked, [out, in]
-        self.w2 = nn.Parameter(torch.zeros(e, d, inter))
+        # experts' w1 and w3 stacked, [out, in]; the loader stores them as the checkpoint does (MXFP4 packed with
+        # E8M0 scales [E, out, in/32] in released checkpoints)
+        self.w13 = nn.Parameter(torch.empty(e, 2 * inter, d), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(e, d, inter), requires_grad=False)
+        self.w13_scale: torch.Tensor | None
+        self.w2_scale: torch.Tensor | None
+        self.register_buffer("w13_scale", None)
+        self.register_buffer("w2_scale", None)
         self.shared_experts = SharedExpert(d, inter, cfg.swiglu_limit) if cfg.n_shared_experts else None
 
     def forward(self, u: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
@@ -61,9 +66,9 @@ class MoE(OpsModule):
         token = order // k
         bounds = torch.arange(self.n_experts, device=u.device)
         ends = torch.searchsorted(experts, bounds, right=True).to(torch.int32)
-        h = self.ops.grouped_matmul(u[token], self.w13, ends)  # [N*k, 2I]
+        h = expert_matmul(self.ops, u[token], self.w13, self.w13_scale, ends)  # [N*k, 2I]
         act = self.ops.swiglu(h[:, : self.inter], h[:, self.inter :], self.limit, weights.flatten()[order])
-        out = self.ops.grouped_matmul(act, self.w2, ends)  # [N*k, d]
+        out = expert_matmul(self.ops, act, self.w2, self.w2_scale, ends)  # [N*k, d]
         acc = torch.promote_types(u.dtype, torch.float32)
         # Back to (token, slot) order and summed over the slots: the same order for every batch (an atomic
         # index_add on a GPU would add a token's experts in a different order from run to run).

@@ -16,6 +16,7 @@ from torch import nn
 from dsv4.kernels.ops import bind as bind_backend
 from dsv4.model_runtime.config import ModelConfig
 from dsv4.model_runtime.layers.attention import StepContext
+from dsv4.model_runtime.layers.linear import Linear
 from dsv4.model_runtime.layers.mhc import HyperHead
 from dsv4.model_runtime.layers.norm import RMSNorm
 from dsv4.model_runtime.layers.ops_module import OpsModule, bind_ops
@@ -26,14 +27,18 @@ from dsv4.model_runtime.state import PagedDecode, SequenceState, new_sequence_st
 
 
 class DeepseekV4(OpsModule):
-    def __init__(self, cfg: ModelConfig, qat_simulation: bool = True, mtp: bool = True) -> None:
+    def __init__(
+        self, cfg: ModelConfig, qat_simulation: bool = True, mtp: bool = True, dtype: torch.dtype = torch.float32
+    ) -> None:
         super().__init__()
         self.cfg, self.qat_simulation = cfg, qat_simulation
+        self.compute_dtype = dtype  # activations and KV state; weights keep the checkpoint's formats
+        self.weight_signature: list[str] = []  # what the loader stored: "name:logical shape:format" per tensor
         self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.hc_head = HyperHead(cfg)
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.head = Linear(cfg.hidden_size, cfg.vocab_size)
         self.rope_main = RopeTable(cfg, compressed=False)
         self.rope_compress = RopeTable(cfg, compressed=True)
         self.mtp = nn.ModuleList(MTPBlock(cfg, i) for i in range(cfg.num_nextn_predict_layers if mtp else 0))
@@ -44,7 +49,8 @@ class DeepseekV4(OpsModule):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        """The compute dtype (activations, KV state)."""
+        return self.compute_dtype
 
     def bind_ops(self, backend: str | None = None) -> None:
         """Bind every layer's kernel ops for the model's device: `backend`, else `DSV4_KERNEL_BACKEND`, else the
@@ -90,7 +96,7 @@ class DeepseekV4(OpsModule):
         if input_ids.dim() != 2 or input_ids.shape[0] != len(states):
             raise ValueError(f"input_ids must be [B, S] with B = len(states) = {len(states)}, got {input_ids.shape}")
         ctx = self.context([st.position for st in states], input_ids.shape[1])
-        h = self.embed(input_ids)
+        h = self.embed(input_ids).to(self.dtype)
         streams = h.unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1).contiguous()
         for i, block in enumerate(self.layers):
             streams = block(streams, input_ids, ctx, [st.layers[i] for st in states])
@@ -102,8 +108,7 @@ class DeepseekV4(OpsModule):
         """Residual streams [..., n, d] -> logits [..., vocab] in fp32 (float64 for a float64 model)."""
         lead = streams.shape[:-2]
         h = self.norm(self.hc_head(streams.reshape(-1, *streams.shape[-2:])))
-        acc = torch.promote_types(h.dtype, torch.float32)
-        return torch.nn.functional.linear(h.to(acc), self.head.weight.to(acc)).view(*lead, -1)
+        return self.head(h, out_dtype=torch.promote_types(h.dtype, torch.float32)).view(*lead, -1)
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, states: list[SequenceState], last_only: bool = False) -> torch.Tensor:
@@ -126,11 +131,11 @@ class DeepseekV4(OpsModule):
         block = self.mtp[0]
         assert isinstance(block, MTPBlock)
         ctx = self.context([st.mtp_position for st in states], next_ids.shape[1])
-        hidden = block.predict(streams, self.embed(next_ids), next_ids, ctx, [st.mtp_layers[0] for st in states])
+        embed = self.embed(next_ids).to(self.dtype)
+        hidden = block.predict(streams, embed, next_ids, ctx, [st.mtp_layers[0] for st in states])
         for st in states:
             st.mtp_position += next_ids.shape[1]
-        acc = torch.promote_types(hidden.dtype, torch.float32)
-        return torch.nn.functional.linear(hidden.to(acc), self.head.weight.to(acc))
+        return self.head(hidden, out_dtype=torch.promote_types(hidden.dtype, torch.float32))
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

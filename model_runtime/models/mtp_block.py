@@ -8,10 +8,10 @@ head `mtp.i.hc_head_*`, `mtp.i.norm` and the shared `head` (deepseek_v4_model.md
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from dsv4.model_runtime.config import ModelConfig
 from dsv4.model_runtime.layers.attention import StepContext
+from dsv4.model_runtime.layers.linear import Linear
 from dsv4.model_runtime.layers.mhc import HyperHead
 from dsv4.model_runtime.layers.norm import RMSNorm
 from dsv4.model_runtime.models.block import Block
@@ -24,8 +24,8 @@ class MTPBlock(Block):
     def __init__(self, cfg: ModelConfig, index: int) -> None:
         super().__init__(cfg, cfg.num_hidden_layers + index)
         d = cfg.hidden_size
-        self.e_proj = nn.Linear(d, d, bias=False)
-        self.h_proj = nn.Linear(d, d, bias=False)
+        self.e_proj = Linear(d, d)
+        self.h_proj = Linear(d, d)
         self.enorm = RMSNorm(d, cfg.rms_norm_eps)
         self.hnorm = RMSNorm(d, cfg.rms_norm_eps)
         self.norm = RMSNorm(d, cfg.rms_norm_eps)

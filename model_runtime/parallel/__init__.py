@@ -1,7 +1,6 @@
-"""Tensor parallel attention and expert parallel MoE over torch.distributed, and a loader that reads only each
-rank's shard. gloo on CPU (tests), NCCL on NVIDIA, HCCL on Ascend (`group.backend_for`)."""
+"""One rank per device: the rank launcher, the process group of a rank, and the modules that make a rank's
+shard of the model (tensor-parallel attention, embedding and head; expert- or tensor-parallel MoE). gloo on CPU,
+NCCL on NVIDIA, HCCL on Ascend (`group.backend_for`). The loader is `dsv4.model_runtime.weights.load_rank`.
 
-from dsv4.model_runtime.parallel.group import ParallelConfig, backend_for
-from dsv4.model_runtime.parallel.rank_loader import load_parallel_model
-
-__all__ = ["ParallelConfig", "backend_for", "load_parallel_model"]
+Nothing is imported here, so that importing a submodule (the launcher's parent process) costs no torch import.
+"""

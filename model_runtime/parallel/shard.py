@@ -1,72 +1,123 @@
-"""Turn a DeepSeek-V4 model's layers into this rank's shard, without editing the model's modules' code.
+"""Turn a DeepSeek-V4 model (built on the meta device) into one rank's shard of a layout, before its weights are
+loaded: the modules get this rank's shapes (`placement` says which piece of every tensor a rank holds) and the
+collectives that make the shards compute what the whole model computes.
 
-Tensor parallel attention: rank r keeps heads [r*H/tp, (r+1)*H/tp) of wq_b, attn_sink and the output groups
-they feed (wo_a rows, wo_b columns; o_groups must split evenly), runs the unchanged Attention.forward on them,
-and a forward hook sums the partial outputs over the ranks. K=V, compressor and indexer stay replicated.
-Expert parallel MoE: rank r keeps experts [r*E/ep, ...); every rank routes every token (activations are
-replicated), computes the (token, slot) pairs of its own experts, and the outputs are summed over the ranks
-(the all-reduce form of dispatch/combine); rank 0 adds the shared expert.
+- Vocabulary-parallel `embed` (rows [r*V/tp, ...): ids outside the range give zero, summed over the ranks) and
+  `head` (this rank's logits, gathered over the ranks into the full vocabulary).
+- Tensor-parallel attention: this rank's heads of wq_b, attn_sink and the output groups they feed (wo_a rows,
+  wo_b columns); the unchanged Attention.forward runs on them and a forward hook sums the partial outputs.
+  K=V, compressor and indexer stay replicated, so every rank holds the whole K=V cache.
+- MoE: expert parallel (experts [r*E/ep, ...) whole) or tensor parallel (every expert's intermediate rows
+  [r*I/tp, ...)); every rank routes every token (activations are replicated), computes the (token, slot)
+  pairs it holds, and the outputs are summed over the ranks (the all-reduce form of dispatch/combine). The
+  shared expert is split over the tensor ranks, or held whole by tensor rank 0 when its rows do not split into
+  whole FP8 blocks; under expert parallelism only group 0 holds it (`placement`).
+
+The runtime runs tp = 1 or tp = world (one group); data-parallel attention over several groups is not implemented.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 
+from dsv4.model_runtime.config import ModelConfig
 from dsv4.model_runtime.layers.attention import Attention
-from dsv4.model_runtime.layers.moe import MoE
+from dsv4.model_runtime.layers.linear import Linear, expert_matmul
+from dsv4.model_runtime.layers.moe import MoE, SharedExpert
 from dsv4.model_runtime.layers.ops_module import OpsModule
-from dsv4.model_runtime.parallel.group import ParallelConfig, all_reduce_sum
+from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
+from dsv4.model_runtime.parallel.group import all_reduce_sum
+from dsv4.model_runtime.placement import Layout, PlacementError, holds_shared_expert, splits_shared_expert
 
 
 def _reduce_output(_module: nn.Module, _inputs: object, output: torch.Tensor) -> torch.Tensor:
     return all_reduce_sum(output)
 
 
-def shard_attention(attn: Attention, pc: ParallelConfig) -> None:
-    """Give `attn` (parameters not loaded yet) this rank's heads; its output is summed over the ranks."""
-    if pc.tp == 1:
-        return
-    heads, groups = attn.n_heads // pc.tp, attn.groups // pc.tp
-    if heads * pc.tp != attn.n_heads or groups * pc.tp != attn.groups:
-        raise ValueError(f"tp={pc.tp} must divide heads {attn.n_heads} and o_groups {attn.groups}")
+class VocabParallelEmbedding(nn.Embedding):
+    """Rows [first, first + n) of the embedding table; the lookup is summed over the ranks."""
+
+    def __init__(self, vocab: int, dim: int, layout: Layout, rank: int) -> None:
+        n = vocab // layout.tp
+        super().__init__(n, dim)
+        self.first, self.n = layout.tp_rank(rank) * n, n
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.first
+        inside = (local >= 0) & (local < self.n)
+        rows = F.embedding(local.clamp(0, self.n - 1), self.weight) * inside[..., None].to(self.weight.dtype)
+        return all_reduce_sum(rows)
+
+
+class VocabParallelHead(Linear):
+    """This rank's vocabulary rows of the head; the logits of all ranks are gathered in rank order."""
+
+    def __init__(self, dim: int, vocab: int, layout: Layout) -> None:
+        super().__init__(dim, vocab // layout.tp)
+
+    def forward(self, x: torch.Tensor, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        local = super().forward(x, out_dtype).contiguous()
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local)
+        return torch.cat(parts, dim=-1)
+
+
+def shard_attention(attn: Attention, layout: Layout) -> None:
+    """Give `attn` this rank's heads (placeholders; the loader fills them); its output is summed over the ranks."""
+    tp = layout.tp
+    heads, groups = attn.n_heads // tp, attn.groups // tp
     c = attn.head_dim
     o_lora = attn.wo_a.out_features // attn.groups
-    dev, dt = attn.wq_b.weight.device, attn.wq_b.weight.dtype
-    attn.wq_b = nn.Linear(attn.wq_b.in_features, heads * c, bias=False, device=dev, dtype=dt)
-    attn.wo_a = nn.Linear(attn.wo_a.in_features, groups * o_lora, bias=False, device=dev, dtype=dt)
-    attn.wo_b = nn.Linear(groups * o_lora, attn.wo_b.out_features, bias=False, device=dev, dtype=dt)
-    attn.attn_sink = nn.Parameter(torch.zeros(heads, device=dev, dtype=attn.attn_sink.dtype))
+    attn.wq_b = Linear(attn.wq_b.in_features, heads * c)
+    attn.wo_a = Linear(attn.wo_a.in_features, groups * o_lora)
+    attn.wo_b = Linear(groups * o_lora, attn.wo_b.out_features)
+    attn.attn_sink = nn.Parameter(torch.empty(heads), requires_grad=False)
     attn.n_heads, attn.groups = heads, groups
     attn.register_forward_hook(_reduce_output)
 
 
-class ExpertParallelMoE(OpsModule):
-    """MoE with experts [first, first + n_local) of E on this rank; output summed over the ranks."""
+class ParallelMoE(OpsModule):
+    """The MoE of one rank: experts [first, first + n_local) with `inter` intermediate rows each, plus its part of
+    the shared expert (or none); the output is summed over the ranks."""
 
-    def __init__(self, moe: MoE, pc: ParallelConfig) -> None:
+    def __init__(self, moe: MoE, cfg: ModelConfig, layout: Layout, rank: int, shared_format: str) -> None:
         super().__init__()
-        self.first, stop = pc.span(moe.n_experts, pc.ep, "routed experts")
-        self.n_local, self.inter, self.limit = stop - self.first, moe.inter, moe.limit
-        self.gate = moe.gate
-        self.shared_experts = moe.shared_experts if pc.rank == 0 else None
-        w13, w2 = moe.w13, moe.w2
-        self.w13 = nn.Parameter(torch.zeros(self.n_local, *w13.shape[1:], device=w13.device, dtype=w13.dtype))
-        self.w2 = nn.Parameter(torch.zeros(self.n_local, *w2.shape[1:], device=w2.device, dtype=w2.dtype))
+        if layout.ep > 1:
+            self.first, self.n_local = rank * moe.n_experts // layout.ep, moe.n_experts // layout.ep
+            self.inter = moe.inter
+        else:
+            self.first, self.n_local, self.inter = 0, moe.n_experts, moe.inter // layout.tp
+        self.limit, self.gate = moe.limit, moe.gate
+        shared = moe.shared_experts
+        self.shared_experts: SharedExpert | None = None
+        if shared is not None and holds_shared_expert(cfg, shared_format, layout, rank):
+            parts = layout.tp if splits_shared_expert(cfg, shared_format, layout) else 1
+            self.shared_experts = SharedExpert(shared.w1.in_features, shared.w1.out_features // parts, moe.limit)
+        d = moe.w2.shape[1]
+        self.w13 = nn.Parameter(torch.empty(self.n_local, 2 * self.inter, d), requires_grad=False)
+        self.w2 = nn.Parameter(torch.empty(self.n_local, d, self.inter), requires_grad=False)
+        self.w13_scale: torch.Tensor | None
+        self.w2_scale: torch.Tensor | None
+        self.register_buffer("w13_scale", None)
+        self.register_buffer("w2_scale", None)
 
     def forward(self, u: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
-        """u [N, d], token_ids [N] -> [N, d]: this rank's experts plus (rank 0) the shared expert, summed."""
+        """u [N, d], token_ids [N] -> [N, d]: this rank's experts and shared-expert part, summed over the ranks."""
         weights, idx = self.gate(u, token_ids)  # [N, k], all experts
         k = idx.shape[1]
         local = idx.flatten() - self.first
         pairs = torch.nonzero((local >= 0) & (local < self.n_local)).flatten()  # (token, slot) pairs here
-        order = local[pairs].argsort(stable=True)
-        pairs = pairs[order]
+        pairs = pairs[local[pairs].argsort(stable=True)]
         token = pairs // k
         ends = torch.bincount(local[pairs], minlength=self.n_local).cumsum(0).to(torch.int32)
-        h = self.ops.grouped_matmul(u[token], self.w13, ends)
+        h = expert_matmul(self.ops, u[token], self.w13, self.w13_scale, ends)
         act = self.ops.swiglu(h[:, : self.inter], h[:, self.inter :], self.limit, weights.flatten()[pairs])
-        out = self.ops.grouped_matmul(act, self.w2, ends)
+        out = expert_matmul(self.ops, act, self.w2, self.w2_scale, ends)
         acc = torch.promote_types(u.dtype, torch.float32)
         y = torch.zeros(u.shape, dtype=acc, device=u.device).index_add_(0, token, out.to(acc))
         if self.shared_experts is not None:
@@ -74,9 +125,27 @@ class ExpertParallelMoE(OpsModule):
         return all_reduce_sum(y).to(u.dtype)
 
 
-def shard_model(model: nn.Module, pc: ParallelConfig) -> None:
-    """Shard every decoder block of a DeepseekV4 in place (before its weights are loaded)."""
-    for block in model.layers:  # type: ignore[union-attr]
-        shard_attention(block.attn, pc)
-        if pc.ep > 1:
-            block.ffn = ExpertParallelMoE(block.ffn, pc)
+def shard_model(model: DeepseekV4, layout: Layout, rank: int, format_of: Callable[[str], str]) -> None:
+    """Turn a meta-device DeepseekV4 into rank `rank`'s shard of `layout` in place (before its weights load);
+    `format_of(name)` is the stored format of a checkpoint tensor (it decides how the shared expert splits)."""
+    if layout.world == 1:
+        return
+    if layout.tp not in (1, layout.world):
+        raise PlacementError(
+            f"layout {layout.describe()}: the runtime runs tensor parallel over all ranks or none; "
+            "data-parallel attention over several tensor-parallel groups is not implemented"
+        )
+    cfg = model.cfg
+    if layout.tp > 1:
+        model.embed = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, layout, rank)
+        model.head = VocabParallelHead(cfg.hidden_size, cfg.vocab_size, layout)
+    blocks = [(f"layers.{i}", b) for i, b in enumerate(model.layers)]
+    blocks += [(f"mtp.{i}", b) for i, b in enumerate(model.mtp)]
+    for prefix, block in blocks:
+        assert isinstance(block.attn, Attention) and isinstance(block.ffn, MoE)
+        if layout.tp > 1:
+            shard_attention(block.attn, layout)
+        if layout.tp > 1 or layout.ep > 1:
+            shared = f"{prefix}.ffn.shared_experts.w1.weight"
+            fmt = format_of(shared) if cfg.n_shared_experts else "bf16"
+            block.ffn = ParallelMoE(block.ffn, cfg, layout, rank, fmt)

@@ -40,7 +40,7 @@ def _run(args: argparse.Namespace, role: contract.Role) -> int:
     from dsv4.model_runtime.engine.async_engine import AsyncEngine
     from dsv4.model_runtime.engine.llm_engine import LLMEngine
 
-    dtype = getattr(torch, settings.dtype)
+    dtype = getattr(torch, settings.compute_dtype())
     # The export's chunks are the handoff's values as they come (one checksummed cut, not two): the size is the
     # handoff's.
     engine = AsyncEngine(

@@ -74,6 +74,7 @@ class WorkerRuntime:
         self._handle = handle
         await self._until_redis(self.queue.ensure_group)
         self.started = True
+        self._export_engine_stats()  # the pool's size is known from the start
         beat = asyncio.create_task(self._heartbeats())
         try:
             while not self.draining.is_set():
@@ -144,6 +145,9 @@ class WorkerRuntime:
         if stats.kv_cache_total_blocks:
             usage = stats.kv_cache_used_blocks / stats.kv_cache_total_blocks
             metrics.KV_CACHE_USAGE.labels(role=self.role.value).set(usage)
+        metrics.KV_POOL_BLOCKS.labels(role=self.role.value).set(stats.kv_cache_total_blocks)
+        if "kv_pool_max_tokens" in stats.extra:
+            metrics.KV_POOL_MAX_TOKENS.labels(role=self.role.value).set(stats.extra["kv_pool_max_tokens"])
 
     async def _drain(self) -> None:
         if self.inflight:

@@ -24,9 +24,10 @@ class WorkerSettings(RoleSettings):
 
     port: int = contract.WORKER_PORT
     device: str | None = None
+    # The compute dtype; unset: bfloat16 on an accelerator (cuda, npu), float32 on a CPU (`compute_dtype`).
     # float64 exists for exactness checks on CPU: fp32 GEMMs round differently with the batch shape, which can flip
     # a near-tie greedy token of a random test model after a takeover re-batches a request.
-    dtype: Literal["float32", "bfloat16", "float16", "float64"] = "float32"
+    dtype: Literal["float32", "bfloat16", "float16", "float64"] | None = None
     pod_name: str = Field(default_factory=_default_consumer)  # the consumer name in the group
     pod_ip: str = "127.0.0.1"  # where the direct data plane is reached
     kv_handoff: KvHandoffConfig = KvHandoffConfig()
@@ -35,3 +36,9 @@ class WorkerSettings(RoleSettings):
     reclaim_idle_ms: int = Field(default=15_000, ge=100, description="take over jobs untouched for this long")
     heartbeat_s: float = Field(default=2.0, gt=0, description="how often in-flight jobs are touched")
     drain_timeout_s: float = Field(default=60.0, ge=0, description="SIGTERM: how long in-flight jobs may finish")
+
+    def compute_dtype(self) -> str:
+        """The model's compute dtype: `dtype` when set, else bfloat16 on cuda/npu and float32 on a CPU."""
+        if self.dtype is not None:
+            return self.dtype
+        return "float32" if (self.device or "cpu").split(":")[0] == "cpu" else "bfloat16"

@@ -123,6 +123,9 @@ async def test_streamed_chat_equals_llm_generate(cluster: Cluster, reference: LL
     async with httpx.AsyncClient() as h:
         prefill_metrics = (await h.get(cluster.prefill.url + "/metrics")).text
     assert 'dsv4_handoff_bytes_total{direction="write",transport="redis"}' in prefill_metrics
+    # The KV pool's size (a CPU worker's "auto" pool: 4096 blocks of 256 positions).
+    assert 'dsv4_kv_pool_blocks{role="prefill"} 4096.0' in prefill_metrics
+    assert 'dsv4_kv_pool_max_tokens{role="prefill"} 1.048576e+06' in prefill_metrics
 
 
 async def test_sigkill_of_a_decode_worker_mid_stream_loses_and_duplicates_nothing(

@@ -25,7 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dsv4.kernels.cuda import attention, mhc, moe, norm_rope, paged
+from dsv4.kernels.cuda import attention, linear, mhc, moe, norm_rope, paged
 
 _C = "constexpr"
 
@@ -179,6 +179,23 @@ def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
             4,
         ),
     ]  # fmt: skip
+    for fp8, weight, out in ((False, bf, f32), (True, "*fp8e4nv", bf)):
+        specs.append(
+            (
+                f"linear[quant={int(fp8)}]",
+                linear._linear_kernel,
+                dict(x_ptr=bf, w_ptr=weight, scale_ptr="*u8", out_ptr=out, M=i32, N_OUT=i32, K=i32),
+                dict(
+                    QUANT=fp8,
+                    SCALE_E8M0=fp8,
+                    BLOCK_M=16,
+                    BLOCK_O=64,
+                    BLOCK_K=linear.LINEAR_BLOCK_K,
+                    PRECISION="tf32",
+                ),
+                linear.LINEAR_WARPS,
+            )
+        )
     for quant, weight, scale in ((0, bf, f32), (1, "*fp8e4nv", "*u8"), (2, "*u8", "*u8")):
         specs.append(
             (

@@ -141,3 +141,19 @@ def test_paged_indexer_topk_bf16_mxfp4_pages_picks_entries_of_the_same_scores():
         g, r = got[b], want[b]
         assert int((g < 0).sum()) == int((r < 0).sum()) and g[g >= 0].unique().numel() == int((g >= 0).sum())
         torch.testing.assert_close(score[b, g[g >= 0]].sort().values, score[b, r[r >= 0]].sort().values, **BF16)
+
+
+@pytest.mark.parametrize("quant", ["fp8", "bf16-to-fp32"])
+def test_linear_bf16(quant):
+    """The block-scaled FP8 projection in bf16, and a bf16 weight with an fp32 output (head, router, compressors)."""
+    ref, cuda = _pair("linear")
+    x = torch.randn(37, 1024, device="cuda").bfloat16()
+    master = torch.randn(4096, 1024) * 0.05
+    if quant == "fp8":
+        w, s = quant_fp8(master)
+        args: tuple[torch.Tensor | None, ...] = (w.cuda(), s.cuda(), None)
+    else:
+        args = (master.bfloat16().cuda(), None, torch.float32)
+    got, want = cuda(x, *args), ref(x, *args)
+    assert got.dtype == want.dtype
+    torch.testing.assert_close(got, want, **BF16)

@@ -28,8 +28,9 @@ def test_filters_keep_exactly_the_allowed_tokens() -> None:
     logits = torch.tensor([[2.0, 1.0, 1.0, 0.0, -1.0]] * 4)
     probs = torch.softmax(logits[0].double(), -1)
     mass_two = float(probs[0] + probs[1]) - 1e-9
-    out = REF.filter_logits(logits, *_params([(1.0, 2, 1.0, 0.0), (1.0, 0, mass_two, 0.0), (1.0, 0, 1.0, 0.5),
-                                              (2.0, 0, 1.0, 0.0)]))
+    out = REF.filter_logits(
+        logits, *_params([(1.0, 2, 1.0, 0.0), (1.0, 0, mass_two, 0.0), (1.0, 0, 1.0, 0.5), (2.0, 0, 1.0, 0.0)])
+    )
     kept = (out > INF).tolist()
     assert kept[0] == [True, True, True, False, False]  # top-k keeps ties with the k-th value
     assert kept[1] == [True, True, False, False, False]  # smallest prefix (stable order) reaching top_p
@@ -41,8 +42,14 @@ def test_filters_keep_exactly_the_allowed_tokens() -> None:
 def test_rows_never_influence_each_other() -> None:
     torch.manual_seed(0)
     logits = torch.randn(6, 50) * 3
-    rows = [(0.0, 0, 1.0, 0.0), (0.7, 5, 1.0, 0.0), (1.3, 0, 0.8, 0.0), (1.0, 0, 1.0, 0.1), (2.0, 7, 0.9, 0.05),
-            (1.0, 0, 1.0, 0.0)]
+    rows = [
+        (0.0, 0, 1.0, 0.0),
+        (0.7, 5, 1.0, 0.0),
+        (1.3, 0, 0.8, 0.0),
+        (1.0, 0, 1.0, 0.1),
+        (2.0, 7, 0.9, 0.05),
+        (1.0, 0, 1.0, 0.0),
+    ]
     noise = -torch.log(-torch.log(torch.rand(6, 50, dtype=torch.float64)))
     batched = REF.sample_tokens(logits, *_params(rows), noise)
     for i, row in enumerate(rows):

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from dsv4.model_runtime import load_model
-from dsv4.model_runtime.checkpoint import CheckpointError, read_config
+from dsv4.model_runtime.checkpoint import CheckpointError, CheckpointReader, read_config
 from dsv4.model_runtime.formats import dequant_fp4, dequant_fp8
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
 from dsv4.model_runtime.schema import checkpoint_schema
@@ -83,16 +83,37 @@ def test_tokenizer_files_are_the_packaged_ones(checkpoint: Callable[[str, bool],
     assert (checkpoint("tiny-flash", True) / "tokenizer.json").read_bytes() == packaged.read_bytes()
 
 
-def test_stored_quantized_weights_decode_to_what_the_model_holds(checkpoint: Callable[[str, bool], Path]) -> None:
+def test_quantized_weights_stay_packed_and_decode_to_the_stored_values(checkpoint: Callable[[str, bool], Path]) -> None:
+    """The model holds FP8 weights, their scales and MXFP4 experts byte for byte as stored, and its projections
+    compute with the values the checkpoint format defines."""
     ckpt = checkpoint("tiny-flash", True)
     model = load_model(ckpt, qat_simulation=False)
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
     shard = load_file(str(ckpt / index["layers.3.attn.wo_b.weight"]))
+    wo_b = model.layers[3].attn.wo_b
+    assert wo_b.weight.dtype == torch.float8_e4m3fn and wo_b.scale is not None
+    assert torch.equal(wo_b.weight.view(torch.uint8), shard["layers.3.attn.wo_b.weight"].view(torch.uint8))
+    assert torch.equal(wo_b.scale.view(torch.uint8), shard["layers.3.attn.wo_b.scale"].view(torch.uint8))
     w = dequant_fp8(shard["layers.3.attn.wo_b.weight"], shard["layers.3.attn.wo_b.scale"])
-    assert torch.equal(w, model.layers[3].attn.wo_b.weight)
+    assert torch.equal(wo_b(torch.eye(w.shape[1])), w.T)  # x = I: the projection returns W^T exactly
     shard = load_file(str(ckpt / index["layers.3.ffn.experts.5.w3.weight"]))
+    ffn = model.layers[3].ffn
+    assert ffn.w13.dtype == torch.int8 and ffn.w13_scale is not None
+    assert torch.equal(ffn.w13[5, 128:], shard["layers.3.ffn.experts.5.w3.weight"])
+    assert torch.equal(
+        ffn.w13_scale[5, 128:].view(torch.uint8), shard["layers.3.ffn.experts.5.w3.scale"].view(torch.uint8)
+    )
     w3 = dequant_fp4(shard["layers.3.ffn.experts.5.w3.weight"], shard["layers.3.ffn.experts.5.w3.scale"])
-    assert torch.equal(w3, model.layers[3].ffn.w13[5, 128:])
+    x = torch.eye(w3.shape[1])
+    ends = torch.tensor([0] * 5 + [x.shape[0]] * 3, dtype=torch.int32)  # every row through expert 5
+    got = model.ops.grouped_matmul_mxfp4(x, ffn.w13, ffn.w13_scale, ends)[:, 128:]
+    assert torch.equal(got, w3.T)
+    # BF16 tensors take the compute dtype (fp32 here: exact), F32 ones stay F32
+    assert (
+        model.embed.weight.dtype == model.dtype == torch.float32 and model.layers[0].hc_attn.fn.dtype == torch.float32
+    )
+    bf16 = load_model(ckpt, dtype=torch.bfloat16)
+    assert bf16.embed.weight.dtype == torch.bfloat16 and bf16.layers[3].attn.wo_b.weight.dtype == torch.float8_e4m3fn
 
 
 def test_writer_refuses_a_non_empty_folder(tmp_path: Path) -> None:
@@ -179,3 +200,48 @@ def test_truncated_file(corrupt: Callable[[str], tuple[Path, Path]]) -> None:
     shard.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=rf"tensor '[^']+' in {shard}: cannot open .* truncated or corrupt"):
         load_model(ckpt)
+
+
+def test_an_mxfp4_expert_needs_whole_32_column_blocks(tmp_path: Path) -> None:
+    """Block alignment is required of tensors stored in a blocked format only, and the refusal names the tensor
+    and the rule: the BF16 checkpoint with 72-wide experts loads, the same expert stored as MXFP4 does not."""
+    ckpt = write_checkpoint(tmp_path / "ckpt", "tiny-flash", overrides={"moe_intermediate_size": 72})
+    load_model(ckpt)
+    name = "layers.1.ffn.experts.3.w2.weight"  # logical [128, 72]: 72 input columns
+    shard = ckpt / json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"][name]
+
+    def as_mxfp4(t: dict[str, torch.Tensor]) -> None:
+        t[name] = torch.zeros(128, 36, dtype=torch.int8)
+        t[name.removesuffix(".weight") + ".scale"] = torch.ones(128, 2).to(torch.float8_e8m0fnu)
+
+    _rewrite(shard, as_mxfp4)
+    with pytest.raises(
+        CheckpointError,
+        match=rf"'{name}' in {shard}: stored as MXFP4 .* its 72 input columns are "
+        "not a multiple of 32",
+    ):
+        load_model(ckpt)
+
+
+def test_a_load_reports_bytes_shards_and_rate(
+    checkpoint: Callable[[str, bool], Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Every load ends with one progress line: bytes of this rank, shards, GB/s (long loads also log on the way)."""
+    import logging
+
+    from dsv4.model_runtime.placement import Layout
+    from dsv4.model_runtime.weights import LoadProgress, load_rank
+
+    ckpt = checkpoint("tiny-flash", True)
+    with caplog.at_level(logging.INFO, logger="dsv4.model_runtime.load"):
+        _, report = load_rank(ckpt, Layout(), 0)
+    shards = len(list(ckpt.glob("*.safetensors")))
+    with CheckpointReader(ckpt) as reader:  # world 1 reads every stored tensor once
+        total = sum(reader.entry(name).nbytes for name in reader.weight_map)
+    assert report.shards == shards and report.bytes_read == total
+    line = [r.getMessage() for r in caplog.records if "loaded" in r.getMessage()][-1]
+    assert f"of {report.bytes_read / 1e9:.2f} GB (100%), shards {shards} of {shards}," in line and "GB/s" in line
+    progress = LoadProgress("loading", 2_000_000_000, 4, every_s=0.0)
+    with caplog.at_level(logging.INFO, logger="dsv4.model_runtime.load"):
+        progress.advance(500_000_000, shard_done=True)
+    assert "loading: 0.50 of 2.00 GB (25%), shards 1 of 4," in caplog.records[-1].getMessage()

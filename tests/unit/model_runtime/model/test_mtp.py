@@ -21,9 +21,10 @@ def test_mtp_weights_come_from_the_mtp_tensors(checkpoint: Callable[[str, bool],
     model = load_model(ckpt, qat_simulation=False)
     index = json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"]
     shard = load_file(str(ckpt / index["mtp.0.e_proj.weight"]))
-    assert torch.equal(
-        model.mtp[0].e_proj.weight, dequant_fp8(shard["mtp.0.e_proj.weight"], shard["mtp.0.e_proj.scale"])
-    )
+    e_proj = model.mtp[0].e_proj
+    assert torch.equal(e_proj.weight.view(torch.uint8), shard["mtp.0.e_proj.weight"].view(torch.uint8))  # packed
+    w = dequant_fp8(shard["mtp.0.e_proj.weight"], shard["mtp.0.e_proj.scale"])
+    assert torch.equal(e_proj(torch.eye(w.shape[1])), w.T)
     assert torch.equal(model.mtp[0].hc_head.fn, shard["mtp.0.hc_head_fn"])
     assert model.mtp[0].attn.compressor is None  # the MTP block is a sliding-window layer
     assert not load_model(ckpt, mtp=False).mtp

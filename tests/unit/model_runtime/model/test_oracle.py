@@ -68,3 +68,19 @@ def test_bf16_model_is_statistically_close_to_fp32(
     assert half.dtype == torch.float32  # logits are computed in fp32 from the bf16 hidden state
     assert (half - exact).abs().mean() < 0.1
     assert (half.argmax(-1) == exact.argmax(-1)).float().mean() > 0.8
+
+
+def test_bf16_experts_of_any_width_load_like_transformers(
+    tmp_path: Path, oracle: Callable[[Path], Any], ids: Callable[..., torch.Tensor]
+) -> None:
+    """A BF16 checkpoint whose moe_intermediate_size (72) is not a multiple of 32: its experts are not MXFP4, so no
+    block rule applies; it loads and matches transformers (issue #14, item 6)."""
+    from dsv4.model_runtime.make_checkpoint import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "ckpt", "tiny-flash", overrides={"moe_intermediate_size": 72})
+    ours = load_model(ckpt, qat_simulation=False)
+    assert ours.layers[0].ffn.w13.shape == (8, 144, 128) and ours.layers[0].ffn.w13_scale is None  # not MXFP4
+    x = ids(2, 20, seed=9)
+    with torch.no_grad():
+        want = oracle(ckpt)(x, use_cache=False).logits
+    assert (ours(x) - want).abs().max() <= TOL

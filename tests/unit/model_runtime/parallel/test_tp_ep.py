@@ -1,11 +1,8 @@
-"""2-process gloo runs with TP=2, EP=2 and both give the single-process logits; each rank reads only its shard."""
+"""tiny-flash over 2 gloo ranks started by the launcher: tensor parallel, expert parallel and both give the
+one-process logits, and each rank reads only its pieces (its experts, its TP rows and columns)."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +13,6 @@ from dsv4.model_runtime.config import ModelConfig
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
 
 pytestmark = pytest.mark.integration
-WORKER = Path(__file__).with_name("tp_ep_worker.py")
 
 
 @pytest.fixture(scope="module")
@@ -26,60 +22,44 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[st
     ids = torch.randint(2, 129280, (2, 12), generator=torch.Generator().manual_seed(1))
     torch.save(ids, root / "ids.pt")
     model = load_model(ckpt)
-    full = model(ids)
     states = [model.new_state() for _ in range(2)]
-    model.prefill(ids[:, :-1], states)
-    return Path(ckpt), root / "ids.pt", {"full": full, "step": model.decode(ids[:, -1], states)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _run(ckpt: Path, ids: Path, mode: str, out: Path) -> list[dict]:
-    out.mkdir()
-    base = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
-    base.pop("DSV4_KERNEL_BACKEND", None)
-    procs = [
-        subprocess.Popen(
-            [sys.executable, str(WORKER), str(ckpt), mode, str(ids), str(out)],
-            env=base | {"RANK": str(r), "LOCAL_RANK": str(r)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        for r in range(2)
-    ]
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), "\n".join(o[-2000:] for o in outputs)
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    prefill = model.prefill(ids[:, :-1], states)
+    return Path(ckpt), root / "ids.pt", {"prefill": prefill, "step": model.decode(ids[:, -1], states)}
 
 
 @pytest.mark.parametrize("mode", ["tp", "ep", "tp+ep"])
-def test_two_ranks_equal_one_process(setup, tmp_path, mode):
+def test_two_ranks_equal_one_process(setup, model_ranks, tmp_path, mode):
     ckpt, ids, want = setup
-    ranks = _run(ckpt, ids, mode, tmp_path / "out")
+    layout = {"tp": "2,1", "ep": "1,2", "tp+ep": "2,2"}[mode]
+    ranks = model_ranks(ckpt, layout, ids, tmp_path / "out", 2)
     cfg = ModelConfig.from_file(ckpt / "config.json")
     for r, got in enumerate(ranks):
-        torch.testing.assert_close(got["full"], want["full"], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(got["prefill"], want["prefill"], atol=2e-5, rtol=1e-5)
         torch.testing.assert_close(got["step"], want["step"], atol=2e-5, rtol=1e-5)
-        experts_read = {int(n.split(".experts.")[1].split(".")[0]) for n in got["read"] if ".experts." in n}
+        pieces = got["pieces"]
+        experts = {int(n.split(".experts.")[1].split(".")[0]) for n in pieces if ".experts." in n}
         half = cfg.n_routed_experts // 2
         if "ep" in mode:
-            assert experts_read == set(range(r * half, (r + 1) * half))
-            skipped_routed = {int(n.split(".experts.")[1].split(".")[0]) for n in got["skipped"] if ".experts." in n}
-            assert skipped_routed == set(range(cfg.n_routed_experts)) - experts_read
-            assert all(".experts." in n or ".shared_experts." in n for n in got["skipped"])
-            assert any(".shared_experts." in n for n in got["read"]) == (r == 0)  # rank 0 alone runs it
+            assert experts == set(range(r * half, (r + 1) * half))
+            assert all(pieces[n] == (None, 0, 0) for n in pieces if ".experts." in n)  # owned experts whole
+            skipped = {int(n.split(".experts.")[1].split(".")[0]) for n in got["skipped"] if ".experts." in n}
+            assert skipped == set(range(cfg.n_routed_experts)) - experts
         else:
-            assert experts_read == set(range(cfg.n_routed_experts)) and not got["skipped"]
-        wq_b = [n for n in got["sliced"] if n.endswith("attn.wq_b.weight")]
+            assert experts == set(range(cfg.n_routed_experts))
+            rows = cfg.moe_intermediate_size // 2
+            if mode == "tp":  # no expert parallelism: every expert's intermediate rows are split
+                assert pieces["layers.2.ffn.experts.3.w1.weight"] == (0, r * rows, (r + 1) * rows)
+                assert pieces["layers.2.ffn.experts.3.w2.weight"] == (1, r * rows, (r + 1) * rows)
+        shared = [n for n in pieces if ".shared_experts." in n]
+        if mode == "ep":
+            assert bool(shared) == (r == 0)  # rank 0 alone holds (and adds) the shared expert
+        wq_b = [n for n in pieces if n.endswith("attn.wq_b.weight") and ".indexer." not in n]
         if "tp" in mode:
             rows = cfg.num_attention_heads * cfg.head_dim // 2
-            assert len(wq_b) == cfg.num_hidden_layers
-            assert all(got["sliced"][n] == (0, r * rows, (r + 1) * rows) for n in wq_b)
-            assert not any(n.endswith(("attn.wq_b.weight", "attn.wo_b.weight")) for n in got["read"])
+            assert len(wq_b) == cfg.num_hidden_layers + cfg.num_nextn_predict_layers
+            assert all(pieces[n] == (0, r * rows, (r + 1) * rows) for n in wq_b)
+            assert pieces["embed.weight"] == (0, r * cfg.vocab_size // 2, (r + 1) * cfg.vocab_size // 2)
+            assert pieces["layers.1.attn.wo_b.weight"][0] == 1
         else:
-            assert not got["sliced"]
+            assert all(pieces[n] == (None, 0, 0) for n in wq_b)
+        assert got["fingerprint_lines"] == ranks[0]["fingerprint_lines"]  # layout-independent

@@ -1,0 +1,45 @@
+"""The CPU-runnable paths of bench/decode_gpu.py and bench/sharded_load.py on tiny-flash (the GPU run is gpu.sh's)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dsv4.protocol import env as dsv4_env
+
+pytestmark = pytest.mark.integration
+BENCH = Path(__file__).resolve().parents[3] / "bench"
+
+
+def _lines(*cmd: str, env: dict[str, str] | None = None) -> list[dict]:
+    done = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+
+
+def test_decode_bench_on_cpu(tmp_path: Path) -> None:
+    out = tmp_path / "decode.jsonl"
+    args = ("--device", "cpu", "--preset", "tiny-flash", "--batches", "1,4", "--steps", "1", "--prompt", "3")
+    lines = _lines(str(BENCH / "decode_gpu.py"), *args, "--out", str(out))
+    assert [line["batch"] for line in lines] == [1, 4]
+    for line in lines:
+        assert line["ms_per_step"] > 0 and 0 < line["routed_experts_read"] <= 1
+        assert line["packed_dtypes"] == ["torch.float8_e4m3fn", "torch.int8"]  # loaded packed
+    assert lines[0]["bytes_per_step"] < lines[1]["bytes_per_step"]  # more rows hit more experts
+    assert len(out.read_text().splitlines()) == 2
+
+
+def test_sharded_load_bench_ratios(tmp_path: Path) -> None:
+    env = os.environ | {dsv4_env.HOME: str(tmp_path)}  # the tiny checkpoint is cached there
+    lines = _lines(str(BENCH / "sharded_load.py"), "--preset", "tiny-flash", "--worlds", "1,2", env=env)
+    assert [line["world"] for line in lines] == [1, 2]
+    assert lines[0]["max_rank_weight_bytes_ratio"] == pytest.approx(1.0, abs=1e-3)
+    # tiny-flash at world 2: its replicated tensors (K=V, compressors, indexer, 128-wide shared expert) are a
+    # large part of a small model, so a rank holds well over half; the width-true model is within 10%
+    assert 1.0 < lines[1]["max_rank_weight_bytes_ratio"] < 1.6
+    assert all(line["peak_rss_ratio"] > 0 and line["gbps"] > 0 for line in lines)
