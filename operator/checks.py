@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 from pydantic import ValidationError
 
+from dsv4.model_runtime.config import ModelConfig
+from dsv4.model_runtime.placement import PlacementError
+from dsv4.model_runtime.plan import ACCELERATORS, Plan, PlanError, plan
+from dsv4.model_runtime.presets import published_config
 from dsv4.operator.profiles import devices_per_pod
-from dsv4.operator.spec import DeploymentSpec, parse_spec
+from dsv4.operator.spec import DeploymentSpec, PoolSpec, parse_spec
 from dsv4.operator.status import Problem
 
 # Devices on one node of each product: a pod asking for more can never be scheduled.
@@ -49,14 +54,12 @@ def spec_problems(spec: DeploymentSpec) -> list[Problem]:
             )
         )
     problems += device_problems(spec)
+    problems += fit_problems(spec)
     return problems
 
 
 def device_problems(spec: DeploymentSpec) -> list[Problem]:
-    """Pods that ask for more devices than one node has: they would stay Pending forever.
-
-    (The model fit check, `dsv4 plan`'s function, joins the spec checks here once the runtime provides it.)
-    """
+    """Pods that ask for more devices than one node has: they would stay Pending forever."""
     problems: list[Problem] = []
     limit = DEVICES_PER_NODE.get(spec.accelerator.type)
     for pool_name, pool in (("prefill", spec.prefill), ("decode", spec.decode)):
@@ -85,3 +88,39 @@ def reference_problems(spec: DeploymentSpec, secret_has_key: Callable[[str, str]
         elif not found:
             problems.append(Problem("SecretKeyNotFound", f"{where}: Secret {ref.name!r} has no key {ref.key!r}"))
     return problems
+
+
+def fit_problems(spec: DeploymentSpec) -> list[Problem]:
+    """Pools whose layout cannot hold the model (`dsv4 plan`'s arithmetic, the same function): Ready=False with the
+    shortfall, rather than pods that run out of memory while loading.
+
+    Checked where the shapes and the device are known: the published Flash and Pro on a product of `dsv4 plan`'s
+    accelerator table. A custom checkpoint's shapes are only known inside the pods (the runtime refuses it there).
+    """
+    product = (spec.accelerator.product or "").lower()
+    if spec.model.variant not in ("flash", "pro") or product not in ACCELERATORS:
+        return []
+    problems: list[Problem] = []
+    for name, pool in (("prefill", spec.prefill), ("decode", spec.decode)):
+        if pool.max_replicas == 0:
+            continue
+        try:
+            verdict = _plan(spec.model.variant, product, *_layout(spec, pool))
+        except (PlanError, PlacementError) as e:
+            problems.append(Problem("DoesNotFit", f"{name}: the layout cannot split the model: {e}"))
+            continue
+        if not verdict.fits:
+            problems.append(Problem("DoesNotFit", f"{name}: {verdict.message}"))
+    return problems
+
+
+def _layout(spec: DeploymentSpec, pool: PoolSpec) -> tuple[int, int, int, int, bool]:
+    par = pool.parallelism
+    return devices_per_pod(spec.accelerator, pool), pool.pods_per_replica, par.tensor, par.data, par.expert
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(variant: str, accelerator: str, devices: int, pods: int, tensor: int, data: int, expert: bool) -> Plan:
+    # Pure and a few hundred milliseconds for Pro: every reconcile of every resource would otherwise pay it.
+    cfg = ModelConfig.from_dict(published_config(variant))
+    return plan(cfg, accelerator, devices, pods, tensor, data, expert, model=f"DeepSeek-V4-{variant.capitalize()}")

@@ -35,6 +35,11 @@ def workers_key(deployment: str, stream: str) -> str:
     return redis_key(deployment, "workers", stream)
 
 
+def worker_alive_key(deployment: str, stream: str, consumer: str) -> str:
+    """Set with a TTL by a live worker on every heartbeat; its absence means the worker is gone."""
+    return redis_key(deployment, "alive", stream, consumer)
+
+
 def dead_letter_key(deployment: str, stream: str) -> str:
     """Where malformed entries of `stream` are moved, so bad input is kept for inspection and never retried."""
     return redis_key(deployment, "dead", stream)

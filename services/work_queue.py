@@ -103,10 +103,11 @@ class WorkQueue:
 
     A pool is the shared stream plus one stream per worker (`own`): the gateway puts a job on a worker's own stream
     when that worker holds the job's prefix, on the shared stream otherwise. A worker reads its own stream first, then
-    the shared one. When a worker dies, the others take over what its own stream holds: the jobs it had started
-    (idle pending entries, XAUTOCLAIM, as on the shared stream) and the jobs it never read (XREADGROUP on its stream
-    once its consumer has been silent for the takeover time). A worker that leaves moves its unread jobs to the shared
-    stream.
+    the shared one. A worker proves it is alive with a key it sets on every heartbeat, with the takeover time as its
+    TTL (reading is no proof: a worker with all its slots busy does not read). When that key is gone, the others take
+    over what the worker's own stream holds: the jobs it had started (idle pending entries, XAUTOCLAIM, as on the
+    shared stream) and the jobs it never read (XREADGROUP on its stream). A worker that leaves moves its unread jobs
+    to the shared stream.
     """
 
     def __init__(self, client: aioredis.Redis, deployment: str, stream: str, consumer: str = "") -> None:
@@ -140,6 +141,15 @@ class WorkQueue:
             if self.consumer:
                 await self.client.sadd(self._workers, self.consumer)
 
+    async def heartbeat(self, ttl_ms: int) -> None:
+        """Say this consumer is alive for the next `ttl_ms` (the others take over its own stream once it lapses)."""
+        if self.consumer:
+            with unavailable_as_typed(f"heartbeat on {self.stream}"):
+                await self.client.set(self._alive(self.consumer), b"1", px=ttl_ms)
+
+    def _alive(self, consumer: str) -> str:
+        return keys.worker_alive_key(self.deployment, self.stream, consumer)
+
     async def leave(self) -> bool:
         """Leave the pool gracefully if this consumer holds no pending job: its unread own jobs move to the shared
         stream, its own stream and its consumer entries go. True if it left."""
@@ -152,7 +162,7 @@ class WorkQueue:
             if self.own_key is not None:
                 await self._hand_back(self.own_key)
                 async with self.client.pipeline(transaction=True) as p:
-                    p.delete(self.own_key)
+                    p.delete(self.own_key, self._alive(self.consumer))
                     p.srem(self._workers, self.consumer)
                     await p.execute()
             await self.client.xgroup_delconsumer(self.key, self.group, self.consumer)
@@ -187,8 +197,8 @@ class WorkQueue:
 
     async def reclaim(self, min_idle_ms: int, count: int = 10) -> list[Delivery]:
         """Take over up to `count` jobs whose worker stopped (presumably died): jobs of the shared and the other
-        workers' own streams that nobody touched for `min_idle_ms`, and the unread jobs of a worker silent that long.
-        """
+        workers' own streams that nobody touched for `min_idle_ms`, and the unread jobs of a worker whose heartbeat
+        lapsed."""
         out: list[Delivery] = []
         with unavailable_as_typed(f"reclaiming from {self.stream}"):
             out += await self._autoclaim(self.key, min_idle_ms, count)
@@ -198,7 +208,7 @@ class WorkQueue:
                     continue
                 key = keys.worker_stream_key(self.deployment, self.stream, peer)
                 out += await self._autoclaim(key, min_idle_ms, count - len(out))
-                if len(out) < count and await self._silent(key, peer, min_idle_ms):
+                if len(out) < count and not await self.client.exists(self._alive(peer)):
                     out += await self._take_unread(key, peer, count - len(out))
         return out
 
@@ -223,15 +233,6 @@ class WorkQueue:
             return []  # a peer's stream that is gone (it left, or Redis restarted)
         return await self._parse(key, resp[1], reclaimed=True)
 
-    async def _silent(self, key: str, peer: str, min_idle_ms: int) -> bool:
-        """Whether `peer` has not read its own stream for `min_idle_ms` (a live worker reads it every second)."""
-        try:
-            consumers: Any = await self.client.xinfo_consumers(key, self.group)
-        except redis.ResponseError:
-            return True
-        idle = [int(c["idle"]) for c in consumers if as_text(c["name"]) == peer]
-        return not idle or idle[0] >= min_idle_ms
-
     async def _take_unread(self, key: str, peer: str, count: int) -> list[Delivery]:
         try:
             resp: Any = await self.client.xreadgroup(self.group, self.consumer, {key: ">"}, count=count)
@@ -244,8 +245,8 @@ class WorkQueue:
 
     async def _forget_if_empty(self, key: str, peer: str) -> None:
         # A dead worker's stream with nothing left in it (no entry at all: acked entries are deleted) goes, so the
-        # registry does not grow with every pod that ever ran.
-        if int(await self.client.xlen(key)) == 0:
+        # registry does not grow with every pod that ever ran. A worker that comes back recreates it.
+        if int(await self.client.xlen(key)) == 0 and not await self.client.exists(self._alive(peer)):
             async with self.client.pipeline(transaction=True) as p:
                 p.delete(key)
                 p.srem(self._workers, peer)
@@ -264,9 +265,10 @@ class WorkQueue:
                 await p.execute()
 
     async def _regroup_if_lost(self, e: redis.ResponseError) -> None:
-        # A Redis that restarted without persistence lost the stream and its group: recreate both and carry on
-        # (the jobs themselves are gone; their clients get errors or timeouts from the gateway).
-        if "NOGROUP" not in str(e):
+        # A Redis that restarted without persistence lost the stream and its group, or our own stream was deleted
+        # under a blocked read (the others took us for dead): recreate both and carry on (lost jobs' clients get
+        # errors or timeouts from the gateway).
+        if "NOGROUP" not in str(e) and "no longer exists" not in str(e):
             raise e
         log.warning("consumer group of %s is gone (Redis restarted?); recreating it", self.key)
         await self.ensure_group()

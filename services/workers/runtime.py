@@ -73,6 +73,7 @@ class WorkerRuntime:
         """Consume jobs until `drain()` was called, then wait for in-flight jobs and leave the group."""
         self._handle = handle
         await self._until_redis(self.queue.ensure_group)
+        await self._until_redis(self._heartbeat)
         self.started = True
         self._export_engine_stats()  # the pool's size is known from the start
         beat = asyncio.create_task(self._heartbeats())
@@ -128,6 +129,7 @@ class WorkerRuntime:
             await asyncio.sleep(self.settings.heartbeat_s)
             n += 1
             try:
+                await self._heartbeat()
                 await self.queue.touch([d for d, _ in self.inflight.values()])
                 if n % RECLAIM_EVERY_HEARTBEATS == 0 and not self.draining.is_set():
                     free = self.settings.max_inflight - len(self.inflight)
@@ -138,6 +140,10 @@ class WorkerRuntime:
             except RedisUnavailable as e:
                 log.warning("heartbeat skipped: %s", e)
             self._export_engine_stats()
+
+    async def _heartbeat(self) -> None:
+        if not self.draining.is_set():  # a draining worker lets its heartbeat lapse: its own stream goes to others
+            await self.queue.heartbeat(self.settings.reclaim_idle_ms)
 
     def _export_engine_stats(self) -> None:
         stats = self.engine.stats()

@@ -124,10 +124,12 @@ ASCEND_POOL = NodePool(
     accelerator_resource=ASCEND_NPU_RESOURCE,
 )
 
-# Atlas A3 (910C) nodes: 16 NPU dies each, two super pods of three nodes.
+# Atlas A3 (910C) nodes: 16 NPU dies each, two super pods of four nodes. Four, so that a prefill and a decode
+# group of two pods each always fit, whichever nodes their first pods land on: the scheduler places a group pod by
+# pod (no gang scheduling here), and with three nodes a super pod could be left with one free node for a second pod.
 ASCEND_A3_POOL = NodePool(
     name="npu-910c",
-    size=6,
+    size=8,
     labels={
         "accelerator": "huawei-Ascend910",
         "accelerator-type": "module-a3-16-super-pod",
@@ -137,7 +139,7 @@ ASCEND_A3_POOL = NodePool(
     allocatable={**_HOST, "cpu": "320", "memory": "1536Gi", ASCEND_NPU_RESOURCE: "16"},
     architecture="arm64",
     accelerator_resource=ASCEND_NPU_RESOURCE,
-    node_labels=tuple({SUPERPOD_LABEL: str(i // 3)} for i in range(6)),
+    node_labels=tuple({SUPERPOD_LABEL: str(i // 4)} for i in range(8)),
 )
 
 CPU_POOL = NodePool(

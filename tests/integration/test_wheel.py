@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -17,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 IMPORT_ALL = """
 import importlib, pkgutil, sys
-import dsv4.model_runtime, dsv4.kernels, dsv4.services, dsv4.operator
+import dsv4.kernels, dsv4.model_runtime, dsv4.protocol, dsv4.services, dsv4.operator
 names = []
-for pkg in (dsv4.model_runtime, dsv4.kernels, dsv4.services, dsv4.operator):
+for pkg in (dsv4.kernels, dsv4.model_runtime, dsv4.protocol, dsv4.services, dsv4.operator):
     assert all(p.startswith(sys.prefix) for p in pkg.__path__), pkg.__path__
     for info in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + "."):
         importlib.import_module(info.name)
@@ -28,11 +29,27 @@ print(len(names))
 """
 
 
+def _source_tree(dest: Path) -> Path:
+    """The repository's files as git sees them (tracked, and new files not ignored), without build leftovers: a
+    build in place reuses build/lib, which keeps modules deleted from the sources since."""
+    listed = subprocess.run(
+        ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+        cwd=ROOT, capture_output=True, check=True, timeout=60,
+    ).stdout.decode().split("\0")
+    for name in filter(None, listed):
+        src = ROOT / name
+        if src.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / name)
+    return dest
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("dist")
+    source = _source_tree(tmp_path_factory.mktemp("source"))
     done = subprocess.run(
-        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(ROOT)],
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(source)],
         capture_output=True, text=True, check=False, timeout=600,
     )
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -44,7 +61,7 @@ def test_wheel_holds_only_the_dsv4_namespace(wheel: Path) -> None:
     names = zipfile.ZipFile(wheel).namelist()
     tops = {n.split("/")[0] for n in names}
     assert tops == {"dsv4", next(t for t in tops if t.endswith(".dist-info"))}
-    for folder in ("model_runtime", "kernels", "services", "operator"):
+    for folder in ("kernels", "model_runtime", "protocol", "services", "operator"):
         assert any(n.startswith(f"dsv4/{folder}/") for n in names), folder
     assert "dsv4/operator/__init__.py" not in names
 

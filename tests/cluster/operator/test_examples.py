@@ -188,7 +188,7 @@ def test_flash_on_h200_example(k8s_cluster: KubeCluster, k8s_namespace: str, run
 
 def test_pro_on_ascend_example(k8s_cluster: KubeCluster, k8s_namespace: str, running_operator: OperatorProcess) -> None:
     doc = copy.deepcopy(example("pro-ascend-910c"))
-    doc["spec"]["decode"].update(replicas=1)  # the simulated A3 pool: 1 prefill pod + 1 decode group of 2
+    doc["spec"]["decode"].update(replicas=1)  # the simulated A3 pool (6 nodes): a prefill and a decode group of 2
     volume = read_only_volume(k8s_cluster, k8s_namespace, "deepseek-v4-pro")
     try:
         apply(
@@ -198,7 +198,7 @@ def test_pro_on_ascend_example(k8s_cluster: KubeCluster, k8s_namespace: str, run
         obj = wait_ready(k8s_cluster, k8s_namespace, "pro-910c")
         assert obj["status"]["decode"]["podsPerGroup"] == 2 and obj["status"]["decode"]["summary"] == "1/1"
         assert children(k8s_cluster, k8s_namespace, "pro-910c") == expected_children(
-            "pro-910c", managed_redis=False, groups={"decode": 1}
+            "pro-910c", managed_redis=False, groups={"prefill": 1, "decode": 1}
         )
         decode = pods(k8s_cluster, k8s_namespace, "pro-910c", "decode")
         assert len(decode) == 2 and len({p["spec"]["nodeName"] for p in decode}) == 2

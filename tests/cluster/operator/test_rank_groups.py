@@ -194,6 +194,10 @@ def test_ascend_910c_group_gets_its_rank_table(
     doc = copy.deepcopy(example("pro-ascend-910c"))
     doc["spec"]["decode"].update(replicas=1)
     doc["spec"]["autoscaling"]["enabled"] = False
+    # A one-pod prefill replica (a group of one) next to the two-pod decode group. Pro does not fit one 910C node
+    # (the operator's fit check would refuse it), so this deployment says its checkpoint is a custom one.
+    doc["spec"]["model"]["variant"] = "custom"
+    doc["spec"]["prefill"].update(podsPerReplica=1, parallelism={"tensor": 16, "data": 1, "expert": True})
     volume = read_only_volume(k8s_cluster, k8s_namespace, "deepseek-v4-pro")
     try:
         apply(

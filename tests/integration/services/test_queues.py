@@ -371,12 +371,13 @@ async def test_a_dead_workers_own_stream_is_taken_over(client) -> None:  # type:
     rescuer = WorkQueue(client, DEP, keys.PREFILL_STREAM, consumer="rescuer")
     await dead.ensure_group()
     await rescuer.ensure_group()
+    await dead.heartbeat(ttl_ms=300)
     await producer.enqueue(job("started"), to="dead")
     [started] = await dead.read(count=1, block_ms=50)  # it took this one, then died
     assert started.stream_key == dead.own_key
     await producer.enqueue(job("unread"), to="dead")
-    assert await rescuer.reclaim(min_idle_ms=5_000) == [], "a worker that just read is alive"
-    await asyncio.sleep(0.3)
+    assert await rescuer.reclaim(min_idle_ms=5_000) == [], "a worker whose heartbeat holds is alive"
+    await asyncio.sleep(0.4)  # its heartbeat lapses
     taken = await rescuer.reclaim(min_idle_ms=200)
     assert sorted((d.job.request_id, d.reclaimed) for d in taken) == [("started", True), ("unread", True)]
     for d in taken:
@@ -384,6 +385,19 @@ async def test_a_dead_workers_own_stream_is_taken_over(client) -> None:  # type:
     assert await rescuer.reclaim(min_idle_ms=200) == []  # the empty stream of the dead worker is forgotten
     assert not await client.exists(dead.own_key)
     assert await client.smembers(keys.workers_key(DEP, keys.PREFILL_STREAM)) == {b"rescuer"}
+
+
+async def test_a_busy_worker_that_does_not_read_keeps_its_stream(client) -> None:  # type: ignore[no-untyped-def]
+    producer = WorkQueue(client, DEP, keys.PREFILL_STREAM)
+    busy = WorkQueue(client, DEP, keys.PREFILL_STREAM, consumer="busy")
+    other = WorkQueue(client, DEP, keys.PREFILL_STREAM, consumer="other")
+    await busy.ensure_group()
+    await other.ensure_group()
+    await busy.heartbeat(ttl_ms=10_000)
+    await producer.enqueue(job("waits-for-busy"), to="busy")
+    await asyncio.sleep(0.3)  # longer than the takeover time below, and busy has not read since it registered
+    assert await other.reclaim(min_idle_ms=200) == []
+    assert [d.job.request_id for d in await busy.read(count=1, block_ms=50)] == ["waits-for-busy"]
 
 
 async def test_a_worker_that_leaves_hands_its_unread_jobs_back(client) -> None:  # type: ignore[no-untyped-def]
