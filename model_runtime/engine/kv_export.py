@@ -18,7 +18,6 @@ what is wrong; it never returns a state it did not fully verify.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
@@ -29,6 +28,7 @@ from typing import Any
 import crc32c
 import torch
 
+from dsv4.model_runtime.engine.fingerprint import model_fingerprint
 from dsv4.model_runtime.engine.kv_layout import RowCodec, entry_codec, index_key_codec
 from dsv4.model_runtime.engine.port import KVImportError
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
@@ -64,16 +64,6 @@ class KVSnapshot:
 
     position: int
     tensors: dict[str, torch.Tensor]
-
-
-def model_fingerprint(model: DeepseekV4) -> str:
-    """sha256 over the config, every parameter/buffer name, shape and dtype, and the QAT flag (hex, 32 chars)."""
-    h = hashlib.sha256()
-    h.update(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
-    for name, t in [*model.named_parameters(), *model.named_buffers()]:
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
-    h.update(f"qat={model.qat_simulation}".encode())
-    return h.hexdigest()[:32]
 
 
 def _comp_rows(ratio: int, csa: bool, position: int) -> int:

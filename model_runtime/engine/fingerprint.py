@@ -1,0 +1,22 @@
+"""The model fingerprint: which KV states (exported blobs, cached prefixes) a model may use.
+
+Kept apart from `kv_export` (which needs crc32c, absent from the bare GPU machine of bench/gpu.sh) because the
+engine's prefix cache keys its blocks with it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
+
+
+def model_fingerprint(model: DeepseekV4) -> str:
+    """sha256 over the config, every parameter/buffer name, shape and dtype, and the QAT flag (hex, 32 chars)."""
+    h = hashlib.sha256()
+    h.update(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}\n".encode())
+    h.update(f"qat={model.qat_simulation}".encode())
+    return h.hexdigest()[:32]
