@@ -101,6 +101,11 @@ def prefix_bytes_key(deployment: str) -> str:
     return redis_key(deployment, "prefix-bytes")
 
 
-def kv_events_key(deployment: str) -> str:
-    """Stream of the workers' KV events (prefixes stored and evicted, with the worker's load)."""
-    return redis_key(deployment, "kv-events")
+def kv_events_key(deployment: str, pool: str) -> str:
+    """Stream of the KV events of work pool `pool`'s workers (prefixes stored and evicted, with each one's load)."""
+    return redis_key(deployment, "kv-events", pool)
+
+
+def prefix_stats_key(deployment: str) -> str:
+    """Hash: worker -> its prefix-cache counters (JSON), read by the operator for the status's hit rate."""
+    return redis_key(deployment, "prefix-stats")

@@ -14,7 +14,7 @@ from dsv4.model_runtime.engine.cuda_graphs import GRAPH_DEVICES
 from dsv4.model_runtime.engine.fingerprint import model_fingerprint
 from dsv4.model_runtime.engine.kv_state import KVCacheManager
 from dsv4.model_runtime.engine.model_runner import ModelRunner
-from dsv4.model_runtime.engine.prefix_cache import PrefixEvent
+from dsv4.model_runtime.engine.port import PrefixEvent
 from dsv4.model_runtime.engine.prefix_hash import chain_seed
 from dsv4.model_runtime.engine.request import Request, TokenLogprob
 from dsv4.model_runtime.engine.sampling_params import SamplingParams

@@ -31,8 +31,8 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
 
+from dsv4.model_runtime.engine.port import PrefixEvent
 from dsv4.model_runtime.engine.prefix_hash import chain_hashes
 
 MAX_BRANCH_POINTS = 2  # branch points a prompt snapshots (the most shared first), besides its end
@@ -51,14 +51,6 @@ class CacheEntry:
     slot: int
     hits: int = 0
     chain_hash: str | None = None  # for an aligned entry, the hash of its last block: what other processes know
-
-
-@dataclass(frozen=True)
-class PrefixEvent:
-    """An aligned prefix this engine started or stopped holding (what the workers publish as KV events)."""
-
-    op: Literal["stored", "evicted"]
-    chain_hash: str
 
 
 @dataclass
