@@ -135,6 +135,10 @@ class PrefixSharing:
             except RedisUnavailable as e:
                 log.warning("prefix %s not published to the tier: %s", chain_hash, e)
 
+    def prompt_hashes(self, token_ids: Sequence[int], max_blocks: int | None = None) -> list[str]:
+        """The chain hashes of the full blocks of `token_ids`, as this worker's engine keys them."""
+        return chain_hashes(self._seed, token_ids, self.block_size, max_blocks)
+
     async def before_prefill(self, prompt_ids: Sequence[int]) -> int:
         """Import the longest prefix of the prompt that the tier holds, if longer than what the engine has; returns
         the imported positions (0 when nothing was imported). Tier trouble is logged, never a failed request."""
@@ -142,7 +146,7 @@ class PrefixSharing:
         if tier is None or len(prompt_ids) < 2:
             return 0
         b = self.block_size
-        hashes = chain_hashes(self._seed, prompt_ids, b, max_blocks=(len(prompt_ids) - 1) // b)
+        hashes = self.prompt_hashes(prompt_ids, max_blocks=(len(prompt_ids) - 1) // b)
         local = await self.engine.cached_prefix_len(prompt_ids)
         skip = local // b  # blocks the engine has already
         if len(hashes) <= skip:
