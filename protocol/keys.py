@@ -30,6 +30,12 @@ def worker_stream_key(deployment: str, stream: str, consumer: str) -> str:
     return redis_key(deployment, "stream", stream, "to", consumer)
 
 
+def worker_alive_key(deployment: str, stream: str, consumer: str) -> str:
+    """Present while a worker of `stream` heartbeats (it expires after the takeover time): a worker waiting on an
+    empty stream looks idle to Redis 7.0's XINFO CONSUMERS, so idleness alone cannot tell it from a dead one."""
+    return redis_key(deployment, "alive", stream, consumer)
+
+
 def workers_key(deployment: str, stream: str) -> str:
     """Set: the consumers of `stream` that have their own stream (who to take over from when one dies)."""
     return redis_key(deployment, "workers", stream)

@@ -159,6 +159,14 @@ class PrefixIndex:
             )
         return out
 
+    def held(self, worker: str, now: float | None = None) -> int:
+        """How many prefixes `worker` holds (its events and the unexpired predictions)."""
+        now = time.monotonic() if now is None else now
+        holder = self._workers.get(worker)
+        if holder is None:
+            return 0
+        return len(holder.hashes) + sum(1 for h, t in holder.predicted.items() if t > now and h not in holder.hashes)
+
     def prompt_hashes(self, worker: str, token_ids: Sequence[int]) -> list[str]:
         """The prompt's chain hashes as `worker` computes them (its model and block size); [] when it named neither."""
         holder = self._workers.get(worker)

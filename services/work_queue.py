@@ -118,6 +118,7 @@ class WorkQueue:
         self.consumer = consumer
         self.own_key = keys.worker_stream_key(deployment, stream, consumer) if consumer else None
         self._workers = keys.workers_key(deployment, stream)
+        self._alive = keys.worker_alive_key(deployment, stream, consumer) if consumer else None
 
     def key_for(self, consumer: str | None) -> str:
         """The stream a producer appends to: `consumer`'s own stream, or the shared one."""
@@ -154,6 +155,8 @@ class WorkQueue:
                 async with self.client.pipeline(transaction=True) as p:
                     p.delete(self.own_key)
                     p.srem(self._workers, self.consumer)
+                    if self._alive is not None:
+                        p.delete(self._alive)
                     await p.execute()
             await self.client.xgroup_delconsumer(self.key, self.group, self.consumer)
             return True
@@ -202,6 +205,13 @@ class WorkQueue:
                     out += await self._take_unread(key, peer, count - len(out))
         return out
 
+    async def heartbeat(self, ttl_ms: int) -> None:
+        """Say this consumer is alive for the next `ttl_ms` (the takeover time): peers leave its own stream alone."""
+        if self._alive is None:
+            return
+        with unavailable_as_typed(f"heartbeat of {self.consumer}"):
+            await self.client.set(self._alive, b"1", px=ttl_ms)
+
     async def touch(self, deliveries: Sequence[Delivery]) -> None:
         """Reset the idle time of jobs this consumer still works on, so no one reclaims them (a heartbeat)."""
         by_key: dict[str, list[Any]] = {}
@@ -224,7 +234,10 @@ class WorkQueue:
         return await self._parse(key, resp[1], reclaimed=True)
 
     async def _silent(self, key: str, peer: str, min_idle_ms: int) -> bool:
-        """Whether `peer` has not read its own stream for `min_idle_ms` (a live worker reads it every second)."""
+        """Whether `peer` stopped: no heartbeat within the takeover time, and it has not read its own stream for
+        `min_idle_ms` (on Redis 7.0 a read that waits on an empty stream does not count, hence the heartbeat)."""
+        if await self.client.exists(keys.worker_alive_key(self.deployment, self.stream, peer)):
+            return False
         try:
             consumers: Any = await self.client.xinfo_consumers(key, self.group)
         except redis.ResponseError:
@@ -265,8 +278,9 @@ class WorkQueue:
 
     async def _regroup_if_lost(self, e: redis.ResponseError) -> None:
         # A Redis that restarted without persistence lost the stream and its group: recreate both and carry on
-        # (the jobs themselves are gone; their clients get errors or timeouts from the gateway).
-        if "NOGROUP" not in str(e):
+        # (the jobs themselves are gone; their clients get errors or timeouts from the gateway). UNBLOCKED: a peer
+        # took this worker for dead and deleted its (empty) own stream while this worker was waiting on it.
+        if "NOGROUP" not in str(e) and "UNBLOCKED" not in str(e):
             raise e
         log.warning("consumer group of %s is gone (Redis restarted?); recreating it", self.key)
         await self.ensure_group()

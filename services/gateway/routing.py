@@ -9,8 +9,9 @@ not produced their first token yet ("outstanding"), then the running and waiting
   saturated (`max_queued_tokens` outstanding): computing a prefix another worker holds costs the pool its prefill
   a second time, so a holder is preferred while its backlog stays bounded (llm-d's precise scorer weighs the same
   two signals; Dynamo's KV router turns them into one cost in tokens).
-* `load`: no unsaturated worker holds a block of it: the least loaded unsaturated worker. The prompt is then
-  predicted there, so the requests that follow with the same prefix join it instead of computing it elsewhere.
+* `load`: no unsaturated worker holds a block of it: the least loaded unsaturated worker (on a tie, the one holding
+  fewer prefixes, so that different prefixes spread over the pool's caches). The prompt is then predicted there,
+  so the requests that follow with the same prefix join it instead of computing it elsewhere.
 * `shared`: no live worker is known, or every one is saturated: the shared stream, which every worker reads.
 
 The job goes to the chosen worker's own stream (`WorkQueue.enqueue_in(..., to=worker)`); a worker that dies has its
@@ -70,9 +71,10 @@ class PrefixRouter:
         if not open_:
             return Route(self.pool, None, "shared", 0, n)
 
-        def load(w: str) -> tuple[int, int, str]:
+        def load(w: str) -> tuple[int, int, int, str]:
+            # then the worker holding fewer prefixes: new prefixes spread over the pool's caches
             reported = live[w]
-            return self.outstanding(w), reported.running + reported.waiting, w
+            return self.outstanding(w), reported.running + reported.waiting, self.index.held(w, now), w
 
         block = self.index.block_size or 1
         holders = [w for w in open_ if usable[w] >= block]

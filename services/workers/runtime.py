@@ -101,6 +101,7 @@ class WorkerRuntime:
         """Consume jobs until `drain()` was called, then wait for in-flight jobs and leave the group."""
         self._handle = handle
         await self._until_redis(self.queue.ensure_group)
+        await self._until_redis(lambda: self.queue.heartbeat(self.settings.reclaim_idle_ms))
         self.started = True
         beat = asyncio.create_task(self._heartbeats())
         stop_sharing = asyncio.Event()
@@ -163,6 +164,8 @@ class WorkerRuntime:
             n += 1
             try:
                 await self.queue.touch([d for d, _ in self.inflight.values()])
+                if not self.draining.is_set():
+                    await self.queue.heartbeat(self.settings.reclaim_idle_ms)
                 if n % RECLAIM_EVERY_HEARTBEATS == 0 and not self.draining.is_set():
                     free = self.settings.max_inflight - len(self.inflight)
                     if free > 0 and self._handle is not None:
