@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 import redis.asyncio as aioredis
 
-from dsv4.model_runtime.engine.prefix_hash import chain_hashes, chain_seed
+from dsv4.model_runtime.engine.prefix_hash import chain_hashes, chain_seed, tail_hash
 from dsv4.protocol import keys
 from dsv4.protocol.connection import MAX_BLOCK_MS, RedisUnavailable, unavailable_as_typed
 
@@ -35,6 +35,8 @@ MAX_EVENTS = 20_000
 SNAPSHOT_EVERY_S = 5.0
 FORGET_AFTER_S = 3 * SNAPSHOT_EVERY_S
 PREDICTION_TTL_S = 2 * SNAPSHOT_EVERY_S
+END_TTL_S = 300.0  # a routed prompt's end: the next turn of a chat comes after the answer and the user's reply
+MAX_ENDS = 4096  # routed prompt ends remembered per worker
 
 Op = Literal["stored", "evicted", "snapshot", "left"]
 
@@ -107,9 +109,21 @@ class _Holder:
     seen: float = 0.0
     model: str = ""
     block_size: int = 0
+    # ends of prompts routed here, by the hash of their last full block (or the seed): (tail length, tail hash)
+    ends: dict[str, dict[tuple[int, str], float]] = field(default_factory=dict)
+    num_ends: int = 0
 
     def holds(self, h: str, now: float) -> bool:
         return h in self.hashes or self.predicted.get(h, 0.0) > now
+
+    def prune_ends(self, now: float) -> None:
+        for parent in list(self.ends):
+            live = {k: t for k, t in self.ends[parent].items() if t > now}
+            if live:
+                self.ends[parent] = live
+            else:
+                del self.ends[parent]
+        self.num_ends = sum(len(v) for v in self.ends.values())
 
 
 class PrefixIndex:
@@ -187,8 +201,24 @@ class PrefixIndex:
                 by_seed[seed] = self.prompt_hashes(name, token_ids)
             hashes = by_seed[seed]
             blocks = next((i + 1 for i in range(len(hashes) - 1, -1, -1) if holder.holds(hashes[i], now)), 0)
-            out[name] = blocks * holder.block_size
+            out[name] = max(blocks * holder.block_size, self._matched_end(holder, hashes, token_ids, now))
         return out
+
+    @staticmethod
+    def _matched_end(holder: _Holder, hashes: Sequence[str], token_ids: Sequence[int], now: float) -> int:
+        """The longest end of a prompt routed to `holder` that is a prefix of this one (a previous chat turn)."""
+        b = holder.block_size
+        for k in range(len(hashes), -1, -1):
+            parent = hashes[k - 1] if k else chain_seed(holder.model, b).hex()
+            best = 0
+            for (length, h), until in holder.ends.get(parent, {}).items():
+                end = k * b + length
+                fits = until > now and best < end <= len(token_ids)
+                if fits and tail_hash(bytes.fromhex(parent), token_ids[k * b : end]) == h:
+                    best = end
+            if best:
+                return best
+        return 0
 
     def predict(
         self, worker: str, hashes: Sequence[str], ttl_s: float = PREDICTION_TTL_S, now: float | None = None
@@ -202,6 +232,32 @@ class PrefixIndex:
         until = now + ttl_s
         for h in hashes:
             holder.predicted[h] = until
+
+    def predict_prompt(self, worker: str, token_ids: Sequence[int], now: float | None = None) -> None:
+        """A prompt was just sent to `worker`: its blocks count as held there for PREDICTION_TTL_S (until its events
+        say so), and its end for END_TTL_S. Engines cache every prompt's end, which no event names (only block
+        boundaries have hashes everyone can compute): so a chat's next turn, which extends this prompt, goes where
+        this one went."""
+        now = time.monotonic() if now is None else now
+        holder = self._workers.get(worker)
+        if holder is None or holder.block_size < 1:
+            return
+        hashes = self.prompt_hashes(worker, token_ids)
+        self.predict(worker, hashes, now=now)
+        b = holder.block_size
+        k = len(token_ids) // b
+        if len(token_ids) == k * b:
+            return  # an aligned end is a block hash: the worker's events name it
+        parent = hashes[k - 1] if k else chain_seed(holder.model, b).hex()
+        tail = len(token_ids) - k * b
+        holder.ends.setdefault(parent, {})[(tail, tail_hash(bytes.fromhex(parent), token_ids[k * b :]))] = (
+            now + END_TTL_S
+        )
+        holder.num_ends += 1
+        if holder.num_ends > MAX_ENDS:
+            holder.prune_ends(now)
+            while holder.num_ends > MAX_ENDS:  # still full: the oldest parent's ends go
+                holder.num_ends -= len(holder.ends.pop(next(iter(holder.ends))))
 
 
 async def follow(client: aioredis.Redis, deployment: str, pool: str, index: PrefixIndex, stop: asyncio.Event) -> None:

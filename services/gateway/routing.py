@@ -2,7 +2,8 @@
 
 The router keeps one `PrefixIndex` per pool, fed by `kv_events.follow`. For a prompt it knows, for every live worker
 (one whose KV-event snapshots keep coming), how many leading prompt tokens that worker's cache holds (its events,
-plus this gateway's recent predictions) and how loaded it is: the new prompt tokens this gateway sent it that have
+plus this gateway's predictions: the prompts it sent there recently, and the ends of those it sent there in the last
+minutes, which a chat's next turn extends) and how loaded it is: the new prompt tokens this gateway sent it that have
 not produced their first token yet ("outstanding"), then the running and waiting requests it reports.
 
 * `prefix`: the worker holding the longest prefix of the prompt (at least one block), ties by load, unless it is
@@ -85,7 +86,7 @@ class PrefixRouter:
             worker, reason = min(open_, key=load), "load"
         new = n - usable[worker]
         self._outstanding[worker] = self.outstanding(worker) + new
-        self.index.predict(worker, self.index.prompt_hashes(worker, prompt_ids), now=now)
+        self.index.predict_prompt(worker, prompt_ids, now=now)
         return Route(self.pool, worker, reason, usable[worker], new)
 
     def done(self, route: Route) -> None:

@@ -78,3 +78,24 @@ def test_a_new_prefix_goes_to_the_worker_holding_fewer_prefixes() -> None:
     router = _router(a=_hashes(SYSTEM_A)[-1:], b=())
     route = router.choose([*SYSTEM_B, 1], now=1)
     assert (route.worker, route.reason) == ("b", "load")
+
+
+def test_a_chats_next_turn_goes_where_the_previous_turn_went() -> None:
+    """Both workers hold the system prompt; a conversation's turns extend the previous prompt, whose end (not a
+    block boundary, so no event names it) the router remembers for the worker it chose."""
+    held = _hashes(SYSTEM_A)[-1:]
+    router = _router(a=held, b=held)
+    turns = {c: [*SYSTEM_A, 100 + c, 7, 7] for c in range(6)}
+    first = {c: router.choose(turns[c], now=1) for c in turns}
+    assert {r.worker for r in first.values()} == {"a", "b"}, "the load spreads the conversations"
+    for r in first.values():
+        router.done(r)
+    for c in turns:
+        turns[c] = [*turns[c], 40, 41, 42, 43, 44, 45, 46, 47, 48, 50 + c]  # the answer and the next message
+        route = router.choose(turns[c], now=100)  # after the block predictions expired
+        assert route.worker == first[c].worker and route.matched_tokens == 35, c
+        router.done(route)
+    assert router.choose([*SYSTEM_A, 999, 7, 7], now=100).matched_tokens == 32  # another conversation: the system
+    for w in ("a", "b"):  # still alive much later
+        router.index.apply(KVEvent(w, "snapshot", held, BS, WorkerLoad(), model=FP), now=390)
+    assert router.choose(turns[0], now=400).matched_tokens == 32  # the end was forgotten after END_TTL_S
