@@ -5,7 +5,8 @@ Workloads (streamed `/v1/completions` of token ids, greedy, EOS ignored, every p
 `DSV4_DISAGGREGATION__MODE=always`):
 
 * `shared`: `--requests` (32) prompts of a `--prefix` (2048)-token shared prefix and `--unique` (64) tokens each; the
-  first alone, then the others with `--concurrency` in flight (TTFT counts all of them).
+  first alone, then the others with `--concurrency` in flight (TTFT counts all of them); `--cold`: all of them with
+  `--concurrency` in flight from the start.
 * `chat`: `--chats` conversations of `--turns` (4) turns: turn 1 = a `--system`-token system prompt shared by all and a
   `--message`-token user message; turn k+1 = turn k's prompt, an answer of `--answer` tokens and a new message (the
   answer in the history is synthetic: which tokens it holds does not change what is cached). All conversations'
@@ -18,7 +19,7 @@ once per conversation's own part, plus each turn's new tokens). One JSON line pe
 workload with the ratios (TTFT p50 off / on: aim >= 3; computed on / minimum: aim <= 1.1).
 
     .venv/bin/python bench/prefix_cache.py [--model PATH | --preset tiny-flash] [--requests 32] [--prefix 2048]
-        [--unique 64] [--concurrency 4] [--chats 4] [--turns 4] [--system 512] [--message 96] [--answer 32]
+        [--unique 64] [--concurrency 4] [--cold] [--chats 4] [--turns 4] [--system 512] [--message 96] [--answer 32]
         [--threads 1]
 """
 
@@ -80,7 +81,7 @@ class Server:
         total = 0.0
         for url in self.metrics.get(role, []):
             text = httpx.get(url, timeout=10).text
-            total += sum(float(m) for m in re.findall(r'^dsv4_prefill_tokens_total\{[^}]*\} (\S+)$', text, re.M))
+            total += sum(float(m) for m in re.findall(r"^dsv4_prefill_tokens_total\{[^}]*\} (\S+)$", text, re.M))
         return total
 
     def stop(self) -> None:
@@ -91,8 +92,14 @@ class Server:
 async def ttft(client: httpx.AsyncClient, url: str, prompt: list[int]) -> float:
     """Seconds from sending a streamed completion to its first token."""
     start = time.perf_counter()
-    body = {"model": MODEL_NAME, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0, "stream": True,
-            "ignore_eos": True}  # fmt: skip
+    body = {
+        "model": MODEL_NAME,
+        "prompt": prompt,
+        "max_tokens": MAX_TOKENS,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     first = 0.0
     async with client.stream("POST", url + "/v1/completions", json=body) as r:
         r.raise_for_status()
@@ -102,16 +109,16 @@ async def ttft(client: httpx.AsyncClient, url: str, prompt: list[int]) -> float:
     return first
 
 
-async def shared_workload(server: Server, prompts: list[list[int]], concurrency: int) -> list[float]:
+async def shared_workload(server: Server, prompts: list[list[int]], concurrency: int, cold: bool) -> list[float]:
     async with httpx.AsyncClient(timeout=600) as client:
-        times = [await ttft(client, server.url, prompts[0])]
+        times = [] if cold else [await ttft(client, server.url, prompts[0])]
         gate = asyncio.Semaphore(concurrency)
 
         async def one(p: list[int]) -> float:
             async with gate:
                 return await ttft(client, server.url, p)
 
-        times += await asyncio.gather(*(one(p) for p in prompts[1:]))
+        times += await asyncio.gather(*(one(p) for p in prompts[len(times) :]))
     return times
 
 
@@ -143,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefix", type=int, default=2048)
     ap.add_argument("--unique", type=int, default=64)
     ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--cold", action="store_true", help="shared: no request alone first, all with --concurrency")
     ap.add_argument("--chats", type=int, default=4)
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--system", type=int, default=512)
@@ -177,12 +185,17 @@ def main(argv: list[str] | None = None) -> int:
             server = Server(ckpt, cache, args.threads, Path(tmp))
             try:
                 before = server.prefill_tokens("prefill")
-                times = asyncio.run(shared_workload(server, shared, args.concurrency))
+                times = asyncio.run(shared_workload(server, shared, args.concurrency, args.cold))
                 results[("shared", cache)] = {
                     "ttft": times,
                     "computed": server.prefill_tokens("prefill") - before,
-                    "detail": {"requests": args.requests, "prefix": args.prefix, "unique": args.unique,
-                               "concurrency": args.concurrency},  # fmt: skip
+                    "detail": {
+                        "requests": args.requests,
+                        "prefix": args.prefix,
+                        "unique": args.unique,
+                        "concurrency": args.concurrency,
+                        "cold": args.cold,
+                    },
                 }
                 times, per_turn = asyncio.run(chat_workload(server, chats))
                 new_per_turn = [args.system + args.chats * args.message] + [
@@ -191,8 +204,12 @@ def main(argv: list[str] | None = None) -> int:
                 results[("chat", cache)] = {
                     "ttft": times,
                     "computed": sum(per_turn),
-                    "detail": {"chats": args.chats, "turns": args.turns, "computed_per_turn": per_turn,
-                               "new_tokens_per_turn": new_per_turn},  # fmt: skip
+                    "detail": {
+                        "chats": args.chats,
+                        "turns": args.turns,
+                        "computed_per_turn": per_turn,
+                        "new_tokens_per_turn": new_per_turn,
+                    },
                 }
             finally:
                 server.stop()
@@ -208,10 +225,18 @@ def main(argv: list[str] | None = None) -> int:
         p50_on = statistics.median(on["ttft"])  # type: ignore[arg-type]
         p50_off = statistics.median(off["ttft"])  # type: ignore[arg-type]
         computed_on = float(on["computed"])  # type: ignore[arg-type]
-        print(json.dumps({**common, "workload": workload, "ttft_p50_off_over_on": round(p50_off / p50_on, 2),
-                          "computed_on_over_minimum": round(computed_on / minimum[workload], 3),
-                          "computed_off_over_on": round(float(off["computed"]) / computed_on, 2)}),  # type: ignore[arg-type]
-              flush=True)  # fmt: skip
+        print(
+            json.dumps(
+                {
+                    **common,
+                    "workload": workload,
+                    "ttft_p50_off_over_on": round(p50_off / p50_on, 2),
+                    "computed_on_over_minimum": round(computed_on / minimum[workload], 3),
+                    "computed_off_over_on": round(float(off["computed"]) / computed_on, 2),
+                }
+            ),  # type: ignore[arg-type]
+            flush=True,
+        )
     return 0
 
 

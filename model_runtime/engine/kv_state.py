@@ -546,7 +546,8 @@ class KVCacheManager:
         blocks: list[int] = []
         while len(blocks) < need:  # enough are free or held by other entries only (checked above)
             while not self._free_blocks:
-                self.evict()
+                if not self.evict():
+                    raise RuntimeError("KV pool: no free block and no cache entry to evict")
             blocks.append(self._free_blocks.pop())
             self._ref(blocks[-1], cache=1)
         state = PagedSequenceState(self.pool, slot)

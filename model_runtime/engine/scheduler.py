@@ -15,12 +15,15 @@ Blocks only the cache holds are reclaimed (evicting entries) before anyone is pr
 from __future__ import annotations
 
 import bisect
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
 from dsv4.model_runtime.engine.kv_state import KVCacheManager
 from dsv4.model_runtime.engine.prefix_cache import CacheEntry, Prompt, common_prefix, snapshot_points
 from dsv4.model_runtime.engine.request import Request, RequestStatus
+
+BRANCH_SAMPLE = 64  # waiting requests a new sequence's branch points are looked for in
 
 
 @dataclass(frozen=True)
@@ -187,7 +190,10 @@ class Scheduler:
         assert cache is not None and prompt is not None
         if not self.config.chunked_prefill:  # one piece per prompt: no cut inside it
             return [len(prompt)] if len(prompt) > start and cache.get(prompt, len(prompt)) is None else []
-        others = [self._prompt(o) for o in [*self.waiting, *self.running] if o is not seq and o.snapshot is None]
+        # The requests nearest in the queue are a large enough sample of what is shared: a long queue would
+        # otherwise make every admission compare with all of it.
+        candidates = [*itertools.islice(self.waiting, BRANCH_SAMPLE), *self.running]
+        others = [self._prompt(o) for o in candidates if o is not seq and o.snapshot is None]
         return snapshot_points(cache, prompt, start, others, self.min_gain)
 
     @property
