@@ -178,11 +178,17 @@ class WorkQueue:
         streams: dict[Any, Any] = {k: ">" for k in (self.own_key, self.key) if k is not None}
         block = min(block_ms, MAX_BLOCK_MS) or None
         with unavailable_as_typed(f"reading {self.stream}"):
-            try:
-                resp: Any = await self.client.xreadgroup(self.group, self.consumer, streams, count=count, block=block)
-            except redis.ResponseError as e:
-                await self._regroup_if_lost(e)  # then read once more: the groups exist again
-                resp = await self.client.xreadgroup(self.group, self.consumer, streams, count=count, block=block)
+            resp: Any = None
+            for attempt in range(2):
+                try:
+                    resp = await self.client.xreadgroup(self.group, self.consumer, streams, count=count, block=block)
+                    break
+                except redis.ResponseError as e:
+                    # Recreate the groups and read once more; lost again meanwhile (a Redis that restarted empty
+                    # twice, a stream deleted again): nothing this time, the caller reads again.
+                    await self._regroup_if_lost(e)
+                    if attempt:
+                        return []
         out: list[Delivery] = []
         for key, entries in resp or []:
             out += await self._parse(as_text(key), entries, reclaimed=False)
