@@ -68,7 +68,8 @@ def policy(spec: DeploymentSpec) -> planner.Policy:
     )
 
 
-def _redis_url(kube: Kube, owner: Owner, spec: DeploymentSpec) -> str:
+def redis_url(kube: Kube, owner: Owner, spec: DeploymentSpec) -> str:
+    """The deployment's Redis URL, with the password of `spec.redis.secretRef` in it when set."""
     url = builders.redis_url(owner, spec)
     ref = spec.redis.secret_ref
     if ref is None:
@@ -105,7 +106,7 @@ async def decide(
     """Read every signal and return the planner's decisions with the queue signals they came from."""
     meta = body["metadata"]
     owner = Owner(meta["name"], meta["namespace"], meta["uid"])
-    url = await asyncio.to_thread(_redis_url, kube, owner, spec)
+    url = await asyncio.to_thread(redis_url, kube, owner, spec)
     client = aioredis.from_url(url, socket_timeout=REDIS_TIMEOUT_S, socket_connect_timeout=REDIS_TIMEOUT_S)
     try:
         queues = {

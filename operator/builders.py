@@ -22,7 +22,7 @@ from dsv4.operator.quantity import from_bytes, to_bytes
 from dsv4.operator.rank_groups import Layout, Shape
 from dsv4.operator.spec import DeploymentSpec, PoolSpec, Resources, Scheduling
 from dsv4.protocol import contract, env
-from dsv4.protocol.config import GatewayFile, WorkerFile
+from dsv4.protocol.config import GatewayFile, PrefixCacheConfig, PrefixRoutingConfig, WorkerFile
 from dsv4.protocol.contract import Role
 
 APP_NAME = "dsv4"
@@ -113,12 +113,21 @@ def served_model_name(spec: DeploymentSpec) -> str:
 
 def role_config(owner: Owner, spec: DeploymentSpec, role: Role) -> GatewayFile | WorkerFile:
     """The settings file of one role (mounted at contract.CONFIG_FILE): exactly the model that role reads."""
+    prefix = spec.prefix_cache
     if role is Role.GATEWAY:
         return GatewayFile(
-            deployment=owner.name, served_model_name=served_model_name(spec), disaggregation=spec.disaggregation
+            deployment=owner.name,
+            served_model_name=served_model_name(spec),
+            disaggregation=spec.disaggregation,
+            prefix_routing=PrefixRoutingConfig(enabled=prefix.enabled, max_queued_tokens=prefix.max_queued_tokens),
         )
     pool = spec.prefill if role is Role.PREFILL else spec.decode
-    return WorkerFile(deployment=owner.name, kv_handoff=spec.kv_handoff, parallelism=pool.parallelism)
+    return WorkerFile(
+        deployment=owner.name,
+        kv_handoff=spec.kv_handoff,
+        parallelism=pool.parallelism,
+        prefix_cache=PrefixCacheConfig(enabled=prefix.enabled, tier=prefix.tier),
+    )
 
 
 def _config_text(owner: Owner, spec: DeploymentSpec, role: Role) -> str:
@@ -311,6 +320,14 @@ def _env(owner: Owner, spec: DeploymentSpec, role: Role, device: str) -> list[di
             {
                 "name": env.REDIS_PASSWORD,
                 "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}},
+            }
+        )
+    tier_ref = spec.prefix_cache.tier_secret_ref
+    if role is Role.PREFILL and tier_ref is not None:  # only prefill workers use the shared tier
+        out.append(
+            {
+                "name": env.PREFIX_TIER_REDIS_PASSWORD,
+                "valueFrom": {"secretKeyRef": {"name": tier_ref.name, "key": tier_ref.key}},
             }
         )
     if role is Role.GATEWAY and spec.auth.api_key_secret_ref is not None:

@@ -120,6 +120,13 @@ def printer_columns() -> list[dict[str, Any]]:
             "description": "pods of one decode group",
             "priority": 1,
         },
+        {
+            "name": "Prefix Hits",
+            "type": "string",
+            "jsonPath": ".status.prefixCache.hitRate",
+            "description": "share of prompt tokens taken from cached prefixes",
+            "priority": 1,
+        },
         {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint"},
         {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
     ]

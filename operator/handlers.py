@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import kopf
 
-from dsv4.operator import api, autoscaler, reconcile
+from dsv4.operator import api, autoscaler, prefix_status, reconcile
 from dsv4.operator.builders import MANAGER
 from dsv4.operator.kube import Kube
 from dsv4.protocol import env
@@ -252,7 +252,8 @@ async def _ticker() -> None:
 
 
 async def _tick(key: Key, body: dict[str, Any]) -> None:
-    """Drift repair every RESYNC_S, a status poll every STATUS_POLL_S, the planner at its interval."""
+    """Drift repair every RESYNC_S, a status poll every STATUS_POLL_S, the planner at its interval, the prefix-cache
+    figures every prefix_status.POLL_S."""
     try:
         memo = _memos.setdefault(key, {})
         now = time.monotonic()
@@ -267,6 +268,7 @@ async def _tick(key: Key, body: dict[str, Any]) -> None:
             memo["polled"] = now
             await asyncio.to_thread(reconcile.refresh_status, kube(), *key, _poster)
         await autoscaler.maybe_plan(kube(), body, memo, _poster(body), log)
+        await prefix_status.maybe_report(kube(), body, memo)
     except Exception:  # the next tick tries again
         log.exception("tick of %s/%s failed", *key)
     finally:

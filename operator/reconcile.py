@@ -148,8 +148,9 @@ def _status(
 
 
 def status_patch(status: DeploymentStatus) -> dict[str, Any]:
-    """The merge patch writing `status` (the planner's memory is left alone; fields now unset are removed)."""
-    patch: dict[str, Any] = status.model_dump(by_alias=True, exclude={"planner"}, mode="json")
+    """The merge patch writing `status` (the planner's memory and the prefix-cache figures, which their own loops
+    write, are left alone; fields now unset are removed)."""
+    patch: dict[str, Any] = status.model_dump(by_alias=True, exclude={"planner", "prefix_cache"}, mode="json")
     return patch
 
 

@@ -3,8 +3,8 @@
 The pydantic models below are what the operator reads; `dsv4.operator.crd` turns them into the CRD's structural
 OpenAPI schema. Rules the API server enforces with CEL are attached to the model they constrain with `cel(...)`, so a
 rule and the fields it names live side by side. What CEL cannot check is in `dsv4.operator.checks`. The parts a role
-also reads (`kvHandoff`, `disaggregation`, `parallelism`) are the models of `dsv4.protocol.config`, so the API server
-and the roles accept the same values.
+also reads (`kvHandoff`, `disaggregation`, `parallelism`, `prefixCache.tier`) are the models of `dsv4.protocol.config`,
+so the API server and the roles accept the same values.
 """
 
 from __future__ import annotations
@@ -14,7 +14,14 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 from pydantic.alias_generators import to_camel
 
-from dsv4.protocol.config import DisaggregationConfig, KvHandoffConfig, ParallelismConfig
+from dsv4.protocol.config import (
+    DEFAULT_MAX_QUEUED_TOKENS,
+    MAX_QUEUED_TOKENS_LIMIT,
+    DisaggregationConfig,
+    KvHandoffConfig,
+    ParallelismConfig,
+    PrefixTierConfig,
+)
 
 # Kubernetes quantities ("2", "16Gi", 4) keep their user spelling; the API server accepts either JSON type.
 Quantity = Annotated[str | int, WithJsonSchema({"x-kubernetes-int-or-string": True})]
@@ -297,6 +304,26 @@ class TelemetrySpec(Base):
     sampling_ratio: float = Field(default=0.05, ge=0, le=1)
 
 
+class PrefixCacheSpec(Base):
+    """Prefix caching (docs/serving.md): each worker's engine cache, the shared tier in Redis, and the gateway's
+    prefix-aware routing; `enabled: false` computes every prompt from its first token."""
+
+    model_config = validations(
+        cel("!has(self.tierSecretRef) || has(self.tier.redisUrl)", "prefixCache.tierSecretRef needs tier.redisUrl"),
+    )
+    enabled: bool = True
+    tier: PrefixTierConfig = Field(default_factory=PrefixTierConfig)
+    tier_secret_ref: SecretKeyRef | None = Field(
+        default=None, description="Secret key holding tier.redisUrl's password"
+    )
+    max_queued_tokens: int = Field(
+        default=DEFAULT_MAX_QUEUED_TOKENS,
+        ge=1,
+        le=MAX_QUEUED_TOKENS_LIMIT,
+        description="routing: prompt tokens a worker may have waiting from one gateway before work goes elsewhere",
+    )
+
+
 class AuthSpec(Base):
     """API keys the gateway accepts: a Secret with one key per line."""
 
@@ -363,6 +390,7 @@ class DeploymentSpec(Base):
     gateway: GatewaySpec = Field(default_factory=GatewaySpec)
     disaggregation: DisaggregationConfig = Field(default_factory=DisaggregationConfig)
     kv_handoff: KvHandoffConfig = Field(default_factory=KvHandoffConfig)
+    prefix_cache: PrefixCacheSpec = Field(default_factory=PrefixCacheSpec)
     redis: RedisSpec = Field(default_factory=RedisSpec)
     autoscaling: AutoscalingSpec = Field(default_factory=AutoscalingSpec)
     telemetry: TelemetrySpec = Field(default_factory=TelemetrySpec)

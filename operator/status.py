@@ -53,6 +53,27 @@ class PlannerStatus(Base):
     decode: PlannerPoolStatus = Field(default_factory=PlannerPoolStatus)
 
 
+class PrefixPoolStats(Base):
+    """One pool's prefix-cache counters, summed over its live workers since each started."""
+
+    workers: int = 0
+    prompt_tokens: int = 0  # tokens of the prompts looked up in the cache
+    hit_tokens: int = 0  # ... of which taken from cached prefixes
+    requests: int = 0
+    hit_requests: int = 0
+    computed_tokens: int = 0  # prefill tokens the engines computed
+
+
+class PrefixCacheStatus(Base):
+    """What the workers report of their prefix caches (read from Redis by the operator): `hitRate` is the share of
+    prompt tokens taken from cached prefixes, over both pools (the `-o wide` column)."""
+
+    hit_rate: str = "-"
+    observed_at: str | None = None
+    prefill: PrefixPoolStats = Field(default_factory=PrefixPoolStats)
+    decode: PrefixPoolStats = Field(default_factory=PrefixPoolStats)
+
+
 class DeploymentStatus(Base):
     """`status` of a DeepSeekV4Deployment."""
 
@@ -65,6 +86,7 @@ class DeploymentStatus(Base):
     decode: PoolStatus | None = None
     redis_ready: bool | None = None
     planner: PlannerStatus | None = None
+    prefix_cache: PrefixCacheStatus | None = None
 
 
 @dataclass(frozen=True)

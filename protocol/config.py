@@ -1,9 +1,9 @@
 """The settings a role reads from the file the operator mounts from its ConfigMap (`contract.CONFIG_FILE`).
 
-One model per concern, used on both sides: the operator's CRD schema embeds `KvHandoffConfig`, `DisaggregationConfig`
-and `ParallelismConfig` (so the API server enforces the same limits the roles accept), the operator writes a
-`GatewayFile` or `WorkerFile`, and each role parses its file with the same model. Every key the operator writes is
-a field a role reads; unknown keys are an error on both sides.
+One model per concern, used on both sides: the operator's CRD schema embeds `KvHandoffConfig`, `DisaggregationConfig`,
+`ParallelismConfig` and `PrefixTierConfig` (so the API server enforces the same limits the roles accept), the
+operator writes a `GatewayFile` or `WorkerFile`, and each role parses its file with the same model. Every key the
+operator writes is a field a role reads; unknown keys are an error on both sides.
 """
 
 from __future__ import annotations
@@ -17,6 +17,11 @@ MAX_CHUNK_BYTES = 4 << 20  # a KV handoff chunk is at most 4 MiB (one Redis valu
 MIN_CHUNK_BYTES = 64 << 10  # smaller chunks only multiply round trips
 DEFAULT_HANDOFF_TTL_S = 120
 MAX_HANDOFF_TTL_S = 3600  # a handoff's keys outlive a crash by at most an hour
+DEFAULT_PREFIX_TIER_BYTES = 1 << 30
+DEFAULT_PREFIX_TIER_TTL_S = 3600
+MAX_PREFIX_TIER_TTL_S = 7 * 86400
+DEFAULT_MAX_QUEUED_TOKENS = 32768
+MAX_QUEUED_TOKENS_LIMIT = 1 << 24
 
 
 class WireModel(BaseModel):
@@ -55,12 +60,44 @@ class ParallelismConfig(WireModel):
     expert: bool = Field(default=False, description="expert parallel MoE across the replica's devices")
 
 
+class PrefixTierConfig(WireModel):
+    """The shared prefix tier: exported prompt prefixes in Redis, which every prefill worker can import."""
+
+    budget_bytes: int = Field(
+        default=DEFAULT_PREFIX_TIER_BYTES, ge=0, description="bytes of prefixes kept (LRU beyond); 0 = no shared tier"
+    )
+    ttl_seconds: int = Field(default=DEFAULT_PREFIX_TIER_TTL_S, ge=1, le=MAX_PREFIX_TIER_TTL_S)
+    redis_url: str | None = Field(
+        default=None, pattern=r"^rediss?://", description="a separate Redis for the tier (default: the deployment's)"
+    )
+
+
+class PrefixCacheConfig(WireModel):
+    """What a worker does with prompt prefixes: its engine's cache, and the shared tier (prefill workers)."""
+
+    enabled: bool = Field(default=True, description="the engine's prefix cache, its KV events and the shared tier")
+    tier: PrefixTierConfig = Field(default_factory=PrefixTierConfig)
+
+
+class PrefixRoutingConfig(WireModel):
+    """How the gateway picks a worker for a job by the prefixes the workers hold (KV events)."""
+
+    enabled: bool = Field(default=True, description="push jobs to the worker holding their prefix")
+    max_queued_tokens: int = Field(
+        default=DEFAULT_MAX_QUEUED_TOKENS,
+        ge=1,
+        le=MAX_QUEUED_TOKENS_LIMIT,
+        description="prompt tokens a worker may have waiting from this gateway before it counts as saturated",
+    )
+
+
 class GatewayFile(WireModel):
     """The gateway's settings file."""
 
     deployment: str
     served_model_name: str
     disaggregation: DisaggregationConfig = Field(default_factory=DisaggregationConfig)
+    prefix_routing: PrefixRoutingConfig = Field(default_factory=PrefixRoutingConfig)
 
 
 class WorkerFile(WireModel):
@@ -69,3 +106,4 @@ class WorkerFile(WireModel):
     deployment: str
     kv_handoff: KvHandoffConfig = Field(default_factory=KvHandoffConfig)
     parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig)
+    prefix_cache: PrefixCacheConfig = Field(default_factory=PrefixCacheConfig)

@@ -30,14 +30,15 @@ def worker_stream_key(deployment: str, stream: str, consumer: str) -> str:
     return redis_key(deployment, "stream", stream, "to", consumer)
 
 
+def worker_alive_key(deployment: str, stream: str, consumer: str) -> str:
+    """Present while a worker of `stream` heartbeats (it expires after the takeover time): a worker waiting on an
+    empty stream looks idle to Redis 7.0's XINFO CONSUMERS, so idleness alone cannot tell it from a dead one."""
+    return redis_key(deployment, "alive", stream, consumer)
+
+
 def workers_key(deployment: str, stream: str) -> str:
     """Set: the consumers of `stream` that have their own stream (who to take over from when one dies)."""
     return redis_key(deployment, "workers", stream)
-
-
-def worker_alive_key(deployment: str, stream: str, consumer: str) -> str:
-    """Set with a TTL by a live worker on every heartbeat; its absence means the worker is gone."""
-    return redis_key(deployment, "alive", stream, consumer)
 
 
 def dead_letter_key(deployment: str, stream: str) -> str:
@@ -106,6 +107,11 @@ def prefix_bytes_key(deployment: str) -> str:
     return redis_key(deployment, "prefix-bytes")
 
 
-def kv_events_key(deployment: str) -> str:
-    """Stream of the workers' KV events (prefixes stored and evicted, with the worker's load)."""
-    return redis_key(deployment, "kv-events")
+def kv_events_key(deployment: str, pool: str) -> str:
+    """Stream of the KV events of work pool `pool`'s workers (prefixes stored and evicted, with each one's load)."""
+    return redis_key(deployment, "kv-events", pool)
+
+
+def prefix_stats_key(deployment: str) -> str:
+    """Hash: worker -> its prefix-cache counters (JSON), read by the operator for the status's hit rate."""
+    return redis_key(deployment, "prefix-stats")

@@ -29,6 +29,35 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="Redis to start when no --redis-url: auto = redis-server if installed, else in-process (default: auto)",
     )
+    p.add_argument(
+        "--prefill-workers", type=_positive, default=1, metavar="N", help="prefill workers to run (default: 1)"
+    )
+    p.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        help="compute every prompt from its first token: no prefix cache, shared tier or prefix-aware routing",
+    )
+    p.add_argument(
+        "--prefix-cache-budget",
+        type=_non_negative,
+        metavar="BYTES",
+        help="bytes of prompt prefixes kept in Redis for every prefill worker to import; 0 = none "
+        "(default: 1 GiB, or 0 with the in-process broker, which is slow with large values)",
+    )
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
 
 
 def _gateway_args(p: argparse.ArgumentParser) -> None:

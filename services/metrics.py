@@ -29,6 +29,25 @@ BATCH_SIZE = Gauge("dsv4_batch_size", "Requests in the engine's running batch", 
 KV_CACHE_USAGE = Gauge("dsv4_kv_cache_usage_ratio", "Used fraction of the engine's KV-cache blocks", ["role"])
 KV_POOL_BLOCKS = Gauge("dsv4_kv_pool_blocks", "Blocks of the engine's KV pool (sized at start)", ["role"])
 KV_POOL_MAX_TOKENS = Gauge("dsv4_kv_pool_max_tokens", "Token positions the engine's KV pool holds", ["role"])
+# Prefix caching, per pool (role = prefill | decode): hit rate = hits / lookups (requests) or hit_tokens /
+# lookup_tokens (tokens); prefill_tokens counts what the engine computed.
+PREFILL_TOKENS = Counter("dsv4_prefill_tokens", "Prompt tokens the engine computed (cache hits left out)", ["role"])
+PREFIX_LOOKUPS = Counter("dsv4_prefix_cache_lookups", "Requests admitted with a prefix-cache lookup", ["role"])
+PREFIX_HITS = Counter("dsv4_prefix_cache_hits", "Requests resumed from a cached prefix", ["role"])
+PREFIX_LOOKUP_TOKENS = Counter("dsv4_prefix_cache_lookup_tokens", "Prompt tokens of the lookups", ["role"])
+PREFIX_HIT_TOKENS = Counter("dsv4_prefix_cache_hit_tokens", "Prompt tokens taken from cached prefixes", ["role"])
+PREFIX_HIT_RATIO = Gauge(
+    "dsv4_prefix_cache_hit_ratio",
+    "Share of looked-up prompt tokens (or requests) that hit, since start",
+    ["role", "unit"],
+)  # unit: tokens | requests
+PREFIX_BYTES = Gauge("dsv4_prefix_cache_bytes", "Bytes of cached prefixes", ["role", "tier"])  # tier: local | redis
+PREFIX_EVICTIONS = Counter("dsv4_prefix_cache_evictions", "Cached prefixes evicted", ["role", "tier"])
+PREFIX_TIER_IMPORTS = Counter(
+    "dsv4_prefix_tier_imports", "Prefixes fetched from the Redis tier", ["result"]
+)  # result: imported | refused | gone
+PREFIX_TIER_PUBLISHED = Counter("dsv4_prefix_tier_published", "Prefixes published to the Redis tier")
+ROUTES = Counter("dsv4_routes", "Gateway routing decisions", ["pool", "reason"])  # reason: prefix | load | shared
 
 
 def render() -> tuple[bytes, str]:

@@ -46,6 +46,7 @@ class PrefixTier:
         self._lru = keys.prefix_lru_key(deployment)
         self._sizes = keys.prefix_sizes_key(deployment)
         self._bytes = keys.prefix_bytes_key(deployment)
+        self.evictions = 0  # prefixes this client evicted for the budget or found expired
 
     def _blob(self, chain_hash: str) -> str:
         return keys.prefix_blob_key(self.deployment, chain_hash)
@@ -105,22 +106,23 @@ class PrefixTier:
                 total, count = await p.execute()
         return TierStats(int(total or 0), int(count))
 
-    async def _remove(self, chain_hash: str) -> None:
+    async def _remove(self, chain_hash: str) -> bool:
         size = await self.client.hget(self._sizes, chain_hash)
         if not await self.client.zrem(self._lru, chain_hash):
-            return  # someone else removed it (and counted it out)
+            return False  # someone else removed it (and counted it out)
         async with self.client.pipeline(transaction=True) as p:
             p.delete(self._blob(chain_hash))
             p.hdel(self._sizes, chain_hash)
             if size is not None:
                 p.decrby(self._bytes, int(size))
             await p.execute()
+        return True
 
     async def _forget_expired(self, now_ms: int) -> None:
         # A blob whose TTL ran out is gone from Redis, but its LRU entry and its bytes are still counted.
         expired: list[Any] = await self.client.zrangebyscore(self._lru, "-inf", now_ms - self.ttl_s * 1000)
         for member in expired:
-            await self._remove(_s(member))
+            self.evictions += await self._remove(_s(member))
 
     async def _evict_over_budget(self) -> None:
         while int(await self.client.get(self._bytes) or 0) > self.budget_bytes:
@@ -128,7 +130,7 @@ class PrefixTier:
             if not oldest:
                 return
             for member in oldest:
-                await self._remove(_s(member))
+                self.evictions += await self._remove(_s(member))
                 if int(await self.client.get(self._bytes) or 0) <= self.budget_bytes:
                     return
 

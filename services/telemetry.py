@@ -43,6 +43,10 @@ ATTR_KV_CHUNKS = "dsv4.kv.chunks"
 ATTR_KV_TRANSPORT = "dsv4.kv.transport"
 ATTR_TRANSFER_MS = "dsv4.kv.transfer_ms"
 ATTR_FINISH_REASON = "dsv4.finish_reason"
+ATTR_ROUTE_WORKER = "dsv4.route.worker"  # the worker whose own stream got the job ("" = the shared stream)
+ATTR_ROUTE_REASON = "dsv4.route.reason"  # prefix | load | shared
+ATTR_ROUTE_MATCHED_TOKENS = "dsv4.route.matched_tokens"  # prompt tokens the chosen worker holds (as far as known)
+ATTR_PREFIX_IMPORTED_TOKENS = "dsv4.prefix.imported_tokens"  # prompt tokens imported from the Redis tier
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _installed: TracerProvider | None = None

@@ -185,11 +185,17 @@ class WorkQueue:
         streams: dict[Any, Any] = {k: ">" for k in (self.own_key, self.key) if k is not None}
         block = min(block_ms, MAX_BLOCK_MS) or None
         with unavailable_as_typed(f"reading {self.stream}"):
-            try:
-                resp: Any = await self.client.xreadgroup(self.group, self.consumer, streams, count=count, block=block)
-            except redis.ResponseError as e:
-                await self._regroup_if_lost(e)  # then read once more: the groups exist again
-                resp = await self.client.xreadgroup(self.group, self.consumer, streams, count=count, block=block)
+            resp: Any = None
+            for attempt in range(2):
+                try:
+                    resp = await self.client.xreadgroup(self.group, self.consumer, streams, count=count, block=block)
+                    break
+                except redis.ResponseError as e:
+                    # Recreate the groups and read once more; lost again meanwhile (a Redis that restarted empty
+                    # twice, a stream deleted again): nothing this time, the caller reads again.
+                    await self._regroup_if_lost(e)
+                    if attempt:
+                        return []
         out: list[Delivery] = []
         for key, entries in resp or []:
             out += await self._parse(as_text(key), entries, reclaimed=False)
@@ -265,10 +271,10 @@ class WorkQueue:
                 await p.execute()
 
     async def _regroup_if_lost(self, e: redis.ResponseError) -> None:
-        # A Redis that restarted without persistence lost the stream and its group, or our own stream was deleted
-        # under a blocked read (the others took us for dead): recreate both and carry on (lost jobs' clients get
-        # errors or timeouts from the gateway).
-        if "NOGROUP" not in str(e) and "no longer exists" not in str(e):
+        # A Redis that restarted without persistence lost the stream and its group (NOGROUP), or our own stream was
+        # deleted under a blocked read (UNBLOCKED: the others took us for dead): recreate both and carry on (lost
+        # jobs' clients get errors or timeouts from the gateway).
+        if "NOGROUP" not in str(e) and "UNBLOCKED" not in str(e):
             raise e
         log.warning("consumer group of %s is gone (Redis restarted?); recreating it", self.key)
         await self.ensure_group()

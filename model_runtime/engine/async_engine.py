@@ -17,7 +17,7 @@ import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -28,6 +28,7 @@ from dsv4.model_runtime.engine.port import (
     KVImportError,
     KVMeta,
     PrefillOutput,
+    PrefixEvent,
     SamplingSpec,
     TokenLogprobs,
     TokenOutput,
@@ -38,6 +39,8 @@ from dsv4.model_runtime.engine.sampling_params import SamplingParams
 log = logging.getLogger(__name__)
 
 CANCELLED_TOKEN_ID = -1  # token_id of the closing TokenOutput of a cancelled stream (it carries no token)
+
+T = TypeVar("T")
 
 
 class RequestCancelled(RuntimeError):
@@ -65,13 +68,14 @@ class AsyncEngine:
     def __init__(self, engine: LLMEngine, kv_chunk_size: int = kv_export.CHUNK_SIZE) -> None:
         self._engine = engine
         self._chunk_size = kv_chunk_size
-        self._fingerprint = kv_export.model_fingerprint(engine.model)
+        self._fingerprint = engine.fingerprint
         self._commands: queue.SimpleQueue[Callable[[], object]] = queue.SimpleQueue()
         self._wake = threading.Event()
         self._stop = False
         self._requests: dict[str, _Caller] = {}
         self._lock = threading.Lock()
         self._outbox: dict[asyncio.AbstractEventLoop, list[Callable[[], object]]] = {}  # engine thread only
+        self._prefix_events: queue.SimpleQueue[PrefixEvent] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._loop, name="dsv4-engine", daemon=True)
         self._thread.start()
 
@@ -184,6 +188,63 @@ class AsyncEngine:
             extra=e.stats_extra(),
         )
 
+    # ---- prefix cache --------------------------------------------------------------------------------------------
+    @property
+    def prefix_block_size(self) -> int | None:
+        return self._engine.prefix_block_size
+
+    async def cached_prefix_len(self, prompt_ids: Sequence[int]) -> int:
+        """Leading positions of `prompt_ids` the cache holds now."""
+        ids = list(prompt_ids)
+        return await self._on_engine(lambda: self._engine.cached_prefix_len(ids))
+
+    async def import_prefix(self, token_ids: Sequence[int], blob: bytes) -> bool:
+        """Verify `blob` (in an executor), then cache it as the state of `token_ids`; KVImportError when refused."""
+        loop = asyncio.get_running_loop()
+        snapshot = await loop.run_in_executor(None, kv_export.load, self._engine.model, blob)
+        if snapshot.position != len(token_ids):
+            raise KVImportError(f"prefix state covers {snapshot.position} positions, the prefix has {len(token_ids)}")
+        ids = list(token_ids)
+        return await self._on_engine(lambda: self._engine.import_prefix(ids, snapshot))
+
+    async def export_prefix(self, chain_hash: str) -> bytes | None:
+        """The blob of a held aligned prefix (exported on the engine thread, so no eviction interleaves)."""
+        chunks = await self._on_engine(lambda: self._engine.export_prefix(chain_hash, self._chunk_size))
+        return None if chunks is None else b"".join(chunks)
+
+    def prefix_events(self) -> list[PrefixEvent]:
+        events = []
+        while True:
+            try:
+                events.append(self._prefix_events.get_nowait())
+            except queue.Empty:
+                return events
+
+    async def held_prefixes(self) -> list[str]:
+        return await self._on_engine(self._engine.held_prefixes)
+
+    async def _on_engine(self, fn: Callable[[], T]) -> T:
+        """Run `fn` on the engine thread between two steps and return its result (or raise its error)."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+
+        def run() -> None:
+            try:
+                result = fn()
+            except Exception as e:
+                _call_in(loop, _fail, fut, e)
+                return
+            finally:
+                self._collect_prefix_events()
+            _call_in(loop, _resolve, fut, result)
+
+        self._post(run)
+        return await fut
+
+    def _collect_prefix_events(self) -> None:
+        for event in self._engine.prefix_events():
+            self._prefix_events.put(event)
+
     # ---- lifecycle ---------------------------------------------------------------------------------------------
     def close(self) -> None:
         """Stop the stepping thread (pending requests are abandoned)."""
@@ -238,6 +299,7 @@ class AsyncEngine:
             for out in outputs:
                 self._deliver(out)
             self._flush_outbox()
+            self._collect_prefix_events()
 
     def _add(
         self,

@@ -19,7 +19,6 @@ what is wrong; it never returns a state it did not fully verify.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import struct
@@ -30,6 +29,7 @@ from typing import Any
 import crc32c
 import torch
 
+from dsv4.model_runtime.engine.fingerprint import model_fingerprint
 from dsv4.model_runtime.engine.kv_layout import RowCodec, entry_codec, index_key_codec
 from dsv4.model_runtime.engine.port import KVImportError
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
@@ -65,18 +65,6 @@ class KVSnapshot:
 
     position: int
     tensors: dict[str, torch.Tensor]
-
-
-def model_fingerprint(model: DeepseekV4) -> str:
-    """sha256 over the config, every checkpoint tensor's name, logical shape and stored format, the compute dtype
-    and the QAT flag (hex, 32 chars). It does not depend on the parallel layout: ranks of different layouts hold
-    different pieces of the same tensors, and a state exported under one imports under another."""
-    h = hashlib.sha256()
-    h.update(json.dumps(model.cfg.to_dict(), sort_keys=True).encode())
-    for line in model.weight_signature:
-        h.update(f"{line}\n".encode())
-    h.update(f"dtype={model.dtype}\nqat={model.qat_simulation}".encode())
-    return h.hexdigest()[:32]
 
 
 def _comp_rows(ratio: int, csa: bool, position: int) -> int:

@@ -24,12 +24,15 @@ completed, or a padding row of a CUDA graph batch) writes there. Nothing reads t
 from __future__ import annotations
 
 import math
+from array import array
+from collections.abc import Callable
 
 import torch
 
 from dsv4.kernels.paged import PagedRows
 from dsv4.model_runtime.config import ModelConfig
 from dsv4.model_runtime.engine.kv_layout import RowCodec, entry_codec, index_key_codec
+from dsv4.model_runtime.engine.prefix_cache import CacheEntry, PrefixCache, Prompt
 from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.transfer import to_device
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
@@ -65,6 +68,10 @@ class BlockStore:
         blocks, offsets = self._where(table, torch.arange(n, device=device))
         return self.codec.decode({name: t[blocks, offsets] for name, t in self.tensors.items()})
 
+    def copy_block(self, src: int, dst: int) -> None:
+        for t in self.tensors.values():
+            t[dst].copy_(t[src])
+
     def paged(self, dtype: torch.dtype) -> PagedStore:
         """The store as the batched decode step writes and the paged kernel ops read it."""
         rows = PagedRows(
@@ -84,7 +91,8 @@ class BlockStore:
 class KVPool:
     """All KV storage of one engine: `num_blocks` blocks of `block_size` positions and `num_slots` slots (plus the
     sink slot `num_slots`), and the block table of every slot on the device ([num_slots + 1, max_blocks] int32;
-    the sink slot's row stays 0)."""
+    the sink slot's row stays 0). `snapshot_slots` more slots, past the sink, hold the prefix cache's copies of
+    sequence slots (`snapshot_slot_ids`); no sequence runs in them, so they have no block table."""
 
     def __init__(
         self,
@@ -96,9 +104,11 @@ class KVPool:
         dtype: torch.dtype,
         low_precision: bool,
         mtp_layers: int = 0,
+        snapshot_slots: int = 0,
     ) -> None:
         self.cfg, self.block_size, self.dtype = cfg, block_size, dtype
         self.mtp_layers, self.sink_slot = mtp_layers, num_slots
+        self.snapshot_slot_ids = range(num_slots + 1, num_slots + 1 + snapshot_slots)
         # + 1: an MTP draft may stand one position past the longest request
         self.max_blocks = min(num_blocks, math.ceil((cfg.max_position_embeddings + 1) / block_size))
         self.block_tables = torch.zeros(num_slots + 1, self.max_blocks, dtype=torch.int32, device=device)
@@ -109,7 +119,7 @@ class KVPool:
         self.entries: list[BlockStore | None] = []
         self.index_keys: list[BlockStore | None] = []
         ecodec, kcodec = entry_codec(cfg, dtype, low_precision), index_key_codec(cfg, dtype, low_precision)
-        slots = num_slots + 1
+        slots = num_slots + 1 + snapshot_slots
         for i in range(cfg.num_hidden_layers + mtp_layers):  # MTP layer j is layer num_hidden_layers + j
             m, csa = cfg.ratio(i), cfg.is_csa(i)
             self.window.append(torch.zeros(slots, cfg.sliding_window, cfg.head_dim, dtype=dtype, device=device))
@@ -141,6 +151,19 @@ class KVPool:
             self.window[i][slot].zero_()
             for name, t in comp.items():
                 t[slot].fill_(float("-inf") if name.endswith("score") else 0.0)
+
+    def copy_slot(self, src: int, dst: int) -> None:
+        """Slot `dst` becomes a copy of slot `src` (window rings and compressor states of every layer)."""
+        for i, comp in enumerate(self.comp):
+            self.window[i][dst].copy_(self.window[i][src])
+            for t in comp.values():
+                t[dst].copy_(t[src])
+
+    def copy_block(self, src: int, dst: int) -> None:
+        """Block `dst` becomes a copy of block `src` (every layer's entries and indexer keys)."""
+        for store in [*self.entries, *self.index_keys]:
+            if store is not None:
+                store.copy_block(src, dst)
 
     def assign_blocks(self, slot: int, first: int, blocks: list[int]) -> None:
         """Blocks `blocks` become entries first.. of the slot's block table (on the device at the next flush)."""
@@ -301,9 +324,23 @@ class PagedSequenceState(SequenceState):
 
 
 class KVCacheManager:
-    """Hands out the pool's blocks and slots to sequences; the scheduler asks it before every chunk."""
+    """Hands out the pool's blocks and slots to sequences; the scheduler asks it before every chunk.
 
-    def __init__(self, model: DeepseekV4, num_blocks: int, block_size: int, num_slots: int) -> None:
+    With a prefix cache (`prefix_seed`, `prefix_slots` snapshot slots; `prefix_cache.py`), blocks are reference
+    counted: a block is held by the sequences whose tables list it and by the cache entries covering it, and is free
+    when neither holds it. Blocks only entries hold count as available: taking them evicts entries, least valuable
+    first, before the scheduler has to preempt anyone; a block a sequence holds is never reclaimed.
+    """
+
+    def __init__(
+        self,
+        model: DeepseekV4,
+        num_blocks: int,
+        block_size: int,
+        num_slots: int,
+        prefix_slots: int = 0,
+        prefix_seed: bytes | None = None,
+    ) -> None:
         cfg = model.cfg
         ratios = sorted({r for r in cfg.compress_ratios[: cfg.num_hidden_layers] if r})
         if num_blocks < 1 or num_slots < 1 or block_size < 1 or any(block_size % r for r in ratios):
@@ -311,8 +348,11 @@ class KVCacheManager:
                 f"KV pool: need num_blocks, num_slots >= 1 and block_size a multiple of every compression ratio "
                 f"{ratios}, got num_blocks={num_blocks}, num_slots={num_slots}, block_size={block_size}"
             )
+        if prefix_slots < 0:
+            raise ValueError(f"KV pool: prefix_slots must be >= 0, got {prefix_slots}")
         self.model = model
         self.total_blocks, self.block_size, self.num_slots = num_blocks, block_size, num_slots
+        cache_on = prefix_seed is not None and prefix_slots > 0
         self.pool = KVPool(
             cfg,
             num_blocks,
@@ -322,18 +362,41 @@ class KVCacheManager:
             model.dtype,
             low_precision=model.qat_simulation,
             mtp_layers=len(model.mtp),
+            snapshot_slots=prefix_slots if cache_on else 0,
         )
         self._free_blocks = list(range(num_blocks - 1, -1, -1))
         self._free_slots = list(range(num_slots - 1, -1, -1))
+        self._seq_refs = [0] * num_blocks
+        self._cache_refs = [0] * num_blocks
+        self._cache_only = 0  # blocks held by cache entries and no sequence
+        self._cached = 0  # blocks held by at least one cache entry
+        self.cache = (
+            PrefixCache(block_size, prefix_seed, self.pool.snapshot_slot_ids)
+            if cache_on and prefix_seed is not None
+            else None
+        )
 
     @property
     def used_blocks(self) -> int:
-        return self.total_blocks - len(self._free_blocks)
+        """Blocks some sequence holds (blocks only the prefix cache holds are reclaimable, hence not counted)."""
+        return self.total_blocks - len(self._free_blocks) - self._cache_only
+
+    @property
+    def cached_blocks(self) -> int:
+        """Blocks some prefix-cache entry holds (shared with running sequences or not)."""
+        return self._cached
 
     @property
     def bytes_per_token(self) -> float:
         """Pool bytes per token position (blocks only; `slot_bytes` is the per-sequence constant)."""
         return self.pool.block_bytes / self.block_size
+
+    @property
+    def cache_bytes(self) -> int:
+        """Device bytes the prefix cache holds: its blocks and its snapshot slots in use."""
+        if self.cache is None:
+            return 0
+        return self._cached * self.pool.block_bytes + len(self.cache) * self.pool.slot_bytes
 
     def blocks_for(self, num_tokens: int) -> int:
         return max(1, math.ceil(num_tokens / self.block_size))
@@ -345,10 +408,44 @@ class KVCacheManager:
     def _held(self, seq: Request) -> int:
         return len(seq.state.table) if isinstance(seq.state, PagedSequenceState) else 0
 
+    def _available(self) -> int:
+        return len(self._free_blocks) + self._cache_only
+
+    def _ref(self, block: int, seq: int = 0, cache: int = 0) -> None:
+        """Change a block's holders; it goes back to the free list when nobody holds it any more."""
+        old_seq, old_cache = self._seq_refs[block], self._cache_refs[block]
+        new_seq, new_cache = old_seq + seq, old_cache + cache
+        self._seq_refs[block], self._cache_refs[block] = new_seq, new_cache
+        self._cache_only += (new_seq == 0 and new_cache > 0) - (old_seq == 0 and old_cache > 0)
+        self._cached += (new_cache > 0) - (old_cache > 0)
+        if new_seq == new_cache == 0:
+            self._free_blocks.append(block)
+
+    def _take_block(self) -> int:
+        """A free block for a sequence, evicting cache entries when none is free (callers checked `_available`)."""
+        while not self._free_blocks:
+            if not self.evict():
+                raise RuntimeError("KV pool: no free block and no cache entry to evict")
+        block = self._free_blocks.pop()
+        self._ref(block, seq=1)
+        return block
+
+    def evict(self) -> bool:
+        """Evict the prefix cache's next victim (its blocks go free unless a sequence or another entry holds them);
+        False when there is nothing to evict."""
+        victim = self.cache.victim() if self.cache is not None else None
+        if victim is None:
+            return False
+        assert self.cache is not None
+        for b in victim.blocks:
+            self._ref(b, cache=-1)
+        self.cache.remove(victim)
+        return True
+
     def can_grow(self, seq: Request, n_new: int) -> bool:
         if seq.state is None and not self._free_slots:
             return False
-        return self.blocks_for(seq.num_computed + n_new) - self._held(seq) <= len(self._free_blocks)
+        return self.blocks_for(seq.num_computed + n_new) - self._held(seq) <= self._available()
 
     def grow(self, seq: Request, n_new: int) -> None:
         """Reserve room for `n_new` more positions; the first call takes a slot and restores an imported state."""
@@ -362,7 +459,7 @@ class KVCacheManager:
         assert isinstance(state, PagedSequenceState)
         first = len(state.table)
         while len(state.table) < self.blocks_for(seq.num_computed + n_new):
-            state.table.append(self._free_blocks.pop())
+            state.table.append(self._take_block())
         if len(state.table) > first:
             self.pool.assign_blocks(state.slot, first, state.table[first:])
         if seq.snapshot is not None:
@@ -372,11 +469,115 @@ class KVCacheManager:
             kv_export.restore(self.model, seq.snapshot, state)
             seq.snapshot = None
 
+    def admit(self, seq: Request, entry: CacheEntry | None, n_new: int) -> bool:
+        """Give a waiting sequence its state and room for `n_new` positions: resumed from a prefix-cache entry
+        (its full blocks shared, a partly filled last block copied, its slot copied) or fresh (or its imported
+        state). False, with nothing taken, when the pool has no room."""
+        if entry is None:
+            if not self.can_grow(seq, n_new):
+                return False
+            self.grow(seq, n_new)
+            return True
+        if not self._free_slots:
+            return False
+        b = self.block_size
+        shared = entry.position // b
+        state = PagedSequenceState(self.pool, self._free_slots.pop())
+        seq.state = state
+        for block in entry.blocks[:shared]:
+            self._ref(block, seq=1)
+            state.table.append(block)
+        partial = entry.position % b != 0
+        if self.blocks_for(entry.position + n_new) - shared > self._available():
+            self.free(seq)
+            return False
+        if partial:  # copy on write: the sequence writes the rows of this block past the entry's position
+            source = entry.blocks[shared]
+            self._ref(source, seq=1)  # kept while it is copied, whatever the evictions for the copy's block do
+            block = self._take_block()
+            self.pool.copy_block(source, block)
+            self._ref(source, seq=-1)
+            state.table.append(block)
+        self.pool.copy_slot(entry.slot, state.slot)
+        state.position = seq.num_computed = entry.position
+        self.pool.assign_blocks(state.slot, 0, list(state.table))
+        assert self.cache is not None
+        self.cache.use(entry)
+        seq.use_mtp = False  # the snapshot holds no MTP cache (as an imported state)
+        self.grow(seq, n_new)
+        return True
+
+    def snapshot(self, seq: Request, prompt: Prompt, position: int) -> CacheEntry | None:
+        """Make a cache entry of the sequence's state, which stands at `position` (a chunk just ended there), from
+        the first `position` tokens of `prompt`; None when it is cached already or no snapshot slot can be had."""
+        cache, state = self.cache, seq.state
+        assert cache is not None and isinstance(state, PagedSequenceState) and state.position == position
+        if cache.get(prompt, position) is not None:
+            return None
+        slot = cache.take_slot()
+        while slot is None and self.evict():
+            slot = cache.take_slot()
+        if slot is None:
+            return None
+        blocks = tuple(state.table[: math.ceil(position / self.block_size)])
+        for block in blocks:
+            self._ref(block, cache=1)
+        self.pool.copy_slot(state.slot, slot)
+        tokens = array("l", prompt.tokens[:position])
+        entry = CacheEntry(position, tokens, tuple(prompt.hashes[: position // self.block_size]), blocks, slot)
+        cache.insert(entry)
+        return entry
+
+    def import_entry(self, prompt: Prompt, restore: Callable[[PagedSequenceState], None]) -> CacheEntry | None:
+        """Make a cache entry of the state of all of `prompt`'s tokens that `restore` writes into a fresh state;
+        None when it is cached already or the pool has no room for it."""
+        cache, position = self.cache, len(prompt)
+        assert cache is not None
+        if cache.get(prompt, position) is not None:
+            return None
+        need = self.blocks_for(position)
+        if need > self._available():
+            return None
+        slot = cache.take_slot()
+        while slot is None and self.evict():
+            slot = cache.take_slot()
+        if slot is None:
+            return None
+        blocks: list[int] = []
+        while len(blocks) < need:  # enough are free or held by other entries only (checked above)
+            while not self._free_blocks:
+                if not self.evict():
+                    raise RuntimeError("KV pool: no free block and no cache entry to evict")
+            blocks.append(self._free_blocks.pop())
+            self._ref(blocks[-1], cache=1)
+        state = PagedSequenceState(self.pool, slot)
+        state.table.extend(blocks)
+        self.pool.reset_slot(slot)
+        try:
+            restore(state)
+        except Exception:
+            for block in blocks:
+                self._ref(block, cache=-1)
+            cache.release_slot(slot)
+            raise
+        tokens = array("l", prompt.tokens)
+        entry = CacheEntry(position, tokens, tuple(prompt.hashes[: position // self.block_size]), tuple(blocks), slot)
+        cache.insert(entry, imported=True)
+        return entry
+
+    def entry_state(self, entry: CacheEntry) -> PagedSequenceState:
+        """A read-only view of an entry's state (for its export): its snapshot slot, its blocks, its position."""
+        state = PagedSequenceState(self.pool, entry.slot)
+        state.table.extend(entry.blocks)
+        state.position = entry.position
+        return state
+
     def free(self, seq: Request) -> None:
         """Give the sequence's blocks and slot back (idempotent); an imported state not yet restored is dropped."""
         state = seq.state
         if isinstance(state, PagedSequenceState):
-            self._free_blocks.extend(reversed(state.table))
+            for block in reversed(state.table):
+                self._ref(block, seq=-1)
             self._free_slots.append(state.slot)
             state.table.clear()
         seq.state = None

@@ -12,9 +12,12 @@ from typing import TYPE_CHECKING
 import torch
 
 from dsv4.model_runtime.engine.cuda_graphs import GRAPH_DEVICES
+from dsv4.model_runtime.engine.fingerprint import model_fingerprint
 from dsv4.model_runtime.engine.kv_budget import kv_budget
 from dsv4.model_runtime.engine.kv_state import KVCacheManager
 from dsv4.model_runtime.engine.model_runner import ModelRunner
+from dsv4.model_runtime.engine.port import PrefixEvent
+from dsv4.model_runtime.engine.prefix_hash import chain_seed
 from dsv4.model_runtime.engine.request import Request, TokenLogprob
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.engine.scheduler import Scheduler, SchedulerConfig
@@ -43,6 +46,10 @@ class EngineConfig:
     speculative_mtp: bool = False  # draft one token per decode step with the checkpoint's MTP module
     # on a CUDA device (or an Ascend NPU, untested), replay batched decode steps from captured graphs
     cuda_graphs: bool = True
+    # Prefix caching (docs/engine.md): requests sharing a prompt prefix share its KV blocks and resume from a
+    # snapshot of the rest of its state; `prefix_cache_slots` snapshots are kept (each the size of a sequence slot).
+    prefix_cache: bool = True
+    prefix_cache_slots: int = 64
 
 
 @dataclass(frozen=True)
@@ -78,6 +85,7 @@ class LLMEngine:
         self.model, self.tokenizer = model, tokenizer
         c = self.config
         slots = c.num_slots or c.max_num_seqs + 8
+        prefix_slots = c.prefix_cache_slots if c.prefix_cache else 0
         self.kv_budget = kv_budget(
             model.cfg,
             model.device,
@@ -85,12 +93,20 @@ class LLMEngine:
             model.qat_simulation,
             len(model.mtp),
             c.block_size,
-            slots,
+            slots + prefix_slots,
             c.num_blocks,
             c.kv_memory_fraction,
         )
         log.info("%s", self.kv_budget.describe())
-        self.kv = KVCacheManager(model, self.kv_budget.num_blocks, c.block_size, slots)
+        self.fingerprint = model_fingerprint(model)
+        self.kv = KVCacheManager(
+            model,
+            self.kv_budget.num_blocks,
+            c.block_size,
+            slots,
+            prefix_slots=prefix_slots,
+            prefix_seed=chain_seed(self.fingerprint, c.block_size) if c.prefix_cache else None,
+        )
         self.scheduler = Scheduler(
             SchedulerConfig(c.max_num_seqs, c.max_num_batched_tokens, c.chunked_prefill), self.kv
         )
@@ -202,9 +218,10 @@ class LLMEngine:
 
     def stats_extra(self) -> dict[str, float]:
         """Counters beyond the batch figures: the KV pool's size (blocks, tokens, bytes), KV bytes per token,
-        preemptions, MTP drafts and acceptance."""
+        preemptions, MTP drafts and acceptance, prefill tokens computed and the prefix cache's lookups, hits, size
+        and evictions."""
         drafts = self.runner.drafts
-        return {
+        out = {
             "kv_pool_blocks": float(self.kv_budget.num_blocks),
             "kv_pool_max_tokens": float(self.kv_budget.max_tokens),
             "kv_pool_bytes": float(self.kv_budget.pool_bytes),
@@ -213,7 +230,71 @@ class LLMEngine:
             "mtp_drafts_proposed": float(drafts.proposed),
             "mtp_drafts_accepted": float(drafts.accepted),
             "mtp_acceptance_rate": drafts.acceptance_rate,
+            "prefill_tokens": float(self.scheduler.prefill_tokens),
         }
+        cache = self.kv.cache
+        if cache is not None:
+            st = cache.stats
+            out |= {
+                "prefix_cache_queries": float(st.queries),
+                "prefix_cache_hits": float(st.hits),
+                "prefix_cache_query_tokens": float(st.query_tokens),
+                "prefix_cache_hit_tokens": float(st.hit_tokens),
+                "prefix_cache_entries": float(len(cache)),
+                "prefix_cache_blocks": float(self.kv.cached_blocks),
+                "prefix_cache_bytes": float(self.kv.cache_bytes),
+                "prefix_cache_evictions": float(st.evictions),
+                "prefix_cache_imported": float(st.imported),
+            }
+        return out
+
+    # ---- prefix cache (the serving workers' shared tier and KV events) --------------------------------------------
+    @property
+    def prefix_block_size(self) -> int | None:
+        """Tokens per hashed block of the prefix cache's keys; None when the cache is off."""
+        return self.kv.block_size if self.kv.cache is not None else None
+
+    def cached_prefix_len(self, token_ids: Sequence[int]) -> int:
+        """Positions of `token_ids` a request with this prompt would not compute (0 without the cache)."""
+        cache = self.kv.cache
+        if cache is None or not token_ids:
+            return 0
+        entry = cache.lookup(cache.prompt(list(token_ids)), len(token_ids) - 1)
+        return entry.position if entry is not None else 0
+
+    def import_prefix(self, token_ids: Sequence[int], snapshot: KVSnapshot) -> bool:
+        """Make a cache entry of an imported state (`kv_export.load` verified it) of exactly `token_ids`. False when
+        it is cached already, the cache is off or the pool has no room; ValueError when the state does not cover
+        `token_ids`."""
+        cache = self.kv.cache
+        if cache is None:
+            return False
+        if snapshot.position != len(token_ids):
+            raise ValueError(f"imported prefix state covers {snapshot.position} positions, not {len(token_ids)}")
+        from dsv4.model_runtime.engine import kv_export
+
+        entry = self.kv.import_entry(
+            cache.prompt(list(token_ids)), lambda state: kv_export.restore(self.model, snapshot, state)
+        )
+        return entry is not None
+
+    def export_prefix(self, chain_hash: str, chunk_size: int) -> list[bytes] | None:
+        """The KV blob (`kv_export` format) of the aligned entry with this chain hash; None when it is not held."""
+        cache = self.kv.cache
+        entry = cache.by_chain_hash(chain_hash) if cache is not None else None
+        if entry is None:
+            return None
+        from dsv4.model_runtime.engine import kv_export
+
+        return list(kv_export.export_chunks(self.model, self.kv.entry_state(entry), chunk_size))
+
+    def prefix_events(self) -> list[PrefixEvent]:
+        """Aligned prefixes stored and evicted since the last call."""
+        return self.kv.cache.drain_events() if self.kv.cache is not None else []
+
+    def held_prefixes(self) -> list[str]:
+        """Chain hashes of the aligned prefixes the cache holds now."""
+        return self.kv.cache.chain_hashes() if self.kv.cache is not None else []
 
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample; returns the outputs of the requests that produced something."""
@@ -221,7 +302,9 @@ class LLMEngine:
         if not chunks:
             return []
         outputs = []
-        for seq in self.runner.run(chunks):
+        produced = self.runner.run(chunks)
+        self.scheduler.after_step(chunks)  # snapshots before finished sequences free their state
+        for seq in produced:
             if seq.finished:
                 self.scheduler.finish(seq, keep_state=seq.export_after_prefill)
                 if seq.export_after_prefill:

@@ -135,6 +135,15 @@ class KVImportError(ValueError):
     """The engine rejected a KV blob (bad format, wrong model, inconsistent positions); the worker recomputes."""
 
 
+@dataclass(frozen=True)
+class PrefixEvent:
+    """A prompt prefix the engine's prefix cache started (`stored`) or stopped (`evicted`) holding, named by the
+    chain hash of its last block (`dsv4.model_runtime.engine.prefix_hash`; only block-aligned prefixes are named)."""
+
+    op: Literal["stored", "evicted"]
+    chain_hash: str
+
+
 @runtime_checkable
 class Engine(Protocol):
     """The model engine as the workers use it. All coroutines run on the worker's event loop and must not block it.
@@ -189,4 +198,34 @@ class Engine(Protocol):
 
     def stats(self) -> EngineStats:
         """Current batch and KV-cache figures (cheap; called for every metrics scrape)."""
+        ...
+
+    # ---- prefix cache: what the workers share through Redis (the prefix tier, KV events) -------------------------
+    @property
+    def prefix_block_size(self) -> int | None:
+        """Tokens per block of the prefix cache's chain hashes (seeded with `model_fingerprint`); None when the
+        engine caches no prefixes."""
+        ...
+
+    async def cached_prefix_len(self, prompt_ids: Sequence[int]) -> int:
+        """How many leading positions of `prompt_ids` a prefill would take from the cache instead of computing."""
+        ...
+
+    async def import_prefix(self, token_ids: Sequence[int], blob: bytes) -> bool:
+        """Cache the exported state (`PrefillOutput` format) of exactly `token_ids`, which another engine computed.
+
+        Raises `KVImportError` when the blob does not verify against this engine or covers other positions (the
+        caller then drops it); False when it is cached already or there is no room."""
+        ...
+
+    async def export_prefix(self, chain_hash: str) -> bytes | None:
+        """The exported state of the block-aligned prefix named `chain_hash`, None when the cache does not hold it."""
+        ...
+
+    def prefix_events(self) -> list[PrefixEvent]:
+        """Prefixes stored and evicted since the last call (cheap, non-blocking)."""
+        ...
+
+    async def held_prefixes(self) -> list[str]:
+        """Chain hashes of every block-aligned prefix the cache holds now."""
         ...

@@ -35,3 +35,10 @@ def chain_hashes(seed: bytes, token_ids: Sequence[int], block_size: int, max_blo
         parent = hashlib.blake2b(parent + struct.pack(f"<{block_size}I", *block), digest_size=DIGEST_BYTES).digest()
         out.append(parent.hex())
     return out
+
+
+def tail_hash(parent: bytes, tail: Sequence[int]) -> str:
+    """The hash of a prompt that ends `len(tail)` tokens past a block boundary: `parent` is the chain hash (raw) of
+    its last full block, or the seed. Distinct from every chain hash (a chain hash covers a whole block)."""
+    data = parent + b"tail" + struct.pack(f"<{len(tail)}I", *tail)
+    return hashlib.blake2b(data, digest_size=DIGEST_BYTES).hexdigest()

@@ -11,6 +11,7 @@ from dsv4.model_runtime.engine.text_stream import TextStream
 
 if TYPE_CHECKING:
     from dsv4.model_runtime.engine.kv_export import KVSnapshot
+    from dsv4.model_runtime.engine.prefix_cache import Prompt
     from dsv4.model_runtime.state import SequenceState
 
 
@@ -55,6 +56,11 @@ class Request:
     # (its state then holds the MTP layers' cache too), and the draft for the token after the last one.
     use_mtp: bool = False
     draft: int | None = None
+    # Prefix cache (dsv4.model_runtime.engine.prefix_cache): the tokens (and their chain hashes) the state must hold
+    # before the next token is sampled, set at admission; the positions where a snapshot is taken, ascending.
+    prefill_len: int = 0
+    prefix: Prompt | None = None
+    cache_points: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.num_replayed = len(self.output_token_ids)

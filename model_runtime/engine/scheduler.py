@@ -4,15 +4,26 @@ Every step takes the running sequences first (one token for a decoding sequence,
 prompt for a prefilling one), then admits waiting sequences in arrival order while the token budget, the
 sequence limit and the KV pool allow. A running sequence that cannot grow preempts the most recently admitted
 one: its state is freed and it goes back to the front of the queue, to be recomputed (never a crash).
+
+With the prefix cache (`prefix_cache.py`), a sequence is admitted at the longest cached prefix of its tokens and
+its prefill chunks end at its snapshot points, where the step's end makes cache entries of its state (`after_step`).
+A waiting sequence whose prompt shares a longer prefix with a sequence prefilling now waits for that one to reach it
+(the point is added to the running sequence's) instead of computing it a second time; others are admitted past it.
+Blocks only the cache holds are reclaimed (evicting entries) before anyone is preempted.
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections import deque
 from dataclasses import dataclass
 
 from dsv4.model_runtime.engine.kv_state import KVCacheManager
+from dsv4.model_runtime.engine.prefix_cache import CacheEntry, Prompt, common_prefix, snapshot_points
 from dsv4.model_runtime.engine.request import Request, RequestStatus
+
+BRANCH_SAMPLE = 64  # waiting requests a new sequence's branch points are looked for in
 
 
 @dataclass(frozen=True)
@@ -42,6 +53,8 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.num_preemptions = 0
+        self.prefill_tokens = 0  # prompt (and replayed) tokens computed, the prefix cache's hits left out
+        self._after: dict[str, int] = {}  # this step: where each scheduled sequence's state will stand after it
 
     def add(self, seq: Request) -> None:
         """Queue a sequence; raises ValueError when its longest possible length can never fit the KV pool."""
@@ -84,6 +97,7 @@ class Scheduler:
         """The chunks to run this step; each chunk's KV capacity is reserved."""
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
+        self._after = {}
         for seq in list(self.running):
             if seq not in self.running:  # preempted by an earlier sequence of this loop
                 continue
@@ -98,23 +112,110 @@ class Scheduler:
             if seq not in self.running:
                 continue
             self.kv.grow(seq, n)
-            chunks.append(ScheduledChunk(seq, n))
-            budget -= n
-        while self.waiting and len(self.running) < self.config.max_num_seqs and budget > 0:
-            seq = self.waiting[0]
-            n = self._chunk_len(seq, budget, first=not chunks)
-            if n == 0 or not self.kv.can_grow(seq, n):
+            budget -= self._scheduled(chunks, seq, n)
+        i = 0
+        while i < len(self.waiting) and len(self.running) < self.config.max_num_seqs and budget > 0:
+            seq = self.waiting[i]
+            entry, wait = self._plan(seq)
+            if wait:  # a running sequence is computing a longer prefix of it right now
+                i += 1
+                continue
+            start = entry.position if entry is not None else seq.num_computed
+            if self.kv.cache is not None and seq.prefix is not None:
+                seq.cache_points = self._points(seq, start)
+            n = self._chunk_len(seq, budget, first=not chunks, start=start)
+            if n == 0 or not self.kv.admit(seq, entry, n):
+                seq.cache_points = []
                 break
-            self.waiting.popleft()
+            self._count_lookup(seq, entry)
+            del self.waiting[i]
             seq.status = RequestStatus.RUNNING
             self.running.append(seq)
-            self.kv.grow(seq, n)
-            chunks.append(ScheduledChunk(seq, n))
-            budget -= n
+            budget -= self._scheduled(chunks, seq, n)
         return chunks
 
-    def _chunk_len(self, seq: Request, budget: int, first: bool) -> int:
-        want = seq.num_uncomputed + (1 if seq.draft is not None else 0)  # an MTP draft is verified in the same step
+    def after_step(self, chunks: list[ScheduledChunk]) -> None:
+        """After the model ran `chunks`: cache entries of the states that stand at one of their snapshot points."""
+        for chunk in chunks:
+            seq = chunk.seq
+            while seq.cache_points and seq.cache_points[0] <= seq.num_computed:
+                point = seq.cache_points.pop(0)
+                if point == seq.num_computed and seq.state is not None and seq.prefix is not None:
+                    self.kv.snapshot(seq, seq.prefix, point)
+
+    def _scheduled(self, chunks: list[ScheduledChunk], seq: Request, n: int) -> int:
+        chunks.append(ScheduledChunk(seq, n))
+        self._after[seq.request_id] = seq.num_computed + n
+        self.prefill_tokens += max(0, min(seq.num_computed + n, seq.prefill_len) - seq.num_computed)
+        return n
+
+    def _prompt(self, seq: Request) -> Prompt:
+        """The tokens the sequence's state must hold before it samples (prompt + replayed or already generated
+        ones), with their chain hashes; computed once per admission."""
+        n = seq.num_tokens
+        if seq.prefix is None or len(seq.prefix) != n:
+            cache = self.kv.cache
+            tokens = seq.prompt_token_ids if not seq.output_token_ids else seq.token_ids
+            seq.prefix = cache.prompt(tokens) if cache is not None else Prompt(tokens)
+        return seq.prefix
+
+    def _plan(self, seq: Request) -> tuple[CacheEntry | None, bool]:
+        """The cache entry a waiting sequence resumes from, and whether it should rather wait for a running one."""
+        seq.prefill_len = seq.num_tokens
+        cache = self.kv.cache
+        if cache is None or seq.snapshot is not None:  # an imported state is the sequence's whole prompt already
+            return None, False
+        prompt = self._prompt(seq)
+        n = len(prompt)
+        entry = cache.lookup(prompt, n - 1)  # the last token is computed: its logits give the next token
+        start = entry.position if entry is not None else 0
+        if not self.config.chunked_prefill:
+            return entry, False
+        for other in self.running:
+            after = self._after.get(other.request_id, other.num_computed)
+            if other.prefix is None or after >= other.prefill_len:
+                continue  # not prefilling (any more)
+            d = min(common_prefix(prompt, other.prefix, cache.block_size), n - 1, other.prefill_len)
+            if d < after or d <= start:
+                continue
+            if d in other.cache_points:  # a snapshot it takes anyway
+                return entry, True
+            if d - start >= self.min_gain:
+                bisect.insort(other.cache_points, d)
+                return entry, True
+        return entry, False
+
+    def _points(self, seq: Request, start: int) -> list[int]:
+        cache, prompt = self.kv.cache, seq.prefix
+        assert cache is not None and prompt is not None
+        if not self.config.chunked_prefill:  # one piece per prompt: no cut inside it
+            return [len(prompt)] if len(prompt) > start and cache.get(prompt, len(prompt)) is None else []
+        # The requests nearest in the queue are a large enough sample of what is shared: a long queue would
+        # otherwise make every admission compare with all of it.
+        candidates = [*itertools.islice(self.waiting, BRANCH_SAMPLE), *self.running]
+        others = [self._prompt(o) for o in candidates if o is not seq and o.snapshot is None]
+        return snapshot_points(cache, prompt, start, others, self.min_gain)
+
+    @property
+    def min_gain(self) -> int:
+        """A snapshot inside a prompt must save at least a block of computation to be worth its slot."""
+        return self.kv.block_size
+
+    def _count_lookup(self, seq: Request, entry: CacheEntry | None) -> None:
+        cache = self.kv.cache
+        if cache is None or seq.snapshot is not None:
+            return
+        cache.stats.queries += 1
+        cache.stats.query_tokens += seq.prefill_len
+        if entry is not None:
+            cache.stats.hits += 1
+            cache.stats.hit_tokens += entry.position
+
+    def _chunk_len(self, seq: Request, budget: int, first: bool, start: int | None = None) -> int:
+        computed = seq.num_computed if start is None else start
+        want = seq.num_tokens - computed + (1 if seq.draft is not None else 0)  # a draft is verified in the same step
+        if seq.cache_points:
+            want = min(want, seq.cache_points[0] - computed)
         if self.config.chunked_prefill:
             return min(want, budget)
         # Whole prompts only; one that exceeds the budget still runs alone so it is never starved.
@@ -125,6 +226,7 @@ class Scheduler:
         self.kv.free(seq)
         seq.num_computed = 0
         seq.draft = None
+        seq.cache_points = []
         seq.num_preemptions += 1
         self.num_preemptions += 1
         seq.status = RequestStatus.WAITING

@@ -7,6 +7,8 @@ enqueue → stream), `openai_format.py` (response bodies and chunks), `streaming
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,6 +22,7 @@ from dsv4.services import telemetry
 from dsv4.services.gateway.auth import KeyStore, RequestIdMiddleware, bearer_auth
 from dsv4.services.gateway.errors import install_error_handlers
 from dsv4.services.gateway.routes import openai_routes
+from dsv4.services.gateway.routing import follow_pools
 from dsv4.services.gateway.settings import GatewaySettings
 from dsv4.services.gateway.state import GatewayState
 from dsv4.services.health import health_routes
@@ -35,10 +38,21 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = connect(settings.redis_url, settings.redis_password_value())
-        app.state.gw = GatewayState.open(settings, client, tokenizer)
+        gw = app.state.gw = GatewayState.open(settings, client, tokenizer)
+        stop = asyncio.Event()
+        events = (
+            asyncio.create_task(follow_pools(client, settings.deployment, list(gw.routers.values()), stop))
+            if settings.prefix_routing.enabled
+            else None
+        )
         try:
             yield
         finally:
+            stop.set()
+            if events is not None:
+                events.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await events
             await client.aclose()
             telemetry.shutdown_tracing()
 

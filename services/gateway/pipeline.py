@@ -24,9 +24,10 @@ from dsv4.model_runtime.engine.port import SamplingSpec
 from dsv4.model_runtime.engine.text_stream import TextStream
 from dsv4.protocol.connection import RedisUnavailable, unavailable_as_typed
 from dsv4.services import metrics, telemetry
-from dsv4.services.gateway.decision import PrefillDecision, decide_prefill
+from dsv4.services.gateway.decision import decide_prefill
 from dsv4.services.gateway.errors import APIError, invalid, unavailable
 from dsv4.services.gateway.openai_format import SSE_DONE, OpenAIFormat, sse_event
+from dsv4.services.gateway.routing import Route
 from dsv4.services.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from dsv4.services.gateway.settings import GatewaySettings
 from dsv4.services.gateway.state import GatewayState
@@ -170,7 +171,7 @@ class _Call:
         return err
 
 
-async def _enqueue(gw: GatewayState, prepared: Prepared, reader: TokenReader, span: Span) -> PrefillDecision:
+async def _enqueue(gw: GatewayState, prepared: Prepared, reader: TokenReader, span: Span) -> Route:
     stats = await gw.prefill_stats()
     decision = decide_prefill(len(prepared.prompt_ids), stats.lag, stats.consumers, gw.settings.disaggregation)
     placement = "disaggregated" if decision.disaggregate else "local"
@@ -185,12 +186,22 @@ async def _enqueue(gw: GatewayState, prepared: Prepared, reader: TokenReader, sp
         enqueued_at_ms=int(time.time() * 1000),
     )
     queue = gw.prefill if decision.disaggregate else gw.decode
-    with unavailable_as_typed(f"enqueueing into {queue.stream}"):
-        async with gw.client.pipeline(transaction=True) as p:
-            reader.take_lease(p)
-            queue.enqueue_in(p, job)
-            await p.execute()
-    return decision
+    router = gw.routers[queue.stream]
+    route = router.choose(prepared.prompt_ids)
+    metrics.ROUTES.labels(pool=queue.stream, reason=route.reason).inc()
+    span.set_attribute(telemetry.ATTR_ROUTE_WORKER, route.worker or "")
+    span.set_attribute(telemetry.ATTR_ROUTE_REASON, route.reason)
+    span.set_attribute(telemetry.ATTR_ROUTE_MATCHED_TOKENS, route.matched_tokens)
+    try:
+        with unavailable_as_typed(f"enqueueing into {queue.stream}"):
+            async with gw.client.pipeline(transaction=True) as p:
+                reader.take_lease(p)
+                queue.enqueue_in(p, job, to=route.worker)
+                await p.execute()
+    except BaseException:
+        router.done(route)
+        raise
+    return route
 
 
 async def serve(gw: GatewayState, request: Request, prepared: Prepared, endpoint: str, fmt: OpenAIFormat) -> Response:
@@ -202,10 +213,13 @@ async def serve(gw: GatewayState, request: Request, prepared: Prepared, endpoint
     events = text_stream(reader, text, len(prepared.prompt_ids), gw.settings.token_timeout_s)
     try:
         with call.current():
-            await _enqueue(gw, prepared, reader, call.span)
+            route = await _enqueue(gw, prepared, reader, call.span)
         metrics.PROMPT_TOKENS.inc(len(prepared.prompt_ids))
         # The generator closes itself when it raises or ends: an error here leaves nothing to clean up.
-        first = await anext(events)
+        try:
+            first = await anext(events)
+        finally:  # the prefill is over (or abandoned): it no longer loads the worker it was routed to
+            gw.routers[route.pool].done(route)
         call.event(first)
         if not fmt.stream:
             outputs = [first]

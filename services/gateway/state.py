@@ -1,5 +1,6 @@
-"""What the gateway holds while it runs: settings, the Redis client, tokenizer and encoder, the work queues, and a
-short-lived cache of the prefill queue's stats (the input of every request's prefill decision)."""
+"""What the gateway holds while it runs: settings, the Redis client, tokenizer and encoder, the work queues, the
+prefix-aware router of each pool, and a short-lived cache of the prefill queue's stats (the input of every request's
+prefill decision)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from dsv4.model_runtime.tokenizer import Tokenizer
 from dsv4.protocol import keys
 from dsv4.protocol.stats import QueueStats, queue_stats
 from dsv4.services import metrics
+from dsv4.services.gateway.routing import PrefixRouter
 from dsv4.services.gateway.settings import GatewaySettings
 from dsv4.services.work_queue import WorkQueue
 
@@ -28,6 +30,7 @@ class GatewayState:
     encoder: ChatEncoder
     prefill: WorkQueue
     decode: WorkQueue
+    routers: dict[str, PrefixRouter] = field(default_factory=dict)  # by pool (work stream name)
     _stats: tuple[float, QueueStats] | None = field(default=None)
     _refresh: asyncio.Future[QueueStats] | None = field(default=None)
 
@@ -41,6 +44,9 @@ class GatewayState:
             encoder=ChatEncoder(tokenizer),
             prefill=WorkQueue(client, settings.deployment, keys.PREFILL_STREAM),
             decode=WorkQueue(client, settings.deployment, keys.DECODE_STREAM),
+            routers={
+                pool: PrefixRouter(pool, settings.prefix_routing) for pool in (keys.PREFILL_STREAM, keys.DECODE_STREAM)
+            },
         )
 
     async def prefill_stats(self) -> QueueStats:

@@ -58,7 +58,7 @@ def banner(url: str, model_name: str, model_desc: str, broker_desc: str, roles: 
         f"  model    {model_name}: {model_desc}",
         f"  redis    {broker_desc}",
         f"  metrics  {metrics}",
-        f"  logs     {roles[0].log_path.parent}/{{gateway,prefill,decode}}.log",
+        f"  logs     {roles[0].log_path.parent}/{{{','.join(r.log_path.stem for r in roles)}}}.log",
     ]
     if key_file:
         lines.append(f"  auth     export OPENAI_API_KEY=<a key from {key_file}>")
@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
             log_dir = dsv4_home() / "logs" / f"serve-{args.port}"
             log_dir.mkdir(parents=True, exist_ok=True)
             roles = role_processes(args, model, redis.server.url, redis.in_process, log_dir)
-            _say(f"dsv4 serve: starting gateway, prefill and decode on {redis.description}…")
+            prefill = "prefill" if args.prefill_workers == 1 else f"{args.prefill_workers} prefill workers"
+            _say(f"dsv4 serve: starting gateway, {prefill} and decode on {redis.description}…")
             for role in roles:
                 role.start()
             wait_ready(roles, READY_TIMEOUT_S, check)

@@ -72,27 +72,41 @@ class RoleProcess:
 def role_processes(
     args: argparse.Namespace, model: Path, redis_url: str, in_process_broker: bool, log_dir: Path
 ) -> list[RoleProcess]:
-    """The gateway, one prefill and one decode worker, configured for this machine."""
+    """The gateway, `--prefill-workers` prefill workers and one decode worker, configured for this machine."""
     base = supervised_env()
     base[env.MODEL] = str(model)  # the gateway reads the checkpoint's tokenizer
     workers = dict(base)
-    # Two engines share the cores: give each half, unless the user chose (torch reads OMP_NUM_THREADS).
-    workers.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // 2)))
+    # The engines share the cores: give each its part, unless the user chose (torch reads OMP_NUM_THREADS).
+    workers.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // (args.prefill_workers + 1))))
     workers.setdefault(env.DRAIN_TIMEOUT_S, DRAIN_TIMEOUT_S)
     workers.setdefault(env.HOST, "127.0.0.1")
     workers.setdefault(env.POD_IP, "127.0.0.1")
+    gateway_env = dict(base)
     if in_process_broker:
         # The broker is slow with multi-MiB values: KV state goes worker to worker, Redis carries the descriptor.
         workers.setdefault(f"{env.KV_HANDOFF}__TRANSPORT", "direct")
+    if args.no_prefix_cache:
+        workers[f"{env.PREFIX_CACHE}__ENABLED"] = "false"
+        gateway_env[f"{env.PREFIX_ROUTING}__ENABLED"] = "false"
+    budget = args.prefix_cache_budget
+    if budget is None and in_process_broker:
+        budget = 0  # prefixes are multi-MiB values too: no shared tier unless asked for
+    if budget is not None:
+        workers[f"{env.PREFIX_CACHE}__TIER__BUDGET_BYTES"] = str(budget)
     gateway_args = ["--host", args.host, "--port", str(args.port), "--redis-url", redis_url]
     if args.api_key_file:
         gateway_args += ["--api-key-file", str(Path(args.api_key_file).resolve())]
-    roles = [RoleProcess("gateway", gateway_args, base, http_url(args.host, args.port), log_dir / "gateway.log")]
-    for name in (contract.Role.PREFILL.value, contract.Role.DECODE.value):
+    gateway_url = http_url(args.host, args.port)
+    roles = [RoleProcess("gateway", gateway_args, gateway_env, gateway_url, log_dir / "gateway.log")]
+    names = [contract.Role.PREFILL.value] * args.prefill_workers + [contract.Role.DECODE.value]
+    for i, name in enumerate(names):
         port = free_port()
         role_env = {**workers, env.PORT: str(port), env.POD_NAME: f"{name}-local-{port}"}
         ready = f"http://127.0.0.1:{port}"
-        roles.append(RoleProcess(name, ["--redis-url", redis_url], role_env, ready, log_dir / f"{name}.log"))
+        log = (
+            f"{name}-{i + 1}.log" if name == contract.Role.PREFILL.value and args.prefill_workers > 1 else f"{name}.log"
+        )
+        roles.append(RoleProcess(name, ["--redis-url", redis_url], role_env, ready, log_dir / log))
     return roles
 
 

@@ -38,13 +38,14 @@ def _run(args: argparse.Namespace, role: contract.Role) -> int:
     import torch  # imported only here, so the CLI's help and errors stay fast
 
     from dsv4.model_runtime.engine.async_engine import AsyncEngine
-    from dsv4.model_runtime.engine.llm_engine import LLMEngine
+    from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
 
     dtype = getattr(torch, settings.compute_dtype())
+    config = EngineConfig(prefix_cache=settings.prefix_cache.enabled)
     # The export's chunks are the handoff's values as they come (one checksummed cut, not two): the size is the
     # handoff's.
     engine = AsyncEngine(
-        LLMEngine.from_path(settings.model, device=settings.device or "cpu", dtype=dtype),
+        LLMEngine.from_path(settings.model, device=settings.device or "cpu", dtype=dtype, config=config),
         kv_chunk_size=settings.kv_handoff.chunk_bytes,
     )
     try:

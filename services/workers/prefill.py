@@ -44,7 +44,10 @@ class PrefillWorker:
             await rt.queue.ack(d)
             return
         tokens = TokenWriter(rt.client, dep, job.request_id)
-        with tracer.start_as_current_span(telemetry.SPAN_PREFILL_COMPUTE, context=ctx, attributes=attrs):
+        with tracer.start_as_current_span(telemetry.SPAN_PREFILL_COMPUTE, context=ctx, attributes=attrs) as span:
+            if rt.sharing is not None:
+                imported = await rt.sharing.before_prefill(job.prompt_ids)
+                span.set_attribute(telemetry.ATTR_PREFIX_IMPORTED_TOKENS, imported)
             try:
                 out = await rt.engine.prefill(job.request_id, job.prompt_ids, job.sampling)
             except ValueError as e:  # the engine refuses the request itself (too long, bad ids): not retryable

@@ -27,7 +27,9 @@ from dsv4.protocol.connection import RedisUnavailable, connect
 from dsv4.services import metrics, telemetry
 from dsv4.services.health import health_routes
 from dsv4.services.kv_direct import DirectStore, direct_router
+from dsv4.services.prefix_tier import PrefixTier
 from dsv4.services.work_queue import Delivery, Job, WorkQueue
+from dsv4.services.workers.prefix_sharing import PrefixSharing
 from dsv4.services.workers.settings import WorkerSettings
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,13 @@ Handler = Callable[[Delivery], Awaitable[None]]
 
 RECLAIM_EVERY_HEARTBEATS = 3
 REDIS_RETRY_S = 1.0
+_ENGINE_COUNTERS = {
+    "prefill_tokens": metrics.PREFILL_TOKENS,
+    "prefix_cache_queries": metrics.PREFIX_LOOKUPS,
+    "prefix_cache_hits": metrics.PREFIX_HITS,
+    "prefix_cache_query_tokens": metrics.PREFIX_LOOKUP_TOKENS,
+    "prefix_cache_hit_tokens": metrics.PREFIX_HIT_TOKENS,
+}
 
 
 def start_job_trace(job: Job, queue_span: str) -> tuple[otel_context.Context, dict[str, AttributeValue]]:
@@ -68,6 +77,25 @@ class WorkerRuntime:
         self.draining = asyncio.Event()
         self.started = False
         self._handle: Handler | None = None
+        self._counted: dict[str, float] = {}
+        self.sharing = self._prefix_sharing(stream) if settings.prefix_cache.enabled else None
+        self._tier_client: aioredis.Redis | None = None
+
+    def _prefix_sharing(self, stream: str) -> PrefixSharing | None:
+        """KV events for every worker whose engine caches prefixes; the shared tier for prefill workers."""
+        if self.engine.prefix_block_size is None:
+            return None
+        s, tier = self.settings, None
+        tier_cfg = s.prefix_cache.tier
+        if self.role is contract.Role.PREFILL and tier_cfg.budget_bytes > 0:
+            client = self.client
+            if tier_cfg.redis_url:
+                password = s.prefix_tier_redis_password
+                client = self._tier_client = connect(
+                    tier_cfg.redis_url, password.get_secret_value() if password else None
+                )
+            tier = PrefixTier(client, s.deployment, tier_cfg.budget_bytes, tier_cfg.ttl_seconds)
+        return PrefixSharing(self.client, s.deployment, stream, s.pod_name, self.engine, tier)
 
     async def run(self, handle: Handler) -> None:
         """Consume jobs until `drain()` was called, then wait for in-flight jobs and leave the group."""
@@ -77,6 +105,8 @@ class WorkerRuntime:
         self.started = True
         self._export_engine_stats()  # the pool's size is known from the start
         beat = asyncio.create_task(self._heartbeats())
+        stop_sharing = asyncio.Event()
+        sharing = asyncio.create_task(self.sharing.run(stop_sharing)) if self.sharing is not None else None
         try:
             while not self.draining.is_set():
                 free = self.settings.max_inflight - len(self.inflight)
@@ -91,8 +121,13 @@ class WorkerRuntime:
                     continue
                 for d in deliveries:
                     self._start(d, handle)
+            stop_sharing.set()  # first: the gateways stop pushing work here while the jobs in flight finish
             await self._drain()
         finally:
+            stop_sharing.set()
+            if sharing is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await sharing
             beat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await beat
@@ -147,13 +182,27 @@ class WorkerRuntime:
 
     def _export_engine_stats(self) -> None:
         stats = self.engine.stats()
-        metrics.BATCH_SIZE.labels(role=self.role.value).set(stats.running_requests)
+        role = self.role.value
+        metrics.BATCH_SIZE.labels(role=role).set(stats.running_requests)
         if stats.kv_cache_total_blocks:
             usage = stats.kv_cache_used_blocks / stats.kv_cache_total_blocks
-            metrics.KV_CACHE_USAGE.labels(role=self.role.value).set(usage)
-        metrics.KV_POOL_BLOCKS.labels(role=self.role.value).set(stats.kv_cache_total_blocks)
-        if "kv_pool_max_tokens" in stats.extra:
-            metrics.KV_POOL_MAX_TOKENS.labels(role=self.role.value).set(stats.extra["kv_pool_max_tokens"])
+            metrics.KV_CACHE_USAGE.labels(role=role).set(usage)
+        metrics.KV_POOL_BLOCKS.labels(role=role).set(stats.kv_cache_total_blocks)
+        extra = stats.extra
+        if "kv_pool_max_tokens" in extra:
+            metrics.KV_POOL_MAX_TOKENS.labels(role=role).set(extra["kv_pool_max_tokens"])
+        for name, counter in _ENGINE_COUNTERS.items():  # the engine's totals since start, as counter increments
+            if name in extra:
+                counter.labels(role=role).inc(max(0.0, extra[name] - self._counted.get(name, 0.0)))
+                self._counted[name] = extra[name]
+        if "prefix_cache_bytes" in extra:
+            metrics.PREFIX_BYTES.labels(role=role, tier="local").set(extra["prefix_cache_bytes"])
+            for unit, hit, total in (
+                ("tokens", "prefix_cache_hit_tokens", "prefix_cache_query_tokens"),
+                ("requests", "prefix_cache_hits", "prefix_cache_queries"),
+            ):
+                if extra[total]:
+                    metrics.PREFIX_HIT_RATIO.labels(role=role, unit=unit).set(extra[hit] / extra[total])
 
     async def _drain(self) -> None:
         if self.inflight:
@@ -182,6 +231,8 @@ class WorkerRuntime:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        if self._tier_client is not None:
+            await self._tier_client.aclose()
 
 
 def create_worker_app(runtime: WorkerRuntime) -> FastAPI:

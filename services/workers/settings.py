@@ -6,10 +6,10 @@ import os
 import socket
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 
 from dsv4.protocol import contract
-from dsv4.protocol.config import KvHandoffConfig, ParallelismConfig, WorkerFile
+from dsv4.protocol.config import KvHandoffConfig, ParallelismConfig, PrefixCacheConfig, WorkerFile
 from dsv4.services.settings import RoleSettings
 
 
@@ -32,6 +32,8 @@ class WorkerSettings(RoleSettings):
     pod_ip: str = "127.0.0.1"  # where the direct data plane is reached
     kv_handoff: KvHandoffConfig = KvHandoffConfig()
     parallelism: ParallelismConfig = ParallelismConfig()
+    prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
+    prefix_tier_redis_password: SecretStr | None = None  # of prefix_cache.tier.redis_url
     max_inflight: int = Field(default=16, ge=1, description="jobs this worker runs at once")
     reclaim_idle_ms: int = Field(default=15_000, ge=100, description="take over jobs untouched for this long")
     heartbeat_s: float = Field(default=2.0, gt=0, description="how often in-flight jobs are touched")

@@ -242,8 +242,13 @@ def _serve_requests(local: LocalPods, pods: list[Pod], children: list[dict[str, 
     redis_url = next(r.env[env.REDIS_URL] for r in local.running if env.REDIS_URL in r.env)
     password = next((r.env[env.REDIS_PASSWORD] for r in local.running if env.REDIS_PASSWORD in r.env), None)
     client = redis.Redis.from_url(redis_url, password=password)
-    groups = client.xinfo_groups(keys.stream_key(spec_name(local), keys.PREFILL_STREAM))
-    assert any(int(g.get("entries-read") or 0) >= 1 for g in groups), groups
+    # The prefill pool's streams: the shared one and each worker's own (prefix-aware routing pushes jobs there).
+    name = spec_name(local)
+    workers = client.smembers(keys.workers_key(name, keys.PREFILL_STREAM))
+    streams = [keys.stream_key(name, keys.PREFILL_STREAM)]
+    streams += [keys.worker_stream_key(name, keys.PREFILL_STREAM, w.decode()) for w in workers]
+    groups = [g for key in streams for g in client.xinfo_groups(key)]
+    assert sum(int(g.get("entries-read") or 0) for g in groups) >= 1, groups
 
 
 def spec_name(local: LocalPods) -> str:

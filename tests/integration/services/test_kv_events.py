@@ -18,11 +18,11 @@ H = [f"{i:032x}" for i in range(4)]
 async def test_follow_reads_the_history_then_new_events(redis_server: LocalRedis) -> None:
     client = connect(redis_server.url)
     try:
-        await publish(client, "ev", KVEvent("w1", "snapshot", (H[0],), 16, WorkerLoad(1, 0)))
-        await client.xadd("dsv4:{ev}:kv-events", {b"junk": b"1"})  # a malformed entry is skipped, not fatal
+        await publish(client, "ev", "prefill", KVEvent("w1", "snapshot", (H[0],), 16, WorkerLoad(1, 0)))
+        await client.xadd("dsv4:{ev}:kv-events:prefill", {b"junk": b"1"})  # a malformed entry is skipped, not fatal
         index, stop = PrefixIndex(), asyncio.Event()
-        reader = asyncio.create_task(follow(client, "ev", index, stop))
-        await publish(client, "ev", KVEvent("w2", "stored", (H[0], H[1]), 16))
+        reader = asyncio.create_task(follow(client, "ev", "prefill", index, stop))
+        await publish(client, "ev", "prefill", KVEvent("w2", "stored", (H[0], H[1]), 16))
         for _ in range(100):
             if index.matched_blocks([H[0], H[1]]) == {"w1": 1, "w2": 2}:
                 break

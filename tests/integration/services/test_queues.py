@@ -400,6 +400,39 @@ async def test_a_busy_worker_that_does_not_read_keeps_its_stream(client) -> None
     assert [d.job.request_id for d in await busy.read(count=1, block_ms=50)] == ["waits-for-busy"]
 
 
+async def test_an_idle_worker_that_heartbeats_keeps_its_own_stream(client) -> None:  # type: ignore[no-untyped-def]
+    """Redis 7.0 counts a consumer waiting on an empty stream as idle: the heartbeat key tells it is alive."""
+    idle = WorkQueue(client, DEP, keys.PREFILL_STREAM, consumer="idle")
+    peer = WorkQueue(client, DEP, keys.PREFILL_STREAM, consumer="peer")
+    await idle.ensure_group()
+    await peer.ensure_group()
+    await idle.heartbeat(ttl_ms=600)
+    reader = asyncio.create_task(idle.read(count=1, block_ms=1000))  # waits on its empty streams
+    await asyncio.sleep(0.4)
+    assert await peer.reclaim(min_idle_ms=200) == []
+    assert await client.exists(idle.own_key), "a live worker's stream is left alone"
+    await WorkQueue(client, DEP, keys.PREFILL_STREAM).enqueue(job("routed"), to="idle")
+    [got] = await asyncio.wait_for(reader, 5)
+    assert got.job.request_id == "routed"
+    await idle.ack(got)
+    await asyncio.sleep(0.7)  # the heartbeat expired: now it counts as dead
+    assert await peer.reclaim(min_idle_ms=200) == []  # nothing unread there, and its empty stream goes
+    assert not await client.exists(idle.own_key)
+
+
+async def test_a_stream_deleted_under_a_waiting_worker_is_recreated(client) -> None:  # type: ignore[no-untyped-def]
+    """A peer that took the worker for dead deletes its empty stream while it waits on it: the read recovers."""
+    worker = WorkQueue(client, DEP, keys.DECODE_STREAM, consumer="w")
+    await worker.ensure_group()
+    reader = asyncio.create_task(worker.read(count=1, block_ms=1000))
+    await asyncio.sleep(0.2)
+    await client.delete(worker.own_key)
+    assert await asyncio.wait_for(reader, 5) == []
+    await WorkQueue(client, DEP, keys.DECODE_STREAM).enqueue(job("after"), to="w")
+    [got] = await worker.read(count=1, block_ms=500)
+    assert got.job.request_id == "after"
+
+
 async def test_a_worker_that_leaves_hands_its_unread_jobs_back(client) -> None:  # type: ignore[no-untyped-def]
     producer = WorkQueue(client, DEP, keys.DECODE_STREAM)
     leaving = WorkQueue(client, DEP, keys.DECODE_STREAM, consumer="leaving")

@@ -11,6 +11,7 @@ import yaml
 from dsv4.operator import builders, profiles
 from dsv4.operator.builders import Owner
 from dsv4.protocol import contract, env
+from dsv4.protocol.config import PrefixRoutingConfig
 from dsv4.services.gateway.settings import GatewaySettings
 from dsv4.services.workers.settings import WorkerSettings
 
@@ -223,6 +224,11 @@ def test_every_key_of_a_role_config_file_is_read_by_that_role(
         "disaggregation": {"mode": "always", "minPromptTokens": 7, "maxPrefillQueue": 9},
         "kvHandoff": {"transport": "direct", "ttlSeconds": 33, "chunkBytes": 1 << 20},
         "decode": {"parallelism": {"tensor": 4, "data": 2, "expert": True}},
+        "prefixCache": {
+            "enabled": False,
+            "tier": {"budgetBytes": 12345, "ttlSeconds": 77, "redisUrl": "redis://tier:6379/1"},
+            "maxQueuedTokens": 999,
+        },
     }
     data = _children(admit, raw)[("ConfigMap", "demo-config")]["data"]
     for name in ("gateway", "prefill", "decode"):
@@ -236,9 +242,21 @@ def test_every_key_of_a_role_config_file_is_read_by_that_role(
             assert getattr(settings, field) == getattr(written, field), (name, field)
     worker = WorkerSettings()  # the decode file is the last one set
     assert worker.parallelism.tensor == 4 and worker.parallelism.expert and worker.kv_handoff.ttl_seconds == 33
+    assert not worker.prefix_cache.enabled and worker.prefix_cache.tier.budget_bytes == 12345
+    assert worker.prefix_cache.tier.redis_url == "redis://tier:6379/1"
     monkeypatch.setenv(env.CONFIG_FILE, str(tmp_path / "gateway.yaml"))
     assert GatewaySettings().served_model_name == "deepseek-v4-pro"
     assert GatewaySettings().disaggregation.min_prompt_tokens == 7
+    assert GatewaySettings().prefix_routing == PrefixRoutingConfig(enabled=False, max_queued_tokens=999)
+
+
+def test_the_prefix_tier_password_reaches_the_prefill_workers_only(admit: Admit) -> None:
+    raw = {**PRO, "prefixCache": {"tier": {"redisUrl": "redis://tier:6379/0"}, "tierSecretRef": {"name": "t"}}}
+    kids = _children(admit, raw)
+    got = _env(_container(kids, "prefill"))
+    assert got[env.PREFIX_TIER_REDIS_PASSWORD] == {"secretKeyRef": {"name": "t", "key": "password"}}
+    for role in ("decode", "gateway"):
+        assert env.PREFIX_TIER_REDIS_PASSWORD not in _env(_container(kids, role))
 
 
 def test_managed_redis_url_and_statefulset(admit: Admit) -> None:

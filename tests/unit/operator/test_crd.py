@@ -49,7 +49,7 @@ def test_names_subresource_and_columns() -> None:
     version = manifest["spec"]["versions"][0]
     assert version["name"] == api.VERSION and version["subresources"] == {"status": {}}
     columns = [c["name"] for c in version["additionalPrinterColumns"]]
-    assert columns == ["Phase", "Prefill", "Decode", "Pods/Group", "Endpoint", "Age"]
+    assert columns == ["Phase", "Prefill", "Decode", "Pods/Group", "Prefix Hits", "Endpoint", "Age"]
 
 
 def test_api_server_defaults_equal_the_operators_defaults() -> None:

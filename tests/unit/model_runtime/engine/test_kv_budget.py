@@ -37,7 +37,8 @@ def test_engine_pool_on_cpu_and_its_stats(model, caplog: pytest.LogCaptureFixtur
     assert engine.kv.total_blocks == 24
     extra = engine.stats_extra()
     assert extra["kv_pool_blocks"] == 24 and extra["kv_pool_max_tokens"] == 24 * 64
-    assert extra["kv_pool_bytes"] == engine.kv.pool.block_bytes * 24 + engine.kv.pool.slot_bytes * engine.kv.num_slots
+    slots = engine.kv.num_slots + engine.config.prefix_cache_slots  # the prefix cache's snapshots are slots too
+    assert extra["kv_pool_bytes"] == engine.kv.pool.block_bytes * 24 + engine.kv.pool.slot_bytes * slots
     assert "KV pool: 24 blocks of 64 positions = 1,536 tokens" in caplog.text
     with pytest.raises(KVBudgetError, match=r"kv_memory_fraction 1\.5"):
         kv_budget(cfg, torch.device("cpu"), torch.float32, True, 1, 256, 40, None, 1.5)

@@ -1,0 +1,48 @@
+"""`dsv4 serve`'s role processes: how its prefix-cache flags and the number of prefill workers reach the roles."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dsv4.protocol import env
+from dsv4.services import cli
+from dsv4.services.serve.supervisor import role_processes
+
+pytestmark = pytest.mark.unit
+
+
+def _roles(tmp_path: Path, *flags: str, in_process: bool = False) -> dict[str, list[dict[str, str]]]:
+    args = cli.build_parser().parse_args(["serve", *flags])
+    out: dict[str, list[dict[str, str]]] = {}
+    for role in role_processes(args, tmp_path / "model", "redis://127.0.0.1:1/0", in_process, tmp_path):
+        out.setdefault(role.name, []).append(role.env)
+    return out
+
+
+def test_defaults_one_prefill_worker_with_the_prefix_cache_on(tmp_path: Path) -> None:
+    roles = _roles(tmp_path)
+    assert [len(roles[r]) for r in ("gateway", "prefill", "decode")] == [1, 1, 1]
+    assert f"{env.PREFIX_CACHE}__ENABLED" not in roles["prefill"][0]
+    assert f"{env.PREFIX_CACHE}__TIER__BUDGET_BYTES" not in roles["prefill"][0]  # the settings' default
+    in_process = _roles(tmp_path, in_process=True)
+    assert in_process["prefill"][0][f"{env.PREFIX_CACHE}__TIER__BUDGET_BYTES"] == "0"
+
+
+def test_flags_reach_every_worker_and_the_gateway(tmp_path: Path) -> None:
+    roles = _roles(tmp_path, "--prefill-workers", "2", "--no-prefix-cache", "--prefix-cache-budget", "4096")
+    assert len(roles["prefill"]) == 2
+    assert len({r[env.POD_NAME] for r in roles["prefill"]}) == 2, "every worker has its own consumer name"
+    for worker in [*roles["prefill"], *roles["decode"]]:
+        assert worker[f"{env.PREFIX_CACHE}__ENABLED"] == "false"
+        assert worker[f"{env.PREFIX_CACHE}__TIER__BUDGET_BYTES"] == "4096"
+    assert roles["gateway"][0][f"{env.PREFIX_ROUTING}__ENABLED"] == "false"
+
+
+@pytest.mark.parametrize("flags", [["--prefill-workers", "0"], ["--prefix-cache-budget", "-1"]])
+def test_bad_values_are_usage_errors(flags: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        cli.build_parser().parse_args(["serve", *flags])
+    assert exc.value.code == 2
+    assert "must be >=" in capsys.readouterr().err
