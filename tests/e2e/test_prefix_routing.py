@@ -182,5 +182,6 @@ async def test_a_killed_workers_requests_complete_elsewhere(
         )
     for prompt, (_, text) in zip(prompts + later, results, strict=True):
         assert text == _text(reference, prompt)
-    survivors = [_worker_of(receiver, t) for t, _ in results]
-    assert survivor in survivors
+    # A request the victim prefilled just before it died may have lost its spans with it; those sent after the
+    # kill were prefilled by the survivor (read from the shared stream, or taken over from the victim's own).
+    assert {_worker_of(receiver, t) for t, _ in results[len(prompts) :]} == {survivor}
