@@ -507,6 +507,14 @@ class KVCacheManager:
         self.grow(seq, n_new)
         return True
 
+    def _snapshot_slot(self) -> int | None:
+        """A free snapshot slot, evicting entries until one is; None when none can be had."""
+        assert self.cache is not None
+        slot = self.cache.take_slot()
+        while slot is None and self.evict():
+            slot = self.cache.take_slot()
+        return slot
+
     def snapshot(self, seq: Request, prompt: Prompt, position: int) -> CacheEntry | None:
         """Make a cache entry of the sequence's state, which stands at `position` (a chunk just ended there), from
         the first `position` tokens of `prompt`; None when it is cached already or no snapshot slot can be had."""
@@ -514,9 +522,7 @@ class KVCacheManager:
         assert cache is not None and isinstance(state, PagedSequenceState) and state.position == position
         if cache.get(prompt, position) is not None:
             return None
-        slot = cache.take_slot()
-        while slot is None and self.evict():
-            slot = cache.take_slot()
+        slot = self._snapshot_slot()
         if slot is None:
             return None
         blocks = tuple(state.table[: math.ceil(position / self.block_size)])
@@ -538,9 +544,7 @@ class KVCacheManager:
         need = self.blocks_for(position)
         if need > self._available():
             return None
-        slot = cache.take_slot()
-        while slot is None and self.evict():
-            slot = cache.take_slot()
+        slot = self._snapshot_slot()
         if slot is None:
             return None
         blocks: list[int] = []

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import httpx
@@ -71,3 +71,21 @@ class RoleProcess:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+class RoleGroup:
+    """Several role processes started together (all first, then waiting for each) and stopped together."""
+
+    def all(self) -> Sequence[RoleProcess]:
+        raise NotImplementedError
+
+    def start(self) -> RoleGroup:
+        for p in self.all():
+            p.start()
+        for p in self.all():
+            p.wait_ready()
+        return self
+
+    def stop(self) -> None:
+        for p in self.all():
+            p.stop(timeout=10)

@@ -18,7 +18,7 @@ from dsv4.services import telemetry
 from dsv4.services.local_redis import LocalRedis
 
 from ..integration.services.otlp_receiver import OtlpReceiver
-from .processes import RoleProcess
+from .processes import RoleGroup, RoleProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -36,7 +36,7 @@ def reference(checkpoint: Path) -> LLM:
     return LLM(str(checkpoint))
 
 
-class Cluster:
+class Cluster(RoleGroup):
     def __init__(self, checkpoint: Path, redis: LocalRedis, otlp_endpoint: str) -> None:
         self.redis = redis
         redis_url = redis.url
@@ -60,17 +60,6 @@ class Cluster:
     def all(self) -> list[RoleProcess]:
         return [self.gateway, self.prefill, *self.decode]
 
-    def start(self) -> Cluster:
-        for p in self.all():
-            p.start()
-        for p in self.all():
-            p.wait_ready()
-        return self
-
-    def stop(self) -> None:
-        for p in self.all():
-            p.stop(timeout=10)
-
 
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[OtlpReceiver]:
@@ -81,7 +70,8 @@ def receiver() -> Iterator[OtlpReceiver]:
 @pytest.fixture(scope="module")
 def cluster(checkpoint: Path, receiver: OtlpReceiver) -> Iterator[Cluster]:
     with LocalRedis() as redis_server:
-        c = Cluster(checkpoint, redis_server, receiver.endpoint).start()
+        c = Cluster(checkpoint, redis_server, receiver.endpoint)
+        c.start()
         try:
             yield c
         finally:

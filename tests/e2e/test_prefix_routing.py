@@ -25,7 +25,7 @@ from dsv4.services import telemetry
 from dsv4.services.local_redis import LocalRedis
 
 from ..integration.services.otlp_receiver import OtlpReceiver
-from .processes import RoleProcess
+from .processes import RoleGroup, RoleProcess
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +54,7 @@ def reference(checkpoint: Path) -> LLMEngine:
     return LLMEngine.from_path(checkpoint, dtype=torch.float64, config=EngineConfig(prefix_cache=False))
 
 
-class Cluster:
+class Cluster(RoleGroup):
     def __init__(self, checkpoint: Path, redis: LocalRedis, otlp_endpoint: str) -> None:
         env = {
             "DSV4_DEPLOYMENT": "route",
@@ -82,17 +82,6 @@ class Cluster:
     def all(self) -> list[RoleProcess]:
         return [self.gateway, *self.prefill.values(), self.decode]
 
-    def start(self) -> Cluster:
-        for p in self.all():
-            p.start()
-        for p in self.all():
-            p.wait_ready()
-        return self
-
-    def stop(self) -> None:
-        for p in self.all():
-            p.stop(timeout=10)
-
 
 @pytest.fixture(scope="module")
 def receiver() -> Iterator[OtlpReceiver]:
@@ -103,7 +92,8 @@ def receiver() -> Iterator[OtlpReceiver]:
 @pytest.fixture(scope="module")
 def cluster(checkpoint: Path, receiver: OtlpReceiver) -> Iterator[Cluster]:
     with LocalRedis() as redis_server:
-        c = Cluster(checkpoint, redis_server, receiver.endpoint).start()
+        c = Cluster(checkpoint, redis_server, receiver.endpoint)
+        c.start()
         try:
             yield c
         finally:
