@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # tests.cluster is not installed; it is imported from the checkout
 
 from dsv4.operator import builders, crd  # noqa: E402
-from dsv4.operator.builders import Owner  # noqa: E402
 from dsv4.operator.kube import CHILD_KINDS  # noqa: E402
+from dsv4.operator.ownership import Owner  # noqa: E402
 from dsv4.operator.spec import parse_spec  # noqa: E402
 from tests.cluster.control_plane import KubeCluster  # noqa: E402
 

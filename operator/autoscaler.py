@@ -20,9 +20,9 @@ from urllib.parse import urlsplit, urlunsplit
 import kopf
 import redis.asyncio as aioredis
 
-from dsv4.operator import builders, checks, planner, signals
-from dsv4.operator.builders import Owner
+from dsv4.operator import checks, planner, redis_children, signals
 from dsv4.operator.kube import TIMEOUT, Kube
+from dsv4.operator.ownership import Owner
 from dsv4.operator.reconcile import Post, now_iso
 from dsv4.operator.spec import DeploymentSpec, PoolSpec
 from dsv4.protocol import contract, keys
@@ -70,7 +70,7 @@ def policy(spec: DeploymentSpec) -> planner.Policy:
 
 def redis_url(kube: Kube, owner: Owner, spec: DeploymentSpec) -> str:
     """The deployment's Redis URL, with the password of `spec.redis.secretRef` in it when set."""
-    url = builders.redis_url(owner, spec)
+    url = redis_children.redis_url(owner, spec)
     ref = spec.redis.secret_ref
     if ref is None:
         return url

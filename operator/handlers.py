@@ -23,8 +23,8 @@ from typing import Any, cast
 import kopf
 
 from dsv4.operator import api, autoscaler, prefix_status, reconcile
-from dsv4.operator.builders import MANAGER
 from dsv4.operator.kube import Kube
+from dsv4.operator.ownership import MANAGER
 from dsv4.protocol import env
 
 DEFAULT_IMAGE = "ghcr.io/dsv4/dsv4:0.1.0"

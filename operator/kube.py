@@ -22,7 +22,8 @@ from kubernetes.client import ApiClient, ApiException
 from kubernetes.dynamic import DynamicClient
 
 from dsv4.operator import api, rank_groups
-from dsv4.operator.builders import MANAGER, SERVICE_MONITOR_API_VERSION, ClusterApis
+from dsv4.operator.builders import SERVICE_MONITOR_API_VERSION, ClusterApis
+from dsv4.operator.ownership import MANAGER
 
 T = TypeVar("T")
 _listers = ThreadPoolExecutor(max_workers=16, thread_name_prefix="dsv4-list")

@@ -15,8 +15,8 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from dsv4.operator import autoscaler, checks
-from dsv4.operator.builders import Owner
 from dsv4.operator.kube import Kube
+from dsv4.operator.ownership import Owner
 from dsv4.operator.reconcile import now_iso
 from dsv4.operator.status import PrefixCacheStatus, PrefixPoolStats
 from dsv4.protocol import keys

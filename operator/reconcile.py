@@ -16,9 +16,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from dsv4.operator import builders, checks, rank_groups, rank_table
-from dsv4.operator.builders import ClusterApis, Owner
+from dsv4.operator import builders, checks, ownership, pod_templates, rank_groups, rank_table
+from dsv4.operator.builders import ClusterApis
 from dsv4.operator.kube import LWS_KIND, WORKLOAD_KINDS, Kube
+from dsv4.operator.ownership import Owner
 from dsv4.operator.profiles import profile
 from dsv4.operator.rank_groups import Shape
 from dsv4.operator.spec import DeploymentSpec
@@ -85,7 +86,7 @@ def _pool_workload(
     pods: list[dict[str, Any]],
 ) -> Workload | None:
     """A worker pool's workloads, counted in groups; None while one of them does not exist yet."""
-    pool = builders.worker_pool(spec, role)
+    pool = pod_templates.worker_pool(spec, role)
     kind = builders.pool_shape(spec, role, apis)
     mine = [o for o in objs if o["kind"] == kind.value]
     if kind is Shape.SINGLE:
@@ -96,7 +97,7 @@ def _pool_workload(
             return None
         w = read_workload(mine[0])
         return dataclasses.replace(w, ready=min(w.desired, max(w.ready, groups)), pods_per_group=pool.pods_per_replica)
-    base = builders.child_name(owner, role.value)
+    base = ownership.child_name(owner, role.value)
     wanted = {rank_groups.group_name(base, g) for g in range(pool.replicas)}
     found = [o for o in mine if o["metadata"]["name"] in wanted]
     if len(found) < len(wanted):
@@ -201,7 +202,7 @@ def tend_groups(
 ) -> None:
     """Restart broken groups of the StatefulSet fallback; keep the Ascend pods' rank tables up to date."""
     for role in (Role.PREFILL, Role.DECODE):
-        pool = builders.worker_pool(spec, role)
+        pool = pod_templates.worker_pool(spec, role)
         mine = [p for p in pods if _component(p) == role.value]
         if builders.pool_shape(spec, role, apis) is Shape.STATEFULSETS:
             _restart_groups(kube, owner, role, mine, pool.replicas, pool.pods_per_replica, post)

@@ -55,8 +55,9 @@ import redis
 import yaml
 
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
-from dsv4.operator import builders
-from dsv4.operator.builders import ClusterApis, Owner
+from dsv4.operator import builders, role_config
+from dsv4.operator.builders import ClusterApis
+from dsv4.operator.ownership import Owner
 from dsv4.protocol import contract, env, keys
 from dsv4.services.local_redis import free_port, redis_server_binary
 from tests.e2e.local_pods import LocalPods, Pod, PodFailed, Running, expand
@@ -226,7 +227,7 @@ def _serve_requests(local: LocalPods, pods: list[Pod], children: list[dict[str, 
     [gateway] = [p for p in pods if p.component == "gateway"]
     base = local.url(gateway, contract.GATEWAY_PORT)
     headers = {"Authorization": f"Bearer {API_KEY}"} if spec.auth.api_key_secret_ref is not None else {}
-    model = builders.served_model_name(spec)
+    model = role_config.served_model_name(spec)
     with httpx.Client(base_url=base, headers=headers, timeout=300) as client:
         assert client.get("/v1/models").json()["data"][0]["id"] == model
         short = client.post(

@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import yaml
 
-from dsv4.operator import builders
-from dsv4.operator.builders import Owner
+from dsv4.operator import builders, ownership
+from dsv4.operator.ownership import Owner
 from dsv4.operator.spec import parse_spec
 from tests.cluster.control_plane import KubeCluster
 from tests.cluster.operator.conftest import IMAGE, OperatorProcess
@@ -105,7 +105,7 @@ def test_restart_mid_reconcile_converges_without_duplicates(
         k8s_cluster.kubectl(
             "apply",
             "--server-side",
-            f"--field-manager={builders.MANAGER}",
+            f"--field-manager={ownership.MANAGER}",
             "-n",
             k8s_namespace,
             "-f",

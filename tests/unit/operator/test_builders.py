@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import yaml
 
-from dsv4.operator import builders, profiles
-from dsv4.operator.builders import Owner
+from dsv4.operator import builders, profiles, worker_model
+from dsv4.operator.ownership import Owner
 from dsv4.protocol import contract, env
 from dsv4.protocol.config import PrefixRoutingConfig
 from dsv4.services.gateway.settings import GatewaySettings
@@ -137,7 +137,7 @@ def test_cpu_profile_asks_for_no_device(admit: Admit) -> None:
 def test_tiny_workers_write_their_checkpoint_in_an_init_container(admit: Admit) -> None:
     pod = _children(admit, TINY)[("Deployment", "demo-prefill")]["spec"]["template"]["spec"]
     [init] = pod["initContainers"]
-    assert init["command"] == ["dsv4", "make-checkpoint", "--preset", builders.TINY_PRESET, contract.MODEL_DIR]
+    assert init["command"] == ["dsv4", "make-checkpoint", "--preset", worker_model.TINY_PRESET, contract.MODEL_DIR]
     assert {"name": "model", "mountPath": contract.MODEL_DIR} in init["volumeMounts"]
     assert {"name": "model", "emptyDir": {}} in pod["volumes"]
     main = pod["containers"][0]

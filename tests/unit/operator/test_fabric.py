@@ -8,8 +8,8 @@ from typing import Any
 
 import pytest
 
-from dsv4.operator import builders, profiles, rank_table
-from dsv4.operator.builders import Owner
+from dsv4.operator import builders, pod_templates, profiles, rank_table, worker_model
+from dsv4.operator.ownership import Owner
 from dsv4.operator.quantity import QuantityError, from_bytes, to_bytes
 from dsv4.protocol import contract, env
 
@@ -106,17 +106,17 @@ def test_drain_timeout_follows_the_grace_period(admit: Admit) -> None:
     raw = {"model": {"variant": "tiny"}, "accelerator": {"type": "cpu"}, "decode": {"drainSeconds": 120}}
     pod = _pod(admit, raw)
     assert _env(pod)[env.DRAIN_TIMEOUT_S] == "120"
-    assert pod["spec"]["terminationGracePeriodSeconds"] == 120 + builders.EXIT_MARGIN_SECONDS
+    assert pod["spec"]["terminationGracePeriodSeconds"] == 120 + pod_templates.EXIT_MARGIN_SECONDS
     default = _pod(admit, {"model": {"variant": "tiny"}, "accelerator": {"type": "cpu"}}, "prefill")
     drain = int(_env(default)[env.DRAIN_TIMEOUT_S])
-    assert drain < default["spec"]["terminationGracePeriodSeconds"] == drain + builders.EXIT_MARGIN_SECONDS
+    assert drain < default["spec"]["terminationGracePeriodSeconds"] == drain + pod_templates.EXIT_MARGIN_SECONDS
 
 
 def test_gateway_sleeps_before_sigterm_within_its_grace(admit: Admit) -> None:
     pod = _pod(admit, {"model": {"variant": "tiny"}, "accelerator": {"type": "cpu"}}, "gateway")
     pre = pod["spec"]["containers"][0]["lifecycle"]["preStop"]
-    assert pre == {"sleep": {"seconds": builders.GATEWAY_PRESTOP_SECONDS}}
-    assert pod["spec"]["terminationGracePeriodSeconds"] > builders.GATEWAY_PRESTOP_SECONDS
+    assert pre == {"sleep": {"seconds": pod_templates.GATEWAY_PRESTOP_SECONDS}}
+    assert pod["spec"]["terminationGracePeriodSeconds"] > pod_templates.GATEWAY_PRESTOP_SECONDS
 
 
 def test_pods_carry_prometheus_scrape_annotations(admit: Admit) -> None:
@@ -150,7 +150,7 @@ def test_local_cache_copies_weights_before_the_worker_starts(admit: Admit) -> No
     [init] = pod["spec"]["initContainers"]
     assert init["command"][:3] == ["python", "-m", "dsv4.operator.prewarm"]
     src, dst = init["command"][3:]
-    assert src == contract.MODEL_DIR and dst.startswith(builders.MODEL_CACHE_DIR + "/flash-")
+    assert src == contract.MODEL_DIR and dst.startswith(worker_model.MODEL_CACHE_DIR + "/flash-")
     assert _env(pod)[env.MODEL] == dst
     volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
     assert volumes["model-cache"]["hostPath"] == {"path": "/var/lib/dsv4", "type": "DirectoryOrCreate"}
@@ -162,7 +162,7 @@ def test_local_cache_copies_weights_before_the_worker_starts(admit: Admit) -> No
     empty = {**NVIDIA, "model": {**NVIDIA["model"], "localCache": {"sizeLimit": "2Ti"}}}
     pod = _pod(admit, empty)
     assert {v["name"]: v for v in pod["spec"]["volumes"]}["model-cache"]["emptyDir"] == {"sizeLimit": "2Ti"}
-    assert _env(pod)[env.MODEL] == builders.MODEL_CACHE_DIR
+    assert _env(pod)[env.MODEL] == worker_model.MODEL_CACHE_DIR
 
 
 def test_quantities() -> None:

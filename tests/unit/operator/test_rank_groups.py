@@ -9,8 +9,9 @@ from typing import Any
 import pytest
 import yaml
 
-from dsv4.operator import builders, rank_groups
-from dsv4.operator.builders import ClusterApis, Owner
+from dsv4.operator import builders, ownership, rank_groups
+from dsv4.operator.builders import ClusterApis
+from dsv4.operator.ownership import Owner
 from dsv4.operator.rank_groups import Layout, Shape
 from dsv4.protocol import contract, env
 
@@ -82,7 +83,7 @@ def test_without_lws_each_group_is_a_stateful_set_with_its_headless_service(admi
         assert got[env.WORLD_SIZE] == "16"
     assert ("LeaderWorkerSet", "pro-decode") not in kids
     # The pool's own Service (metrics, direct KV plane) and budget still cover every group.
-    assert kids[("Service", "pro-decode")]["spec"]["selector"] == builders.labels(OWNER, "decode")
+    assert kids[("Service", "pro-decode")]["spec"]["selector"] == ownership.labels(OWNER, "decode")
 
 
 def test_single_pod_replicas_are_their_own_group(admit: Admit) -> None:
