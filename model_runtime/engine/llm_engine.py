@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,12 +12,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dsv4.model_runtime.engine import speculative
 from dsv4.model_runtime.engine.cuda_graphs import GRAPH_DEVICES
 from dsv4.model_runtime.engine.fingerprint import model_fingerprint
 from dsv4.model_runtime.engine.kv_budget import kv_budget
 from dsv4.model_runtime.engine.kv_state import KVCacheManager
 from dsv4.model_runtime.engine.model_runner import ModelRunner
 from dsv4.model_runtime.engine.port import PrefixEvent
+from dsv4.model_runtime.engine.prefix_cache import PrefixStats
 from dsv4.model_runtime.engine.prefix_hash import chain_seed
 from dsv4.model_runtime.engine.request import Request, TokenLogprob
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
@@ -247,6 +250,31 @@ class LLMEngine:
                 "prefix_cache_imported": float(st.imported),
             }
         return out
+
+    def warm_up(self, prompt_tokens: int = 16) -> float:
+        """Run one short greedy request through a prefill and a batch-1 decode step, then forget it; returns the
+        seconds it took.
+
+        Whatever a first step does lazily (Triton compiles, the decode step's CUDA graph, the allocator's growth,
+        torch_npu's operator cache) happens here, before a worker reports ready, instead of on a client's request.
+        Forgetting it: the prefix cache entries it stored are evicted and their events dropped (no router may send
+        work here for a prompt nobody sent), and the counters it moved are reset (the prefill-token and prefix
+        counters count clients' work only)."""
+        if self.has_unfinished():
+            raise RuntimeError("warm_up runs before the engine takes requests")
+        started = time.perf_counter()
+        vocab = self.model.cfg.vocab_size
+        prompt = [(7 * i + 1) % vocab for i in range(prompt_tokens)]
+        self.generate_ids([prompt], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))
+        self.scheduler.prefill_tokens = 0
+        self.runner.drafts = speculative.DraftStats()
+        cache = self.kv.cache
+        if cache is not None:
+            while self.kv.evict():
+                pass
+            cache.drain_events()
+            cache.stats = PrefixStats()
+        return time.perf_counter() - started
 
     # ---- prefix cache (the serving workers' shared tier and KV events) --------------------------------------------
     @property

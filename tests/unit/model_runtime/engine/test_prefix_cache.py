@@ -230,3 +230,22 @@ def test_snapshot_points_are_the_end_the_branches_and_the_blocks_below() -> None
 def test_kv_cache_manager_refuses_negative_prefix_slots(model64: DeepseekV4) -> None:
     with pytest.raises(ValueError, match="prefix_slots"):
         KVCacheManager(model64, 8, 8, 2, prefix_slots=-1)
+
+
+def test_warm_up_leaves_no_trace_in_the_cache_the_counters_or_the_tokens(make: Make) -> None:
+    """A worker warms its engine before it reports ready; afterwards nothing may show that it did: no cache entry
+    (a router would send prompts here for a prefix nobody asked for), no event, no counted prefill, every block
+    free, and a request draws the tokens a never-warmed engine draws."""
+    prompt = _tokens(21, seed=5)
+    cold = make(True).generate_ids([prompt], GREEDY)[0].token_ids
+    engine = make(True)
+    free_before = len(engine.kv._free_blocks)
+    seconds = engine.warm_up(prompt_tokens=2 * BLOCK + 3)
+    assert seconds > 0
+    stats = engine.stats_extra()
+    assert stats["prefill_tokens"] == 0 and stats["prefix_cache_queries"] == 0
+    assert stats["prefix_cache_entries"] == 0 and stats["prefix_cache_blocks"] == 0
+    assert engine.prefix_events() == [] and engine.held_prefixes() == []
+    assert len(engine.kv._free_blocks) == free_before
+    assert engine.generate_ids([prompt], GREEDY)[0].token_ids == cold
+    assert engine.stats_extra()["prefill_tokens"] == len(prompt)
