@@ -44,10 +44,11 @@ def _run(args: argparse.Namespace, role: contract.Role) -> int:
     config = EngineConfig(prefix_cache=settings.prefix_cache.enabled)
     # The export's chunks are the handoff's values as they come (one checksummed cut, not two): the size is the
     # handoff's.
-    engine = AsyncEngine(
-        LLMEngine.from_path(settings.model, device=settings.device or "cpu", dtype=dtype, config=config),
-        kv_chunk_size=settings.kv_handoff.chunk_bytes,
-    )
+    llm = LLMEngine.from_path(settings.model, device=settings.device or "cpu", dtype=dtype, config=config)
+    # Before the runtime starts, so /readyz turns 200 only once the first step's lazy work (kernel compiles, graph
+    # capture, allocator growth) is done and no client's first request pays for it.
+    logging.getLogger("dsv4.worker").info("warm-up step took %.2f s", llm.warm_up())
+    engine = AsyncEngine(llm, kv_chunk_size=settings.kv_handoff.chunk_bytes)
     try:
         asyncio.run(_serve(role, settings, engine))
     finally:
