@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
 from typing import Any
 
@@ -34,6 +35,15 @@ def _run(args: argparse.Namespace, role: contract.Role) -> int:
     if settings.model is None:
         print(f"dsv4 {role.value}: no model: pass --model PATH or set {env.MODEL}", file=sys.stderr)
         return 2
+    from dsv4.services.workers.group import GroupConfigError, group_world, run_group
+
+    try:
+        world = group_world(settings, os.environ)
+        if world > 1:
+            return run_group(role, settings, world)
+    except GroupConfigError as e:
+        print(f"dsv4 {role.value}: {e}", file=sys.stderr)
+        return 2
     telemetry.setup_tracing(role.value)
     import torch  # imported only here, so the CLI's help and errors stay fast
 
@@ -49,14 +59,15 @@ def _run(args: argparse.Namespace, role: contract.Role) -> int:
         kv_chunk_size=settings.kv_handoff.chunk_bytes,
     )
     try:
-        asyncio.run(_serve(role, settings, engine))
+        asyncio.run(serve_role(role, settings, engine))
     finally:
         engine.close()
         telemetry.shutdown_tracing()
     return 0
 
 
-async def _serve(role: contract.Role, settings: WorkerSettings, engine: Engine) -> None:
+async def serve_role(role: contract.Role, settings: WorkerSettings, engine: Engine) -> None:
+    """Serve the role from `engine` until SIGTERM has drained it (a one-rank worker, or a group's leader)."""
     from dsv4.services.workers.decode import DecodeWorker
     from dsv4.services.workers.prefill import PrefillWorker
     from dsv4.services.workers.runtime import WorkerRuntime, serve_worker
