@@ -33,6 +33,13 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--prefill-workers", type=_positive, default=1, metavar="N", help="prefill workers to run (default: 1)"
     )
     p.add_argument(
+        "--tensor-parallel",
+        type=_positive,
+        default=1,
+        metavar="N",
+        help="run each prefill and decode worker as N ranks (gloo processes) splitting the model (default: 1)",
+    )
+    p.add_argument(
         "--no-prefix-cache",
         action="store_true",
         help="compute every prompt from its first token: no prefix cache, shared tier or prefix-aware routing",

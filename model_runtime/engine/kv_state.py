@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from array import array
-from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -37,6 +37,14 @@ from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.transfer import to_device
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.state import LayerState, PagedLayerStorage, PagedStore, SequenceState
+
+if TYPE_CHECKING:  # the KV blob format needs crc32c, which the bare GPU machine of bench/gpu.sh lacks
+    from dsv4.model_runtime.engine.kv_export import KVSnapshot
+
+# A write to the pool's storage outside the model's forward pass, as a rank group's followers replay it on their own
+# pools (`parallel/engine_group.py`): ("reset_slot", slot), ("copy_slot", src, dst), ("copy_block", src, dst) or
+# ("restore", snapshot, slot, blocks).
+PoolWrite = tuple[Any, ...]
 
 
 class BlockStore:
@@ -113,6 +121,8 @@ class KVPool:
         self.max_blocks = min(num_blocks, math.ceil((cfg.max_position_embeddings + 1) / block_size))
         self.block_tables = torch.zeros(num_slots + 1, self.max_blocks, dtype=torch.int32, device=device)
         self._table_writes: list[tuple[int, int, int]] = []  # (slot, index, block) not yet on the device
+        # A rank group's leader records its writes here for the followers (None: nobody mirrors this pool).
+        self.journal: list[PoolWrite] | None = None
         f32 = torch.float32
         self.window: list[torch.Tensor] = []
         self.comp: list[dict[str, torch.Tensor]] = []
@@ -145,8 +155,14 @@ class KVPool:
             for i in range(cfg.num_hidden_layers)
         ]
 
+    def record(self, *write: Any) -> None:
+        """Note a write for the followers of a rank group (a no-op unless `journal` is set)."""
+        if self.journal is not None:
+            self.journal.append(write)
+
     def reset_slot(self, slot: int) -> None:
         """A fresh sequence's slot: empty window, compressor state kv = 0 and score = -inf."""
+        self.record("reset_slot", slot)
         for i, comp in enumerate(self.comp):
             self.window[i][slot].zero_()
             for name, t in comp.items():
@@ -154,6 +170,7 @@ class KVPool:
 
     def copy_slot(self, src: int, dst: int) -> None:
         """Slot `dst` becomes a copy of slot `src` (window rings and compressor states of every layer)."""
+        self.record("copy_slot", src, dst)
         for i, comp in enumerate(self.comp):
             self.window[i][dst].copy_(self.window[i][src])
             for t in comp.values():
@@ -161,6 +178,7 @@ class KVPool:
 
     def copy_block(self, src: int, dst: int) -> None:
         """Block `dst` becomes a copy of block `src` (every layer's entries and indexer keys)."""
+        self.record("copy_block", src, dst)
         for store in [*self.entries, *self.index_keys]:
             if store is not None:
                 store.copy_block(src, dst)
@@ -463,11 +481,16 @@ class KVCacheManager:
         if len(state.table) > first:
             self.pool.assign_blocks(state.slot, first, state.table[first:])
         if seq.snapshot is not None:
-            # imported here: the KV blob format needs crc32c, which the engine itself does not (bench/gpu.sh)
-            from dsv4.model_runtime.engine import kv_export
-
-            kv_export.restore(self.model, seq.snapshot, state)
+            self.restore(seq.snapshot, state)
             seq.snapshot = None
+
+    def restore(self, snapshot: KVSnapshot, state: PagedSequenceState) -> None:
+        """Fill a fresh state (its slot reset, its blocks taken) with an imported snapshot."""
+        # imported here: the KV blob format needs crc32c, which the engine itself does not (bench/gpu.sh)
+        from dsv4.model_runtime.engine import kv_export
+
+        kv_export.restore(self.model, snapshot, state)
+        self.pool.record("restore", snapshot, state.slot, tuple(state.table))
 
     def admit(self, seq: Request, entry: CacheEntry | None, n_new: int) -> bool:
         """Give a waiting sequence its state and room for `n_new` positions: resumed from a prefix-cache entry
@@ -534,8 +557,8 @@ class KVCacheManager:
         cache.insert(entry)
         return entry
 
-    def import_entry(self, prompt: Prompt, restore: Callable[[PagedSequenceState], None]) -> CacheEntry | None:
-        """Make a cache entry of the state of all of `prompt`'s tokens that `restore` writes into a fresh state;
+    def import_entry(self, prompt: Prompt, snapshot: KVSnapshot) -> CacheEntry | None:
+        """Make a cache entry of an imported state (`kv_export.load` verified it) of all of `prompt`'s tokens;
         None when it is cached already or the pool has no room for it."""
         cache, position = self.cache, len(prompt)
         assert cache is not None
@@ -558,7 +581,7 @@ class KVCacheManager:
         state.table.extend(blocks)
         self.pool.reset_slot(slot)
         try:
-            restore(state)
+            self.restore(snapshot, state)
         except Exception:
             for block in blocks:
                 self._ref(block, cache=-1)

@@ -299,12 +299,7 @@ class LLMEngine:
             return False
         if snapshot.position != len(token_ids):
             raise ValueError(f"imported prefix state covers {snapshot.position} positions, not {len(token_ids)}")
-        from dsv4.model_runtime.engine import kv_export
-
-        entry = self.kv.import_entry(
-            cache.prompt(list(token_ids)), lambda state: kv_export.restore(self.model, snapshot, state)
-        )
-        return entry is not None
+        return self.kv.import_entry(cache.prompt(list(token_ids)), snapshot) is not None
 
     def export_prefix(self, chain_hash: str, chunk_size: int) -> list[bytes] | None:
         """The KV blob (`kv_export` format) of the aligned entry with this chain hash; None when it is not held."""

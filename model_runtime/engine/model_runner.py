@@ -18,7 +18,7 @@ import torch
 from dsv4.kernels.ops import Ops
 from dsv4.model_runtime.engine import speculative
 from dsv4.model_runtime.engine.cuda_graphs import GRAPH_DEVICES, DecodeGraphs, width_bucket
-from dsv4.model_runtime.engine.kv_state import PagedSequenceState
+from dsv4.model_runtime.engine.kv_state import KVPool, PagedSequenceState
 from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.sampler import SampleRequest, SamplingInputs, sample_batch, sample_row, unpack
 from dsv4.model_runtime.engine.scheduler import ScheduledChunk
@@ -117,8 +117,7 @@ class ModelRunner:
             inputs = DecodeInputs.build(seqs, pool, width_bucket(width, pool.max_blocks))
             logits = self.graphs.run(inputs)
         else:
-            inputs = DecodeInputs.build(seqs, pool, width)
-            logits = self.model.decode_paged(inputs.token_ids, inputs.step(pool))
+            logits = self.forward_decode(DecodeInputs.build(seqs, pool, width), pool)
         for s in seqs:
             s.num_computed += 1
             assert s.state is not None
@@ -133,17 +132,27 @@ class ModelRunner:
         ids = torch.tensor(
             [s.token_ids[s.num_computed : s.num_computed + n] for s in seqs], dtype=torch.long, device=self.model.device
         )
-        streams = self.model.hidden_streams(ids, self._states(seqs))  # [B, n, hc, d]
-        rows = []
+        rows = [row for row, s in enumerate(seqs) if s.num_uncomputed == n]  # the rows that catch up
+        streams, logits = self.forward_feed(ids, self._states(seqs), rows)
         for row, s in enumerate(seqs):
             s.num_computed += n
-            if s.num_uncomputed == 0:
-                rows.append(row)
             if s.use_mtp:
                 follow.append((s, streams[row], s.num_computed - n))
-        if not rows:
-            return [], None
-        return [seqs[row] for row in rows], self.model.logits(streams[rows, -1])
+        return [seqs[row] for row in rows], logits
+
+    # The model calls of a step outside MTP: a rank group's leader overrides them to send each call to its followers
+    # first (`parallel/engine_group.py`), so every rank runs the same calls, and hence the same collectives, in order.
+    def forward_decode(self, inputs: DecodeInputs, pool: KVPool) -> torch.Tensor:
+        """The batched decode step over `pool`: logits [D, vocab]."""
+        return self.model.decode_paged(inputs.token_ids, inputs.step(pool))
+
+    def forward_feed(
+        self, ids: torch.Tensor, states: list[SequenceState], rows: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Feed ids [B, n] through the per-sequence path (advancing every state by n): the streams [B, n, hc, d]
+        and the last position's logits of `rows` (None when no row needs them)."""
+        streams = self.model.hidden_streams(ids, states)
+        return streams, self.model.logits(streams[rows, -1]) if rows else None
 
     def _sample(self, seqs: list[Request], logits: torch.Tensor) -> None:
         """Draw every row's token in one batched call, bring them to the host in one copy, append them."""

@@ -1,4 +1,5 @@
-"""The inputs of one batched decode step, as device tensors: what rank 0 of a multi-rank engine broadcasts.
+"""The inputs of one batched decode step, as device tensors: what rank 0 of a rank group broadcasts
+(`parallel/engine_group.py`).
 
 A decode step over the paged pool needs, per row, the token it feeds, that token's position and the row's pool
 slot (`DecodeInputs.rows`, [D, 3] int64) and the row's block table (`block_tables`, [D, T] int32, gathered on the

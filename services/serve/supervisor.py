@@ -72,12 +72,15 @@ class RoleProcess:
 def role_processes(
     args: argparse.Namespace, model: Path, redis_url: str, in_process_broker: bool, log_dir: Path
 ) -> list[RoleProcess]:
-    """The gateway, `--prefill-workers` prefill workers and one decode worker, configured for this machine."""
+    """The gateway, `--prefill-workers` prefill workers and one decode worker, configured for this machine (with
+    `--tensor-parallel N`, each worker a group of N ranks)."""
     base = supervised_env()
     base[env.MODEL] = str(model)  # the gateway reads the checkpoint's tokenizer
     workers = dict(base)
-    # The engines share the cores: give each its part, unless the user chose (torch reads OMP_NUM_THREADS).
-    workers.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // (args.prefill_workers + 1))))
+    ranks = args.tensor_parallel
+    # The engines' ranks share the cores: give each its part, unless the user chose (torch reads OMP_NUM_THREADS).
+    threads = (os.cpu_count() or 2) // ((args.prefill_workers + 1) * ranks)
+    workers.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
     workers.setdefault(env.DRAIN_TIMEOUT_S, DRAIN_TIMEOUT_S)
     workers.setdefault(env.HOST, "127.0.0.1")
     workers.setdefault(env.POD_IP, "127.0.0.1")
@@ -102,6 +105,15 @@ def role_processes(
     for i, name in enumerate(names):
         port = free_port()
         role_env = {**workers, env.PORT: str(port), env.POD_NAME: f"{name}-local-{port}"}
+        if ranks > 1:  # each worker a group of its own on this machine, as the operator sets a one-pod group
+            role_env |= {
+                env.WORLD_SIZE: str(ranks),
+                env.NPROC_PER_NODE: str(ranks),
+                env.NODE_RANK: "0",
+                env.MASTER_ADDR: "127.0.0.1",
+                env.MASTER_PORT: str(free_port()),
+                f"{env.PARALLELISM}__TENSOR": str(ranks),
+            }
         ready = f"http://127.0.0.1:{port}"
         log = (
             f"{name}-{i + 1}.log" if name == contract.Role.PREFILL.value and args.prefill_workers > 1 else f"{name}.log"

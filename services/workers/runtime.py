@@ -251,7 +251,7 @@ def create_worker_app(runtime: WorkerRuntime) -> FastAPI:
     return app
 
 
-class _QuietServer(uvicorn.Server):
+class QuietServer(uvicorn.Server):
     """uvicorn without its own signal handling: SIGTERM means "drain" for the runtime, not "exit now"."""
 
     @contextlib.contextmanager
@@ -267,7 +267,7 @@ async def serve_worker(runtime: WorkerRuntime, handle: Handler) -> None:
     config = uvicorn.Config(
         create_worker_app(runtime), host=runtime.settings.host, port=runtime.settings.port, log_level="warning"
     )
-    server = _QuietServer(config)
+    server = QuietServer(config)
     http = asyncio.create_task(server.serve())
     try:
         await runtime.run(handle)

@@ -46,3 +46,18 @@ def test_bad_values_are_usage_errors(flags: list[str], capsys: pytest.CaptureFix
         cli.build_parser().parse_args(["serve", *flags])
     assert exc.value.code == 2
     assert "must be >=" in capsys.readouterr().err
+
+
+def test_tensor_parallel_makes_every_worker_a_group_of_its_own(tmp_path: Path) -> None:
+    roles = _roles(tmp_path, "--tensor-parallel", "2", "--prefill-workers", "2")
+    workers = [*roles["prefill"], *roles["decode"]]
+    for worker in workers:
+        assert {k: worker[k] for k in (env.WORLD_SIZE, env.NPROC_PER_NODE, env.NODE_RANK)} == {
+            env.WORLD_SIZE: "2",
+            env.NPROC_PER_NODE: "2",
+            env.NODE_RANK: "0",
+        }
+        assert worker[f"{env.PARALLELISM}__TENSOR"] == "2"
+    assert len({w[env.MASTER_PORT] for w in workers}) == 3, "every group rendezvous on its own port"
+    assert env.WORLD_SIZE not in roles["gateway"][0]
+    assert env.WORLD_SIZE not in _roles(tmp_path)["decode"][0], "one rank: no group env"

@@ -1,0 +1,82 @@
+"""One rank of a group engine run (a launcher target): every rank builds its part of the engine; the leader runs
+the work of `work.pt` and saves what came out, the followers replay its calls until it stops them.
+
+args: checkpoint, tensor parallel size, work file, output folder. The work (torch.save'd dict):
+
+* "rounds": lists of prompts generated greedily round after round (later rounds extend earlier prompts, so they
+  resume from prefix-cache entries: slot and block copies on the followers);
+* "import": (prompt, token 0, KV blob) of a sequence prefilled elsewhere, continued here;
+* "export": a prompt prefilled here, whose token 0 and KV blob are saved;
+* "prefix": (prefix tokens, KV blob, prompt) an aligned prefix imported into the cache, then a prompt extending it.
+
+Writes out/result.pt (leader): the tokens of each, the prefill tokens computed and the prefix cache's hits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from dsv4.model_runtime.engine import kv_export
+from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from dsv4.model_runtime.engine.sampling_params import SamplingParams
+from dsv4.model_runtime.parallel.engine_group import load_rank_engine
+from dsv4.model_runtime.parallel.rank import RankContext
+from dsv4.model_runtime.placement import Layout
+
+# The engine of the tests (tests compare against a one-process engine with the same settings): blocks of 8 positions
+# and a 16-token step budget, so prompts cross blocks and prefills run in chunks beside decode steps.
+CONFIG = EngineConfig(block_size=8, max_num_batched_tokens=16, num_blocks=256, prefix_cache_slots=16)
+GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+def run_to_end(engine: LLMEngine, request_id: str) -> list[int]:
+    """Step until the request finishes; its generated tokens."""
+    seq = engine.scheduler.get(request_id)
+    assert seq is not None
+    while not seq.finished:
+        engine.step()
+    return list(seq.output_token_ids)
+
+
+def prefill_export(engine: LLMEngine, prompt: list[int]) -> tuple[int, bytes]:
+    """Prefill `prompt`, sample token 0 and export the state: (token 0, KV blob)."""
+    seq = engine.add_request("export", prompt, GREEDY, export_after_prefill=True)
+    while not seq.finished:
+        engine.step()
+    assert seq.state is not None
+    blob = kv_export.export_state(engine.model, seq.state)
+    engine.release(engine.exported.pop("export"))
+    return seq.output_token_ids[0], blob
+
+
+def continue_import(engine: LLMEngine, prompt: list[int], token0: int, blob: bytes) -> list[int]:
+    """Import a prefilled state and continue after its token 0; all the tokens, token 0 first."""
+    engine.add_request("import", prompt, GREEDY, output_token_ids=[token0], snapshot=kv_export.load(engine.model, blob))
+    return run_to_end(engine, "import")
+
+
+def main(ctx: RankContext, args: list[str]) -> None:
+    ckpt, tp, work_file, out = args
+    torch.set_num_threads(1)
+    layout = Layout(world=ctx.world_size, tp=int(tp))
+    part = load_rank_engine(ctx, ckpt, layout, dtype=torch.float64, config=CONFIG)
+    if not part.is_leader:
+        part.follow()
+        return
+    engine = part.engine
+    work = torch.load(work_file)
+    result: dict[str, object] = {}
+    result["rounds"] = [[c.token_ids for c in engine.generate_ids(prompts, GREEDY)] for prompts in work["rounds"]]
+    prompt, token0, blob = work["import"]
+    result["import"] = continue_import(engine, prompt, token0, blob)
+    result["export"] = prefill_export(engine, work["export"])
+    prefix, prefix_blob, extended = work["prefix"]
+    assert engine.import_prefix(prefix, kv_export.load(engine.model, prefix_blob))
+    before = engine.stats_extra()["prefill_tokens"]
+    result["prefix"] = engine.generate_ids([extended], GREEDY)[0].token_ids
+    result["prefix_prefill_tokens"] = engine.stats_extra()["prefill_tokens"] - before
+    result["hits"] = engine.stats_extra()["prefix_cache_hits"]
+    part.stop()
+    torch.save(result, Path(out) / "result.pt")

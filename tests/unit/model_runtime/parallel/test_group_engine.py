@@ -1,0 +1,115 @@
+"""The group engine over 2 gloo ranks started by the real launcher (tiny-flash, float64): the leader's greedy tokens
+equal a one-process engine's, prefix-cache hits included (their slot and block copies mirrored on the follower),
+and KV state moves between layouts: a TP1 export continues in the TP2 group, a TP2 export continues in a TP1
+engine, and a TP1 prefix imported into the group's cache serves a prompt extending it.
+
+float64 for the reason of test_prefix_cache.py: the cache cuts prefills into other chunks, and the ranks sum partial
+results in another order than one process, so fp32 could flip a near-tie token of the random model.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from dsv4.model_runtime.make_checkpoint import write_checkpoint
+from dsv4.model_runtime.parallel.engine_group import GroupUnsupported, group_config
+from dsv4.model_runtime.weights import load_model
+
+from .conftest import launcher_env
+from .engine_rank import CONFIG, GREEDY, continue_import, prefill_export
+
+pytestmark = pytest.mark.integration
+
+ENGINE_RANK = f"{Path(__file__).with_name('engine_rank.py')}:main"
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 128000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _engine(ckpt: Path) -> LLMEngine:
+    return LLMEngine(load_model(ckpt, dtype=torch.float64), None, CONFIG)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """One TP2 group run of engine_rank.py's work; returns (the work, the group's results, the checkpoint)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("group-engine")
+    ckpt = write_checkpoint(root / "ckpt", "tiny-flash", quantized=True, seed=0)
+    base = [_tokens(n, seed) for seed, n in enumerate((5, 13, 29, 40))]
+    rounds = [base, [p + _tokens(6, 100 + i) for i, p in enumerate(base)]]  # round 2 resumes from round 1's entries
+    source = _engine(ckpt)
+    imported = _tokens(21, 50)
+    token0, blob = prefill_export(source, imported)
+    prefix = _tokens(24, 60)  # 3 whole blocks: an aligned entry
+    source.generate_ids([prefix], GREEDY)
+    chain = source.kv.cache.prompt(prefix).hashes[-1]  # type: ignore[union-attr]
+    prefix_blob = b"".join(source.export_prefix(chain, 1 << 20) or [])
+    work = {
+        "rounds": rounds,
+        "import": (imported, token0, blob),
+        "export": _tokens(19, 70),
+        "prefix": (prefix, prefix_blob, prefix + _tokens(5, 61)),
+    }
+    torch.save(work, root / "work.pt")
+    out = root / "out"
+    out.mkdir()
+    cmd = [sys.executable, "-m", "dsv4.model_runtime.parallel.launch", "--nproc-per-node", "2", ENGINE_RANK]
+    done = subprocess.run(
+        [*cmd, str(ckpt), "2", str(root / "work.pt"), str(out)],
+        env=launcher_env(),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return work, torch.load(out / "result.pt"), ckpt
+
+
+def test_group_greedy_equals_one_process_with_prefix_hits(run) -> None:
+    work, got, ckpt = run
+    engine = _engine(ckpt)
+    want = [[c.token_ids for c in engine.generate_ids(prompts, GREEDY)] for prompts in work["rounds"]]
+    assert got["rounds"] == want
+    assert engine.stats_extra()["prefix_cache_hits"] >= 4  # round 2 resumed from cache entries
+    assert got["hits"] >= 4  # and so did the group, on copies the follower mirrored
+
+
+def test_tp1_export_continues_in_tp2_group(run) -> None:
+    work, got, ckpt = run
+    prompt, token0, _ = work["import"]
+    want = _engine(ckpt).generate_ids([prompt], GREEDY)[0].token_ids
+    assert want[0] == token0
+    assert got["import"] == want
+
+
+def test_tp2_export_continues_in_tp1_engine(run) -> None:
+    work, got, ckpt = run
+    token0, blob = got["export"]
+    engine = _engine(ckpt)
+    want = engine.generate_ids([work["export"]], GREEDY)[0].token_ids
+    assert token0 == want[0]
+    assert continue_import(engine, work["export"], token0, blob) == want
+
+
+def test_tp1_prefix_imported_into_tp2_group_serves_an_extension(run) -> None:
+    work, got, ckpt = run
+    prefix, _, extended = work["prefix"]
+    no_cache = LLMEngine(load_model(ckpt, dtype=torch.float64), None, replace(CONFIG, prefix_cache=False))
+    assert got["prefix"] == no_cache.generate_ids([extended], GREEDY)[0].token_ids
+    assert got["prefix_prefill_tokens"] <= len(extended) - len(prefix)  # resumed from the imported prefix
+
+
+def test_group_refuses_mtp_and_turns_graphs_off() -> None:
+    with pytest.raises(GroupUnsupported, match="MTP speculative decoding"):
+        group_config(EngineConfig(speculative_mtp=True))
+    assert group_config(EngineConfig()).cuda_graphs is False
