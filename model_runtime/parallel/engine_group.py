@@ -17,8 +17,9 @@ mirror of its KV pool and replays its model calls on its own shard, so the colle
   the leader's export is the sequence's, and the blob (`kv_export`, fingerprinted without the layout) imports
   into any layout; an import is restored on every rank.
 * Failures: a follower that dies or fails a call ends the group through the launcher (`launch.py`). A model call
-  that fails on the leader after its followers were sent it leaves them inside a collective: the leader logs one
-  line and exits, and the launcher ends the group, rather than serve from ranks out of step.
+  that fails on the leader after its followers were sent it leaves them inside a collective, and a call that cannot
+  be sent means a follower is gone: either way the leader logs one line and exits (the callers' requests are not
+  failed: their jobs are taken over), and the launcher ends the group, rather than serve from ranks out of step.
 
 Not run in a group (refused or switched off by `group_config`): MTP speculative decoding (its draft and verify
 calls are not sent) and CUDA graphs (a captured step would replay collectives the followers do not mirror).
@@ -109,8 +110,8 @@ class LeaderRunner(ModelRunner):
         self.channel.publish(Message(writes, call))
 
     def forward_decode(self, inputs: DecodeInputs, pool: KVPool) -> torch.Tensor:
-        self._publish(DecodeCall(inputs.rows.cpu(), inputs.block_tables.cpu()))
         try:
+            self._publish(DecodeCall(inputs.rows.cpu(), inputs.block_tables.cpu()))
             return super().forward_decode(inputs, pool)
         except Exception as e:
             _broken(e)
@@ -122,8 +123,8 @@ class LeaderRunner(ModelRunner):
         for st in states:
             assert isinstance(st, PagedSequenceState), "a rank group's sequences live in the paged pool"
             described.append((st.slot, tuple(st.table), st.position))
-        self._publish(FeedCall(ids.cpu(), described, rows))
         try:
+            self._publish(FeedCall(ids.cpu(), described, rows))
             return super().forward_feed(ids, states, rows)
         except Exception as e:
             _broken(e)
@@ -134,8 +135,10 @@ class LeaderRunner(ModelRunner):
 
 
 def _broken(error: Exception) -> NoReturn:
+    # Exiting, not raising: an exception would reach the engine's callers, which would fail their requests to the
+    # clients, while a group that is gone should leave its jobs to the workers that take them over.
     log.critical(
-        "rank group: a model call failed on the leader after the followers were sent it (%s: %s); ending the group",
+        "rank group: a model call failed on the leader or could not reach its followers (%s: %s); ending the group",
         type(error).__name__,
         error,
         exc_info=error,

@@ -29,6 +29,13 @@ def test_world_is_the_parallelism_when_no_rank_env_is_set() -> None:
     assert group_world(_settings(tensor=2), {env.WORLD_SIZE: "2"}) == 2
 
 
+def test_pure_data_parallel_with_one_rank_per_pod_serves_each_pod_alone() -> None:
+    # A cpu pool of 2 pods: the operator writes tensor 1 x data 2 and the 2-rank group env.
+    assert group_world(_settings(data=2), {env.WORLD_SIZE: "2", env.NPROC_PER_NODE: "1"}) == 1
+    with pytest.raises(GroupConfigError, match="one rank per pod"):
+        group_world(_settings(data=2), {env.WORLD_SIZE: "2", env.NPROC_PER_NODE: "2"})
+
+
 @pytest.mark.parametrize(
     ("settings", "environ", "message"),
     [
