@@ -31,11 +31,11 @@ Substitutions (one host, one network namespace, no accelerator), and nothing els
 - a managed Redis runs `redis-server` with the pod's args (the redis image's entrypoint); the external Redis of
   the Ascend example is a local `redis-server` with the Secret's password.
 
-What a group of several pods asserts today: every pod of the group starts with consistent rank env (the same
+What a group of several pods asserts: every pod of the group starts with consistent rank env (the same
 WORLD_SIZE = pods x NPROC_PER_NODE, node ranks 0..n-1, one MASTER_ADDR naming the leader pod and one local
-MASTER_PORT) and reaches readiness on its own /readyz. Today each worker pod runs one process that ignores the rank
-env, so the group's pods serve as independent workers; the multi-rank check (the leader's /readyz only after every
-rank joined) belongs in `check_group` once the rank launcher is merged.
+MASTER_PORT) and reaches readiness on its own /readyz. A tensor-parallel group's pods really form one gloo group of
+ranks through the launcher (the leader's log names the group and its warm-up, every other pod's log its rank), so the
+requests of `_serve_requests` run through it; a cpu pool's pods (tensor 1, data = pods) serve alone.
 """
 
 from __future__ import annotations
@@ -153,8 +153,9 @@ def _volume_source(spec: Any, checkpoint: Path, workdir: Path) -> Any:
     return source
 
 
-def check_group(pods: LocalPods, group: list[Pod], running: dict[str, Running]) -> None:
-    """A rank group's pods agree on their rank env (module docstring: what a group asserts today)."""
+def check_group(pods: LocalPods, group: list[Pod], running: dict[str, Running], tensor: int) -> None:
+    """A rank group's pods agree on their rank env and, with tensor parallel, form one group of ranks (module
+    docstring: what a group asserts)."""
     resolved = [pods.resolve_env(p, p.spec["containers"][0]) for p in group]
     size = len(group)
     nproc = {e[env.NPROC_PER_NODE] for e in resolved}
@@ -164,6 +165,16 @@ def check_group(pods: LocalPods, group: list[Pod], running: dict[str, Running]) 
     [leader] = [p for p, e in zip(group, resolved, strict=True) if e[env.NODE_RANK] == "0"]
     assert pods.hosts.get(master, pods.hosts.get(master.removesuffix(".svc"), ("",)))[0] == leader.name, master
     assert len({running[p.name].env[env.MASTER_PORT] for p in group}) == 1
+    leader_log = running[leader.name].log.read_text()
+    if tensor == 1:  # pure data parallel: each pod serves alone
+        assert " ranks on " not in leader_log, leader_log
+        return
+    # Ready means every rank loaded and the leader's warm-up ran through all of them.
+    assert f"{tensor} ranks on cpu (1 on this pod)" in leader_log, leader_log
+    assert "rank 0 dsv4.worker: warm-up step took" in leader_log, leader_log
+    for p in group:
+        if p is not leader:
+            assert f"rank {int(running[p.name].env[env.NODE_RANK])} " in running[p.name].log.read_text()
 
 
 def _groups(pods: list[Pod]) -> dict[tuple[str, str], list[Pod]]:
@@ -211,7 +222,7 @@ def test_every_container_of_the_example_starts_and_serves(
             running = {p.name: r for p in pods if p not in first for r in local.start(p)}
             local.wait_ready(list(running.values()), READY_TIMEOUT_S)
             for group in _groups(pods).values():
-                check_group(local, group, running)
+                check_group(local, group, running, getattr(spec, group[0].component).parallelism.tensor)
             # The weights pre-warm: the first pod on the (one) node copies with progress, the others find it done.
             warm = [r.log.read_text() for r in local.running if r.container["name"] == "prewarm-weights"]
             if warm:
