@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from dsv4.kernels.cuda.launch import MIN_DOT, block, check_device, dot_precision
+from dsv4.kernels.cuda.mx import _e2m1, _e8m0
 from dsv4.kernels.registry import register
 
 # K step and warps of the grouped matmul: with 64 x 4 the MXFP4 dequantizing variant spills on sm_90 (ptxas);
@@ -109,22 +110,6 @@ def route(
             BLOCK_K=block(k),
         )
     return weights, idx
-
-
-@triton.jit
-def _e8m0(bits):
-    """E8M0 byte -> fp32 power of two (code 0 is 2^-127, a subnormal)."""
-    b = bits.to(tl.int32) & 0xFF
-    return tl.where(b == 0, tl.full(b.shape, 0x00400000, tl.int32), b << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _e2m1(code):
-    """e2m1 nibble -> fp32: bit 3 sign, bits 2..1 exponent (bias 1), bit 0 mantissa; exponent 0 is subnormal."""
-    exp = (code >> 1) & 3
-    man = (code & 1).to(tl.float32)
-    mag = tl.where(exp == 0, 0.5 * man, (1.0 + 0.5 * man) * (1 << tl.maximum(exp - 1, 0)).to(tl.float32))
-    return tl.where((code & 8) != 0, -mag, mag)
 
 
 @triton.jit
