@@ -1,9 +1,9 @@
 """Triton MoE router (sqrtsoftplus + biased top-k, or hash rows) and grouped expert matmul with optional
 in-kernel dequantization of FP8 e4m3 (128x128 block scales) or MXFP4 e2m1 (per-32 E8M0 scales) weights.
 
-The grouped matmul runs a tile schedule computed on the device without a host sync: tile t belongs to the expert
-whose cumulative tile count first exceeds t; the grid is the upper bound ceil(M/BM) + E and spare tiles exit
-through their masks.
+The grouped matmul runs a tile schedule computed on the device without a host sync (`launch.tile_schedule`);
+spare tiles of its upper bound exit through their masks. Packed weights with a few rows per expert on average
+(decode) go to the weight-streaming GEMV of grouped_gemv.py instead (threshold there).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.cuda.launch import MIN_DOT, block, check_device, dot_precision
+from dsv4.kernels.cuda.grouped_gemv import gemv_rows, grouped_gemv
+from dsv4.kernels.cuda.launch import MIN_DOT, block, check_device, dot_precision, tile_schedule
 from dsv4.kernels.cuda.mx import _e2m1, _e8m0
 from dsv4.kernels.registry import register
 
@@ -21,7 +22,7 @@ from dsv4.kernels.registry import register
 GROUPED_BLOCK_K = 32
 GROUPED_WARPS = 8
 
-_PLAIN, _FP8, _MXFP4 = 0, 1, 2
+_PLAIN, _FP8, _MXFP4 = 0, 1, 2  # grouped_gemv.py takes the same codes
 
 
 @triton.jit
@@ -172,31 +173,20 @@ def _grouped_matmul_kernel(
     )
 
 
-def _tile_schedule(group_ends: torch.Tensor, rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(expert of each tile, first row of each tile, number of tiles launched), all on the device."""
-    ends = group_ends.to(torch.int64)
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    tiles = (ends - starts + block_m - 1) // block_m
-    cum = tiles.cumsum(0)
-    n_tiles = triton.cdiv(rows, block_m) + ends.numel()
-    t = torch.arange(n_tiles, device=ends.device)
-    expert = torch.searchsorted(cum, t, right=True)  # == E for spare tiles
-    safe = expert.clamp(max=ends.numel() - 1)
-    first = starts[safe] + (t - (cum[safe] - tiles[safe])) * block_m
-    return expert, first, n_tiles
-
-
 def _grouped(
     op: str, x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor | None, ends: torch.Tensor, quant: int
 ) -> torch.Tensor:
     check_device(op, x, weight, scale, ends)
     m, k = x.shape
     n_experts, o = weight.shape[0], weight.shape[1]
+    gemv = gemv_rows(m, n_experts) if o else None
+    if scale is not None and gemv is not None:  # packed weights, a few rows per expert: grouped_gemv.py
+        return grouped_gemv(x, weight, scale, ends, quant, gemv)
     out = torch.zeros(m, o, dtype=x.dtype, device=x.device)
     if m == 0 or o == 0:
         return out
     block_m = MIN_DOT if m <= 256 else 64
-    expert, first, n_tiles = _tile_schedule(ends, m, block_m)
+    expert, first, n_tiles = tile_schedule(ends, m, block_m)
     e8m0 = scale is not None and scale.dtype == torch.float8_e8m0fnu
     s = None if scale is None else (scale.view(torch.uint8) if e8m0 else scale.float()).contiguous()
     w = weight.view(torch.uint8) if quant == _MXFP4 else weight

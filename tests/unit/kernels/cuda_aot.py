@@ -25,7 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dsv4.kernels.cuda import attention, linear, mhc, moe, norm_rope, paged
+from dsv4.kernels.cuda import attention, grouped_gemv, linear, mhc, moe, norm_rope, paged
 
 _C = "constexpr"
 
@@ -225,6 +225,43 @@ def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
                 moe.GROUPED_WARPS,
             )
         )
+    # Flash's expert and wo_a widths are multiples of 16 and torch's buffers 16-byte aligned, and Triton specializes
+    # such arguments (":16" below), which is what lets the kernel load 16 bytes a thread in one vector
+    a16 = ":16"
+    for quant, weight, scale in ((1, "*u8", "*u8"), (1, "*u8", f32), (2, "*u8", "*u8")):
+        for rows in (1, 2, 4):  # the rows per program grouped_gemv.gemv_rows picks
+            specs.append(
+                (
+                    f"grouped_gemv[quant={quant},scale={scale[1:]},rows={rows}]",
+                    grouped_gemv._grouped_gemv_kernel,
+                    dict(
+                        x_ptr=(bf if quant == 1 else "*i32") + a16,  # MXFP4 reads bf16 x as column-pair words
+                        w_ptr=weight + a16,
+                        scale_ptr=scale + a16,
+                        ends_ptr="*i32",
+                        tile_expert_ptr=i64,
+                        tile_first_ptr=i64,
+                        out_ptr=bf + a16,
+                        M=i32,
+                        N_OUT=i32 + a16,
+                        K=i32 + a16,
+                        N_EXPERTS=i32,
+                        STEPS=i32,
+                        SPLIT_STEPS=i32,
+                        KB=i32 + a16,
+                    ),
+                    dict(
+                        QUANT=quant,
+                        X_KIND=1,
+                        SCALE_E8M0=scale == "*u8",
+                        ROWS=rows,
+                        BN=grouped_gemv.BLOCK_N,
+                        G=grouped_gemv.gemv_groups(quant, rows),
+                        GB=grouped_gemv.GROUP_BYTES,
+                    ),
+                    grouped_gemv.GEMV_WARPS,
+                )
+            )
     return specs
 
 
@@ -255,10 +292,12 @@ def compile_all(arch: int = 90) -> list[dict[str, Any]]:
     target = GPUTarget("cuda", arch, 32)
     results = []
     for name, kernel, types, constexprs, warps in _specs():
-        signature = dict(types) | dict.fromkeys(constexprs, _C)
+        signature = {a: t.removesuffix(":16") for a, t in types.items()} | dict.fromkeys(constexprs, _C)
+        names = list(signature)
+        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, t in types.items() if t.endswith(":16")}
         start = time.perf_counter()
         try:
-            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
             compiled = triton.compile(source, target=target, options={"num_warps": warps})
             results.append(
                 {

@@ -44,6 +44,7 @@ def test_every_kernel_compiles_for_sm90():
         "sparse_attention",
         "route",
         "grouped_matmul",
+        "grouped_gemv",
         "mix_partial",
         "paged_attention",
         "paged_scores",

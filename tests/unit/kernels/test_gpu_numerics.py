@@ -79,6 +79,18 @@ def test_grouped_matmul_bf16(quant):
     torch.testing.assert_close(cuda(x, *args, ends), ref(x, *args, ends), **BF16)
 
 
+@pytest.mark.parametrize("quant", ["fp8", "mxfp4"])
+@pytest.mark.parametrize("counts", [[0, 1, 0, 1, 1, 0, 1, 1, 1], [2, 1, 0, 3, 1, 2, 1, 0]], ids=["1-row", "1.5-rows"])
+def test_grouped_gemv_bf16_decode_rows(quant, counts):
+    """Decode row counts (the grouped GEMV of grouped_gemv.py) at Flash's hidden width, compiled for the GPU."""
+    x = torch.randn(sum(counts), 4096, device="cuda").bfloat16()
+    ends = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+    pairs = [(quant_fp8 if quant == "fp8" else quant_fp4)(torch.randn(256, 4096) * 0.05) for _ in counts]
+    w, s = torch.stack([p[0] for p in pairs]).cuda(), torch.stack([p[1] for p in pairs]).cuda()
+    ref, cuda = _pair(f"grouped_matmul_{quant}")
+    torch.testing.assert_close(cuda(x, w, s, ends), ref(x, w, s, ends), **BF16)
+
+
 def test_mhc_pre_post_bf16():
     pre_ref, pre_cuda = _pair("mhc_pre")
     post_ref, post_cuda = _pair("mhc_post")
