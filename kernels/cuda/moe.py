@@ -150,22 +150,23 @@ def _grouped_matmul_kernel(
         w_ok = o_ok[:, None] & k_ok[None, :]
         if QUANT == 0:
             w = tl.load(w_ptr + (expert * N_OUT + o[:, None]) * K + k[None, :], mask=w_ok, other=0.0).to(tl.float32)
+            acc += tl.dot(a, tl.trans(w.to(a.dtype)), input_precision=PRECISION)
         elif QUANT == 1:
+            # BLOCK_O and BLOCK_K divide 128: the tile lies in one 128x128 scale block, whose scale multiplies the
+            # tile's product once (e4m3 codes are exact in bf16, so the MMA takes them unscaled)
             q = tl.load(w_ptr + (expert * N_OUT + o[:, None]) * K + k[None, :], mask=w_ok, other=0.0).to(tl.float32)
-            so = (N_OUT + 127) // 128  # 128x128 weight blocks share one scale
-            sk = (K + 127) // 128
-            s_off = (expert * so + o[:, None] // 128) * sk + k[None, :] // 128
-            if SCALE_E8M0:
-                s = _e8m0(tl.load(scale_ptr + s_off, mask=w_ok, other=127))
-            else:
-                s = tl.load(scale_ptr + s_off, mask=w_ok, other=1.0)
-            w = q * s
+            s_off = (expert * ((N_OUT + 127) // 128) + tl.program_id(1) * BLOCK_O // 128) * (
+                (K + 127) // 128
+            ) + k0 // 128
+            s_raw = tl.load(scale_ptr + s_off)
+            s = _e8m0(s_raw) if SCALE_E8M0 else s_raw
+            acc += tl.dot(a, tl.trans(q.to(a.dtype)), input_precision=PRECISION) * s
         else:
+            # BLOCK_K is 32 (K is a multiple of 32): one E8M0 scale per output row and step, applied to the product
             packed = tl.load(w_ptr + (expert * N_OUT + o[:, None]) * (K // 2) + k[None, :] // 2, mask=w_ok, other=0)
             code = (packed.to(tl.int32) >> ((k[None, :] % 2) * 4)) & 0xF
-            s_off = (expert * N_OUT + o[:, None]) * (K // 32) + k[None, :] // 32
-            w = _e2m1(code) * _e8m0(tl.load(scale_ptr + s_off, mask=w_ok, other=127))
-        acc += tl.dot(a, tl.trans(w.to(a.dtype)), input_precision=PRECISION)
+            s = _e8m0(tl.load(scale_ptr + (expert * N_OUT + o) * (K // 32) + k0 // 32, mask=o_ok, other=127))
+            acc += tl.dot(a, tl.trans(_e2m1(code).to(a.dtype)), input_precision=PRECISION) * s[None, :]
     tl.store(
         out_ptr + rows[:, None] * N_OUT + o[None, :],
         acc.to(out_ptr.dtype.element_ty),
