@@ -57,52 +57,6 @@ def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
             4,
         ),
         (
-            "mix_partial[out24,n4,d4096]",
-            mhc._mix_partial_kernel,
-            dict(streams_ptr=bf, fn_ptr=f32, part_ptr=f32, sq_ptr=f32, rows=i32),
-            dict(OUT=24, WIDTH=4 * 4096, BO=32, BN=mhc.BLOCK_N, BK=mhc.BLOCK_K, SPLIT=mhc.SPLIT_COLS),
-            mhc.NUM_WARPS,
-        ),
-        (
-            "mhc_pre[n4,d4096,finish]",
-            mhc._mhc_pre_finish_kernel,
-            dict(
-                part_ptr=f32,
-                sq_ptr=f32,
-                streams_ptr=bf,
-                scale_ptr=f32,
-                base_ptr=f32,
-                x_ptr=bf,
-                post_ptr=f32,
-                comb_ptr=f32,
-                rows=i32,
-                splits=i32,
-                iters=i32,
-                hc_eps="fp32",
-                norm_eps="fp32",
-            ),
-            dict(N_HC=4, DIM=4096, NP=4, BO=32, BN=mhc.BLOCK_N, BD=mhc.BLOCK_D),
-            mhc.NUM_WARPS,
-        ),
-        (
-            "hc_head[n4,d4096,finish]",
-            mhc._hc_head_finish_kernel,
-            dict(
-                part_ptr=f32,
-                sq_ptr=f32,
-                streams_ptr=bf,
-                scale_ptr=f32,
-                base_ptr=f32,
-                x_ptr=bf,
-                rows=i32,
-                splits=i32,
-                hc_eps="fp32",
-                norm_eps="fp32",
-            ),
-            dict(N_HC=4, DIM=4096, NP=4, BO=4, BN=mhc.BLOCK_N, BD=mhc.BLOCK_D),
-            mhc.NUM_WARPS,
-        ),
-        (
             "mhc_post[n4,d4096]",
             mhc._mhc_post_kernel,
             dict(y_ptr=bf, streams_ptr=bf, post_ptr=f32, comb_ptr=f32, out_ptr=bf, rows=i32),
@@ -262,6 +216,33 @@ def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
                     grouped_gemv.GEMV_WARPS,
                 )
             )
+    finish = dict(part_ptr=f32, sq_ptr=f32, streams_ptr=bf, scale_ptr=f32, base_ptr=f32, x_ptr=bf)
+    pre_args = dict(post_ptr=f32, comb_ptr=f32, rows=i32, splits=i32, iters=i32, hc_eps="fp32", norm_eps="fp32")
+    head_args = dict(rows=i32, splits=i32, hc_eps="fp32", norm_eps="fp32")
+    for batch in (1, 64):  # mhc.mix_plan's decode layouts: 1-row programs at batch 1, 16-row ones at 64
+        for op, outputs, kernel, args in (
+            ("mhc_pre", 24, mhc._mhc_pre_finish_kernel, pre_args),
+            ("hc_head", 4, mhc._hc_head_finish_kernel, head_args),
+        ):
+            bn, bk, split = mhc.mix_plan(batch, 4 * 4096, outputs)
+            bo = max(4, triton.next_power_of_2(outputs))
+            sc = mhc._sum_chunk(bn, -(-4 * 4096 // split), bo)
+            specs += [
+                (
+                    f"mix_partial[out{outputs},n4,d4096,b{batch}]",
+                    mhc._mix_partial_kernel,
+                    dict(streams_ptr=bf, fn_ptr=f32, part_ptr=f32, sq_ptr=f32, rows=i32),
+                    dict(OUT=outputs, WIDTH=4 * 4096, BO=bo, BN=bn, BK=bk, SPLIT=split),
+                    mhc.NUM_WARPS,
+                ),
+                (
+                    f"{op}[n4,d4096,finish,b{batch}]",
+                    kernel,
+                    finish | args,
+                    dict(N_HC=4, DIM=4096, NP=4, BO=bo, BN=bn, BD=mhc.BLOCK_D, SC=sc),
+                    mhc.NUM_WARPS,
+                ),
+            ]
     return specs
 
 
