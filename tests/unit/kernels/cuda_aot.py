@@ -25,7 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dsv4.kernels.cuda import attention, grouped_gemv, linear, mhc, moe, norm_rope, paged
+from dsv4.kernels.cuda import attention, grouped_gemv, linear, mhc, moe, norm_rope, paged, sampling
 
 _C = "constexpr"
 
@@ -243,6 +243,44 @@ def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
                     mhc.NUM_WARPS,
                 ),
             ]
+    # the sampler at Flash's vocabulary (129,280 tokens: 64 chunks, 4,096 block maxima a row)
+    f64, chunks = "*fp64", -(-129280 // sampling.CHUNK)
+    scan = dict(
+        logits_ptr=f32,
+        temp_ptr=f64,
+        topk_ptr=i64,
+        noise_ptr=f64,
+        maxima_ptr=i64,
+        best_val_ptr=f64,
+        best_idx_ptr="*i32",
+    )
+    for topk, noise in ((True, True), (False, True), (True, False)):
+        flags = dict(HAS_TOPK=topk, HAS_NOISE=noise, CHUNK=sampling.CHUNK, SUB=sampling.SUB)
+        specs += [
+            (
+                f"sample_scan[topk={int(topk)},noise={int(noise)}]",
+                sampling._scan_kernel,
+                scan | dict(V=i32, C=i32),
+                flags,
+                sampling.SAMPLE_WARPS,
+            ),
+            (
+                f"sample_pick[topk={int(topk)},noise={int(noise)}]",
+                sampling._pick_kernel,
+                scan | dict(out_ptr=i64 if noise else "*i32", V=i32, C=i32),
+                flags | dict(KMAX=sampling.KMAX, CP=chunks, MP=chunks * sampling.CHUNK // sampling.SUB),
+                sampling.PICK_WARPS,
+            ),
+        ]
+    specs.append(
+        (
+            "sample_filter",
+            sampling._filter_kernel,
+            dict(logits_ptr=f32, temp_ptr=f64, thr_ptr="*i32", out_ptr=f64, V=i32),
+            dict(CHUNK=sampling.CHUNK),
+            sampling.SAMPLE_WARPS,
+        )
+    )
     return specs
 
 

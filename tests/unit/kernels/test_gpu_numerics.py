@@ -169,3 +169,22 @@ def test_linear_bf16(quant):
     got, want = cuda(x, *args), ref(x, *args)
     assert got.dtype == want.dtype
     torch.testing.assert_close(got, want, **BF16)
+
+
+@pytest.mark.parametrize("top_k", [0, 50, 300])
+def test_fused_sampler_bf16_logits_flash_vocabulary(top_k):
+    """The fused sampler compiled for the GPU at batch 64 and Flash's vocabulary, bf16 logits (read as fp32, so the
+    draw must equal the reference's exactly); top-k 300 takes the bisection path."""
+    from dsv4.model_runtime.engine.sampler import gumbel_noise
+
+    rows, vocab = 64, 129280
+    logits = (torch.randn(rows, vocab, device="cuda") * 4).bfloat16()
+    temperature = torch.linspace(0.0, 1.5, rows, dtype=torch.float64, device="cuda")  # row 0 greedy
+    k = torch.full((rows,), top_k, dtype=torch.int64, device="cuda")
+    seeds = torch.arange(rows, dtype=torch.int64, device="cuda")
+    noise = gumbel_noise(seeds, torch.zeros(rows, dtype=torch.int64, device="cuda"), vocab)
+    ref, cuda = _pair("sample_tokens")
+    assert torch.equal(cuda(logits, temperature, k, None, None, noise), ref(logits, temperature, k, None, None, noise))
+    f_ref, f_cuda = _pair("filter_logits")
+    t = temperature.clamp(min=0.1)
+    assert torch.equal(f_cuda(logits, t, k, None, None), f_ref(logits, t, k, None, None))
