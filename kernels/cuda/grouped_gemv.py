@@ -6,7 +6,7 @@ rows each), so the expert matmul is a weight stream: every weight byte is read o
 tiled `tl.dot` kernel of moe.py pads those rows to 16 and routes each decoded K step through shared memory into
 the MMA. Here a program owns (a tile of ROWS rows of one expert, BLOCK_N output rows, one K split): it streams its
 weight slab once in [BLOCK_N, 16-byte] vectors, decodes in registers (kernels/cuda/mx.py) and accumulates the
-products on the CUDA cores in fp32, with no shared memory and no MMA. The 16 bytes a thread loads are one MXFP4
+products on the CUDA cores in fp32: no MMA, no padding to 16 rows. The 16 bytes a thread loads are one MXFP4
 scale group (32 codes) or 16 FP8 columns of one scale block, so a thread sums them before the scale, once per group.
 
 Grid: (row tiles, output tiles, K splits). Row tiles come from the device-side schedule of the grouped matmul
@@ -31,11 +31,11 @@ from dsv4.kernels.cuda.launch import block, tile_schedule
 from dsv4.kernels.cuda.mx import _e2m1_fp16_image, _e8m0
 
 # Dispatch: the grouped matmul takes this kernel when the average rows per (non-empty) expert, M / min(E, M), is
-# at most GEMV_MAX_ROWS. Its FMAs per weight byte grow with the rows (ROWS per FP8 byte, 2 x ROWS per MXFP4 byte,
-# next to ~6 integer ops of decode per code): at 4 rows an MXFP4 byte costs about 20 instructions, about what an
-# H200 SM issues per byte at full HBM bandwidth (~7 a byte at 4.8 TB/s over 132 SMs x 128 lanes x 1.98 GHz, so
-# already ALU-bound above ~1 row), while the MMA kernel's 16-row tiles are at most a quarter full. Above it the
-# tiled MMA kernel wins on paper. An estimate from instruction counts, not a measurement (no GPU yet).
+# at most GEMV_MAX_ROWS; above it the tiled MMA kernel's 16-row tiles are at least a quarter full. Budget on paper:
+# an H200 (132 SMs x 128 lanes x 1.98 GHz) issues ~7 instructions per byte at full HBM bandwidth (4.8 TB/s). The
+# GEMV spends ~6 integer/convert ops decoding an FP8 byte and ~12 an MXFP4 byte (two codes), plus ROWS (FP8) or
+# 2 x ROWS (MXFP4) FMAs: FP8 fits at 1 row, MXFP4 is ALU-bound at every row count (~15 a byte at 1 row, ~20 at
+# 4). Estimates from instruction counts, not measurements (no GPU yet).
 GEMV_MAX_ROWS = 4
 BLOCK_N = 32  # output rows per program
 GROUP_BYTES = 16  # bytes a thread loads at once: one MXFP4 scale group, 16 FP8 columns
