@@ -286,6 +286,16 @@ def cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
     out.append(
         Case("filter_logits", f"t{t}v{dims.vocab}", (logits, *filters), 3 * _nbytes(logits), 10 * logits.numel())
     )
+    seeds, index = torch.arange(t, device=device), torch.full((t,), 7, device=device)
+    out.append(
+        Case(
+            "sample_tokens_seeded",
+            f"t{t}v{dims.vocab}-topk",
+            (logits, filters[0], filters[1], None, None, seeds, index),
+            _nbytes(logits),
+            4 * logits.numel(),
+        )
+    )
     out.append(
         Case(
             "sample_tokens",
@@ -311,9 +321,10 @@ def _routed_ends(batch: int, dims: Dims, g: torch.Generator) -> tuple[torch.Tens
 def decode_cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
     """Issue #17's decode aims at batch 1 and dims.t (64) at Flash shapes: the grouped FP8 / MXFP4 matmuls (routed
     experts' fused gate/up [2 x 2048, 4096] over 256 experts, 6 per token; `wo_a`'s 8 FP8 groups [1024, 4096]),
-    mHC pre and the hyper head at batch 1, and the sampler (fused temperature + top-k draw, a plain draw, the top-k
-    filter). The bytes count only what an ideal kernel must move: the weights of the experts that got rows, the
-    noise of the tokens a top-k draw keeps."""
+    mHC pre and the hyper head at batch 1, and the sampler (temperature + top-k draws with the caller's noise and
+    with the seeded noise the engine uses, a seeded draw without top-k, the top-k filter). The bytes count only
+    what an ideal kernel must move: the weights of the experts that got rows, the noise of the tokens a top-k draw
+    keeps (none when the kernel hashes it)."""
     from dsv4.model_runtime.formats import quant_fp4, quant_fp8
 
     g = torch.Generator(device="cpu").manual_seed(2)
@@ -373,15 +384,18 @@ def decode_cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
                 4 * logits.numel(),
             )
         )
-        out.append(
-            Case(
-                "sample_tokens",
-                f"decode-b{batch}v{vocab}-temperature",
-                (logits, temperature, None, None, None, noise),
-                _nbytes(logits, noise) + batch * 8,
-                4 * logits.numel(),
+        seeds, index = torch.arange(batch, device=device), torch.full((batch,), 7, device=device)
+        for name, k in ((f"-topk{dims.decode_top_k}", top_k), ("", None)):
+            # the noise is hashed in the kernel, for the kept tokens only: the logits are all that must move
+            out.append(
+                Case(
+                    "sample_tokens_seeded",
+                    f"decode-b{batch}v{vocab}-temperature{name}",
+                    (logits, temperature, k, None, None, seeds, index),
+                    _nbytes(logits) + batch * 8,
+                    4 * logits.numel(),
+                )
             )
-        )
         out.append(
             Case(
                 "filter_logits",

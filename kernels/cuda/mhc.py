@@ -215,9 +215,7 @@ def _mhc_pre_finish_kernel(
         tl.store(comb_ptr + offs, comb, mask=valid)
 
 
-def _mix_partials(
-    streams: torch.Tensor, fn: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, int, int, int, int]:
+def _mix_partials(streams: torch.Tensor, fn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int, int, int]:
     """(partial mixes [splits, rows, BO], partial sums of squares [splits, rows], splits, BO, rows per program,
     splits per load of the finishing kernel) of streams [rows, n, d] against fn [outputs, n*d]."""
     rows, n, d = streams.shape

@@ -29,9 +29,7 @@ MERGE_GROUP = 8  # chunk winners merged per program and level
 
 
 @triton.jit
-def _load_row(
-    t0_ptr, t1_ptr, t2_ptr, flat, d, ok, D: tl.constexpr, NOPE: tl.constexpr, FORMAT: tl.constexpr
-):
+def _load_row(t0_ptr, t1_ptr, t2_ptr, flat, d, ok, D: tl.constexpr, NOPE: tl.constexpr, FORMAT: tl.constexpr):
     """Decoded rows [len(flat), len(d)] fp32 at flat rows `flat` (int64) of a store in FORMAT (0 plain,
     1 FP8 nope + rope, 2 MXFP4); `ok` masks (row, dim) pairs."""
     if FORMAT == 0:
@@ -381,4 +379,3 @@ def paged_indexer_topk(
         PRECISION=dot_precision(q.dtype),
     )
     return split_topk(scores, vis, k, chunk)
-

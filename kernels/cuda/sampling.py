@@ -61,6 +61,34 @@ def _best(y, idx):
 
 
 @triton.jit
+def _mix32(x):
+    """lowbias32 on uint32, as `mix32` of kernels/reference/sampling.py computes it on int32 bit patterns."""
+    x = x ^ (x >> 16)
+    x = x * 0x7FEB352D
+    x = x ^ (x >> 15)
+    x = x * 0x846CA68B
+    return x ^ (x >> 16)
+
+
+@triton.jit
+def _noise(noise_ptr, seeds_ptr, index_ptr, b, V, ids, mask, SEEDED: tl.constexpr):
+    """Gumbel noise of row b at token ids `ids` (0 where not `mask`): the caller's tensor, or with SEEDED the
+    reference's `gumbel_noise` hash of (seed, token index, id), computed here for these ids only."""
+    if SEEDED:
+        seed = tl.load(seeds_ptr + b)
+        lo = (seed & 0xFFFFFFFF).to(tl.uint32)
+        hi = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+        at = (tl.load(index_ptr + b) & 0xFFFFFFFF).to(tl.uint32)
+        key = _mix32(_mix32(_mix32(lo) ^ hi) ^ at)
+        bits = _mix32(key ^ ids.to(tl.uint32))
+        # the reference's int32 pattern + 2^31 is the uint32 pattern with its top bit flipped
+        u = ((bits ^ 0x80000000).to(tl.float64) + 0.5) * 2.3283064365386963e-10  # 2^-32
+        return tl.where(mask, -tl.log(-tl.log(u)), 0.0)
+    else:
+        return tl.load(noise_ptr + b * V + ids, mask=mask, other=0.0)
+
+
+@triton.jit
 def _row_flags(temp_ptr, topk_ptr, b, V, HAS_TOPK: tl.constexpr, HAS_NOISE: tl.constexpr):
     """(temperature in fp64, k, whether the row is top-k filtered); a greedy row of a draw is never filtered."""
     t = tl.load(temp_ptr + b).to(tl.float64)
@@ -78,6 +106,8 @@ def _scan_kernel(
     temp_ptr,
     topk_ptr,
     noise_ptr,
+    seeds_ptr,
+    index_ptr,
     maxima_ptr,
     best_val_ptr,
     best_idx_ptr,
@@ -85,6 +115,7 @@ def _scan_kernel(
     C,
     HAS_TOPK: tl.constexpr,
     HAS_NOISE: tl.constexpr,
+    SEEDED: tl.constexpr,
     CHUNK: tl.constexpr,
     SUB: tl.constexpr,
 ):
@@ -105,7 +136,7 @@ def _scan_kernel(
     if HAS_NOISE:  # noqa: SIM102 (a compile-time branch around a run-time one: Triton cannot `and` the two)
         if filtered == 0:
             greedy = t <= 0
-            noise = tl.load(noise_ptr + b * V + idx, mask=tl.where(t > 0, ok, False), other=0.0)
+            noise = _noise(noise_ptr, seeds_ptr, index_ptr, b, V, idx, tl.where(t > 0, ok, False), SEEDED)
             y = tl.where(greedy, v.to(tl.float64), v.to(tl.float64) / tl.where(greedy, 1.0, t) + noise)
             m, i = _best(tl.where(ok, y, float("-inf")), idx)
             tl.store(best_val_ptr + b * C + c, m)
@@ -118,6 +149,8 @@ def _pick_kernel(
     temp_ptr,
     topk_ptr,
     noise_ptr,
+    seeds_ptr,
+    index_ptr,
     maxima_ptr,
     best_val_ptr,
     best_idx_ptr,
@@ -126,6 +159,7 @@ def _pick_kernel(
     C,
     HAS_TOPK: tl.constexpr,
     HAS_NOISE: tl.constexpr,
+    SEEDED: tl.constexpr,
     CHUNK: tl.constexpr,
     SUB: tl.constexpr,
     KMAX: tl.constexpr,
@@ -157,7 +191,7 @@ def _pick_kernel(
             thr = tl.sum(tl.where(rank == k - 1, tl.topk(tl.reshape(gkey, [KMAX * SUB]), KMAX), 0))
             if HAS_NOISE:
                 keep = gok & (gkey >= thr)
-                noise = tl.load(noise_ptr + b * V + gidx, mask=keep, other=0.0)
+                noise = _noise(noise_ptr, seeds_ptr, index_ptr, b, V, gidx, keep, SEEDED)
                 y = tl.where(keep, gv.to(tl.float64) / t + noise, float("-inf"))
                 _, token = _best(tl.reshape(y, [KMAX * SUB]), tl.reshape(gidx, [KMAX * SUB]).to(tl.int32))
     if slow:
@@ -180,7 +214,7 @@ def _pick_kernel(
                 idx = c0 + tl.arange(0, CHUNK)
                 v = tl.load(logits_ptr + b * V + idx, mask=idx < V, other=0.0).to(tl.float32)
                 keep = (idx < V) & (_key32(v) >= thr)
-                noise = tl.load(noise_ptr + b * V + idx, mask=keep, other=0.0)
+                noise = _noise(noise_ptr, seeds_ptr, index_ptr, b, V, idx, keep, SEEDED)
                 m, i = _best(tl.where(keep, v.to(tl.float64) / t + noise, float("-inf")), idx)
                 token = tl.where(m > best, i, token)  # an equal later chunk has higher ids: keep the earlier
                 best = tl.maximum(m, best)
@@ -211,9 +245,11 @@ def _select(
     temperature: torch.Tensor,
     top_k: torch.Tensor | None,
     noise: torch.Tensor | None,
+    seeded: tuple[torch.Tensor, torch.Tensor] | None = None,
     chunk: int = CHUNK,
 ) -> torch.Tensor:
-    """Steps 1-2 of the module docstring: the tokens [B] int64 (noise given) or the threshold keys [B] int32."""
+    """Steps 1-2 of the module docstring: the tokens [B] int64 of a draw (with the caller's noise, or the noise of
+    `seeded` = (seeds, token index) hashed in the kernels), or without either the threshold keys [B] int32."""
     rows, vocab = logits.shape
     chunk = block(vocab, minimum=SUB, maximum=chunk)
     chunks = triton.cdiv(vocab, chunk)
@@ -222,13 +258,15 @@ def _select(
     x, t = logits.contiguous(), temperature.contiguous()
     k = top_k.contiguous() if top_k is not None else t
     nz = noise.contiguous() if noise is not None else x
+    seeds, index = (seeded[0].contiguous(), seeded[1].contiguous()) if seeded is not None else (k, k)
+    draw = noise is not None or seeded is not None
     device = logits.device
     maxima = torch.empty(rows, chunks * (chunk // SUB), dtype=torch.int64, device=device)
     best_val = torch.empty(rows, chunks, dtype=torch.float64, device=device)
     best_idx = torch.empty(rows, chunks, dtype=torch.int32, device=device)
-    out = torch.empty(rows, dtype=torch.int64 if noise is not None else torch.int32, device=device)
-    flags = dict(HAS_TOPK=top_k is not None, HAS_NOISE=noise is not None, CHUNK=chunk, SUB=SUB)
-    common = (x, t, k, nz, maxima, best_val, best_idx)
+    out = torch.empty(rows, dtype=torch.int64 if draw else torch.int32, device=device)
+    flags = dict(HAS_TOPK=top_k is not None, HAS_NOISE=draw, SEEDED=seeded is not None, CHUNK=chunk, SUB=SUB)
+    common = (x, t, k, nz, seeds, index, maxima, best_val, best_idx)
     _scan_kernel[(rows, chunks)](*common, vocab, chunks, **flags, num_warps=SAMPLE_WARPS)
     _pick_kernel[(rows,)](
         *common, out, vocab, chunks, **flags, KMAX=kmax, CP=block(chunks), MP=mp, num_warps=PICK_WARPS
@@ -277,3 +315,19 @@ def sample_tokens(
     if not _fused(logits, top_p, min_p):
         return ref_sampling.sample_tokens(logits, temperature, top_k, top_p, min_p, noise)
     return _select(logits, temperature, top_k, noise)
+
+
+@register("sample_tokens_seeded", "cuda")
+def sample_tokens_seeded(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+    min_p: torch.Tensor | None,
+    seeds: torch.Tensor,
+    index: torch.Tensor,
+) -> torch.Tensor:
+    check_device("sample_tokens_seeded", logits, temperature, top_k, top_p, min_p, seeds, index)
+    if not _fused(logits, top_p, min_p):  # the reference materializes the [B, V] noise
+        return ref_sampling.sample_tokens_seeded(logits, temperature, top_k, top_p, min_p, seeds, index)
+    return _select(logits, temperature, top_k, None, (seeds, index))

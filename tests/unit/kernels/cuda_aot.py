@@ -250,22 +250,24 @@ def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
         temp_ptr=f64,
         topk_ptr=i64,
         noise_ptr=f64,
+        seeds_ptr=i64,
+        index_ptr=i64,
         maxima_ptr=i64,
         best_val_ptr=f64,
         best_idx_ptr="*i32",
     )
-    for topk, noise in ((True, True), (False, True), (True, False)):
-        flags = dict(HAS_TOPK=topk, HAS_NOISE=noise, CHUNK=sampling.CHUNK, SUB=sampling.SUB)
+    for topk, noise, seeded in ((True, True, False), (False, True, False), (True, False, False), (True, True, True)):
+        flags = dict(HAS_TOPK=topk, HAS_NOISE=noise, SEEDED=seeded, CHUNK=sampling.CHUNK, SUB=sampling.SUB)
         specs += [
             (
-                f"sample_scan[topk={int(topk)},noise={int(noise)}]",
+                f"sample_scan[topk={int(topk)},noise={int(noise)},seeded={int(seeded)}]",
                 sampling._scan_kernel,
                 scan | dict(V=i32, C=i32),
                 flags,
                 sampling.SAMPLE_WARPS,
             ),
             (
-                f"sample_pick[topk={int(topk)},noise={int(noise)}]",
+                f"sample_pick[topk={int(topk)},noise={int(noise)},seeded={int(seeded)}]",
                 sampling._pick_kernel,
                 scan | dict(out_ptr=i64 if noise else "*i32", V=i32, C=i32),
                 flags | dict(KMAX=sampling.KMAX, CP=chunks, MP=chunks * sampling.CHUNK // sampling.SUB),

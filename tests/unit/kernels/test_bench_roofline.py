@@ -82,6 +82,7 @@ def test_decode_cases_run_on_the_reference(bench):
         "grouped_matmul_fp8",
         "grouped_matmul_mxfp4",
         "sample_tokens",
+        "sample_tokens_seeded",
         "filter_logits",
         "mhc_pre",
         "hc_head",

@@ -175,7 +175,7 @@ def test_linear_bf16(quant):
 def test_fused_sampler_bf16_logits_flash_vocabulary(top_k):
     """The fused sampler compiled for the GPU at batch 64 and Flash's vocabulary, bf16 logits (read as fp32, so the
     draw must equal the reference's exactly); top-k 300 takes the bisection path."""
-    from dsv4.model_runtime.engine.sampler import gumbel_noise
+    from dsv4.kernels.reference.sampling import gumbel_noise
 
     rows, vocab = 64, 129280
     logits = (torch.randn(rows, vocab, device="cuda") * 4).bfloat16()
@@ -185,6 +185,12 @@ def test_fused_sampler_bf16_logits_flash_vocabulary(top_k):
     noise = gumbel_noise(seeds, torch.zeros(rows, dtype=torch.int64, device="cuda"), vocab)
     ref, cuda = _pair("sample_tokens")
     assert torch.equal(cuda(logits, temperature, k, None, None, noise), ref(logits, temperature, k, None, None, noise))
+    s_ref, s_cuda = _pair("sample_tokens_seeded")
+    index = torch.full((rows,), 5, dtype=torch.int64, device="cuda")
+    assert torch.equal(
+        s_cuda(logits, temperature, k, None, None, seeds, index),
+        s_ref(logits, temperature, k, None, None, seeds, index),
+    )
     f_ref, f_cuda = _pair("filter_logits")
     t = temperature.clamp(min=0.1)
     assert torch.equal(f_cuda(logits, t, k, None, None), f_ref(logits, t, k, None, None))

@@ -1,4 +1,5 @@
-"""The fused Triton sampler and top-k filter (kernels/cuda/sampling.py) vs the reference ops (fp32 logits).
+"""The fused Triton sampler, its seeded variant and the top-k filter (kernels/cuda/sampling.py) vs the reference
+ops (fp32 logits).
 
 Tokens and filtered logits must be equal, not close: the kernels divide and add in fp64 like the reference and
 break ties to the lowest token id. Small chunks make a small vocabulary span many scan programs; each path of the
@@ -10,10 +11,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
+from dsv4.kernels import ops
 from dsv4.kernels.cuda import sampling as cuda_sampling
 from dsv4.kernels.reference import sampling as ref_sampling
-from dsv4.model_runtime.engine.sampler import gumbel_noise
+from dsv4.kernels.reference.sampling import gumbel_noise
 
 pytestmark = pytest.mark.unit
 
@@ -87,3 +91,54 @@ def test_flash_vocabulary(device):
     noise = _noise(2, vocab, device, seed=7)
     got = cuda_sampling.sample_tokens(logits, temperature, top_k, None, None, noise)
     assert got.tolist() == ref_sampling.sample_tokens(logits, temperature, top_k, None, None, noise).tolist()
+
+
+_SEEDS = torch.tensor([1, 2**40 + 5, -7, 123456789012, 0, 2**63 - 1, 99, 3], dtype=torch.int64)
+_INDEX = torch.tensor([0, 1, 2, 3, 2**33 + 4, 17, 5, 6], dtype=torch.int64)
+
+
+def test_seeded_noise_is_the_reference_hash(device):
+    """The kernels' in-register noise = gumbel_noise (same integer hash; the fp64 logs may differ in the last
+    place between libraries)."""
+
+    @triton.jit
+    def noise_rows(seeds_ptr, index_ptr, out_ptr, V: tl.constexpr):
+        b = tl.program_id(0)
+        ids = tl.arange(0, V)
+        tl.store(out_ptr + b * V + ids, cuda_sampling._noise(out_ptr, seeds_ptr, index_ptr, b, V, ids, ids < V, True))
+
+    vocab = 1024
+    got = torch.empty(8, vocab, dtype=torch.float64, device=device)
+    noise_rows[(8,)](_SEEDS.to(device), _INDEX.to(device), got, V=vocab)
+    torch.testing.assert_close(got.cpu(), gumbel_noise(_SEEDS, _INDEX, vocab), rtol=1e-14, atol=0)
+
+
+@pytest.mark.parametrize(("vocab", "chunk"), [(1000, 4096), (5000, 512)])
+def test_seeded_draw_equals_the_reference(device, vocab, chunk):
+    logits, temperature, top_k = _rows(device, vocab)
+    seeds, index = _SEEDS.to(device), _INDEX.to(device)
+    for k in (top_k, None):
+        got = cuda_sampling._select(logits, temperature, k, None, (seeds, index), chunk=chunk)
+        want = ref_sampling.sample_tokens_seeded(logits, temperature, k, None, None, seeds, index)
+        assert got.tolist() == want.tolist()
+
+
+def test_engine_sample_batch_on_the_cuda_backend(device):
+    """The engine's batched draw through the cuda ops (the seeded op, in-kernel noise) = through the reference."""
+    from dsv4.model_runtime.engine.sampler import SampleRequest, SamplingInputs, sample_batch
+    from dsv4.model_runtime.engine.sampling_params import SamplingParams
+
+    torch.manual_seed(3)
+    logits = (torch.randn(4, 700) * 3).to(device)
+    params = [
+        SamplingParams(temperature=0.8, top_k=20),
+        SamplingParams(temperature=1.2),
+        SamplingParams(temperature=0.0),
+        SamplingParams(temperature=0.5, top_k=300),
+    ]
+    requests = [
+        SampleRequest(p, seed=11 + i, index=i, prompt_token_ids=[1], output_token_ids=[]) for i, p in enumerate(params)
+    ]
+    inputs = SamplingInputs.build(requests, 700, device)
+    got = sample_batch(ops.bind(device, "cuda"), logits, inputs)
+    assert got.tolist() == sample_batch(ops.bind(device, "reference"), logits, inputs).tolist()
