@@ -17,6 +17,10 @@ every token >= it, ties included), found in three steps, never over the whole ro
    logits, then one pass for the draw; correct, and much slower (32 passes over the row).
 3. `filter_logits` only: `_filter_kernel` writes logits / T in fp64 with the tokens under the threshold at -inf.
 
+"Reads the noise" is a load from the caller's [B, V] tensor for `sample_tokens`, and for `sample_tokens_seeded`
+(the engine's draw) the reference's counter-based hash of (seed, token index, token id) computed in registers,
+so a top-k row never touches noise memory and the engine never builds the [B, V] fp64 noise.
+
 Comparisons use the fp32 logits: dividing by a positive T in fp64 keeps the order of distinct fp32 values and
 their ties, so "x / T >= k-th largest x / T" is "x >= k-th largest x". The drawn token equals the reference's
 (same fp64 division and sum; the largest score wins, the lowest token id among equal ones), so the engine's
