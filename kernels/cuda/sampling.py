@@ -187,7 +187,8 @@ def _pick_kernel(
         passing = tl.sum((((maxima >> 32).to(tl.int32) >= bound) & (j < n_blocks)).to(tl.int32))
         slow = passing > KMAX
         if passing <= KMAX:
-            chosen = (top >> 32).to(tl.int32) >= bound  # every block that passes is among the KMAX
+            # every block that passes is among the KMAX (the padding past the row's blocks never counts)
+            chosen = ((top >> 32).to(tl.int32) >= bound) & (top != -9223372036854775808)
             gidx = ((top & 0xFFFFFFFF) * SUB)[:, None] + tl.arange(0, SUB)[None, :]  # [KMAX, SUB]
             gok = chosen[:, None] & (gidx < V)
             gv = tl.load(logits_ptr + b * V + gidx, mask=gok, other=float("-inf")).to(tl.float32)

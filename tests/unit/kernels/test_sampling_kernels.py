@@ -39,9 +39,12 @@ def _rows(device: torch.device, vocab: int) -> tuple[torch.Tensor, torch.Tensor,
     return logits.to(device), temperature.to(device), top_k.to(device)
 
 
-@pytest.mark.parametrize(("vocab", "chunk"), [(1000, 4096), (1000, 64), (5000, 512)])
+@pytest.mark.parametrize(("vocab", "chunk"), [(1000, 4096), (1000, 64), (5000, 512), (150, 64)])
 def test_draw_equals_the_reference(device, vocab, chunk):
+    """(150, 64): 3 chunks, 5 blocks with tokens and 8 slots of block maxima; top-k 7 > 5 blocks."""
     logits, temperature, top_k = _rows(device, vocab)
+    if vocab == 150:
+        top_k[0] = 7
     noise = _noise(8, vocab, device)
     for k in (top_k, None):
         got = cuda_sampling._select(logits, temperature, k, noise, chunk=chunk)
