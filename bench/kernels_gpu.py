@@ -1,13 +1,15 @@
 """Time each Triton (`cuda` backend) kernel against the PyTorch reference and the H200 roofline; JSON lines.
 
-    python bench/kernels_gpu.py [--out FILE] [--experts 32]
+    python bench/kernels_gpu.py [--out FILE] [--experts 32] [--decode]
 
 Shapes are DeepSeek-V4-Flash decode shapes (batch 64 tokens, hidden 4096, 64 heads x 512, indexer 64 x 128,
 window 128 + top-k 512, hc_mult 4, experts [2*2048, 4096]) with fewer experts so that a case fits a few
 seconds. Each line: op, case, triton_ms and reference_ms (triton.testing.do_bench medians), the minimum bytes
 the op must move and its FLOPs, the roofline time max(bytes / bandwidth, flops / peak) at the H200 datasheet
 numbers and at the bandwidth/GEMM rate measured in this run, and the fraction of the roofline reached.
-Needs an NVIDIA GPU; the arithmetic helpers import anywhere (tests/unit/kernels/test_bench_roofline.py).
+`--decode` runs issue #17's decode cases instead (`decode_cases`: batch 1 and 64, 256 routed experts, wo_a, the
+sampler, mHC at batch 1). Needs an NVIDIA GPU; the arithmetic helpers import anywhere
+(tests/unit/kernels/test_bench_roofline.py).
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ class Case:
     args: tuple[Any, ...]
     bytes: float  # minimum HBM traffic: every input read once, every output written once
     flops: float
+    # the reference is not timed where it would dequantize all 256 experts (gigabytes) at every call
+    time_reference: bool = True
 
 
 def roofline_ms(n_bytes: float, flops: float, bandwidth: float, peak_flops: float) -> float:
@@ -44,8 +48,9 @@ def roofline_ms(n_bytes: float, flops: float, bandwidth: float, peak_flops: floa
     return max(n_bytes / bandwidth, flops / peak_flops) * 1e3
 
 
-def record(case: Case, triton_ms: float, reference_ms: float, measured_bw: float, measured_flops: float) -> dict:
-    """One JSON line: timings, roofline at datasheet and measured rates, fraction of each reached."""
+def record(case: Case, triton_ms: float, reference_ms: float | None, measured_bw: float, measured_flops: float) -> dict:
+    """One JSON line: timings, roofline at datasheet and measured rates, fraction of each reached (the reference's
+    time and the speedup are null where the case does not time the reference)."""
     spec = roofline_ms(case.bytes, case.flops, H200_BANDWIDTH, H200_BF16_FLOPS)
     measured = roofline_ms(case.bytes, case.flops, measured_bw, measured_flops)
     return {
@@ -53,8 +58,8 @@ def record(case: Case, triton_ms: float, reference_ms: float, measured_bw: float
         "op": case.op,
         "case": case.name,
         "triton_ms": round(triton_ms, 4),
-        "reference_ms": round(reference_ms, 4),
-        "speedup_vs_reference": round(reference_ms / triton_ms, 2),
+        "reference_ms": None if reference_ms is None else round(reference_ms, 4),
+        "speedup_vs_reference": None if reference_ms is None else round(reference_ms / triton_ms, 2),
         "bytes": int(case.bytes),
         "flops": int(case.flops),
         "achieved_gbps": round(case.bytes / triton_ms / 1e6, 1),
@@ -92,6 +97,11 @@ class Dims:
     vocab: int = 129280
     window: int = 128  # sliding window
     block_rows: int = 64  # CSA entries per pool block (block_size 256 / m 4)
+    routed_experts: int = 256  # Flash's routed experts, 6 per token (decode cases)
+    experts_per_token: int = 6
+    o_groups: int = 8  # wo_a: 8 groups of o_lora rows over (heads / 8) x head dim columns
+    o_lora: int = 1024
+    decode_top_k: int = 50  # the sampler cases' top-k
 
 
 def cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
@@ -276,6 +286,16 @@ def cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
     out.append(
         Case("filter_logits", f"t{t}v{dims.vocab}", (logits, *filters), 3 * _nbytes(logits), 10 * logits.numel())
     )
+    seeds, index = torch.arange(t, device=device), torch.full((t,), 7, device=device)
+    out.append(
+        Case(
+            "sample_tokens_seeded",
+            f"t{t}v{dims.vocab}-topk",
+            (logits, filters[0], filters[1], None, None, seeds, index),
+            _nbytes(logits),
+            4 * logits.numel(),
+        )
+    )
     out.append(
         Case(
             "sample_tokens",
@@ -283,6 +303,128 @@ def cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
             (logits, *filters, -torch.log(-torch.log(u))),
             3 * _nbytes(logits) + _nbytes(u),
             12 * logits.numel(),
+        )
+    )
+    return out
+
+
+def _routed_ends(batch: int, dims: Dims, g: torch.Generator) -> tuple[torch.Tensor, int]:
+    """Cumulative rows per expert [E] int32 for `batch` tokens routed to distinct random experts, and how many
+    experts got rows."""
+    picks = torch.stack(
+        [torch.randperm(dims.routed_experts, generator=g)[: dims.experts_per_token] for _ in range(batch)]
+    )
+    counts = torch.bincount(picks.flatten(), minlength=dims.routed_experts)
+    return counts.cumsum(0).to(torch.int32), int((counts > 0).sum())
+
+
+def decode_cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
+    """Issue #17's decode aims at batch 1 and dims.t (64) at Flash shapes: the grouped FP8 / MXFP4 matmuls (routed
+    experts' fused gate/up [2 x 2048, 4096] over 256 experts, 6 per token; `wo_a`'s 8 FP8 groups [1024, 4096]),
+    mHC pre and the hyper head at batch 1, and the sampler (temperature + top-k draws with the caller's noise and
+    with the seeded noise the engine uses, a seeded draw without top-k, the top-k filter). The bytes count only
+    what an ideal kernel must move: the weights of the experts that got rows, the noise of the tokens a top-k draw
+    keeps (none when the kernel hashes it)."""
+    from dsv4.model_runtime.formats import quant_fp4, quant_fp8
+
+    g = torch.Generator(device="cpu").manual_seed(2)
+
+    def randn(*shape: int, dtype: torch.dtype = torch.bfloat16, std: float = 1.0) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
+
+    d, inter, n, vocab = dims.d, dims.inter, dims.n, dims.vocab
+    # one master quantized on the host (seconds), repeated over the experts: time does not depend on the values
+    master = torch.randn(2 * inter, d, generator=g) * 0.02
+    packed = {
+        fmt: tuple(t.to(device).expand(dims.routed_experts, *t.shape).contiguous() for t in quant(master))
+        for fmt, quant in (("fp8", quant_fp8), ("mxfp4", quant_fp4))
+    }
+    wo_k = dims.h * dims.c // dims.o_groups
+    wo_master = torch.randn(dims.o_lora, wo_k, generator=g) * 0.02
+    wo_a = tuple(t.to(device).expand(dims.o_groups, *t.shape).contiguous() for t in quant_fp8(wo_master))
+    out: list[Case] = []
+    for batch in (1, dims.t):
+        ends, used = _routed_ends(batch, dims, g)
+        rows = batch * dims.experts_per_token
+        x = randn(rows, d)
+        for fmt, (w, sc) in packed.items():
+            per_expert = (w.numel() * w.element_size() + sc.numel() * sc.element_size()) // dims.routed_experts
+            out.append(
+                Case(
+                    f"grouped_matmul_{fmt}",
+                    f"decode-b{batch}-routed-e{dims.routed_experts}k{dims.experts_per_token}-{2 * inter}x{d}",
+                    (x, w, sc, ends.to(device)),
+                    used * per_expert + _nbytes(x) + rows * 2 * inter * 2,
+                    2 * rows * 2 * inter * d,
+                    time_reference=False,
+                )
+            )
+        xa = randn(dims.o_groups * batch, wo_k)
+        group_ends = torch.arange(1, dims.o_groups + 1, dtype=torch.int32, device=device) * batch
+        out.append(
+            Case(
+                "grouped_matmul_fp8",
+                f"decode-b{batch}-wo_a-g{dims.o_groups}-{dims.o_lora}x{wo_k}",
+                (xa, *wo_a, group_ends),
+                _nbytes(xa, *wo_a) + dims.o_groups * batch * dims.o_lora * 2,
+                2 * dims.o_groups * batch * dims.o_lora * wo_k,
+            )
+        )
+        logits = randn(batch, vocab, dtype=torch.float32, std=4.0)
+        temperature = torch.full((batch,), 0.8, dtype=torch.float64, device=device)
+        top_k = torch.full((batch,), dims.decode_top_k, dtype=torch.long, device=device)
+        u = torch.rand(batch, vocab, generator=g, dtype=torch.float64).clamp_(min=1e-300).to(device)
+        noise = -torch.log(-torch.log(u))
+        out.append(
+            Case(
+                "sample_tokens",
+                f"decode-b{batch}v{vocab}-temperature-topk{dims.decode_top_k}",
+                (logits, temperature, top_k, None, None, noise),
+                _nbytes(logits) + batch * dims.decode_top_k * 8 + batch * 8,
+                4 * logits.numel(),
+            )
+        )
+        seeds, index = torch.arange(batch, device=device), torch.full((batch,), 7, device=device)
+        for name, k in ((f"-topk{dims.decode_top_k}", top_k), ("", None)):
+            # the noise is hashed in the kernel, for the kept tokens only: the logits are all that must move
+            out.append(
+                Case(
+                    "sample_tokens_seeded",
+                    f"decode-b{batch}v{vocab}-temperature{name}",
+                    (logits, temperature, k, None, None, seeds, index),
+                    _nbytes(logits) + batch * 8,
+                    4 * logits.numel(),
+                )
+            )
+        out.append(
+            Case(
+                "filter_logits",
+                f"decode-b{batch}v{vocab}-temperature-topk{dims.decode_top_k}",
+                (logits, temperature, top_k, None, None),
+                _nbytes(logits) + logits.numel() * 8,
+                2 * logits.numel(),
+            )
+        )
+    streams = randn(1, n, d)
+    fn = randn((2 + n) * n, n * d, dtype=torch.float32, std=0.01)
+    base = randn((2 + n) * n, dtype=torch.float32)
+    out.append(
+        Case(
+            "mhc_pre",
+            f"decode-b1n{n}d{d}",
+            (streams, fn, randn(3, dtype=torch.float32), base, 20, 1e-6, 1e-6),
+            _nbytes(streams, fn) + d * 2,
+            2 * fn.numel() + 2 * streams.numel(),
+        )
+    )
+    hw = randn(n, n * d, dtype=torch.float32, std=0.01)
+    out.append(
+        Case(
+            "hc_head",
+            f"decode-b1n{n}d{d}",
+            (streams, hw, randn(1, dtype=torch.float32), randn(n, dtype=torch.float32), 1e-6, 1e-6),
+            _nbytes(streams, hw) + d * 2,
+            2 * hw.numel(),
         )
     )
     return out
@@ -300,9 +442,7 @@ def paged_cases(device: torch.device, dims: Dims, randn: Callable[..., torch.Ten
 
     def store(codec: RowCodec) -> PagedRows:
         encoded = codec.encode(randn(t * n_blocks * rpb + 1, codec.width, std=0.5))
-        return PagedRows(
-            codec.format, tuple(encoded[f.name] for f in codec.fields), rpb, codec.width, torch.bfloat16
-        )
+        return PagedRows(codec.format, tuple(encoded[f.name] for f in codec.fields), rpb, codec.width, torch.bfloat16)
 
     bf16 = torch.bfloat16
     entries = store(FP8NopeCodec(c, bf16, rd) if (c - rd) % 64 == 0 else RowCodec(c, bf16))
@@ -353,6 +493,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
     parser.add_argument("--experts", type=int, default=Dims.experts, help="experts in the grouped-matmul cases")
+    parser.add_argument(
+        "--decode", action="store_true", help="only the decode cases of issue #17 (batch 1 and 64, Flash shapes)"
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print(json.dumps({"bench": "kernels_gpu", "error": "no CUDA device"}))
@@ -378,11 +521,12 @@ def main(argv: list[str] | None = None) -> int:
         }
     ]
     print(json.dumps(lines[0]), flush=True)
-    for case in cases(device, Dims(experts=args.experts)):
+    dims = Dims(experts=args.experts)
+    for case in decode_cases(device, dims) if args.decode else cases(device, dims):
         try:
             cuda_fn, ref_fn = lookup(case.op, "cuda"), lookup(case.op, "reference")
             t_ms = bench(lambda f=cuda_fn, a=case.args: f(*a))
-            r_ms = bench(lambda f=ref_fn, a=case.args: f(*a))
+            r_ms = bench(lambda f=ref_fn, a=case.args: f(*a)) if case.time_reference else None
             lines.append(record(case, t_ms, r_ms, bw, flops))
         except Exception as e:  # one failing kernel must not hide the others' numbers
             lines.append({"bench": "kernels_gpu", "op": case.op, "case": case.name, "error": repr(e)[:500]})

@@ -300,6 +300,25 @@ class Ops:
         """
         return self._fns["sample_tokens"](logits, temperature, top_k, top_p, min_p, noise)
 
+    def sample_tokens_seeded(
+        self,
+        logits: torch.Tensor,
+        temperature: torch.Tensor,
+        top_k: torch.Tensor | None,
+        top_p: torch.Tensor | None,
+        min_p: torch.Tensor | None,
+        seeds: torch.Tensor,
+        index: torch.Tensor,
+    ) -> torch.Tensor:
+        """`sample_tokens` with the engine's seeded noise: noise[r, v] = gumbel_noise(seeds, index, V)[r, v]
+        (kernels/reference/sampling.py: a counter-based hash of (seeds[r], index[r], v), integer ops, then
+        -log(-log(u)) in fp64), so a row's token depends on its own logits, parameters, seed and token index only.
+
+        seeds, index [B] int64 (the request's seed, the index of the token drawn). A backend may compute the noise
+        only where a row can draw (its kept tokens) instead of materializing [B, V]. Returns [B] int64, no host sync.
+        """
+        return self._fns["sample_tokens_seeded"](logits, temperature, top_k, top_p, min_p, seeds, index)
+
 
 OP_NAMES = tuple(name for name in vars(Ops) if not name.startswith("_"))
 

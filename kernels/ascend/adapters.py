@@ -32,6 +32,7 @@ for _op, _fn in (
     ("swiglu", ref_norm_rope.swiglu),
     ("filter_logits", ref_sampling.filter_logits),
     ("sample_tokens", ref_sampling.sample_tokens),
+    ("sample_tokens_seeded", ref_sampling.sample_tokens_seeded),
     ("compress_pool", ref_attention.compress_pool),
     ("hc_head", ref_mhc.hc_head),
 ):

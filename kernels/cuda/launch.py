@@ -41,3 +41,21 @@ def block(n: int, minimum: int = 1, maximum: int | None = None) -> int:
 def dot_precision(dtype: torch.dtype) -> str:
     """tl.dot precision: exact fp32 for fp32 tensors (the reference's numerics), native otherwise."""
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def tile_schedule(group_ends: torch.Tensor, rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The row tiles of a grouped matmul, computed on the device without a host sync: (expert of each tile, first
+    row of each tile, number of tiles launched). Tile t belongs to the expert whose cumulative tile count first
+    exceeds t; spare tiles get expert E. Launched: ceil(rows / block_m) + min(E, rows), an upper bound (each
+    non-empty expert wastes less than one tile, and at most min(E, rows) experts are non-empty), so a decode batch
+    of a few rows launches a few tiles, not one per expert."""
+    ends = group_ends.to(torch.int64)
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
+    tiles = (ends - starts + block_m - 1) // block_m
+    cum = tiles.cumsum(0)
+    n_tiles = triton.cdiv(rows, block_m) + min(ends.numel(), rows)
+    t = torch.arange(n_tiles, device=ends.device)
+    expert = torch.searchsorted(cum, t, right=True)  # == E for spare tiles
+    safe = expert.clamp(max=ends.numel() - 1)
+    first = starts[safe] + (t - (cum[safe] - tiles[safe])) * block_m
+    return expert, first, n_tiles

@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from dsv4.kernels.cuda.launch import MIN_DOT, block, check_device, dot_precision
-from dsv4.kernels.cuda.moe import _e8m0  # the one E8M0 decoder of this backend
+from dsv4.kernels.cuda.mx import _e8m0
 from dsv4.kernels.registry import register
 
 # K step and warps: at 16 x 64 x 64 tiles 4 warps need 211 / 226 registers a thread on sm_90 (float / FP8, ptxas

@@ -3,12 +3,13 @@ post-mapping and the hyper head.
 
 The pre-mapping and the hyper head run in two kernels. The mixing GEMV (fn [outputs, n·d] times each row's
 flattened streams, and the rows' sums of squares for the RMS norm) is split over the n·d columns: a program per
-(block of rows, 512 columns) writes partial sums, so a decode batch of a few rows still spreads over the GPU
-(one program per block of rows streamed all of fn alone: 4 programs for 64 rows). The second kernel, a program
-per (block of rows, block of hidden columns), adds the partials up, applies the norm and the gates, runs
-Sinkhorn, and collapses its columns of the streams. The n x n residual logits are handled flattened
-([rows, NP*NP]) and reshaped for Sinkhorn, which normalizes rows (axis 2) and columns (axis 1) of all the block's
-matrices at once. n is padded to NP (a power of two, at least 4 so that NP*NP fills a tile) and masked.
+(block of rows, block of columns) writes partial sums, so a decode batch of a few rows still spreads over the GPU
+(one program per block of rows streamed all of fn alone: 4 programs for 64 rows). `mix_plan` sizes the blocks by
+the rows: a batch of one gets 1-row programs over 128-column splits, not 16-row ones over 512. The second kernel,
+a program per (block of rows, block of hidden columns), adds the partials up (SC splits a load), applies the norm
+and the gates, runs Sinkhorn, and collapses its columns of the streams. The n x n residual logits are handled
+flattened ([rows, NP*NP]) and reshaped for Sinkhorn, which normalizes rows (axis 2) and columns (axis 1) of all the
+block's matrices at once. n is padded to NP (a power of two, at least 4 so that NP*NP fills a tile) and masked.
 """
 
 from __future__ import annotations
@@ -20,12 +21,32 @@ import triton.language as tl
 from dsv4.kernels.cuda.launch import block, check_device
 from dsv4.kernels.registry import register
 
-BLOCK_N = 16  # token rows per program
-BLOCK_K = 32  # flattened-stream columns per step of the mixing GEMV
+BLOCK_N = 16  # token rows per program (at most: a decode batch of fewer rows gets a smaller power of two)
 # 8 warps: at 4, pre and post need 255 and 182 registers a thread (ptxas for sm_90; 102 and 147 at 8)
 NUM_WARPS = 8
 BLOCK_D = 128  # hidden columns per step of the stream collapse / expansion
-SPLIT_COLS = 512  # flattened-stream columns per program of the split mixing GEMV
+# The mixing GEMV's [rows, outputs, columns] product tile per step: at most 16 x 32 x 32 elements (64 a thread at
+# 8 warps), so fewer rows take wider column steps
+MIX_TILE = 16 * 32 * 32
+MIX_PROGRAMS = 256  # split the columns until (row blocks x splits) reaches this: ~2 programs per SM of an H200
+MAX_SPLIT_COLS = 512
+SUM_TILE = 4096  # elements of one [rows, splits, columns] load when the finishing kernels add the partials up
+
+
+def mix_plan(rows: int, width: int, outputs: int) -> tuple[int, int, int]:
+    """(rows per program, columns per step, columns per split) of the split mixing GEMV over `width` columns.
+    Decode batches are small, so the split is what fills the GPU: at batch 1 (width 16,384) 128 programs of 128
+    columns, at batch 64 four row blocks x 64 splits of 256 columns."""
+    bn = block(rows, maximum=BLOCK_N)
+    bk = min(MIX_TILE // (bn * block(outputs, minimum=4)), 128)
+    row_blocks = triton.cdiv(rows, bn)
+    split = triton.next_power_of_2(triton.cdiv(width, triton.cdiv(MIX_PROGRAMS, row_blocks)))
+    return bn, bk, max(bk, min(split, MAX_SPLIT_COLS))
+
+
+def _sum_chunk(bn: int, splits: int, bo: int) -> int:
+    """Splits added per load by the finishing kernels (a power of two; the tile is at most SUM_TILE)."""
+    return max(1, min(block(splits), SUM_TILE // (bn * bo)))
 
 
 @triton.jit
@@ -108,16 +129,25 @@ def _mix_partial_kernel(
 
 
 @triton.jit
-def _summed(part_ptr, sq_ptr, r, r_ok, cols, cols_ok, rows, splits, BO: tl.constexpr):
-    """The partials of `_mix_partial_kernel` added over the splits: (mix [len(r), len(cols)], sum of squares)."""
+def _summed(part_ptr, sq_ptr, r, r_ok, cols, cols_ok, rows, splits, BO: tl.constexpr, SC: tl.constexpr):
+    """The partials of `_mix_partial_kernel` added over the splits: (mix [len(r), len(cols)], sum of squares).
+    SC splits a load (a [rows, SC, cols] tile), so the loop has splits / SC dependent steps, not splits."""
     acc = tl.zeros([r.shape[0], cols.shape[0]], dtype=tl.float32)
     sq = tl.zeros([r.shape[0]], dtype=tl.float32)
-    for split in range(0, splits):
-        base = split * rows
-        acc += tl.load(
-            part_ptr + (base + r[:, None]) * BO + cols[None, :], mask=r_ok[:, None] & cols_ok[None, :], other=0.0
+    for s0 in range(0, splits, SC):
+        s = s0 + tl.arange(0, SC)
+        s_ok = s < splits
+        row = s[None, :].to(tl.int64) * rows + r[:, None]  # [len(r), SC]
+        ok = r_ok[:, None] & s_ok[None, :]
+        acc += tl.sum(
+            tl.load(
+                part_ptr + row[:, :, None] * BO + cols[None, None, :],
+                mask=ok[:, :, None] & cols_ok[None, None, :],
+                other=0.0,
+            ),
+            axis=1,
         )
-        sq += tl.load(sq_ptr + base + r, mask=r_ok, other=0.0)
+        sq += tl.sum(tl.load(sq_ptr + row, mask=ok, other=0.0), axis=1)
     return acc, sq
 
 
@@ -157,6 +187,7 @@ def _mhc_pre_finish_kernel(
     BO: tl.constexpr,
     BN: tl.constexpr,
     BD: tl.constexpr,
+    SC: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     r_ok = r < rows
@@ -165,9 +196,9 @@ def _mhc_pre_finish_kernel(
     ij = tl.arange(0, NP * NP)
     ij_ok = (ij // NP < N_HC) & (ij % NP < N_HC)
     res_col = 2 * N_HC + (ij // NP) * N_HC + ij % NP  # fn row of residual logit (i, j)
-    acc_pre, sq = _summed(part_ptr, sq_ptr, r, r_ok, i, i_ok, rows, splits, BO)
-    acc_post, _ = _summed(part_ptr, sq_ptr, r, r_ok, N_HC + i, i_ok, rows, splits, BO)
-    acc_res, _ = _summed(part_ptr, sq_ptr, r, r_ok, res_col, ij_ok, rows, splits, BO)
+    acc_pre, sq = _summed(part_ptr, sq_ptr, r, r_ok, i, i_ok, rows, splits, BO, SC)
+    acc_post, _ = _summed(part_ptr, sq_ptr, r, r_ok, N_HC + i, i_ok, rows, splits, BO, SC)
+    acc_res, _ = _summed(part_ptr, sq_ptr, r, r_ok, res_col, ij_ok, rows, splits, BO, SC)
     rstd = tl.rsqrt(sq / (N_HC * DIM) + norm_eps)[:, None]
     pre = tl.sigmoid(acc_pre * rstd * tl.load(scale_ptr) + tl.load(base_ptr + i, mask=i_ok, other=0.0)[None, :])
     pre = tl.where(i_ok[None, :], pre + hc_eps, 0.0)
@@ -184,15 +215,16 @@ def _mhc_pre_finish_kernel(
         tl.store(comb_ptr + offs, comb, mask=valid)
 
 
-def _mix_partials(streams: torch.Tensor, fn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-    """(partial mixes [splits, rows, BO], partial sums of squares [splits, rows], splits, BO) of streams [rows,
-    n, d] against fn [outputs, n*d]."""
+def _mix_partials(streams: torch.Tensor, fn: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int, int, int, int]:
+    """(partial mixes [splits, rows, BO], partial sums of squares [splits, rows], splits, BO, rows per program,
+    splits per load of the finishing kernel) of streams [rows, n, d] against fn [outputs, n*d]."""
     rows, n, d = streams.shape
     width, outputs = n * d, fn.shape[0]
-    splits, bo = triton.cdiv(width, SPLIT_COLS), block(outputs, minimum=4)
+    bn, bk, split_cols = mix_plan(rows, width, outputs)
+    splits, bo = triton.cdiv(width, split_cols), block(outputs, minimum=4)
     part = torch.empty(splits, rows, bo, dtype=torch.float32, device=streams.device)
     sq = torch.empty(splits, rows, dtype=torch.float32, device=streams.device)
-    _mix_partial_kernel[(triton.cdiv(rows, BLOCK_N), splits)](
+    _mix_partial_kernel[(triton.cdiv(rows, bn), splits)](
         streams.contiguous(),
         fn.contiguous(),
         part,
@@ -201,12 +233,12 @@ def _mix_partials(streams: torch.Tensor, fn: torch.Tensor) -> tuple[torch.Tensor
         OUT=outputs,
         WIDTH=width,
         BO=bo,
-        BN=BLOCK_N,
-        BK=BLOCK_K,
-        SPLIT=SPLIT_COLS,
+        BN=bn,
+        BK=bk,
+        SPLIT=split_cols,
         num_warps=NUM_WARPS,
     )
-    return part, sq, splits, bo
+    return part, sq, splits, bo, bn, _sum_chunk(bn, splits, bo)
 
 
 @register("mhc_pre", "cuda")
@@ -225,8 +257,8 @@ def mhc_pre(
     post = torch.empty(rows, n, dtype=torch.float32, device=streams.device)
     comb = torch.empty(rows, n, n, dtype=torch.float32, device=streams.device)
     if rows:
-        part, sq, splits, bo = _mix_partials(streams, fn)
-        _mhc_pre_finish_kernel[(triton.cdiv(rows, BLOCK_N), triton.cdiv(d, BLOCK_D))](
+        part, sq, splits, bo, bn, sc = _mix_partials(streams, fn)
+        _mhc_pre_finish_kernel[(triton.cdiv(rows, bn), triton.cdiv(d, BLOCK_D))](
             part,
             sq,
             streams.contiguous(),
@@ -244,7 +276,8 @@ def mhc_pre(
             DIM=d,
             NP=_np(n),
             BO=bo,
-            BN=BLOCK_N,
+            BN=bn,
+            SC=sc,
             BD=BLOCK_D,
             num_warps=NUM_WARPS,
         )
@@ -269,12 +302,13 @@ def _hc_head_finish_kernel(
     BO: tl.constexpr,
     BN: tl.constexpr,
     BD: tl.constexpr,
+    SC: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
     r_ok = r < rows
     i = tl.arange(0, NP)
     i_ok = i < N_HC
-    acc, sq = _summed(part_ptr, sq_ptr, r, r_ok, i, i_ok, rows, splits, BO)
+    acc, sq = _summed(part_ptr, sq_ptr, r, r_ok, i, i_ok, rows, splits, BO, SC)
     rstd = tl.rsqrt(sq / (N_HC * DIM) + norm_eps)[:, None]
     w = tl.sigmoid(acc * rstd * tl.load(scale_ptr) + tl.load(base_ptr + i, mask=i_ok, other=0.0)[None, :])
     w = tl.where(i_ok[None, :], w + hc_eps, 0.0)
@@ -289,8 +323,8 @@ def hc_head(
     rows, n, d = streams.shape
     x = torch.empty(rows, d, dtype=streams.dtype, device=streams.device)
     if rows:
-        part, sq, splits, bo = _mix_partials(streams, fn)
-        _hc_head_finish_kernel[(triton.cdiv(rows, BLOCK_N), triton.cdiv(d, BLOCK_D))](
+        part, sq, splits, bo, bn, sc = _mix_partials(streams, fn)
+        _hc_head_finish_kernel[(triton.cdiv(rows, bn), triton.cdiv(d, BLOCK_D))](
             part,
             sq,
             streams.contiguous(),
@@ -305,7 +339,8 @@ def hc_head(
             DIM=d,
             NP=_np(n),
             BO=bo,
-            BN=BLOCK_N,
+            BN=bn,
+            SC=sc,
             BD=BLOCK_D,
             num_warps=NUM_WARPS,
         )

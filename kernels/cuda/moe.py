@@ -1,9 +1,9 @@
 """Triton MoE router (sqrtsoftplus + biased top-k, or hash rows) and grouped expert matmul with optional
 in-kernel dequantization of FP8 e4m3 (128x128 block scales) or MXFP4 e2m1 (per-32 E8M0 scales) weights.
 
-The grouped matmul runs a tile schedule computed on the device without a host sync: tile t belongs to the expert
-whose cumulative tile count first exceeds t; the grid is the upper bound ceil(M/BM) + E and spare tiles exit
-through their masks.
+The grouped matmul runs a tile schedule computed on the device without a host sync (`launch.tile_schedule`);
+spare tiles of its upper bound exit through their masks. Packed weights with a few rows per expert on average
+(decode) go to the weight-streaming GEMV of grouped_gemv.py instead (threshold there).
 """
 
 from __future__ import annotations
@@ -12,7 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.cuda.launch import MIN_DOT, block, check_device, dot_precision
+from dsv4.kernels.cuda.grouped_gemv import gemv_rows, grouped_gemv
+from dsv4.kernels.cuda.launch import MIN_DOT, block, check_device, dot_precision, tile_schedule
+from dsv4.kernels.cuda.mx import _e2m1, _e8m0
 from dsv4.kernels.registry import register
 
 # K step and warps of the grouped matmul: with 64 x 4 the MXFP4 dequantizing variant spills on sm_90 (ptxas);
@@ -20,7 +22,7 @@ from dsv4.kernels.registry import register
 GROUPED_BLOCK_K = 32
 GROUPED_WARPS = 8
 
-_PLAIN, _FP8, _MXFP4 = 0, 1, 2
+_PLAIN, _FP8, _MXFP4 = 0, 1, 2  # grouped_gemv.py takes the same codes
 
 
 @triton.jit
@@ -112,22 +114,6 @@ def route(
 
 
 @triton.jit
-def _e8m0(bits):
-    """E8M0 byte -> fp32 power of two (code 0 is 2^-127, a subnormal)."""
-    b = bits.to(tl.int32) & 0xFF
-    return tl.where(b == 0, tl.full(b.shape, 0x00400000, tl.int32), b << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _e2m1(code):
-    """e2m1 nibble -> fp32: bit 3 sign, bits 2..1 exponent (bias 1), bit 0 mantissa; exponent 0 is subnormal."""
-    exp = (code >> 1) & 3
-    man = (code & 1).to(tl.float32)
-    mag = tl.where(exp == 0, 0.5 * man, (1.0 + 0.5 * man) * (1 << tl.maximum(exp - 1, 0)).to(tl.float32))
-    return tl.where((code & 8) != 0, -mag, mag)
-
-
-@triton.jit
 def _grouped_matmul_kernel(
     x_ptr,
     w_ptr,
@@ -164,41 +150,28 @@ def _grouped_matmul_kernel(
         w_ok = o_ok[:, None] & k_ok[None, :]
         if QUANT == 0:
             w = tl.load(w_ptr + (expert * N_OUT + o[:, None]) * K + k[None, :], mask=w_ok, other=0.0).to(tl.float32)
+            acc += tl.dot(a, tl.trans(w.to(a.dtype)), input_precision=PRECISION)
         elif QUANT == 1:
+            # BLOCK_O and BLOCK_K divide 128: the tile lies in one 128x128 scale block, whose scale multiplies the
+            # tile's product once (e4m3 codes are exact in bf16, so the MMA takes them unscaled)
             q = tl.load(w_ptr + (expert * N_OUT + o[:, None]) * K + k[None, :], mask=w_ok, other=0.0).to(tl.float32)
-            so = (N_OUT + 127) // 128  # 128x128 weight blocks share one scale
-            sk = (K + 127) // 128
-            s_off = (expert * so + o[:, None] // 128) * sk + k[None, :] // 128
-            if SCALE_E8M0:
-                s = _e8m0(tl.load(scale_ptr + s_off, mask=w_ok, other=127))
-            else:
-                s = tl.load(scale_ptr + s_off, mask=w_ok, other=1.0)
-            w = q * s
+            s_off = (expert * ((N_OUT + 127) // 128) + tl.program_id(1) * BLOCK_O // 128) * (
+                (K + 127) // 128
+            ) + k0 // 128
+            s_raw = tl.load(scale_ptr + s_off)
+            s = _e8m0(s_raw) if SCALE_E8M0 else s_raw
+            acc += tl.dot(a, tl.trans(q.to(a.dtype)), input_precision=PRECISION) * s
         else:
+            # BLOCK_K is 32 (K is a multiple of 32): one E8M0 scale per output row and step, applied to the product
             packed = tl.load(w_ptr + (expert * N_OUT + o[:, None]) * (K // 2) + k[None, :] // 2, mask=w_ok, other=0)
             code = (packed.to(tl.int32) >> ((k[None, :] % 2) * 4)) & 0xF
-            s_off = (expert * N_OUT + o[:, None]) * (K // 32) + k[None, :] // 32
-            w = _e2m1(code) * _e8m0(tl.load(scale_ptr + s_off, mask=w_ok, other=127))
-        acc += tl.dot(a, tl.trans(w.to(a.dtype)), input_precision=PRECISION)
+            s = _e8m0(tl.load(scale_ptr + (expert * N_OUT + o) * (K // 32) + k0 // 32, mask=o_ok, other=127))
+            acc += tl.dot(a, tl.trans(_e2m1(code).to(a.dtype)), input_precision=PRECISION) * s[None, :]
     tl.store(
         out_ptr + rows[:, None] * N_OUT + o[None, :],
         acc.to(out_ptr.dtype.element_ty),
         mask=row_ok[:, None] & o_ok[None, :],
     )
-
-
-def _tile_schedule(group_ends: torch.Tensor, rows: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(expert of each tile, first row of each tile, number of tiles launched), all on the device."""
-    ends = group_ends.to(torch.int64)
-    starts = torch.cat([ends.new_zeros(1), ends[:-1]])
-    tiles = (ends - starts + block_m - 1) // block_m
-    cum = tiles.cumsum(0)
-    n_tiles = triton.cdiv(rows, block_m) + ends.numel()
-    t = torch.arange(n_tiles, device=ends.device)
-    expert = torch.searchsorted(cum, t, right=True)  # == E for spare tiles
-    safe = expert.clamp(max=ends.numel() - 1)
-    first = starts[safe] + (t - (cum[safe] - tiles[safe])) * block_m
-    return expert, first, n_tiles
 
 
 def _grouped(
@@ -207,11 +180,14 @@ def _grouped(
     check_device(op, x, weight, scale, ends)
     m, k = x.shape
     n_experts, o = weight.shape[0], weight.shape[1]
+    gemv = gemv_rows(m, n_experts) if o else None
+    if scale is not None and gemv is not None:  # packed weights, a few rows per expert: grouped_gemv.py
+        return grouped_gemv(x, weight, scale, ends, quant, gemv)
     out = torch.zeros(m, o, dtype=x.dtype, device=x.device)
     if m == 0 or o == 0:
         return out
     block_m = MIN_DOT if m <= 256 else 64
-    expert, first, n_tiles = _tile_schedule(ends, m, block_m)
+    expert, first, n_tiles = tile_schedule(ends, m, block_m)
     e8m0 = scale is not None and scale.dtype == torch.float8_e8m0fnu
     s = None if scale is None else (scale.view(torch.uint8) if e8m0 else scale.float()).contiguous()
     w = weight.view(torch.uint8) if quant == _MXFP4 else weight

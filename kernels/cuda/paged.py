@@ -19,7 +19,7 @@ import triton.language as tl
 
 from dsv4.kernels.cuda.attention import ATTENTION_WARPS, _sort_key, _topk_kernel
 from dsv4.kernels.cuda.launch import MIN_DOT, block, check_device, dot_precision
-from dsv4.kernels.cuda.moe import _e2m1, _e8m0
+from dsv4.kernels.cuda.mx import _e2m1, _e4m3, _e8m0
 from dsv4.kernels.paged import FP8_NOPE, MXFP4, PLAIN, PagedRows
 from dsv4.kernels.registry import register
 
@@ -29,21 +29,7 @@ MERGE_GROUP = 8  # chunk winners merged per program and level
 
 
 @triton.jit
-def _e4m3(bits):
-    """e4m3fn byte -> fp32: bit 7 sign, bits 6..3 exponent (bias 7), bits 2..0 mantissa; exponent 0 is subnormal.
-    (0x7F / 0xFF, the format's NaN, decodes as 480: the pool never stores it, its writer clamps to 448.)"""
-    b = bits.to(tl.int32) & 0xFF
-    exp = (b >> 3) & 0xF
-    man = b & 7
-    normal = (((exp + 120) << 23) | (man << 20)).to(tl.float32, bitcast=True)
-    mag = tl.where(exp == 0, man.to(tl.float32) * 0.001953125, normal)  # subnormal: man * 2^-9
-    return tl.where((b & 0x80) != 0, -mag, mag)
-
-
-@triton.jit
-def _load_row(
-    t0_ptr, t1_ptr, t2_ptr, flat, d, ok, D: tl.constexpr, NOPE: tl.constexpr, FORMAT: tl.constexpr
-):
+def _load_row(t0_ptr, t1_ptr, t2_ptr, flat, d, ok, D: tl.constexpr, NOPE: tl.constexpr, FORMAT: tl.constexpr):
     """Decoded rows [len(flat), len(d)] fp32 at flat rows `flat` (int64) of a store in FORMAT (0 plain,
     1 FP8 nope + rope, 2 MXFP4); `ok` masks (row, dim) pairs."""
     if FORMAT == 0:
@@ -393,4 +379,3 @@ def paged_indexer_topk(
         PRECISION=dot_precision(q.dtype),
     )
     return split_topk(scores, vis, k, chunk)
-

@@ -3,15 +3,17 @@
 Every row a step samples goes through one batched call (`sample_batch`): a fixed sequence of tensor ops whatever
 the batch, with no value read on the host. What the rows need (any top-k? any logprobs?) is known on the host
 from their parameters (`SamplingFlags`), so no stage inspects tensors to decide whether to run. Filtering and the
-draw are the kernel ops `filter_logits` / `sample_tokens` (the model's bound `Ops`); the penalties, the seeded
-noise and the logprobs stay here. The result comes back to the host in one copy (`engine.transfer.to_host`).
+draw are the kernel ops `filter_logits` / `sample_tokens_seeded` (the model's bound `Ops`); the penalties and the
+logprobs stay here. The result comes back to the host in one copy (`engine.transfer.to_host`).
 
 Each row is sampled on its own, so a request's token never depends on the other rows of the batch. A sampled
 token i of a request is drawn by the Gumbel-max trick with noise from a counter-based hash of (seed, i, token id)
-(`gumbel_noise`): integer ops that every device computes alike, so a resumed or recomputed decode reproduces the
-same tokens, on any device. Gumbel-max (not an inverse CDF) because its outcome only flips when the two best
-perturbed scores are within float noise of each other, whereas a cumulative sum over the whole vocabulary moves
-every boundary: recomputing the logits in another batch or chunk shape must not change the token.
+(`gumbel_noise` in kernels/reference/sampling.py; the cuda backend computes the same hash inside its sampling
+kernel, for the tokens a row can draw only): integer ops that every device computes alike, so a resumed or
+recomputed decode reproduces the same tokens, on any device. Gumbel-max (not an inverse CDF) because its outcome
+only flips when the two best perturbed scores are within float noise of each other, whereas a cumulative sum over
+the whole vocabulary moves every boundary: recomputing the logits in another batch or chunk shape must not change
+the token.
 """
 
 from __future__ import annotations
@@ -113,46 +115,6 @@ class SamplingInputs:
         return cls(to_device(ints, device), to_device(floats, device), flags, penalties)
 
 
-_LSR_MASK = {n: (1 << (32 - n)) - 1 for n in (15, 16)}
-
-
-def _int32(c: int) -> int:
-    return c - (1 << 32) if c >= 1 << 31 else c
-
-
-_MIX_A, _MIX_B = _int32(0x7FEB352D), _int32(0x846CA68B)
-
-
-def mix32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 (C. Wellons), a bijective 32-bit hash, on int32 tensors holding uint32 bit patterns.
-
-    Relies on int32 multiplication wrapping modulo 2^32, as CPU and GPU kernels do (checked against a pure
-    Python version in tests/unit/model_runtime/engine/test_sampling_batch.py); `>>` is arithmetic on int32, so the
-    logical shift masks."""
-    x = x ^ ((x >> 16) & _LSR_MASK[16])
-    x = x * _MIX_A
-    x = x ^ ((x >> 15) & _LSR_MASK[15])
-    x = x * _MIX_B
-    return x ^ ((x >> 16) & _LSR_MASK[16])
-
-
-def _low32(x: torch.Tensor) -> torch.Tensor:
-    """The low 32 bits of int64 values as int32 bit patterns."""
-    low = x & 0xFFFFFFFF
-    return torch.where(low >= 1 << 31, low - (1 << 32), low).to(torch.int32)
-
-
-def gumbel_noise(seeds: torch.Tensor, index: torch.Tensor, vocab: int) -> torch.Tensor:
-    """Standard Gumbel noise [R, vocab] fp64 that decides generated token index[r] of a request seeded seeds[r].
-
-    u = (mix32(key ^ token id) + 0.5) / 2^32 with key = mix32(mix32(mix32(seed_lo) ^ seed_hi) ^ index): a
-    different permutation of the 2^32 grid per (seed, index), the same numbers on every device."""
-    key = mix32(mix32(mix32(_low32(seeds)) ^ _low32(seeds >> 32)) ^ _low32(index))
-    bits = mix32(key[:, None] ^ torch.arange(vocab, dtype=torch.int32, device=seeds.device))
-    u = (bits.double() + (2.0**31 + 0.5)) * 2.0**-32  # the int32 pattern, offset to (0, 1)
-    return -torch.log(-torch.log(u))
-
-
 def penalize(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
     """Repetition penalty over prompt + output tokens; presence and frequency penalties over output tokens.
     logits [R, V] are not modified; rows without penalties come back unchanged."""
@@ -178,13 +140,14 @@ def sample_batch(ops: Ops, logits: torch.Tensor, inputs: SamplingInputs) -> torc
     else:
         seed, index, top_k = inputs.ints.unbind(-1)
         temperature, top_p, min_p = inputs.floats.unbind(-1)
-        tokens = ops.sample_tokens(
+        tokens = ops.sample_tokens_seeded(
             scores,
             temperature,
             top_k if flags.top_k else None,
             top_p if flags.top_p else None,
             min_p if flags.min_p else None,
-            gumbel_noise(seed, index, scores.shape[-1]),
+            seed,
+            index,
         )
     if flags.logprobs < 0:
         return tokens

@@ -25,7 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dsv4.kernels.cuda import attention, linear, mhc, moe, norm_rope, paged
+from dsv4.kernels.cuda import attention, grouped_gemv, linear, mhc, moe, norm_rope, paged, sampling
 
 _C = "constexpr"
 
@@ -55,52 +55,6 @@ def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
             dict(logits_ptr=f32, out_ptr=f32, rows=i32, iters=i32, eps="fp32"),
             dict(N_HC=4, NP=4, BN=16),
             4,
-        ),
-        (
-            "mix_partial[out24,n4,d4096]",
-            mhc._mix_partial_kernel,
-            dict(streams_ptr=bf, fn_ptr=f32, part_ptr=f32, sq_ptr=f32, rows=i32),
-            dict(OUT=24, WIDTH=4 * 4096, BO=32, BN=mhc.BLOCK_N, BK=mhc.BLOCK_K, SPLIT=mhc.SPLIT_COLS),
-            mhc.NUM_WARPS,
-        ),
-        (
-            "mhc_pre[n4,d4096,finish]",
-            mhc._mhc_pre_finish_kernel,
-            dict(
-                part_ptr=f32,
-                sq_ptr=f32,
-                streams_ptr=bf,
-                scale_ptr=f32,
-                base_ptr=f32,
-                x_ptr=bf,
-                post_ptr=f32,
-                comb_ptr=f32,
-                rows=i32,
-                splits=i32,
-                iters=i32,
-                hc_eps="fp32",
-                norm_eps="fp32",
-            ),
-            dict(N_HC=4, DIM=4096, NP=4, BO=32, BN=mhc.BLOCK_N, BD=mhc.BLOCK_D),
-            mhc.NUM_WARPS,
-        ),
-        (
-            "hc_head[n4,d4096,finish]",
-            mhc._hc_head_finish_kernel,
-            dict(
-                part_ptr=f32,
-                sq_ptr=f32,
-                streams_ptr=bf,
-                scale_ptr=f32,
-                base_ptr=f32,
-                x_ptr=bf,
-                rows=i32,
-                splits=i32,
-                hc_eps="fp32",
-                norm_eps="fp32",
-            ),
-            dict(N_HC=4, DIM=4096, NP=4, BO=4, BN=mhc.BLOCK_N, BD=mhc.BLOCK_D),
-            mhc.NUM_WARPS,
         ),
         (
             "mhc_post[n4,d4096]",
@@ -225,6 +179,110 @@ def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
                 moe.GROUPED_WARPS,
             )
         )
+    # Flash's expert and wo_a widths are multiples of 16 and torch's buffers 16-byte aligned, and Triton specializes
+    # such arguments (":16" below), which is what lets the kernel load 16 bytes a thread in one vector
+    a16 = ":16"
+    for quant, weight, scale in ((1, "*u8", "*u8"), (1, "*u8", f32), (2, "*u8", "*u8")):
+        for rows in (1, 2, 4):  # the rows per program grouped_gemv.gemv_rows picks
+            specs.append(
+                (
+                    f"grouped_gemv[quant={quant},scale={scale[1:]},rows={rows}]",
+                    grouped_gemv._grouped_gemv_kernel,
+                    dict(
+                        x_ptr=(bf if quant == 1 else "*i32") + a16,  # MXFP4 reads bf16 x as column-pair words
+                        w_ptr=weight + a16,
+                        scale_ptr=scale + a16,
+                        ends_ptr="*i32",
+                        tile_expert_ptr=i64,
+                        tile_first_ptr=i64,
+                        out_ptr=bf + a16,
+                        M=i32,
+                        N_OUT=i32 + a16,
+                        K=i32 + a16,
+                        N_EXPERTS=i32,
+                        STEPS=i32,
+                        SPLIT_STEPS=i32,
+                        KB=i32 + a16,
+                    ),
+                    dict(
+                        QUANT=quant,
+                        X_KIND=1,
+                        SCALE_E8M0=scale == "*u8",
+                        ROWS=rows,
+                        BN=grouped_gemv.BLOCK_N,
+                        G=grouped_gemv.gemv_groups(quant, rows),
+                        GB=grouped_gemv.GROUP_BYTES,
+                    ),
+                    grouped_gemv.GEMV_WARPS,
+                )
+            )
+    finish = dict(part_ptr=f32, sq_ptr=f32, streams_ptr=bf, scale_ptr=f32, base_ptr=f32, x_ptr=bf)
+    pre_args = dict(post_ptr=f32, comb_ptr=f32, rows=i32, splits=i32, iters=i32, hc_eps="fp32", norm_eps="fp32")
+    head_args = dict(rows=i32, splits=i32, hc_eps="fp32", norm_eps="fp32")
+    for batch in (1, 64):  # mhc.mix_plan's decode layouts: 1-row programs at batch 1, 16-row ones at 64
+        for op, outputs, kernel, args in (
+            ("mhc_pre", 24, mhc._mhc_pre_finish_kernel, pre_args),
+            ("hc_head", 4, mhc._hc_head_finish_kernel, head_args),
+        ):
+            bn, bk, split = mhc.mix_plan(batch, 4 * 4096, outputs)
+            bo = max(4, triton.next_power_of_2(outputs))
+            sc = mhc._sum_chunk(bn, -(-4 * 4096 // split), bo)
+            specs += [
+                (
+                    f"mix_partial[out{outputs},n4,d4096,b{batch}]",
+                    mhc._mix_partial_kernel,
+                    dict(streams_ptr=bf, fn_ptr=f32, part_ptr=f32, sq_ptr=f32, rows=i32),
+                    dict(OUT=outputs, WIDTH=4 * 4096, BO=bo, BN=bn, BK=bk, SPLIT=split),
+                    mhc.NUM_WARPS,
+                ),
+                (
+                    f"{op}[n4,d4096,finish,b{batch}]",
+                    kernel,
+                    finish | args,
+                    dict(N_HC=4, DIM=4096, NP=4, BO=bo, BN=bn, BD=mhc.BLOCK_D, SC=sc),
+                    mhc.NUM_WARPS,
+                ),
+            ]
+    # the sampler at Flash's vocabulary (129,280 tokens: 64 chunks, 4,096 block maxima a row)
+    f64, chunks = "*fp64", -(-129280 // sampling.CHUNK)
+    scan = dict(
+        logits_ptr=f32,
+        temp_ptr=f64,
+        topk_ptr=i64,
+        noise_ptr=f64,
+        seeds_ptr=i64,
+        index_ptr=i64,
+        maxima_ptr=i64,
+        best_val_ptr=f64,
+        best_idx_ptr="*i32",
+    )
+    for topk, noise, seeded in ((True, True, False), (False, True, False), (True, False, False), (True, True, True)):
+        flags = dict(HAS_TOPK=topk, HAS_NOISE=noise, SEEDED=seeded, CHUNK=sampling.CHUNK, SUB=sampling.SUB)
+        specs += [
+            (
+                f"sample_scan[topk={int(topk)},noise={int(noise)},seeded={int(seeded)}]",
+                sampling._scan_kernel,
+                scan | dict(V=i32, C=i32),
+                flags,
+                sampling.SAMPLE_WARPS,
+            ),
+            (
+                f"sample_pick[topk={int(topk)},noise={int(noise)},seeded={int(seeded)}]",
+                sampling._pick_kernel,
+                scan | dict(out_ptr=i64 if noise else "*i32", V=i32, C=i32),
+                flags | dict(KMAX=sampling.KMAX, CP=chunks, MP=chunks * sampling.CHUNK // sampling.SUB),
+                sampling.PICK_WARPS,
+            ),
+        ]
+    specs.append(
+        (
+            "sample_filter",
+            sampling._filter_kernel,
+            dict(logits_ptr=f32, temp_ptr=f64, thr_ptr="*i32", out_ptr=f64, V=i32),
+            dict(CHUNK=sampling.CHUNK),
+            sampling.SAMPLE_WARPS,
+        )
+    )
     return specs
 
 
@@ -255,10 +313,12 @@ def compile_all(arch: int = 90) -> list[dict[str, Any]]:
     target = GPUTarget("cuda", arch, 32)
     results = []
     for name, kernel, types, constexprs, warps in _specs():
-        signature = dict(types) | dict.fromkeys(constexprs, _C)
+        signature = {a: t.removesuffix(":16") for a, t in types.items()} | dict.fromkeys(constexprs, _C)
+        names = list(signature)
+        attrs = {(names.index(a),): [["tt.divisibility", 16]] for a, t in types.items() if t.endswith(":16")}
         start = time.perf_counter()
         try:
-            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs)
+            source = ASTSource(fn=kernel, signature=signature, constexprs=constexprs, attrs=attrs)
             compiled = triton.compile(source, target=target, options={"num_warps": warps})
             results.append(
                 {

@@ -72,3 +72,35 @@ def test_cases_cover_every_cuda_op_and_run_on_the_reference(bench):
         if case.op == "filter_logits":  # excluded tokens are -inf by contract
             outs = tuple(o[o != float("-inf")] for o in outs)
         assert all(bool(torch.isfinite(o.float()).all()) for o in outs)
+
+
+def test_decode_cases_run_on_the_reference(bench):
+    """Issue #17's decode cases at tiny widths (the shapes and routing logic; the GPU run uses Flash's)."""
+    dims = bench.Dims(t=3, d=64, h=4, c=32, inter=32, vocab=300, routed_experts=16, o_lora=32, decode_top_k=5)
+    cases = bench.decode_cases(torch.device("cpu"), dims)
+    assert {c.op for c in cases} == {
+        "grouped_matmul_fp8",
+        "grouped_matmul_mxfp4",
+        "sample_tokens",
+        "sample_tokens_seeded",
+        "filter_logits",
+        "mhc_pre",
+        "hc_head",
+    }
+    assert {c.name.split("-")[1][:2] for c in cases} == {"b1", "b3"}  # batch 1 and dims.t
+    for case in cases:
+        assert case.bytes > 0 and case.flops > 0
+        out = lookup(case.op, "reference")(*case.args)
+        outs = out if isinstance(out, tuple) else (out,)
+        if case.op == "filter_logits":
+            outs = tuple(o[o != float("-inf")] for o in outs)
+        assert all(bool(torch.isfinite(o.float()).all()) for o in outs)
+    routed = [c for c in cases if "routed" in c.name]
+    assert routed and not any(c.time_reference for c in routed)
+
+
+def test_record_without_a_reference_time(bench):
+    case = bench.Case("grouped_matmul_mxfp4", "x", (), bytes=4.8e9, flops=1.0, time_reference=False)
+    line = bench.record(case, triton_ms=2.0, reference_ms=None, measured_bw=4.8e12, measured_flops=1e15)
+    assert line["reference_ms"] is None and line["speedup_vs_reference"] is None
+    assert line["roofline_fraction_datasheet"] == pytest.approx(0.5)

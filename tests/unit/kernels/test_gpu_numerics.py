@@ -79,6 +79,18 @@ def test_grouped_matmul_bf16(quant):
     torch.testing.assert_close(cuda(x, *args, ends), ref(x, *args, ends), **BF16)
 
 
+@pytest.mark.parametrize("quant", ["fp8", "mxfp4"])
+@pytest.mark.parametrize("counts", [[0, 1, 0, 1, 1, 0, 1, 1, 1], [2, 1, 0, 3, 1, 2, 1, 0]], ids=["1-row", "1.5-rows"])
+def test_grouped_gemv_bf16_decode_rows(quant, counts):
+    """Decode row counts (the grouped GEMV of grouped_gemv.py) at Flash's hidden width, compiled for the GPU."""
+    x = torch.randn(sum(counts), 4096, device="cuda").bfloat16()
+    ends = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+    pairs = [(quant_fp8 if quant == "fp8" else quant_fp4)(torch.randn(256, 4096) * 0.05) for _ in counts]
+    w, s = torch.stack([p[0] for p in pairs]).cuda(), torch.stack([p[1] for p in pairs]).cuda()
+    ref, cuda = _pair(f"grouped_matmul_{quant}")
+    torch.testing.assert_close(cuda(x, w, s, ends), ref(x, w, s, ends), **BF16)
+
+
 def test_mhc_pre_post_bf16():
     pre_ref, pre_cuda = _pair("mhc_pre")
     post_ref, post_cuda = _pair("mhc_post")
@@ -157,3 +169,28 @@ def test_linear_bf16(quant):
     got, want = cuda(x, *args), ref(x, *args)
     assert got.dtype == want.dtype
     torch.testing.assert_close(got, want, **BF16)
+
+
+@pytest.mark.parametrize("top_k", [0, 50, 300])
+def test_fused_sampler_bf16_logits_flash_vocabulary(top_k):
+    """The fused sampler compiled for the GPU at batch 64 and Flash's vocabulary, bf16 logits (read as fp32, so the
+    draw must equal the reference's exactly); top-k 300 takes the bisection path."""
+    from dsv4.kernels.reference.sampling import gumbel_noise
+
+    rows, vocab = 64, 129280
+    logits = (torch.randn(rows, vocab, device="cuda") * 4).bfloat16()
+    temperature = torch.linspace(0.0, 1.5, rows, dtype=torch.float64, device="cuda")  # row 0 greedy
+    k = torch.full((rows,), top_k, dtype=torch.int64, device="cuda")
+    seeds = torch.arange(rows, dtype=torch.int64, device="cuda")
+    noise = gumbel_noise(seeds, torch.zeros(rows, dtype=torch.int64, device="cuda"), vocab)
+    ref, cuda = _pair("sample_tokens")
+    assert torch.equal(cuda(logits, temperature, k, None, None, noise), ref(logits, temperature, k, None, None, noise))
+    s_ref, s_cuda = _pair("sample_tokens_seeded")
+    index = torch.full((rows,), 5, dtype=torch.int64, device="cuda")
+    assert torch.equal(
+        s_cuda(logits, temperature, k, None, None, seeds, index),
+        s_ref(logits, temperature, k, None, None, seeds, index),
+    )
+    f_ref, f_cuda = _pair("filter_logits")
+    t = temperature.clamp(min=0.1)
+    assert torch.equal(f_cuda(logits, t, k, None, None), f_ref(logits, t, k, None, None))

@@ -24,7 +24,9 @@ def _hc_params(n: int, d: int, outputs: int, device: torch.device) -> tuple[torc
     return fn, torch.randn(3 if outputs > n else 1, device=device), torch.randn(outputs, device=device)
 
 
-@pytest.mark.parametrize(("rows", "n", "d"), [(5, 4, 64), (3, 3, 40), (2, 4, 300), (0, 4, 16)])
+@pytest.mark.parametrize(
+    ("rows", "n", "d"), [(5, 4, 64), (3, 3, 40), (2, 4, 300), (0, 4, 16), (1, 4, 4096), (20, 4, 4096)]
+)
 def test_mhc_pre(impls, device, rows, n, d):
     ref, cuda = impls("mhc_pre")
     torch.manual_seed(1)
@@ -37,7 +39,7 @@ def test_mhc_pre(impls, device, rows, n, d):
         torch.testing.assert_close(g, w, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize(("rows", "n", "d"), [(4, 4, 64), (3, 3, 37), (0, 4, 8)])
+@pytest.mark.parametrize(("rows", "n", "d"), [(4, 4, 64), (3, 3, 37), (0, 4, 8), (1, 4, 4096), (20, 4, 4096)])
 def test_hc_head(impls, device, rows, n, d):
     ref, cuda = impls("hc_head")
     torch.manual_seed(2)
@@ -46,6 +48,18 @@ def test_hc_head(impls, device, rows, n, d):
     torch.testing.assert_close(
         cuda(streams, fn, scale, base, 1e-6, 1e-6), ref(streams, fn, scale, base, 1e-6, 1e-6), atol=2e-5, rtol=1e-4
     )
+
+
+def test_mix_plan_fills_the_gpu_at_decode_batches():
+    from dsv4.kernels.cuda.mhc import MAX_SPLIT_COLS, MIX_PROGRAMS, MIX_TILE, mix_plan
+
+    for rows in (1, 2, 7, 16, 64, 500):
+        bn, bk, split = mix_plan(rows, 4 * 4096, 24)
+        assert bn * 32 * bk <= MIX_TILE and split % bk == 0 and split <= MAX_SPLIT_COLS
+        programs = -(-rows // bn) * -(-4 * 4096 // split)
+        assert programs >= MIX_PROGRAMS or split == bk, (rows, bn, bk, split)
+    assert mix_plan(1, 4 * 4096, 24) == (1, 128, 128)  # batch 1: 128 programs of one row
+    assert mix_plan(64, 4 * 4096, 24) == (16, 32, 256)  # batch 64: 4 row blocks x 64 splits
 
 
 @pytest.mark.parametrize(("rows", "n", "d"), [(4, 4, 64), (3, 3, 300), (0, 4, 8)])

@@ -6,13 +6,12 @@ import pytest
 import torch
 
 from dsv4.kernels import ops
+from dsv4.kernels.reference.sampling import gumbel_noise, mix32
 from dsv4.model_runtime.engine.sampler import (
     SampleRequest,
     SamplingFlags,
     SamplingInputs,
     apply_penalties,
-    gumbel_noise,
-    mix32,
     penalize,
     sample,
     sample_batch,
