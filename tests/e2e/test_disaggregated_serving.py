@@ -19,6 +19,7 @@ from dsv4.services.local_redis import LocalRedis
 
 from ..integration.services.otlp_receiver import OtlpReceiver
 from .processes import RoleGroup, RoleProcess
+from .streams import completions_killed_midway
 
 pytestmark = pytest.mark.e2e
 
@@ -125,28 +126,13 @@ async def test_sigkill_of_a_decode_worker_mid_stream_loses_and_duplicates_nothin
     params = SamplingParams(max_tokens=48, temperature=0.0, ignore_eos=True)
     expected = [o.token_ids for o in reference.generate(prompts, params)]
     tok = Tokenizer.from_pretrained()
-    seen = asyncio.Event()
-    received: list[int] = [0] * len(prompts)
+    victim = cluster.decode[0]
 
-    async def one(c: openai.AsyncOpenAI, i: int) -> str:
-        stream = await c.completions.create(
-            model=MODEL, prompt=prompts[i], max_tokens=48, temperature=0, stream=True, extra_body={"ignore_eos": True}
-        )
-        text = ""
-        async for ch in stream:
-            if ch.choices:
-                text += ch.choices[0].text
-                received[i] += 1
-                if all(n >= 3 for n in received):
-                    seen.set()
-        return text
+    async def kill() -> None:
+        await asyncio.to_thread(victim.kill)
 
     async with client(cluster) as c:
-        tasks = [asyncio.create_task(one(c, i)) for i in range(len(prompts))]
-        await asyncio.wait_for(seen.wait(), timeout=120)
-        victim = cluster.decode[0]
-        await asyncio.to_thread(victim.kill)
-        texts = await asyncio.wait_for(asyncio.gather(*tasks), timeout=180)
+        texts = await completions_killed_midway(c, MODEL, prompts, 48, kill, started_timeout=120, done_timeout=180)
     for i, text in enumerate(texts):
         assert text == tok.decode(expected[i], skip_special_tokens=True), f"request {i}"
     # Bring the pool back for any later test.

@@ -6,7 +6,6 @@ redis-server; the workers run float64, as the reference does (see test_serve_ten
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import signal
@@ -24,6 +23,7 @@ from dsv4.model_runtime.tokenizer import Tokenizer
 from dsv4.services.local_redis import LocalRedis, free_port
 
 from .processes import RoleGroup, RoleProcess
+from .streams import completions_killed_midway
 from .test_serve import descendants
 
 pytestmark = pytest.mark.e2e
@@ -98,32 +98,14 @@ async def test_killed_follower_ends_its_group_and_the_other_worker_finishes_its_
     expected = [o.token_ids for o in LLM(str(checkpoint), dtype=torch.float64).generate(prompts, params)]
     tok = Tokenizer.from_pretrained(checkpoint)
     follower = _follower(pool.group)
-    received = [0] * len(prompts)
-    seen = asyncio.Event()
 
-    async def one(c: openai.AsyncOpenAI, i: int) -> str:
-        stream = await c.completions.create(
-            model=MODEL,
-            prompt=prompts[i],
-            max_tokens=MAX_TOKENS,
-            temperature=0,
-            stream=True,
-            extra_body={"ignore_eos": True},
-        )
-        text = ""
-        async for ch in stream:
-            if ch.choices:
-                text += ch.choices[0].text
-                received[i] += 1
-                if all(n >= 3 for n in received):
-                    seen.set()
-        return text
+    async def kill() -> None:
+        os.kill(follower, signal.SIGKILL)
 
     async with openai.AsyncOpenAI(base_url=pool.gateway.url + "/v1", api_key=KEY, max_retries=0, timeout=120) as c:
-        tasks = [asyncio.create_task(one(c, i)) for i in range(len(prompts))]
-        await asyncio.wait_for(seen.wait(), timeout=180)
-        os.kill(follower, signal.SIGKILL)
-        texts = await asyncio.wait_for(asyncio.gather(*tasks), timeout=240)
+        texts = await completions_killed_midway(
+            c, MODEL, prompts, MAX_TOKENS, kill, started_timeout=180, done_timeout=240
+        )
     for i, text in enumerate(texts):
         assert text == tok.decode(expected[i], skip_special_tokens=True), f"request {i}"
     assert pool.group.proc is not None
