@@ -163,7 +163,8 @@ class RankEngine:
 
     def follow(self) -> None:
         """A follower's loop: apply the leader's pool writes and replay its model calls until it stops."""
-        model, pool = self.engine.model, self.engine.kv.pool
+        # The same runner calls the leader makes, so both sides run one definition of each call.
+        model, pool, runner = self.engine.model, self.engine.kv.pool, self.engine.runner
         with torch.no_grad():
             while True:
                 message: Message = self.channel.receive()
@@ -174,12 +175,10 @@ class RankEngine:
                     return
                 if isinstance(call, DecodeCall):
                     inputs = DecodeInputs(call.rows.to(model.device), call.block_tables.to(model.device))
-                    model.decode_paged(inputs.token_ids, inputs.step(pool))
+                    runner.forward_decode(inputs, pool)
                     continue
                 states: list[SequenceState] = [_state(pool, *described) for described in call.states]
-                streams = model.hidden_streams(call.ids.to(model.device), states)
-                if call.rows:
-                    model.logits(streams[call.rows, -1])
+                runner.forward_feed(call.ids.to(model.device), states, call.rows)
 
     def stop(self) -> None:
         """The leader is done stepping: end the followers' loops."""
