@@ -28,7 +28,7 @@ import triton
 import triton.language as tl
 
 from dsv4.kernels.cuda.launch import block, tile_schedule
-from dsv4.kernels.cuda.mx import _e2m1_fp16_image, _e8m0
+from dsv4.kernels.cuda.mx import e2m1_fp16_image, e8m0, scale_operand
 
 # Dispatch: the grouped matmul takes this kernel when the average rows per (non-empty) expert, M / min(E, M), is
 # at most GEMV_MAX_ROWS; above it the tiled MMA kernel's 16-row tiles are at least a quarter full. Budget on paper:
@@ -123,7 +123,7 @@ def _grouped_gemv_kernel(
                 other=0,
             )
             s_raw = tl.load(scale_ptr + s_row + k0 // 128)
-            s = _e8m0(s_raw) if SCALE_E8M0 else s_raw
+            s = e8m0(s_raw) if SCALE_E8M0 else s_raw
             # the e4m3 fp16 image times 2^8 is the value; 2^8 and the block scale go on x (R x K ops, not N x K)
             x_ok = r_ok[:, None, None] & k_ok[None, :, :]
             xs = tl.load(x_ptr + r[:, None, None] * K + k[None, :, :], mask=x_ok, other=0.0)
@@ -142,7 +142,7 @@ def _grouped_gemv_kernel(
                 other=0,
             ).to(tl.int32)
             grp = kb0 // GB + g  # the scale group of each 16-byte vector
-            s = _e8m0(
+            s = e8m0(
                 tl.load(
                     scale_ptr + (e64 * N_OUT + o[:, None]) * (KB // GB) + grp[None, :],
                     mask=o_ok[:, None] & (grp[None, :] < KB // GB),
@@ -155,8 +155,8 @@ def _grouped_gemv_kernel(
                 x_ptr + r[:, None, None] * KB + kb[None, :, :], mask=r_ok[:, None, None] & kb_ok[None, :, :], other=0
             )
             x_even, x_odd = _pair_columns(words, X_KIND)
-            lo = _e2m1_fp16_image(packed & 0xF)
-            hi = _e2m1_fp16_image(packed >> 4)
+            lo = e2m1_fp16_image(packed & 0xF)
+            hi = e2m1_fp16_image(packed >> 4)
             # fp16 images are the values times 2^-14: the 2^14 goes on the group's sum with its scale, exactly
             part = tl.sum(x_even[:, None, :, :] * lo[None, :, :, :] + x_odd[:, None, :, :] * hi[None, :, :, :], axis=3)
             acc += (part * 16384.0) * s[None, :, :]
@@ -195,8 +195,7 @@ def grouped_gemv(
     splits = max(1, min(steps, TARGET_PROGRAMS // (live_tiles * o_tiles)))
     split_steps = triton.cdiv(steps, splits)
     splits = triton.cdiv(steps, split_steps)
-    e8m0 = scale.dtype == torch.float8_e8m0fnu
-    s = (scale.view(torch.uint8) if e8m0 else scale.float()).contiguous()
+    s, scale_e8m0 = scale_operand(scale)
     out = torch.empty(splits, m, o, dtype=torch.float32 if splits > 1 else x.dtype, device=x.device)
     xc = x.contiguous()
     x_kind = _X_KIND[x.dtype]
@@ -219,7 +218,7 @@ def grouped_gemv(
         k // 2,  # bytes per MXFP4 weight row, an argument of its own so that Triton sees it divisible by 16
         QUANT=quant,
         X_KIND=x_kind,
-        SCALE_E8M0=e8m0,
+        SCALE_E8M0=scale_e8m0,
         ROWS=rows,
         BN=BLOCK_N,
         G=groups,

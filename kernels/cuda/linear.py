@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from dsv4.kernels.cuda.launch import MIN_DOT, block, check_device, dot_precision
-from dsv4.kernels.cuda.mx import _e8m0
+from dsv4.kernels.cuda.mx import e8m0, scale_operand
 from dsv4.kernels.registry import register
 
 # K step and warps: at 16 x 64 x 64 tiles 4 warps need 211 / 226 registers a thread on sm_90 (float / FP8, ptxas
@@ -55,7 +55,7 @@ def _linear_kernel(
         if QUANT:
             s_off = (o // 128) * sk + k0 // 128  # one K block per step: BLOCK_K divides 128
             if SCALE_E8M0:
-                s = _e8m0(tl.load(scale_ptr + s_off, mask=o_ok, other=127))
+                s = e8m0(tl.load(scale_ptr + s_off, mask=o_ok, other=127))
             else:
                 s = tl.load(scale_ptr + s_off, mask=o_ok, other=1.0)
             w = w * s[:, None]
@@ -81,8 +81,7 @@ def linear(
     m = x2.shape[0]
     out = torch.empty(m, o, dtype=out_dt, device=x.device)
     if m and o:
-        e8m0 = scale is not None and scale.dtype == torch.float8_e8m0fnu
-        s = None if scale is None else (scale.view(torch.uint8) if e8m0 else scale.float()).contiguous()
+        s, scale_e8m0 = scale_operand(scale) if scale is not None else (None, False)
         block_m = MIN_DOT if m <= 16 else (32 if m <= 32 else 64)
         block_o = 64
         _linear_kernel[(triton.cdiv(m, block_m), triton.cdiv(o, block_o))](
@@ -94,7 +93,7 @@ def linear(
             o,
             k,
             QUANT=scale is not None,
-            SCALE_E8M0=e8m0,
+            SCALE_E8M0=scale_e8m0,
             BLOCK_M=block_m,
             BLOCK_O=block_o,
             BLOCK_K=block(k, minimum=MIN_DOT, maximum=LINEAR_BLOCK_K),

@@ -14,7 +14,7 @@ import triton.language as tl
 
 from dsv4.kernels.cuda.grouped_gemv import gemv_rows, grouped_gemv
 from dsv4.kernels.cuda.launch import MIN_DOT, block, check_device, dot_precision, tile_schedule
-from dsv4.kernels.cuda.mx import _e2m1, _e8m0
+from dsv4.kernels.cuda.mx import e2m1, e8m0, scale_operand
 from dsv4.kernels.registry import register
 
 # K step and warps of the grouped matmul: with 64 x 4 the MXFP4 dequantizing variant spills on sm_90 (ptxas);
@@ -159,14 +159,14 @@ def _grouped_matmul_kernel(
                 (K + 127) // 128
             ) + k0 // 128
             s_raw = tl.load(scale_ptr + s_off)
-            s = _e8m0(s_raw) if SCALE_E8M0 else s_raw
+            s = e8m0(s_raw) if SCALE_E8M0 else s_raw
             acc += tl.dot(a, tl.trans(q.to(a.dtype)), input_precision=PRECISION) * s
         else:
             # BLOCK_K is 32 (K is a multiple of 32): one E8M0 scale per output row and step, applied to the product
             packed = tl.load(w_ptr + (expert * N_OUT + o[:, None]) * (K // 2) + k[None, :] // 2, mask=w_ok, other=0)
             code = (packed.to(tl.int32) >> ((k[None, :] % 2) * 4)) & 0xF
-            s = _e8m0(tl.load(scale_ptr + (expert * N_OUT + o) * (K // 32) + k0 // 32, mask=o_ok, other=127))
-            acc += tl.dot(a, tl.trans(_e2m1(code).to(a.dtype)), input_precision=PRECISION) * s[None, :]
+            s = e8m0(tl.load(scale_ptr + (expert * N_OUT + o) * (K // 32) + k0 // 32, mask=o_ok, other=127))
+            acc += tl.dot(a, tl.trans(e2m1(code).to(a.dtype)), input_precision=PRECISION) * s[None, :]
     tl.store(
         out_ptr + rows[:, None] * N_OUT + o[None, :],
         acc.to(out_ptr.dtype.element_ty),
@@ -188,8 +188,7 @@ def _grouped(
         return out
     block_m = MIN_DOT if m <= 256 else 64
     expert, first, n_tiles = tile_schedule(ends, m, block_m)
-    e8m0 = scale is not None and scale.dtype == torch.float8_e8m0fnu
-    s = None if scale is None else (scale.view(torch.uint8) if e8m0 else scale.float()).contiguous()
+    s, scale_e8m0 = scale_operand(scale) if scale is not None else (None, False)
     w = weight.view(torch.uint8) if quant == _MXFP4 else weight
     block_o = block(o, minimum=MIN_DOT, maximum=64)
     _grouped_matmul_kernel[(n_tiles, triton.cdiv(o, block_o))](
@@ -205,7 +204,7 @@ def _grouped(
         k,
         n_experts,
         QUANT=quant,
-        SCALE_E8M0=e8m0,
+        SCALE_E8M0=scale_e8m0,
         BLOCK_M=block_m,
         BLOCK_O=block_o,
         BLOCK_K=block(k, minimum=MIN_DOT, maximum=GROUPED_BLOCK_K),

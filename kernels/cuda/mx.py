@@ -11,32 +11,40 @@ exponent (the decode is the inner loop of the dequantizing GEMV and GEMM kernels
 
 from __future__ import annotations
 
+import torch
 import triton
 import triton.language as tl
 
 
+def scale_operand(scale: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """A packed weight's scales as the kernels take them, and whether they are E8M0 (passed as their bytes, decoded
+    in the kernel by `e8m0`; any other dtype is passed as fp32)."""
+    is_e8m0 = scale.dtype == torch.float8_e8m0fnu
+    return (scale.view(torch.uint8) if is_e8m0 else scale.float()).contiguous(), is_e8m0
+
+
 @triton.jit
-def _e8m0(bits):
+def e8m0(bits):
     """E8M0 byte -> fp32 power of two (code 0 is 2^-127, a subnormal)."""
     b = bits.to(tl.int32) & 0xFF
     return tl.where(b == 0, tl.full(b.shape, 0x00400000, tl.int32), b << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit
-def _e2m1_fp16_image(code):
+def e2m1_fp16_image(code):
     """e2m1 nibble (int32, bits 3..0: sign, 2-bit exponent with bias 1, mantissa) -> fp32 value * 2^-14."""
     bits = ((code & 7) << 9) | ((code & 8) << 12)
     return bits.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
-def _e2m1(code):
+def e2m1(code):
     """e2m1 nibble (int32, low 4 bits) -> fp32; exponent 0 is subnormal (0.5 * mantissa)."""
-    return _e2m1_fp16_image(code) * 16384.0  # 2^14
+    return e2m1_fp16_image(code) * 16384.0  # 2^14
 
 
 @triton.jit
-def _e4m3(bits):
+def e4m3(bits):
     """e4m3fn byte -> fp32: bit 7 sign, bits 6..3 exponent (bias 7), bits 2..0 mantissa; exponent 0 is subnormal.
     (0x7F / 0xFF, the format's NaN, decodes as 480: no stored weight or pool entry holds it, writers clamp to 448.)"""
     b = bits.to(tl.int32) & 0xFF

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from dsv4.kernels.cuda.attention import ATTENTION_WARPS, _sort_key, _topk_kernel
 from dsv4.kernels.cuda.launch import MIN_DOT, block, check_device, dot_precision
-from dsv4.kernels.cuda.mx import _e2m1, _e4m3, _e8m0
+from dsv4.kernels.cuda.mx import e2m1, e4m3, e8m0
 from dsv4.kernels.paged import FP8_NOPE, MXFP4, PLAIN, PagedRows
 from dsv4.kernels.registry import register
 
@@ -39,12 +39,12 @@ def _load_row(t0_ptr, t1_ptr, t2_ptr, flat, d, ok, D: tl.constexpr, NOPE: tl.con
         q = tl.load(t0_ptr + flat[:, None] * NOPE + d[None, :], mask=ok & is_nope, other=0)
         s = tl.load(t1_ptr + flat[:, None] * (NOPE // 64) + d[None, :] // 64, mask=ok & is_nope, other=127)
         rope = tl.load(t2_ptr + flat[:, None] * (D - NOPE) + (d[None, :] - NOPE), mask=ok & ~is_nope, other=0.0)
-        return tl.where(is_nope, _e4m3(q) * _e8m0(s), rope.to(tl.float32))
+        return tl.where(is_nope, e4m3(q) * e8m0(s), rope.to(tl.float32))
     else:
         packed = tl.load(t0_ptr + flat[:, None] * (D // 2) + d[None, :] // 2, mask=ok, other=0)
         code = (packed.to(tl.int32) >> ((d[None, :] % 2) * 4)) & 0xF
         s = tl.load(t1_ptr + flat[:, None] * (D // 32) + d[None, :] // 32, mask=ok, other=127)
-        return _e2m1(code) * _e8m0(s)
+        return e2m1(code) * e8m0(s)
 
 
 def _fields(rows: PagedRows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
