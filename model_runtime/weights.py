@@ -22,6 +22,7 @@ from dsv4.model_runtime.checkpoint import CheckpointError, CheckpointReader, Ent
 from dsv4.model_runtime.layers.linear import Linear
 from dsv4.model_runtime.layers.rope import RopeTable
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
+from dsv4.model_runtime.parallel.data_parallel import DataParallel
 from dsv4.model_runtime.parallel.shard import shard_model
 from dsv4.model_runtime.placement import Layout, Piece, expert_of, place
 from dsv4.model_runtime.schema import checkpoint_schema
@@ -103,9 +104,11 @@ def load_rank(
     dtype: torch.dtype = torch.float32,
     qat_simulation: bool = True,
     mtp: bool = True,
+    data_parallel: DataParallel | None = None,
 ) -> tuple[DeepseekV4, LoadReport]:
     """Rank `rank`'s shard of the model under `layout`, and what it read (world > 1 needs the process group for
-    the forward pass, not for loading)."""
+    the forward pass, not for loading; a layout of several data-parallel groups needs their groups,
+    `DataParallel.create`)."""
     start = time.monotonic()
     cfg = read_config(path)
     layout.check(cfg)
@@ -116,7 +119,7 @@ def load_rank(
         formats = {s.spec.name: s.format for s in stored_all}
         with torch.device("meta"):
             model = DeepseekV4(cfg, qat_simulation=qat_simulation, mtp=mtp, dtype=dtype)
-            shard_model(model, layout, rank, formats.__getitem__)
+            shard_model(model, layout, rank, formats.__getitem__, data_parallel)
         reads: list[tuple[Stored, Piece]] = []
         for stored in stored_all:
             spec = stored.spec

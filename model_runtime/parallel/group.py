@@ -17,11 +17,12 @@ def backend_for(device: torch.device | str) -> str:
     return _BACKENDS[kind]
 
 
-def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum `t` over the ranks in place (fp32 for the reduction when t is lower precision) and return it."""
+def all_reduce_sum(t: torch.Tensor, group: dist.ProcessGroup | None = None) -> torch.Tensor:
+    """Sum `t` over the ranks of `group` (None: the world) in place (fp32 for the reduction when t is lower
+    precision) and return it."""
     if t.dtype in (torch.float32, torch.float64):
-        dist.all_reduce(t)
+        dist.all_reduce(t, group=group)
         return t
     acc = t.float()
-    dist.all_reduce(acc)
+    dist.all_reduce(acc, group=group)
     return t.copy_(acc)

@@ -1,5 +1,7 @@
-"""tiny-flash over 2 gloo ranks started by the launcher: tensor parallel, expert parallel and both give the
-one-process logits, and each rank reads only its pieces (its experts, its TP rows and columns)."""
+"""tiny-flash over gloo ranks started by the launcher: tensor parallel, expert parallel and both give the
+one-process logits, and each rank reads only its pieces (its experts, its TP rows and columns). Expert parallel
+without tensor parallel is data-parallel attention (each rank runs its own rows; the MoE gathers them all), and so
+is TP2 x DP2 over 4 ranks, whose groups run batches of different sizes."""
 
 from __future__ import annotations
 
@@ -19,10 +21,10 @@ pytestmark = pytest.mark.integration
 def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, dict[str, torch.Tensor]]:
     root = tmp_path_factory.mktemp("tp-ep")
     ckpt = write_checkpoint(root / "ckpt", "tiny-flash", quantized=True, seed=0)
-    ids = torch.randint(2, 129280, (2, 12), generator=torch.Generator().manual_seed(1))
+    ids = torch.randint(2, 129280, (3, 12), generator=torch.Generator().manual_seed(1))
     torch.save(ids, root / "ids.pt")
     model = load_model(ckpt)
-    states = [model.new_state() for _ in range(2)]
+    states = [model.new_state() for _ in range(3)]
     prefill = model.prefill(ids[:, :-1], states)
     return Path(ckpt), root / "ids.pt", {"prefill": prefill, "step": model.decode(ids[:, -1], states)}
 
@@ -34,8 +36,10 @@ def test_two_ranks_equal_one_process(setup, model_ranks, tmp_path, mode):
     ranks = model_ranks(ckpt, layout, ids, tmp_path / "out", 2)
     cfg = ModelConfig.from_file(ckpt / "config.json")
     for r, got in enumerate(ranks):
-        torch.testing.assert_close(got["prefill"], want["prefill"], atol=2e-5, rtol=1e-5)
-        torch.testing.assert_close(got["step"], want["step"], atol=2e-5, rtol=1e-5)
+        rows = got["rows"]
+        assert rows == ([r, r + 2][: 2 - r] if mode == "ep" else [0, 1, 2])
+        torch.testing.assert_close(got["prefill"], want["prefill"][rows], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(got["step"], want["step"][rows], atol=2e-5, rtol=1e-5)
         pieces = got["pieces"]
         experts = {int(n.split(".experts.")[1].split(".")[0]) for n in pieces if ".experts." in n}
         half = cfg.n_routed_experts // 2
@@ -63,3 +67,21 @@ def test_two_ranks_equal_one_process(setup, model_ranks, tmp_path, mode):
         else:
             assert all(pieces[n] == (None, 0, 0) for n in wq_b)
         assert got["fingerprint_lines"] == ranks[0]["fingerprint_lines"]  # layout-independent
+
+
+def test_tp2_dp2_groups_run_their_own_rows(setup, model_ranks, tmp_path):
+    """TP2 x DP2 with experts over all 4 ranks: group 0 runs rows 0 and 2, group 1 row 1, and every rank's logits
+    are the one-process logits of its rows; each rank holds a quarter of the experts and half of the heads."""
+    ckpt, ids, want = setup
+    ranks = model_ranks(ckpt, "2,4", ids, tmp_path / "out", 4)
+    cfg = ModelConfig.from_file(ckpt / "config.json")
+    quarter, heads = cfg.n_routed_experts // 4, cfg.num_attention_heads * cfg.head_dim // 2
+    for r, got in enumerate(ranks):
+        assert got["rows"] == [[0, 2], [1]][r // 2]
+        torch.testing.assert_close(got["prefill"], want["prefill"][got["rows"]], atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(got["step"], want["step"][got["rows"]], atol=2e-5, rtol=1e-5)
+        pieces = got["pieces"]
+        experts = {int(n.split(".experts.")[1].split(".")[0]) for n in pieces if ".experts." in n}
+        assert experts == set(range(r * quarter, (r + 1) * quarter))
+        t = r % 2
+        assert pieces["layers.0.attn.wq_b.weight"] == (0, t * heads, (t + 1) * heads)
