@@ -196,8 +196,8 @@ def plan(
     notes: list[str] = []
     if layout.dp > 1:
         notes.append(
-            "data-parallel attention: memory is planned per group, but the runtime runs tensor parallel over all "
-            "ranks only (model_runtime.parallel.shard)"
+            f"data-parallel attention: {layout.dp} groups of {tp} ranks, each holding its own sequences' KV (the "
+            "capacity below is one group's; the worker holds that many times it); the prefix cache is off"
         )
     layout.check(cfg)
     ranks = sorted({0, world - 1})

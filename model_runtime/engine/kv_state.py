@@ -119,7 +119,8 @@ class KVPool:
         self.snapshot_slot_ids = range(num_slots + 1, num_slots + 1 + snapshot_slots)
         # + 1: an MTP draft may stand one position past the longest request
         self.max_blocks = min(num_blocks, math.ceil((cfg.max_position_embeddings + 1) / block_size))
-        self.block_tables = torch.zeros(num_slots + 1, self.max_blocks, dtype=torch.int32, device=device)
+        tables_on = torch.device("cpu") if device.type == "meta" else device
+        self.block_tables = torch.zeros(num_slots + 1, self.max_blocks, dtype=torch.int32, device=tables_on)
         self._table_writes: list[tuple[int, int, int]] = []  # (slot, index, block) not yet on the device
         # A rank group's leader records its writes here for the followers (None: nobody mirrors this pool).
         self.journal: list[PoolWrite] | None = None
@@ -358,6 +359,7 @@ class KVCacheManager:
         num_slots: int,
         prefix_slots: int = 0,
         prefix_seed: bytes | None = None,
+        device: torch.device | None = None,
     ) -> None:
         cfg = model.cfg
         ratios = sorted({r for r in cfg.compress_ratios[: cfg.num_hidden_layers] if r})
@@ -376,7 +378,7 @@ class KVCacheManager:
             num_blocks,
             block_size,
             num_slots,
-            model.device,
+            device or model.device,
             model.dtype,
             low_precision=model.qat_simulation,
             mtp_layers=len(model.mtp),
@@ -458,6 +460,10 @@ class KVCacheManager:
         for b in victim.blocks:
             self._ref(b, cache=-1)
         self.cache.remove(victim)
+        return True
+
+    def shares_pool(self, a: Request, b: Request) -> bool:
+        """Whether freeing `a` can make room for `b` (always, with one pool)."""
         return True
 
     def can_grow(self, seq: Request, n_new: int) -> bool:

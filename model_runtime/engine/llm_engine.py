@@ -16,6 +16,7 @@ from dsv4.model_runtime.engine import speculative
 from dsv4.model_runtime.engine.cuda_graphs import GRAPH_DEVICES
 from dsv4.model_runtime.engine.fingerprint import model_fingerprint
 from dsv4.model_runtime.engine.kv_budget import kv_budget
+from dsv4.model_runtime.engine.kv_groups import GroupKV
 from dsv4.model_runtime.engine.kv_state import KVCacheManager
 from dsv4.model_runtime.engine.model_runner import ModelRunner
 from dsv4.model_runtime.engine.port import PrefixEvent
@@ -83,7 +84,11 @@ class CompletionOutput:
 class LLMEngine:
     """Continuous batching over the model: `add_request`, then `step()` until `has_unfinished()` is False."""
 
-    def __init__(self, model: DeepseekV4, tokenizer: Tokenizer | None, config: EngineConfig | None = None) -> None:
+    def __init__(
+        self, model: DeepseekV4, tokenizer: Tokenizer | None, config: EngineConfig | None = None, kv_groups: int = 1
+    ) -> None:
+        """`kv_groups`: the data-parallel groups whose KV pools this engine schedules (a rank group's leader under
+        data-parallel attention, `kv_groups.py`; the prefix cache must be off); 1 otherwise."""
         self.config = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
         c = self.config
@@ -102,14 +107,26 @@ class LLMEngine:
         )
         log.info("%s", self.kv_budget.describe())
         self.fingerprint = model_fingerprint(model)
-        self.kv = KVCacheManager(
-            model,
-            self.kv_budget.num_blocks,
-            c.block_size,
-            slots,
-            prefix_slots=prefix_slots,
-            prefix_seed=chain_seed(self.fingerprint, c.block_size) if c.prefix_cache else None,
-        )
+        self.kv_groups = kv_groups
+        if kv_groups > 1:
+            if c.prefix_cache:
+                raise ValueError("the prefix cache does not run over several data-parallel groups' pools")
+            self.kv: KVCacheManager = GroupKV(model, self.kv_budget.num_blocks, c.block_size, slots, kv_groups)
+            log.info(
+                "data-parallel attention: %d groups' KV pools of %d blocks each, %d token positions in all",
+                kv_groups,
+                self.kv_budget.num_blocks,
+                kv_groups * self.kv_budget.max_tokens,
+            )
+        else:
+            self.kv = KVCacheManager(
+                model,
+                self.kv_budget.num_blocks,
+                c.block_size,
+                slots,
+                prefix_slots=prefix_slots,
+                prefix_seed=chain_seed(self.fingerprint, c.block_size) if c.prefix_cache else None,
+            )
         self.scheduler = Scheduler(
             SchedulerConfig(c.max_num_seqs, c.max_num_batched_tokens, c.chunked_prefill), self.kv
         )
@@ -220,14 +237,15 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     def stats_extra(self) -> dict[str, float]:
-        """Counters beyond the batch figures: the KV pool's size (blocks, tokens, bytes), KV bytes per token,
+        """Counters beyond the batch figures: the KV pool's size (blocks, tokens, bytes; of every data-parallel
+        group's pool), KV bytes per token,
         preemptions, MTP drafts and acceptance, prefill tokens computed and the prefix cache's lookups, hits, size
         and evictions."""
         drafts = self.runner.drafts
         out = {
-            "kv_pool_blocks": float(self.kv_budget.num_blocks),
-            "kv_pool_max_tokens": float(self.kv_budget.max_tokens),
-            "kv_pool_bytes": float(self.kv_budget.pool_bytes),
+            "kv_pool_blocks": float(self.kv_groups * self.kv_budget.num_blocks),
+            "kv_pool_max_tokens": float(self.kv_groups * self.kv_budget.max_tokens),
+            "kv_pool_bytes": float(self.kv_groups * self.kv_budget.pool_bytes),
             "kv_bytes_per_token": float(self.kv.bytes_per_token),
             "preemptions": float(self.scheduler.num_preemptions),
             "mtp_drafts_proposed": float(drafts.proposed),
@@ -307,9 +325,7 @@ class LLMEngine:
         entry = cache.by_chain_hash(chain_hash) if cache is not None else None
         if entry is None:
             return None
-        from dsv4.model_runtime.engine import kv_export
-
-        return list(kv_export.export_chunks(self.model, self.kv.entry_state(entry), chunk_size))
+        return self.runner.export_chunks(self.kv.entry_state(entry), chunk_size)
 
     def prefix_events(self) -> list[PrefixEvent]:
         """Aligned prefixes stored and evicted since the last call."""

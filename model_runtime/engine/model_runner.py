@@ -105,6 +105,16 @@ class ModelRunner:
 
     def _decode(self, seqs: list[Request]) -> torch.Tensor:
         """The batched decode step of `seqs` (one token each): logits [len(seqs), vocab] on the device."""
+        logits = self.decode_logits(seqs)
+        for s in seqs:
+            s.num_computed += 1
+            assert s.state is not None
+            s.state.position += 1
+        return logits
+
+    def decode_logits(self, seqs: list[Request]) -> torch.Tensor:
+        """Run the batched decode step of `seqs` (a rank group's leader overrides it to run it on every rank):
+        logits [len(seqs), vocab]; the caller advances the sequences."""
         state = seqs[0].state
         assert isinstance(state, PagedSequenceState)
         pool = state.pool
@@ -115,14 +125,8 @@ class ModelRunner:
                 capture = self.model.device.type in GRAPH_DEVICES
                 self.graphs = DecodeGraphs(self.model, pool, capture=capture)
             inputs = DecodeInputs.build(seqs, pool, width_bucket(width, pool.max_blocks))
-            logits = self.graphs.run(inputs)
-        else:
-            logits = self.forward_decode(DecodeInputs.build(seqs, pool, width), pool)
-        for s in seqs:
-            s.num_computed += 1
-            assert s.state is not None
-            s.state.position += 1
-        return logits
+            return self.graphs.run(inputs)
+        return self.forward_decode(DecodeInputs.build(seqs, pool, width), pool)
 
     def _feed(
         self, n: int, seqs: list[Request], follow: list[tuple[Request, torch.Tensor, int]]
@@ -153,6 +157,13 @@ class ModelRunner:
         and the last position's logits of `rows` (None when no row needs them)."""
         streams = self.model.hidden_streams(ids, states)
         return streams, self.model.logits(streams[rows, -1]) if rows else None
+
+    def export_chunks(self, state: SequenceState, chunk_size: int) -> list[bytes]:
+        """The KV blob (`kv_export` format) of a sequence's state, in chunks (a rank group's leader overrides it to
+        fetch a state that another data-parallel group holds)."""
+        from dsv4.model_runtime.engine import kv_export  # needs crc32c, which the engine itself does not
+
+        return list(kv_export.export_chunks(self.model, state, chunk_size))
 
     def _sample(self, seqs: list[Request], logits: torch.Tensor) -> None:
         """Draw every row's token in one batched call, bring them to the host in one copy, append them."""

@@ -105,7 +105,7 @@ class Scheduler:
             if n == 0:
                 continue
             while not self.kv.can_grow(seq, n):
-                victim = self.running[-1]
+                victim = next(v for v in reversed(self.running) if self.kv.shares_pool(v, seq))
                 self._preempt(victim)
                 if victim is seq:
                     break

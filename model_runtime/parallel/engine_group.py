@@ -1,6 +1,6 @@
 """A rank group's engine: rank 0 (the leader) runs the real `LLMEngine`; every other rank (a follower) keeps a
-mirror of its KV pool and replays its model calls on its own shard, so the collectives of the sharded layers
-(`shard.py`) line up.
+mirror of its group's KV pool and replays its model calls on its own shard, so the collectives of the sharded
+layers (`shard.py`) line up.
 
 * The leader owns everything with a decision in it: the scheduler, the block and slot allocation, the prefix
   cache, the sampler, the tokenizer, and in a worker Redis, the handoff and /metrics. Its `LeaderRunner` sends
@@ -9,20 +9,28 @@ mirror of its KV pool and replays its model calls on its own shard, so the colle
   each row's slot, blocks and position, and which rows need logits). Sampling needs no collective (the head
   gathers the full vocabulary on every rank), so it runs on the leader alone and the followers learn the tokens
   from the next call's ids.
-* Pool writes outside the forward pass travel with the next call, in order (`KVPool.journal`): slot resets, the
-  prefix cache's slot and block copies, and restored imports (the verified snapshot itself). Allocation and
-  frees write nothing: a follower's pool is storage addressed by the leader's block and slot ids.
+* Data-parallel attention (`data_parallel.py`, layouts of dp > 1 tensor-parallel groups): each group's pool holds
+  its own sequences. The leader schedules every group's pool (`kv_groups.GroupKV`: a new sequence goes to the
+  group with the most free blocks) and splits each call into one part per group (a group may have none: it still
+  takes part in the MoE's exchange); every rank runs its group's part, and the logits of all groups' rows are
+  gathered for the leader's sampler.
+* Pool writes outside the forward pass travel with the next call, in order, to the ranks of the group they belong
+  to (`KVPool.journal`): slot resets, the prefix cache's slot and block copies, and restored imports (the verified
+  snapshot itself). Allocation and frees write nothing: a follower's pool is storage addressed by the leader's
+  block and slot ids for its group.
 * KV export needs no gather: the sharding keeps K=V, the compressors and the indexer whole on every rank (only
-  query heads, output groups, experts and the vocabulary are split), so every rank's pool holds the whole state,
-  the leader's export is the sequence's, and the blob (`kv_export`, fingerprinted without the layout) imports
-  into any layout; an import is restored on every rank.
+  query heads, output groups, experts and the vocabulary are split), so every rank of a group holds the whole
+  state of the group's sequences. The leader exports its own group's sequences; another group's first rank
+  exports its sequence and sends the chunks to the leader (`ExportCall`). The blob (`kv_export`, fingerprinted
+  without the layout) imports into any layout; an import is restored on every rank of the group it goes to.
 * Failures: a follower that dies or fails a call ends the group through the launcher (`launch.py`). A model call
   that fails on the leader after its followers were sent it leaves them inside a collective, and a call that cannot
   be sent means a follower is gone: either way the leader logs one line and exits (the callers' requests are not
   failed: their jobs are taken over), and the launcher ends the group, rather than serve from ranks out of step.
 
 Not run in a group (refused or switched off by `group_config`): MTP speculative decoding (its draft and verify
-calls are not sent) and CUDA graphs (a captured step would replay collectives the followers do not mirror).
+calls are not sent), CUDA graphs (a captured step would replay collectives the followers do not mirror), and,
+under data-parallel attention, the prefix cache.
 """
 
 from __future__ import annotations
@@ -37,12 +45,16 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
+from dsv4.model_runtime.engine.kv_groups import GroupKV
 from dsv4.model_runtime.engine.kv_state import KVPool, PagedSequenceState, PoolWrite
 from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from dsv4.model_runtime.engine.model_runner import ModelRunner
-from dsv4.model_runtime.engine.step_inputs import DecodeInputs
+from dsv4.model_runtime.engine.request import Request
+from dsv4.model_runtime.engine.step_inputs import DecodeInputs, table_width
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
+from dsv4.model_runtime.parallel.data_parallel import DataParallel
 from dsv4.model_runtime.parallel.rank import RankContext
+from dsv4.model_runtime.parallel.shard import idle_pass
 from dsv4.model_runtime.parallel.step_channel import StepChannel
 from dsv4.model_runtime.placement import Layout
 from dsv4.model_runtime.state import SequenceState
@@ -59,19 +71,52 @@ class GroupUnsupported(ValueError):
 
 @dataclass(frozen=True)
 class DecodeCall:
-    """The batched decode step: `DecodeInputs.rows` [D, 3] and `block_tables` [D, T], on the CPU."""
+    """A group's part of the batched decode step: `DecodeInputs.rows` [D, 3] and `block_tables` [D, T], on the
+    CPU (D = 0: the group has no row in it)."""
 
     rows: torch.Tensor
     block_tables: torch.Tensor
 
+    @property
+    def tokens(self) -> int:
+        return int(self.rows.shape[0])
+
+    @property
+    def logit_rows(self) -> int:
+        return self.tokens
+
 
 @dataclass(frozen=True)
 class FeedCall:
-    """A per-sequence feed of ids [B, n] (CPU); per row its (slot, blocks, position); the rows that need logits."""
+    """A group's part of a per-sequence feed: ids [B, n] (CPU); per row its (slot, blocks, position); the rows
+    that need logits (B = 0: the group has no row in it)."""
 
     ids: torch.Tensor
     states: list[tuple[int, tuple[int, ...], int]]
     rows: list[int]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.ids.numel())
+
+    @property
+    def logit_rows(self) -> int:
+        return len(self.rows)
+
+
+Call = tuple[DecodeCall, ...] | tuple[FeedCall, ...]  # one part per data-parallel group, in group order
+
+
+@dataclass(frozen=True)
+class ExportCall:
+    """Export the KV state of a sequence of data-parallel group `group` (its slot, blocks and position): that
+    group's first rank sends the blob's chunks to the leader."""
+
+    group: int
+    slot: int
+    blocks: tuple[int, ...]
+    position: int
+    chunk_size: int
 
 
 @dataclass(frozen=True)
@@ -81,53 +126,158 @@ class Stop:
 
 @dataclass(frozen=True)
 class Message:
-    """The pool writes since the previous message, then one call."""
+    """Each data-parallel group's pool writes since the previous message, then one call."""
 
-    writes: list[PoolWrite]
-    call: DecodeCall | FeedCall | Stop
+    writes: list[list[PoolWrite]]
+    call: Call | ExportCall | Stop
 
 
-def group_config(config: EngineConfig) -> EngineConfig:
-    """`config` as a rank group runs it: GroupUnsupported for MTP speculative decoding, CUDA graphs off."""
+def group_config(config: EngineConfig, layout: Layout) -> EngineConfig:
+    """`config` as a rank group of `layout` runs it: GroupUnsupported for MTP speculative decoding, CUDA graphs
+    off, and the prefix cache off under data-parallel attention (its entries would be per group)."""
     if config.speculative_mtp:
         raise GroupUnsupported(
             "MTP speculative decoding does not run in a rank group (its draft and verify calls are not mirrored to "
             "the followers); turn it off or run one rank"
         )
-    return replace(config, cuda_graphs=False)
+    if layout.dp > 1 and config.prefix_cache:
+        log.info("rank group %s: the prefix cache is off under data-parallel attention", layout.describe())
+    return replace(config, cuda_graphs=False, prefix_cache=config.prefix_cache and layout.dp == 1)
+
+
+def run_call(
+    runner: ModelRunner,
+    pool: KVPool,
+    call: Call,
+    group: int,
+    dp: DataParallel | None,
+    states: list[SequenceState] | None = None,
+) -> torch.Tensor | None:
+    """Run this rank's part of a model call (`group`'s part, over its `pool`; a feed's `states`, else rebuilt from
+    the call), and return the logits of every group's rows that need them, in group order (None: no row does).
+    A group without rows in the call takes part in the exchanges between the groups with none."""
+    model = runner.model
+    part = call[group]
+    if dp is not None:
+        dp.set_rows([p.tokens for p in call])
+    own: torch.Tensor | None = None
+    if part.tokens == 0:
+        if dp is not None:
+            idle_pass(model, dp)
+    elif isinstance(part, DecodeCall):
+        inputs = DecodeInputs(part.rows.to(model.device), part.block_tables.to(model.device))
+        own = ModelRunner.forward_decode(runner, inputs, pool)
+    else:
+        if states is None:
+            states = [_state(pool, *described) for described in part.states]
+        _, own = ModelRunner.forward_feed(runner, part.ids.to(model.device), states, part.rows)
+    if dp is None:
+        return own
+    counts = [p.logit_rows for p in call]
+    if not sum(counts):
+        return None
+    dp.set_rows(counts)
+    if own is None:
+        dtype = torch.promote_types(model.dtype, torch.float32)
+        own = torch.zeros(0, model.cfg.vocab_size, dtype=dtype, device=model.device)
+    return dp.gather(own)
+
+
+def _in_order(rows: torch.Tensor, targets: list[int]) -> torch.Tensor:
+    """Rows `rows` [n, ...] put at the places `targets` [n] (a permutation of range(n))."""
+    out = torch.empty_like(rows)
+    out[torch.tensor(targets, dtype=torch.long, device=rows.device)] = rows
+    return out
 
 
 class LeaderRunner(ModelRunner):
-    """Rank 0's model runner: every model call goes to the followers first, with the pool writes before it."""
+    """Rank 0's model runner: every model call goes to the followers first, with each group's pool writes before
+    it; under data-parallel attention (`dp`) each call is split by the group whose pool holds each sequence
+    (`pools`, in group order: the leader's own, then the other groups' bookkeeping)."""
 
-    def __init__(self, model: DeepseekV4, pool: KVPool, channel: StepChannel) -> None:
+    def __init__(self, model: DeepseekV4, pools: list[KVPool], channel: StepChannel, dp: DataParallel | None) -> None:
         super().__init__(model)
-        self.pool, self.channel = pool, channel
-        pool.journal = []
+        self.pools, self.channel, self.dp = pools, channel, dp
+        for pool in pools:
+            pool.journal = []
 
-    def _publish(self, call: DecodeCall | FeedCall | Stop) -> None:
-        writes, self.pool.journal = self.pool.journal or [], []
+    def _group(self, state: SequenceState | None) -> int:
+        assert isinstance(state, PagedSequenceState), "a rank group's sequences live in the paged pool"
+        for g, pool in enumerate(self.pools):
+            if state.pool is pool:
+                return g
+        raise AssertionError("a sequence's state is in none of the group's pools")
+
+    def _publish(self, call: Call | ExportCall | Stop) -> None:
+        writes = []
+        for pool in self.pools:
+            writes.append(pool.journal or [])
+            pool.journal = []
         self.channel.publish(Message(writes, call))
 
-    def forward_decode(self, inputs: DecodeInputs, pool: KVPool) -> torch.Tensor:
+    def decode_logits(self, seqs: list[Request]) -> torch.Tensor:
+        by_group: list[list[int]] = [[] for _ in self.pools]
+        for i, s in enumerate(seqs):
+            by_group[self._group(s.state)].append(i)
+        parts = []
+        for pool, rows in zip(self.pools, by_group, strict=True):
+            mine = [seqs[i] for i in rows]
+            if not mine:
+                parts.append(DecodeCall(torch.zeros(0, 3, dtype=torch.int64), torch.zeros(0, 0, dtype=torch.int32)))
+                continue
+            pool.flush_block_tables()
+            inputs = DecodeInputs.build(mine, pool, table_width(mine, pool.block_size))
+            parts.append(DecodeCall(inputs.rows.cpu(), inputs.block_tables.cpu()))
         try:
-            self._publish(DecodeCall(inputs.rows.cpu(), inputs.block_tables.cpu()))
-            return super().forward_decode(inputs, pool)
+            self._publish(tuple(parts))
+            logits = run_call(self, self.pools[0], tuple(parts), 0, self.dp)
         except Exception as e:
             _broken(e)
+        assert logits is not None
+        return _in_order(logits, [i for rows in by_group for i in rows])
 
     def forward_feed(
         self, ids: torch.Tensor, states: list[SequenceState], rows: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        described = []
-        for st in states:
-            assert isinstance(st, PagedSequenceState), "a rank group's sequences live in the paged pool"
-            described.append((st.slot, tuple(st.table), st.position))
+        by_group: list[list[int]] = [[] for _ in self.pools]
+        for i, st in enumerate(states):
+            by_group[self._group(st)].append(i)
+        needed = set(rows)
+        parts = []
+        for members in by_group:
+            described = []
+            for i in members:
+                st = states[i]
+                assert isinstance(st, PagedSequenceState)
+                described.append((st.slot, tuple(st.table), st.position))
+            logit_rows = [k for k, i in enumerate(members) if i in needed]
+            parts.append(FeedCall(ids[members].cpu(), described, logit_rows))
         try:
-            self._publish(FeedCall(ids.cpu(), described, rows))
-            return super().forward_feed(ids, states, rows)
+            self._publish(tuple(parts))
+            logits = run_call(self, self.pools[0], tuple(parts), 0, self.dp, [states[i] for i in by_group[0]])
         except Exception as e:
             _broken(e)
+        for members in by_group[1:]:  # computed by their groups' ranks
+            for i in members:
+                states[i].position += ids.shape[1]
+        # MTP, the streams' one reader, is refused in a group (`group_config`).
+        streams = torch.empty(0, device=ids.device)
+        if logits is None:
+            return streams, None
+        where = {i: k for k, i in enumerate(rows)}
+        return streams, _in_order(logits, [where[i] for members in by_group for i in members if i in needed])
+
+    def export_chunks(self, state: SequenceState, chunk_size: int) -> list[bytes]:
+        group = self._group(state)
+        if group == 0:
+            return super().export_chunks(state, chunk_size)
+        assert isinstance(state, PagedSequenceState) and self.dp is not None
+        try:
+            self._publish(ExportCall(group, state.slot, tuple(state.table), state.position, chunk_size))
+            chunks: list[bytes] = self.channel.receive_from(group * self.dp.layout.tp)
+        except Exception as e:
+            _broken(e)
+        return chunks
 
     def stop(self) -> None:
         """End the followers' loops (they return from `RankEngine.follow`)."""
@@ -151,34 +301,37 @@ def _broken(error: Exception) -> NoReturn:
 @dataclass
 class RankEngine:
     """This rank's part of a group's engine: on the leader `engine` is the engine to serve from (its runner sends
-    every call to the followers); on a follower it only holds the model and the mirrored pool, for `follow`."""
+    every call to the followers); on a follower it only holds the model and its group's pool, for `follow`."""
 
     ctx: RankContext
     engine: LLMEngine
     channel: StepChannel
+    dp: DataParallel | None = None
 
     @property
     def is_leader(self) -> bool:
         return self.ctx.is_leader
 
     def follow(self) -> None:
-        """A follower's loop: apply the leader's pool writes and replay its model calls until it stops."""
+        """A follower's loop: apply the leader's pool writes to this group's pool and run this group's part of its
+        model calls until it stops."""
         # The same runner calls the leader makes, so both sides run one definition of each call.
         model, pool, runner = self.engine.model, self.engine.kv.pool, self.engine.runner
+        group = self.dp.group if self.dp is not None else 0
         with torch.no_grad():
             while True:
                 message: Message = self.channel.receive()
-                for write in message.writes:
+                for write in message.writes[group]:
                     _apply(model, pool, write)
                 call = message.call
                 if isinstance(call, Stop):
                     return
-                if isinstance(call, DecodeCall):
-                    inputs = DecodeInputs(call.rows.to(model.device), call.block_tables.to(model.device))
-                    runner.forward_decode(inputs, pool)
+                if isinstance(call, ExportCall):
+                    if call.group == group and self.dp is not None and self.ctx.rank == group * self.dp.layout.tp:
+                        state = _state(pool, call.slot, call.blocks, call.position)
+                        self.channel.send_to_leader(runner.export_chunks(state, call.chunk_size))
                     continue
-                states: list[SequenceState] = [_state(pool, *described) for described in call.states]
-                runner.forward_feed(call.ids.to(model.device), states, call.rows)
+                run_call(runner, pool, call, group, self.dp)
 
     def stop(self) -> None:
         """The leader is done stepping: end the followers' loops."""
@@ -222,13 +375,16 @@ def load_rank_engine(
         raise ValueError(f"layout {layout.describe()} does not match the group's {ctx.world_size} ranks")
     from dsv4.model_runtime.weights import load_rank
 
-    cfg = group_config(config or EngineConfig())
+    cfg = group_config(config or EngineConfig(), layout)
     channel = StepChannel()
-    model, _ = load_rank(path, layout, ctx.rank, ctx.device, dtype, qat_simulation)
+    dp = DataParallel.create(layout, ctx.rank) if layout.dp > 1 else None
+    model, _ = load_rank(path, layout, ctx.rank, ctx.device, dtype, qat_simulation, data_parallel=dp)
     tokenizer = Tokenizer.from_pretrained(path) if ctx.is_leader else None
-    engine = LLMEngine(model, tokenizer, cfg)
+    engine = LLMEngine(model, tokenizer, cfg, kv_groups=layout.dp if ctx.is_leader else 1)
     if ctx.is_leader:
-        engine.runner = LeaderRunner(model, engine.kv.pool, channel)
+        kv = engine.kv
+        pools = kv.pools if isinstance(kv, GroupKV) else [kv.pool]
+        engine.runner = LeaderRunner(model, pools, channel, dp)
     # Every rank has loaded before any returns: a leader that reports ready serves with a whole group.
     dist.barrier()
     log.info(
@@ -238,4 +394,4 @@ def load_rank_engine(
         "leader" if ctx.is_leader else "follower",
         layout.describe(),
     )
-    return RankEngine(ctx, engine, channel)
+    return RankEngine(ctx, engine, channel, dp)

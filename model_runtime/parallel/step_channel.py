@@ -1,4 +1,5 @@
-"""The leader's line to the followers of a rank group: one pickled message per model call, broadcast from rank 0.
+"""The leader's line to the followers of a rank group: one pickled message per model call, broadcast from rank 0,
+and a follower's answer to the leader (a KV export of its data-parallel group's sequence).
 
 A message travels on a gloo group of its own (CPU tensors whatever the device of the ranks: the messages are small
 host data, and the model's collectives keep the default group), as two broadcasts: its length, then its bytes.
@@ -42,4 +43,20 @@ class StepChannel:
         dist.broadcast(size, src=0, group=self.group)
         data = torch.empty(int(size.item()), dtype=torch.uint8)
         dist.broadcast(data, src=0, group=self.group)
+        return pickle.loads(data.numpy().tobytes())
+
+    def send_to_leader(self, message: Any) -> None:
+        """Send `message` to rank 0 alone (a follower's answer to the call it was just sent)."""
+        assert not self.is_leader, "rank 0 does not send to itself"
+        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+        dist.send(torch.tensor([len(data)], dtype=torch.int64), dst=0, group=self.group)
+        dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst=0, group=self.group)
+
+    def receive_from(self, rank: int) -> Any:
+        """The message rank `rank` sends the leader with `send_to_leader` (rank 0 only; blocks until it comes)."""
+        assert self.is_leader, "only rank 0 receives a follower's answer"
+        size = torch.zeros(1, dtype=torch.int64)
+        dist.recv(size, src=rank, group=self.group)
+        data = torch.empty(int(size.item()), dtype=torch.uint8)
+        dist.recv(data, src=rank, group=self.group)
         return pickle.loads(data.numpy().tobytes())

@@ -61,3 +61,12 @@ def test_tensor_parallel_makes_every_worker_a_group_of_its_own(tmp_path: Path) -
     assert len({w[env.MASTER_PORT] for w in workers}) == 3, "every group rendezvous on its own port"
     assert env.WORLD_SIZE not in roles["gateway"][0]
     assert env.WORLD_SIZE not in _roles(tmp_path)["decode"][0], "one rank: no group env"
+
+
+def test_data_parallel_makes_groups_of_tensor_times_data_ranks_with_experts_split(tmp_path: Path) -> None:
+    roles = _roles(tmp_path, "--tensor-parallel", "2", "--data-parallel", "2")
+    for worker in [*roles["prefill"], *roles["decode"]]:
+        assert worker[env.WORLD_SIZE] == worker[env.NPROC_PER_NODE] == "4"
+        assert worker[f"{env.PARALLELISM}__TENSOR"] == "2"
+        assert worker[f"{env.PARALLELISM}__DATA"] == "2"
+        assert worker[f"{env.PARALLELISM}__EXPERT"] == "true"

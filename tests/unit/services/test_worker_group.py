@@ -19,8 +19,8 @@ from dsv4.services.workers.settings import WorkerSettings
 pytestmark = pytest.mark.unit
 
 
-def _settings(tensor: int = 1, data: int = 1) -> WorkerSettings:
-    return WorkerSettings(parallelism=config.ParallelismConfig(tensor=tensor, data=data))
+def _settings(tensor: int = 1, data: int = 1, expert: bool = False) -> WorkerSettings:
+    return WorkerSettings(parallelism=config.ParallelismConfig(tensor=tensor, data=data, expert=expert))
 
 
 def test_world_is_the_parallelism_when_no_rank_env_is_set() -> None:
@@ -32,8 +32,14 @@ def test_world_is_the_parallelism_when_no_rank_env_is_set() -> None:
 def test_pure_data_parallel_with_one_rank_per_pod_serves_each_pod_alone() -> None:
     # A cpu pool of 2 pods: the operator writes tensor 1 x data 2 and the 2-rank group env.
     assert group_world(_settings(data=2), {env.WORLD_SIZE: "2", env.NPROC_PER_NODE: "1"}) == 1
-    with pytest.raises(GroupConfigError, match="one rank per pod"):
-        group_world(_settings(data=2), {env.WORLD_SIZE: "2", env.NPROC_PER_NODE: "2"})
+    # Both ranks in one pod, or experts split over the pods: one group of data-parallel attention.
+    assert group_world(_settings(data=2), {env.WORLD_SIZE: "2", env.NPROC_PER_NODE: "2"}) == 2
+    assert group_world(_settings(data=2, expert=True), {env.WORLD_SIZE: "2", env.NPROC_PER_NODE: "1"}) == 2
+
+
+def test_data_parallel_attention_runs_as_one_group() -> None:
+    # The Ascend example's layout, TP16 x DP2 over 2 pods of 16 dies: one group of 32 ranks.
+    assert group_world(_settings(tensor=16, data=2), {env.WORLD_SIZE: "32", env.NPROC_PER_NODE: "16"}) == 32
 
 
 @pytest.mark.parametrize(
@@ -42,10 +48,9 @@ def test_pure_data_parallel_with_one_rank_per_pod_serves_each_pod_alone() -> Non
         (_settings(tensor=2), {env.WORLD_SIZE: "4"}, "WORLD_SIZE=4, but the parallelism settings give tensor x data"),
         (_settings(), {env.WORLD_SIZE: "2"}, "= 1 ranks"),
         (_settings(tensor=2), {env.WORLD_SIZE: "two"}, "not an integer"),
-        (_settings(tensor=2, data=2), {env.WORLD_SIZE: "4"}, "data-parallel attention is not run"),
     ],
 )
-def test_groups_the_runtime_cannot_run_are_refused(
+def test_groups_that_disagree_with_their_settings_are_refused(
     settings: WorkerSettings, environ: dict[str, str], message: str
 ) -> None:
     with pytest.raises(GroupConfigError, match=message):

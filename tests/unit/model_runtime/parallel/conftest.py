@@ -14,6 +14,7 @@ import pytest
 import torch
 
 MODEL_RANK = f"{Path(__file__).with_name('model_rank.py')}:main"
+ENGINE_RANK = f"{Path(__file__).with_name('engine_rank.py')}:main"
 
 
 def _free_port() -> int:
@@ -51,6 +52,22 @@ def run_model_ranks(ckpt: Path, layout: str, ids: Path, out: Path, world: int, t
     )
     assert done.returncode == 0, done.stderr[-4000:]
     return [torch.load(out / f"rank{r}.pt") for r in range(world)]
+
+
+def run_engine_ranks(ckpt: Path, layout: str, work: Path, out: Path, world: int, timeout: float = 900) -> Any:
+    """Start `world` ranks through the launcher, each running engine_rank.py on `ckpt` under layout "tp" or
+    "tp,ep" with the work of `work`; returns what the leader saved."""
+    out.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "dsv4.model_runtime.parallel.launch", "--nproc-per-node", str(world), ENGINE_RANK]
+    done = subprocess.run(
+        [*cmd, str(ckpt), layout, str(work), str(out)],
+        env=launcher_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    return torch.load(out / "result.pt")
 
 
 @pytest.fixture

@@ -1,15 +1,19 @@
 """One rank of a group engine run (a launcher target): every rank builds its part of the engine; the leader runs
 the work of `work.pt` and saves what came out, the followers replay its calls until it stops them.
 
-args: checkpoint, tensor parallel size, work file, output folder. The work (torch.save'd dict):
+args: checkpoint, layout ("tp" or "tp,ep"; tp < world is data-parallel attention), work file, output folder. The
+work (torch.save'd dict; each item optional):
 
 * "rounds": lists of prompts generated greedily round after round (later rounds extend earlier prompts, so they
   resume from prefix-cache entries: slot and block copies on the followers);
 * "import": (prompt, token 0, KV blob) of a sequence prefilled elsewhere, continued here;
 * "export": a prompt prefilled here, whose token 0 and KV blob are saved;
-* "prefix": (prefix tokens, KV blob, prompt) an aligned prefix imported into the cache, then a prompt extending it.
+* "prefix": (prefix tokens, KV blob, prompt) an aligned prefix imported into the cache, then a prompt extending it;
+* "concurrent": (imports, exports) sequences run at the same time, so that data-parallel groups share them out:
+  each import (prompt, token 0, KV blob) continues, each export prompt is prefilled and its blob saved.
 
-Writes out/result.pt (leader): the tokens of each, the prefill tokens computed and the prefix cache's hits.
+Writes out/result.pt (leader): the tokens of each, the prefill tokens computed and the prefix cache's hits, and for
+"concurrent" the data-parallel group each sequence ran in.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from pathlib import Path
 import torch
 
 from dsv4.model_runtime.engine import kv_export
+from dsv4.model_runtime.engine.kv_groups import GroupKV
 from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.parallel.engine_group import load_rank_engine
@@ -57,10 +62,36 @@ def continue_import(engine: LLMEngine, prompt: list[int], token0: int, blob: byt
     return run_to_end(engine, "import")
 
 
+def concurrent(
+    engine: LLMEngine, imports: list[tuple[list[int], int, bytes]], exports: list[list[int]]
+) -> dict[str, object]:
+    """Run imports and exports side by side: the continued imports' tokens, the exports' (token 0, KV blob), and
+    the data-parallel group of each sequence (imports first)."""
+    seqs = [
+        engine.add_request(f"import{k}", p, GREEDY, output_token_ids=[t], snapshot=kv_export.load(engine.model, b))
+        for k, (p, t, b) in enumerate(imports)
+    ]
+    seqs += [engine.add_request(f"export{k}", p, GREEDY, export_after_prefill=True) for k, p in enumerate(exports)]
+    groups = [-1] * len(seqs)
+    while not all(s.finished for s in seqs):
+        engine.step()
+        for k, s in enumerate(seqs):
+            if groups[k] < 0 and isinstance(engine.kv, GroupKV):
+                groups[k] = engine.kv.group_of(s)
+    exported = []
+    for k in range(len(exports)):
+        seq = engine.exported.pop(f"export{k}")
+        assert seq.state is not None
+        exported.append((seq.output_token_ids[0], b"".join(engine.runner.export_chunks(seq.state, 1 << 16))))
+        engine.release(seq)
+    return {"groups": groups, "imports": [s.output_token_ids for s in seqs[: len(imports)]], "exports": exported}
+
+
 def main(ctx: RankContext, args: list[str]) -> None:
-    ckpt, tp, work_file, out = args
+    ckpt, layout_arg, work_file, out = args
     torch.set_num_threads(1)
-    layout = Layout(world=ctx.world_size, tp=int(tp))
+    tp, _, ep = layout_arg.partition(",")
+    layout = Layout(world=ctx.world_size, tp=int(tp), ep=int(ep or 1))
     part = load_rank_engine(ctx, ckpt, layout, dtype=torch.float64, config=CONFIG)
     if not part.is_leader:
         part.follow()
@@ -68,15 +99,21 @@ def main(ctx: RankContext, args: list[str]) -> None:
     engine = part.engine
     work = torch.load(work_file)
     result: dict[str, object] = {}
-    result["rounds"] = [[c.token_ids for c in engine.generate_ids(prompts, GREEDY)] for prompts in work["rounds"]]
-    prompt, token0, blob = work["import"]
-    result["import"] = continue_import(engine, prompt, token0, blob)
-    result["export"] = prefill_export(engine, work["export"])
-    prefix, prefix_blob, extended = work["prefix"]
-    assert engine.import_prefix(prefix, kv_export.load(engine.model, prefix_blob))
-    before = engine.stats_extra()["prefill_tokens"]
-    result["prefix"] = engine.generate_ids([extended], GREEDY)[0].token_ids
-    result["prefix_prefill_tokens"] = engine.stats_extra()["prefill_tokens"] - before
-    result["hits"] = engine.stats_extra()["prefix_cache_hits"]
+    if "rounds" in work:
+        result["rounds"] = [[c.token_ids for c in engine.generate_ids(ps, GREEDY)] for ps in work["rounds"]]
+    if "import" in work:
+        prompt, token0, blob = work["import"]
+        result["import"] = continue_import(engine, prompt, token0, blob)
+    if "export" in work:
+        result["export"] = prefill_export(engine, work["export"])
+    if "prefix" in work:
+        prefix, prefix_blob, extended = work["prefix"]
+        assert engine.import_prefix(prefix, kv_export.load(engine.model, prefix_blob))
+        before = engine.stats_extra()["prefill_tokens"]
+        result["prefix"] = engine.generate_ids([extended], GREEDY)[0].token_ids
+        result["prefix_prefill_tokens"] = engine.stats_extra()["prefill_tokens"] - before
+        result["hits"] = engine.stats_extra()["prefix_cache_hits"]
+    if "concurrent" in work:
+        result["concurrent"] = concurrent(engine, *work["concurrent"])
     part.stop()
     torch.save(result, Path(out) / "result.pt")

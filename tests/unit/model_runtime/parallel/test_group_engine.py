@@ -9,8 +9,6 @@ results in another order than one process, so fp32 could flip a near-tie token o
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -21,14 +19,13 @@ import torch
 from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
 from dsv4.model_runtime.parallel.engine_group import GroupUnsupported, group_config
+from dsv4.model_runtime.placement import Layout
 from dsv4.model_runtime.weights import load_model
 
-from .conftest import launcher_env
+from .conftest import run_engine_ranks
 from .engine_rank import CONFIG, GREEDY, continue_import, prefill_export
 
 pytestmark = pytest.mark.integration
-
-ENGINE_RANK = f"{Path(__file__).with_name('engine_rank.py')}:main"
 
 
 def _tokens(n: int, seed: int) -> list[int]:
@@ -61,18 +58,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[
         "prefix": (prefix, prefix_blob, prefix + _tokens(5, 61)),
     }
     torch.save(work, root / "work.pt")
-    out = root / "out"
-    out.mkdir()
-    cmd = [sys.executable, "-m", "dsv4.model_runtime.parallel.launch", "--nproc-per-node", "2", ENGINE_RANK]
-    done = subprocess.run(
-        [*cmd, str(ckpt), "2", str(root / "work.pt"), str(out)],
-        env=launcher_env(),
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
-    return work, torch.load(out / "result.pt"), ckpt
+    return work, run_engine_ranks(ckpt, "2", root / "work.pt", root / "out", 2), ckpt
 
 
 def test_group_greedy_equals_one_process_with_prefix_hits(run) -> None:
@@ -111,5 +97,7 @@ def test_tp1_prefix_imported_into_tp2_group_serves_an_extension(run) -> None:
 
 def test_group_refuses_mtp_and_turns_graphs_off() -> None:
     with pytest.raises(GroupUnsupported, match="MTP speculative decoding"):
-        group_config(EngineConfig(speculative_mtp=True))
-    assert group_config(EngineConfig()).cuda_graphs is False
+        group_config(EngineConfig(speculative_mtp=True), Layout(2, 2))
+    tp = group_config(EngineConfig(), Layout(2, 2))
+    assert tp.cuda_graphs is False and tp.prefix_cache is True
+    assert group_config(EngineConfig(), Layout(4, 2, 4)).prefix_cache is False  # per-group entries: not run

@@ -1,0 +1,84 @@
+"""Data-parallel attention in the group engine: TP2 x DP2 with the experts over all 4 ranks (tiny-flash, float64,
+4 gloo ranks through the real launcher). The leader schedules both groups' pools; each group runs its own
+sequences' attention and the MoE runs over both groups' tokens.
+
+- greedy tokens equal a one-process engine's, for prompts whose prefill chunks and decode steps fall into one
+  group or both (a group without rows in a call takes part in the MoE's exchange with none);
+- sequences run side by side are shared out between the groups;
+- KV state crosses layouts both ways: one-process exports continue in whichever group imports them, and states
+  prefilled in either group (the other group's state reaches the leader through the step channel) continue in a
+  one-process engine.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from dsv4.model_runtime.engine.llm_engine import LLMEngine
+from dsv4.model_runtime.make_checkpoint import write_checkpoint
+from dsv4.model_runtime.weights import load_model
+
+from .conftest import run_engine_ranks
+from .engine_rank import CONFIG, GREEDY, continue_import, prefill_export
+
+pytestmark = pytest.mark.integration
+
+
+def _tokens(n: int, seed: int) -> list[int]:
+    return torch.randint(3, 128000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def _engine(ckpt: Path) -> LLMEngine:
+    return LLMEngine(load_model(ckpt, dtype=torch.float64), None, CONFIG)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """One TP2 x DP2 x EP4 group run; returns (the work, the leader's results, the checkpoint)."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("dp-engine")
+    ckpt = write_checkpoint(root / "ckpt", "tiny-flash", quantized=True, seed=0)
+    source = _engine(ckpt)
+    imports = [(p, *prefill_export(source, p)) for p in (_tokens(21, 50), _tokens(9, 51))]
+    work = {
+        "rounds": [[_tokens(n, seed) for seed, n in enumerate((5, 13, 29, 40, 3))]],
+        "concurrent": (imports, [_tokens(19, 70), _tokens(33, 71)]),
+    }
+    torch.save(work, root / "work.pt")
+    return work, run_engine_ranks(ckpt, "2,4", root / "work.pt", root / "out", 4), ckpt
+
+
+def test_dp_group_greedy_equals_one_process(run) -> None:
+    work, got, ckpt = run
+    want = [[c.token_ids for c in _engine(ckpt).generate_ids(prompts, GREEDY)] for prompts in work["rounds"]]
+    assert got["rounds"] == want
+
+
+def test_sequences_are_shared_out_between_the_groups(run) -> None:
+    _, got, _ = run
+    groups = got["concurrent"]["groups"]  # imports, then exports: each pair was split between the groups
+    assert sorted(groups[:2]) == [0, 1] and sorted(groups[2:]) == [0, 1]
+
+
+def test_one_process_exports_continue_in_either_group(run) -> None:
+    work, got, ckpt = run
+    imports, _ = work["concurrent"]
+    engine = _engine(ckpt)
+    for (prompt, token0, _), tokens in zip(imports, got["concurrent"]["imports"], strict=True):
+        want = engine.generate_ids([prompt], GREEDY)[0].token_ids
+        assert want[0] == token0
+        assert tokens == want
+
+
+def test_exports_of_either_group_continue_in_one_process(run) -> None:
+    work, got, ckpt = run
+    _, exports = work["concurrent"]
+    engine = _engine(ckpt)
+    for prompt, (token0, blob) in zip(exports, got["concurrent"]["exports"], strict=True):
+        want = engine.generate_ids([prompt], GREEDY)[0].token_ids
+        assert token0 == want[0]
+        assert continue_import(engine, prompt, token0, blob) == want
