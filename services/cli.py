@@ -40,6 +40,14 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="run each prefill and decode worker as N ranks (gloo processes) splitting the model (default: 1)",
     )
     p.add_argument(
+        "--data-parallel",
+        type=_positive,
+        default=1,
+        metavar="M",
+        help="data-parallel attention: each worker runs M groups of --tensor-parallel ranks, each group holding "
+        "its own sequences' KV, the experts split over all the ranks (default: 1)",
+    )
+    p.add_argument(
         "--no-prefix-cache",
         action="store_true",
         help="compute every prompt from its first token: no prefix cache, shared tier or prefix-aware routing",

@@ -122,7 +122,8 @@ def run(args: argparse.Namespace) -> int:
             log_dir.mkdir(parents=True, exist_ok=True)
             roles = role_processes(args, model, redis.server.url, redis.in_process, log_dir)
             prefill = "prefill" if args.prefill_workers == 1 else f"{args.prefill_workers} prefill workers"
-            ranks = f" ({args.tensor_parallel} ranks each)" if args.tensor_parallel > 1 else ""
+            n = args.tensor_parallel * args.data_parallel
+            ranks = f" ({n} ranks each)" if n > 1 else ""
             _say(f"dsv4 serve: starting gateway, {prefill} and decode{ranks} on {redis.description}…")
             for role in roles:
                 role.start()

@@ -73,11 +73,11 @@ def role_processes(
     args: argparse.Namespace, model: Path, redis_url: str, in_process_broker: bool, log_dir: Path
 ) -> list[RoleProcess]:
     """The gateway, `--prefill-workers` prefill workers and one decode worker, configured for this machine (with
-    `--tensor-parallel N`, each worker a group of N ranks)."""
+    `--tensor-parallel N` and `--data-parallel M`, each worker a group of N x M ranks)."""
     base = supervised_env()
     base[env.MODEL] = str(model)  # the gateway reads the checkpoint's tokenizer
     workers = dict(base)
-    ranks = args.tensor_parallel
+    ranks = args.tensor_parallel * args.data_parallel
     # The engines' ranks share the cores: give each its part, unless the user chose (torch reads OMP_NUM_THREADS).
     threads = (os.cpu_count() or 2) // ((args.prefill_workers + 1) * ranks)
     workers.setdefault("OMP_NUM_THREADS", str(max(1, threads)))
@@ -112,7 +112,9 @@ def role_processes(
                 env.NODE_RANK: "0",
                 env.MASTER_ADDR: "127.0.0.1",
                 env.MASTER_PORT: str(free_port()),
-                f"{env.PARALLELISM}__TENSOR": str(ranks),
+                f"{env.PARALLELISM}__TENSOR": str(args.tensor_parallel),
+                f"{env.PARALLELISM}__DATA": str(args.data_parallel),
+                f"{env.PARALLELISM}__EXPERT": str(args.data_parallel > 1).lower(),
             }
         ready = f"http://127.0.0.1:{port}"
         log = (

@@ -10,8 +10,9 @@ rank launcher, rank 0 serves the role as a one-rank worker does and the other ra
   restarts and the jobs the group held are taken over by other workers once their leases lapse.
 
 The group's size is WORLD_SIZE (the operator and `dsv4 serve` set it), which must equal the `parallelism`
-settings' tensor x data; the runtime runs tensor parallel over all ranks (data-parallel attention is not run), or,
-with tensor 1 and one rank per pod, each pod as a one-rank replica.
+settings' tensor x data: `data` tensor-parallel groups of `tensor` ranks (data-parallel attention, experts split
+over all ranks when `expert` is set; `parallel/data_parallel.py`), except that with tensor 1, no expert parallelism
+and one rank per pod each pod serves as a one-rank replica.
 """
 
 from __future__ import annotations
@@ -46,8 +47,7 @@ class GroupConfigError(ValueError):
 
 def group_world(settings: WorkerSettings, environ: Mapping[str, str]) -> int:
     """The ranks of this worker's group (1: a one-rank worker): WORLD_SIZE, or else parallelism tensor x data; 1 for
-    pure data parallel with one rank per pod. GroupConfigError when the two disagree or the layout is one the runtime
-    does not run."""
+    pure data parallel (no expert parallelism) with one rank per pod. GroupConfigError when the two disagree."""
     p = settings.parallelism
     want = p.tensor * p.data
     raw = environ.get(env.WORLD_SIZE) or str(want)
@@ -60,15 +60,11 @@ def group_world(settings: WorkerSettings, environ: Mapping[str, str]) -> int:
             f"{env.WORLD_SIZE}={world}, but the parallelism settings give tensor x data = {p.tensor} x {p.data} = "
             f"{want} ranks: set both for the same group"
         )
-    if p.data > 1 and p.tensor == 1 and environ.get(env.NPROC_PER_NODE, "1") == "1":
+    if p.data > 1 and p.tensor == 1 and not p.expert and environ.get(env.NPROC_PER_NODE, "1") == "1":
         # Pure data parallel with one rank per pod (what the operator makes of a cpu pool of several pods): every
-        # rank is a whole replica, so this pod serves alone and the group env only names its siblings.
+        # rank is a whole replica with nothing to share (no experts split), so this pod serves alone and the group
+        # env only names its siblings.
         return 1
-    if p.data > 1:
-        raise GroupConfigError(
-            f"parallelism data={p.data}: data-parallel attention is not run; a worker group runs tensor parallel "
-            "over all its ranks (data=1), or pure data parallel with one rank per pod (tensor=1)"
-        )
     return world
 
 

@@ -7,7 +7,9 @@ How an example becomes local processes:
 
 1. Layout scaled to the tiny model (tiny-flash: 4 heads, 2 o-groups, 8 experts; at most 2-way tensor or expert
    parallel), structure kept: every pool gets 1 replica (gateway too), `podsPerReplica` unchanged, one device per
-   pod (`devicesPerPod: 1`, so `tensor = podsPerReplica`; cpu pools `data = podsPerReplica`), autoscaling off.
+   pod (`devicesPerPod: 1`, so `tensor x data = podsPerReplica`, data kept where the example has it (the Ascend
+   example's TP16 x DP2 becomes TP1 x DP2: data-parallel attention with the experts over both pods); cpu pools
+   `data = podsPerReplica`), autoscaling off.
    The spec is admitted with the CRD's defaults and CEL rules (in-process) and rendered by `builders.children`.
 2. Workloads become pods as their controllers name them: Deployment `<name>-<i>`, StatefulSet `<sts>-<ordinal>`
    (with the `apps.kubernetes.io/pod-index` label), LeaderWorkerSet `<lws>-<g>` and `<lws>-<g>-<i>`; for LWS the
@@ -35,7 +37,8 @@ What a group of several pods asserts: every pod of the group starts with consist
 WORLD_SIZE = pods x NPROC_PER_NODE, node ranks 0..n-1, one MASTER_ADDR naming the leader pod and one local
 MASTER_PORT) and reaches readiness on its own /readyz. A tensor-parallel group's pods really form one gloo group of
 ranks through the launcher (the leader's log names the group and its warm-up, every other pod's log its rank), so the
-requests of `_serve_requests` run through it; a cpu pool's pods (tensor 1, data = pods) serve alone.
+requests of `_serve_requests` run through it (the Ascend example's as data-parallel attention); a cpu pool's pods
+(tensor 1, data = pods, no expert parallelism) serve alone.
 """
 
 from __future__ import annotations
@@ -89,8 +92,10 @@ def scale_to_tiny(doc: dict[str, Any]) -> dict[str, Any]:
     for name in ("prefill", "decode"):
         pool = spec.setdefault(name, {})
         pods = pool.get("podsPerReplica", 1)
-        expert = (pool.get("parallelism") or {}).get("expert", False)
-        pool["parallelism"] = {"tensor": 1 if cpu else pods, "data": pods if cpu else 1, "expert": expert}
+        given = pool.get("parallelism") or {}
+        expert = given.get("expert", False)
+        data = pods if cpu else min(given.get("data", 1), pods)  # data-parallel attention stays (Ascend example)
+        pool["parallelism"] = {"tensor": pods // data, "data": data, "expert": expert}
         pool.update(replicas=1, minReplicas=1)
     spec.setdefault("gateway", {}).update(replicas=1, minReplicas=1)
     spec.setdefault("autoscaling", {})["enabled"] = False
@@ -153,9 +158,9 @@ def _volume_source(spec: Any, checkpoint: Path, workdir: Path) -> Any:
     return source
 
 
-def check_group(pods: LocalPods, group: list[Pod], running: dict[str, Running], tensor: int) -> None:
-    """A rank group's pods agree on their rank env and, with tensor parallel, form one group of ranks (module
-    docstring: what a group asserts)."""
+def check_group(pods: LocalPods, group: list[Pod], running: dict[str, Running], ranks: int) -> None:
+    """A rank group's pods agree on their rank env and, unless each pod serves alone (`ranks` 1), form one group of
+    `ranks` ranks (module docstring: what a group asserts)."""
     resolved = [pods.resolve_env(p, p.spec["containers"][0]) for p in group]
     size = len(group)
     nproc = {e[env.NPROC_PER_NODE] for e in resolved}
@@ -166,11 +171,11 @@ def check_group(pods: LocalPods, group: list[Pod], running: dict[str, Running], 
     assert pods.hosts.get(master, pods.hosts.get(master.removesuffix(".svc"), ("",)))[0] == leader.name, master
     assert len({running[p.name].env[env.MASTER_PORT] for p in group}) == 1
     leader_log = running[leader.name].log.read_text()
-    if tensor == 1:  # pure data parallel: each pod serves alone
+    if ranks == 1:  # pure data parallel: each pod serves alone
         assert " ranks on " not in leader_log, leader_log
         return
     # Ready means every rank loaded and the leader's warm-up ran through all of them.
-    assert f"{tensor} ranks on cpu (1 on this pod)" in leader_log, leader_log
+    assert f"{ranks} ranks on cpu (1 on this pod)" in leader_log, leader_log
     assert "rank 0 dsv4.worker: warm-up step took" in leader_log, leader_log
     for p in group:
         if p is not leader:
@@ -222,7 +227,9 @@ def test_every_container_of_the_example_starts_and_serves(
             running = {p.name: r for p in pods if p not in first for r in local.start(p)}
             local.wait_ready(list(running.values()), READY_TIMEOUT_S)
             for group in _groups(pods).values():
-                check_group(local, group, running, getattr(spec, group[0].component).parallelism.tensor)
+                par = getattr(spec, group[0].component).parallelism
+                alone = par.tensor == 1 and not par.expert  # each pod a replica (`group_world`)
+                check_group(local, group, running, 1 if alone else par.tensor * par.data)
             # The weights pre-warm: the first pod on the (one) node copies with progress, the others find it done.
             warm = [r.log.read_text() for r in local.running if r.container["name"] == "prewarm-weights"]
             if warm:

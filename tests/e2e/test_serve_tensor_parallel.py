@@ -1,6 +1,7 @@
-"""`dsv4 serve --tensor-parallel 2`: the prefill and decode workers run as 2-rank gloo groups on this machine; their
-greedy text equals `LLM.generate` in one process, and a follower rank that dies ends its group (one log line
-naming it, the worker exits non-zero, serve stops with one line) instead of leaving a half-alive group.
+"""`dsv4 serve --tensor-parallel 2` (and `--data-parallel 2`): the prefill and decode workers run as 2-rank gloo
+groups on this machine; their greedy text equals `LLM.generate` in one process, and a follower rank that dies ends
+its group (one log line naming it, the worker exits non-zero, serve stops with one line) instead of leaving a
+half-alive group.
 
 The workers run float64 (DSV4_DTYPE) as the reference does: two ranks sum partial attention and expert outputs in
 another order than one process, and in fp32 that can flip a near-tie greedy token of the random model.
@@ -80,8 +81,13 @@ async def _chats(url: str) -> list[str]:
         return list(await asyncio.gather(*(_chat(client, p) for p in PROMPTS)))
 
 
-def test_tensor_parallel_2_greedy_text_equals_llm_generate(home: Path, serve_cleanup: list[Serve]) -> None:
-    serve = Serve(home, "--tensor-parallel", "2", "--broker", "redis-server", env=ENV)
+@pytest.mark.parametrize("layout", [["--tensor-parallel", "2"], ["--data-parallel", "2"]], ids=["tp2", "dp2"])
+def test_two_rank_groups_greedy_text_equals_llm_generate(
+    home: Path, serve_cleanup: list[Serve], layout: list[str]
+) -> None:
+    # dp2: data-parallel attention, each rank a group of its own sequences (the concurrent requests are shared out,
+    # so the handoff exports from and imports into both), the experts split over the two.
+    serve = Serve(home, *layout, "--broker", "redis-server", env=ENV)
     serve_cleanup.append(serve)
     serve.wait_for(r"starting gateway, prefill and decode \(2 ranks each\)")
     serve.wait_for(r"dsv4 serve: ready in [\d.]+ s at " + re.escape(serve.url) + "/v1")
