@@ -13,6 +13,7 @@ be looked up per group), so every method here runs without one.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -20,9 +21,20 @@ import torch
 from dsv4.model_runtime.engine.kv_state import KVCacheManager, KVPool, PagedSequenceState
 from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
+from dsv4.model_runtime.state import SequenceState
 
 if TYPE_CHECKING:  # the KV blob format needs crc32c, which the bare GPU machine of bench/gpu.sh lacks
     from dsv4.model_runtime.engine.kv_export import KVSnapshot
+
+
+def pool_index(pools: Sequence[KVPool], state: SequenceState | None) -> int:
+    """The index of the pool in `pools` that holds `state` (-1: no paged state)."""
+    if not isinstance(state, PagedSequenceState):
+        return -1
+    for g, pool in enumerate(pools):
+        if state.pool is pool:
+            return g
+    raise ValueError("a sequence's state is in none of the data-parallel groups' pools")
 
 
 class RemoteGroupKV(KVCacheManager):
@@ -55,13 +67,7 @@ class GroupKV(KVCacheManager):
 
     def group_of(self, seq: Request) -> int:
         """The data-parallel group holding the sequence's state (-1: it holds none)."""
-        state = seq.state
-        if not isinstance(state, PagedSequenceState):
-            return -1
-        for g, pool in enumerate(self.pools):
-            if state.pool is pool:
-                return g
-        raise ValueError(f"{seq.request_id}: its state is in none of the groups' pools")
+        return pool_index(self.pools, seq.state)
 
     def _can_grow(self, g: int, seq: Request, n_new: int) -> bool:
         return KVCacheManager.can_grow(self, seq, n_new) if g == 0 else self.others[g - 1].can_grow(seq, n_new)

@@ -45,7 +45,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 
-from dsv4.model_runtime.engine.kv_groups import GroupKV
+from dsv4.model_runtime.engine.kv_groups import GroupKV, pool_index
 from dsv4.model_runtime.engine.kv_state import KVPool, PagedSequenceState, PoolWrite
 from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from dsv4.model_runtime.engine.model_runner import ModelRunner
@@ -203,10 +203,7 @@ class LeaderRunner(ModelRunner):
 
     def _group(self, state: SequenceState | None) -> int:
         assert isinstance(state, PagedSequenceState), "a rank group's sequences live in the paged pool"
-        for g, pool in enumerate(self.pools):
-            if state.pool is pool:
-                return g
-        raise AssertionError("a sequence's state is in none of the group's pools")
+        return pool_index(self.pools, state)
 
     def _publish(self, call: Call | ExportCall | Stop) -> None:
         writes = []
