@@ -197,7 +197,7 @@ def plan(
     if layout.dp > 1:
         notes.append(
             f"data-parallel attention: {layout.dp} groups of {tp} ranks, each holding its own sequences' KV (the "
-            "capacity below is one group's; the worker holds that many times it); the prefix cache is off"
+            "capacity below is one group's; the worker holds that many times it)"
         )
     layout.check(cfg)
     ranks = sorted({0, world - 1})

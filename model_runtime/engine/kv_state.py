@@ -431,6 +431,11 @@ class KVCacheManager:
     def _available(self) -> int:
         return len(self._free_blocks) + self._cache_only
 
+    @property
+    def free_blocks(self) -> int:
+        """Blocks a sequence could take now: free ones and those only cache entries hold."""
+        return self._available()
+
     def _ref(self, block: int, seq: int = 0, cache: int = 0) -> None:
         """Change a block's holders; it goes back to the free list when nobody holds it any more."""
         old_seq, old_cache = self._seq_refs[block], self._cache_refs[block]

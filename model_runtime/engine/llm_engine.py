@@ -88,7 +88,7 @@ class LLMEngine:
         self, model: DeepseekV4, tokenizer: Tokenizer | None, config: EngineConfig | None = None, kv_groups: int = 1
     ) -> None:
         """`kv_groups`: the data-parallel groups whose KV pools this engine schedules (a rank group's leader under
-        data-parallel attention, `kv_groups.py`; the prefix cache must be off); 1 otherwise."""
+        data-parallel attention, `kv_groups.py`); 1 otherwise."""
         self.config = config or EngineConfig()
         self.model, self.tokenizer = model, tokenizer
         c = self.config
@@ -108,10 +108,12 @@ class LLMEngine:
         log.info("%s", self.kv_budget.describe())
         self.fingerprint = model_fingerprint(model)
         self.kv_groups = kv_groups
+        prefix_seed = chain_seed(self.fingerprint, c.block_size) if c.prefix_cache else None
+        self.kv: KVCacheManager | GroupKV
         if kv_groups > 1:
-            if c.prefix_cache:
-                raise ValueError("the prefix cache does not run over several data-parallel groups' pools")
-            self.kv: KVCacheManager = GroupKV(model, self.kv_budget.num_blocks, c.block_size, slots, kv_groups)
+            self.kv = GroupKV(
+                model, self.kv_budget.num_blocks, c.block_size, slots, kv_groups, prefix_slots, prefix_seed
+            )
             log.info(
                 "data-parallel attention: %d groups' KV pools of %d blocks each, %d token positions in all",
                 kv_groups,
@@ -125,7 +127,7 @@ class LLMEngine:
                 c.block_size,
                 slots,
                 prefix_slots=prefix_slots,
-                prefix_seed=chain_seed(self.fingerprint, c.block_size) if c.prefix_cache else None,
+                prefix_seed=prefix_seed,
             )
         self.scheduler = Scheduler(
             SchedulerConfig(c.max_num_seqs, c.max_num_batched_tokens, c.chunked_prefill), self.kv

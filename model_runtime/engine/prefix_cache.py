@@ -31,6 +31,7 @@ from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from dsv4.model_runtime.engine.port import PrefixEvent
 from dsv4.model_runtime.engine.prefix_hash import chain_hashes
@@ -115,6 +116,10 @@ class PrefixCache:
 
     def entries(self) -> list[CacheEntry]:
         return [*self._probation, *self._protected]
+
+    def holds(self, entry: CacheEntry) -> bool:
+        """Whether `entry` is one of this cache's."""
+        return entry in self._probation or entry in self._protected
 
     def prompt(self, tokens: Sequence[int]) -> Prompt:
         """`tokens` with the chain hashes of their full blocks."""
@@ -214,8 +219,18 @@ class PrefixCache:
         return events
 
 
+class CachedPrefixes(Protocol):
+    """What `snapshot_points` reads of a cache: a `PrefixCache`, or the caches of several data-parallel groups."""
+
+    block_size: int
+
+    def entries(self) -> list[CacheEntry]: ...
+
+    def get(self, prompt: Prompt, position: int) -> CacheEntry | None: ...
+
+
 def snapshot_points(
-    cache: PrefixCache, prompt: Prompt, start: int, others: Iterable[Prompt], min_gain: int
+    cache: CachedPrefixes, prompt: Prompt, start: int, others: Iterable[Prompt], min_gain: int
 ) -> list[int]:
     """Where a sequence that resumes at `start` and computes `prompt` takes snapshots, in order.
 

@@ -19,6 +19,7 @@ import itertools
 from collections import deque
 from dataclasses import dataclass
 
+from dsv4.model_runtime.engine.kv_groups import GroupKV
 from dsv4.model_runtime.engine.kv_state import KVCacheManager
 from dsv4.model_runtime.engine.prefix_cache import CacheEntry, Prompt, common_prefix, snapshot_points
 from dsv4.model_runtime.engine.request import Request, RequestStatus
@@ -48,7 +49,7 @@ class ScheduledChunk:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager | GroupKV) -> None:
         self.config, self.kv = config, kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []

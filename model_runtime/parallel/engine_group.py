@@ -10,8 +10,9 @@ layers (`shard.py`) line up.
   gathers the full vocabulary on every rank), so it runs on the leader alone and the followers learn the tokens
   from the next call's ids.
 * Data-parallel attention (`data_parallel.py`, layouts of dp > 1 tensor-parallel groups): each group's pool holds
-  its own sequences. The leader schedules every group's pool (`kv_groups.GroupKV`: a new sequence goes to the
-  group with the most free blocks) and splits each call into one part per group (a group may have none: it still
+  its own sequences. The leader schedules every group's pool and prefix cache (`kv_groups.GroupKV`: a new sequence
+  resumes in the group holding its longest cached prefix, else goes to the group with the most free blocks) and
+  splits each call into one part per group (a group may have none: it still
   takes part in the MoE's exchange); every rank runs its group's part, and the logits of all groups' rows are
   gathered for the leader's sampler.
 * Pool writes outside the forward pass travel with the next call, in order, to the ranks of the group they belong
@@ -29,8 +30,7 @@ layers (`shard.py`) line up.
   failed: their jobs are taken over), and the launcher ends the group, rather than serve from ranks out of step.
 
 Not run in a group (refused or switched off by `group_config`): MTP speculative decoding (its draft and verify
-calls are not sent), CUDA graphs (a captured step would replay collectives the followers do not mirror), and,
-under data-parallel attention, the prefix cache.
+calls are not sent) and CUDA graphs (a captured step would replay collectives the followers do not mirror).
 """
 
 from __future__ import annotations
@@ -132,17 +132,14 @@ class Message:
     call: Call | ExportCall | Stop
 
 
-def group_config(config: EngineConfig, layout: Layout) -> EngineConfig:
-    """`config` as a rank group of `layout` runs it: GroupUnsupported for MTP speculative decoding, CUDA graphs
-    off, and the prefix cache off under data-parallel attention (its entries would be per group)."""
+def group_config(config: EngineConfig) -> EngineConfig:
+    """`config` as a rank group runs it: GroupUnsupported for MTP speculative decoding, CUDA graphs off."""
     if config.speculative_mtp:
         raise GroupUnsupported(
             "MTP speculative decoding does not run in a rank group (its draft and verify calls are not mirrored to "
             "the followers); turn it off or run one rank"
         )
-    if layout.dp > 1 and config.prefix_cache:
-        log.info("rank group %s: the prefix cache is off under data-parallel attention", layout.describe())
-    return replace(config, cuda_graphs=False, prefix_cache=config.prefix_cache and layout.dp == 1)
+    return replace(config, cuda_graphs=False)
 
 
 def run_call(
@@ -372,7 +369,7 @@ def load_rank_engine(
         raise ValueError(f"layout {layout.describe()} does not match the group's {ctx.world_size} ranks")
     from dsv4.model_runtime.weights import load_rank
 
-    cfg = group_config(config or EngineConfig(), layout)
+    cfg = group_config(config or EngineConfig())
     channel = StepChannel()
     dp = DataParallel.create(layout, ctx.rank) if layout.dp > 1 else None
     model, _ = load_rank(path, layout, ctx.rank, ctx.device, dtype, qat_simulation, data_parallel=dp)

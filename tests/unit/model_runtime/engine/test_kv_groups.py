@@ -8,6 +8,7 @@ import torch
 
 from dsv4.model_runtime.engine.kv_groups import GroupKV
 from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from dsv4.model_runtime.engine.port import PrefixEvent
 from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
@@ -68,11 +69,55 @@ def test_remote_groups_record_their_writes_and_hold_no_storage(model: DeepseekV4
     assert remote.block_tables[b.state.slot, :2].tolist() == b.state.table  # type: ignore[union-attr]
 
 
-def test_an_engine_of_several_groups_refuses_the_prefix_cache(model: DeepseekV4) -> None:
-    with pytest.raises(ValueError, match="prefix cache"):
-        LLMEngine(model, None, EngineConfig(num_blocks=8, block_size=8), kv_groups=2)
-    engine = LLMEngine(model, None, EngineConfig(num_blocks=8, block_size=8, prefix_cache=False), kv_groups=2)
+def test_an_engine_of_several_groups_counts_every_pool(model: DeepseekV4) -> None:
+    engine = LLMEngine(model, None, EngineConfig(num_blocks=8, block_size=8), kv_groups=2)
     assert isinstance(engine.kv, GroupKV) and engine.kv.total_blocks == 16
     stats = engine.stats_extra()  # what /metrics reports: every group's pool
     assert stats["kv_pool_blocks"] == 16 and stats["kv_pool_max_tokens"] == 2 * engine.kv_budget.max_tokens
     assert engine.kv.pool.window[0].device == torch.device("cpu")
+
+
+def _cached(kv: GroupKV, seq: Request, position: int, group: int | None = None) -> None:
+    """Give `seq` a state standing at `position` (in `group`, else where `grow` puts it) and make a cache entry of
+    it."""
+    assert kv.cache is not None
+    (kv.groups[group] if group is not None else kv).grow(seq, position)
+    assert seq.state is not None
+    seq.num_computed = seq.state.position = position
+    prompt = kv.cache.prompt(seq.prompt_token_ids)
+    assert kv.snapshot(seq, prompt, position) is not None
+
+
+def test_prefix_caches_of_every_group_serve_as_one(model: DeepseekV4) -> None:
+    kv = GroupKV(model, num_blocks=8, block_size=8, num_slots=3, groups=2, prefix_slots=2, prefix_seed=b"seed")
+    cache = kv.cache
+    assert cache is not None
+    for pool in kv.pools:
+        pool.journal = []
+    a, b = _seq("a", 16), _seq("b", 30)
+    _cached(kv, b, 24)  # group 0: 3 blocks of b's prompt
+    _cached(kv, a, 16)  # group 1 (more free blocks): a's prompt, aligned at 16
+    assert [kv.group_of(s) for s in (b, a)] == [0, 1]
+    # A prompt extending a's resumes in group 1, where the entry's blocks are, though group 0 ...
+    c = _seq("c", 20)
+    prompt = cache.prompt(c.prompt_token_ids)
+    entry = cache.lookup(prompt, 19)
+    assert entry is not None and entry.position == 16 and cache.group_of(entry) == 1
+    kv.free(b)  # ... now has more free blocks
+    assert kv.admit(c, entry, 4) and kv.group_of(c) == 1 and c.num_computed == 16
+    remote = kv.pools[1]
+    assert ("copy_slot", entry.slot, c.state.slot) in (remote.journal or [])  # type: ignore[union-attr]
+    # Events: a prefix stored in both groups is announced once and evicted when the last group drops it.
+    h = entry.chain_hash
+    assert PrefixEvent("stored", h) in cache.drain_events()
+    kv.free(c)
+    _cached(kv, _seq("d", 16), 16, group=0)  # a's tokens, cached in group 0 too
+    assert [e for e in cache.drain_events() if e.chain_hash == h] == []
+    assert cache.chain_hashes().count(h) == 1
+    while kv.groups[1].evict():
+        pass
+    assert [e for e in cache.drain_events() if e.chain_hash == h] == []  # group 0 still holds it
+    while kv.groups[0].evict():
+        pass
+    assert PrefixEvent("evicted", h) in cache.drain_events()
+    assert cache.stats.evictions == 3 and len(cache) == 0  # b's, a's and d's entries; one counter for all

@@ -3,7 +3,8 @@
 sequences' attention and the MoE runs over both groups' tokens.
 
 - greedy tokens equal a one-process engine's, for prompts whose prefill chunks and decode steps fall into one
-  group or both (a group without rows in a call takes part in the MoE's exchange with none);
+  group or both (a group without rows in a call takes part in the MoE's exchange with none), and for prompts
+  that resume from prefix-cache entries of either group, or from a prefix imported into the group's cache;
 - sequences run side by side are shared out between the groups;
 - KV state crosses layouts both ways: one-process exports continue in whichever group imports them, and states
   prefilled in either group (the other group's state reaches the leader through the step channel) continue in a
@@ -44,18 +45,32 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[
     ckpt = write_checkpoint(root / "ckpt", "tiny-flash", quantized=True, seed=0)
     source = _engine(ckpt)
     imports = [(p, *prefill_export(source, p)) for p in (_tokens(21, 50), _tokens(9, 51))]
+    base = [_tokens(n, seed) for seed, n in enumerate((5, 13, 29, 40, 3))]
+    prefix = _tokens(24, 60)  # 3 whole blocks: an aligned entry
+    source.generate_ids([prefix], GREEDY)
+    chain = source.kv.cache.prompt(prefix).hashes[-1]  # type: ignore[union-attr]
     work = {
-        "rounds": [[_tokens(n, seed) for seed, n in enumerate((5, 13, 29, 40, 3))]],
+        # round 2 extends round 1's prompts: each resumes from its entry, in the group that cached it
+        "rounds": [base, [p + _tokens(6, 100 + i) for i, p in enumerate(base)]],
+        "prefix": (prefix, b"".join(source.export_prefix(chain, 1 << 20) or []), prefix + _tokens(5, 61)),
         "concurrent": (imports, [_tokens(19, 70), _tokens(33, 71)]),
     }
     torch.save(work, root / "work.pt")
     return work, run_engine_ranks(ckpt, "2,4", root / "work.pt", root / "out", 4), ckpt
 
 
-def test_dp_group_greedy_equals_one_process(run) -> None:
+def test_dp_group_greedy_equals_one_process_with_prefix_hits(run) -> None:
     work, got, ckpt = run
     want = [[c.token_ids for c in _engine(ckpt).generate_ids(prompts, GREEDY)] for prompts in work["rounds"]]
     assert got["rounds"] == want
+    assert got["hits"] >= 5  # round 2 resumed from entries in both groups (slot and block copies sent to them)
+
+
+def test_one_process_prefix_imported_into_the_dp_group_serves_an_extension(run) -> None:
+    work, got, ckpt = run
+    prefix, _, extended = work["prefix"]
+    assert got["prefix"] == _engine(ckpt).generate_ids([extended], GREEDY)[0].token_ids
+    assert got["prefix_prefill_tokens"] <= len(extended) - len(prefix)  # resumed from the imported prefix
 
 
 def test_sequences_are_shared_out_between_the_groups(run) -> None:

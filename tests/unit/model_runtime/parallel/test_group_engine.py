@@ -19,7 +19,6 @@ import torch
 from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
 from dsv4.model_runtime.parallel.engine_group import GroupUnsupported, group_config
-from dsv4.model_runtime.placement import Layout
 from dsv4.model_runtime.weights import load_model
 
 from .conftest import run_engine_ranks
@@ -97,7 +96,5 @@ def test_tp1_prefix_imported_into_tp2_group_serves_an_extension(run) -> None:
 
 def test_group_refuses_mtp_and_turns_graphs_off() -> None:
     with pytest.raises(GroupUnsupported, match="MTP speculative decoding"):
-        group_config(EngineConfig(speculative_mtp=True), Layout(2, 2))
-    tp = group_config(EngineConfig(), Layout(2, 2))
-    assert tp.cuda_graphs is False and tp.prefix_cache is True
-    assert group_config(EngineConfig(), Layout(4, 2, 4)).prefix_cache is False  # per-group entries: not run
+        group_config(EngineConfig(speculative_mtp=True))
+    assert group_config(EngineConfig()).cuda_graphs is False
