@@ -27,6 +27,8 @@ from dsv4.model_runtime.engine.transfer import to_host
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.state import SequenceState
 
+StreamRef = tuple[int, int]  # (index of a model call of this step, row of its streams)
+
 
 def _request(seq: Request) -> SampleRequest:
     return SampleRequest(seq.params, seq.seed, seq.num_generated, seq.prompt_token_ids, seq.output_token_ids)
@@ -46,11 +48,15 @@ class ModelRunner:
     def __init__(self, model: DeepseekV4, use_mtp: bool = False, cuda_graphs: bool = False) -> None:
         if use_mtp and not len(model.mtp):
             raise ValueError("MTP speculative decoding needs the model's MTP module (load it with mtp=True)")
-        self.model = model
+        self.model, self.use_mtp = model, use_mtp
         self.drafts = speculative.DraftStats()
         self.cuda_graphs = cuda_graphs
         self.graphs: DecodeGraphs | None = None
-        self._mtp_work: list[tuple[Request, torch.Tensor, int]] = []
+        # With MTP: the streams of this step's model calls, in call order (the MTP module consumes rows of them at
+        # the step's end), and the snapshots of the last verification (its rejected rows roll back to them).
+        self._streams: list[torch.Tensor] = []
+        self._verify_saved: list[speculative.StepSnapshot] = []
+        self._mtp_work: list[tuple[Request, StreamRef, int]] = []
 
     def _states(self, seqs: list[Request]) -> list[SequenceState]:
         states = []
@@ -86,7 +92,7 @@ class ModelRunner:
         if decode:
             logits.append(self._decode(decode))
             ready += decode
-        follow: list[tuple[Request, torch.Tensor, int]] = []
+        follow: list[tuple[Request, StreamRef, int]] = []
         for n, seqs in groups.items():
             fed, fed_logits = self._feed(n, seqs, follow)
             ready += fed
@@ -94,9 +100,9 @@ class ModelRunner:
                 logits.append(fed_logits)
         if ready:
             self._sample(ready, logits[0] if len(logits) == 1 else torch.cat(logits))
-        for s, streams, start in follow:
+        for s, ref, start in follow:
             if not s.finished:
-                self._follow(s, streams, start)
+                self._follow(s, ref, start)
         produced = ready
         if verify:
             produced += self._verify(verify)
@@ -129,23 +135,24 @@ class ModelRunner:
         return self.forward_decode(DecodeInputs.build(seqs, pool, width), pool)
 
     def _feed(
-        self, n: int, seqs: list[Request], follow: list[tuple[Request, torch.Tensor, int]]
+        self, n: int, seqs: list[Request], follow: list[tuple[Request, StreamRef, int]]
     ) -> tuple[list[Request], torch.Tensor | None]:
         """Feed the next n tokens of every sequence through the per-sequence path; returns the sequences that
-        caught up and their logits. MTP sequences are queued in `follow` (streams, first position fed)."""
+        caught up and their logits. MTP sequences are queued in `follow` (their streams, first position fed)."""
         ids = torch.tensor(
             [s.token_ids[s.num_computed : s.num_computed + n] for s in seqs], dtype=torch.long, device=self.model.device
         )
         rows = [row for row, s in enumerate(seqs) if s.num_uncomputed == n]  # the rows that catch up
-        streams, logits = self.forward_feed(ids, self._states(seqs), rows)
+        _, logits = self.forward_feed(ids, self._states(seqs), rows)
+        call = len(self._streams) - 1  # the call just made (its streams are kept with MTP on)
         for row, s in enumerate(seqs):
             s.num_computed += n
             if s.use_mtp:
-                follow.append((s, streams[row], s.num_computed - n))
+                follow.append((s, (call, row), s.num_computed - n))
         return [seqs[row] for row in rows], logits
 
-    # The model calls of a step outside MTP: a rank group's leader overrides them to send each call to its followers
-    # first (`parallel/engine_group.py`), so every rank runs the same calls, and hence the same collectives, in order.
+    # The model calls of a step: a rank group's leader overrides them to send each call to its followers first
+    # (`parallel/engine_group.py`), so every rank runs the same calls, and hence the same collectives, in order.
     def forward_decode(self, inputs: DecodeInputs, pool: KVPool) -> torch.Tensor:
         """The batched decode step over `pool`: logits [D, vocab]."""
         return self.model.decode_paged(inputs.token_ids, inputs.step(pool))
@@ -155,8 +162,36 @@ class ModelRunner:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Feed ids [B, n] through the per-sequence path (advancing every state by n): the streams [B, n, hc, d]
         and the last position's logits of `rows` (None when no row needs them)."""
-        streams = self.model.hidden_streams(ids, states)
+        streams = self._keep(self.model.hidden_streams(ids, states))
         return streams, self.model.logits(streams[rows, -1]) if rows else None
+
+    def forward_verify(self, ids: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
+        """Feed [last token, draft] per row (ids [B, 2]) after saving what it overwrites: logits [B, 2, vocab]."""
+        window = self.model.cfg.sliding_window
+        self._verify_saved = [speculative.snapshot(st, 2, window) for st in states]
+        streams = self._keep(self.model.hidden_streams(ids, states))
+        return self.model.logits(streams)
+
+    def forward_refeed(self, rows: list[int], ids: torch.Tensor, states: list[SequenceState]) -> None:
+        """Roll the last verification's `rows` back (their `states`) and feed their last token again (ids [R, 1])."""
+        for row, st in zip(rows, states, strict=True):
+            speculative.rollback(st, self._verify_saved[row])
+        self._keep(self.model.hidden_streams(ids, states))
+
+    def forward_mtp(self, calls: list[tuple[list[StreamRef], torch.Tensor, list[SequenceState]]]) -> list[torch.Tensor]:
+        """The step's MTP calls, each (rows of this step's streams [B] of k positions, the tokens after them [B, k],
+        the states): logits [B, k, vocab] each. The step's streams are dropped after them."""
+        out = []
+        for refs, next_ids, states in calls:
+            streams = torch.stack([self._streams[c][r] for c, r in refs])
+            out.append(self.model.mtp_logits(streams, next_ids, states))
+        self._streams = []
+        return out
+
+    def _keep(self, streams: torch.Tensor) -> torch.Tensor:
+        if self.use_mtp:
+            self._streams.append(streams)
+        return streams
 
     def export_chunks(self, state: SequenceState, chunk_size: int) -> list[bytes]:
         """The KV blob (`kv_export` format) of a sequence's state, in chunks (a rank group's leader overrides it to
@@ -173,24 +208,27 @@ class ModelRunner:
         for s, (token, logprob) in zip(seqs, drawn, strict=True):
             s.append(token, logprob)
 
-    def _follow(self, s: Request, streams: torch.Tensor, start: int) -> None:
-        """Queue the MTP step over the positions [start, start + k) the main model just consumed (streams
-        [k, hc, d]); each pairs with the token after it, which is known: the prompt's next token or the one just
-        sampled. `_run_mtp` runs the queued steps batched by k."""
+    def _follow(self, s: Request, ref: StreamRef, start: int) -> None:
+        """Queue the MTP step over the positions [start, start + k) the main model just consumed (the streams of
+        `ref`, [k, hc, d]); each pairs with the token after it, which is known: the prompt's next token or the one
+        just sampled. `_run_mtp` runs the queued steps batched by k."""
         assert s.state is not None and s.state.mtp_position == start, "MTP out of step with the main model"
-        self._mtp_work.append((s, streams, start))
+        self._mtp_work.append((s, ref, start))
 
     def _run_mtp(self) -> None:
-        groups: dict[int, list[tuple[Request, torch.Tensor, int]]] = defaultdict(list)
+        if not self.use_mtp:
+            return
+        groups: dict[int, list[tuple[Request, StreamRef, int]]] = defaultdict(list)
         for item in self._mtp_work:
-            groups[item[1].shape[0]].append(item)
+            groups[self._streams[item[1][0]].shape[1]].append(item)
         self._mtp_work = []
+        calls = []
         for k, items in groups.items():
-            seqs = [s for s, _, _ in items]
             ids = [s.token_ids[start + 1 : start + k + 1] for s, _, start in items]
-            streams = torch.stack([st for _, st, _ in items])
             next_ids = torch.tensor(ids, dtype=torch.long, device=self.model.device)
-            logits = self.model.mtp_logits(streams, next_ids, self._states(seqs))  # [B, k, vocab]
+            calls.append(([ref for _, ref, _ in items], next_ids, self._states([s for s, _, _ in items])))
+        for items, logits in zip(groups.values(), self.forward_mtp(calls), strict=True):  # logits [B, k, vocab]
+            seqs = [s for s, _, _ in items]
             drafts = torch.argmax(logits[:, -1], dim=-1).tolist()
             for s, draft in zip(seqs, drafts, strict=True):
                 if s.num_computed == s.num_tokens - 1 and not s.finished:
@@ -202,12 +240,10 @@ class ModelRunner:
 
     def _verify(self, seqs: list[Request]) -> list[Request]:
         """Feed [last token, draft] per sequence; keep the draft iff it is the token plain decoding would draw."""
-        window = self.model.cfg.sliding_window
         states = self._states(seqs)
-        saved = [speculative.snapshot(st, 2, window) for st in states]
         ids = torch.tensor([[s.token_ids[-1], s.draft] for s in seqs], dtype=torch.long, device=self.model.device)
-        streams = self.model.hidden_streams(ids, states)  # [B, 2, hc, d]
-        logits = self.model.logits(streams)  # [B, 2, vocab]
+        logits = self.forward_verify(ids, states)  # [B, 2, vocab]
+        call = len(self._streams) - 1
         rejected: list[int] = []
         for row, s in enumerate(seqs):
             draft, s.draft = s.draft, None
@@ -219,16 +255,16 @@ class ModelRunner:
                 if not s.finished:
                     _draw(self.model.ops, s, logits[row, 1])
                 if s.use_mtp and not s.finished:
-                    self._follow(s, streams[row], start)
+                    self._follow(s, (call, row), start)
             else:
-                speculative.rollback(states[row], saved[row])
                 rejected.append(row)
         if rejected:
             again = [seqs[row] for row in rejected]
             last = torch.tensor([[s.token_ids[s.num_computed]] for s in again], dtype=torch.long, device=ids.device)
-            refed = self.model.hidden_streams(last, [states[row] for row in rejected])
+            self.forward_refeed(rejected, last, [states[row] for row in rejected])
+            call = len(self._streams) - 1
             for k, s in enumerate(again):
                 s.num_computed += 1
                 if s.use_mtp and not s.finished:
-                    self._follow(s, refed[k], s.num_computed - 1)
+                    self._follow(s, (call, k), s.num_computed - 1)
         return seqs

@@ -29,8 +29,11 @@ layers (`shard.py`) line up.
   be sent means a follower is gone: either way the leader logs one line and exits (the callers' requests are not
   failed: their jobs are taken over), and the launcher ends the group, rather than serve from ranks out of step.
 
-Not run in a group (refused or switched off by `group_config`): MTP speculative decoding (its draft and verify
-calls are not sent) and CUDA graphs (a captured step would replay collectives the followers do not mirror).
+MTP speculative decoding runs in a group of one tensor-parallel group: its verification (`VerifyCall`), the
+rollback and refeed of rejected drafts (`RefeedCall`) and the step's MTP calls (`MtpCall`, naming rows of the
+streams every rank kept from this step's calls) are sent like the others; under data-parallel attention it is
+refused (`group_config`). CUDA graphs are off in a group (a captured step would replay collectives the followers
+do not mirror).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ import torch.distributed as dist
 from dsv4.model_runtime.engine.kv_groups import GroupKV, pool_index
 from dsv4.model_runtime.engine.kv_state import KVPool, PagedSequenceState, PoolWrite
 from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
-from dsv4.model_runtime.engine.model_runner import ModelRunner
+from dsv4.model_runtime.engine.model_runner import ModelRunner, StreamRef
 from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.step_inputs import DecodeInputs, table_width
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
@@ -119,9 +122,40 @@ class ExportCall:
     chunk_size: int
 
 
+Described = tuple[int, tuple[int, ...], int, int]  # a paged state: slot, blocks, position, MTP position
+
+
+@dataclass(frozen=True)
+class VerifyCall:
+    """MTP verification: ids [B, 2] (last token, draft) fed to the described states (`forward_verify`)."""
+
+    ids: torch.Tensor
+    states: list[Described]
+
+
+@dataclass(frozen=True)
+class RefeedCall:
+    """The last verification's rejected `rows`, rolled back and fed their last token again (`forward_refeed`)."""
+
+    rows: list[int]
+    ids: torch.Tensor
+    states: list[Described]
+
+
+@dataclass(frozen=True)
+class MtpCall:
+    """The step's MTP calls (`forward_mtp`): per call the rows of this step's streams, the tokens after them, the
+    states."""
+
+    calls: list[tuple[list[tuple[int, int]], torch.Tensor, list[Described]]]
+
+
 @dataclass(frozen=True)
 class Stop:
     """The leader is done: followers return."""
+
+
+Published = Call | ExportCall | VerifyCall | RefeedCall | MtpCall | Stop
 
 
 @dataclass(frozen=True)
@@ -129,15 +163,16 @@ class Message:
     """Each data-parallel group's pool writes since the previous message, then one call."""
 
     writes: list[list[PoolWrite]]
-    call: Call | ExportCall | Stop
+    call: Published
 
 
-def group_config(config: EngineConfig) -> EngineConfig:
-    """`config` as a rank group runs it: GroupUnsupported for MTP speculative decoding, CUDA graphs off."""
-    if config.speculative_mtp:
+def group_config(config: EngineConfig, layout: Layout) -> EngineConfig:
+    """`config` as a rank group of `layout` runs it: CUDA graphs off; GroupUnsupported for MTP speculative decoding
+    under data-parallel attention."""
+    if config.speculative_mtp and layout.dp > 1:
         raise GroupUnsupported(
-            "MTP speculative decoding does not run in a rank group (its draft and verify calls are not mirrored to "
-            "the followers); turn it off or run one rank"
+            f"MTP speculative decoding does not run under data-parallel attention ({layout.describe()}): its calls "
+            "are not split between the groups; turn it off or use a layout of one tensor-parallel group"
         )
     return replace(config, cuda_graphs=False)
 
@@ -192,8 +227,15 @@ class LeaderRunner(ModelRunner):
     it; under data-parallel attention (`dp`) each call is split by the group whose pool holds each sequence
     (`pools`, in group order: the leader's own, then the other groups' bookkeeping)."""
 
-    def __init__(self, model: DeepseekV4, pools: list[KVPool], channel: StepChannel, dp: DataParallel | None) -> None:
-        super().__init__(model)
+    def __init__(
+        self,
+        model: DeepseekV4,
+        pools: list[KVPool],
+        channel: StepChannel,
+        dp: DataParallel | None,
+        use_mtp: bool = False,
+    ) -> None:
+        super().__init__(model, use_mtp=use_mtp)
         self.pools, self.channel, self.dp = pools, channel, dp
         for pool in pools:
             pool.journal = []
@@ -202,7 +244,7 @@ class LeaderRunner(ModelRunner):
         assert isinstance(state, PagedSequenceState), "a rank group's sequences live in the paged pool"
         return pool_index(self.pools, state)
 
-    def _publish(self, call: Call | ExportCall | Stop) -> None:
+    def _publish(self, call: Published) -> None:
         writes = []
         for pool in self.pools:
             writes.append(pool.journal or [])
@@ -254,12 +296,35 @@ class LeaderRunner(ModelRunner):
         for members in by_group[1:]:  # computed by their groups' ranks
             for i in members:
                 states[i].position += ids.shape[1]
-        # MTP, the streams' one reader, is refused in a group (`group_config`).
+        # The streams' one reader, MTP, takes them from the runner (`ModelRunner._keep`, on this group's rows: MTP
+        # runs in one tensor-parallel group only), so none are returned.
         streams = torch.empty(0, device=ids.device)
         if logits is None:
             return streams, None
         where = {i: k for k, i in enumerate(rows)}
         return streams, _in_order(logits, [where[i] for members in by_group for i in members if i in needed])
+
+    # MTP (one tensor-parallel group only, `group_config`): each call is sent, then made as one process makes it.
+    def forward_verify(self, ids: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
+        try:
+            self._publish(VerifyCall(ids.cpu(), _describe(states)))
+            return super().forward_verify(ids, states)
+        except Exception as e:
+            _broken(e)
+
+    def forward_refeed(self, rows: list[int], ids: torch.Tensor, states: list[SequenceState]) -> None:
+        try:
+            self._publish(RefeedCall(rows, ids.cpu(), _describe(states)))
+            super().forward_refeed(rows, ids, states)
+        except Exception as e:
+            _broken(e)
+
+    def forward_mtp(self, calls: list[tuple[list[StreamRef], torch.Tensor, list[SequenceState]]]) -> list[torch.Tensor]:
+        try:
+            self._publish(MtpCall([(refs, ids.cpu(), _describe(states)) for refs, ids, states in calls]))
+            return super().forward_mtp(calls)
+        except Exception as e:
+            _broken(e)
 
     def export_chunks(self, state: SequenceState, chunk_size: int) -> list[bytes]:
         group = self._group(state)
@@ -320,6 +385,9 @@ class RankEngine:
                 call = message.call
                 if isinstance(call, Stop):
                     return
+                if isinstance(call, VerifyCall | RefeedCall | MtpCall):
+                    _replay_mtp(runner, pool, call)
+                    continue
                 if isinstance(call, ExportCall):
                     if call.group == group and self.dp is not None and self.ctx.rank == group * self.dp.layout.tp:
                         state = _state(pool, call.slot, call.blocks, call.position)
@@ -334,11 +402,36 @@ class RankEngine:
         runner.stop()
 
 
-def _state(pool: KVPool, slot: int, blocks: tuple[int, ...], position: int) -> PagedSequenceState:
+def _state(
+    pool: KVPool, slot: int, blocks: tuple[int, ...], position: int, mtp_position: int = 0
+) -> PagedSequenceState:
     state = PagedSequenceState(pool, slot)
     state.table.extend(blocks)
-    state.position = position
+    state.position, state.mtp_position = position, mtp_position
     return state
+
+
+def _describe(states: list[SequenceState]) -> list[Described]:
+    out = []
+    for st in states:
+        assert isinstance(st, PagedSequenceState), "a rank group's sequences live in the paged pool"
+        out.append((st.slot, tuple(st.table), st.position, st.mtp_position))
+    return out
+
+
+def _replay_mtp(runner: ModelRunner, pool: KVPool, call: VerifyCall | RefeedCall | MtpCall) -> None:
+    """A follower's part of an MTP call: the same runner call on its shard, over the described states."""
+    device = runner.model.device
+
+    def states(described: list[Described]) -> list[SequenceState]:
+        return [_state(pool, *d) for d in described]
+
+    if isinstance(call, VerifyCall):
+        ModelRunner.forward_verify(runner, call.ids.to(device), states(call.states))
+    elif isinstance(call, RefeedCall):
+        ModelRunner.forward_refeed(runner, call.rows, call.ids.to(device), states(call.states))
+    else:
+        ModelRunner.forward_mtp(runner, [(refs, ids.to(device), states(ds)) for refs, ids, ds in call.calls])
 
 
 def _apply(model: DeepseekV4, pool: KVPool, write: PoolWrite) -> None:
@@ -369,7 +462,7 @@ def load_rank_engine(
         raise ValueError(f"layout {layout.describe()} does not match the group's {ctx.world_size} ranks")
     from dsv4.model_runtime.weights import load_rank
 
-    cfg = group_config(config or EngineConfig())
+    cfg = group_config(config or EngineConfig(), layout)
     channel = StepChannel()
     dp = DataParallel.create(layout, ctx.rank) if layout.dp > 1 else None
     model, _ = load_rank(path, layout, ctx.rank, ctx.device, dtype, qat_simulation, data_parallel=dp)
@@ -378,7 +471,7 @@ def load_rank_engine(
     if ctx.is_leader:
         kv = engine.kv
         pools = kv.pools if isinstance(kv, GroupKV) else [kv.pool]
-        engine.runner = LeaderRunner(model, pools, channel, dp)
+        engine.runner = LeaderRunner(model, pools, channel, dp, use_mtp=cfg.speculative_mtp)
     # Every rank has loaded before any returns: a leader that reports ready serves with a whole group.
     dist.barrier()
     log.info(

@@ -10,7 +10,9 @@ work (torch.save'd dict; each item optional):
 * "export": a prompt prefilled here, whose token 0 and KV blob are saved;
 * "prefix": (prefix tokens, KV blob, prompt) an aligned prefix imported into the cache, then a prompt extending it;
 * "concurrent": (imports, exports) sequences run at the same time, so that data-parallel groups share them out:
-  each import (prompt, token 0, KV blob) continues, each export prompt is prefilled and its blob saved.
+  each import (prompt, token 0, KV blob) continues, each export prompt is prefilled and its blob saved;
+* "mtp": [(prompt, its greedy tokens)]: the engine runs MTP speculative decoding and these prompts are generated
+  first, with oracle drafts (`with_oracle_drafts`).
 
 Writes out/result.pt (leader): the tokens of each, the prefill tokens computed and the prefix cache's hits, and for
 "concurrent" the data-parallel group each sequence ran in.
@@ -18,6 +20,7 @@ Writes out/result.pt (leader): the tokens of each, the prefill tokens computed a
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -25,6 +28,7 @@ import torch
 from dsv4.model_runtime.engine import kv_export
 from dsv4.model_runtime.engine.kv_groups import GroupKV
 from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.parallel.engine_group import load_rank_engine
 from dsv4.model_runtime.parallel.rank import RankContext
@@ -87,18 +91,46 @@ def concurrent(
     return {"groups": groups, "imports": [s.output_token_ids for s in seqs[: len(imports)]], "exports": exported}
 
 
+def with_oracle_drafts(engine: LLMEngine, truth: list[list[int]]) -> dict[str, object]:
+    """Generate the prompts `truth` was generated from with MTP drafts replaced as in test_mtp.py's OracleRunner:
+    the true next token every other time, else a wrong one (the random model's own drafts are all rejected), so
+    both verification outcomes run; the tokens and the draft counters."""
+    prompts = [t[0] for t in truth]
+    answers = {f"o{i}": t[1] for i, t in enumerate(truth)}
+    runner, turn = engine.runner, [0]
+
+    def propose(s: Request, draft: int) -> None:
+        right = answers[s.request_id][s.num_generated] if s.num_generated < len(answers[s.request_id]) else 0
+        turn[0] += 1
+        s.draft = right if turn[0] % 2 else (right + 1) % 128000
+
+    runner._propose = propose  # type: ignore[method-assign]
+    seqs = [engine.add_request(f"o{i}", p, GREEDY) for i, p in enumerate(prompts)]
+    while engine.has_unfinished():
+        engine.step()
+    del runner._propose  # the model's own drafts from here on
+    return {
+        "tokens": [s.output_token_ids for s in seqs],
+        "proposed": runner.drafts.proposed,
+        "accepted": runner.drafts.accepted,
+    }
+
+
 def main(ctx: RankContext, args: list[str]) -> None:
     ckpt, layout_arg, work_file, out = args
     torch.set_num_threads(1)
     tp, _, ep = layout_arg.partition(",")
     layout = Layout(world=ctx.world_size, tp=int(tp), ep=int(ep or 1))
-    part = load_rank_engine(ctx, ckpt, layout, dtype=torch.float64, config=CONFIG)
+    work = torch.load(work_file)
+    config = replace(CONFIG, speculative_mtp="mtp" in work)
+    part = load_rank_engine(ctx, ckpt, layout, dtype=torch.float64, config=config)
     if not part.is_leader:
         part.follow()
         return
     engine = part.engine
-    work = torch.load(work_file)
     result: dict[str, object] = {}
+    if "mtp" in work:
+        result["mtp"] = with_oracle_drafts(engine, work["mtp"])
     if "rounds" in work:
         result["rounds"] = [[c.token_ids for c in engine.generate_ids(ps, GREEDY)] for ps in work["rounds"]]
     if "import" in work:

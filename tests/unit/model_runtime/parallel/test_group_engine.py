@@ -19,6 +19,7 @@ import torch
 from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
 from dsv4.model_runtime.parallel.engine_group import GroupUnsupported, group_config
+from dsv4.model_runtime.placement import Layout
 from dsv4.model_runtime.weights import load_model
 
 from .conftest import run_engine_ranks
@@ -94,7 +95,31 @@ def test_tp1_prefix_imported_into_tp2_group_serves_an_extension(run) -> None:
     assert got["prefix_prefill_tokens"] <= len(extended) - len(prefix)  # resumed from the imported prefix
 
 
-def test_group_refuses_mtp_and_turns_graphs_off() -> None:
-    with pytest.raises(GroupUnsupported, match="MTP speculative decoding"):
-        group_config(EngineConfig(speculative_mtp=True))
-    assert group_config(EngineConfig()).cuda_graphs is False
+def test_group_turns_graphs_off_and_refuses_mtp_under_data_parallel_attention() -> None:
+    assert group_config(EngineConfig(), Layout(2, 2)).cuda_graphs is False
+    assert group_config(EngineConfig(speculative_mtp=True), Layout(2, 2)).speculative_mtp
+    with pytest.raises(GroupUnsupported, match="MTP speculative decoding does not run under data-parallel"):
+        group_config(EngineConfig(speculative_mtp=True), Layout(4, 2, 4))
+
+
+@pytest.fixture(scope="module")
+def mtp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any], Path]:
+    """A TP2 group running MTP speculative decoding: oracle drafts (accepted every other time), then the model's own
+    (rejected: the random MTP guesses wrong) over chunked prefills and decode steps."""
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("group-mtp")
+    ckpt = write_checkpoint(root / "ckpt", "tiny-flash", quantized=True, seed=0)
+    prompts = [_tokens(n, 80 + n) for n in (1, 9, 16, 33)]
+    truth = [c.token_ids for c in _engine(ckpt).generate_ids(prompts, GREEDY)]
+    work = {"mtp": list(zip(prompts, truth, strict=True)), "rounds": [[_tokens(n, 90 + n) for n in (5, 21)]]}
+    torch.save(work, root / "work.pt")
+    return work, run_engine_ranks(ckpt, "2", root / "work.pt", root / "out", 2), ckpt
+
+
+def test_mtp_in_a_group_gives_the_tokens_of_plain_decoding(mtp_run) -> None:
+    work, got, ckpt = mtp_run
+    assert got["mtp"]["tokens"] == [t for _, t in work["mtp"]]
+    proposed, accepted = got["mtp"]["proposed"], got["mtp"]["accepted"]
+    assert 0 < accepted < proposed  # verification kept drafts and rolled others back, on both ranks
+    want = [[c.token_ids for c in _engine(ckpt).generate_ids(prompts, GREEDY)] for prompts in work["rounds"]]
+    assert got["rounds"] == want
