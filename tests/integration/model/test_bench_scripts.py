@@ -1,4 +1,5 @@
-"""The CPU-runnable paths of bench/decode_gpu.py and bench/sharded_load.py on tiny-flash (the GPU run is gpu.sh's)."""
+"""The CPU-runnable paths of bench/decode_gpu.py, bench/sharded_load.py and bench/rank_groups.py on tiny-flash (the
+GPU run is gpu.sh's)."""
 
 from __future__ import annotations
 
@@ -43,3 +44,16 @@ def test_sharded_load_bench_ratios(tmp_path: Path) -> None:
     # large part of a small model, so a rank holds well over half; the width-true model is within 10%
     assert 1.0 < lines[1]["max_rank_weight_bytes_ratio"] < 1.6
     assert all(line["peak_rss_ratio"] > 0 and line["gbps"] > 0 for line in lines)
+
+
+def test_rank_groups_bench_lines(tmp_path: Path) -> None:
+    env = os.environ | {dsv4_env.HOME: str(tmp_path)}
+    args = ("--layouts", "tp2,dp2", "--batches", "2", "--prompt", "4", "--tokens", "2", "--reps", "1")
+    lines = _lines(str(BENCH / "rank_groups.py"), *args, env=env)
+    assert [(line["layout"], line["world"], line["batch"]) for line in lines] == [
+        ("1", 1, 2),
+        ("tp2", 2, 2),
+        ("dp2", 2, 2),
+    ]
+    assert lines[0]["ratio"] == 1.0
+    assert all(line["tokens_per_s"] > 0 and line["ratio"] > 0 for line in lines)
