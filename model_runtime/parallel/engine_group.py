@@ -72,6 +72,9 @@ class GroupUnsupported(ValueError):
     """An engine setting that a rank group does not run; the message names it."""
 
 
+Described = tuple[int, tuple[int, ...], int, int]  # a paged state: slot, blocks, position, MTP position
+
+
 @dataclass(frozen=True)
 class DecodeCall:
     """A group's part of the batched decode step: `DecodeInputs.rows` [D, 3] and `block_tables` [D, T], on the
@@ -91,11 +94,11 @@ class DecodeCall:
 
 @dataclass(frozen=True)
 class FeedCall:
-    """A group's part of a per-sequence feed: ids [B, n] (CPU); per row its (slot, blocks, position); the rows
-    that need logits (B = 0: the group has no row in it)."""
+    """A group's part of a per-sequence feed: ids [B, n] (CPU); per row its state; the rows that need logits
+    (B = 0: the group has no row in it)."""
 
     ids: torch.Tensor
-    states: list[tuple[int, tuple[int, ...], int]]
+    states: list[Described]
     rows: list[int]
 
     @property
@@ -120,9 +123,6 @@ class ExportCall:
     blocks: tuple[int, ...]
     position: int
     chunk_size: int
-
-
-Described = tuple[int, tuple[int, ...], int, int]  # a paged state: slot, blocks, position, MTP position
 
 
 @dataclass(frozen=True)
@@ -281,13 +281,8 @@ class LeaderRunner(ModelRunner):
         needed = set(rows)
         parts = []
         for members in by_group:
-            described = []
-            for i in members:
-                st = states[i]
-                assert isinstance(st, PagedSequenceState)
-                described.append((st.slot, tuple(st.table), st.position))
             logit_rows = [k for k, i in enumerate(members) if i in needed]
-            parts.append(FeedCall(ids[members].cpu(), described, logit_rows))
+            parts.append(FeedCall(ids[members].cpu(), _describe([states[i] for i in members]), logit_rows))
         try:
             self._publish(tuple(parts))
             logits = run_call(self, self.pools[0], tuple(parts), 0, self.dp, [states[i] for i in by_group[0]])
