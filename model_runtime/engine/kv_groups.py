@@ -18,7 +18,7 @@ cache's slot and block copies, restored imports) the leader's runner sends to th
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -70,10 +70,10 @@ class GroupPrefixCache:
     """The prefix caches of every data-parallel group as one (the part of `PrefixCache` the scheduler and the
     engine use); the groups' counters are one `PrefixStats`."""
 
-    def __init__(self, caches: list[PrefixCache], free_blocks: list[int]) -> None:
+    def __init__(self, caches: list[PrefixCache], free_blocks: Callable[[int], int]) -> None:
         self.caches = caches
         self.block_size = caches[0].block_size
-        self._free = free_blocks
+        self._free = free_blocks  # group -> its free blocks now
         self._held: Counter[str] = Counter()  # aligned prefix -> groups holding it
         self.stats = PrefixStats()
 
@@ -108,7 +108,7 @@ class GroupPrefixCache:
         found = [(e, g) for g, c in enumerate(self.caches) if (e := c.lookup(prompt, limit)) is not None]
         if not found:
             return None
-        return max(found, key=lambda eg: (eg[0].position, self._free[eg[1]], -eg[1]))[0]
+        return max(found, key=lambda eg: (eg[0].position, self._free(eg[1]), -eg[1]))[0]
 
     def get(self, prompt: Prompt, position: int) -> CacheEntry | None:
         e = self.lookup(prompt, position)
@@ -170,16 +170,14 @@ class GroupKV:
         self.group_blocks = num_blocks
         self.total_blocks = num_blocks * groups
         caches = [g.cache for g in self.groups if g.cache is not None]
-        self._free = [0] * groups  # free blocks per group, refreshed before each choice
         self.cache = GroupPrefixCache(caches, self._free) if len(caches) == groups else None
 
     def group_of(self, seq: Request) -> int:
         """The data-parallel group holding the sequence's state (-1: it holds none)."""
         return pool_index(self.pools, seq.state)
 
-    def _refresh_free(self) -> None:
-        for g, m in enumerate(self.groups):
-            self._free[g] = m.free_blocks
+    def _free(self, g: int) -> int:
+        return self.groups[g].free_blocks
 
     @property
     def used_blocks(self) -> int:
@@ -210,9 +208,8 @@ class GroupKV:
 
     def _new_group(self, seq: Request, n_new: int) -> int:
         """The group for a sequence without a state: the most free blocks among those with room (-1: none)."""
-        self._refresh_free()
         fits = [g for g, m in enumerate(self.groups) if m.can_grow(seq, n_new)]
-        return max(fits, key=lambda g: (self._free[g], -g)) if fits else -1
+        return max(fits, key=lambda g: (self._free(g), -g)) if fits else -1
 
     def can_grow(self, seq: Request, n_new: int) -> bool:
         g = self.group_of(seq)
@@ -246,8 +243,7 @@ class GroupKV:
         that group has no room)."""
         if self.cache is None or self.cache.get(prompt, len(prompt)) is not None:
             return None
-        self._refresh_free()
-        g = max(range(len(self.groups)), key=lambda g: (self._free[g], -g))
+        g = max(range(len(self.groups)), key=lambda g: (self._free(g), -g))
         return self.groups[g].import_entry(prompt, snapshot)
 
     def entry_state(self, entry: CacheEntry) -> PagedSequenceState:
