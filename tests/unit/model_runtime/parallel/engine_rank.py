@@ -12,7 +12,8 @@ work (torch.save'd dict; each item optional):
 * "concurrent": (imports, exports) sequences run at the same time, so that data-parallel groups share them out:
   each import (prompt, token 0, KV blob) continues, each export prompt is prefilled and its blob saved;
 * "mtp": [(prompt, its greedy tokens)]: the engine runs MTP speculative decoding and these prompts are generated
-  first, with oracle drafts (`with_oracle_drafts`).
+  first, with oracle drafts (`with_oracle_drafts`);
+* "config": EngineConfig fields that replace CONFIG's (e.g. a small pool).
 
 Writes out/result.pt (leader): the tokens of each, the prefill tokens computed and the prefix cache's hits, and for
 "concurrent" the data-parallel group each sequence ran in.
@@ -122,7 +123,7 @@ def main(ctx: RankContext, args: list[str]) -> None:
     tp, _, ep = layout_arg.partition(",")
     layout = Layout(world=ctx.world_size, tp=int(tp), ep=int(ep or 1))
     work = torch.load(work_file)
-    config = replace(CONFIG, speculative_mtp="mtp" in work)
+    config = replace(CONFIG, speculative_mtp="mtp" in work, **work.get("config", {}))
     part = load_rank_engine(ctx, ckpt, layout, dtype=torch.float64, config=config)
     if not part.is_leader:
         part.follow()
@@ -133,6 +134,7 @@ def main(ctx: RankContext, args: list[str]) -> None:
         result["mtp"] = with_oracle_drafts(engine, work["mtp"])
     if "rounds" in work:
         result["rounds"] = [[c.token_ids for c in engine.generate_ids(ps, GREEDY)] for ps in work["rounds"]]
+        result["preemptions"] = engine.scheduler.num_preemptions
     if "import" in work:
         prompt, token0, blob = work["import"]
         result["import"] = continue_import(engine, prompt, token0, blob)

@@ -97,3 +97,16 @@ def test_exports_of_either_group_continue_in_one_process(run) -> None:
         want = engine.generate_ids([prompt], GREEDY)[0].token_ids
         assert token0 == want[0]
         assert continue_import(engine, prompt, token0, blob) == want
+
+
+def test_groups_with_full_pools_preempt_within_their_own_group(tmp_path: Path) -> None:
+    """Pools of 7 blocks per group (56 positions) for 6 prompts of 20-40 tokens + 8 generated: sequences are
+    preempted and recomputed inside their group, and the tokens stay one process's."""
+    torch.set_num_threads(1)
+    ckpt = write_checkpoint(tmp_path / "ckpt", "tiny-flash", quantized=True, seed=0)
+    prompts = [_tokens(n, 200 + n) for n in (20, 33, 40, 27, 38, 21)]
+    work = {"rounds": [prompts], "config": {"num_blocks": 7, "prefix_cache": False}}
+    torch.save(work, tmp_path / "work.pt")
+    got = run_engine_ranks(ckpt, "2,4", tmp_path / "work.pt", tmp_path / "out", 4)
+    assert got["preemptions"] > 0
+    assert got["rounds"] == [[c.token_ids for c in _engine(ckpt).generate_ids(prompts, GREEDY)]]
