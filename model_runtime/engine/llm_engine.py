@@ -239,10 +239,9 @@ class LLMEngine:
         return len(self.scheduler.waiting)
 
     def stats_extra(self) -> dict[str, float]:
-        """Counters beyond the batch figures: the KV pool's size (blocks, tokens, bytes; of every data-parallel
-        group's pool), KV bytes per token,
-        preemptions, MTP drafts and acceptance, prefill tokens computed and the prefix cache's lookups, hits, size
-        and evictions."""
+        """Counters beyond the batch figures: the KV pool's size (blocks, tokens, bytes; every data-parallel group's
+        pool), KV bytes per token, preemptions, MTP drafts and acceptance, prefill tokens computed and the prefix
+        cache's lookups, hits, size and evictions."""
         drafts = self.runner.drafts
         out = {
             "kv_pool_blocks": float(self.kv_groups * self.kv_budget.num_blocks),
