@@ -125,14 +125,21 @@ class ModelRunner:
         assert isinstance(state, PagedSequenceState)
         pool = state.pool
         pool.flush_block_tables()
+        return self.run_decode(DecodeInputs.build(seqs, pool, self.decode_width(seqs, pool)), pool)
+
+    def decode_width(self, seqs: list[Request], pool: KVPool) -> int:
+        """Block-table columns of the decode step of `seqs`: padded to a graph's width when steps replay graphs."""
         width = table_width(seqs, pool.block_size)
-        if self.cuda_graphs:
-            if self.graphs is None or self.graphs.pool is not pool:
-                capture = self.model.device.type in GRAPH_DEVICES
-                self.graphs = DecodeGraphs(self.model, pool, capture=capture)
-            inputs = DecodeInputs.build(seqs, pool, width_bucket(width, pool.max_blocks))
-            return self.graphs.run(inputs)
-        return self.forward_decode(DecodeInputs.build(seqs, pool, width), pool)
+        return width_bucket(width, pool.max_blocks) if self.cuda_graphs else width
+
+    def run_decode(self, inputs: DecodeInputs, pool: KVPool) -> torch.Tensor:
+        """The batched decode step of `inputs`: replayed from the graph of its shape (captured on first use, on
+        every rank of a group alike), or eagerly without graphs."""
+        if not self.cuda_graphs:
+            return self.forward_decode(inputs, pool)
+        if self.graphs is None or self.graphs.pool is not pool:
+            self.graphs = DecodeGraphs(self.model, pool, capture=self.model.device.type in GRAPH_DEVICES)
+        return self.graphs.run(inputs)
 
     def _feed(
         self, n: int, seqs: list[Request], follow: list[tuple[Request, StreamRef, int]]

@@ -32,8 +32,12 @@ layers (`shard.py`) line up.
 MTP speculative decoding runs in a group of one tensor-parallel group: its verification (`VerifyCall`), the
 rollback and refeed of rejected drafts (`RefeedCall`) and the step's MTP calls (`MtpCall`, naming rows of the
 streams every rank kept from this step's calls) are sent like the others; under data-parallel attention it is
-refused (`group_config`). CUDA graphs are off in a group (a captured step would replay collectives the followers
-do not mirror).
+refused (`group_config`).
+
+Batched decode steps replay device graphs in a tensor-parallel group as in one process: the leader pads the step to
+its graph's shape before sending it, and every rank captures its own graph of that shape at the same call (the
+warm-up and capture steps run the model's collectives on every rank alike; NCCL / HCCL inside a capture: not run on
+hardware). Under data-parallel attention graphs are off (a step's shapes depend on every group's rows).
 """
 
 from __future__ import annotations
@@ -53,7 +57,7 @@ from dsv4.model_runtime.engine.kv_state import KVPool, PagedSequenceState, PoolW
 from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from dsv4.model_runtime.engine.model_runner import ModelRunner, StreamRef
 from dsv4.model_runtime.engine.request import Request
-from dsv4.model_runtime.engine.step_inputs import DecodeInputs, table_width
+from dsv4.model_runtime.engine.step_inputs import DecodeInputs
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.parallel.data_parallel import DataParallel
 from dsv4.model_runtime.parallel.rank import RankContext
@@ -167,14 +171,14 @@ class Message:
 
 
 def group_config(config: EngineConfig, layout: Layout) -> EngineConfig:
-    """`config` as a rank group of `layout` runs it: CUDA graphs off; GroupUnsupported for MTP speculative decoding
-    under data-parallel attention."""
+    """`config` as a rank group of `layout` runs it: under data-parallel attention CUDA graphs off (a step's shape
+    depends on every group's rows) and GroupUnsupported for MTP speculative decoding."""
     if config.speculative_mtp and layout.dp > 1:
         raise GroupUnsupported(
             f"MTP speculative decoding does not run under data-parallel attention ({layout.describe()}): its calls "
             "are not split between the groups; turn it off or use a layout of one tensor-parallel group"
         )
-    return replace(config, cuda_graphs=False)
+    return replace(config, cuda_graphs=config.cuda_graphs and layout.dp == 1)
 
 
 def run_call(
@@ -198,7 +202,7 @@ def run_call(
             idle_pass(model, dp)
     elif isinstance(part, DecodeCall):
         inputs = DecodeInputs(part.rows.to(model.device), part.block_tables.to(model.device))
-        own = ModelRunner.forward_decode(runner, inputs, pool)
+        own = ModelRunner.run_decode(runner, inputs, pool)
     else:
         if states is None:
             states = [_state(pool, *described) for described in part.states]
@@ -234,8 +238,9 @@ class LeaderRunner(ModelRunner):
         channel: StepChannel,
         dp: DataParallel | None,
         use_mtp: bool = False,
+        cuda_graphs: bool = False,
     ) -> None:
-        super().__init__(model, use_mtp=use_mtp)
+        super().__init__(model, use_mtp=use_mtp, cuda_graphs=cuda_graphs)
         self.pools, self.channel, self.dp = pools, channel, dp
         for pool in pools:
             pool.journal = []
@@ -262,7 +267,7 @@ class LeaderRunner(ModelRunner):
                 parts.append(DecodeCall(torch.zeros(0, 3, dtype=torch.int64), torch.zeros(0, 0, dtype=torch.int32)))
                 continue
             pool.flush_block_tables()
-            inputs = DecodeInputs.build(mine, pool, table_width(mine, pool.block_size))
+            inputs = DecodeInputs.build(mine, pool, self.decode_width(mine, pool))
             parts.append(DecodeCall(inputs.rows.cpu(), inputs.block_tables.cpu()))
         try:
             self._publish(tuple(parts))
@@ -466,7 +471,8 @@ def load_rank_engine(
     if ctx.is_leader:
         kv = engine.kv
         pools = kv.pools if isinstance(kv, GroupKV) else [kv.pool]
-        engine.runner = LeaderRunner(model, pools, channel, dp, use_mtp=cfg.speculative_mtp)
+        graphs = engine.runner.cuda_graphs  # what the engine made of the config on this device
+        engine.runner = LeaderRunner(model, pools, channel, dp, use_mtp=cfg.speculative_mtp, cuda_graphs=graphs)
     # Every rank has loaded before any returns: a leader that reports ready serves with a whole group.
     dist.barrier()
     log.info(

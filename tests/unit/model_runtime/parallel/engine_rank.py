@@ -13,7 +13,8 @@ work (torch.save'd dict; each item optional):
   each import (prompt, token 0, KV blob) continues, each export prompt is prefilled and its blob saved;
 * "mtp": [(prompt, its greedy tokens)]: the engine runs MTP speculative decoding and these prompts are generated
   first, with oracle drafts (`with_oracle_drafts`);
-* "config": EngineConfig fields that replace CONFIG's (e.g. a small pool).
+* "config": EngineConfig fields that replace CONFIG's (e.g. a small pool);
+* "graphs": decode steps go through `DecodeGraphs` on every rank (padded to buckets; eager at "replay" on a CPU).
 
 Writes out/result.pt (leader): the tokens of each, the prefill tokens computed and the prefix cache's hits, and for
 "concurrent" the data-parallel group each sequence ran in.
@@ -125,6 +126,8 @@ def main(ctx: RankContext, args: list[str]) -> None:
     work = torch.load(work_file)
     config = replace(CONFIG, speculative_mtp="mtp" in work, **work.get("config", {}))
     part = load_rank_engine(ctx, ckpt, layout, dtype=torch.float64, config=config)
+    if work.get("graphs"):  # the engine turns graphs off on a CPU; the padded steps run eagerly at "replay"
+        part.engine.runner.cuda_graphs = True
     if not part.is_leader:
         part.follow()
         return
@@ -135,6 +138,8 @@ def main(ctx: RankContext, args: list[str]) -> None:
     if "rounds" in work:
         result["rounds"] = [[c.token_ids for c in engine.generate_ids(ps, GREEDY)] for ps in work["rounds"]]
         result["preemptions"] = engine.scheduler.num_preemptions
+        graphs = engine.runner.graphs
+        result["graph_shapes"] = graphs.shapes if graphs is not None else []
     if "import" in work:
         prompt, token0, blob = work["import"]
         result["import"] = continue_import(engine, prompt, token0, blob)

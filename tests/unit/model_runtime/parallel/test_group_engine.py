@@ -95,8 +95,9 @@ def test_tp1_prefix_imported_into_tp2_group_serves_an_extension(run) -> None:
     assert got["prefix_prefill_tokens"] <= len(extended) - len(prefix)  # resumed from the imported prefix
 
 
-def test_group_turns_graphs_off_and_refuses_mtp_under_data_parallel_attention() -> None:
-    assert group_config(EngineConfig(), Layout(2, 2)).cuda_graphs is False
+def test_data_parallel_attention_turns_graphs_off_and_refuses_mtp() -> None:
+    assert group_config(EngineConfig(), Layout(2, 2)).cuda_graphs is True
+    assert group_config(EngineConfig(), Layout(4, 2, 4)).cuda_graphs is False
     assert group_config(EngineConfig(speculative_mtp=True), Layout(2, 2)).speculative_mtp
     with pytest.raises(GroupUnsupported, match="MTP speculative decoding does not run under data-parallel"):
         group_config(EngineConfig(speculative_mtp=True), Layout(4, 2, 4))
@@ -123,3 +124,15 @@ def test_mtp_in_a_group_gives_the_tokens_of_plain_decoding(mtp_run) -> None:
     assert 0 < accepted < proposed  # verification kept drafts and rolled others back, on both ranks
     want = [[c.token_ids for c in _engine(ckpt).generate_ids(prompts, GREEDY)] for prompts in work["rounds"]]
     assert got["rounds"] == want
+
+
+def test_graphed_decode_steps_in_a_group_give_one_process_tokens(tmp_path: Path) -> None:
+    """Decode steps through the graph path on both ranks (rows padded to batch buckets with sink-slot rows, block
+    tables to bucket widths; on a CPU the padded step runs eagerly where a GPU replays its capture)."""
+    torch.set_num_threads(1)
+    ckpt = write_checkpoint(tmp_path / "ckpt", "tiny-flash", quantized=True, seed=0)
+    prompts = [_tokens(n, 300 + n) for n in (3, 17, 30)]
+    torch.save({"rounds": [prompts], "graphs": True}, tmp_path / "work.pt")
+    got = run_engine_ranks(ckpt, "2", tmp_path / "work.pt", tmp_path / "out", 2)
+    assert got["graph_shapes"] and all(bucket in (1, 2, 4) for bucket, _ in got["graph_shapes"])
+    assert got["rounds"] == [[c.token_ids for c in _engine(ckpt).generate_ids(prompts, GREEDY)]]
