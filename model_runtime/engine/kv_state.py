@@ -122,6 +122,8 @@ class KVPool:
         tables_on = torch.device("cpu") if device.type == "meta" else device
         self.block_tables = torch.zeros(num_slots + 1, self.max_blocks, dtype=torch.int32, device=tables_on)
         self._table_writes: list[tuple[int, int, int]] = []  # (slot, index, block) not yet on the device
+        # A host copy of the tables, kept by a rank group's leader, which sends rows of them (`mirror_block_tables`).
+        self.host_block_tables: torch.Tensor | None = None
         # A rank group's leader records its writes here for the followers (None: nobody mirrors this pool).
         self.journal: list[PoolWrite] | None = None
         f32 = torch.float32
@@ -192,9 +194,17 @@ class KVPool:
         """Copy the pending block-table entries to the device: one transfer and one indexed write, whatever they
         are (none included), so a decode step is the same ops whether sequences took blocks or not."""
         writes, self._table_writes = self._table_writes, []
-        columns = [[w[k] for w in writes] for k in range(3)]  # [3, n]: a 2-D tensor even when n = 0
-        slot, index, block = to_device(torch.tensor(columns, dtype=torch.int64), self.block_tables.device)
+        columns = torch.tensor([[w[k] for w in writes] for k in range(3)], dtype=torch.int64)  # [3, n], n >= 0
+        slot, index, block = to_device(columns, self.block_tables.device)
         self.block_tables.index_put_((slot, index), block.to(torch.int32))
+        host = self.host_block_tables
+        if host is not None and host is not self.block_tables:
+            host.index_put_((columns[0], columns[1]), columns[2].to(torch.int32))
+
+    def mirror_block_tables(self) -> None:
+        """Keep a host copy of the block tables from now on (the tables themselves when they live on the host)."""
+        tables = self.block_tables
+        self.host_block_tables = tables if tables.device.type == "cpu" else tables.cpu()
 
     @property
     def block_bytes(self) -> int:

@@ -43,13 +43,17 @@ class DecodeInputs:
     @classmethod
     def build(cls, seqs: Sequence[Request], pool: KVPool, width: int) -> DecodeInputs:
         """The inputs of decoding `seqs` (each with one uncomputed token) with `width` block-table columns."""
-        table: list[list[int]] = []
-        for s in seqs:
-            state = s.state
-            assert isinstance(state, PagedSequenceState), f"{s.request_id} decodes without a paged KV state"
-            table.append([next_token(s), s.num_computed, state.slot])
-        rows = to_device(torch.tensor(table, dtype=torch.int64), pool.block_tables.device)
+        rows = to_device(_rows(seqs), pool.block_tables.device)
         return cls(rows, pool.block_tables[rows[:, SLOT], :width])
+
+    @classmethod
+    def on_host(cls, seqs: Sequence[Request], pool: KVPool, width: int) -> DecodeInputs:
+        """The same inputs on the host, read from the pool's host tables (`KVPool.mirror_block_tables`): what a
+        rank group's leader sends, without waiting for the device."""
+        tables = pool.host_block_tables
+        assert tables is not None, "the pool keeps no host copy of its block tables"
+        rows = _rows(seqs)
+        return cls(rows, tables[rows[:, SLOT], :width])
 
     def step(self, pool: KVPool) -> PagedDecode:
         """The model's view of the step over `pool`."""
@@ -58,3 +62,12 @@ class DecodeInputs:
     @property
     def token_ids(self) -> torch.Tensor:
         return self.rows[:, TOKEN]
+
+
+def _rows(seqs: Sequence[Request]) -> torch.Tensor:
+    table: list[list[int]] = []
+    for s in seqs:
+        state = s.state
+        assert isinstance(state, PagedSequenceState), f"{s.request_id} decodes without a paged KV state"
+        table.append([next_token(s), s.num_computed, state.slot])
+    return torch.tensor(table, dtype=torch.int64)

@@ -58,6 +58,7 @@ from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from dsv4.model_runtime.engine.model_runner import ModelRunner, StreamRef
 from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.step_inputs import DecodeInputs
+from dsv4.model_runtime.engine.transfer import to_device
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.parallel.data_parallel import DataParallel
 from dsv4.model_runtime.parallel.rank import RankContext
@@ -201,7 +202,7 @@ def run_call(
         if dp is not None:
             idle_pass(model, dp)
     elif isinstance(part, DecodeCall):
-        inputs = DecodeInputs(part.rows.to(model.device), part.block_tables.to(model.device))
+        inputs = DecodeInputs(to_device(part.rows, model.device), to_device(part.block_tables, model.device))
         own = ModelRunner.run_decode(runner, inputs, pool)
     else:
         if states is None:
@@ -244,6 +245,7 @@ class LeaderRunner(ModelRunner):
         self.pools, self.channel, self.dp = pools, channel, dp
         for pool in pools:
             pool.journal = []
+            pool.mirror_block_tables()  # each step's tables are sent from the host copy: no wait for the device
 
     def _group(self, state: SequenceState | None) -> int:
         assert isinstance(state, PagedSequenceState), "a rank group's sequences live in the paged pool"
@@ -267,8 +269,8 @@ class LeaderRunner(ModelRunner):
                 parts.append(DecodeCall(torch.zeros(0, 3, dtype=torch.int64), torch.zeros(0, 0, dtype=torch.int32)))
                 continue
             pool.flush_block_tables()
-            inputs = DecodeInputs.build(mine, pool, self.decode_width(mine, pool))
-            parts.append(DecodeCall(inputs.rows.cpu(), inputs.block_tables.cpu()))
+            inputs = DecodeInputs.on_host(mine, pool, self.decode_width(mine, pool))
+            parts.append(DecodeCall(inputs.rows, inputs.block_tables))
         try:
             self._publish(tuple(parts))
             logits = run_call(self, self.pools[0], tuple(parts), 0, self.dp)

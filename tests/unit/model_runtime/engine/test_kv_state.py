@@ -114,3 +114,19 @@ def test_pool_accounting(model: DeepseekV4) -> None:
     assert kv.can_grow(c, 1) and kv.used_blocks == 1
     with pytest.raises(ValueError, match="multiple of every compression ratio"):
         KVCacheManager(model, num_blocks=3, block_size=6, num_slots=2)
+
+
+def test_host_copy_of_the_block_tables_follows_every_flush(model: DeepseekV4) -> None:
+    # On a GPU the host copy is a tensor of its own (on the CPU `mirror_block_tables` shares the tables): a clone
+    # stands in for it, and must see the writes the device tables get.
+    kv, seqs = _paged_states(model, [9, 30])
+    pool = kv.pool
+    pool.mirror_block_tables()
+    assert pool.host_block_tables is pool.block_tables
+    pool.host_block_tables = pool.block_tables.clone()
+    kv.grow(seqs[0], 9 + 40)  # more blocks for the first sequence
+    pool.flush_block_tables()
+    assert torch.equal(pool.host_block_tables, pool.block_tables)
+    state = seqs[0].state
+    assert isinstance(state, PagedSequenceState)
+    assert pool.host_block_tables[state.slot, : len(state.table)].tolist() == state.table
