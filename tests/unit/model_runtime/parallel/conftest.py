@@ -38,35 +38,26 @@ def launcher_env() -> dict[str, str]:
     }
 
 
+def _launch(target: str, args: list[str], out: Path, world: int, timeout: float) -> None:
+    """Start `world` ranks of `target` through the launcher with `args` and the output folder `out` last; they must
+    all succeed."""
+    out.mkdir(parents=True)
+    cmd = [sys.executable, "-m", "dsv4.model_runtime.parallel.launch", "--nproc-per-node", str(world), target]
+    done = subprocess.run([*cmd, *args, str(out)], env=launcher_env(), capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
 def run_model_ranks(ckpt: Path, layout: str, ids: Path, out: Path, world: int, timeout: float = 900) -> list[Any]:
     """Start `world` ranks through the launcher, each running model_rank.py on `ckpt` under layout "tp,ep";
     returns what each rank saved."""
-    out.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "dsv4.model_runtime.parallel.launch", "--nproc-per-node", str(world), MODEL_RANK]
-    done = subprocess.run(
-        [*cmd, str(ckpt), layout, str(ids), str(out)],
-        env=launcher_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    _launch(MODEL_RANK, [str(ckpt), layout, str(ids)], out, world, timeout)
     return [torch.load(out / f"rank{r}.pt") for r in range(world)]
 
 
 def run_engine_ranks(ckpt: Path, layout: str, work: Path, out: Path, world: int, timeout: float = 900) -> Any:
     """Start `world` ranks through the launcher, each running engine_rank.py on `ckpt` under layout "tp" or
     "tp,ep" with the work of `work`; returns what the leader saved."""
-    out.mkdir(parents=True)
-    cmd = [sys.executable, "-m", "dsv4.model_runtime.parallel.launch", "--nproc-per-node", str(world), ENGINE_RANK]
-    done = subprocess.run(
-        [*cmd, str(ckpt), layout, str(work), str(out)],
-        env=launcher_env(),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert done.returncode == 0, done.stderr[-4000:]
+    _launch(ENGINE_RANK, [str(ckpt), layout, str(work)], out, world, timeout)
     return torch.load(out / "result.pt")
 
 

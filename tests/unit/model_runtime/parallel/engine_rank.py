@@ -35,11 +35,22 @@ from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.parallel.engine_group import load_rank_engine
 from dsv4.model_runtime.parallel.rank import RankContext
 from dsv4.model_runtime.placement import Layout
+from dsv4.model_runtime.weights import load_model
 
 # The engine of the tests (tests compare against a one-process engine with the same settings): blocks of 8 positions
 # and a 16-token step budget, so prompts cross blocks and prefills run in chunks beside decode steps.
 CONFIG = EngineConfig(block_size=8, max_num_batched_tokens=16, num_blocks=256, prefix_cache_slots=16)
 GREEDY = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+
+
+def random_tokens(n: int, seed: int) -> list[int]:
+    """n token ids drawn from `seed` (the tests' prompts)."""
+    return torch.randint(3, 128000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def one_process_engine(ckpt: str | Path) -> LLMEngine:
+    """The one-process engine the groups are compared with: the same settings, float64."""
+    return LLMEngine(load_model(ckpt, dtype=torch.float64), None, CONFIG)
 
 
 def run_to_end(engine: LLMEngine, request_id: str) -> list[int]:

@@ -19,22 +19,12 @@ from typing import Any
 import pytest
 import torch
 
-from dsv4.model_runtime.engine.llm_engine import LLMEngine
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
-from dsv4.model_runtime.weights import load_model
 
 from .conftest import run_engine_ranks
-from .engine_rank import CONFIG, GREEDY, continue_import, prefill_export
+from .engine_rank import GREEDY, continue_import, one_process_engine, prefill_export, random_tokens
 
 pytestmark = pytest.mark.integration
-
-
-def _tokens(n: int, seed: int) -> list[int]:
-    return torch.randint(3, 128000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _engine(ckpt: Path) -> LLMEngine:
-    return LLMEngine(load_model(ckpt, dtype=torch.float64), None, CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -43,17 +33,17 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("dp-engine")
     ckpt = write_checkpoint(root / "ckpt", "tiny-flash", quantized=True, seed=0)
-    source = _engine(ckpt)
-    imports = [(p, *prefill_export(source, p)) for p in (_tokens(21, 50), _tokens(9, 51))]
-    base = [_tokens(n, seed) for seed, n in enumerate((5, 13, 29, 40, 3))]
-    prefix = _tokens(24, 60)  # 3 whole blocks: an aligned entry
+    source = one_process_engine(ckpt)
+    imports = [(p, *prefill_export(source, p)) for p in (random_tokens(21, 50), random_tokens(9, 51))]
+    base = [random_tokens(n, seed) for seed, n in enumerate((5, 13, 29, 40, 3))]
+    prefix = random_tokens(24, 60)  # 3 whole blocks: an aligned entry
     source.generate_ids([prefix], GREEDY)
     chain = source.kv.cache.prompt(prefix).hashes[-1]  # type: ignore[union-attr]
     work = {
         # round 2 extends round 1's prompts: each resumes from its entry, in the group that cached it
-        "rounds": [base, [p + _tokens(6, 100 + i) for i, p in enumerate(base)]],
-        "prefix": (prefix, b"".join(source.export_prefix(chain, 1 << 20) or []), prefix + _tokens(5, 61)),
-        "concurrent": (imports, [_tokens(19, 70), _tokens(33, 71)]),
+        "rounds": [base, [p + random_tokens(6, 100 + i) for i, p in enumerate(base)]],
+        "prefix": (prefix, b"".join(source.export_prefix(chain, 1 << 20) or []), prefix + random_tokens(5, 61)),
+        "concurrent": (imports, [random_tokens(19, 70), random_tokens(33, 71)]),
     }
     torch.save(work, root / "work.pt")
     return work, run_engine_ranks(ckpt, "2,4", root / "work.pt", root / "out", 4), ckpt
@@ -61,7 +51,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[
 
 def test_dp_group_greedy_equals_one_process_with_prefix_hits(run) -> None:
     work, got, ckpt = run
-    want = [[c.token_ids for c in _engine(ckpt).generate_ids(prompts, GREEDY)] for prompts in work["rounds"]]
+    want = [[c.token_ids for c in one_process_engine(ckpt).generate_ids(prompts, GREEDY)] for prompts in work["rounds"]]
     assert got["rounds"] == want
     assert got["hits"] >= 5  # round 2 resumed from entries in both groups (slot and block copies sent to them)
 
@@ -69,7 +59,7 @@ def test_dp_group_greedy_equals_one_process_with_prefix_hits(run) -> None:
 def test_one_process_prefix_imported_into_the_dp_group_serves_an_extension(run) -> None:
     work, got, ckpt = run
     prefix, _, extended = work["prefix"]
-    assert got["prefix"] == _engine(ckpt).generate_ids([extended], GREEDY)[0].token_ids
+    assert got["prefix"] == one_process_engine(ckpt).generate_ids([extended], GREEDY)[0].token_ids
     assert got["prefix_prefill_tokens"] <= len(extended) - len(prefix)  # resumed from the imported prefix
 
 
@@ -82,7 +72,7 @@ def test_sequences_are_shared_out_between_the_groups(run) -> None:
 def test_one_process_exports_continue_in_either_group(run) -> None:
     work, got, ckpt = run
     imports, _ = work["concurrent"]
-    engine = _engine(ckpt)
+    engine = one_process_engine(ckpt)
     for (prompt, token0, _), tokens in zip(imports, got["concurrent"]["imports"], strict=True):
         want = engine.generate_ids([prompt], GREEDY)[0].token_ids
         assert want[0] == token0
@@ -92,7 +82,7 @@ def test_one_process_exports_continue_in_either_group(run) -> None:
 def test_exports_of_either_group_continue_in_one_process(run) -> None:
     work, got, ckpt = run
     _, exports = work["concurrent"]
-    engine = _engine(ckpt)
+    engine = one_process_engine(ckpt)
     for prompt, (token0, blob) in zip(exports, got["concurrent"]["exports"], strict=True):
         want = engine.generate_ids([prompt], GREEDY)[0].token_ids
         assert token0 == want[0]
@@ -104,9 +94,9 @@ def test_groups_with_full_pools_preempt_within_their_own_group(tmp_path: Path) -
     preempted and recomputed inside their group, and the tokens stay one process's."""
     torch.set_num_threads(1)
     ckpt = write_checkpoint(tmp_path / "ckpt", "tiny-flash", quantized=True, seed=0)
-    prompts = [_tokens(n, 200 + n) for n in (20, 33, 40, 27, 38, 21)]
+    prompts = [random_tokens(n, 200 + n) for n in (20, 33, 40, 27, 38, 21)]
     work = {"rounds": [prompts], "config": {"num_blocks": 7, "prefix_cache": False}}
     torch.save(work, tmp_path / "work.pt")
     got = run_engine_ranks(ckpt, "2,4", tmp_path / "work.pt", tmp_path / "out", 4)
     assert got["preemptions"] > 0
-    assert got["rounds"] == [[c.token_ids for c in _engine(ckpt).generate_ids(prompts, GREEDY)]]
+    assert got["rounds"] == [[c.token_ids for c in one_process_engine(ckpt).generate_ids(prompts, GREEDY)]]

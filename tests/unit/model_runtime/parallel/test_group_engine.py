@@ -23,17 +23,9 @@ from dsv4.model_runtime.placement import Layout
 from dsv4.model_runtime.weights import load_model
 
 from .conftest import run_engine_ranks
-from .engine_rank import CONFIG, GREEDY, continue_import, prefill_export
+from .engine_rank import CONFIG, GREEDY, continue_import, one_process_engine, prefill_export, random_tokens
 
 pytestmark = pytest.mark.integration
-
-
-def _tokens(n: int, seed: int) -> list[int]:
-    return torch.randint(3, 128000, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-def _engine(ckpt: Path) -> LLMEngine:
-    return LLMEngine(load_model(ckpt, dtype=torch.float64), None, CONFIG)
 
 
 @pytest.fixture(scope="module")
@@ -42,20 +34,21 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("group-engine")
     ckpt = write_checkpoint(root / "ckpt", "tiny-flash", quantized=True, seed=0)
-    base = [_tokens(n, seed) for seed, n in enumerate((5, 13, 29, 40))]
-    rounds = [base, [p + _tokens(6, 100 + i) for i, p in enumerate(base)]]  # round 2 resumes from round 1's entries
-    source = _engine(ckpt)
-    imported = _tokens(21, 50)
+    base = [random_tokens(n, seed) for seed, n in enumerate((5, 13, 29, 40))]
+    # round 2 resumes from round 1's entries
+    rounds = [base, [p + random_tokens(6, 100 + i) for i, p in enumerate(base)]]
+    source = one_process_engine(ckpt)
+    imported = random_tokens(21, 50)
     token0, blob = prefill_export(source, imported)
-    prefix = _tokens(24, 60)  # 3 whole blocks: an aligned entry
+    prefix = random_tokens(24, 60)  # 3 whole blocks: an aligned entry
     source.generate_ids([prefix], GREEDY)
     chain = source.kv.cache.prompt(prefix).hashes[-1]  # type: ignore[union-attr]
     prefix_blob = b"".join(source.export_prefix(chain, 1 << 20) or [])
     work = {
         "rounds": rounds,
         "import": (imported, token0, blob),
-        "export": _tokens(19, 70),
-        "prefix": (prefix, prefix_blob, prefix + _tokens(5, 61)),
+        "export": random_tokens(19, 70),
+        "prefix": (prefix, prefix_blob, prefix + random_tokens(5, 61)),
     }
     torch.save(work, root / "work.pt")
     return work, run_engine_ranks(ckpt, "2", root / "work.pt", root / "out", 2), ckpt
@@ -63,7 +56,7 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[
 
 def test_group_greedy_equals_one_process_with_prefix_hits(run) -> None:
     work, got, ckpt = run
-    engine = _engine(ckpt)
+    engine = one_process_engine(ckpt)
     want = [[c.token_ids for c in engine.generate_ids(prompts, GREEDY)] for prompts in work["rounds"]]
     assert got["rounds"] == want
     assert engine.stats_extra()["prefix_cache_hits"] >= 4  # round 2 resumed from cache entries
@@ -73,7 +66,7 @@ def test_group_greedy_equals_one_process_with_prefix_hits(run) -> None:
 def test_tp1_export_continues_in_tp2_group(run) -> None:
     work, got, ckpt = run
     prompt, token0, _ = work["import"]
-    want = _engine(ckpt).generate_ids([prompt], GREEDY)[0].token_ids
+    want = one_process_engine(ckpt).generate_ids([prompt], GREEDY)[0].token_ids
     assert want[0] == token0
     assert got["import"] == want
 
@@ -81,7 +74,7 @@ def test_tp1_export_continues_in_tp2_group(run) -> None:
 def test_tp2_export_continues_in_tp1_engine(run) -> None:
     work, got, ckpt = run
     token0, blob = got["export"]
-    engine = _engine(ckpt)
+    engine = one_process_engine(ckpt)
     want = engine.generate_ids([work["export"]], GREEDY)[0].token_ids
     assert token0 == want[0]
     assert continue_import(engine, work["export"], token0, blob) == want
@@ -110,9 +103,9 @@ def mtp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], d
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("group-mtp")
     ckpt = write_checkpoint(root / "ckpt", "tiny-flash", quantized=True, seed=0)
-    prompts = [_tokens(n, 80 + n) for n in (1, 9, 16, 33)]
-    truth = [c.token_ids for c in _engine(ckpt).generate_ids(prompts, GREEDY)]
-    work = {"mtp": list(zip(prompts, truth, strict=True)), "rounds": [[_tokens(n, 90 + n) for n in (5, 21)]]}
+    prompts = [random_tokens(n, 80 + n) for n in (1, 9, 16, 33)]
+    truth = [c.token_ids for c in one_process_engine(ckpt).generate_ids(prompts, GREEDY)]
+    work = {"mtp": list(zip(prompts, truth, strict=True)), "rounds": [[random_tokens(n, 90 + n) for n in (5, 21)]]}
     torch.save(work, root / "work.pt")
     return work, run_engine_ranks(ckpt, "2", root / "work.pt", root / "out", 2), ckpt
 
@@ -122,7 +115,7 @@ def test_mtp_in_a_group_gives_the_tokens_of_plain_decoding(mtp_run) -> None:
     assert got["mtp"]["tokens"] == [t for _, t in work["mtp"]]
     proposed, accepted = got["mtp"]["proposed"], got["mtp"]["accepted"]
     assert 0 < accepted < proposed  # verification kept drafts and rolled others back, on both ranks
-    want = [[c.token_ids for c in _engine(ckpt).generate_ids(prompts, GREEDY)] for prompts in work["rounds"]]
+    want = [[c.token_ids for c in one_process_engine(ckpt).generate_ids(prompts, GREEDY)] for prompts in work["rounds"]]
     assert got["rounds"] == want
 
 
@@ -131,8 +124,8 @@ def test_graphed_decode_steps_in_a_group_give_one_process_tokens(tmp_path: Path)
     tables to bucket widths; on a CPU the padded step runs eagerly where a GPU replays its capture)."""
     torch.set_num_threads(1)
     ckpt = write_checkpoint(tmp_path / "ckpt", "tiny-flash", quantized=True, seed=0)
-    prompts = [_tokens(n, 300 + n) for n in (3, 17, 30)]
+    prompts = [random_tokens(n, 300 + n) for n in (3, 17, 30)]
     torch.save({"rounds": [prompts], "graphs": True}, tmp_path / "work.pt")
     got = run_engine_ranks(ckpt, "2", tmp_path / "work.pt", tmp_path / "out", 2)
     assert got["graph_shapes"] and all(bucket in (1, 2, 4) for bucket, _ in got["graph_shapes"])
-    assert got["rounds"] == [[c.token_ids for c in _engine(ckpt).generate_ids(prompts, GREEDY)]]
+    assert got["rounds"] == [[c.token_ids for c in one_process_engine(ckpt).generate_ids(prompts, GREEDY)]]
