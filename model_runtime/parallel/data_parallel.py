@@ -11,7 +11,7 @@ own rows (the sequences whose KV it holds), tensor parallel inside the group. Th
   inside the group.
 * the logits of a call, which the engine's leader samples: every group's rows are gathered the same way.
 
-A group with no rows in a call still takes part in those exchanges (`DataParallel.idle`), with zero rows, so the
+A group with no rows in a call still takes part in those exchanges (`shard.idle_pass`), with zero rows, so the
 collectives of every rank line up. The engine sets each call's rows per group (`DataParallel.counts`) before it
 runs the model; every rank knows them from the leader's message.
 """
@@ -83,7 +83,7 @@ class DataParallel:
         padded = local.new_zeros((width, *local.shape[1:]))
         padded[: local.shape[0]] = local
         parts = [torch.empty_like(padded) for _ in self.counts]
-        dist.all_gather(parts, padded.contiguous(), group=self.peers)
+        dist.all_gather(parts, padded, group=self.peers)
         return torch.cat([p[:n] for p, n in zip(parts, self.counts, strict=True)])
 
     def mine(self, rows: torch.Tensor) -> torch.Tensor:

@@ -11,12 +11,28 @@ from __future__ import annotations
 
 import datetime
 import pickle
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 IDLE_TIMEOUT = datetime.timedelta(days=7)  # how long a follower may wait for its leader's next step
+
+
+def _frame(message: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """A message as it travels: its length [1] int64, then its pickled bytes."""
+    data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
+    return torch.tensor([len(data)], dtype=torch.int64), torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _receive(move: Callable[[torch.Tensor], object]) -> Any:
+    """A message whose length, then bytes, `move` fills in (a broadcast or a point-to-point receive)."""
+    size = torch.zeros(1, dtype=torch.int64)
+    move(size)
+    data = torch.empty(int(size.item()), dtype=torch.uint8)
+    move(data)
+    return pickle.loads(data.numpy().tobytes())
 
 
 class StepChannel:
@@ -32,31 +48,21 @@ class StepChannel:
     def publish(self, message: Any) -> None:
         """Send `message` (picklable; tensors on the CPU) to every follower (rank 0 only)."""
         assert self.is_leader, "only rank 0 publishes"
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        dist.broadcast(torch.tensor([len(data)], dtype=torch.int64), src=0, group=self.group)
-        dist.broadcast(torch.frombuffer(bytearray(data), dtype=torch.uint8), src=0, group=self.group)
+        for t in _frame(message):
+            dist.broadcast(t, src=0, group=self.group)
 
     def receive(self) -> Any:
         """The leader's next message (followers only; blocks until it comes)."""
         assert not self.is_leader, "rank 0 publishes, it never receives"
-        size = torch.zeros(1, dtype=torch.int64)
-        dist.broadcast(size, src=0, group=self.group)
-        data = torch.empty(int(size.item()), dtype=torch.uint8)
-        dist.broadcast(data, src=0, group=self.group)
-        return pickle.loads(data.numpy().tobytes())
+        return _receive(lambda t: dist.broadcast(t, src=0, group=self.group))
 
     def send_to_leader(self, message: Any) -> None:
         """Send `message` to rank 0 alone (a follower's answer to the call it was just sent)."""
         assert not self.is_leader, "rank 0 does not send to itself"
-        data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
-        dist.send(torch.tensor([len(data)], dtype=torch.int64), dst=0, group=self.group)
-        dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst=0, group=self.group)
+        for t in _frame(message):
+            dist.send(t, dst=0, group=self.group)
 
     def receive_from(self, rank: int) -> Any:
         """The message rank `rank` sends the leader with `send_to_leader` (rank 0 only; blocks until it comes)."""
         assert self.is_leader, "only rank 0 receives a follower's answer"
-        size = torch.zeros(1, dtype=torch.int64)
-        dist.recv(size, src=rank, group=self.group)
-        data = torch.empty(int(size.item()), dtype=torch.uint8)
-        dist.recv(data, src=rank, group=self.group)
-        return pickle.loads(data.numpy().tobytes())
+        return _receive(lambda t: dist.recv(t, src=rank, group=self.group))
