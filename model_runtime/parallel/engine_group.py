@@ -45,9 +45,10 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -69,6 +70,8 @@ from dsv4.model_runtime.state import SequenceState
 from dsv4.model_runtime.tokenizer import Tokenizer
 
 log = logging.getLogger("dsv4.model_runtime.parallel")
+
+T = TypeVar("T")
 
 BROKEN_EXIT = 70  # the leader's exit status when a call failed after its followers were sent it
 
@@ -258,6 +261,14 @@ class LeaderRunner(ModelRunner):
             pool.journal = []
         self.channel.publish(Message(writes, call))
 
+    def _call(self, call: Published, make: Callable[[], T]) -> T:
+        """Send `call` to the followers, then make it here; a failure of either ends the group (`_broken`)."""
+        try:
+            self._publish(call)
+            return make()
+        except Exception as e:
+            _broken(e)
+
     def decode_logits(self, seqs: list[Request]) -> torch.Tensor:
         by_group: list[list[int]] = [[] for _ in self.pools]
         for i, s in enumerate(seqs):
@@ -271,11 +282,8 @@ class LeaderRunner(ModelRunner):
             pool.flush_block_tables()
             inputs = DecodeInputs.on_host(mine, pool, self.decode_width(mine, pool))
             parts.append(DecodeCall(inputs.rows, inputs.block_tables))
-        try:
-            self._publish(tuple(parts))
-            logits = run_call(self, self.pools[0], tuple(parts), 0, self.dp)
-        except Exception as e:
-            _broken(e)
+        call = tuple(parts)
+        logits = self._call(call, lambda: run_call(self, self.pools[0], call, 0, self.dp))
         assert logits is not None
         return _in_order(logits, [i for rows in by_group for i in rows])
 
@@ -290,11 +298,9 @@ class LeaderRunner(ModelRunner):
         for members in by_group:
             logit_rows = [k for k, i in enumerate(members) if i in needed]
             parts.append(FeedCall(ids[members].cpu(), _describe([states[i] for i in members]), logit_rows))
-        try:
-            self._publish(tuple(parts))
-            logits = run_call(self, self.pools[0], tuple(parts), 0, self.dp, [states[i] for i in by_group[0]])
-        except Exception as e:
-            _broken(e)
+        call = tuple(parts)
+        own = [states[i] for i in by_group[0]]
+        logits = self._call(call, lambda: run_call(self, self.pools[0], call, 0, self.dp, own))
         for members in by_group[1:]:  # computed by their groups' ranks
             for i in members:
                 states[i].position += ids.shape[1]
@@ -308,36 +314,25 @@ class LeaderRunner(ModelRunner):
 
     # MTP (one tensor-parallel group only, `group_config`): each call is sent, then made as one process makes it.
     def forward_verify(self, ids: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
-        try:
-            self._publish(VerifyCall(ids.cpu(), _describe(states)))
-            return super().forward_verify(ids, states)
-        except Exception as e:
-            _broken(e)
+        call = VerifyCall(ids.cpu(), _describe(states))
+        return self._call(call, lambda: super(LeaderRunner, self).forward_verify(ids, states))
 
     def forward_refeed(self, rows: list[int], ids: torch.Tensor, states: list[SequenceState]) -> None:
-        try:
-            self._publish(RefeedCall(rows, ids.cpu(), _describe(states)))
-            super().forward_refeed(rows, ids, states)
-        except Exception as e:
-            _broken(e)
+        call = RefeedCall(rows, ids.cpu(), _describe(states))
+        self._call(call, lambda: super(LeaderRunner, self).forward_refeed(rows, ids, states))
 
     def forward_mtp(self, calls: list[tuple[list[StreamRef], torch.Tensor, list[SequenceState]]]) -> list[torch.Tensor]:
-        try:
-            self._publish(MtpCall([(refs, ids.cpu(), _describe(states)) for refs, ids, states in calls]))
-            return super().forward_mtp(calls)
-        except Exception as e:
-            _broken(e)
+        call = MtpCall([(refs, ids.cpu(), _describe(states)) for refs, ids, states in calls])
+        return self._call(call, lambda: super(LeaderRunner, self).forward_mtp(calls))
 
     def export_chunks(self, state: SequenceState, chunk_size: int) -> list[bytes]:
         group = self._group(state)
         if group == 0:
             return super().export_chunks(state, chunk_size)
         assert isinstance(state, PagedSequenceState) and self.dp is not None
-        try:
-            self._publish(ExportCall(group, state.slot, tuple(state.table), state.position, chunk_size))
-            chunks: list[bytes] = self.channel.receive_from(group * self.dp.layout.tp)
-        except Exception as e:
-            _broken(e)
+        call = ExportCall(group, state.slot, tuple(state.table), state.position, chunk_size)
+        first = group * self.dp.layout.tp
+        chunks: list[bytes] = self._call(call, lambda: self.channel.receive_from(first))
         return chunks
 
     def stop(self) -> None:
