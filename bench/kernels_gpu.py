@@ -322,7 +322,8 @@ def decode_cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
     """Issue #17's decode aims at batch 1 and dims.t (64) at Flash shapes: the grouped FP8 / MXFP4 matmuls (routed
     experts' fused gate/up [2 x 2048, 4096] over 256 experts, 6 per token; `wo_a`'s 8 FP8 groups [1024, 4096]),
     mHC pre and the hyper head at batch 1, and the sampler (temperature + top-k draws with the caller's noise and
-    with the seeded noise the engine uses, a seeded draw without top-k, the top-k filter). The bytes count only
+    with the seeded noise the engine uses, a seeded draw without top-k, a seeded top-p + min-p draw, the top-k
+    filter). The bytes count only
     what an ideal kernel must move: the weights of the experts that got rows, the noise of the tokens a top-k draw
     keeps (none when the kernel hashes it)."""
     from dsv4.model_runtime.formats import quant_fp4, quant_fp8
@@ -396,6 +397,17 @@ def decode_cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
                     4 * logits.numel(),
                 )
             )
+        top_p = torch.full((batch,), 0.95, dtype=torch.float64, device=device)
+        min_p = torch.full((batch,), 0.02, dtype=torch.float64, device=device)
+        out.append(
+            Case(
+                "sample_tokens_seeded",
+                f"decode-b{batch}v{vocab}-temperature-topp0.95-minp0.02",
+                (logits, temperature, None, top_p, min_p, seeds, index),
+                _nbytes(logits) + batch * 8,
+                30 * logits.numel(),
+            )
+        )
         out.append(
             Case(
                 "filter_logits",

@@ -283,6 +283,45 @@ def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
             sampling.SAMPLE_WARPS,
         )
     )
+    # the top-p / min-p path: softmax shares, radix rounds, the keep-and-draw pass, the chunks' argmax
+    stats = dict(logits_ptr=f32, temp_ptr=f64, thr_ptr="*i32", cmax_ptr=f64, csum_ptr=f64, V=i32, C=i32)
+    shape = dict(CP=chunks, BINS=sampling.BINS, ROUNDS=sampling.ROUNDS)
+    walk = dict(hist_ptr=f64, count_ptr="*i32", prefix_ptr=i64, above_ptr=f64)
+    specs += [
+        ("sample_stats", sampling._stats_kernel, stats, dict(CHUNK=sampling.CHUNK), sampling.SAMPLE_WARPS),
+        (
+            "sample_radix",
+            sampling._radix_kernel,
+            dict(logits_ptr=f32, temp_ptr=f64, topp_ptr=f64, thr_ptr="*i32", cmax_ptr=f64, csum_ptr=f64)
+            | walk
+            | dict(V=i32, C=i32, rnd=i32),
+            dict(CHUNK=sampling.CHUNK, TILE=sampling.TILE, RADIX_BITS=sampling.RADIX_BITS) | shape,
+            sampling.SAMPLE_WARPS,
+        ),
+        (
+            "sample_argmax",
+            sampling._argmax_chunks_kernel,
+            dict(best_val_ptr=f64, best_idx_ptr="*i32", out_ptr=i64, C=i32),
+            dict(CP=chunks),
+            1,
+        ),
+    ]
+    keep = (
+        dict(logits_ptr=f32, temp_ptr=f64, topp_ptr=f64, minp_ptr=f64, thr_ptr="*i32", cmax_ptr=f64, csum_ptr=f64)
+        | walk
+        | dict(noise_ptr=f64, seeds_ptr=i64, index_ptr=i64, out_ptr=f64, best_val_ptr=f64, best_idx_ptr="*i32")
+        | dict(V=i32, C=i32)
+    )
+    for topp, minp, noise, seeded in ((True, True, False, False), (True, False, True, False), (True, True, True, True)):
+        specs.append(
+            (
+                f"sample_keep[topp={int(topp)},minp={int(minp)},noise={int(noise)},seeded={int(seeded)}]",
+                sampling._keep_kernel,
+                keep,
+                dict(HAS_TOPP=topp, HAS_MINP=minp, HAS_NOISE=noise, SEEDED=seeded, CHUNK=sampling.CHUNK) | shape,
+                sampling.SAMPLE_WARPS,
+            )
+        )
     return specs
 
 

@@ -194,3 +194,24 @@ def test_fused_sampler_bf16_logits_flash_vocabulary(top_k):
     f_ref, f_cuda = _pair("filter_logits")
     t = temperature.clamp(min=0.1)
     assert torch.equal(f_cuda(logits, t, k, None, None), f_ref(logits, t, k, None, None))
+
+
+def test_nucleus_sampler_bf16_logits_flash_vocabulary():
+    """The top-p / min-p path compiled for the GPU at batch 64 and Flash's vocabulary: the same draws and filtered
+    logits as the reference's sorts (rows mix top-p 0.5-1, min-p 0-0.1, top-k 0 or 50; row 0 greedy)."""
+    rows, vocab = 64, 129280
+    logits = (torch.randn(rows, vocab, device="cuda") * 4).bfloat16()
+    temperature = torch.linspace(0.0, 1.5, rows, dtype=torch.float64, device="cuda")
+    top_p = torch.linspace(0.5, 1.0, rows, dtype=torch.float64, device="cuda")
+    min_p = torch.linspace(0.0, 0.1, rows, dtype=torch.float64, device="cuda")
+    k = torch.where(torch.arange(rows, device="cuda") % 2 == 0, 0, 50)
+    seeds = torch.arange(rows, dtype=torch.int64, device="cuda")
+    index = torch.full((rows,), 5, dtype=torch.int64, device="cuda")
+    s_ref, s_cuda = _pair("sample_tokens_seeded")
+    for kk, p, m in ((None, top_p, None), (k, top_p, min_p), (None, None, min_p)):
+        assert torch.equal(
+            s_cuda(logits, temperature, kk, p, m, seeds, index), s_ref(logits, temperature, kk, p, m, seeds, index)
+        )
+    f_ref, f_cuda = _pair("filter_logits")
+    t = temperature.clamp(min=0.1)
+    assert torch.equal(f_cuda(logits, t, k, top_p, min_p), f_ref(logits, t, k, top_p, min_p))

@@ -62,15 +62,64 @@ def test_filter_equals_the_reference(device, vocab):
     assert torch.equal(got, ref_sampling.filter_logits(logits, temperature, None, None, None))
 
 
-def test_top_p_and_min_p_rows_take_the_reference_ops(device):
-    logits, temperature, top_k = _rows(device, 300)
-    top_p = torch.full((8,), 0.9, dtype=torch.float64, device=device)
-    noise = _noise(8, 300, device)
-    got = cuda_sampling.sample_tokens(logits, temperature, top_k, top_p, None, noise)
-    assert got.tolist() == ref_sampling.sample_tokens(logits, temperature, top_k, top_p, None, noise).tolist()
+def _nucleus_rows(
+    device: torch.device, vocab: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows for the top-p / min-p path, with the boundary inside ties (thresholds kept off rounding's reach)."""
+    logits, temperature, top_k = _rows(device, vocab)
+    top_k = torch.tensor([0, 0, 0, 7, 0, 200, 0, 40], dtype=torch.int64, device=device)
+    # row 1: 60 tokens tie at the top (1/60 each): top-p 0.51 keeps the first 31 by id; row 6: every token ties,
+    # and its boundary lies past the first program's chunk (the tied tokens of earlier chunks count)
+    top_p = torch.tensor([0.9, 0.51, 0.8, 0.95, 1.0, 0.5, 0.9037, 0.7], dtype=torch.float64, device=device)
+    min_p = torch.tensor([0.0, 0.0, 0.1, 0.05, 0.2, 0.0, 0.0, 0.01], dtype=torch.float64, device=device)
+    return logits, temperature, top_k, top_p, min_p
+
+
+@pytest.mark.parametrize(("vocab", "chunk"), [(1000, 4096), (300, 256)])
+def test_nucleus_filter_equals_the_reference(device, vocab, chunk):
+    """top-p alone, min-p alone, all three filters: the same kept tokens, the same fp64 values. (1000, 4096): one
+    program a row, 4 histogram tiles each; (300, 256): 2 programs a row, the second part-filled. (The interpreter
+    takes ~30 ms a program: the sizes are small on purpose.)"""
+    logits, temperature, top_k, top_p, min_p = _nucleus_rows(device, vocab)
+    temperature[2] = 1.5  # the filter's contract has no greedy rows
+    for k, p, m in ((None, top_p, None), (None, None, min_p), (top_k, top_p, min_p)):
+        got = cuda_sampling._nucleus(logits, temperature, k, p, m, None, chunk=chunk)
+        want = ref_sampling.filter_logits(logits, temperature, k, p, m)
+        assert torch.equal(torch.isinf(got), torch.isinf(want)), (k is None, p is None, m is None)
+        assert torch.equal(got, want)
+    kept = torch.isfinite(cuda_sampling._nucleus(logits, temperature, None, top_p, None, None, chunk=chunk))
+    assert kept[1, 100:131].all() and not kept[1, 131:160].any()  # the tie broken by id, as the stable sort does
+    assert kept[4].all()  # top-p 1 keeps everything
+
+
+def test_nucleus_draws_equal_the_reference(device):
+    """Greedy row 2 takes the plain argmax; the others draw among the kept tokens (the caller's noise, then the
+    seeded noise hashed in the kernel)."""
+    vocab, chunk = 500, 256
+    logits, temperature, top_k, top_p, min_p = _nucleus_rows(device, vocab)
+    noise = _noise(8, vocab, device)
+    got = cuda_sampling._nucleus(logits, temperature, top_k, top_p, min_p, noise, chunk=chunk)
+    assert got.tolist() == ref_sampling.sample_tokens(logits, temperature, top_k, top_p, min_p, noise).tolist()
+    seeds, index = _SEEDS.to(device), _INDEX.to(device)
+    for k, p, m in ((None, top_p, None), (None, None, min_p)):
+        got = cuda_sampling._nucleus(logits, temperature, k, p, m, None, (seeds, index), chunk=chunk)
+        want = ref_sampling.sample_tokens_seeded(logits, temperature, k, p, m, seeds, index)
+        assert got.tolist() == want.tolist()
     assert cuda_sampling.sample_tokens(logits, temperature, None, None, None, None).tolist() == (
         logits.argmax(-1).tolist()
     )
+
+
+def test_nucleus_row_does_not_depend_on_the_batch(device):
+    logits, temperature, top_k, top_p, min_p = _nucleus_rows(device, 1000)
+    seeds, index = _SEEDS.to(device), _INDEX.to(device)
+    batch = cuda_sampling._nucleus(logits, temperature, top_k, top_p, min_p, None, (seeds, index), chunk=256)
+    for r in (1, 3):
+        one = cuda_sampling._nucleus(
+            *(a[r : r + 1] for a in (logits, temperature, top_k, top_p, min_p)), None,
+            (seeds[r : r + 1], index[r : r + 1]), chunk=512,
+        )  # fmt: skip
+        assert one.item() == batch[r].item()
 
 
 def test_a_rows_token_does_not_depend_on_the_batch(device):
@@ -132,12 +181,13 @@ def test_engine_sample_batch_on_the_cuda_backend(device):
     from dsv4.model_runtime.engine.sampling_params import SamplingParams
 
     torch.manual_seed(3)
-    logits = (torch.randn(4, 700) * 3).to(device)
+    logits = (torch.randn(5, 700) * 3).to(device)
     params = [
         SamplingParams(temperature=0.8, top_k=20),
         SamplingParams(temperature=1.2),
         SamplingParams(temperature=0.0),
         SamplingParams(temperature=0.5, top_k=300),
+        SamplingParams(temperature=0.9, top_p=0.8, min_p=0.05),
     ]
     requests = [
         SampleRequest(p, seed=11 + i, index=i, prompt_token_ids=[1], output_token_ids=[]) for i, p in enumerate(params)
