@@ -228,7 +228,9 @@ class Ops:
 
         x [M, K]; weight [E, O, K] (the experts' weights in the nn.Linear [out, in] layout, any float dtype, used at
         its exact value in x.dtype; the FP8/MXFP4 variants below take the packed weight and its `.scale` instead);
-        group_ends [E] int32, cumulative row counts (ends[-1] == M). Returns [M, O] in x.dtype, fp32 accumulation.
+        group_ends [E] int32, cumulative row counts, ends[-1] <= M: the rows from ends[-1] on belong to no expert
+        and come back as zeros (expert parallelism sorts the (token, expert) pairs of other ranks' experts there,
+        so their number is never read on the host). Returns [M, O] in x.dtype, fp32 accumulation.
         """
         return self._fns["grouped_matmul"](x, weight, group_ends)
 

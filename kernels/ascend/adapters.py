@@ -132,16 +132,20 @@ def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tens
     if x.shape[0] == 0:
         return x.new_zeros(0, weight.shape[1])
     # one weight tensor [E, K, N], rows split on M (group_type 0) by cumulative ends (group_list_type 0),
-    # one output tensor (split_item 3)
+    # one output tensor (split_item 3). The documentation does not say what the op does with rows past the last
+    # end, so the last group is stretched to M and those rows are zeroed afterwards (the contract's rows of no
+    # expert; computed on the last expert, wasted work under expert parallelism).
+    ends = group_ends.to(torch.int64)
+    stretched = torch.cat([ends[:-1], ends.new_full((1,), x.shape[0])])
     (out,) = npu().npu_grouped_matmul(
         [x],
         [weight.to(x.dtype).transpose(1, 2)],
-        group_list=group_ends.to(torch.int64),
+        group_list=stretched,
         split_item=3,
         group_type=0,
         group_list_type=0,
     )
-    return out
+    return ref_moe.zero_rows_past_end(out, group_ends)
 
 
 @register("grouped_matmul_fp8", "ascend")

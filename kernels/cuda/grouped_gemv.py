@@ -29,6 +29,7 @@ import triton.language as tl
 
 from dsv4.kernels.cuda.launch import block, tile_schedule
 from dsv4.kernels.cuda.mx import e2m1_fp16_image, e8m0, scale_operand
+from dsv4.kernels.reference.moe import zero_rows_past_end
 
 # Dispatch: the grouped matmul takes this kernel when the average rows per (non-empty) expert, M / min(E, M), is
 # at most GEMV_MAX_ROWS; above it the tiled MMA kernel's 16-row tiles are at least a quarter full. Budget on paper:
@@ -225,4 +226,5 @@ def grouped_gemv(
         GB=GROUP_BYTES,
         num_warps=GEMV_WARPS,
     )
-    return out[0] if splits == 1 else out.sum(0).to(x.dtype)
+    # rows past the last expert's end belong to no program: zeros, as the contract says
+    return zero_rows_past_end(out[0] if splits == 1 else out.sum(0).to(x.dtype), ends)

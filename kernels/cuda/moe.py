@@ -183,7 +183,7 @@ def _grouped(
     gemv = gemv_rows(m, n_experts) if o else None
     if scale is not None and gemv is not None:  # packed weights, a few rows per expert: grouped_gemv.py
         return grouped_gemv(x, weight, scale, ends, quant, gemv)
-    out = torch.zeros(m, o, dtype=x.dtype, device=x.device)
+    out = torch.zeros(m, o, dtype=x.dtype, device=x.device)  # rows past the last end (no expert) stay 0
     if m == 0 or o == 0:
         return out
     block_m = MIN_DOT if m <= 256 else 64

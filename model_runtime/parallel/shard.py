@@ -28,8 +28,8 @@ from torch import nn
 
 from dsv4.model_runtime.config import ModelConfig
 from dsv4.model_runtime.layers.attention import Attention
-from dsv4.model_runtime.layers.linear import Linear, expert_matmul
-from dsv4.model_runtime.layers.moe import MoE, SharedExpert
+from dsv4.model_runtime.layers.linear import Linear
+from dsv4.model_runtime.layers.moe import MoE, SharedExpert, routed_experts
 from dsv4.model_runtime.layers.ops_module import OpsModule
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.parallel.data_parallel import DataParallel
@@ -134,19 +134,10 @@ class ParallelMoE(OpsModule):
     def _partial(self, u: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
         """This rank's part of the MoE output of u [N, d] (accumulation dtype), before the sum over the ranks."""
         weights, idx = self.gate(u, token_ids)  # [N, k], all experts
-        k = idx.shape[1]
-        local = idx.flatten() - self.first
-        pairs = torch.nonzero((local >= 0) & (local < self.n_local)).flatten()  # (token, slot) pairs here
-        pairs = pairs[local[pairs].argsort(stable=True)]
-        token = pairs // k
-        ends = torch.bincount(local[pairs], minlength=self.n_local).cumsum(0).to(torch.int32)
-        h = expert_matmul(self.ops, u[token], self.w13, self.w13_scale, ends)
-        act = self.ops.swiglu(h[:, : self.inter], h[:, self.inter :], self.limit, weights.flatten()[pairs])
-        out = expert_matmul(self.ops, act, self.w2, self.w2_scale, ends)
-        acc = torch.promote_types(u.dtype, torch.float32)
-        y = torch.zeros(u.shape, dtype=acc, device=u.device).index_add_(0, token, out.to(acc))
+        experts = (self.w13, self.w13_scale, self.w2, self.w2_scale)
+        y = routed_experts(self.ops, u, weights, idx, experts, self.limit, self.first)
         if self.shared_experts is not None:
-            y = y + self.shared_experts(u).to(acc)
+            y = y + self.shared_experts(u).to(y.dtype)
         return y
 
 

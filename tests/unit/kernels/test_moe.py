@@ -116,3 +116,26 @@ def test_mxfp4_decodes_every_code_and_tiny_scales(impls, device):
     w, s, x = packed.to(device), scale.to(device), x.to(device)
     ends = _ends([5], device)
     torch.testing.assert_close(cuda(x, w, s, ends), ref(x, w, s, ends), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", ["plain", "fp8", "mxfp4"])
+@pytest.mark.parametrize("tail", [3, 40], ids=["gemv", "tiled"])
+def test_rows_past_the_last_end_belong_to_no_expert(impls, device, fmt, tail):
+    """ends[-1] < M (expert parallelism's pairs of other ranks' experts): those rows come back 0 on both backends,
+    the rest as if they were absent; 3 trailing rows keep the decode GEMV, 40 the tiled kernel."""
+    torch.manual_seed(9)
+    counts, o, k = [2, 0, 1], 40, 64
+    if fmt == "plain":
+        weight: tuple[torch.Tensor, ...] = (torch.randn(3, o, k, device=device),)
+    else:
+        weight = (_fp8_experts if fmt == "fp8" else _fp4_experts)(3, o, k, device)
+    op = "grouped_matmul" if fmt == "plain" else f"grouped_matmul_{fmt}"
+    ref, cuda = impls(op)
+    x, ends = torch.randn(sum(counts) + tail, k, device=device), _ends(counts, device)
+    x[sum(counts) :] = float("nan")  # nothing of these rows may reach the output
+    want = ref(x[: sum(counts)], *weight, ends)
+    for impl in (ref, cuda):
+        got = impl(x, *weight, ends)
+        assert got.shape == (sum(counts) + tail, o)
+        assert torch.equal(got[sum(counts) :], torch.zeros(tail, o, device=device))
+        torch.testing.assert_close(got[: sum(counts)], want, atol=1e-4, rtol=1e-5)

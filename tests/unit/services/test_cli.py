@@ -52,8 +52,9 @@ def test_implemented_command_runs_its_target(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_installed_script_prints_help() -> None:
-    done = subprocess.run([sys.executable, "-m", "dsv4.services.cli", "--help"], capture_output=True, text=True,
-                          check=False, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "dsv4.services.cli", "--help"], capture_output=True, text=True, check=False, timeout=60
+    )
     assert done.returncode == 0, done.stderr
     assert "make-checkpoint" in done.stdout
 
