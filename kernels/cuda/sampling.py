@@ -562,6 +562,21 @@ def _nucleus(
     return tokens
 
 
+def _draw(
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor | None,
+    top_p: torch.Tensor | None,
+    min_p: torch.Tensor | None,
+    noise: torch.Tensor | None,
+    seeded: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """A draw's tokens [B] int64: the nucleus path when a row has top-p or min-p, else the top-k path."""
+    if top_p is not None or min_p is not None:
+        return _nucleus(logits, temperature, top_k, top_p, min_p, noise, seeded)
+    return _select(logits, temperature, top_k, noise, seeded)
+
+
 def _triton_dtype(logits: torch.Tensor) -> bool:
     """Whether the kernels take these logits: no wider than fp32 (they compare fp32 keys), and some rows."""
     return logits.dtype != torch.float64 and logits.numel() > 0
@@ -604,9 +619,7 @@ def sample_tokens(
         return torch.argmax(logits, dim=-1)
     if not _triton_dtype(logits):
         return ref_sampling.sample_tokens(logits, temperature, top_k, top_p, min_p, noise)
-    if top_p is not None or min_p is not None:
-        return _nucleus(logits, temperature, top_k, top_p, min_p, noise)
-    return _select(logits, temperature, top_k, noise)
+    return _draw(logits, temperature, top_k, top_p, min_p, noise)
 
 
 @register("sample_tokens_seeded", "cuda")
@@ -622,6 +635,4 @@ def sample_tokens_seeded(
     check_device("sample_tokens_seeded", logits, temperature, top_k, top_p, min_p, seeds, index)
     if not _triton_dtype(logits):  # the reference materializes the [B, V] noise
         return ref_sampling.sample_tokens_seeded(logits, temperature, top_k, top_p, min_p, seeds, index)
-    if top_p is not None or min_p is not None:
-        return _nucleus(logits, temperature, top_k, top_p, min_p, None, (seeds, index))
-    return _select(logits, temperature, top_k, None, (seeds, index))
+    return _draw(logits, temperature, top_k, top_p, min_p, None, (seeds, index))
