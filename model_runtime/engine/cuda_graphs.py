@@ -75,12 +75,18 @@ class DecodeGraphs:
         """(batch bucket, table width) of every graph captured so far."""
         return sorted(self._graphs)
 
-    def run(self, inputs: DecodeInputs) -> torch.Tensor:
-        """Logits [D, vocab] of the step's D rows (inputs at their exact width, which must be a bucket width)."""
+    def run(self, inputs: DecodeInputs, bucket: int | None = None) -> torch.Tensor:
+        """Logits [D, vocab] of the step's D rows (inputs at their exact width, which must be a bucket width),
+        padded to `bucket` rows (default: D's bucket; a data-parallel group pads to the bucket of the largest
+        group's rows, so every rank replays the same shape, D = 0 included)."""
         d, width = inputs.rows.shape[0], inputs.block_tables.shape[1]
-        graph = self._graphs.get((batch_bucket(d), width))
+        bucket = batch_bucket(d) if bucket is None else bucket
+        if bucket < d or bucket != batch_bucket(bucket):
+            raise ValueError(f"decode graphs: {d} rows do not pad to a bucket of {bucket}")
+        key = (bucket, width)
+        graph = self._graphs.get(key)
         if graph is None:
-            graph = self._graphs[(batch_bucket(d), width)] = self._build(batch_bucket(d), width)
+            graph = self._graphs[key] = self._build(bucket, width)
         graph.rows[:d].copy_(inputs.rows)
         graph.rows[d:].copy_(self._pad.expand(graph.rows.shape[0] - d, -1))
         graph.block_tables[:d].copy_(inputs.block_tables)

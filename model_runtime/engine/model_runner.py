@@ -132,14 +132,15 @@ class ModelRunner:
         width = table_width(seqs, pool.block_size)
         return width_bucket(width, pool.max_blocks) if self.cuda_graphs else width
 
-    def run_decode(self, inputs: DecodeInputs, pool: KVPool) -> torch.Tensor:
+    def run_decode(self, inputs: DecodeInputs, pool: KVPool, bucket: int | None = None) -> torch.Tensor:
         """The batched decode step of `inputs`: replayed from the graph of its shape (captured on first use, on
-        every rank of a group alike), or eagerly without graphs."""
+        every rank of a group alike; `bucket`: the padded batch, see `DecodeGraphs.run`), or eagerly without
+        graphs."""
         if not self.cuda_graphs:
             return self.forward_decode(inputs, pool)
         if self.graphs is None or self.graphs.pool is not pool:
             self.graphs = DecodeGraphs(self.model, pool, capture=self.model.device.type in GRAPH_DEVICES)
-        return self.graphs.run(inputs)
+        return self.graphs.run(inputs, bucket)
 
     def _feed(
         self, n: int, seqs: list[Request], follow: list[tuple[Request, StreamRef, int]]

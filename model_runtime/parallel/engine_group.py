@@ -34,10 +34,13 @@ rollback and refeed of rejected drafts (`RefeedCall`) and the step's MTP calls (
 streams every rank kept from this step's calls) are sent like the others; under data-parallel attention it is
 refused (`group_config`).
 
-Batched decode steps replay device graphs in a tensor-parallel group as in one process: the leader pads the step to
-its graph's shape before sending it, and every rank captures its own graph of that shape at the same call (the
-warm-up and capture steps run the model's collectives on every rank alike; NCCL / HCCL inside a capture: not run on
-hardware). Under data-parallel attention graphs are off (a step's shapes depend on every group's rows).
+Batched decode steps replay device graphs in a rank group as in one process: the leader pads the step's block
+tables to its graph's width before sending it, every rank pads the rows to its graph's batch bucket, and so every
+rank captures its own graph of that shape at the same call (the warm-up and capture steps run the model's
+collectives on every rank alike; NCCL / HCCL inside a capture: not run on hardware). Under data-parallel attention
+the shape is the whole call's, as SGLang pads its DP ranks: every group's tables get the widest group's width and
+every group pads to the bucket of the largest group's rows, a group without rows included (it replays a step of
+padding rows instead of `idle_pass`), so the MoE's exchange between the groups has the same sizes in every replay.
 """
 
 from __future__ import annotations
@@ -46,13 +49,14 @@ import logging
 import os
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from dsv4.model_runtime.engine.cuda_graphs import batch_bucket
 from dsv4.model_runtime.engine.kv_groups import GroupKV, pool_index
 from dsv4.model_runtime.engine.kv_state import KVPool, PagedSequenceState, PoolWrite
 from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
@@ -175,14 +179,14 @@ class Message:
 
 
 def group_config(config: EngineConfig, layout: Layout) -> EngineConfig:
-    """`config` as a rank group of `layout` runs it: under data-parallel attention CUDA graphs off (a step's shape
-    depends on every group's rows) and GroupUnsupported for MTP speculative decoding."""
+    """`config` as a rank group of `layout` runs it: GroupUnsupported for MTP speculative decoding under
+    data-parallel attention."""
     if config.speculative_mtp and layout.dp > 1:
         raise GroupUnsupported(
             f"MTP speculative decoding does not run under data-parallel attention ({layout.describe()}): its calls "
             "are not split between the groups; turn it off or use a layout of one tensor-parallel group"
         )
-    return replace(config, cuda_graphs=config.cuda_graphs and layout.dp == 1)
+    return config
 
 
 def run_call(
@@ -195,18 +199,24 @@ def run_call(
 ) -> torch.Tensor | None:
     """Run this rank's part of a model call (`group`'s part, over its `pool`; a feed's `states`, else rebuilt from
     the call), and return the logits of every group's rows that need them, in group order (None: no row does).
-    A group without rows in the call takes part in the exchanges between the groups with none."""
+    A group without rows in the call takes part in the exchanges between the groups with none; with graphs, every
+    group runs a decode step padded to the bucket of the largest group's rows (`DecodeGraphs.run`)."""
     model = runner.model
     part = call[group]
+    bucket: int | None = None
     if dp is not None:
-        dp.set_rows([p.tokens for p in call])
+        rows = [p.tokens for p in call]
+        if runner.cuda_graphs and isinstance(part, DecodeCall):
+            bucket = batch_bucket(max(rows))
+            rows = [bucket] * len(call)
+        dp.set_rows(rows)
     own: torch.Tensor | None = None
-    if part.tokens == 0:
+    if part.tokens == 0 and bucket is None:
         if dp is not None:
             idle_pass(model, dp)
     elif isinstance(part, DecodeCall):
         inputs = DecodeInputs(to_device(part.rows, model.device), to_device(part.block_tables, model.device))
-        own = ModelRunner.run_decode(runner, inputs, pool)
+        own = ModelRunner.run_decode(runner, inputs, pool, bucket)
     else:
         if states is None:
             states = [_state(pool, *described) for described in part.states]
@@ -273,14 +283,17 @@ class LeaderRunner(ModelRunner):
         by_group: list[list[int]] = [[] for _ in self.pools]
         for i, s in enumerate(seqs):
             by_group[self._group(s.state)].append(i)
+        # With graphs every group's tables share the widest group's width: one graph shape on every rank.
+        shared = self.decode_width(seqs, self.pools[0]) if self.cuda_graphs else 0
         parts = []
         for pool, rows in zip(self.pools, by_group, strict=True):
             mine = [seqs[i] for i in rows]
             if not mine:
-                parts.append(DecodeCall(torch.zeros(0, 3, dtype=torch.int64), torch.zeros(0, 0, dtype=torch.int32)))
+                empty = DecodeCall(torch.zeros(0, 3, dtype=torch.int64), torch.zeros(0, shared, dtype=torch.int32))
+                parts.append(empty)
                 continue
             pool.flush_block_tables()
-            inputs = DecodeInputs.on_host(mine, pool, self.decode_width(mine, pool))
+            inputs = DecodeInputs.on_host(mine, pool, shared or self.decode_width(mine, pool))
             parts.append(DecodeCall(inputs.rows, inputs.block_tables))
         call = tuple(parts)
         logits = self._call(call, lambda: run_call(self, self.pools[0], call, 0, self.dp))

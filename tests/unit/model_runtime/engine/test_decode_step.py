@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from dsv4.model_runtime.engine.cuda_graphs import batch_bucket, width_bucket
+from dsv4.model_runtime.engine.cuda_graphs import DecodeGraphs, batch_bucket, width_bucket
 from dsv4.model_runtime.engine.kv_state import KVCacheManager
 from dsv4.model_runtime.engine.llm_engine import LLMEngine
 from dsv4.model_runtime.engine.model_runner import ModelRunner
@@ -155,6 +155,21 @@ def test_batched_decode_computes_what_the_per_sequence_path_computes(model: Deep
 def test_graph_buckets() -> None:
     assert [batch_bucket(n) for n in (1, 2, 3, 5, 8, 9, 16, 17, 33)] == [1, 2, 4, 8, 8, 16, 16, 24, 40]
     assert [width_bucket(n, 64) for n in (1, 2, 3, 9, 64, 65)] == [1, 2, 4, 16, 64, 64]
+
+
+def test_a_graph_pads_to_a_given_bucket_that_holds_its_rows(make_engine: Callable[..., LLMEngine]) -> None:
+    """A data-parallel group pads to the largest group's bucket (`DecodeGraphs.run`'s `bucket`), with no rows of
+    its own included; a bucket that cannot hold the rows, or is no bucket, is refused before anything runs."""
+    engine = make_engine(block_size=8)
+    graphs = DecodeGraphs(engine.model, engine.kv.pool, capture=False)
+    none = DecodeInputs(torch.zeros(0, 3, dtype=torch.int64), torch.zeros(0, 1, dtype=torch.int32))
+    assert graphs.run(none, 4).shape == (0, engine.model.cfg.vocab_size)
+    assert graphs.shapes == [(4, 1)]
+    three = DecodeInputs(torch.tensor([[5, 0, 0]] * 3), torch.zeros(3, 1, dtype=torch.int32))
+    for bucket in (2, 3, 0):
+        with pytest.raises(ValueError, match="do not pad to a bucket"):
+            graphs.run(three, bucket)
+    assert graphs.shapes == [(4, 1)]
 
 
 def _staggered(engine: LLMEngine, params: list[SamplingParams]) -> dict[str, list[int]]:

@@ -16,8 +16,9 @@ work (torch.save'd dict; each item optional):
 * "config": EngineConfig fields that replace CONFIG's (e.g. a small pool);
 * "graphs": decode steps go through `DecodeGraphs` on every rank (padded to buckets; eager at "replay" on a CPU).
 
-Writes out/result.pt (leader): the tokens of each, the prefill tokens computed and the prefix cache's hits, and for
-"concurrent" the data-parallel group each sequence ran in.
+Every rank writes out/graphs<rank>.pt, the shapes of the decode graphs it ran. The leader writes out/result.pt:
+the tokens of each, the prefill tokens computed and the prefix cache's hits, and for "concurrent" the
+data-parallel group each sequence ran in.
 """
 
 from __future__ import annotations
@@ -141,6 +142,7 @@ def main(ctx: RankContext, args: list[str]) -> None:
         part.engine.runner.cuda_graphs = True
     if not part.is_leader:
         part.follow()
+        _save_graph_shapes(part.engine, ctx.rank, Path(out))
         return
     engine = part.engine
     result: dict[str, object] = {}
@@ -166,4 +168,11 @@ def main(ctx: RankContext, args: list[str]) -> None:
     if "concurrent" in work:
         result["concurrent"] = concurrent(engine, *work["concurrent"])
     part.stop()
+    _save_graph_shapes(engine, ctx.rank, Path(out))
     torch.save(result, Path(out) / "result.pt")
+
+
+def _save_graph_shapes(engine: LLMEngine, rank: int, out: Path) -> None:
+    """The (batch bucket, table width) of the graphs this rank ran, in out/graphs<rank>.pt."""
+    graphs = engine.runner.graphs
+    torch.save(graphs.shapes if graphs is not None else [], out / f"graphs{rank}.pt")

@@ -100,3 +100,20 @@ def test_groups_with_full_pools_preempt_within_their_own_group(tmp_path: Path) -
     got = run_engine_ranks(ckpt, "2,4", tmp_path / "work.pt", tmp_path / "out", 4)
     assert got["preemptions"] > 0
     assert got["rounds"] == [[c.token_ids for c in one_process_engine(ckpt).generate_ids(prompts, GREEDY)]]
+
+
+def test_graphed_decode_steps_pad_every_group_to_one_shape(tmp_path: Path) -> None:
+    """Decode steps through the graph path under data-parallel attention: chunked prefills leave one group without
+    decode rows in some steps and the groups' rows and contexts differ, yet every rank ran the same graph shapes
+    (each group pads to the largest group's bucket and the widest group's table, an empty group included: a
+    capture on one rank that another skips would leave the MoE's exchange out of step), and the tokens stay one
+    process's (on a CPU the padded steps run eagerly at "replay")."""
+    torch.set_num_threads(1)
+    ckpt = write_checkpoint(tmp_path / "ckpt", "tiny-flash", quantized=True, seed=0)
+    prompts = [random_tokens(n, 400 + n) for n in (3, 45, 17, 30, 6)]
+    torch.save({"rounds": [prompts], "graphs": True}, tmp_path / "work.pt")
+    got = run_engine_ranks(ckpt, "2,4", tmp_path / "work.pt", tmp_path / "out", 4)
+    shapes = [torch.load(tmp_path / "out" / f"graphs{rank}.pt") for rank in range(4)]
+    assert shapes[0] and all(s == shapes[0] for s in shapes[1:])
+    assert {bucket for bucket, _ in shapes[0]} >= {2, 4}  # 5 rows split 2 / 3 between the groups, then fewer
+    assert got["rounds"] == [[c.token_ids for c in one_process_engine(ckpt).generate_ids(prompts, GREEDY)]]

@@ -88,9 +88,7 @@ def test_tp1_prefix_imported_into_tp2_group_serves_an_extension(run) -> None:
     assert got["prefix_prefill_tokens"] <= len(extended) - len(prefix)  # resumed from the imported prefix
 
 
-def test_data_parallel_attention_turns_graphs_off_and_refuses_mtp() -> None:
-    assert group_config(EngineConfig(), Layout(2, 2)).cuda_graphs is True
-    assert group_config(EngineConfig(), Layout(4, 2, 4)).cuda_graphs is False
+def test_data_parallel_attention_refuses_mtp() -> None:
     assert group_config(EngineConfig(speculative_mtp=True), Layout(2, 2)).speculative_mtp
     with pytest.raises(GroupUnsupported, match="MTP speculative decoding does not run under data-parallel"):
         group_config(EngineConfig(speculative_mtp=True), Layout(4, 2, 4))
