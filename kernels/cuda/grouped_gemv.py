@@ -13,7 +13,8 @@ Grid: (row tiles, output tiles, K splits). Row tiles come from the device-side s
 (`launch.tile_schedule`, no host sync), bounded by ceil(M/ROWS) + min(E, M), so a batch of one launches a handful
 of row tiles, not one per expert. K is split when the other two axes give fewer than `TARGET_PROGRAMS` programs
 (the batch-1 `wo_a`: 8 groups x 32 output tiles); split partials are added by one fp32 sum over the splits (a
-fixed order: the result does not depend on the launch).
+fixed order: the result does not depend on the launch). The schedule's spare tiles write the zero rows past the
+last expert's end, so the output needs no zeroing pass.
 
 NOT RUN ON GPU HARDWARE: tested in fp32 under Triton's interpreter and compiled for sm_90 without a GPU
 (tests/unit/kernels/test_grouped_gemv.py, cuda_aot.py). Its speed, and the threshold below, are unmeasured.
@@ -29,7 +30,6 @@ import triton.language as tl
 
 from dsv4.kernels.cuda.launch import block, tile_schedule
 from dsv4.kernels.cuda.mx import e2m1_fp16_image, e8m0, scale_operand
-from dsv4.kernels.reference.moe import zero_rows_past_end
 
 # Dispatch: the grouped matmul takes this kernel when the average rows per (non-empty) expert, M / min(E, M), is
 # at most GEMV_MAX_ROWS; above it the tiled MMA kernel's 16-row tiles are at least a quarter full. Budget on paper:
@@ -94,9 +94,11 @@ def _grouped_gemv_kernel(
     """out[split, r, o] (or out[r, o] with one split) = sum over the split's K columns of x[r, k] * W[e, o, k]."""
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
-    live = expert < N_EXPERTS  # else a spare tile of the schedule's upper bound: no rows, an empty K range
+    # else a spare tile of the schedule's upper bound: an empty K range, so it stores the zeros of its rows past
+    # the last expert's end (`tile_schedule`)
+    live = expert < N_EXPERTS
     expert = tl.where(live, expert, 0)
-    end = tl.where(live, tl.load(ends_ptr + expert).to(tl.int64), 0)
+    end = tl.where(live, tl.load(ends_ptr + expert).to(tl.int64), M)
     r = tl.load(tile_first_ptr + tile) + tl.arange(0, ROWS)
     r_ok = r < end
     o = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -226,5 +228,4 @@ def grouped_gemv(
         GB=GROUP_BYTES,
         num_warps=GEMV_WARPS,
     )
-    # rows past the last expert's end belong to no program: zeros, as the contract says
-    return zero_rows_past_end(out[0] if splits == 1 else out.sum(0).to(x.dtype), ends)
+    return out[0] if splits == 1 else out.sum(0).to(x.dtype)

@@ -48,7 +48,13 @@ def tile_schedule(group_ends: torch.Tensor, rows: int, block_m: int) -> tuple[to
     row of each tile, number of tiles launched). Tile t belongs to the expert whose cumulative tile count first
     exceeds t; spare tiles get expert E. Launched: ceil(rows / block_m) + min(E, rows), an upper bound (each
     non-empty expert wastes less than one tile, and at most min(E, rows) experts are non-empty), so a decode batch
-    of a few rows launches a few tiles, not one per expert."""
+    of a few rows launches a few tiles, not one per expert.
+
+    The spare tiles, in order, start at the rows past the last end (rows of no expert), block_m apart, so a
+    kernel writes those rows' zeros from them instead of zeroing its output first. There are always enough: with
+    k >= 1 non-empty experts of n_e rows (k <= min(E, rows)), sum ceil(n_e / block_m) <= (end + k (block_m - 1)) /
+    block_m, so the spare count is at least (rows - end + k) / block_m > (rows - end) / block_m; with k = 0 every
+    tile is spare."""
     ends = group_ends.to(torch.int64)
     starts = torch.cat([ends.new_zeros(1), ends[:-1]])
     tiles = (ends - starts + block_m - 1) // block_m
@@ -57,5 +63,6 @@ def tile_schedule(group_ends: torch.Tensor, rows: int, block_m: int) -> tuple[to
     t = torch.arange(n_tiles, device=ends.device)
     expert = torch.searchsorted(cum, t, right=True)  # == E for spare tiles
     safe = expert.clamp(max=ends.numel() - 1)
-    first = starts[safe] + (t - (cum[safe] - tiles[safe])) * block_m
-    return expert, first, n_tiles
+    live = starts[safe] + (t - (cum[safe] - tiles[safe])) * block_m
+    spare = ends[-1] + (t - cum[-1]) * block_m
+    return expert, torch.where(expert < ends.numel(), live, spare), n_tiles

@@ -2,8 +2,8 @@
 in-kernel dequantization of FP8 e4m3 (128x128 block scales) or MXFP4 e2m1 (per-32 E8M0 scales) weights.
 
 The grouped matmul runs a tile schedule computed on the device without a host sync (`launch.tile_schedule`);
-spare tiles of its upper bound exit through their masks. Packed weights with a few rows per expert on average
-(decode) go to the weight-streaming GEMV of grouped_gemv.py instead (threshold there).
+the spare tiles of its upper bound store the zero rows past the last expert's end. Packed weights with a few rows
+per expert on average (decode) go to the weight-streaming GEMV of grouped_gemv.py instead (threshold there).
 """
 
 from __future__ import annotations
@@ -135,15 +135,17 @@ def _grouped_matmul_kernel(
 ):
     tile = tl.program_id(0)
     expert = tl.load(tile_expert_ptr + tile)
+    # a spare tile of the schedule (`tile_schedule`) runs no K step and stores the zeros of its rows past the last
+    # expert's end
     live = expert < N_EXPERTS
     expert = tl.where(live, expert, 0)
-    end = tl.where(live, tl.load(ends_ptr + expert).to(tl.int64), 0)
+    end = tl.where(live, tl.load(ends_ptr + expert).to(tl.int64), M)
     rows = tl.load(tile_first_ptr + tile) + tl.arange(0, BLOCK_M)
     row_ok = rows < end
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = o < N_OUT
     acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(0, tl.where(live, K, 0), BLOCK_K):
         k = k0 + tl.arange(0, BLOCK_K)
         k_ok = k < K
         a = tl.load(x_ptr + rows[:, None] * K + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -183,7 +185,7 @@ def _grouped(
     gemv = gemv_rows(m, n_experts) if o else None
     if scale is not None and gemv is not None:  # packed weights, a few rows per expert: grouped_gemv.py
         return grouped_gemv(x, weight, scale, ends, quant, gemv)
-    out = torch.zeros(m, o, dtype=x.dtype, device=x.device)  # rows past the last end (no expert) stay 0
+    out = torch.empty(m, o, dtype=x.dtype, device=x.device)  # every row is stored, rows past the last end as 0
     if m == 0 or o == 0:
         return out
     block_m = MIN_DOT if m <= 256 else 64

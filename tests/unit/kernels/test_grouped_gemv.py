@@ -38,17 +38,20 @@ def test_rows_per_program_threshold():
     assert gg.gemv_rows(0, 8) is None
 
 
-@pytest.mark.parametrize("counts", [[6], [1, 0, 4, 0, 2], [0, 0, 3]])
+@pytest.mark.parametrize("counts", [[6], [1, 0, 4, 0, 2], [0, 0, 3], [0, 0], [4, 4]])
 @pytest.mark.parametrize("block_m", [1, 2, 4, 16])
-def test_tile_schedule_covers_every_row_once_within_its_bound(counts, block_m):
+@pytest.mark.parametrize("tail", [0, 1, 5, 33])
+def test_tile_schedule_covers_every_row_once_within_its_bound(counts, block_m, tail):
+    """Live tiles cover each expert's rows, spare tiles the `tail` rows past the last end (the kernels store those
+    rows' zeros from them): every row once, in order."""
     ends = _ends(counts, torch.device("cpu"))
-    rows = sum(counts)
+    rows = sum(counts) + tail
     expert, first, n = tile_schedule(ends, rows, block_m)
     assert n == -(-rows // block_m) + min(len(counts), rows)
     covered = []
     for e, f in zip(expert.tolist(), first.tolist(), strict=True):
-        if e < len(counts):
-            covered += [r for r in range(f, f + block_m) if r < int(ends[e])]
+        end = int(ends[e]) if e < len(counts) else rows
+        covered += [r for r in range(f, f + block_m) if r < end]
     assert covered == list(range(rows))
 
 
