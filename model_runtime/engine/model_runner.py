@@ -19,8 +19,16 @@ from dsv4.kernels.ops import Ops
 from dsv4.model_runtime.engine import speculative
 from dsv4.model_runtime.engine.cuda_graphs import GRAPH_DEVICES, DecodeGraphs, width_bucket
 from dsv4.model_runtime.engine.kv_state import KVPool, PagedSequenceState
+from dsv4.model_runtime.engine.penalty_table import PenaltyTable
 from dsv4.model_runtime.engine.request import Request
-from dsv4.model_runtime.engine.sampler import SampleRequest, SamplingInputs, sample_batch, sample_row, unpack
+from dsv4.model_runtime.engine.sampler import (
+    SampleRequest,
+    SamplingInputs,
+    sample_batch,
+    sample_row,
+    sampled_tokens,
+    unpack,
+)
 from dsv4.model_runtime.engine.scheduler import ScheduledChunk
 from dsv4.model_runtime.engine.step_inputs import DecodeInputs, table_width
 from dsv4.model_runtime.engine.transfer import to_host
@@ -52,6 +60,7 @@ class ModelRunner:
         self.drafts = speculative.DraftStats()
         self.cuda_graphs = cuda_graphs
         self.graphs: DecodeGraphs | None = None
+        self.penalty_table = PenaltyTable(model.cfg.vocab_size, model.device)
         # With MTP: the streams of this step's model calls, in call order (the MTP module consumes rows of them at
         # the step's end), and the snapshots of the last verification (its rejected rows roll back to them).
         self._streams: list[torch.Tensor] = []
@@ -209,10 +218,18 @@ class ModelRunner:
         return list(kv_export.export_chunks(self.model, state, chunk_size))
 
     def _sample(self, seqs: list[Request], logits: torch.Tensor) -> None:
-        """Draw every row's token in one batched call, bring them to the host in one copy, append them."""
+        """Draw every row's token in one batched call, bring them to the host in one copy, append them. Penalized
+        rows read their context from the device table, and their drawn tokens go into it before the copy."""
         requests = [_request(s) for s in seqs]
-        inputs = SamplingInputs.build(requests, logits.shape[-1], logits.device)
-        drawn = unpack(to_host(sample_batch(self.model.ops, logits, inputs)), [r.params for r in requests])
+        rows, penalties = None, None
+        if any(s.params.penalized for s in seqs):
+            rows = self.penalty_table.rows(seqs)
+            penalties = self.penalty_table.penalties(rows, seqs)
+        inputs = SamplingInputs.build(requests, logits.shape[-1], logits.device, penalties)
+        out = sample_batch(self.model.ops, logits, inputs)
+        if rows is not None:
+            self.penalty_table.record(rows, sampled_tokens(out), seqs)
+        drawn = unpack(to_host(out), [r.params for r in requests])
         for s, (token, logprob) in zip(seqs, drawn, strict=True):
             s.append(token, logprob)
 

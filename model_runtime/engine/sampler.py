@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
@@ -72,27 +73,54 @@ def sampling_columns(req: SampleRequest) -> tuple[tuple[int, int, int], tuple[fl
     return (req.seed, req.index, p.top_k), (0.0 if p.greedy else p.temperature, p.top_p, p.min_p)
 
 
+class PenaltyContext(Protocol):
+    """What the penalties of a row read: its parameters and its prompt and output tokens (a `SampleRequest`, or
+    the engine's request itself)."""
+
+    @property
+    def params(self) -> SamplingParams: ...
+
+    @property
+    def prompt_token_ids(self) -> list[int]: ...
+
+    @property
+    def output_token_ids(self) -> list[int]: ...
+
+
 @dataclass(frozen=True)
 class Penalties:
-    """The context of penalized rows: ids [R, L] int64 (prompt ids, then output ids + vocab, -1 = padding) and
-    per row (repetition, presence, frequency) [R, 3] float64 (1, 0, 0 in rows without penalties)."""
+    """The context of penalized rows, per row: seen [R, V] bool (the token is in the prompt or the output), counts
+    [R, V] int32 (its occurrences in the output) and (repetition, presence, frequency) [R, 3] float64 (1, 0, 0 in
+    rows without penalties, whose seen and counts are all zero)."""
 
-    ids: torch.Tensor
+    seen: torch.Tensor
+    counts: torch.Tensor
     values: torch.Tensor
 
     @classmethod
-    def build(cls, requests: Sequence[SampleRequest], vocab: int, device: torch.device) -> Penalties:
+    def build(cls, requests: Sequence[PenaltyContext], vocab: int, device: torch.device) -> Penalties:
+        """From the rows' token lists: their ids go to the device, O(context) per penalized row (the engine's
+        batched step keeps them on the device instead: `penalty_table.py`)."""
         rows = [
             [*r.prompt_token_ids, *(t + vocab for t in r.output_token_ids)] if r.params.penalized else []
             for r in requests
         ]
         width = max(1, max(len(r) for r in rows))
-        ids = torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int64)
+        ids = to_device(torch.tensor([r + [-1] * (width - len(r)) for r in rows], dtype=torch.int64), device)
+        dump = 2 * vocab  # the column padding scatters into
+        counts = torch.zeros(len(rows), 2 * vocab + 1, dtype=torch.int32, device=device)
+        counts.scatter_add_(1, torch.where(ids >= 0, ids, dump), torch.ones_like(ids, dtype=torch.int32))
+        in_prompt, outputs = counts[:, :vocab], counts[:, vocab:dump]
+        return cls((in_prompt + outputs) > 0, outputs.contiguous(), cls.values_of(requests, device))
+
+    @staticmethod
+    def values_of(requests: Sequence[PenaltyContext], device: torch.device) -> torch.Tensor:
+        """(repetition, presence, frequency) [R, 3] float64 of the rows, on the device."""
         values = torch.tensor(
             [(r.params.repetition_penalty, r.params.presence_penalty, r.params.frequency_penalty) for r in requests],
             dtype=torch.float64,
         )
-        return cls(to_device(ids, device), to_device(values, device))
+        return to_device(values, device)
 
 
 @dataclass(frozen=True)
@@ -106,28 +134,27 @@ class SamplingInputs:
     penalties: Penalties | None
 
     @classmethod
-    def build(cls, requests: Sequence[SampleRequest], vocab: int, device: torch.device) -> SamplingInputs:
+    def build(
+        cls, requests: Sequence[SampleRequest], vocab: int, device: torch.device, penalties: Penalties | None = None
+    ) -> SamplingInputs:
+        """The inputs of sampling `requests`; the penalties (when a row has any) are `penalties` if given, else
+        built from the rows' token lists."""
         columns = [sampling_columns(r) for r in requests]
         ints = torch.tensor([c[0] for c in columns], dtype=torch.int64).view(-1, 3)
         floats = torch.tensor([c[1] for c in columns], dtype=torch.float64).view(-1, 3)
         flags = SamplingFlags.of([r.params for r in requests])
-        penalties = Penalties.build(requests, vocab, device) if flags.penalties else None
-        return cls(to_device(ints, device), to_device(floats, device), flags, penalties)
+        if flags.penalties and penalties is None:
+            penalties = Penalties.build(requests, vocab, device)
+        return cls(to_device(ints, device), to_device(floats, device), flags, penalties if flags.penalties else None)
 
 
 def penalize(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:
     """Repetition penalty over prompt + output tokens; presence and frequency penalties over output tokens.
     logits [R, V] are not modified; rows without penalties come back unchanged."""
-    r, vocab = logits.shape
-    ids = penalties.ids
-    dump = 2 * vocab  # the column padding scatters into
-    counts = torch.zeros(r, 2 * vocab + 1, dtype=logits.dtype, device=logits.device)
-    counts.scatter_add_(1, torch.where(ids >= 0, ids, dump), torch.ones_like(ids, dtype=logits.dtype))
-    in_prompt, outputs = counts[:, :vocab], counts[:, vocab:dump]
+    outputs = penalties.counts.to(logits.dtype)
     rep, presence, frequency = (v.to(logits.dtype)[:, None] for v in penalties.values.unbind(-1))
-    seen = (in_prompt + outputs) > 0
-    x = torch.where(seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
-    return x - (frequency * outputs + presence * (outputs > 0).to(logits.dtype))
+    x = torch.where(penalties.seen, torch.where(logits > 0, logits / rep, logits * rep), logits)
+    return x - (frequency * outputs + presence * (penalties.counts > 0).to(logits.dtype))
 
 
 def sample_batch(ops: Ops, logits: torch.Tensor, inputs: SamplingInputs) -> torch.Tensor:
@@ -155,6 +182,11 @@ def sample_batch(ops: Ops, logits: torch.Tensor, inputs: SamplingInputs) -> torc
     top = torch.topk(logp, flags.logprobs, dim=-1)
     picked = logp.gather(-1, tokens[:, None])
     return torch.cat([tokens[:, None].double(), picked.double(), top.indices.double(), top.values.double()], dim=-1)
+
+
+def sampled_tokens(drawn: torch.Tensor) -> torch.Tensor:
+    """The token ids [R] int64 of `sample_batch`'s result, on its device."""
+    return drawn if drawn.dim() == 1 else drawn[:, 0].long()
 
 
 def unpack(host: torch.Tensor, params: Sequence[SamplingParams]) -> list[tuple[int, TokenLogprob | None]]:
