@@ -102,6 +102,7 @@ class Dims:
     o_groups: int = 8  # wo_a: 8 groups of o_lora rows over (heads / 8) x head dim columns
     o_lora: int = 1024
     decode_top_k: int = 50  # the sampler cases' top-k
+    hca_ratio: int = 128  # an HCA layer's compressor block (the decode pooling case)
 
 
 def cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
@@ -156,6 +157,18 @@ def cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
     blocks = randn(dims.blocks, 8, c, dtype=torch.float32), randn(dims.blocks, 8, c, dtype=torch.float32)
     out.append(
         Case("compress_pool", f"blocks{dims.blocks}x8x{c}", blocks, _nbytes(*blocks) * 1.5, 5 * blocks[0].numel())
+    )
+    # a CSA layer's decode pooling over t rows' states (the previous and the current block's halves), all complete
+    csa = randn(t + 1, 8, 2 * c, dtype=torch.float32), randn(t + 1, 8, 2 * c, dtype=torch.float32)
+    every = torch.ones(t, dtype=torch.bool, device=device)
+    out.append(
+        Case(
+            "compress_pool_slots",
+            f"csa-t{t}x8x{2 * c}",
+            (*csa, torch.arange(t, device=device), every, True),
+            t * 8 * c * 4 * 2 + t * c * 4,
+            5 * t * 8 * c,
+        )
     )
     n = dims.n
     streams = randn(t, n, d)
@@ -321,11 +334,11 @@ def _routed_ends(batch: int, dims: Dims, g: torch.Generator) -> tuple[torch.Tens
 def decode_cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
     """Issue #17's decode aims at batch 1 and dims.t (64) at Flash shapes: the grouped FP8 / MXFP4 matmuls (routed
     experts' fused gate/up [2 x 2048, 4096] over 256 experts, 6 per token; `wo_a`'s 8 FP8 groups [1024, 4096]),
-    mHC pre and the hyper head at batch 1, and the sampler (temperature + top-k draws with the caller's noise and
-    with the seeded noise the engine uses, a seeded draw without top-k, a seeded top-p + min-p draw, the top-k
-    filter). The bytes count only
-    what an ideal kernel must move: the weights of the experts that got rows, the noise of the tokens a top-k draw
-    keeps (none when the kernel hashes it)."""
+    mHC pre and the hyper head at batch 1, an HCA layer's decode pooling, and the sampler (temperature + top-k
+    draws with the caller's noise and with the seeded noise the engine uses, a seeded draw without top-k, a seeded
+    top-p + min-p draw, the top-k filter). The bytes count only what an ideal kernel must move: the weights of the
+    experts that got rows, the noise of the tokens a top-k draw keeps (none when the kernel hashes it), the state
+    of the rows whose block completes."""
     from dsv4.model_runtime.formats import quant_fp4, quant_fp8
 
     g = torch.Generator(device="cpu").manual_seed(2)
@@ -415,6 +428,22 @@ def decode_cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
                 (logits, temperature, top_k, None, None),
                 _nbytes(logits) + logits.numel() * 8,
                 2 * logits.numel(),
+            )
+        )
+        # An HCA layer's pooling in a decode step: one row completes its block (a block completes once every m
+        # steps per row); an ideal kernel reads that row's state only, the reference gathers every row's.
+        m = dims.hca_ratio
+        state_kv = randn(batch + 1, m, dims.c, dtype=torch.float32)
+        state_score = randn(batch + 1, m, dims.c, dtype=torch.float32)
+        complete = torch.zeros(batch, dtype=torch.bool, device=device)
+        complete[0] = True
+        out.append(
+            Case(
+                "compress_pool_slots",
+                f"decode-b{batch}-hca-m{m}c{dims.c}-1-complete",
+                (state_kv, state_score, torch.arange(batch, device=device), complete, False),
+                2 * m * dims.c * 4 + batch * (dims.c * 4 + 9),
+                5 * m * dims.c,
             )
         )
     streams = randn(1, n, d)

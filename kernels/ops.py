@@ -113,6 +113,24 @@ class Ops:
         """
         return self._fns["compress_pool"](kv, score)
 
+    def compress_pool_slots(
+        self,
+        state_kv: torch.Tensor,
+        state_score: torch.Tensor,
+        slots: torch.Tensor,
+        complete: torch.Tensor,
+        overlap: bool,
+    ) -> torch.Tensor:
+        """Compressor pooling of a decode step, read in place from the pool's compressor states.
+
+        state_kv, state_score [S, L, W] fp32, contiguous (a slot's pending block, as `compress_pool` takes it);
+        slots [B] int64; complete [B] bool: the rows whose token completes its block. Without `overlap` (HCA,
+        W = C) row b pools the L slots of state[slots[b]]; with it (CSA, L = 2m, W = 2C) slots [0, m) give their
+        first C channels and slots [m, 2m) their last C. Returns [B, C] fp32: the pooled entry of each complete
+        row, zeros elsewhere (rows a backend need not read: a block completes once every m steps).
+        """
+        return self._fns["compress_pool_slots"](state_kv, state_score, slots, complete, overlap)
+
     def indexer_topk(
         self, q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, topk: int
     ) -> torch.Tensor:

@@ -34,6 +34,7 @@ for _op, _fn in (
     ("sample_tokens", ref_sampling.sample_tokens),
     ("sample_tokens_seeded", ref_sampling.sample_tokens_seeded),
     ("compress_pool", ref_attention.compress_pool),
+    ("compress_pool_slots", ref_attention.compress_pool_slots),
     ("hc_head", ref_mhc.hc_head),
 ):
     register(_op, "ascend")(_fn)

@@ -20,6 +20,23 @@ ATTENTION_WARPS = 8
 
 
 @triton.jit
+def _pool_tile(kv, score):
+    """[BLOCK_L, BLOCK_C] slots of a block -> [BLOCK_C]: the softmax over the slots of score weights kv (masked
+    slots: score -inf, kv 0; a channel with none gives 0)."""
+    m = tl.max(score, axis=0)
+    m = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp(score - m[None, :])
+    total = tl.sum(p, axis=0)
+    return tl.sum(p * kv, axis=0) / tl.where(total == 0.0, 1.0, total)
+
+
+def _pool_block_c(slots: int, channels: int) -> int:
+    # at most 4,096 elements a tile: [128, 128] fp32 kv and score tiles (an HCA block of m = 128) take 167
+    # registers a thread at 4 warps (ptxas for sm_90), [128, 32] tiles 79, so more programs fit an SM
+    return block(channels, maximum=max(16, 4096 // block(slots)))
+
+
+@triton.jit
 def _compress_pool_kernel(
     kv_ptr, score_ptr, out_ptr, L: tl.constexpr, C: tl.constexpr, BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr
 ):
@@ -30,12 +47,7 @@ def _compress_pool_kernel(
     offs = row * L * C + slot[:, None] * C + c[None, :]
     score = tl.load(score_ptr + offs, mask=ok, other=float("-inf")).to(tl.float32)
     kv = tl.load(kv_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-    m = tl.max(score, axis=0)
-    m = tl.where(m == float("-inf"), 0.0, m)
-    p = tl.exp(score - m[None, :])
-    total = tl.sum(p, axis=0)
-    out = tl.sum(p * kv, axis=0) / tl.where(total == 0.0, 1.0, total)
-    tl.store(out_ptr + row * C + c, out, mask=c < C)
+    tl.store(out_ptr + row * C + c, _pool_tile(kv, score), mask=c < C)
 
 
 @register("compress_pool", "cuda")
@@ -45,7 +57,7 @@ def compress_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     out = torch.empty(*lead, channels, dtype=torch.float32, device=kv.device)
     rows = out.numel() // channels if channels else 0
     if rows:
-        blk = block(channels, maximum=128)
+        blk = _pool_block_c(slots, channels)
         _compress_pool_kernel[(rows, triton.cdiv(channels, blk))](
             kv.float().contiguous(),
             score.float().contiguous(),
@@ -53,6 +65,65 @@ def compress_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
             L=slots,
             C=channels,
             BLOCK_L=block(slots),
+            BLOCK_C=blk,
+        )
+    return out
+
+
+@triton.jit
+def _compress_pool_slots_kernel(
+    kv_ptr,
+    score_ptr,
+    slots_ptr,
+    complete_ptr,
+    out_ptr,
+    L: tl.constexpr,
+    W: tl.constexpr,
+    C: tl.constexpr,
+    PREV: tl.constexpr,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    # a row whose token completes no block loads nothing (its masked loads touch no memory) and stores zeros
+    filled = tl.where(tl.load(complete_ptr + row) != 0, L, 0)
+    state = tl.load(slots_ptr + row).to(tl.int64)
+    slot = tl.arange(0, BLOCK_L)
+    # CSA (PREV = m): slots [m, 2m) hold the current block, whose half is the last C of the W = 2C channels
+    channel = tl.where(slot[:, None] >= PREV, c[None, :] + (W - C), c[None, :])
+    ok = (slot[:, None] < filled) & (c[None, :] < C)
+    offs = state * (L * W) + slot[:, None] * W + channel
+    score = tl.load(score_ptr + offs, mask=ok, other=float("-inf"))
+    kv = tl.load(kv_ptr + offs, mask=ok, other=0.0)
+    tl.store(out_ptr + row * C + c, _pool_tile(kv, score), mask=c < C)
+
+
+@register("compress_pool_slots", "cuda")
+def compress_pool_slots(
+    state_kv: torch.Tensor, state_score: torch.Tensor, slots: torch.Tensor, complete: torch.Tensor, overlap: bool
+) -> torch.Tensor:
+    check_device("compress_pool_slots", state_kv, state_score, slots, complete)
+    for t in (state_kv, state_score):
+        if t.dtype != torch.float32 or not t.is_contiguous():
+            # a copy here would be the whole pool's state, every step
+            raise ValueError(f"compress_pool_slots: the states must be contiguous fp32, got {t.dtype}")
+    _, length, width = state_kv.shape
+    channels = width // 2 if overlap else width
+    out = torch.empty(slots.shape[0], channels, dtype=torch.float32, device=state_kv.device)
+    if out.numel():
+        blk = _pool_block_c(length, channels)
+        _compress_pool_slots_kernel[(out.shape[0], triton.cdiv(channels, blk))](
+            state_kv,
+            state_score,
+            slots.contiguous(),
+            complete.contiguous().view(torch.uint8),
+            out,
+            L=length,
+            W=width,
+            C=channels,
+            PREV=length // 2 if overlap else 0,
+            BLOCK_L=block(length),
             BLOCK_C=blk,
         )
     return out

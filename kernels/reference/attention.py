@@ -14,6 +14,18 @@ def compress_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     return (kv * score.softmax(dim=-2, dtype=accumulation_dtype(score))).sum(dim=-2)
 
 
+@register("compress_pool_slots", "reference")
+def compress_pool_slots(
+    state_kv: torch.Tensor, state_score: torch.Tensor, slots: torch.Tensor, complete: torch.Tensor, overlap: bool
+) -> torch.Tensor:
+    kv, score = state_kv[slots], state_score[slots]  # every row's state: the reference reads them all
+    if overlap:
+        m, c = kv.shape[1] // 2, kv.shape[2] // 2
+        kv = torch.cat([kv[:, :m, :c], kv[:, m:, c:]], dim=1)
+        score = torch.cat([score[:, :m, :c], score[:, m:, c:]], dim=1)
+    return torch.where(complete[:, None], compress_pool(kv, score), 0.0)
+
+
 def indexer_scores(q: torch.Tensor, weights: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """score [B, S, E] = sum_h weights[..., h] * ReLU(q[..., h, :] . keys[e]), rounded like the official kernels.
 

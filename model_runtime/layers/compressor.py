@@ -79,26 +79,25 @@ class Compressor(OpsModule):
         """A batch of decode tokens: fold a, z [B, coff*c] of the token at positions [B] into the states of their
         pool slots (state_kv, state_score [slots, coff*m, coff*c]) in place.
 
-        Returns (pooled [B, c], complete [B]): pooled is the entry of the row's block, meaningful only where the
-        token completes it (complete); every row is pooled, so the step is the same ops for any batch.
+        Returns (pooled [B, c], complete [B]): pooled is the entry of the row's block where the token completes it
+        (complete), zeros elsewhere. The pooling reads the states in place and only the complete rows' (a block
+        completes once every m steps: an HCA state of m = 128 is read once, not 128 times); the step is the same
+        ops for any batch.
         """
-        m, c = self.ratio, self.head_dim
+        m = self.ratio
         row = positions % m + (m if self.overlap else 0)
         # index_put_ rather than item assignment, whose Python path adds views when B = 1: the same ops for any B
         state_kv.index_put_((slots, row), a.to(state_kv.dtype))
         state_score.index_put_((slots, row), z.to(state_score.dtype))
-        kv, sc = state_kv[slots], state_score[slots]  # [B, coff*m, coff*c]
         complete = (positions + 1) % m == 0
-        if not self.overlap:
-            return self.ops.compress_pool(kv, sc), complete
-        # A completed block becomes the previous one (slots [0, m)); other rows write the sink slot. Rows [m, 2m)
-        # are not cleared: the next block's tokens overwrite all of them before its entry is pooled.
-        keep = torch.where(complete, slots, sink_slot)
-        state_kv[:, :m].index_put_((keep,), kv[:, m:])
-        state_score[:, :m].index_put_((keep,), sc[:, m:])
-        slots_kv = torch.cat([kv[:, :m, :c], kv[:, m:, c:]], dim=1)  # [B, 2m, c]
-        slots_sc = torch.cat([sc[:, :m, :c], sc[:, m:, c:]], dim=1)
-        return self.ops.compress_pool(slots_kv, slots_sc), complete
+        pooled = self.ops.compress_pool_slots(state_kv, state_score, slots, complete, self.overlap)
+        if self.overlap:
+            # A completed block becomes the previous one (slots [0, m)); other rows write the sink slot. Rows
+            # [m, 2m) are not cleared: the next block's tokens overwrite all of them before its entry is pooled.
+            keep = torch.where(complete, slots, sink_slot)
+            state_kv[:, :m].index_put_((keep,), state_kv[slots, m:])
+            state_score[:, :m].index_put_((keep,), state_score[slots, m:])
+        return pooled, complete
 
     def finish(
         self,

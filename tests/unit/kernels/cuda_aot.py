@@ -67,9 +67,37 @@ def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
             "compress_pool[l8,c512]",
             attention._compress_pool_kernel,
             dict(kv_ptr=f32, score_ptr=f32, out_ptr=f32),
-            dict(L=8, C=512, BLOCK_L=8, BLOCK_C=128),
+            dict(L=8, C=512, BLOCK_L=8, BLOCK_C=attention._pool_block_c(8, 512)),
             4,
         ),
+        (
+            "compress_pool[l128,c512]",  # an HCA block of Flash (m = 128)
+            attention._compress_pool_kernel,
+            dict(kv_ptr=f32, score_ptr=f32, out_ptr=f32),
+            dict(L=128, C=512, BLOCK_L=128, BLOCK_C=attention._pool_block_c(128, 512)),
+            4,
+        ),
+        *[
+            (
+                f"compress_pool_slots[{name}]",
+                attention._compress_pool_slots_kernel,
+                dict(kv_ptr=f32, score_ptr=f32, slots_ptr=i64, complete_ptr="*u8", out_ptr=f32),
+                dict(
+                    L=length,
+                    W=width,
+                    C=channels,
+                    PREV=prev,
+                    BLOCK_L=length,
+                    BLOCK_C=attention._pool_block_c(length, channels),
+                ),
+                4,
+            )
+            for name, length, width, channels, prev in (
+                ("hca,m128,c512", 128, 512, 512, 0),
+                ("csa,m4,c512", 8, 1024, 512, 4),
+                ("csa-indexer,m4,c128", 8, 256, 128, 4),
+            )
+        ],
         (
             "indexer_scores[h64,d128]",
             attention._indexer_scores_kernel,

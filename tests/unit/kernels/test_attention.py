@@ -27,6 +27,35 @@ def test_compress_pool(impls, device, shape, empty_from):
     torch.testing.assert_close(cuda(kv, score), ref(kv, score), atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize(
+    ("m", "c", "overlap"), [(8, 20, False), (4, 12, True), (128, 16, False)], ids=["hca", "csa", "hca-128"]
+)
+def test_compress_pool_slots_reads_only_complete_rows(impls, device, m, c, overlap):
+    """The decode step's pooling, in place over the pool's states: each complete row's block pooled as
+    `compress_pool` pools it (CSA: the previous block's first channels, the current block's last), zeros in the
+    other rows, whose states (NaN here) are never read; a slot may appear in several rows."""
+    ref, cuda = impls("compress_pool_slots")
+    torch.manual_seed(3)
+    coff = 2 if overlap else 1
+    kv = torch.randn(7, coff * m, coff * c, device=device)
+    score = torch.randn(7, coff * m, coff * c, device=device) * 3
+    score[1, -1] = float("-inf")  # an empty slot (kv 0)
+    kv[1, -1] = 0.0
+    slots = torch.tensor([1, 4, 0, 6, 4, 2], device=device)
+    complete = torch.tensor([True, True, False, True, True, False], device=device)
+    kv[[0, 2]] = float("nan")  # the slots of the incomplete rows only
+    score[[0, 2]] = float("nan")
+    got = cuda(kv, score, slots, complete, overlap)
+    assert got.shape == (6, c) and not got.isnan().any()
+    torch.testing.assert_close(got, ref(kv, score, slots, complete, overlap), atol=1e-6, rtol=1e-5)
+    assert torch.equal(got[~complete], torch.zeros(2, c, device=device))
+    b = kv[slots[complete]], score[slots[complete]]
+    if overlap:
+        b = tuple(torch.cat([t[:, :m, :c], t[:, m:, c:]], dim=1) for t in b)
+    torch.testing.assert_close(got[complete], impls("compress_pool")[0](*b), atol=1e-6, rtol=1e-5)
+    assert cuda(kv, score, slots[:0], complete[:0], overlap).shape == (0, c)
+
+
 def _scores(q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     s = (torch.einsum("bshd,bed->bshe", q.double(), keys.double()).relu() * w.double()[..., None]).sum(2)
     return s.masked_fill(torch.arange(keys.shape[1], device=q.device) >= visible[..., None], float("-inf"))

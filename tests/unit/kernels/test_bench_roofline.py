@@ -76,7 +76,9 @@ def test_cases_cover_every_cuda_op_and_run_on_the_reference(bench):
 
 def test_decode_cases_run_on_the_reference(bench):
     """Issue #17's decode cases at tiny widths (the shapes and routing logic; the GPU run uses Flash's)."""
-    dims = bench.Dims(t=3, d=64, h=4, c=32, inter=32, vocab=300, routed_experts=16, o_lora=32, decode_top_k=5)
+    dims = bench.Dims(
+        t=3, d=64, h=4, c=32, inter=32, vocab=300, routed_experts=16, o_lora=32, decode_top_k=5, hca_ratio=8
+    )
     cases = bench.decode_cases(torch.device("cpu"), dims)
     assert {c.op for c in cases} == {
         "grouped_matmul_fp8",
@@ -86,6 +88,7 @@ def test_decode_cases_run_on_the_reference(bench):
         "filter_logits",
         "mhc_pre",
         "hc_head",
+        "compress_pool_slots",
     }
     assert {c.name.split("-")[1][:2] for c in cases} == {"b1", "b3"}  # batch 1 and dims.t
     for case in cases:

@@ -39,6 +39,7 @@ def test_every_kernel_compiles_for_sm90():
         "hc_head",
         "mhc_post",
         "compress_pool",
+        "compress_pool_slots",
         "indexer_scores",
         "topk",
         "sparse_attention",

@@ -91,6 +91,19 @@ def test_grouped_gemv_bf16_decode_rows(quant, counts):
     torch.testing.assert_close(cuda(x, w, s, ends), ref(x, w, s, ends), **BF16)
 
 
+@pytest.mark.parametrize(("m", "overlap"), [(128, False), (4, True)], ids=["hca", "csa"])
+def test_compress_pool_slots_flash_states(m, overlap):
+    """The compiled decode pooling at Flash's head dim over 64 rows' states, a third of them complete."""
+    ref, cuda = _pair("compress_pool_slots")
+    coff = 2 if overlap else 1
+    kv = torch.randn(65, coff * m, coff * 512, device="cuda")
+    score = torch.randn(65, coff * m, coff * 512, device="cuda") * 3
+    slots, complete = torch.randperm(64, device="cuda"), torch.arange(64, device="cuda") % 3 == 0
+    torch.testing.assert_close(
+        cuda(kv, score, slots, complete, overlap), ref(kv, score, slots, complete, overlap), atol=1e-5, rtol=1e-5
+    )
+
+
 def test_mhc_pre_post_bf16():
     pre_ref, pre_cuda = _pair("mhc_pre")
     post_ref, post_cuda = _pair("mhc_post")
