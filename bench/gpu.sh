@@ -60,12 +60,12 @@ run_tests() {
 
 if "$PYTHON" -c 'import pytest' 2>/dev/null; then
   # the cases only a GPU can check first (bf16, FP8, MXFP4), then the fp32 suite compiled for the GPU; the
-  # Ascend tests (they download a wheel) and the CPU-only compile/interpreter checks are left out
+  # Ascend tests (they download a wheel) and the CPU-only compile/interpreter/fake-device checks are left out
   run_tests gpu_cases 75 -m gpu tests/unit/kernels/test_gpu_numerics.py
   # (tests/unit/test_gpu_import_set.py checks on CPU that all of these collect with only the device's packages)
   run_tests fp32_cases 45 -m unit tests/unit/kernels \
     --ignore=tests/unit/kernels/ascend --ignore=tests/unit/kernels/test_compile_sm90.py \
-    --ignore=tests/unit/kernels/test_interpreter_canary.py
+    --ignore=tests/unit/kernels/test_interpreter_canary.py --ignore=tests/unit/kernels/test_decode_capture.py
 else
   emit '{"bench": "gpu.sh", "step": "kernel tests", "error": "pytest is not installed for '"$PYTHON"'"}'
   status=1

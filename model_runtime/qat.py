@@ -20,9 +20,19 @@ Q8_AMAX_MIN = 1e-4
 Q4_AMAX_MIN = FP4_MAX * 2.0**-126
 
 
+def _fp32(value: float) -> float:
+    """`value` rounded to the nearest fp32 (an fp32 tensor times it then multiplies by that fp32 constant)."""
+    return torch.tensor(value, dtype=torch.float32).item()
+
+
+# 1/qmax as the fp32 constants of the official code, made once: a tensor made per call would be a host-side
+# allocation inside every decode step
+_INVERSE = {FP8_MAX: _fp32(1.0 / FP8_MAX), FP4_MAX: _fp32(1.0 / FP4_MAX)}
+
+
 def _block_scale(xb: torch.Tensor, amax_min: float, qmax: float) -> torch.Tensor:
     amax = xb.abs().amax(-1, keepdim=True).clamp(min=amax_min)
-    return pow2_scale(amax * torch.tensor(1.0 / qmax, dtype=torch.float32), 1.0)
+    return pow2_scale(amax * _INVERSE[qmax], 1.0)
 
 
 def q8(x: torch.Tensor, block: int = Q8_BLOCK) -> torch.Tensor:

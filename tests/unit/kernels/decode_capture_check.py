@@ -1,0 +1,128 @@
+"""The batched decode step as a CUDA graph would capture it, on a fake CUDA device (a subprocess of
+test_decode_capture.py; JSON on stdout).
+
+`FakeTensorMode` gives tensors a CUDA device and shapes without memory or a GPU: an op whose output depends on
+values (`.item()`, `nonzero`, ...) raises, and a CPU tensor meeting a CUDA one is a device error, which is what a
+capture refuses or silently bakes in. The tiny-flash model (bf16, QAT on, FP8/MXFP4 weights) runs two decode
+steps of `rows` rows through `DecodeGraphs`' padded static buffers (capture off), with the `reference` backend or
+the `cuda` one, whose Triton launches are recorded instead of run (their wrappers' host code runs: tile schedules,
+views, allocations). The first step warms up (device tables cached per device are made then, as `DecodeGraphs`
+warms up before it captures); in the second every dispatched op is recorded, and any that takes a CPU tensor of
+one or more dimensions or makes a CPU tensor is reported with its call site.
+
+A subprocess, because the caches of device tables would otherwise keep fake tensors for this process's later
+tests. usage: decode_capture_check.py BACKEND ROWS
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+os.environ["TRITON_INTERPRET"] = "1"  # the launches are recorded, never compiled or run
+
+import torch
+import triton.runtime.interpreter as interpreter
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import dsv4.kernels.cuda.launch as launch
+from dsv4.model_runtime.engine import kv_state
+from dsv4.model_runtime.engine.cuda_graphs import DecodeGraphs, width_bucket
+from dsv4.model_runtime.engine.request import Request
+from dsv4.model_runtime.engine.sampling_params import SamplingParams
+from dsv4.model_runtime.engine.step_inputs import DecodeInputs
+from dsv4.model_runtime.make_checkpoint import write_checkpoint
+from dsv4.model_runtime.weights import load_model
+
+REPO = str(Path(__file__).resolve().parents[3])
+
+
+def _site() -> str:
+    frames = [
+        f
+        for f in traceback.extract_stack()
+        if f.filename.startswith(REPO) and "/tests/" not in f.filename and "site-packages" not in f.filename
+    ]
+    if not frames:
+        return "?"
+    f = frames[-1]
+    return f"{os.path.relpath(f.filename, REPO)}:{f.lineno} {f.line}"
+
+
+class HostTensors(TorchDispatchMode):
+    """Records the ops that take a CPU tensor of one or more dimensions or make a CPU tensor."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.hits: list[tuple[str, str]] = []
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        ins = [t for t in pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
+        outs = [t for t in pytree.tree_leaves(out) if isinstance(t, torch.Tensor)]
+        if any(t.device.type == "cpu" and t.dim() > 0 for t in ins) or any(t.device.type == "cpu" for t in outs):
+            self.hits.append((str(func), _site()))
+        return out
+
+
+def main(backend: str, rows: int) -> dict[str, Any]:
+    launched: list[str] = []
+
+    def record(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
+        launched.append(self.fn.__name__)
+
+    interpreter.InterpretedFunction.run = record  # type: ignore[method-assign]
+    launch.INTERPRETED = False  # the cuda wrappers accept the fake CUDA tensors
+    # pinned memory has no fake implementation: the engine's host-to-device copies (outside the step) go plainly
+    kv_state.to_device = lambda host, device: host.to(device)  # type: ignore[assignment]
+    with tempfile.TemporaryDirectory() as tmp:
+        model = load_model(
+            write_checkpoint(Path(tmp) / "ckpt", "tiny-flash", quantized=True, seed=0), dtype=torch.bfloat16
+        )
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        model = model.to("cuda")
+        model.bind_ops(backend)
+        kv = kv_state.KVCacheManager(model, num_blocks=32, block_size=8, num_slots=rows + 1)
+        seqs = []
+        for i in range(rows):
+            n = 5 + 7 * i  # contexts across pool blocks and compressor blocks
+            seq = Request(f"r{i}", list(range(3, 3 + n)), SamplingParams(), seed=0, eos_token_id=None)
+            kv.grow(seq, n + 2)
+            assert isinstance(seq.state, kv_state.PagedSequenceState)
+            seq.state.position = n
+            seqs.append(seq)
+        kv.pool.flush_block_tables()
+        graphs = DecodeGraphs(model, kv.pool, capture=False)
+        traced = HostTensors()
+        for step in range(2):
+            table = [[7, s.state.position, s.state.slot] for s in seqs]  # type: ignore[union-attr]
+            inputs = torch.tensor(table).to("cuda")
+            width = width_bucket(max(s.state.position for s in seqs) // 8 + 1, kv.pool.max_blocks)  # type: ignore[union-attr]
+            step_inputs = DecodeInputs(inputs, kv.pool.block_tables[inputs[:, 2], :width])
+            launched.clear()
+            if step == 1:
+                with traced:
+                    logits = graphs.run(step_inputs)
+            else:
+                logits = graphs.run(step_inputs)
+            for s in seqs:
+                s.state.position += 1  # type: ignore[union-attr]
+        return {
+            "backend": backend,
+            "rows": rows,
+            "logits": [list(logits.shape), str(logits.device), str(logits.dtype)],
+            "host_tensors": sorted(set(traced.hits)),
+            "kernels": sorted(set(launched)),
+            "launches": len(launched),
+        }
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1], int(sys.argv[2]))))
