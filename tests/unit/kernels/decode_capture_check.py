@@ -10,8 +10,12 @@ views, allocations). The first step warms up (device tables cached per device ar
 warms up before it captures); in the second every dispatched op is recorded, and any that takes a CPU tensor of
 one or more dimensions or makes a CPU tensor is reported with its call site.
 
+With a layout ("world,tp,ep") the model is rank 0's shard of it, over a fake process group (the collectives of
+the sharded layers return at once): the tensor-parallel layers, the expert-parallel MoE and, with tp < world,
+data-parallel attention, whose step is padded to the same bucket in every group (`parallel/engine_group.py`).
+
 A subprocess, because the caches of device tables would otherwise keep fake tensors for this process's later
-tests. usage: decode_capture_check.py BACKEND ROWS
+tests, and a process group is made once. usage: decode_capture_check.py BACKEND ROWS [WORLD,TP,EP]
 """
 
 from __future__ import annotations
@@ -27,19 +31,24 @@ from typing import Any
 os.environ["TRITON_INTERPRET"] = "1"  # the launches are recorded, never compiled or run
 
 import torch
+import torch.distributed as dist
 import triton.runtime.interpreter as interpreter
 from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.testing._internal.distributed.fake_pg import FakeStore
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsv4.kernels.cuda.launch as launch
 from dsv4.model_runtime.engine import kv_state
-from dsv4.model_runtime.engine.cuda_graphs import DecodeGraphs, width_bucket
+from dsv4.model_runtime.engine.cuda_graphs import DecodeGraphs, batch_bucket, width_bucket
 from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.engine.step_inputs import DecodeInputs
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
-from dsv4.model_runtime.weights import load_model
+from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
+from dsv4.model_runtime.parallel.data_parallel import DataParallel
+from dsv4.model_runtime.placement import Layout
+from dsv4.model_runtime.weights import load_model, load_rank
 
 REPO = str(Path(__file__).resolve().parents[3])
 
@@ -72,7 +81,18 @@ class HostTensors(TorchDispatchMode):
         return out
 
 
-def main(backend: str, rows: int) -> dict[str, Any]:
+def _model(ckpt: Path, layout_arg: str | None) -> tuple[DeepseekV4, DataParallel | None]:
+    """The whole model, or rank 0's shard of the layout "world,tp,ep" over a fake process group (bf16, on CPU)."""
+    if layout_arg is None:
+        return load_model(ckpt, dtype=torch.bfloat16), None
+    world, tp, ep = (int(v) for v in layout_arg.split(","))
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    layout = Layout(world=world, tp=tp, ep=ep)
+    dp = DataParallel.create(layout, 0) if layout.dp > 1 else None
+    return load_rank(ckpt, layout, 0, "cpu", torch.bfloat16, data_parallel=dp)[0], dp
+
+
+def main(backend: str, rows: int, layout_arg: str | None = None) -> dict[str, Any]:
     launched: list[str] = []
 
     def record(self: Any, *args: Any, grid: Any, warmup: bool, **kwargs: Any) -> None:
@@ -83,9 +103,7 @@ def main(backend: str, rows: int) -> dict[str, Any]:
     # pinned memory has no fake implementation: the engine's host-to-device copies (outside the step) go plainly
     kv_state.to_device = lambda host, device: host.to(device)  # type: ignore[assignment]
     with tempfile.TemporaryDirectory() as tmp:
-        model = load_model(
-            write_checkpoint(Path(tmp) / "ckpt", "tiny-flash", quantized=True, seed=0), dtype=torch.bfloat16
-        )
+        model, dp = _model(write_checkpoint(Path(tmp) / "ckpt", "tiny-flash", quantized=True, seed=0), layout_arg)
     with FakeTensorMode(allow_non_fake_inputs=True):
         model = model.to("cuda")
         model.bind_ops(backend)
@@ -107,6 +125,8 @@ def main(backend: str, rows: int) -> dict[str, Any]:
             width = width_bucket(max(s.state.position for s in seqs) // 8 + 1, kv.pool.max_blocks)  # type: ignore[union-attr]
             step_inputs = DecodeInputs(inputs, kv.pool.block_tables[inputs[:, 2], :width])
             launched.clear()
+            if dp is not None:  # as `run_call` sets it: every group pads to the same bucket
+                dp.set_rows([batch_bucket(rows)] * dp.layout.dp)
             if step == 1:
                 with traced:
                     logits = graphs.run(step_inputs)
@@ -117,6 +137,7 @@ def main(backend: str, rows: int) -> dict[str, Any]:
         return {
             "backend": backend,
             "rows": rows,
+            "layout": layout_arg,
             "logits": [list(logits.shape), str(logits.device), str(logits.dtype)],
             "host_tensors": sorted(set(traced.hits)),
             "kernels": sorted(set(launched)),
@@ -125,4 +146,4 @@ def main(backend: str, rows: int) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(main(sys.argv[1], int(sys.argv[2]))))
+    print(json.dumps(main(sys.argv[1], int(sys.argv[2]), sys.argv[3] if len(sys.argv) > 3 else None)))
