@@ -39,9 +39,11 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import dsv4.kernels.cuda.launch as launch
-from dsv4.model_runtime.engine import kv_state
+from dsv4.model_runtime.engine import kv_state, penalty_table, sampler
 from dsv4.model_runtime.engine.cuda_graphs import DecodeGraphs, batch_bucket, width_bucket
+from dsv4.model_runtime.engine.penalty_table import PenaltyTable
 from dsv4.model_runtime.engine.request import Request
+from dsv4.model_runtime.engine.sampler import SampleRequest, SamplingInputs, sample_batch, sampled_tokens
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.engine.step_inputs import DecodeInputs
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
@@ -101,7 +103,8 @@ def main(backend: str, rows: int, layout_arg: str | None = None) -> dict[str, An
     interpreter.InterpretedFunction.run = record  # type: ignore[method-assign]
     launch.INTERPRETED = False  # the cuda wrappers accept the fake CUDA tensors
     # pinned memory has no fake implementation: the engine's host-to-device copies (outside the step) go plainly
-    kv_state.to_device = lambda host, device: host.to(device)  # type: ignore[assignment]
+    for module in (kv_state, sampler, penalty_table):
+        module.to_device = lambda host, device: host.to(device)  # type: ignore[attr-defined]
     with tempfile.TemporaryDirectory() as tmp:
         model, dp = _model(write_checkpoint(Path(tmp) / "ckpt", "tiny-flash", quantized=True, seed=0), layout_arg)
     with FakeTensorMode(allow_non_fake_inputs=True):
@@ -134,15 +137,42 @@ def main(backend: str, rows: int, layout_arg: str | None = None) -> dict[str, An
                 logits = graphs.run(step_inputs)
             for s in seqs:
                 s.state.position += 1  # type: ignore[union-attr]
+        step_kernels, step_launches = sorted(set(launched)), len(launched)
+        sampled = _sample(model, logits, seqs, launched)
         return {
             "backend": backend,
             "rows": rows,
             "layout": layout_arg,
             "logits": [list(logits.shape), str(logits.device), str(logits.dtype)],
             "host_tensors": sorted(set(traced.hits)),
-            "kernels": sorted(set(launched)),
-            "launches": len(launched),
+            "kernels": step_kernels,
+            "launches": step_launches,
+            **sampled,
         }
+
+
+def _sample(model: DeepseekV4, logits: torch.Tensor, seqs: list[Request], launched: list[str]) -> dict[str, Any]:
+    """The step's sampling call (eager after the replay, as the engine makes it) with every stage: temperature,
+    top-k, top-p, min-p, seeded draws, penalties from the device table, logprobs; its ops recorded as the step's."""
+    params = SamplingParams(
+        temperature=0.8, top_k=20, top_p=0.9, min_p=0.01, repetition_penalty=1.2, frequency_penalty=0.2, logprobs=3
+    )
+    for s in seqs:
+        s.params = params
+    table = PenaltyTable(model.cfg.vocab_size, model.device)
+    rows = table.rows(seqs)
+    requests = [SampleRequest(s.params, 5, 0, s.prompt_token_ids, s.output_token_ids) for s in seqs]
+    inputs = SamplingInputs.build(requests, logits.shape[-1], model.device, table.penalties(rows, seqs))
+    traced = HostTensors()
+    launched.clear()
+    with traced:
+        out = sample_batch(model.ops, logits, inputs)
+        table.record(rows, sampled_tokens(out), seqs)
+    return {
+        "sampled": [list(out.shape), str(out.device)],
+        "sample_host_tensors": sorted(set(traced.hits)),
+        "sample_kernels": sorted(set(launched)),
+    }
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 """The batched decode step is capturable as a CUDA graph, checked on CPU with a fake CUDA device
-(decode_capture_check.py, in a subprocess): after one warm-up step, no op of the step reads a value on the host
-(fake tensors raise on it), takes a CPU tensor or makes one, on the reference backend and on the cuda backend (whose
-Triton launches are recorded, not run), in one process and as rank 0 of tensor-, expert- and data-parallel layouts
-over a fake process group. The CPU tests run the step on CPU tensors, where a CPU tensor made inside the step or a
-host read of a small tensor goes unseen until a capture on a GPU refuses it."""
+(decode_capture_check.py, in a subprocess): after one warm-up step, no op of the step, nor of the sampling call
+after it, reads a value on the host (fake tensors raise on it), takes a CPU tensor or makes one, on the reference
+backend and on the cuda backend (whose Triton launches are recorded, not run), in one process and as rank 0 of
+tensor-, expert- and data-parallel layouts over a fake process group. The CPU tests run the step on CPU tensors,
+where a CPU tensor made inside the step or a host read of a small tensor goes unseen until a capture on a GPU
+refuses it."""
 
 from __future__ import annotations
 
@@ -30,6 +31,16 @@ CUDA_KERNELS = {
     "_route_kernel",
     "_swiglu_kernel",
     "_topk_kernel",
+}
+
+# temperature + top-k + top-p + min-p, seeded: the fused top-k scan and pick, then the nucleus radix select
+SAMPLE_KERNELS = {
+    "_scan_kernel",
+    "_pick_kernel",
+    "_stats_kernel",
+    "_radix_kernel",
+    "_keep_kernel",
+    "_argmax_chunks_kernel",
 }
 
 
@@ -63,6 +74,10 @@ def test_decode_step_on_a_fake_cuda_device_keeps_everything_on_the_device(
     got = _check(backend, rows, layout)
     assert got["logits"] == [[rows, 129280], "cuda:0", "torch.float32"]
     assert got["host_tensors"] == []
+    # the sampling call after it (every stage, penalties from the device table, logprobs): still no host read
+    assert got["sampled"] == [[rows, 8], "cuda:0"] and got["sample_host_tensors"] == []
+    if backend == "cuda":
+        assert set(got["sample_kernels"]) == SAMPLE_KERNELS
     if backend == "cuda":  # each kernel op of the step launched its Triton kernel (the MoE's tiled one at more rows)
         assert CUDA_KERNELS <= set(got["kernels"]) <= CUDA_KERNELS | {"_grouped_matmul_kernel"}
         assert got["launches"] > 100
