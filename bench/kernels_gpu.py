@@ -8,13 +8,15 @@ seconds. Each line: op, case, triton_ms and reference_ms (triton.testing.do_benc
 the op must move and its FLOPs, the roofline time max(bytes / bandwidth, flops / peak) at the H200 datasheet
 numbers and at the bandwidth/GEMM rate measured in this run, and the fraction of the roofline reached.
 `--decode` runs issue #17's decode cases instead (`decode_cases`: batch 1 and 64, 256 routed experts, wo_a, the
-sampler, mHC at batch 1). Needs an NVIDIA GPU; the arithmetic helpers import anywhere
+sampler, mHC at batch 1; the MXFP4 experts also through the `tl.dot_scaled` candidate, case suffix
+`-dot_scaled`). Needs an NVIDIA GPU; the arithmetic helpers import anywhere
 (tests/unit/kernels/test_bench_roofline.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
 from collections.abc import Callable
@@ -30,6 +32,9 @@ H200_BF16_FLOPS = 989e12
 H200_FP8_FLOPS = 1979e12
 
 
+SCALED = "dsv4.kernels.cuda.grouped_scaled:grouped_matmul_mxfp4_scaled"
+
+
 @dataclass(frozen=True)
 class Case:
     op: str
@@ -39,6 +44,8 @@ class Case:
     flops: float
     # the reference is not timed where it would dequantize all 256 experts (gigabytes) at every call
     time_reference: bool = True
+    # a candidate timed instead of the registered cuda op (same contract): its import path "module:function"
+    candidate: str | None = None
 
 
 def roofline_ms(n_bytes: float, flops: float, bandwidth: float, peak_flops: float) -> float:
@@ -363,16 +370,21 @@ def decode_cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
         x = randn(rows, d)
         for fmt, (w, sc) in packed.items():
             per_expert = (w.numel() * w.element_size() + sc.numel() * sc.element_size()) // dims.routed_experts
-            out.append(
-                Case(
-                    f"grouped_matmul_{fmt}",
-                    f"decode-b{batch}-routed-e{dims.routed_experts}k{dims.experts_per_token}-{2 * inter}x{d}",
-                    (x, w, sc, ends.to(device)),
-                    used * per_expert + _nbytes(x) + rows * 2 * inter * 2,
-                    2 * rows * 2 * inter * d,
-                    time_reference=False,
+            name = f"decode-b{batch}-routed-e{dims.routed_experts}k{dims.experts_per_token}-{2 * inter}x{d}"
+            # MXFP4 also through the tl.dot_scaled candidate (kernels/cuda/grouped_scaled.py), on the same inputs
+            variants = [(name, None)] + ([(f"{name}-dot_scaled", SCALED)] if fmt == "mxfp4" else [])
+            for case_name, candidate in variants:
+                out.append(
+                    Case(
+                        f"grouped_matmul_{fmt}",
+                        case_name,
+                        (x, w, sc, ends.to(device)),
+                        used * per_expert + _nbytes(x) + rows * 2 * inter * 2,
+                        2 * rows * 2 * inter * d,
+                        time_reference=False,
+                        candidate=candidate,
+                    )
                 )
-            )
         xa = randn(dims.o_groups * batch, wo_k)
         group_ends = torch.arange(1, dims.o_groups + 1, dtype=torch.int32, device=device) * batch
         out.append(
@@ -530,6 +542,14 @@ def measure_device(bench: Callable[[Callable[[], Any]], float], device: torch.de
     return 2 * src.numel() / (copy_ms * 1e-3), 2 * 8192**3 / (gemm_ms * 1e-3)
 
 
+def _candidate(path: str | None) -> Callable[..., Any] | None:
+    """The function "module:name" a case times instead of the registered op (None: the registered op)."""
+    if path is None:
+        return None
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="also append the JSON lines to this file")
@@ -565,7 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     dims = Dims(experts=args.experts)
     for case in decode_cases(device, dims) if args.decode else cases(device, dims):
         try:
-            cuda_fn, ref_fn = lookup(case.op, "cuda"), lookup(case.op, "reference")
+            cuda_fn, ref_fn = _candidate(case.candidate) or lookup(case.op, "cuda"), lookup(case.op, "reference")
             t_ms = bench(lambda f=cuda_fn, a=case.args: f(*a))
             r_ms = bench(lambda f=ref_fn, a=case.args: f(*a)) if case.time_reference else None
             lines.append(record(case, t_ms, r_ms, bw, flops))

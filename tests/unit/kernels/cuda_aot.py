@@ -25,7 +25,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from dsv4.kernels.cuda import attention, grouped_gemv, linear, mhc, moe, norm_rope, paged, sampling
+from dsv4.kernels.cuda import attention, grouped_gemv, grouped_scaled, linear, mhc, moe, norm_rope, paged, sampling
 
 _C = "constexpr"
 
@@ -244,6 +244,27 @@ def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
                     grouped_gemv.GEMV_WARPS,
                 )
             )
+    specs.append(
+        (
+            "grouped_mxfp4_scaled",
+            grouped_scaled._grouped_mxfp4_scaled_kernel,
+            dict(
+                x_ptr=bf + a16,
+                w_ptr="*u8" + a16,
+                scale_ptr="*u8" + a16,
+                ends_ptr="*i32",
+                tile_expert_ptr=i64,
+                tile_first_ptr=i64,
+                out_ptr=bf + a16,
+                M=i32,
+                N_OUT=i32 + a16,
+                K=i32 + a16,
+                N_EXPERTS=i32,
+            ),
+            dict(X_FORMAT="bf16", BN=grouped_scaled.BLOCK_N, BO=grouped_scaled.BLOCK_O, BK=grouped_scaled.BLOCK_K),
+            grouped_scaled.SCALED_WARPS,
+        )
+    )
     finish = dict(part_ptr=f32, sq_ptr=f32, streams_ptr=bf, scale_ptr=f32, base_ptr=f32, x_ptr=bf)
     pre_args = dict(post_ptr=f32, comb_ptr=f32, rows=i32, splits=i32, iters=i32, hc_eps="fp32", norm_eps="fp32")
     head_args = dict(rows=i32, splits=i32, hc_eps="fp32", norm_eps="fp32")

@@ -100,6 +100,13 @@ def test_decode_cases_run_on_the_reference(bench):
         assert all(bool(torch.isfinite(o.float()).all()) for o in outs)
     routed = [c for c in cases if "routed" in c.name]
     assert routed and not any(c.time_reference for c in routed)
+    # the tl.dot_scaled candidate beside the MXFP4 GEMV, on the same inputs, at both batches
+    scaled = [c for c in routed if c.candidate is not None]
+    assert [c.name.split("-")[1] for c in scaled] == ["b1", "b3"]
+    assert all(c.op == "grouped_matmul_mxfp4" and c.name.endswith("-dot_scaled") for c in scaled)
+    from dsv4.kernels.cuda.grouped_scaled import grouped_matmul_mxfp4_scaled
+
+    assert {bench._candidate(c.candidate) for c in scaled} == {grouped_matmul_mxfp4_scaled}
 
 
 def test_record_without_a_reference_time(bench):

@@ -46,6 +46,7 @@ def test_every_kernel_compiles_for_sm90():
         "route",
         "grouped_matmul",
         "grouped_gemv",
+        "grouped_mxfp4_scaled",
         "sample_scan",
         "sample_pick",
         "sample_filter",

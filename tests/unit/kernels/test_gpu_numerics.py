@@ -104,6 +104,22 @@ def test_compress_pool_slots_flash_states(m, overlap):
     )
 
 
+@pytest.mark.parametrize("counts", [[0, 1, 0, 1, 1, 0, 1, 1, 1], [2, 1, 0, 3, 1, 2, 1, 0]], ids=["1-row", "1.5-rows"])
+def test_dot_scaled_mxfp4_candidate_bf16(counts):
+    """kernels/cuda/grouped_scaled.py compiled (tl.dot_scaled, upcast to bf16 on Hopper) at Flash's expert width."""
+    from dsv4.kernels.cuda.grouped_scaled import grouped_matmul_mxfp4_scaled
+
+    ref = lookup("grouped_matmul_mxfp4", "reference")
+    pairs = [quant_fp4(torch.randn(256, 4096) * 0.02) for _ in counts]
+    w = torch.stack([p[0] for p in pairs]).cuda()
+    s = torch.stack([p[1] for p in pairs]).cuda()
+    ends = torch.tensor(counts, device="cuda").cumsum(0).to(torch.int32)
+    x = torch.randn(sum(counts) + 2, 4096, device="cuda").bfloat16()
+    got = grouped_matmul_mxfp4_scaled(x, w, s, ends)
+    assert torch.equal(got[sum(counts) :], torch.zeros_like(got[sum(counts) :]))
+    torch.testing.assert_close(got[: sum(counts)], ref(x[: sum(counts)], w, s, ends), **BF16)
+
+
 def test_mhc_pre_post_bf16():
     pre_ref, pre_cuda = _pair("mhc_pre")
     post_ref, post_cuda = _pair("mhc_post")
