@@ -74,13 +74,14 @@ def test_decode_step_dispatches_the_same_ops_at_batch_1_and_32(
     assert sum(one.values()) > 100
 
 
+@pytest.mark.parametrize("params", [GREEDY, EVERYTHING], ids=["greedy", "filters-penalties-logprobs"])
 def test_decode_step_dispatches_the_same_ops_at_64_and_4096_tokens_of_context(
-    make_engine: Callable[..., LLMEngine],
+    make_engine: Callable[..., LLMEngine], params: SamplingParams
 ) -> None:
     traced = {}
     for context in (64, 4096):
         engine = make_engine(max_num_batched_tokens=4096)
-        seqs = _decoding(engine, [context - 2, context - 2], GREEDY)
+        seqs = _decoding(engine, [context - 2, context - 2], params)
         assert all(context - 1 <= s.num_computed <= context + 8 for s in seqs)
         traced[context], _, _ = _traced_step(engine)
     short, long = traced[64].ops, traced[4096].ops
