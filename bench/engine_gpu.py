@@ -9,7 +9,9 @@ backend with decode steps replayed from CUDA graphs, the `cuda` backend eager, a
 run first generates 2 tokens for the same batch (captures its graphs, compiles the Triton kernels). One JSON
 line per (preset, run, batch): `tok_s` is B*G over the whole generation (prefill included, as `LLM.generate`),
 `decode_tok_s` B*(G-1) over the decode steps after every request's first token; then one line per (preset,
-batch) with the ratios to the reference run. Runs past `--budget` seconds are skipped with a line saying so.
+batch) with the ratios to the reference run and whether each run's greedy tokens equal the reference's.
+`--runs ...,reference+compile` adds the reference backend with its decode step under `torch.compile` (opt-in).
+Runs past `--budget` seconds are skipped with a line saying so.
 The aims (issue #17, H200): small-flash with graphs >= 1,000 tokens/s at batch 1 and >= 15,000 at batch 64;
 the cuda backend >= 3x the reference at batch 32. Needs a CUDA device; runs with only torch, triton,
 safetensors and tokenizers installed (bench/gpu.sh).
@@ -33,7 +35,16 @@ from dsv4.model_runtime.make_checkpoint import write_checkpoint
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.weights import load_model
 
-RUNS = {"cuda+graphs": ("cuda", True), "cuda-eager": ("cuda", False), "reference": ("reference", False)}
+# run -> (kernel backend, CUDA graphs, torch.compile of the decode step); `reference+compile` is opt-in (--runs):
+# issue #17 allows torch.compile where it beats the hand-written kernels, and this run measures that
+# (inductor's kernels for the reference ops, captured in the same graphs). NOT RUN ON A GPU YET.
+RUNS = {
+    "cuda+graphs": ("cuda", True, False),
+    "cuda-eager": ("cuda", False, False),
+    "reference": ("reference", False, False),
+    "reference+compile": ("reference", True, True),
+}
+DEFAULT_RUNS = ("cuda+graphs", "cuda-eager", "reference")
 
 
 def _sync(model: DeepseekV4) -> None:
@@ -41,8 +52,9 @@ def _sync(model: DeepseekV4) -> None:
         torch.cuda.synchronize()
 
 
-def generate(model: DeepseekV4, prompts: list[list[int]], tokens: int, graphs: bool) -> dict[str, float]:
-    """Run the prompts to `tokens` greedy tokens each; whole and decode-only times (seconds) and step count."""
+def generate(model: DeepseekV4, prompts: list[list[int]], tokens: int, graphs: bool) -> dict[str, Any]:
+    """Run the prompts to `tokens` greedy tokens each; whole and decode-only times (seconds), step count and the
+    generated tokens."""
     batch = len(prompts)
     config = EngineConfig(
         max_num_seqs=max(batch, 1),
@@ -65,7 +77,8 @@ def generate(model: DeepseekV4, prompts: list[list[int]], tokens: int, graphs: b
         steps += 1
     _sync(model)
     end = time.perf_counter()
-    return {"total_s": end - start, "decode_s": end - first, "decode_steps": steps}
+    tokens_out = [list(s.output_token_ids) for s in seqs]
+    return {"total_s": end - start, "decode_s": end - first, "decode_steps": steps, "tokens": tokens_out}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per request (default: %(default)s)")
     ap.add_argument("--tokens", type=int, default=32, help="generated tokens per request (default: %(default)s)")
-    ap.add_argument("--runs", default=",".join(RUNS), help="which runs (default: %(default)s)")
+    ap.add_argument("--runs", default=",".join(DEFAULT_RUNS), help=f"of {', '.join(RUNS)} (default: %(default)s)")
     ap.add_argument("--budget", type=float, default=110.0, help="seconds; later runs are skipped (%(default)s)")
     ap.add_argument("--out", type=Path, help="also append the JSON lines to this file")
-    ap.add_argument("--device", default="cuda", help="cpu runs the reference run only, to check this script")
+    ap.add_argument("--device", default="cuda", help="cpu runs the reference runs only, to check this script")
     args = ap.parse_args(argv)
     lines: list[dict[str, Any]] = []
 
@@ -91,7 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     began = time.perf_counter()
     batches = [int(b) for b in args.batches.split(",")]
-    runs = args.runs.split(",") if device.type == "cuda" else ["reference"]
+    runs = args.runs.split(",")
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        emit({"bench": "engine_gpu", "error": f"unknown runs {unknown}; known: {list(RUNS)}"})
+        return 2
+    if device.type != "cuda":
+        runs = [r for r in runs if RUNS[r][0] == "reference"] or ["reference"]
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     emit({"bench": "engine_gpu", "device": name, "torch": torch.__version__})
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,9 +118,13 @@ def main(argv: list[str] | None = None) -> int:
             ckpt = write_checkpoint(Path(tmp) / preset, preset, quantized=True, seed=0)
             model = load_model(ckpt, device=device, dtype=torch.bfloat16, qat_simulation=True)
             results: dict[tuple[str, int], float] = {}
+            outputs: dict[tuple[str, int], list[list[int]]] = {}
+            eager_step = model.decode_paged
             for run in runs:
-                backend, graphs = RUNS[run]
+                backend, graphs, compiled = RUNS[run]
                 model.bind_ops(backend)
+                # the decode step only: prefill keeps its per-sequence shapes, which would recompile per length
+                model.decode_paged = torch.compile(eager_step) if compiled else eager_step  # type: ignore[method-assign]
                 for batch in batches:
                     common = {"bench": "engine_gpu", "preset": preset, "run": run, "batch": batch}
                     if time.perf_counter() - began > args.budget:
@@ -118,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
                     tok_s = batch * args.tokens / t["total_s"]
                     decode_tok_s = batch * (args.tokens - 1) / t["decode_s"]
                     results[(run, batch)] = decode_tok_s
+                    outputs[(run, batch)] = t["tokens"]
                     emit(
                         {
                             **common,
@@ -135,8 +159,22 @@ def main(argv: list[str] | None = None) -> int:
                     for run in runs
                     if run != "reference" and ref and (run, batch) in results
                 }
+                # greedy tokens equal to the reference run's (bf16: a near tie may flip one and what follows)
+                same = {
+                    f"{run}/reference": outputs[(run, batch)] == outputs[("reference", batch)]
+                    for run in runs
+                    if run != "reference" and (run, batch) in outputs and ("reference", batch) in outputs
+                }
                 if ratios:
-                    emit({"bench": "engine_gpu", "preset": preset, "batch": batch, "decode_speedup": ratios})
+                    emit(
+                        {
+                            "bench": "engine_gpu",
+                            "preset": preset,
+                            "batch": batch,
+                            "decode_speedup": ratios,
+                            "same_tokens": same,
+                        }
+                    )
             del model
             if device.type == "cuda":
                 torch.cuda.empty_cache()
