@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.cuda.launch import block, tile_schedule
+from dsv4.kernels.cuda.launch import block, schedule_tile, tile_schedule
 from dsv4.kernels.cuda.mx import e2m1_fp16_image, e8m0, scale_operand
 
 # Dispatch: the grouped matmul takes this kernel when the average rows per (non-empty) expert, M / min(E, M), is
@@ -92,15 +92,8 @@ def _grouped_gemv_kernel(
     GB: tl.constexpr,
 ):
     """out[split, r, o] (or out[r, o] with one split) = sum over the split's K columns of x[r, k] * W[e, o, k]."""
-    tile = tl.program_id(0)
-    expert = tl.load(tile_expert_ptr + tile)
-    # else a spare tile of the schedule's upper bound: an empty K range, so it stores the zeros of its rows past
-    # the last expert's end (`tile_schedule`)
-    live = expert < N_EXPERTS
-    expert = tl.where(live, expert, 0)
-    end = tl.where(live, tl.load(ends_ptr + expert).to(tl.int64), M)
-    r = tl.load(tile_first_ptr + tile) + tl.arange(0, ROWS)
-    r_ok = r < end
+    # a spare tile gets an empty K range below
+    expert, live, r, r_ok = schedule_tile(tile_expert_ptr, tile_first_ptr, ends_ptr, M, N_EXPERTS, ROWS)
     o = tl.program_id(1) * BN + tl.arange(0, BN)
     o_ok = o < N_OUT
     split = tl.program_id(2)

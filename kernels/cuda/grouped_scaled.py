@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dsv4.kernels.cuda.launch import check_device, tile_schedule
+from dsv4.kernels.cuda.launch import check_device, schedule_tile, tile_schedule
 
 BLOCK_N = 16  # token rows per program: the MMA's smallest N
 BLOCK_O = 128  # output rows per program: the MMA's M
@@ -48,14 +48,7 @@ def _grouped_mxfp4_scaled_kernel(
     BO: tl.constexpr,
     BK: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    expert = tl.load(tile_expert_ptr + tile)
-    # a spare tile of the schedule runs no K step and stores the zero rows past the last end (`tile_schedule`)
-    live = expert < N_EXPERTS
-    expert = tl.where(live, expert, 0)
-    end = tl.where(live, tl.load(ends_ptr + expert).to(tl.int64), M)
-    rows = tl.load(tile_first_ptr + tile) + tl.arange(0, BN)
-    row_ok = rows < end
+    expert, live, rows, row_ok = schedule_tile(tile_expert_ptr, tile_first_ptr, ends_ptr, M, N_EXPERTS, BN)
     o = tl.program_id(1) * BO + tl.arange(0, BO)
     o_ok = o < N_OUT
     w_row = expert.to(tl.int64) * N_OUT + o

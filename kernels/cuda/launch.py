@@ -11,6 +11,7 @@ import os
 
 import torch
 import triton
+import triton.language as tl
 
 from dsv4.kernels.registry import KernelBackendError
 
@@ -66,3 +67,17 @@ def tile_schedule(group_ends: torch.Tensor, rows: int, block_m: int) -> tuple[to
     live = starts[safe] + (t - (cum[safe] - tiles[safe])) * block_m
     spare = ends[-1] + (t - cum[-1]) * block_m
     return expert, torch.where(expert < ends.numel(), live, spare), n_tiles
+
+
+@triton.jit
+def schedule_tile(tile_expert_ptr, tile_first_ptr, ends_ptr, M, N_EXPERTS, ROWS: tl.constexpr):
+    """A program's tile of `tile_schedule`: (its expert, 0 for a spare tile; whether it is live; its ROWS rows; which
+    of them it stores). A live tile stores its expert's rows; a spare one, which must run no K step, stores the
+    zeros of its rows past the last expert's end."""
+    tile = tl.program_id(0)
+    expert = tl.load(tile_expert_ptr + tile)
+    live = expert < N_EXPERTS
+    expert = tl.where(live, expert, 0)
+    end = tl.where(live, tl.load(ends_ptr + expert).to(tl.int64), M)
+    rows = tl.load(tile_first_ptr + tile) + tl.arange(0, ROWS)
+    return expert, live, rows, rows < end

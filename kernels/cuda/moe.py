@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from dsv4.kernels.cuda.grouped_gemv import gemv_rows, grouped_gemv
-from dsv4.kernels.cuda.launch import MIN_DOT, block, check_device, dot_precision, tile_schedule
+from dsv4.kernels.cuda.launch import MIN_DOT, block, check_device, dot_precision, schedule_tile, tile_schedule
 from dsv4.kernels.cuda.mx import e2m1, e8m0, scale_operand
 from dsv4.kernels.registry import register
 
@@ -133,15 +133,7 @@ def _grouped_matmul_kernel(
     BLOCK_K: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    expert = tl.load(tile_expert_ptr + tile)
-    # a spare tile of the schedule (`tile_schedule`) runs no K step and stores the zeros of its rows past the last
-    # expert's end
-    live = expert < N_EXPERTS
-    expert = tl.where(live, expert, 0)
-    end = tl.where(live, tl.load(ends_ptr + expert).to(tl.int64), M)
-    rows = tl.load(tile_first_ptr + tile) + tl.arange(0, BLOCK_M)
-    row_ok = rows < end
+    expert, live, rows, row_ok = schedule_tile(tile_expert_ptr, tile_first_ptr, ends_ptr, M, N_EXPERTS, BLOCK_M)
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
     o_ok = o < N_OUT
     acc = tl.zeros([BLOCK_M, BLOCK_O], dtype=tl.float32)
