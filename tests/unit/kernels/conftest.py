@@ -77,3 +77,16 @@ def impls() -> Callable[[str], tuple[Callable[..., Any], Callable[..., Any]]]:
         return lookup(op, "reference"), lookup(op, "cuda")
 
     return get
+
+
+@pytest.fixture
+def nan_empty(monkeypatch: pytest.MonkeyPatch) -> None:
+    """New float tensors from `torch.empty` start as NaN for the test, so values a kernel must store cannot pass
+    by an allocation that happened to hold zeros."""
+    empty = torch.empty
+
+    def poisoned(*args: Any, **kwargs: Any) -> torch.Tensor:
+        t = empty(*args, **kwargs)
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", poisoned)
