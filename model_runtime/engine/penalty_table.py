@@ -7,6 +7,8 @@ request (`seen` bool and `counts` int32, [rows, vocab]), as SGLang's penalizer k
 filled from the host's lists once, when its request first samples (or when its lists grew in a way the table did
 not see: a verification step's tokens, which the per-row MTP path draws), and after each batched draw the drawn
 tokens go into their rows by one scatter on the device. A steady decode step uploads only the rows' indices.
+A step launched before the previous one's tokens reach the host (overlapped scheduling) reads rows that counted
+those tokens already, so nothing in it waits for them.
 
 Rows are a cache keyed by request: when they run out, the requests that sampled least recently give theirs up
 (one evicted, preempted for long or finished is refilled if it samples again), and when one step needs more rows
@@ -57,25 +59,31 @@ class PenaltyTable:
     def sink(self) -> int:
         return self.capacity
 
-    def rows(self, seqs: Sequence[Request]) -> torch.Tensor:
+    def rows(self, seqs: Sequence[Request], pending: torch.Tensor | None = None) -> torch.Tensor:
         """The table row of each of `seqs` ([R] int64 on the device; the sink for rows without penalties), after
-        filling the rows of penalized requests the table does not hold up to date."""
+        filling the rows of penalized requests the table does not hold up to date. `pending`: tokens [R] (device)
+        already drawn for `seqs` by a step whose tokens have not reached their lists (overlapped scheduling); a
+        current row has counted them, a refilled one counts them after its lists."""
         self._calls += 1
-        penalized = [s for s in seqs if s.params.penalized]
-        stale = [s for s in penalized if not self._current(s)]
-        self._make_room(len(penalized), {s.request_id for s in penalized})
+        extra = 0 if pending is None else 1
+        penalized = [i for i, s in enumerate(seqs) if s.params.penalized]
+        stale = [i for i in penalized if not self._current(seqs[i], extra)]
+        self._make_room(len(penalized), {seqs[i].request_id for i in penalized})
         free = iter(sorted(set(range(self.capacity)) - {e.row for e in self._entries.values()}))
-        for s in stale:
+        for i in stale:
+            s = seqs[i]
             old = self._entries.get(s.request_id)
             row = old.row if old is not None else next(free)
-            self._entries[s.request_id] = _Entry(s, row, len(s.output_token_ids), self._calls)
+            self._entries[s.request_id] = _Entry(s, row, len(s.output_token_ids) + extra, self._calls)
         if stale:
-            index = to_device(torch.tensor([self._entries[s.request_id].row for s in stale]), self.device)
-            fresh = Penalties.build(stale, self.vocab, self.device)
+            index = to_device(torch.tensor([self._entries[seqs[i].request_id].row for i in stale]), self.device)
+            fresh = Penalties.build([seqs[i] for i in stale], self.vocab, self.device)
             self.seen[index] = fresh.seen
             self.counts[index] = fresh.counts
-        for s in penalized:
-            self._entries[s.request_id].used = self._calls
+            if pending is not None:
+                self._count(index, pending[to_device(torch.tensor(stale), self.device)])
+        for i in penalized:
+            self._entries[seqs[i].request_id].used = self._calls
         table = [self._entries[s.request_id].row if s.params.penalized else self.sink for s in seqs]
         return to_device(torch.tensor(table, dtype=torch.int64), self.device)
 
@@ -86,16 +94,19 @@ class PenaltyTable:
     def record(self, rows: torch.Tensor, tokens: torch.Tensor, seqs: Sequence[Request]) -> None:
         """Count the tokens [R] (device) just drawn for `seqs` into their `rows`, which the caller appends to their
         outputs next (the sink's rows write nothing)."""
-        live = rows != self.sink
-        self.counts.index_put_((rows, tokens), live.to(torch.int32), accumulate=True)
-        self.seen.index_put_((rows, tokens), live)
+        self._count(rows, tokens)
         for s in seqs:
             if s.params.penalized:
                 self._entries[s.request_id].counted += 1
 
-    def _current(self, s: Request) -> bool:
+    def _count(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
+        live = rows != self.sink
+        self.counts.index_put_((rows, tokens), live.to(torch.int32), accumulate=True)
+        self.seen.index_put_((rows, tokens), live)
+
+    def _current(self, s: Request, pending: int) -> bool:
         entry = self._entries.get(s.request_id)
-        return entry is not None and entry.request is s and entry.counted == len(s.output_token_ids)
+        return entry is not None and entry.request is s and entry.counted == len(s.output_token_ids) + pending
 
     def _make_room(self, needed: int, keep: set[str]) -> None:
         """Room for `needed` rows held by the requests of `keep`: evict the least recently used other requests,
