@@ -18,13 +18,13 @@ from dsv4.model_runtime.engine.fingerprint import model_fingerprint
 from dsv4.model_runtime.engine.kv_budget import kv_budget
 from dsv4.model_runtime.engine.kv_groups import GroupKV
 from dsv4.model_runtime.engine.kv_state import KVCacheManager
-from dsv4.model_runtime.engine.model_runner import ModelRunner
+from dsv4.model_runtime.engine.model_runner import LaunchedDecode, ModelRunner
 from dsv4.model_runtime.engine.port import PrefixEvent
 from dsv4.model_runtime.engine.prefix_cache import PrefixStats
 from dsv4.model_runtime.engine.prefix_hash import chain_seed
 from dsv4.model_runtime.engine.request import Request, TokenLogprob
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
-from dsv4.model_runtime.engine.scheduler import Scheduler, SchedulerConfig
+from dsv4.model_runtime.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
 from dsv4.model_runtime.engine.text_stream import TextStream
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.tokenizer import Tokenizer
@@ -33,6 +33,8 @@ if TYPE_CHECKING:  # the KV blob format needs crc32c, which the bare GPU machine
     from dsv4.model_runtime.engine.kv_export import KVSnapshot
 
 log = logging.getLogger("dsv4.model_runtime.engine")
+
+OVERLAP_DEVICES = ("cuda",)  # devices whose queued work runs behind the host (and whose copies to it are async)
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,10 @@ class EngineConfig:
     # snapshot of the rest of its state; `prefix_cache_slots` snapshots are kept (each the size of a sequence slot).
     prefix_cache: bool = True
     prefix_cache_slots: int = 64
+    # Overlapped scheduling: a steady decode step is launched before the previous step's tokens reach the host, so
+    # the host's scheduling and bookkeeping run while the device computes. None: on where the device runs behind
+    # the host (CUDA); True / False: forced (on a CPU it only delays each step's outputs by one step).
+    overlap_scheduling: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,9 @@ class LLMEngine:
             model, use_mtp=c.speculative_mtp, cuda_graphs=c.cuda_graphs and model.device.type in GRAPH_DEVICES
         )
         self.eos_token_id = model.cfg.eos_token_id
+        overlap = c.overlap_scheduling
+        self.overlap = model.device.type in OVERLAP_DEVICES if overlap is None else overlap
+        self._launched: LaunchedDecode | None = None  # the overlapped decode step whose tokens are not landed
         self._sent: dict[str, int] = {}
         # Finished `export_after_prefill` sequences whose state waits for its export (then `release`).
         self.exported: dict[str, Request] = {}
@@ -220,6 +229,7 @@ class LLMEngine:
         if seq is None:
             return None
         seq.finish("cancelled")
+        self._settle()
         return self._output(seq)
 
     def release(self, seq: Request) -> None:
@@ -337,9 +347,25 @@ class LLMEngine:
         return self.kv.cache.chain_hashes() if self.kv.cache is not None else []
 
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model once, sample; returns the outputs of the requests that produced something."""
+        """Schedule, run the model once, sample; returns the outputs of the requests that produced something.
+
+        With overlapped scheduling a step of only plain decode rows is launched and its tokens land in the next
+        call, after that call has launched the step after it (from the same rows, fed on the device with the
+        tokens still on their way) when nothing else needs scheduling; otherwise the call lands them first. A row
+        that finishes on a landed token has already been fed to the next step, whose token for it is dropped."""
+        launched, self._launched = self._launched, None
+        if launched is not None:
+            follow = [s for s in launched.seqs if self._follows(s)]
+            if self.scheduler.schedule_ahead(launched.seqs, follow) is not None:
+                self._launched = self.runner.launch_decode(follow, after=launched)
+            outputs = self._land(launched)
+            self._settle()
+            return outputs
         chunks = self.scheduler.schedule()
         if not chunks:
+            return []
+        if self.overlap and all(self._overlaps(c) for c in chunks):
+            self._launched = self.runner.launch_decode([c.seq for c in chunks])
             return []
         outputs = []
         produced = self.runner.run(chunks)
@@ -351,6 +377,39 @@ class LLMEngine:
                     self.exported[seq.request_id] = seq
             outputs.append(self._output(seq))
         return outputs
+
+    def _overlaps(self, chunk: ScheduledChunk) -> bool:
+        """Whether the chunk's step may run without waiting for its tokens: a plain decode row whose token is
+        appended, nothing else (no state kept for an export, no snapshot taken at the step's end). Penalized rows
+        qualify: their context is the device's penalty table, which counts the tokens still on their way."""
+        s = chunk.seq
+        plain = not s.export_after_prefill and not s.cache_points
+        return plain and self.runner.batched_decode(chunk)
+
+    @staticmethod
+    def _follows(seq: Request) -> bool:
+        """Whether a sequence of the launched step goes on to the next one: it is still running (landed tokens
+        may finish it after that) and the token on its way will not reach max_tokens."""
+        return not seq.finished and seq.num_generated + 1 < seq.params.max_tokens
+
+    def _land(self, launched: LaunchedDecode) -> list[RequestOutput]:
+        """Append a launched step's tokens, once they are on the host, to the sequences still running."""
+        outputs = []
+        for seq, (token, logprob) in zip(launched.seqs, self.runner.land_decode(launched), strict=True):
+            if seq.finished:  # finished by a landed token, or cancelled, after this step was launched
+                continue
+            seq.append(token, logprob)
+            if seq.finished:
+                self.scheduler.finish(seq)
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _settle(self) -> None:
+        """Drop a launched step none of whose sequences still runs (its tokens would all be dropped), so that an
+        engine with no unfinished request holds nothing in flight."""
+        if self._launched is not None and all(s.finished for s in self._launched.seqs):
+            self._launched.result.wait()
+            self._launched = None
 
     def _output(self, seq: Request) -> RequestOutput:
         first = self._sent[seq.request_id]

@@ -7,11 +7,16 @@ of a call by the same number of tokens: prefill chunks of equal length share a c
 step, from either path, is sampled in one batched call whose result reaches the host in the step's one copy.
 MTP verification steps (last token + draft) keep their own per-row path: a second token of a verified draft is
 drawn only if the first did not finish the request.
+
+Overlapped scheduling (`LLMEngine.step`) runs batched decode steps through `launch_decode` / `land_decode`
+instead: a step is launched without waiting for its tokens, and the next one can be launched before they reach
+the host, feeding them from the device.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 
 import torch
 
@@ -20,7 +25,7 @@ from dsv4.model_runtime.engine import speculative
 from dsv4.model_runtime.engine.cuda_graphs import GRAPH_DEVICES, DecodeGraphs, width_bucket
 from dsv4.model_runtime.engine.kv_state import KVPool, PagedSequenceState
 from dsv4.model_runtime.engine.penalty_table import PenaltyTable
-from dsv4.model_runtime.engine.request import Request
+from dsv4.model_runtime.engine.request import Request, TokenLogprob
 from dsv4.model_runtime.engine.sampler import (
     SampleRequest,
     SamplingInputs,
@@ -29,17 +34,31 @@ from dsv4.model_runtime.engine.sampler import (
     sampled_tokens,
     unpack,
 )
+from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.engine.scheduler import ScheduledChunk
 from dsv4.model_runtime.engine.step_inputs import DecodeInputs, table_width
-from dsv4.model_runtime.engine.transfer import to_host
+from dsv4.model_runtime.engine.transfer import HostCopy, start_copy_to_host, to_device, to_host
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.state import SequenceState
 
 StreamRef = tuple[int, int]  # (index of a model call of this step, row of its streams)
 
 
-def _request(seq: Request) -> SampleRequest:
-    return SampleRequest(seq.params, seq.seed, seq.num_generated, seq.prompt_token_ids, seq.output_token_ids)
+def _request(seq: Request, pending: int = 0) -> SampleRequest:
+    """The sampler's view of `seq`'s next draw, `pending` tokens after those it holds (drawn, not yet landed)."""
+    index = seq.num_generated + pending
+    return SampleRequest(seq.params, seq.seed, index, seq.prompt_token_ids, seq.output_token_ids)
+
+
+@dataclass(frozen=True)
+class LaunchedDecode:
+    """A batched decode step launched without waiting for its tokens (`ModelRunner.launch_decode`): the sequences
+    are advanced, their tokens are not appended yet."""
+
+    seqs: list[Request]
+    tokens: torch.Tensor  # the drawn ids [D] on the device: what the next step of these rows feeds
+    result: HostCopy  # `sample_batch`'s result on its way to the host
+    params: list[SamplingParams]
 
 
 def _draw(ops: Ops, seq: Request, logits: torch.Tensor) -> int:
@@ -75,7 +94,8 @@ class ModelRunner:
         return states
 
     @staticmethod
-    def _batched_decode(chunk: ScheduledChunk) -> bool:
+    def batched_decode(chunk: ScheduledChunk) -> bool:
+        """Whether the chunk runs in the step's batched decode (one token over a paged state, no MTP)."""
         s = chunk.seq
         one = chunk.num_tokens == 1 and s.num_uncomputed == 1
         return one and not s.use_mtp and isinstance(s.state, PagedSequenceState)
@@ -92,7 +112,7 @@ class ModelRunner:
                 verify.append(s)
                 continue
             s.draft = None  # the step has no room for it
-            if self._batched_decode(chunk):
+            if self.batched_decode(chunk):
                 decode.append(s)
             else:
                 groups[chunk.num_tokens].append(s)
@@ -118,23 +138,45 @@ class ModelRunner:
         self._run_mtp()
         return produced
 
-    def _decode(self, seqs: list[Request]) -> torch.Tensor:
-        """The batched decode step of `seqs` (one token each): logits [len(seqs), vocab] on the device."""
-        logits = self.decode_logits(seqs)
+    def _decode(self, seqs: list[Request], feed: torch.Tensor | None = None) -> torch.Tensor:
+        """The batched decode step of `seqs` (one token each, or `feed`'s): logits [len(seqs), vocab] on the
+        device."""
+        logits = self.decode_logits(seqs, feed)
         for s in seqs:
             s.num_computed += 1
             assert s.state is not None
             s.state.position += 1
         return logits
 
-    def decode_logits(self, seqs: list[Request]) -> torch.Tensor:
+    def decode_logits(self, seqs: list[Request], feed: torch.Tensor | None = None) -> torch.Tensor:
         """Run the batched decode step of `seqs` (a rank group's leader overrides it to run it on every rank):
-        logits [len(seqs), vocab]; the caller advances the sequences."""
+        logits [len(seqs), vocab]; the caller advances the sequences. `feed`: the ids [D] the rows feed, on the
+        device, when the host does not know them yet (overlapped scheduling); else each row's last token."""
         state = seqs[0].state
         assert isinstance(state, PagedSequenceState)
         pool = state.pool
         pool.flush_block_tables()
-        return self.run_decode(DecodeInputs.build(seqs, pool, self.decode_width(seqs, pool)), pool)
+        inputs = DecodeInputs.build(seqs, pool, self.decode_width(seqs, pool))
+        return self.run_decode(inputs if feed is None else inputs.feeding(feed), pool)
+
+    @torch.no_grad()
+    def launch_decode(self, seqs: list[Request], after: LaunchedDecode | None = None) -> LaunchedDecode:
+        """Run the batched decode step of `seqs` and draw their tokens without waiting for them (the host copy is
+        queued). With `after`, the launched step whose tokens these sequences still wait for, each row feeds the
+        token `after` drew for it, gathered on the device, and draws the token after that one."""
+        feed = None
+        if after is not None:
+            where = {s: row for row, s in enumerate(after.seqs)}
+            rows = torch.tensor([where[s] for s in seqs], dtype=torch.long)
+            feed = after.tokens[to_device(rows, after.tokens.device)]
+        out, params = self._draw(seqs, self._decode(seqs, feed), feed)
+        return LaunchedDecode(seqs, sampled_tokens(out), start_copy_to_host(out), params)
+
+    @staticmethod
+    def land_decode(launched: LaunchedDecode) -> list[tuple[int, TokenLogprob | None]]:
+        """Wait for a launched step's tokens: (token, logprob record when asked for) per row. The caller appends
+        them."""
+        return unpack(launched.result.wait(), launched.params)
 
     def decode_width(self, seqs: list[Request], pool: KVPool) -> int:
         """Block-table columns of the decode step of `seqs`: padded to a graph's width when steps replay graphs."""
@@ -218,20 +260,27 @@ class ModelRunner:
         return list(kv_export.export_chunks(self.model, state, chunk_size))
 
     def _sample(self, seqs: list[Request], logits: torch.Tensor) -> None:
-        """Draw every row's token in one batched call, bring them to the host in one copy, append them. Penalized
-        rows read their context from the device table, and their drawn tokens go into it before the copy."""
-        requests = [_request(s) for s in seqs]
+        """Draw every row's token in one batched call, bring them to the host in one copy, append them."""
+        out, params = self._draw(seqs, logits)
+        for s, (token, logprob) in zip(seqs, unpack(to_host(out), params), strict=True):
+            s.append(token, logprob)
+
+    def _draw(
+        self, seqs: list[Request], logits: torch.Tensor, pending: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, list[SamplingParams]]:
+        """`sample_batch` over the rows of `seqs`, on the device, and the rows' parameters. `pending`: the tokens
+        [R] (device) drawn for them by a launched step that has not landed, each row drawing the token after its
+        own. Penalized rows read their context from the device table, and their drawn tokens go into it here."""
+        requests = [_request(s, pending=0 if pending is None else 1) for s in seqs]
         rows, penalties = None, None
         if any(s.params.penalized for s in seqs):
-            rows = self.penalty_table.rows(seqs)
+            rows = self.penalty_table.rows(seqs, pending)
             penalties = self.penalty_table.penalties(rows, seqs)
         inputs = SamplingInputs.build(requests, logits.shape[-1], logits.device, penalties)
         out = sample_batch(self.model.ops, logits, inputs)
         if rows is not None:
             self.penalty_table.record(rows, sampled_tokens(out), seqs)
-        drawn = unpack(to_host(out), [r.params for r in requests])
-        for s, (token, logprob) in zip(seqs, drawn, strict=True):
-            s.append(token, logprob)
+        return out, [r.params for r in requests]
 
     def _follow(self, s: Request, ref: StreamRef, start: int) -> None:
         """Queue the MTP step over the positions [start, start + k) the main model just consumed (the streams of

@@ -135,6 +135,25 @@ class Scheduler:
             budget -= self._scheduled(chunks, seq, n)
         return chunks
 
+    def schedule_ahead(self, launched: list[Request], follow: list[Request]) -> list[ScheduledChunk] | None:
+        """The next decode step of `follow`, sequences of the launched step `launched` whose tokens have not reached
+        the host yet, one token each (overlapped scheduling, `LLMEngine.step`); their KV room is reserved. None
+        when the step needs those tokens or other work first: a running sequence outside `launched`, a waiting one
+        that could be admitted, more rows than the token budget, or a pool short of room (`schedule` preempts)."""
+        if not follow or len(follow) > self.config.max_num_batched_tokens:
+            return None
+        members = set(launched)
+        if any(s not in members for s in self.running):
+            return None
+        if self.waiting and len(self.running) < self.config.max_num_seqs:
+            return None
+        for seq in follow:  # growing is idempotent: a sequence grown before a refusal is grown again next step
+            if not self.kv.can_grow(seq, 1):
+                return None
+            self.kv.grow(seq, 1)
+        self._after = {}
+        return [ScheduledChunk(seq, 1) for seq in follow]
+
     def after_step(self, chunks: list[ScheduledChunk]) -> None:
         """After the model ran `chunks`: cache entries of the states that stand at one of their snapshot points."""
         for chunk in chunks:

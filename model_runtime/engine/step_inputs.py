@@ -55,6 +55,12 @@ class DecodeInputs:
         rows = _rows(seqs)
         return cls(rows, tables[rows[:, SLOT], :width])
 
+    def feeding(self, tokens: torch.Tensor) -> DecodeInputs:
+        """The same step feeding `tokens` [D] (on the device) instead of the ids in `rows`: overlapped scheduling
+        launches a step before the host knows the tokens it feeds, which the previous step is still drawing."""
+        rows = torch.cat([tokens.to(self.rows.dtype)[:, None], self.rows[:, POSITION:]], dim=1)
+        return DecodeInputs(rows, self.block_tables)
+
     def step(self, pool: KVPool) -> PagedDecode:
         """The model's view of the step over `pool`."""
         return PagedDecode(self.rows[:, POSITION], self.rows[:, SLOT], self.block_tables, pool.storage)

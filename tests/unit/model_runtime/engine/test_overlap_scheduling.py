@@ -1,0 +1,216 @@
+"""Overlapped scheduling (`EngineConfig.overlap_scheduling`): a steady decode step is launched before the previous
+step's tokens reach the host, and fed those tokens on the device. The CPU runs each op as it is dispatched, so
+these tests check what the GPU path rests on: the synchronous engine's outputs, launches ahead of landings, a
+launch that reads nothing on the host, and nothing left in flight or held once requests finish."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
+
+import pytest
+import torch
+
+from dsv4.model_runtime.engine.llm_engine import LLMEngine
+from dsv4.model_runtime.engine.model_runner import LaunchedDecode
+from dsv4.model_runtime.engine.request import Request
+from dsv4.model_runtime.engine.sampling_params import SamplingParams
+
+from .op_trace import HostReads, OpTrace
+
+pytestmark = pytest.mark.unit
+
+Outcome = tuple[list[int], str, str | None, list[Any]]  # tokens, text, finish reason, logprobs
+
+
+def _prompts(n: int, seed: int = 11) -> list[list[int]]:
+    gen = torch.Generator().manual_seed(seed)
+    lengths = [1, 3, 4, 5, 7, 8, 9, 15, 16, 17, 23, 33][:n]
+    return [torch.randint(3, 128000, (k,), generator=gen).tolist() for k in lengths]
+
+
+def _mixed_params() -> list[SamplingParams]:
+    """Greedy, seeded nucleus sampling with logprobs, penalized rows (counted in the device table), one token."""
+    out = []
+    for i in range(12):
+        kind = i % 4
+        if kind == 0:
+            out.append(SamplingParams(max_tokens=4 + i, temperature=0.0, ignore_eos=True))
+        elif kind == 1:
+            out.append(SamplingParams(max_tokens=9, temperature=0.9, top_p=0.8, seed=i, logprobs=2, ignore_eos=True))
+        elif kind == 2:
+            out.append(SamplingParams(max_tokens=6, temperature=0.0, repetition_penalty=1.3, ignore_eos=True))
+        else:
+            out.append(SamplingParams(max_tokens=1 if i == 3 else 7, temperature=0.7, seed=i, ignore_eos=True))
+    return out
+
+
+def _run(engine: LLMEngine, params: list[SamplingParams]) -> dict[str, Outcome]:
+    """Requests join two a step while others decode and finish; each request's whole output."""
+    pending = list(enumerate(zip(_prompts(len(params)), params, strict=True)))
+    got: dict[str, Outcome] = {}
+    while pending or engine.has_unfinished():
+        for i, (p, sp) in pending[:2]:
+            engine.add_request(f"r{i}", p, sp)
+        pending = pending[2:]
+        for o in engine.step():
+            tokens, text, _, logprobs = got.get(o.request_id, ([], "", None, []))
+            got[o.request_id] = (tokens + o.token_ids, text + o.text, o.finish_reason, logprobs + o.logprobs)
+    return got
+
+
+def _count_launches(engine: LLMEngine) -> list[tuple[bool, bool]]:
+    """Record, per `launch_decode` call: whether it was fed by a step still in flight, whether a row is penalized."""
+    launches: list[tuple[bool, bool]] = []
+    launch = engine.runner.launch_decode
+
+    def counted(seqs: list[Request], after: LaunchedDecode | None = None) -> LaunchedDecode:
+        launches.append((after is not None, any(s.params.penalized for s in seqs)))
+        return launch(seqs, after)
+
+    engine.runner.launch_decode = counted  # type: ignore[method-assign]
+    return launches
+
+
+def _assert_drained(engine: LLMEngine) -> None:
+    assert not engine.has_unfinished()
+    assert engine._launched is None, "a launched step outlived its requests"
+    assert engine.kv.used_blocks == 0
+
+
+def test_overlap_is_off_on_the_cpu_by_default(make_engine: Callable[..., LLMEngine]) -> None:
+    assert make_engine().overlap is False
+    assert make_engine(overlap_scheduling=True).overlap is True
+
+
+def test_overlapped_steps_give_the_synchronous_outputs(make_engine: Callable[..., LLMEngine]) -> None:
+    """Staggered arrivals and finishes, greedy and seeded draws, logprobs, penalized rows beside plain ones, a stop
+    token and a stop string that end a request while its next step is already launched, max_tokens 1."""
+    base = _mixed_params()
+    first = _run(make_engine(max_num_batched_tokens=64, block_size=8), base)
+    stop_token = first["r0"][0][2]
+    text = first["r5"][1]
+    assert len(text) >= 6, text
+    params = list(base)
+    params[0] = replace(base[0], stop_token_ids=(stop_token,))
+    params[5] = replace(base[5], stop=(text[3:5],))
+
+    sync = _run(make_engine(max_num_batched_tokens=64, block_size=8, overlap_scheduling=False), params)
+    engine = make_engine(max_num_batched_tokens=64, block_size=8, overlap_scheduling=True)
+    launches = _count_launches(engine)
+    overlapped = _run(engine, params)
+
+    assert sync["r0"][2] == "stop" and len(sync["r0"][0]) == first["r0"][0].index(stop_token) + 1
+    assert sync["r5"][2] == "stop" and len(sync["r5"][0]) < params[5].max_tokens
+    assert len(sync["r3"][0]) == 1
+    for rid, want in sync.items():
+        assert overlapped[rid] == want, rid
+    assert overlapped.keys() == sync.keys()
+    # steps launched while the previous one's tokens were in flight, penalized rows among them (arrivals and
+    # prefills in the first steps run synchronously)
+    assert sum(fed and penalized for fed, penalized in launches) >= 3, launches
+    _assert_drained(engine)
+
+
+def test_overlapped_steps_survive_preemption(make_engine: Callable[..., LLMEngine]) -> None:
+    """A pool of 12 blocks of 8 positions cannot hold the batch: sequences are preempted (only by the
+    synchronous path's schedule) and recomputed, with the synchronous tokens."""
+    prompts = _prompts(12)
+    params = [SamplingParams(max_tokens=3 + i % 6, temperature=0.0, ignore_eos=True) for i in range(12)]
+    want = make_engine().generate_ids(prompts, params)
+    engine = make_engine(num_blocks=12, block_size=8, max_num_batched_tokens=24, overlap_scheduling=True)
+    launches = _count_launches(engine)
+    seqs = [engine.add_request(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+    while engine.has_unfinished():
+        engine.step()
+        assert engine.kv.used_blocks <= engine.kv.total_blocks
+    assert sum(s.num_preemptions for s in seqs) > 0
+    assert any(fed for fed, _ in launches)
+    assert [s.output_token_ids for s in seqs] == [w.token_ids for w in want]
+    _assert_drained(engine)
+
+
+def test_each_step_is_launched_before_the_previous_one_lands(make_engine: Callable[..., LLMEngine]) -> None:
+    """Four requests of 6 tokens: the prefill runs synchronously (its first token), then decode steps 2..6 are
+    each launched before the tokens of the step before land; the last step has no successor."""
+    engine = make_engine(max_num_batched_tokens=128, overlap_scheduling=True)
+    events: list[str] = []
+    runner = engine.runner
+    run, launch, land = runner.run, runner.launch_decode, runner.land_decode
+
+    def traced_run(chunks: list) -> list[Request]:
+        events.append("run")
+        return run(chunks)
+
+    def traced_launch(seqs: list[Request], after: LaunchedDecode | None = None) -> LaunchedDecode:
+        events.append("launch")
+        return launch(seqs, after)
+
+    def traced_land(launched: LaunchedDecode) -> list:
+        events.append("land")
+        return land(launched)
+
+    runner.run, runner.launch_decode, runner.land_decode = traced_run, traced_launch, traced_land  # type: ignore[method-assign]
+    params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    outs = engine.generate_ids(_prompts(4), params)
+    assert events == ["run", "launch"] + ["launch", "land"] * 4 + ["land"]
+    want = make_engine().generate_ids(_prompts(4), params)
+    assert [o.token_ids for o in outs] == [w.token_ids for w in want]
+    _assert_drained(engine)
+
+
+def test_a_launch_reads_nothing_on_the_host(make_engine: Callable[..., LLMEngine]) -> None:
+    """A steady overlapped step dispatches no op that waits for the device and reads one thing on the host: the
+    tokens of the step it lands, which the device computed while the host launched the next one."""
+    engine = make_engine(max_num_batched_tokens=256, block_size=16, overlap_scheduling=True)
+    params = SamplingParams(max_tokens=32, temperature=0.8, top_p=0.9, logprobs=2, seed=3, ignore_eos=True)
+    seqs = [engine.add_request(f"r{i}", p, params) for i, p in enumerate(_prompts(3))]
+    while engine._launched is None:
+        engine.step()
+    for _ in range(3):  # steps that cross pool blocks, compressor blocks and the window
+        in_flight = engine._launched
+        ops, reads = OpTrace(), HostReads()
+        with reads, ops:
+            outputs = engine.step()
+        assert ops.syncs == []
+        assert [name for name, _ in reads.reads] == ["tolist"]
+        assert engine._launched is not None and engine._launched is not in_flight
+        assert [o.token_ids[0] for o in outputs] == [s.output_token_ids[-1] for s in seqs]
+
+
+def test_cancelling_a_request_in_flight(make_engine: Callable[..., LLMEngine]) -> None:
+    """A request aborted while a step that holds it is launched: its launched token is dropped, its state is
+    freed, and the others get the synchronous tokens."""
+    prompts = _prompts(3)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    want = [o.token_ids for o in make_engine().generate_ids(prompts, params)]
+    engine = make_engine(overlap_scheduling=True)
+    seqs = [engine.add_request(f"r{i}", p, params) for i, p in enumerate(prompts)]
+    tokens: dict[str, list[int]] = {}
+    while engine._launched is None or seqs[1].num_generated < 3:
+        for o in engine.step():
+            tokens.setdefault(o.request_id, []).extend(o.token_ids)
+    assert engine._launched is not None and seqs[1] in engine._launched.seqs
+    cancelled = engine.abort("r1")
+    assert cancelled is not None and cancelled.finish_reason == "cancelled"
+    while engine.has_unfinished():
+        for o in engine.step():
+            tokens.setdefault(o.request_id, []).extend(o.token_ids)
+    assert tokens["r0"] == want[0] and tokens["r2"] == want[2]
+    assert tokens["r1"] == want[1][: len(tokens["r1"])] and len(tokens["r1"]) < len(want[1])
+    _assert_drained(engine)
+
+
+def test_cancelling_every_request_in_flight_drops_the_step(make_engine: Callable[..., LLMEngine]) -> None:
+    engine = make_engine(overlap_scheduling=True)
+    params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+    for i, p in enumerate(_prompts(2)):
+        engine.add_request(f"r{i}", p, params)
+    while engine._launched is None:
+        engine.step()
+    engine.abort("r0")
+    assert engine._launched is not None
+    engine.abort("r1")
+    _assert_drained(engine)
+    assert engine.step() == []
