@@ -8,7 +8,10 @@ layers (`shard.py`) line up.
   step's rows of token, position and slot, and its block tables) or one per-sequence feed (`FeedCall`: the ids,
   each row's slot, blocks and position, and which rows need logits). Sampling needs no collective (the head
   gathers the full vocabulary on every rank), so it runs on the leader alone and the followers learn the tokens
-  from the next call's ids.
+  from the next call's ids, or, for a decode step launched before they reach the leader's host (overlapped
+  scheduling, `LLMEngine.step`), from the leader's device: such a call carries each row's place in the step's fed
+  tokens instead, which the leader broadcasts on the default group before the step (`_fed_tokens`), so no rank's
+  host waits for the tokens between two steps.
 * Data-parallel attention (`data_parallel.py`, layouts of dp > 1 tensor-parallel groups): each group's pool holds
   its own sequences. The leader schedules every group's pool and prefix cache (`kv_groups.GroupKV`: a new sequence
   resumes in the group holding its longest cached prefix, else goes to the group with the most free blocks) and
@@ -90,10 +93,13 @@ Described = tuple[int, tuple[int, ...], int, int]  # a paged state: slot, blocks
 @dataclass(frozen=True)
 class DecodeCall:
     """A group's part of the batched decode step: `DecodeInputs.rows` [D, 3] and `block_tables` [D, T], on the
-    CPU (D = 0: the group has no row in it)."""
+    CPU (D = 0: the group has no row in it). `fed` (overlapped scheduling): the places of the part's rows in the
+    tokens the step feeds, which the leader broadcasts from its device (`_fed_tokens`), their ids in `rows` being
+    stale; None: `rows` holds the ids. Every part of a fed step has one."""
 
     rows: torch.Tensor
     block_tables: torch.Tensor
+    fed: torch.Tensor | None = None
 
     @property
     def tokens(self) -> int:
@@ -196,13 +202,18 @@ def run_call(
     group: int,
     dp: DataParallel | None,
     states: list[SequenceState] | None = None,
+    feed: torch.Tensor | None = None,
 ) -> torch.Tensor | None:
     """Run this rank's part of a model call (`group`'s part, over its `pool`; a feed's `states`, else rebuilt from
     the call), and return the logits of every group's rows that need them, in group order (None: no row does).
     A group without rows in the call takes part in the exchanges between the groups with none; with graphs, every
-    group runs a decode step padded to the bucket of the largest group's rows (`DecodeGraphs.run`)."""
+    group runs a decode step padded to the bucket of the largest group's rows (`DecodeGraphs.run`). `feed`: on the
+    leader, the tokens [D] (device) a fed decode step feeds, in the order of the parts' `fed` places."""
     model = runner.model
     part = call[group]
+    fed = None
+    if isinstance(part, DecodeCall) and part.fed is not None:
+        fed = _fed_tokens(call, feed, model.device)[to_device(part.fed, model.device)]
     bucket: int | None = None
     if dp is not None:
         rows = [p.tokens for p in call]
@@ -216,7 +227,7 @@ def run_call(
             idle_pass(model, dp)
     elif isinstance(part, DecodeCall):
         inputs = DecodeInputs(to_device(part.rows, model.device), to_device(part.block_tables, model.device))
-        own = ModelRunner.run_decode(runner, inputs, pool, bucket)
+        own = ModelRunner.run_decode(runner, inputs if fed is None else inputs.feeding(fed), pool, bucket)
     else:
         if states is None:
             states = [_state(pool, *described) for described in part.states]
@@ -231,6 +242,17 @@ def run_call(
         dtype = torch.promote_types(model.dtype, torch.float32)
         own = torch.zeros(0, model.cfg.vocab_size, dtype=dtype, device=model.device)
     return dp.gather(own)
+
+
+def _fed_tokens(call: Call, feed: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """The tokens a fed decode step feeds, in the leader's row order, on every rank: the leader broadcasts its
+    `feed`, drawn by the step before and still on their way to its host, and the followers receive them. One
+    collective on the default group, queued on the device behind the draw like the model's own: no rank's host
+    waits for the tokens (NCCL / HCCL: not run on hardware)."""
+    if feed is None:
+        feed = torch.empty(sum(p.tokens for p in call), dtype=torch.int64, device=device)
+    dist.broadcast(feed, src=0)
+    return feed
 
 
 def _in_order(rows: torch.Tensor, targets: list[int]) -> torch.Tensor:
@@ -279,7 +301,7 @@ class LeaderRunner(ModelRunner):
         except Exception as e:
             _broken(e)
 
-    def decode_logits(self, seqs: list[Request]) -> torch.Tensor:
+    def decode_logits(self, seqs: list[Request], feed: torch.Tensor | None = None) -> torch.Tensor:
         by_group: list[list[int]] = [[] for _ in self.pools]
         for i, s in enumerate(seqs):
             by_group[self._group(s.state)].append(i)
@@ -288,15 +310,18 @@ class LeaderRunner(ModelRunner):
         parts = []
         for pool, rows in zip(self.pools, by_group, strict=True):
             mine = [seqs[i] for i in rows]
+            fed = None if feed is None else torch.tensor(rows, dtype=torch.int64)
             if not mine:
-                empty = DecodeCall(torch.zeros(0, 3, dtype=torch.int64), torch.zeros(0, shared, dtype=torch.int32))
-                parts.append(empty)
+                empty = torch.zeros(0, 3, dtype=torch.int64), torch.zeros(0, shared, dtype=torch.int32)
+                parts.append(DecodeCall(*empty, fed))
                 continue
             pool.flush_block_tables()
             inputs = DecodeInputs.on_host(mine, pool, shared or self.decode_width(mine, pool))
-            parts.append(DecodeCall(inputs.rows, inputs.block_tables))
+            parts.append(DecodeCall(inputs.rows, inputs.block_tables, fed))
         call = tuple(parts)
-        logits = self._call(call, lambda: run_call(self, self.pools[0], call, 0, self.dp))
+        if feed is not None:
+            feed = feed.to(torch.int64).contiguous()  # what the followers' receiving buffers hold
+        logits = self._call(call, lambda: run_call(self, self.pools[0], call, 0, self.dp, feed=feed))
         assert logits is not None
         return _in_order(logits, [i for rows in by_group for i in rows])
 

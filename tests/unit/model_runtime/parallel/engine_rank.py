@@ -16,6 +16,9 @@ work (torch.save'd dict; each item optional):
 * "config": EngineConfig fields that replace CONFIG's (e.g. a small pool);
 * "graphs": decode steps go through `DecodeGraphs` on every rank (padded to buckets; eager at "replay" on a CPU).
 
+With "config": {"overlap_scheduling": True} the leader also saves "fed_steps": how many decode steps were launched
+feeding the tokens of a step still in flight.
+
 Every rank writes out/graphs<rank>.pt, the shapes of the decode graphs it ran. The leader writes out/result.pt:
 the tokens of each, the prefill tokens computed and the prefix cache's hits, and for "concurrent" the
 data-parallel group each sequence ran in.
@@ -31,6 +34,7 @@ import torch
 from dsv4.model_runtime.engine import kv_export
 from dsv4.model_runtime.engine.kv_groups import GroupKV
 from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from dsv4.model_runtime.engine.model_runner import LaunchedDecode
 from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.parallel.engine_group import load_rank_engine
@@ -146,6 +150,7 @@ def main(ctx: RankContext, args: list[str]) -> None:
         return
     engine = part.engine
     result: dict[str, object] = {}
+    fed_steps = _count_fed_steps(engine)
     if "mtp" in work:
         result["mtp"] = with_oracle_drafts(engine, work["mtp"])
     if "rounds" in work:
@@ -167,6 +172,8 @@ def main(ctx: RankContext, args: list[str]) -> None:
         result["hits"] = engine.stats_extra()["prefix_cache_hits"]
     if "concurrent" in work:
         result["concurrent"] = concurrent(engine, *work["concurrent"])
+    if engine.overlap:
+        result["fed_steps"] = len(fed_steps)
     part.stop()
     _save_graph_shapes(engine, ctx.rank, Path(out))
     torch.save(result, Path(out) / "result.pt")
@@ -176,3 +183,17 @@ def _save_graph_shapes(engine: LLMEngine, rank: int, out: Path) -> None:
     """The (batch bucket, table width) of the graphs this rank ran, in out/graphs<rank>.pt."""
     graphs = engine.runner.graphs
     torch.save(graphs.shapes if graphs is not None else [], out / f"graphs{rank}.pt")
+
+
+def _count_fed_steps(engine: LLMEngine) -> list[None]:
+    """One item per decode step the engine launches fed by a step still in flight, from here on."""
+    fed: list[None] = []
+    launch = engine.runner.launch_decode
+
+    def counted(seqs: list[Request], after: LaunchedDecode | None = None) -> LaunchedDecode:
+        if after is not None:
+            fed.append(None)
+        return launch(seqs, after)
+
+    engine.runner.launch_decode = counted  # type: ignore[method-assign]
+    return fed

@@ -127,3 +127,20 @@ def test_graphed_decode_steps_in_a_group_give_one_process_tokens(tmp_path: Path)
     got = run_engine_ranks(ckpt, "2", tmp_path / "work.pt", tmp_path / "out", 2)
     assert got["graph_shapes"] and all(bucket in (1, 2, 4) for bucket, _ in got["graph_shapes"])
     assert got["rounds"] == [[c.token_ids for c in one_process_engine(ckpt).generate_ids(prompts, GREEDY)]]
+
+
+def test_overlapped_decode_steps_in_a_group_give_one_process_tokens(tmp_path: Path) -> None:
+    """Overlapped scheduling in a TP2 group with graphs: decode steps are launched before the previous step's
+    tokens reach the leader's host, every rank feeding them from the leader's broadcast, and the tokens stay one
+    (synchronous) process's, arrivals beside chunked prefills and a prefix hit's copies included."""
+    torch.set_num_threads(1)
+    ckpt = write_checkpoint(tmp_path / "ckpt", "tiny-flash", quantized=True, seed=0)
+    base = [random_tokens(n, 500 + n) for n in (2, 19, 11)]
+    rounds = [base, [base[1] + random_tokens(4, 510)]]
+    work = {"rounds": rounds, "graphs": True, "config": {"overlap_scheduling": True}}
+    torch.save(work, tmp_path / "work.pt")
+    got = run_engine_ranks(ckpt, "2", tmp_path / "work.pt", tmp_path / "out", 2)
+    assert got["fed_steps"] >= 5
+    engine = one_process_engine(ckpt)
+    assert not engine.overlap
+    assert got["rounds"] == [[c.token_ids for c in engine.generate_ids(prompts, GREEDY)] for prompts in rounds]
