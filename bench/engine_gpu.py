@@ -4,12 +4,13 @@
                                [--tokens 32] [--budget 110] [--out FILE]
 
 For each preset (a random checkpoint from our writer, loaded in bf16 with the QAT simulation) and batch size B:
-B prompts of P random tokens, G greedy tokens each (EOS ignored), through `LLMEngine`, in three runs: the `cuda`
-backend with decode steps replayed from CUDA graphs, the `cuda` backend eager, and the `reference` backend. Each
-run first generates 2 tokens for the same batch (captures its graphs, compiles the Triton kernels). One JSON
-line per (preset, run, batch): `tok_s` is B*G over the whole generation (prefill included, as `LLM.generate`),
-`decode_tok_s` B*(G-1) over the decode steps after every request's first token; then one line per (preset,
-batch) with the ratios to the reference run and whether each run's greedy tokens equal the reference's.
+B prompts of P random tokens, G greedy tokens each (EOS ignored), through `LLMEngine`, in four runs: the `cuda`
+backend with decode steps replayed from CUDA graphs, the same with overlapped scheduling off (`cuda+graphs-sync`),
+the `cuda` backend eager, and the `reference` backend. Each run first generates 2 tokens for the same batch
+(captures its graphs, compiles the Triton kernels). One JSON line per (preset, run, batch): `tok_s` is B*G over
+the whole generation (prefill included, as `LLM.generate`), `decode_tok_s` B*(G-1) over the decode steps after
+every request's first token; then one line per (preset, batch) with the ratios to the reference run,
+`overlap_speedup` (cuda+graphs over cuda+graphs-sync) and whether each run's greedy tokens equal the reference's.
 `--runs ...,reference+compile` adds the reference backend with its decode step under `torch.compile` (opt-in).
 Runs past `--budget` seconds are skipped with a line saying so.
 The aims (issue #17, H200): small-flash with graphs >= 1,000 tokens/s at batch 1 and >= 15,000 at batch 64;
@@ -35,16 +36,19 @@ from dsv4.model_runtime.make_checkpoint import write_checkpoint
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.weights import load_model
 
-# run -> (kernel backend, CUDA graphs, torch.compile of the decode step); `reference+compile` is opt-in (--runs):
-# issue #17 allows torch.compile where it beats the hand-written kernels, and this run measures that
-# (inductor's kernels for the reference ops, captured in the same graphs). NOT RUN ON A GPU YET.
+# run -> (kernel backend, CUDA graphs, torch.compile of the decode step, overlapped scheduling);
+# `reference+compile` is opt-in (--runs): issue #17 allows torch.compile where it beats the hand-written kernels,
+# and this run measures that (inductor's kernels for the reference ops, captured in the same graphs).
+# `cuda+graphs-sync` is `cuda+graphs` with each step's tokens landed before the next step is launched: the
+# baseline of overlapped scheduling (on by default on CUDA). NOT RUN ON A GPU YET.
 RUNS = {
-    "cuda+graphs": ("cuda", True, False),
-    "cuda-eager": ("cuda", False, False),
-    "reference": ("reference", False, False),
-    "reference+compile": ("reference", True, True),
+    "cuda+graphs": ("cuda", True, False, True),
+    "cuda+graphs-sync": ("cuda", True, False, False),
+    "cuda-eager": ("cuda", False, False, True),
+    "reference": ("reference", False, False, True),
+    "reference+compile": ("reference", True, True, True),
 }
-DEFAULT_RUNS = ("cuda+graphs", "cuda-eager", "reference")
+DEFAULT_RUNS = ("cuda+graphs", "cuda+graphs-sync", "cuda-eager", "reference")
 
 
 def _sync(model: DeepseekV4) -> None:
@@ -52,7 +56,9 @@ def _sync(model: DeepseekV4) -> None:
         torch.cuda.synchronize()
 
 
-def generate(model: DeepseekV4, prompts: list[list[int]], tokens: int, graphs: bool) -> dict[str, Any]:
+def generate(
+    model: DeepseekV4, prompts: list[list[int]], tokens: int, graphs: bool, overlap: bool = True
+) -> dict[str, Any]:
     """Run the prompts to `tokens` greedy tokens each; whole and decode-only times (seconds), step count and the
     generated tokens."""
     batch = len(prompts)
@@ -61,6 +67,7 @@ def generate(model: DeepseekV4, prompts: list[list[int]], tokens: int, graphs: b
         max_num_batched_tokens=max(batch * len(prompts[0]), 512),
         num_blocks=4 * batch + 8,
         cuda_graphs=graphs,
+        overlap_scheduling=overlap,
     )
     engine = LLMEngine(model, None, config)
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
@@ -121,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             outputs: dict[tuple[str, int], list[list[int]]] = {}
             eager_step = model.decode_paged
             for run in runs:
-                backend, graphs, compiled = RUNS[run]
+                backend, graphs, compiled, overlap = RUNS[run]
                 model.bind_ops(backend)
                 # the decode step only: prefill keeps its per-sequence shapes, which would recompile per length
                 model.decode_paged = torch.compile(eager_step) if compiled else eager_step  # type: ignore[method-assign]
@@ -133,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
                     gen = torch.Generator().manual_seed(batch)
                     prompts = torch.randint(3, 128000, (batch, args.prompt), generator=gen).tolist()
                     try:
-                        generate(model, prompts, 2, graphs)  # warm-up: graphs captured, kernels compiled
-                        t = generate(model, prompts, args.tokens, graphs)
+                        generate(model, prompts, 2, graphs, overlap)  # warm-up: graphs captured, kernels compiled
+                        t = generate(model, prompts, args.tokens, graphs, overlap)
                     except Exception as e:  # one failing run must not hide the others' numbers
                         emit({**common, "error": repr(e)[:500]})
                         continue
@@ -165,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
                     for run in runs
                     if run != "reference" and (run, batch) in outputs and ("reference", batch) in outputs
                 }
+                overlapped, synced = results.get(("cuda+graphs", batch)), results.get(("cuda+graphs-sync", batch))
+                overlap = {"overlap_speedup": round(overlapped / synced, 2)} if overlapped and synced else {}
                 if ratios:
                     emit(
                         {
@@ -172,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
                             "preset": preset,
                             "batch": batch,
                             "decode_speedup": ratios,
+                            **overlap,
                             "same_tokens": same,
                         }
                     )

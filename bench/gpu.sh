@@ -7,8 +7,8 @@
 #      its --decode cases (issue #17's aims: grouped FP8/MXFP4 at batch 1 and 64 over 256 experts, wo_a, mHC at
 #      batch 1, the fused sampler), whose first calls also compile the decode kernel variants;
 #   3. bench/engine_gpu.py: LLMEngine tokens/s, tiny-flash and small-flash in bf16, batch 1/8/32/64, with CUDA
-#      graphs, eager Triton and the reference backend (small-flash first: the aims are its; it skips what does
-#      not fit its own 40 s budget);
+#      graphs (overlapped scheduling on and off), eager Triton and the reference backend (small-flash first: the
+#      aims are its; it skips what does not fit its own 40 s budget);
 #   4. bench/decode_gpu.py: the width-true model's decode step (Flash's layer widths, weights packed FP8/MXFP4,
 #      bf16) at batch 1 and 64: ms per step against the bytes it must read at the measured copy bandwidth;
 #   5. bench/nccl_smoke.py: a one-GPU nccl process group through the rank launcher (all-reduce, all-gather).
