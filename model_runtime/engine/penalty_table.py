@@ -59,29 +59,35 @@ class PenaltyTable:
     def sink(self) -> int:
         return self.capacity
 
-    def rows(self, seqs: Sequence[Request], pending: torch.Tensor | None = None) -> torch.Tensor:
+    def rows(
+        self, seqs: Sequence[Request], pending: torch.Tensor | None = None, ahead: Sequence[bool] | None = None
+    ) -> torch.Tensor:
         """The table row of each of `seqs` ([R] int64 on the device; the sink for rows without penalties), after
-        filling the rows of penalized requests the table does not hold up to date. `pending`: tokens [R] (device)
-        already drawn for `seqs` by a step whose tokens have not reached their lists (overlapped scheduling); a
-        current row has counted them, a refilled one counts them after its lists."""
+        filling the rows of penalized requests the table does not hold up to date. `ahead`: the rows with a token
+        already drawn by a step whose tokens have not reached their lists (overlapped scheduling), `pending`
+        (device, indexed by row) holding it; a current row has counted it, a refilled one counts it after its
+        lists."""
         self._calls += 1
-        extra = 0 if pending is None else 1
+        ahead = ahead or [False] * len(seqs)
         penalized = [i for i, s in enumerate(seqs) if s.params.penalized]
-        stale = [i for i in penalized if not self._current(seqs[i], extra)]
+        stale = [i for i in penalized if not self._current(seqs[i], ahead[i])]
         self._make_room(len(penalized), {seqs[i].request_id for i in penalized})
         free = iter(sorted(set(range(self.capacity)) - {e.row for e in self._entries.values()}))
         for i in stale:
             s = seqs[i]
             old = self._entries.get(s.request_id)
             row = old.row if old is not None else next(free)
-            self._entries[s.request_id] = _Entry(s, row, len(s.output_token_ids) + extra, self._calls)
+            self._entries[s.request_id] = _Entry(s, row, len(s.output_token_ids) + ahead[i], self._calls)
         if stale:
             index = to_device(torch.tensor([self._entries[seqs[i].request_id].row for i in stale]), self.device)
             fresh = Penalties.build([seqs[i] for i in stale], self.vocab, self.device)
             self.seen[index] = fresh.seen
             self.counts[index] = fresh.counts
-            if pending is not None:
-                self._count(index, pending[to_device(torch.tensor(stale), self.device)])
+            late = [k for k, i in enumerate(stale) if ahead[i]]
+            if late:
+                assert pending is not None, "rows ahead of their lists need the tokens on their way"
+                taken = to_device(torch.tensor([stale[k] for k in late]), self.device)
+                self._count(index[to_device(torch.tensor(late), self.device)], pending[taken])
         for i in penalized:
             self._entries[seqs[i].request_id].used = self._calls
         table = [self._entries[s.request_id].row if s.params.penalized else self.sink for s in seqs]
@@ -104,9 +110,9 @@ class PenaltyTable:
         self.counts.index_put_((rows, tokens), live.to(torch.int32), accumulate=True)
         self.seen.index_put_((rows, tokens), live)
 
-    def _current(self, s: Request, pending: int) -> bool:
+    def _current(self, s: Request, ahead: bool) -> bool:
         entry = self._entries.get(s.request_id)
-        return entry is not None and entry.request is s and entry.counted == len(s.output_token_ids) + pending
+        return entry is not None and entry.request is s and entry.counted == len(s.output_token_ids) + ahead
 
     def _make_room(self, needed: int, keep: set[str]) -> None:
         """Room for `needed` rows held by the requests of `keep`: evict the least recently used other requests,

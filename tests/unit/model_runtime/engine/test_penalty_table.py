@@ -77,21 +77,26 @@ def test_a_reused_id_and_outputs_appended_elsewhere_refill_the_row() -> None:
 
 
 def test_rows_read_ahead_of_their_lists_count_the_pending_tokens() -> None:
-    """Overlapped scheduling: each call comes before the previous call's tokens reach the lists (`pending`). The
-    penalties must equal the lists' with those tokens appended, from current rows and from rows refilled after a
-    crowd of other requests evicted them."""
+    """Overlapped scheduling: a call may come before the previous call's tokens reach some rows' lists (`ahead`,
+    their tokens in `pending`) while others' have landed. The penalties must equal the lists' with every token
+    appended, from current rows and from rows refilled after a crowd of other requests evicted them."""
     gen = torch.Generator().manual_seed(2)
     table = PenaltyTable(VOCAB, CPU)
-    live = [_request(f"r{i}", PENALIZED if i % 2 else PLAIN, gen) for i in range(4)]
+    live = [_request(f"r{i}", PENALIZED if i % 2 else PLAIN, gen) for i in range(6)]
     rows = table.rows(live)
     pending = torch.randint(0, VOCAB, (len(live),), generator=gen)
     table.record(rows, pending, live)
     for step in range(12):
         if step == 6:
             _draw(table, [_request(f"c{i}", PENALIZED, gen) for i in range(INITIAL_ROWS)], gen)
-        rows = table.rows(live, pending)
-        for s, t in zip(live, pending.tolist(), strict=True):
-            s.output_token_ids.append(t)
+        ahead = [(i + step) % 3 != 0 for i in range(len(live))]
+        for s, t, a in zip(live, pending.tolist(), ahead, strict=True):
+            if not a:  # landed before the call
+                s.output_token_ids.append(t)
+        rows = table.rows(live, pending, ahead)
+        for s, t, a in zip(live, pending.tolist(), ahead, strict=True):
+            if a:
+                s.output_token_ids.append(t)
         got, want = table.penalties(rows, live), Penalties.build(live, VOCAB, CPU)
         assert torch.equal(got.seen, want.seen) and torch.equal(got.counts, want.counts), step
         drawn = torch.randint(0, VOCAB, (len(live),), generator=gen)
