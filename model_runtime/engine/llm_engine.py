@@ -18,7 +18,7 @@ from dsv4.model_runtime.engine.fingerprint import model_fingerprint
 from dsv4.model_runtime.engine.kv_budget import kv_budget
 from dsv4.model_runtime.engine.kv_groups import GroupKV
 from dsv4.model_runtime.engine.kv_state import KVCacheManager
-from dsv4.model_runtime.engine.model_runner import LaunchedDecode, ModelRunner
+from dsv4.model_runtime.engine.model_runner import LaunchedStep, ModelRunner
 from dsv4.model_runtime.engine.port import PrefixEvent
 from dsv4.model_runtime.engine.prefix_cache import PrefixStats
 from dsv4.model_runtime.engine.prefix_hash import chain_seed
@@ -56,9 +56,9 @@ class EngineConfig:
     # snapshot of the rest of its state; `prefix_cache_slots` snapshots are kept (each the size of a sequence slot).
     prefix_cache: bool = True
     prefix_cache_slots: int = 64
-    # Overlapped scheduling: a steady decode step is launched before the previous step's tokens reach the host, so
-    # the host's scheduling and bookkeeping run while the device computes. None: on where the device runs behind
-    # the host (CUDA); True / False: forced (on a CPU it only delays each step's outputs by one step).
+    # Overlapped scheduling: a step is launched before the previous step's tokens reach the host, so the host's
+    # scheduling and bookkeeping run while the device computes. None: on where the device runs behind the host
+    # (CUDA); True / False: forced (on a CPU it only delays each step's outputs by one step).
     overlap_scheduling: bool | None = None
 
 
@@ -144,7 +144,7 @@ class LLMEngine:
         self.eos_token_id = model.cfg.eos_token_id
         overlap = c.overlap_scheduling
         self.overlap = model.device.type in OVERLAP_DEVICES if overlap is None else overlap
-        self._launched: LaunchedDecode | None = None  # the overlapped decode step whose tokens are not landed
+        self._launched: LaunchedStep | None = None  # the overlapped step whose tokens have not landed
         self._sent: dict[str, int] = {}
         # Finished `export_after_prefill` sequences whose state waits for its export (then `release`).
         self.exported: dict[str, Request] = {}
@@ -349,42 +349,44 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """Schedule, run the model once, sample; returns the outputs of the requests that produced something.
 
-        With overlapped scheduling a step of only plain decode rows is launched and its tokens land in the next
-        call, after that call has launched the step after it (from the same rows, fed on the device with the
-        tokens still on their way) when nothing else needs scheduling; otherwise the call lands them first. A row
-        that finishes on a landed token has already been fed to the next step, whose token for it is dropped."""
+        With overlapped scheduling a step is launched without waiting for its tokens, which land in the next call
+        after that call has launched the step after it: that step's rows holding a token on its way feed it from
+        the device, and its other chunks (prefills, arrivals) run beside them. A step that needs the tokens
+        first (one that would preempt, export a prefill, or run MTP) lands them, then runs synchronously. A row
+        that finishes on a landed token has already been fed to the launched step, whose token for it is
+        dropped."""
         launched, self._launched = self._launched, None
-        if launched is not None:
-            follow = [s for s in launched.seqs if self._follows(s)]
-            if self.scheduler.schedule_ahead(launched.seqs, follow) is not None:
-                self._launched = self.runner.launch_decode(follow, after=launched)
-            outputs = self._land(launched)
+        ahead = None if launched is None else {s for s in launched.seqs if self._follows(s)}
+        chunks = self.scheduler.schedule(ahead)
+        if chunks is None:  # room only by preempting: the tokens land first, the next call schedules
+            assert launched is not None
+            return [self._output(seq) for seq in self._land(launched)]
+        if self.overlap and chunks and all(self._overlaps(c, launched) for c in chunks):
+            self._launched = self.runner.launch(chunks, after=launched)
+            self.scheduler.after_step(chunks)
+            landed = self._land(launched) if launched is not None else []
             self._settle()
-            return outputs
-        chunks = self.scheduler.schedule()
-        if not chunks:
-            return []
-        if self.overlap and all(self._overlaps(c) for c in chunks):
-            self._launched = self.runner.launch_decode([c.seq for c in chunks])
-            return []
-        outputs = []
-        produced = self.runner.run(chunks)
+            return [self._output(seq) for seq in landed]
+        landed = self._land(launched) if launched is not None else []
+        chunks = [c for c in chunks if not c.seq.finished]  # finished by a landed token
+        produced = self.runner.run(chunks) if chunks else []
         self.scheduler.after_step(chunks)  # snapshots before finished sequences free their state
         for seq in produced:
             if seq.finished:
                 self.scheduler.finish(seq, keep_state=seq.export_after_prefill)
                 if seq.export_after_prefill:
                     self.exported[seq.request_id] = seq
-            outputs.append(self._output(seq))
-        return outputs
+        return [self._output(seq) for seq in dict.fromkeys(landed + produced)]
 
-    def _overlaps(self, chunk: ScheduledChunk) -> bool:
-        """Whether the chunk's step may run without waiting for its tokens: a plain decode row whose token is
-        appended, nothing else (no state kept for an export, no snapshot taken at the step's end). Penalized rows
-        qualify: their context is the device's penalty table, which counts the tokens still on their way."""
+    def _overlaps(self, chunk: ScheduledChunk, launched: LaunchedStep | None) -> bool:
+        """Whether the chunk may run in a launched step, which nobody waits for: a row holding a token of the
+        `launched` step, or a chunk without MTP whose drawn token is only appended (no state kept for an export).
+        Penalized rows qualify: their context is the device's penalty table, which counts the tokens on their way;
+        so do prefix-cache snapshot points: the snapshot's copies queue behind the step."""
         s = chunk.seq
-        plain = not s.export_after_prefill and not s.cache_points
-        return plain and self.runner.batched_decode(chunk)
+        if launched is not None and launched.holds(s):
+            return True
+        return not s.export_after_prefill and not s.use_mtp
 
     @staticmethod
     def _follows(seq: Request) -> bool:
@@ -392,17 +394,17 @@ class LLMEngine:
         may finish it after that) and the token on its way will not reach max_tokens."""
         return not seq.finished and seq.num_generated + 1 < seq.params.max_tokens
 
-    def _land(self, launched: LaunchedDecode) -> list[RequestOutput]:
-        """Append a launched step's tokens, once they are on the host, to the sequences still running."""
-        outputs = []
-        for seq, (token, logprob) in zip(launched.seqs, self.runner.land_decode(launched), strict=True):
+    def _land(self, launched: LaunchedStep) -> list[Request]:
+        """Append a launched step's tokens, once they are on the host, to its sequences still running; those."""
+        landed = []
+        for seq, (token, logprob) in zip(launched.seqs, self.runner.land(launched), strict=True):
             if seq.finished:  # finished by a landed token, or cancelled, after this step was launched
                 continue
             seq.append(token, logprob)
             if seq.finished:
                 self.scheduler.finish(seq)
-            outputs.append(self._output(seq))
-        return outputs
+            landed.append(seq)
+        return landed
 
     def _settle(self) -> None:
         """Drop a launched step none of whose sequences still runs (its tokens would all be dropped), so that an

@@ -8,15 +8,15 @@ step, from either path, is sampled in one batched call whose result reaches the 
 MTP verification steps (last token + draft) keep their own per-row path: a second token of a verified draft is
 drawn only if the first did not finish the request.
 
-Overlapped scheduling (`LLMEngine.step`) runs batched decode steps through `launch_decode` / `land_decode`
-instead: a step is launched without waiting for its tokens, and the next one can be launched before they reach
-the host, feeding them from the device.
+Overlapped scheduling (`LLMEngine.step`) runs steps without MTP through `launch` / `land` instead: a step is
+launched without waiting for its tokens, and the next one can be launched before they reach the host, its decode
+rows fed them from the device.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -44,21 +44,30 @@ from dsv4.model_runtime.state import SequenceState
 StreamRef = tuple[int, int]  # (index of a model call of this step, row of its streams)
 
 
-def _request(seq: Request, pending: int = 0) -> SampleRequest:
-    """The sampler's view of `seq`'s next draw, `pending` tokens after those it holds (drawn, not yet landed)."""
+def _request(seq: Request, pending: bool = False) -> SampleRequest:
+    """The sampler's view of `seq`'s next draw, one token after those it holds when one is `pending` (drawn, not
+    landed yet)."""
     index = seq.num_generated + pending
     return SampleRequest(seq.params, seq.seed, index, seq.prompt_token_ids, seq.output_token_ids)
 
 
-@dataclass(frozen=True)
-class LaunchedDecode:
-    """A batched decode step launched without waiting for its tokens (`ModelRunner.launch_decode`): the sequences
-    are advanced, their tokens are not appended yet."""
+@dataclass
+class LaunchedStep:
+    """A step launched without waiting for its tokens (`ModelRunner.launch`): its sequences are advanced, and
+    `seqs`, those that drew a token, do not hold it yet."""
 
     seqs: list[Request]
-    tokens: torch.Tensor  # the drawn ids [D] on the device: what the next step of these rows feeds
+    tokens: torch.Tensor  # the drawn ids [R] on the device: what the next step of these rows feeds
     result: HostCopy  # `sample_batch`'s result on its way to the host
     params: list[SamplingParams]
+    rows: dict[Request, int] = field(init=False)  # each of `seqs`' row in `tokens`
+
+    def __post_init__(self) -> None:
+        self.rows = {s: row for row, s in enumerate(self.seqs)}
+
+    def holds(self, seq: Request) -> bool:
+        """Whether `seq` has a token of this step on its way."""
+        return seq in self.rows
 
 
 def _draw(ops: Ops, seq: Request, logits: torch.Tensor) -> int:
@@ -103,32 +112,11 @@ class ModelRunner:
     @torch.no_grad()
     def run(self, chunks: list[ScheduledChunk]) -> list[Request]:
         """Feed every chunk; returns the sequences that received new tokens this step."""
-        decode: list[Request] = []
-        groups: dict[int, list[Request]] = defaultdict(list)
-        verify: list[Request] = []
-        for chunk in chunks:
-            s = chunk.seq
-            if s.draft is not None and chunk.num_tokens == s.num_uncomputed + 1:
-                verify.append(s)
-                continue
-            s.draft = None  # the step has no room for it
-            if self.batched_decode(chunk):
-                decode.append(s)
-            else:
-                groups[chunk.num_tokens].append(s)
-        ready: list[Request] = []
-        logits: list[torch.Tensor] = []
-        if decode:
-            logits.append(self._decode(decode))
-            ready += decode
+        decode, groups, verify = self._plan(chunks)
         follow: list[tuple[Request, StreamRef, int]] = []
-        for n, seqs in groups.items():
-            fed, fed_logits = self._feed(n, seqs, follow)
-            ready += fed
-            if fed_logits is not None:
-                logits.append(fed_logits)
-        if ready:
-            self._sample(ready, logits[0] if len(logits) == 1 else torch.cat(logits))
+        ready, logits = self._forward(decode, groups, follow)
+        if logits is not None:
+            self._sample(ready, logits)
         for s, ref, start in follow:
             if not s.finished:
                 self._follow(s, ref, start)
@@ -137,6 +125,85 @@ class ModelRunner:
             produced += self._verify(verify)
         self._run_mtp()
         return produced
+
+    @torch.no_grad()
+    def launch(self, chunks: list[ScheduledChunk], after: LaunchedStep | None = None) -> LaunchedStep | None:
+        """Run the step of `chunks` (no MTP) and draw its tokens without waiting for them (their copy to the host
+        is queued); None when no row draws one (prefill chunks short of their prompts' ends). With `after`, the
+        launched step whose tokens some of these sequences still wait for: each such row feeds the token `after`
+        drew for it, gathered on the device, and draws the token after it."""
+        decode, groups, verify = self._plan(chunks, after)
+        assert not verify, "MTP verification steps are not launched"
+        feed = self._fed(decode, after)
+        ready, logits = self._forward(decode, groups, [], feed)
+        if logits is None:
+            return None
+        ahead = [after is not None and after.holds(s) for s in ready]  # all among the decode rows, first
+        out, params = self._draw(ready, logits, feed, ahead)
+        return LaunchedStep(ready, sampled_tokens(out), start_copy_to_host(out), params)
+
+    @staticmethod
+    def land(launched: LaunchedStep) -> list[tuple[int, TokenLogprob | None]]:
+        """Wait for a launched step's tokens: (token, logprob record when asked for) per row of `launched.seqs`.
+        The caller appends them."""
+        return unpack(launched.result.wait(), launched.params)
+
+    def _plan(
+        self, chunks: list[ScheduledChunk], after: LaunchedStep | None = None
+    ) -> tuple[list[Request], dict[int, list[Request]], list[Request]]:
+        """The step's batched decode rows (those `after` feeds among them), its per-sequence feeds by length and
+        its MTP verifications."""
+        decode: list[Request] = []
+        groups: dict[int, list[Request]] = defaultdict(list)
+        verify: list[Request] = []
+        for chunk in chunks:
+            s = chunk.seq
+            if after is not None and after.holds(s):
+                decode.append(s)
+                continue
+            if s.draft is not None and chunk.num_tokens == s.num_uncomputed + 1:
+                verify.append(s)
+                continue
+            s.draft = None  # the step has no room for it
+            if self.batched_decode(chunk):
+                decode.append(s)
+            else:
+                groups[chunk.num_tokens].append(s)
+        return decode, groups, verify
+
+    def _forward(
+        self,
+        decode: list[Request],
+        groups: dict[int, list[Request]],
+        follow: list[tuple[Request, StreamRef, int]],
+        feed: torch.Tensor | None = None,
+    ) -> tuple[list[Request], torch.Tensor | None]:
+        """Run the decode rows (fed `feed` when given) and the per-sequence feeds: the sequences that sample (the
+        decode rows first) and their logits, None when none does."""
+        ready: list[Request] = []
+        logits: list[torch.Tensor] = []
+        if decode:
+            logits.append(self._decode(decode, feed))
+            ready += decode
+        for n, seqs in groups.items():
+            fed, fed_logits = self._feed(n, seqs, follow)
+            ready += fed
+            if fed_logits is not None:
+                logits.append(fed_logits)
+        if not logits:
+            return ready, None
+        return ready, logits[0] if len(logits) == 1 else torch.cat(logits)
+
+    def _fed(self, decode: list[Request], after: LaunchedStep | None) -> torch.Tensor | None:
+        """The ids [D] (device) the decode rows feed when `after` holds the tokens of some: those, gathered from
+        `after.tokens`, and the others' last tokens; None when the host knows every row's."""
+        if after is None or not any(after.holds(s) for s in decode):
+            return None
+        where = to_device(torch.tensor([after.rows.get(s, -1) for s in decode], dtype=torch.int64), after.tokens.device)
+        if all(after.holds(s) for s in decode):
+            return after.tokens[where]
+        known = to_device(torch.tensor([s.token_ids[-1] for s in decode], dtype=torch.int64), after.tokens.device)
+        return torch.where(where >= 0, after.tokens[where.clamp(min=0)], known)
 
     def _decode(self, seqs: list[Request], feed: torch.Tensor | None = None) -> torch.Tensor:
         """The batched decode step of `seqs` (one token each, or `feed`'s): logits [len(seqs), vocab] on the
@@ -151,32 +218,13 @@ class ModelRunner:
     def decode_logits(self, seqs: list[Request], feed: torch.Tensor | None = None) -> torch.Tensor:
         """Run the batched decode step of `seqs` (a rank group's leader overrides it to run it on every rank):
         logits [len(seqs), vocab]; the caller advances the sequences. `feed`: the ids [D] the rows feed, on the
-        device, when the host does not know them yet (overlapped scheduling); else each row's last token."""
+        device, when the host does not know them all yet (overlapped scheduling); else each row's last token."""
         state = seqs[0].state
         assert isinstance(state, PagedSequenceState)
         pool = state.pool
         pool.flush_block_tables()
         inputs = DecodeInputs.build(seqs, pool, self.decode_width(seqs, pool))
         return self.run_decode(inputs if feed is None else inputs.feeding(feed), pool)
-
-    @torch.no_grad()
-    def launch_decode(self, seqs: list[Request], after: LaunchedDecode | None = None) -> LaunchedDecode:
-        """Run the batched decode step of `seqs` and draw their tokens without waiting for them (the host copy is
-        queued). With `after`, the launched step whose tokens these sequences still wait for, each row feeds the
-        token `after` drew for it, gathered on the device, and draws the token after that one."""
-        feed = None
-        if after is not None:
-            where = {s: row for row, s in enumerate(after.seqs)}
-            rows = torch.tensor([where[s] for s in seqs], dtype=torch.long)
-            feed = after.tokens[to_device(rows, after.tokens.device)]
-        out, params = self._draw(seqs, self._decode(seqs, feed), feed)
-        return LaunchedDecode(seqs, sampled_tokens(out), start_copy_to_host(out), params)
-
-    @staticmethod
-    def land_decode(launched: LaunchedDecode) -> list[tuple[int, TokenLogprob | None]]:
-        """Wait for a launched step's tokens: (token, logprob record when asked for) per row. The caller appends
-        them."""
-        return unpack(launched.result.wait(), launched.params)
 
     def decode_width(self, seqs: list[Request], pool: KVPool) -> int:
         """Block-table columns of the decode step of `seqs`: padded to a graph's width when steps replay graphs."""
@@ -198,9 +246,7 @@ class ModelRunner:
     ) -> tuple[list[Request], torch.Tensor | None]:
         """Feed the next n tokens of every sequence through the per-sequence path; returns the sequences that
         caught up and their logits. MTP sequences are queued in `follow` (their streams, first position fed)."""
-        ids = torch.tensor(
-            [s.token_ids[s.num_computed : s.num_computed + n] for s in seqs], dtype=torch.long, device=self.model.device
-        )
+        ids = torch.tensor([s.token_ids[s.num_computed : s.num_computed + n] for s in seqs], dtype=torch.long)
         rows = [row for row, s in enumerate(seqs) if s.num_uncomputed == n]  # the rows that catch up
         _, logits = self.forward_feed(ids, self._states(seqs), rows)
         call = len(self._streams) - 1  # the call just made (its streams are kept with MTP on)
@@ -219,9 +265,10 @@ class ModelRunner:
     def forward_feed(
         self, ids: torch.Tensor, states: list[SequenceState], rows: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Feed ids [B, n] through the per-sequence path (advancing every state by n): the streams [B, n, hc, d]
-        and the last position's logits of `rows` (None when no row needs them)."""
-        streams = self._keep(self.model.hidden_streams(ids, states))
+        """Feed ids [B, n] (on the host: a rank group's leader sends them as they are) through the per-sequence
+        path (advancing every state by n): the streams [B, n, hc, d] and the last position's logits of `rows`
+        (None when no row needs them)."""
+        streams = self._keep(self.model.hidden_streams(to_device(ids, self.model.device), states))
         return streams, self.model.logits(streams[rows, -1]) if rows else None
 
     def forward_verify(self, ids: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
@@ -266,15 +313,21 @@ class ModelRunner:
             s.append(token, logprob)
 
     def _draw(
-        self, seqs: list[Request], logits: torch.Tensor, pending: torch.Tensor | None = None
+        self,
+        seqs: list[Request],
+        logits: torch.Tensor,
+        pending: torch.Tensor | None = None,
+        ahead: list[bool] | None = None,
     ) -> tuple[torch.Tensor, list[SamplingParams]]:
-        """`sample_batch` over the rows of `seqs`, on the device, and the rows' parameters. `pending`: the tokens
-        [R] (device) drawn for them by a launched step that has not landed, each row drawing the token after its
-        own. Penalized rows read their context from the device table, and their drawn tokens go into it here."""
-        requests = [_request(s, pending=0 if pending is None else 1) for s in seqs]
+        """`sample_batch` over the rows of `seqs`, on the device, and the rows' parameters. `ahead`: the rows with
+        a token drawn by a launched step that has not landed, `pending` [>= last such row + 1] (device) holding it;
+        each of these rows draws the token after its own. Penalized rows read their context from the device table,
+        and their drawn tokens go into it here."""
+        ahead = ahead or [False] * len(seqs)
+        requests = [_request(s, a) for s, a in zip(seqs, ahead, strict=True)]
         rows, penalties = None, None
         if any(s.params.penalized for s in seqs):
-            rows = self.penalty_table.rows(seqs, pending)
+            rows = self.penalty_table.rows(seqs, pending, ahead)
             penalties = self.penalty_table.penalties(rows, seqs)
         inputs = SamplingInputs.build(requests, logits.shape[-1], logits.device, penalties)
         out = sample_batch(self.model.ops, logits, inputs)

@@ -10,6 +10,9 @@ its prefill chunks end at its snapshot points, where the step's end makes cache 
 A waiting sequence whose prompt shares a longer prefix with a sequence prefilling now waits for that one to reach it
 (the point is added to the running sequence's) instead of computing it a second time; others are admitted past it.
 Blocks only the cache holds are reclaimed (evicting entries) before anyone is preempted.
+
+With overlapped scheduling a step is scheduled while the previous step's tokens are on their way (`ahead`): the
+sequences waiting for one decode it from the device, and nobody is preempted (the schedule is refused instead).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import bisect
 import itertools
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from dsv4.model_runtime.engine.kv_groups import GroupKV
@@ -94,18 +98,28 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> list[ScheduledChunk]:
-        """The chunks to run this step; each chunk's KV capacity is reserved."""
+    def schedule(self, ahead: Collection[Request] | None = None) -> list[ScheduledChunk] | None:
+        """The chunks to run this step; each chunk's KV capacity is reserved.
+
+        `ahead` (overlapped scheduling, `LLMEngine.step`): the step is scheduled while a launched step's tokens are
+        still on their way; the running sequences of `ahead` decode the token on its way (one each), the other
+        sequences the launched step holds are left out, and nobody may be preempted (a preempted sequence would
+        lose the token on its way): None when a sequence cannot grow, with nothing but the reserved room changed.
+        Without `ahead` the result is never None."""
         budget = self.config.max_num_batched_tokens
         chunks: list[ScheduledChunk] = []
         self._after = {}
+        counted = self.prefill_tokens
         for seq in list(self.running):
             if seq not in self.running:  # preempted by an earlier sequence of this loop
                 continue
-            n = self._chunk_len(seq, budget, first=not chunks)
+            n = min(1, budget) if ahead is not None and seq in ahead else self._chunk_len(seq, budget, not chunks)
             if n == 0:
                 continue
             while not self.kv.can_grow(seq, n):
+                if ahead is not None:  # growing is idempotent: what was reserved is reserved again next time
+                    self.prefill_tokens = counted
+                    return None
                 victim = next(v for v in reversed(self.running) if self.kv.shares_pool(v, seq))
                 self._preempt(victim)
                 if victim is seq:
@@ -134,25 +148,6 @@ class Scheduler:
             self.running.append(seq)
             budget -= self._scheduled(chunks, seq, n)
         return chunks
-
-    def schedule_ahead(self, launched: list[Request], follow: list[Request]) -> list[ScheduledChunk] | None:
-        """The next decode step of `follow`, sequences of the launched step `launched` whose tokens have not reached
-        the host yet, one token each (overlapped scheduling, `LLMEngine.step`); their KV room is reserved. None
-        when the step needs those tokens or other work first: a running sequence outside `launched`, a waiting one
-        that could be admitted, more rows than the token budget, or a pool short of room (`schedule` preempts)."""
-        if not follow or len(follow) > self.config.max_num_batched_tokens:
-            return None
-        members = set(launched)
-        if any(s not in members for s in self.running):
-            return None
-        if self.waiting and len(self.running) < self.config.max_num_seqs:
-            return None
-        for seq in follow:  # growing is idempotent: a sequence grown before a refusal is grown again next step
-            if not self.kv.can_grow(seq, 1):
-                return None
-            self.kv.grow(seq, 1)
-        self._after = {}
-        return [ScheduledChunk(seq, 1) for seq in follow]
 
     def after_step(self, chunks: list[ScheduledChunk]) -> None:
         """After the model ran `chunks`: cache entries of the states that stand at one of their snapshot points."""

@@ -231,7 +231,7 @@ def run_call(
     else:
         if states is None:
             states = [_state(pool, *described) for described in part.states]
-        _, own = ModelRunner.forward_feed(runner, part.ids.to(model.device), states, part.rows)
+        _, own = ModelRunner.forward_feed(runner, part.ids, states, part.rows)
     if dp is None:
         return own
     counts = [p.logit_rows for p in call]
@@ -335,7 +335,7 @@ class LeaderRunner(ModelRunner):
         parts = []
         for members in by_group:
             logit_rows = [k for k, i in enumerate(members) if i in needed]
-            parts.append(FeedCall(ids[members].cpu(), _describe([states[i] for i in members]), logit_rows))
+            parts.append(FeedCall(ids[members], _describe([states[i] for i in members]), logit_rows))
         call = tuple(parts)
         own = [states[i] for i in by_group[0]]
         logits = self._call(call, lambda: run_call(self, self.pools[0], call, 0, self.dp, own))

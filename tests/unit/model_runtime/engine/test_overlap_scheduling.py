@@ -6,16 +6,17 @@ launch that reads nothing on the host, and nothing left in flight or held once r
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
 import torch
 
 from dsv4.model_runtime.engine.llm_engine import LLMEngine
-from dsv4.model_runtime.engine.model_runner import LaunchedDecode
+from dsv4.model_runtime.engine.model_runner import LaunchedStep
 from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
+from dsv4.model_runtime.engine.scheduler import ScheduledChunk
 
 from .op_trace import HostReads, OpTrace
 
@@ -60,17 +61,41 @@ def _run(engine: LLMEngine, params: list[SamplingParams]) -> dict[str, Outcome]:
     return got
 
 
-def _count_launches(engine: LLMEngine) -> list[tuple[bool, bool]]:
-    """Record, per `launch_decode` call: whether it was fed by a step still in flight, whether a row is penalized."""
-    launches: list[tuple[bool, bool]] = []
-    launch = engine.runner.launch_decode
+@dataclass(frozen=True)
+class Launch:
+    """What one `ModelRunner.launch` call held."""
 
-    def counted(seqs: list[Request], after: LaunchedDecode | None = None) -> LaunchedDecode:
-        launches.append((after is not None, any(s.params.penalized for s in seqs)))
-        return launch(seqs, after)
+    fed: bool  # a row fed a token of the step still in flight
+    penalized: bool  # a penalized row
+    prefill: bool  # a chunk of several prompt tokens
 
-    engine.runner.launch_decode = counted  # type: ignore[method-assign]
+
+def _count_launches(engine: LLMEngine) -> list[Launch]:
+    """Record each `launch` call of the engine."""
+    launches: list[Launch] = []
+    launch = engine.runner.launch
+
+    def counted(chunks: list[ScheduledChunk], after: LaunchedStep | None = None) -> LaunchedStep | None:
+        fed = after is not None and any(after.holds(c.seq) for c in chunks)
+        penalized = any(c.seq.params.penalized for c in chunks)
+        launches.append(Launch(fed, penalized, any(c.num_tokens > 1 for c in chunks)))
+        return launch(chunks, after)
+
+    engine.runner.launch = counted  # type: ignore[method-assign]
     return launches
+
+
+def _assert_same_outcome(got: Outcome, want: Outcome, rid: str) -> None:
+    """The same tokens, text and finish reason; the same logprob records up to the last bits of their floats: the
+    overlapped engine's steps hold other rows than the synchronous engine's (a row finishing on a landed token
+    still runs in the launched step), and batched float results differ in the last bits with the batch
+    (docs/engine.md, "Sampling and determinism")."""
+    assert got[:3] == want[:3], rid
+    assert len(got[3]) == len(want[3]), rid
+    for g, w in zip(got[3], want[3], strict=True):
+        assert g.logprob == pytest.approx(w.logprob, rel=1e-5, abs=1e-5), rid
+        assert [t for t, _ in g.top] == [t for t, _ in w.top], rid
+        assert [v for _, v in g.top] == pytest.approx([v for _, v in w.top], rel=1e-5, abs=1e-5), rid
 
 
 def _assert_drained(engine: LLMEngine) -> None:
@@ -104,18 +129,19 @@ def test_overlapped_steps_give_the_synchronous_outputs(make_engine: Callable[...
     assert sync["r0"][2] == "stop" and len(sync["r0"][0]) == first["r0"][0].index(stop_token) + 1
     assert sync["r5"][2] == "stop" and len(sync["r5"][0]) < params[5].max_tokens
     assert len(sync["r3"][0]) == 1
-    for rid, want in sync.items():
-        assert overlapped[rid] == want, rid
     assert overlapped.keys() == sync.keys()
-    # steps launched while the previous one's tokens were in flight, penalized rows among them (arrivals and
-    # prefills in the first steps run synchronously)
-    assert sum(fed and penalized for fed, penalized in launches) >= 3, launches
+    for rid, want in sync.items():
+        _assert_same_outcome(overlapped[rid], want, rid)
+    # steps launched while the previous one's tokens were in flight, penalized rows among them, and arrivals'
+    # prefills beside fed rows
+    assert sum(x.fed and x.penalized for x in launches) >= 3, launches
+    assert sum(x.fed and x.prefill for x in launches) >= 3, launches
     _assert_drained(engine)
 
 
 def test_overlapped_steps_survive_preemption(make_engine: Callable[..., LLMEngine]) -> None:
-    """A pool of 12 blocks of 8 positions cannot hold the batch: sequences are preempted (only by the
-    synchronous path's schedule) and recomputed, with the synchronous tokens."""
+    """A pool of 12 blocks of 8 positions cannot hold the batch: sequences are preempted (only by a schedule
+    without tokens in flight: the launched step's land first) and recomputed, with the synchronous tokens."""
     prompts = _prompts(12)
     params = [SamplingParams(max_tokens=3 + i % 6, temperature=0.0, ignore_eos=True) for i in range(12)]
     want = make_engine().generate_ids(prompts, params)
@@ -126,35 +152,35 @@ def test_overlapped_steps_survive_preemption(make_engine: Callable[..., LLMEngin
         engine.step()
         assert engine.kv.used_blocks <= engine.kv.total_blocks
     assert sum(s.num_preemptions for s in seqs) > 0
-    assert any(fed for fed, _ in launches)
+    assert any(x.fed for x in launches)
     assert [s.output_token_ids for s in seqs] == [w.token_ids for w in want]
     _assert_drained(engine)
 
 
 def test_each_step_is_launched_before_the_previous_one_lands(make_engine: Callable[..., LLMEngine]) -> None:
-    """Four requests of 6 tokens: the prefill runs synchronously (its first token), then decode steps 2..6 are
-    each launched before the tokens of the step before land; the last step has no successor."""
+    """Four requests of 6 tokens: the prefill step and decode steps 2..6 are each launched before the tokens of
+    the step before land; the last step has no successor, and nothing runs synchronously."""
     engine = make_engine(max_num_batched_tokens=128, overlap_scheduling=True)
     events: list[str] = []
     runner = engine.runner
-    run, launch, land = runner.run, runner.launch_decode, runner.land_decode
+    run, launch, land = runner.run, runner.launch, runner.land
 
-    def traced_run(chunks: list) -> list[Request]:
+    def traced_run(chunks: list[ScheduledChunk]) -> list[Request]:
         events.append("run")
         return run(chunks)
 
-    def traced_launch(seqs: list[Request], after: LaunchedDecode | None = None) -> LaunchedDecode:
+    def traced_launch(chunks: list[ScheduledChunk], after: LaunchedStep | None = None) -> LaunchedStep | None:
         events.append("launch")
-        return launch(seqs, after)
+        return launch(chunks, after)
 
-    def traced_land(launched: LaunchedDecode) -> list:
+    def traced_land(launched: LaunchedStep) -> list:
         events.append("land")
         return land(launched)
 
-    runner.run, runner.launch_decode, runner.land_decode = traced_run, traced_launch, traced_land  # type: ignore[method-assign]
+    runner.run, runner.launch, runner.land = traced_run, traced_launch, traced_land  # type: ignore[method-assign]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
     outs = engine.generate_ids(_prompts(4), params)
-    assert events == ["run", "launch"] + ["launch", "land"] * 4 + ["land"]
+    assert events == ["launch"] + ["launch", "land"] * 5 + ["land"]
     want = make_engine().generate_ids(_prompts(4), params)
     assert [o.token_ids for o in outs] == [w.token_ids for w in want]
     _assert_drained(engine)
@@ -177,6 +203,36 @@ def test_a_launch_reads_nothing_on_the_host(make_engine: Callable[..., LLMEngine
         assert [name for name, _ in reads.reads] == ["tolist"]
         assert engine._launched is not None and engine._launched is not in_flight
         assert [o.token_ids[0] for o in outputs] == [s.output_token_ids[-1] for s in seqs]
+
+
+def test_an_arrival_prefilled_beside_fed_rows_reads_nothing_on_the_host(
+    make_engine: Callable[..., LLMEngine],
+) -> None:
+    """A request that arrives while others decode is prefilled in launched steps beside their fed rows (its 33
+    tokens in two chunks: the first ends at the prefix cache's snapshot point, 32, whose copies queue behind the
+    step): those steps, too, dispatch no op that waits for the device and read only the landed tokens."""
+    engine = make_engine(max_num_batched_tokens=256, block_size=16, overlap_scheduling=True)
+    params = SamplingParams(max_tokens=32, temperature=0.8, top_p=0.9, logprobs=2, seed=3, ignore_eos=True)
+    for i, p in enumerate(_prompts(3)):
+        engine.add_request(f"r{i}", p, params)
+    while engine._launched is None:
+        engine.step()
+    launches = _count_launches(engine)
+    arrival = engine.add_request("arrival", _prompts(12)[-1], params)
+    entries = engine.stats_extra()["prefix_cache_entries"]
+    for computed in (32, 33):
+        ops, reads = OpTrace(), HostReads()
+        with reads, ops:
+            engine.step()
+        assert ops.syncs == []
+        assert [name for name, _ in reads.reads] == ["tolist"]
+        assert arrival.num_computed == computed
+    assert launches == [
+        Launch(fed=True, penalized=False, prefill=True),
+        Launch(fed=True, penalized=False, prefill=False),
+    ]
+    assert engine._launched is not None and engine._launched.holds(arrival)
+    assert engine.stats_extra()["prefix_cache_entries"] > entries
 
 
 def test_cancelling_a_request_in_flight(make_engine: Callable[..., LLMEngine]) -> None:

@@ -34,9 +34,10 @@ import torch
 from dsv4.model_runtime.engine import kv_export
 from dsv4.model_runtime.engine.kv_groups import GroupKV
 from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
-from dsv4.model_runtime.engine.model_runner import LaunchedDecode
+from dsv4.model_runtime.engine.model_runner import LaunchedStep
 from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
+from dsv4.model_runtime.engine.scheduler import ScheduledChunk
 from dsv4.model_runtime.parallel.engine_group import load_rank_engine
 from dsv4.model_runtime.parallel.rank import RankContext
 from dsv4.model_runtime.placement import Layout
@@ -186,14 +187,14 @@ def _save_graph_shapes(engine: LLMEngine, rank: int, out: Path) -> None:
 
 
 def _count_fed_steps(engine: LLMEngine) -> list[None]:
-    """One item per decode step the engine launches fed by a step still in flight, from here on."""
+    """One item per step the engine launches with a row fed by a step still in flight, from here on."""
     fed: list[None] = []
-    launch = engine.runner.launch_decode
+    launch = engine.runner.launch
 
-    def counted(seqs: list[Request], after: LaunchedDecode | None = None) -> LaunchedDecode:
-        if after is not None:
+    def counted(chunks: list[ScheduledChunk], after: LaunchedStep | None = None) -> LaunchedStep | None:
+        if after is not None and any(after.holds(c.seq) for c in chunks):
             fed.append(None)
-        return launch(seqs, after)
+        return launch(chunks, after)
 
-    engine.runner.launch_decode = counted  # type: ignore[method-assign]
+    engine.runner.launch = counted  # type: ignore[method-assign]
     return fed
