@@ -270,3 +270,33 @@ def test_cancelling_every_request_in_flight_drops_the_step(make_engine: Callable
     engine.abort("r1")
     _assert_drained(engine)
     assert engine.step() == []
+
+
+def test_an_export_after_prefill_lands_first_and_keeps_its_state(make_engine: Callable[..., LLMEngine]) -> None:
+    """A prefill to export arriving while others decode in launched steps: its step lands the tokens on their way
+    and runs synchronously, so its kept state stands at its prompt's end (no launched step fed it a token), and
+    the others keep the synchronous tokens; MTP steps likewise never launch."""
+    prompts = _prompts(3)
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    want = [o.token_ids for o in make_engine().generate_ids(prompts, params)]
+    engine = make_engine(overlap_scheduling=True)
+    launches = _count_launches(engine)
+    seqs = [engine.add_request(f"r{i}", p, params) for i, p in enumerate(prompts)]
+    while not launches or not launches[-1].fed:
+        engine.step()
+    export = engine.add_request("export", _prompts(12)[-1], params, export_after_prefill=True)
+    while engine.has_unfinished():
+        engine.step()
+    assert [s.output_token_ids for s in seqs] == want
+    kept = engine.exported.pop("export")
+    assert kept is export and len(export.output_token_ids) == 1
+    assert export.state is not None and export.state.position == len(export.prompt_token_ids)
+    engine.release(export)
+    _assert_drained(engine)
+
+    mtp = make_engine(speculative_mtp=True, overlap_scheduling=True)
+    mtp_launches = _count_launches(mtp)
+    got = [o.token_ids for o in mtp.generate_ids(prompts, params)]
+    assert got == [o.token_ids for o in make_engine(speculative_mtp=True).generate_ids(prompts, params)]
+    assert mtp_launches == []
+    _assert_drained(mtp)
