@@ -32,6 +32,7 @@ def role_config(owner: Owner, spec: DeploymentSpec, role: Role) -> GatewayFile |
         deployment=owner.name,
         kv_handoff=spec.kv_handoff,
         parallelism=pool.parallelism,
+        engine=pool.engine,
         prefix_cache=PrefixCacheConfig(enabled=prefix.enabled, tier=prefix.tier),
     )
 

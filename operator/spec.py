@@ -18,6 +18,7 @@ from dsv4.protocol.config import (
     DEFAULT_MAX_QUEUED_TOKENS,
     MAX_QUEUED_TOKENS_LIMIT,
     DisaggregationConfig,
+    EngineStepConfig,
     KvHandoffConfig,
     ParallelismConfig,
     PrefixTierConfig,
@@ -234,6 +235,7 @@ class PoolSpec(Base):
     )
     resources: Resources = Field(default_factory=Resources)
     parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig)
+    engine: EngineStepConfig = Field(default_factory=EngineStepConfig)
     scheduling: Scheduling = Field(default_factory=Scheduling)
 
 

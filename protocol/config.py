@@ -1,9 +1,9 @@
 """The settings a role reads from the file the operator mounts from its ConfigMap (`contract.CONFIG_FILE`).
 
 One model per concern, used on both sides: the operator's CRD schema embeds `KvHandoffConfig`, `DisaggregationConfig`,
-`ParallelismConfig` and `PrefixTierConfig` (so the API server enforces the same limits the roles accept), the
-operator writes a `GatewayFile` or `WorkerFile`, and each role parses its file with the same model. Every key the
-operator writes is a field a role reads; unknown keys are an error on both sides.
+`ParallelismConfig`, `EngineStepConfig` and `PrefixTierConfig` (so the API server enforces the same limits the roles
+accept), the operator writes a `GatewayFile` or `WorkerFile`, and each role parses its file with the same model.
+Every key the operator writes is a field a role reads; unknown keys are an error on both sides.
 """
 
 from __future__ import annotations
@@ -79,6 +79,20 @@ class PrefixCacheConfig(WireModel):
     tier: PrefixTierConfig = Field(default_factory=PrefixTierConfig)
 
 
+class EngineStepConfig(WireModel):
+    """How a worker's engine runs its steps on an accelerator (a CPU runs them plainly whatever these say): the
+    switches users of vLLM (`--enforce-eager`) and SGLang (`--disable-cuda-graph`, `--disable-overlap-schedule`)
+    reach for when a device misbehaves."""
+
+    cuda_graphs: bool = Field(
+        default=True, description="replay decode steps from captured device graphs; false runs them eagerly"
+    )
+    overlap_scheduling: bool = Field(
+        default=True,
+        description="launch each step before the previous step's tokens reach the host (CUDA); false waits for them",
+    )
+
+
 class PrefixRoutingConfig(WireModel):
     """How the gateway picks a worker for a job by the prefixes the workers hold (KV events)."""
 
@@ -107,3 +121,4 @@ class WorkerFile(WireModel):
     kv_handoff: KvHandoffConfig = Field(default_factory=KvHandoffConfig)
     parallelism: ParallelismConfig = Field(default_factory=ParallelismConfig)
     prefix_cache: PrefixCacheConfig = Field(default_factory=PrefixCacheConfig)
+    engine: EngineStepConfig = Field(default_factory=EngineStepConfig)

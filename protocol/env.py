@@ -42,6 +42,7 @@ HEARTBEAT_S = "DSV4_HEARTBEAT_S"
 DRAIN_TIMEOUT_S = "DSV4_DRAIN_TIMEOUT_S"
 PREFIX_CACHE = "DSV4_PREFIX_CACHE"  # nested: __ENABLED, __TIER__BUDGET_BYTES, __TIER__TTL_SECONDS, __TIER__REDIS_URL
 PREFIX_TIER_REDIS_PASSWORD = "DSV4_PREFIX_TIER_REDIS_PASSWORD"  # from spec.prefixCache.tierSecretRef, when set
+ENGINE = "DSV4_ENGINE"  # nested: DSV4_ENGINE__CUDA_GRAPHS, __OVERLAP_SCHEDULING
 
 # ---- the model runtime and kernels
 KERNEL_BACKEND = "DSV4_KERNEL_BACKEND"  # reference | cuda | ascend: overrides the backend the device implies

@@ -118,7 +118,6 @@ def rank_main(ctx: RankContext, args: list[str]) -> int:
     settings = WorkerSettings()
     import torch
 
-    from dsv4.model_runtime.engine.llm_engine import EngineConfig
     from dsv4.model_runtime.parallel.engine_group import load_rank_engine
     from dsv4.model_runtime.placement import Layout
 
@@ -132,7 +131,7 @@ def rank_main(ctx: RankContext, args: list[str]) -> int:
             _serve_follower_http(settings, ctx.rank, ready)
     assert settings.model is not None
     dtype = getattr(torch, settings.compute_dtype())
-    config = EngineConfig(prefix_cache=settings.prefix_cache.enabled)
+    config = settings.engine_config()
     part = load_rank_engine(ctx, settings.model, layout, dtype=dtype, config=config)
     if not ctx.is_leader:
         ready.set()

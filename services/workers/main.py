@@ -51,10 +51,10 @@ def _run(args: argparse.Namespace, role: contract.Role) -> int:
     import torch  # imported only here, so the CLI's help and errors stay fast
 
     from dsv4.model_runtime.engine.async_engine import AsyncEngine
-    from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
+    from dsv4.model_runtime.engine.llm_engine import LLMEngine
 
     dtype = getattr(torch, settings.compute_dtype())
-    config = EngineConfig(prefix_cache=settings.prefix_cache.enabled)
+    config = settings.engine_config()
     # The export's chunks are the handoff's values as they come (one checksummed cut, not two): the size is the
     # handoff's.
     llm = LLMEngine.from_path(settings.model, device=settings.device or "cpu", dtype=dtype, config=config)

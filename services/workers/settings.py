@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import os
 import socket
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, SecretStr
 
 from dsv4.protocol import contract
-from dsv4.protocol.config import KvHandoffConfig, ParallelismConfig, PrefixCacheConfig, WorkerFile
+from dsv4.protocol.config import EngineStepConfig, KvHandoffConfig, ParallelismConfig, PrefixCacheConfig, WorkerFile
 from dsv4.services.settings import RoleSettings
+
+if TYPE_CHECKING:  # the settings load without torch; the engine's module needs it
+    from dsv4.model_runtime.engine.llm_engine import EngineConfig
 
 
 def _default_consumer() -> str:
@@ -34,10 +37,23 @@ class WorkerSettings(RoleSettings):
     parallelism: ParallelismConfig = ParallelismConfig()
     prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
     prefix_tier_redis_password: SecretStr | None = None  # of prefix_cache.tier.redis_url
+    engine: EngineStepConfig = EngineStepConfig()
     max_inflight: int = Field(default=16, ge=1, description="jobs this worker runs at once")
     reclaim_idle_ms: int = Field(default=15_000, ge=100, description="take over jobs untouched for this long")
     heartbeat_s: float = Field(default=2.0, gt=0, description="how often in-flight jobs are touched")
     drain_timeout_s: float = Field(default=60.0, ge=0, description="SIGTERM: how long in-flight jobs may finish")
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's settings: prefix cache, and the step switches (overlapped scheduling on means "where the
+        device runs behind the host", the engine's default)."""
+        from dsv4.model_runtime.engine.llm_engine import EngineConfig
+
+        step = self.engine
+        return EngineConfig(
+            prefix_cache=self.prefix_cache.enabled,
+            cuda_graphs=step.cuda_graphs,
+            overlap_scheduling=None if step.overlap_scheduling else False,
+        )
 
     def compute_dtype(self) -> str:
         """The model's compute dtype: `dtype` when set, else bfloat16 on cuda/npu and float32 on a CPU."""

@@ -223,7 +223,7 @@ def test_every_key_of_a_role_config_file_is_read_by_that_role(
         **PRO,
         "disaggregation": {"mode": "always", "minPromptTokens": 7, "maxPrefillQueue": 9},
         "kvHandoff": {"transport": "direct", "ttlSeconds": 33, "chunkBytes": 1 << 20},
-        "decode": {"parallelism": {"tensor": 4, "data": 2, "expert": True}},
+        "decode": {"parallelism": {"tensor": 4, "data": 2, "expert": True}, "engine": {"overlapScheduling": False}},
         "prefixCache": {
             "enabled": False,
             "tier": {"budgetBytes": 12345, "ttlSeconds": 77, "redisUrl": "redis://tier:6379/1"},
@@ -242,6 +242,7 @@ def test_every_key_of_a_role_config_file_is_read_by_that_role(
             assert getattr(settings, field) == getattr(written, field), (name, field)
     worker = WorkerSettings()  # the decode file is the last one set
     assert worker.parallelism.tensor == 4 and worker.parallelism.expert and worker.kv_handoff.ttl_seconds == 33
+    assert not worker.engine.overlap_scheduling and worker.engine.cuda_graphs
     assert not worker.prefix_cache.enabled and worker.prefix_cache.tier.budget_bytes == 12345
     assert worker.prefix_cache.tier.redis_url == "redis://tier:6379/1"
     monkeypatch.setenv(env.CONFIG_FILE, str(tmp_path / "gateway.yaml"))
@@ -277,6 +278,7 @@ def _templates(admit: Admit, raw: dict[str, Any]) -> dict[str, Any]:
     [
         ({"prefill": {"resources": {"requests": {"cpu": "2"}}}}, {"prefill"}),
         ({"decode": {"parallelism": {"tensor": 2}}}, {"decode"}),
+        ({"prefill": {"engine": {"cudaGraphs": False}}}, {"prefill"}),
         ({"disaggregation": {"minPromptTokens": 64}}, {"gateway"}),
         ({"kvHandoff": {"ttlSeconds": 30}}, {"prefill", "decode"}),
         ({"prefill": {"replicas": 3, "maxReplicas": 4}}, set()),

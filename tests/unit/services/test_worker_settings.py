@@ -1,4 +1,5 @@
-"""The worker's compute dtype: bf16 on accelerators, fp32 on a CPU, unless DSV4_DTYPE or the settings say."""
+"""The worker's compute dtype (bf16 on accelerators, fp32 on a CPU, unless DSV4_DTYPE or the settings say) and
+the engine settings it builds from its own."""
 
 from __future__ import annotations
 
@@ -25,3 +26,18 @@ def test_an_explicit_dtype_wins(monkeypatch: pytest.MonkeyPatch) -> None:
     assert WorkerSettings(device="cuda").compute_dtype() == "float32"
     monkeypatch.delenv(env.DTYPE)
     assert WorkerSettings(device="cpu", dtype="float64").compute_dtype() == "float64"
+
+
+def test_the_engine_config_follows_the_step_switches(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Defaults leave overlapped scheduling to the device (None: on where it runs behind the host) and graphs on;
+    `DSV4_ENGINE__*` (from the pool's `engine` in the CR) turns either off, and the prefix cache follows its own."""
+    for name in (f"{env.ENGINE}__CUDA_GRAPHS", f"{env.ENGINE}__OVERLAP_SCHEDULING", f"{env.PREFIX_CACHE}__ENABLED"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv(env.CONFIG_FILE, raising=False)
+    default = WorkerSettings().engine_config()
+    assert (default.cuda_graphs, default.overlap_scheduling, default.prefix_cache) == (True, None, True)
+    monkeypatch.setenv(f"{env.ENGINE}__OVERLAP_SCHEDULING", "false")
+    monkeypatch.setenv(f"{env.ENGINE}__CUDA_GRAPHS", "false")
+    monkeypatch.setenv(f"{env.PREFIX_CACHE}__ENABLED", "false")
+    off = WorkerSettings().engine_config()
+    assert (off.cuda_graphs, off.overlap_scheduling, off.prefix_cache) == (False, False, False)
