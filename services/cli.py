@@ -53,6 +53,16 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="compute every prompt from its first token: no prefix cache, shared tier or prefix-aware routing",
     )
     p.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="run the engines' decode steps eagerly instead of replaying captured device graphs (an accelerator)",
+    )
+    p.add_argument(
+        "--no-overlap-scheduling",
+        action="store_true",
+        help="wait for each step's tokens before launching the next step (CUDA overlaps them by default)",
+    )
+    p.add_argument(
         "--prefix-cache-budget",
         type=_non_negative,
         metavar="BYTES",

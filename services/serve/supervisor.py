@@ -91,6 +91,10 @@ def role_processes(
     if args.no_prefix_cache:
         workers[f"{env.PREFIX_CACHE}__ENABLED"] = "false"
         gateway_env[f"{env.PREFIX_ROUTING}__ENABLED"] = "false"
+    if args.no_cuda_graphs:
+        workers[f"{env.ENGINE}__CUDA_GRAPHS"] = "false"
+    if args.no_overlap_scheduling:
+        workers[f"{env.ENGINE}__OVERLAP_SCHEDULING"] = "false"
     budget = args.prefix_cache_budget
     if budget is None and in_process_broker:
         budget = 0  # prefixes are multi-MiB values too: no shared tier unless asked for

@@ -1,4 +1,5 @@
-"""`dsv4 serve`'s role processes: how its prefix-cache flags and the number of prefill workers reach the roles."""
+"""`dsv4 serve`'s role processes: how its prefix-cache and engine flags and the number of prefill workers reach the
+roles."""
 
 from __future__ import annotations
 
@@ -26,17 +27,20 @@ def test_defaults_one_prefill_worker_with_the_prefix_cache_on(tmp_path: Path) ->
     assert [len(roles[r]) for r in ("gateway", "prefill", "decode")] == [1, 1, 1]
     assert f"{env.PREFIX_CACHE}__ENABLED" not in roles["prefill"][0]
     assert f"{env.PREFIX_CACHE}__TIER__BUDGET_BYTES" not in roles["prefill"][0]  # the settings' default
+    assert not any(name.startswith(env.ENGINE) for name in roles["decode"][0])  # the engine's defaults
     in_process = _roles(tmp_path, in_process=True)
     assert in_process["prefill"][0][f"{env.PREFIX_CACHE}__TIER__BUDGET_BYTES"] == "0"
 
 
 def test_flags_reach_every_worker_and_the_gateway(tmp_path: Path) -> None:
-    roles = _roles(tmp_path, "--prefill-workers", "2", "--no-prefix-cache", "--prefix-cache-budget", "4096")
+    flags = ["--prefill-workers", "2", "--no-prefix-cache", "--prefix-cache-budget", "4096"]
+    roles = _roles(tmp_path, *flags, "--no-cuda-graphs", "--no-overlap-scheduling")
     assert len(roles["prefill"]) == 2
     assert len({r[env.POD_NAME] for r in roles["prefill"]}) == 2, "every worker has its own consumer name"
     for worker in [*roles["prefill"], *roles["decode"]]:
         assert worker[f"{env.PREFIX_CACHE}__ENABLED"] == "false"
         assert worker[f"{env.PREFIX_CACHE}__TIER__BUDGET_BYTES"] == "4096"
+        assert worker[f"{env.ENGINE}__CUDA_GRAPHS"] == worker[f"{env.ENGINE}__OVERLAP_SCHEDULING"] == "false"
     assert roles["gateway"][0][f"{env.PREFIX_ROUTING}__ENABLED"] == "false"
 
 
