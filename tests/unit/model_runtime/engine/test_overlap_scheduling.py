@@ -1,5 +1,5 @@
-"""Overlapped scheduling (`EngineConfig.overlap_scheduling`): a steady decode step is launched before the previous
-step's tokens reach the host, and fed those tokens on the device. The CPU runs each op as it is dispatched, so
+"""Overlapped scheduling (`EngineConfig.overlap_scheduling`): a step is launched before the previous step's tokens
+reach the host, its rows waiting for them fed on the device. The CPU runs each op as it is dispatched, so
 these tests check what the GPU path rests on: the synchronous engine's outputs, launches ahead of landings, a
 launch that reads nothing on the host, and nothing left in flight or held once requests finish."""
 
