@@ -359,15 +359,14 @@ class LLMEngine:
         ahead = None if launched is None else {s for s in launched.seqs if self._follows(s)}
         chunks = self.scheduler.schedule(ahead)
         if chunks is None:  # room only by preempting: the tokens land first, the next call schedules
-            assert launched is not None
             return [self._output(seq) for seq in self._land(launched)]
         if self.overlap and chunks and all(self._overlaps(c, launched) for c in chunks):
             self._launched = self.runner.launch(chunks, after=launched)
             self.scheduler.after_step(chunks)
-            landed = self._land(launched) if launched is not None else []
+            landed = self._land(launched)
             self._settle()
             return [self._output(seq) for seq in landed]
-        landed = self._land(launched) if launched is not None else []
+        landed = self._land(launched)
         chunks = [c for c in chunks if not c.seq.finished]  # finished by a landed token
         produced = self.runner.run(chunks) if chunks else []
         self.scheduler.after_step(chunks)  # snapshots before finished sequences free their state
@@ -394,9 +393,12 @@ class LLMEngine:
         may finish it after that) and the token on its way will not reach max_tokens."""
         return not seq.finished and seq.num_generated + 1 < seq.params.max_tokens
 
-    def _land(self, launched: LaunchedStep) -> list[Request]:
-        """Append a launched step's tokens, once they are on the host, to its sequences still running; those."""
-        landed = []
+    def _land(self, launched: LaunchedStep | None) -> list[Request]:
+        """Append a launched step's tokens, once they are on the host, to its sequences still running; those (none
+        without a launched step)."""
+        landed: list[Request] = []
+        if launched is None:
+            return landed
         for seq, (token, logprob) in zip(launched.seqs, self.runner.land(launched), strict=True):
             if seq.finished:  # finished by a landed token, or cancelled, after this step was launched
                 continue

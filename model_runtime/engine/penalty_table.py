@@ -83,11 +83,11 @@ class PenaltyTable:
             fresh = Penalties.build([seqs[i] for i in stale], self.vocab, self.device)
             self.seen[index] = fresh.seen
             self.counts[index] = fresh.counts
-            late = [k for k, i in enumerate(stale) if ahead[i]]
+            late = [i for i in stale if ahead[i]]
             if late:
                 assert pending is not None, "rows ahead of their lists need the tokens on their way"
-                taken = to_device(torch.tensor([stale[k] for k in late]), self.device)
-                self._count(index[to_device(torch.tensor(late), self.device)], pending[taken])
+                rows = to_device(torch.tensor([self._entries[seqs[i].request_id].row for i in late]), self.device)
+                self._count(rows, pending[to_device(torch.tensor(late), self.device)])
         for i in penalized:
             self._entries[seqs[i].request_id].used = self._calls
         table = [self._entries[s.request_id].row if s.params.penalized else self.sink for s in seqs]
