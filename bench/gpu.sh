@@ -5,7 +5,8 @@
 #      MXFP4) cases the Triton interpreter cannot run; the Ascend tests are left out (they download a wheel);
 #   2. bench/kernels_gpu.py: each Triton kernel timed against the PyTorch reference and the H200 roofline; then
 #      its --decode cases (issue #17's aims: grouped FP8/MXFP4 at batch 1 and 64 over 256 experts, wo_a, mHC at
-#      batch 1, the fused sampler), whose first calls also compile the decode kernel variants;
+#      batch 1, the fused mHC boundary beside the two kernels it replaces, the fused sampler), whose first calls
+#      also compile the decode kernel variants;
 #   3. bench/engine_gpu.py: LLMEngine tokens/s, tiny-flash and small-flash in bf16, batch 1/8/32/64, with CUDA
 #      graphs (overlapped scheduling on and off), eager Triton and the reference backend (small-flash first: the
 #      aims are its; it skips what does not fit its own 40 s budget);

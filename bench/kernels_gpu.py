@@ -8,7 +8,8 @@ seconds. Each line: op, case, triton_ms and reference_ms (triton.testing.do_benc
 the op must move and its FLOPs, the roofline time max(bytes / bandwidth, flops / peak) at the H200 datasheet
 numbers and at the bandwidth/GEMM rate measured in this run, and the fraction of the roofline reached.
 `--decode` runs issue #17's decode cases instead (`decode_cases`: batch 1 and 64, 256 routed experts, wo_a, the
-sampler, mHC at batch 1; the MXFP4 experts also through the `tl.dot_scaled` candidate, case suffix
+sampler, mHC at batch 1, the fused sub-layer boundary `mhc_post_pre` at batch 1 and 64 beside the two kernels it
+replaces (suffix `-unfused`); the MXFP4 experts also through the `tl.dot_scaled` candidate, case suffix
 `-dot_scaled`). Needs an NVIDIA GPU; the arithmetic helpers import anywhere
 (tests/unit/kernels/test_bench_roofline.py).
 """
@@ -44,8 +45,9 @@ class Case:
     flops: float
     # the reference is not timed where it would dequantize all 256 experts (gigabytes) at every call
     time_reference: bool = True
-    # a candidate timed instead of the registered cuda op (same contract): its import path "module:function"
-    candidate: str | None = None
+    # a candidate timed instead of the registered cuda op (same contract): its import path "module:function", or
+    # the function itself
+    candidate: str | Callable[..., Any] | None = None
 
 
 def roofline_ms(n_bytes: float, flops: float, bandwidth: float, peak_flops: float) -> float:
@@ -213,6 +215,7 @@ def cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
             2 * t * hw.numel(),
         )
     )
+    out += post_pre_cases(t, n, d, randn, "t")
     logits = randn(t, 256, dtype=torch.float32)
     out.append(
         Case(
@@ -338,10 +341,38 @@ def _routed_ends(batch: int, dims: Dims, g: torch.Generator) -> tuple[torch.Tens
     return counts.cumsum(0).to(torch.int32), int((counts > 0).sum())
 
 
+def unfused_mhc_post_pre(*args: Any) -> tuple[torch.Tensor, ...]:
+    """The cuda `mhc_post` then `mhc_pre` (what `mhc_post_pre` fuses), timed beside the fused kernel."""
+    from dsv4.kernels.registry import lookup
+
+    y, streams, post, comb, *pre_args = args
+    new = lookup("mhc_post", "cuda")(y, streams, post, comb)
+    return (new, *lookup("mhc_pre", "cuda")(new, *pre_args))
+
+
+def post_pre_cases(batch: int, n: int, d: int, randn: Callable[..., torch.Tensor], prefix: str) -> list[Case]:
+    """The sub-layer boundary `mhc_post_pre` at `batch` rows, fused and (suffix `-unfused`) as the two kernels it
+    replaces. Bytes: y, the streams and fn read, the new streams and x written."""
+    streams, y = randn(batch, n, d), randn(batch, d)
+    post = randn(batch, n, dtype=torch.float32).sigmoid() * 2
+    comb = randn(batch, n, n, dtype=torch.float32).softmax(-1)
+    fn = randn((2 + n) * n, n * d, dtype=torch.float32, std=0.01)
+    args = (y, streams, post, comb, fn, randn(3, dtype=torch.float32), randn((2 + n) * n, dtype=torch.float32))
+    args += (20, 1e-6, 1e-6)
+    name = f"{prefix}b{batch}n{n}d{d}"
+    n_bytes = _nbytes(y, fn) + 2 * _nbytes(streams) + batch * d * 2
+    flops = 2 * n * streams.numel() + 2 * batch * fn.numel()
+    return [
+        Case("mhc_post_pre", name, args, n_bytes, flops),
+        Case("mhc_post_pre", f"{name}-unfused", args, n_bytes, flops, candidate=unfused_mhc_post_pre),
+    ]
+
+
 def decode_cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
     """Issue #17's decode aims at batch 1 and dims.t (64) at Flash shapes: the grouped FP8 / MXFP4 matmuls (routed
     experts' fused gate/up [2 x 2048, 4096] over 256 experts, 6 per token; `wo_a`'s 8 FP8 groups [1024, 4096]),
-    mHC pre and the hyper head at batch 1, an HCA layer's decode pooling, and the sampler (temperature + top-k
+    mHC pre and the hyper head at batch 1, the fused sub-layer boundary `mhc_post_pre` (and the two kernels it
+    replaces) at both batches, an HCA layer's decode pooling, and the sampler (temperature + top-k
     draws with the caller's noise and with the seeded noise the engine uses, a seeded draw without top-k, a seeded
     top-p + min-p draw, the top-k filter). The bytes count only what an ideal kernel must move: the weights of the
     experts that got rows, the noise of the tokens a top-k draw keeps (none when the kernel hashes it), the state
@@ -480,6 +511,8 @@ def decode_cases(device: torch.device, dims: Dims = Dims()) -> list[Case]:
             2 * hw.numel(),
         )
     )
+    for batch in (1, dims.t):
+        out += post_pre_cases(batch, n, d, randn, "decode-")
     return out
 
 
@@ -542,10 +575,10 @@ def measure_device(bench: Callable[[Callable[[], Any]], float], device: torch.de
     return 2 * src.numel() / (copy_ms * 1e-3), 2 * 8192**3 / (gemm_ms * 1e-3)
 
 
-def _candidate(path: str | None) -> Callable[..., Any] | None:
-    """The function "module:name" a case times instead of the registered op (None: the registered op)."""
-    if path is None:
-        return None
+def _candidate(path: str | Callable[..., Any] | None) -> Callable[..., Any] | None:
+    """The function ("module:name", or itself) a case times instead of the registered op (None: the registered op)."""
+    if path is None or callable(path):
+        return path
     module, name = path.split(":")
     return getattr(importlib.import_module(module), name)
 

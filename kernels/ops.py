@@ -89,6 +89,28 @@ class Ops:
         """
         return self._fns["mhc_post"](y, streams, post, comb)
 
+    def mhc_post_pre(
+        self,
+        y: torch.Tensor,
+        streams: torch.Tensor,
+        post: torch.Tensor,
+        comb: torch.Tensor,
+        fn: torch.Tensor,
+        scale: torch.Tensor,
+        base: torch.Tensor,
+        sinkhorn_iters: int,
+        hc_eps: float,
+        norm_eps: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Fused boundary between two sub-layers: `new = mhc_post(y, streams, post, comb)` then the next
+        sub-layer's `mhc_pre(new, fn, scale, base, sinkhorn_iters, hc_eps, norm_eps)`.
+
+        Arguments as those two ops. The pre-mapping reads `new` as stored (rounded to streams.dtype). Returns
+        (new [N, n, d] streams.dtype, x [N, d], post' [N, n] fp32, comb' [N, n, n] fp32); a backend may sum the
+        mixing GEMV in another order than its `mhc_pre` (fp32 rounding).
+        """
+        return self._fns["mhc_post_pre"](y, streams, post, comb, fn, scale, base, sinkhorn_iters, hc_eps, norm_eps)
+
     def hc_head(
         self,
         streams: torch.Tensor,

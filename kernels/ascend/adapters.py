@@ -128,6 +128,24 @@ def mhc_post(y: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: t
     return npu().npu_mhc_post(streams, comb.float(), y, post.float())
 
 
+@register("mhc_post_pre", "ascend")
+def mhc_post_pre(
+    y: torch.Tensor,
+    streams: torch.Tensor,
+    post: torch.Tensor,
+    comb: torch.Tensor,
+    fn: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    sinkhorn_iters: int,
+    hc_eps: float,
+    norm_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    # torch_npu 2.14 has no op spanning the two: npu_mhc_post, then npu_mhc_pre (+ Sinkhorn) on its output
+    new = mhc_post(y, streams, post, comb)
+    return (new, *mhc_pre(new, fn, scale, base, sinkhorn_iters, hc_eps, norm_eps))
+
+
 @register("grouped_matmul", "ascend")
 def grouped_matmul(x: torch.Tensor, weight: torch.Tensor, group_ends: torch.Tensor) -> torch.Tensor:
     if x.shape[0] == 0:

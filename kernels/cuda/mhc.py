@@ -10,6 +10,11 @@ a program per (block of rows, block of hidden columns), adds the partials up (SC
 and the gates, runs Sinkhorn, and collapses its columns of the streams. The n x n residual logits are handled
 flattened ([rows, NP*NP]) and reshaped for Sinkhorn, which normalizes rows (axis 2) and columns (axis 1) of all the
 block's matrices at once. n is padded to NP (a power of two, at least 4 so that NP*NP fills a tile) and masked.
+
+`mhc_post_pre`, the boundary between two sub-layers, replaces the post kernel and the next pre's mixing GEMV by one
+kernel: a program per (block of rows, block of hidden columns) writes the new streams of its columns and, from the
+values it just rounded and stored, the next mixing GEMV's partial sums over those columns of all n streams; the
+finishing kernel is the pre-mapping's. Per boundary that saves one launch and one read of the streams.
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ BLOCK_D = 128  # hidden columns per step of the stream collapse / expansion
 MIX_TILE = 16 * 32 * 32
 MIX_PROGRAMS = 256  # split the columns until (row blocks x splits) reaches this: ~2 programs per SM of an H200
 MAX_SPLIT_COLS = 512
+# The fused post + mixing kernel's product tile: half the mixing GEMV's (at 16 x 32 x 32 ptxas gave it 255
+# registers a thread at 8 warps, with the stream tile and the n unrolled outputs beside it)
+POST_MIX_TILE = MIX_TILE // 2
+MIN_POST_COLS = 16  # hidden columns per step of the fused post + mixing kernel, at least (32-byte bf16 loads)
 SUM_TILE = 4096  # elements of one [rows, splits, columns] load when the finishing kernels add the partials up
 
 
@@ -42,6 +51,19 @@ def mix_plan(rows: int, width: int, outputs: int) -> tuple[int, int, int]:
     row_blocks = triton.cdiv(rows, bn)
     split = triton.next_power_of_2(triton.cdiv(width, triton.cdiv(MIX_PROGRAMS, row_blocks)))
     return bn, bk, max(bk, min(split, MAX_SPLIT_COLS))
+
+
+def post_mix_plan(rows: int, dim: int, n: int, outputs: int) -> tuple[int, int, int]:
+    """(rows per program, hidden columns per step, hidden columns per split) of the fused post + mixing kernel,
+    whose program covers its hidden columns in all n streams. Sized like `mix_plan`: at batch 1 (d 4,096) 256
+    programs of 16 columns, at batch 64 four row blocks x 64 splits of 64 columns (four steps of 16)."""
+    bn = block(rows, maximum=BLOCK_N)
+    row_blocks = triton.cdiv(rows, bn)
+    split = triton.next_power_of_2(triton.cdiv(dim, triton.cdiv(MIX_PROGRAMS, row_blocks)))
+    widest = triton.next_power_of_2(MAX_SPLIT_COLS // n + 1) // 2  # a power of two: splits tile the columns
+    split = max(MIN_POST_COLS, min(split, widest))
+    bk = max(MIN_POST_COLS, min(POST_MIX_TILE // (bn * block(outputs, minimum=4)), 128, split))
+    return bn, bk, split
 
 
 def _sum_chunk(bn: int, splits: int, bo: int) -> int:
@@ -252,35 +274,62 @@ def mhc_pre(
     norm_eps: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     check_device("mhc_pre", streams, fn, scale, base)
+    if not streams.shape[0]:
+        return _pre_outputs(streams)
+    part, sq, splits, bo, bn, sc = _mix_partials(streams, fn)
+    s = streams.contiguous()
+    return _finish_pre(part, sq, splits, bo, bn, sc, s, scale, base, sinkhorn_iters, hc_eps, norm_eps)
+
+
+def _pre_outputs(streams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Empty (x, post, comb) of the pre-mapping of streams [rows, n, d]."""
     rows, n, d = streams.shape
     x = torch.empty(rows, d, dtype=streams.dtype, device=streams.device)
     post = torch.empty(rows, n, dtype=torch.float32, device=streams.device)
     comb = torch.empty(rows, n, n, dtype=torch.float32, device=streams.device)
-    if rows:
-        part, sq, splits, bo, bn, sc = _mix_partials(streams, fn)
-        _mhc_pre_finish_kernel[(triton.cdiv(rows, bn), triton.cdiv(d, BLOCK_D))](
-            part,
-            sq,
-            streams.contiguous(),
-            scale.float().contiguous(),
-            base.float().contiguous(),
-            x,
-            post,
-            comb,
-            rows,
-            splits,
-            sinkhorn_iters,
-            hc_eps,
-            norm_eps,
-            N_HC=n,
-            DIM=d,
-            NP=_np(n),
-            BO=bo,
-            BN=bn,
-            SC=sc,
-            BD=BLOCK_D,
-            num_warps=NUM_WARPS,
-        )
+    return x, post, comb
+
+
+def _finish_pre(
+    part: torch.Tensor,
+    sq: torch.Tensor,
+    splits: int,
+    bo: int,
+    bn: int,
+    sc: int,
+    streams: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    sinkhorn_iters: int,
+    hc_eps: float,
+    norm_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, post, comb) of the pre-mapping of contiguous streams [rows > 0, n, d] from its mixing partials."""
+    rows, n, d = streams.shape
+    x, post, comb = _pre_outputs(streams)
+    _mhc_pre_finish_kernel[(triton.cdiv(rows, bn), triton.cdiv(d, BLOCK_D))](
+        part,
+        sq,
+        streams,
+        scale.float().contiguous(),
+        base.float().contiguous(),
+        x,
+        post,
+        comb,
+        rows,
+        splits,
+        sinkhorn_iters,
+        hc_eps,
+        norm_eps,
+        N_HC=n,
+        DIM=d,
+        NP=_np(n),
+        BO=bo,
+        BN=bn,
+        SC=sc,
+        BD=BLOCK_D,
+        num_warps=NUM_WARPS,
+    )
     return x, post, comb
 
 
@@ -405,3 +454,115 @@ def mhc_post(y: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: t
             num_warps=NUM_WARPS,
         )
     return out
+
+
+@triton.jit
+def _mhc_post_mix_kernel(
+    y_ptr,
+    streams_ptr,
+    post_ptr,
+    comb_ptr,
+    fn_ptr,
+    out_ptr,
+    part_ptr,
+    sq_ptr,
+    rows,
+    N_HC: tl.constexpr,
+    DIM: tl.constexpr,
+    NP: tl.constexpr,
+    OUT: tl.constexpr,
+    BO: tl.constexpr,
+    BN: tl.constexpr,
+    BK: tl.constexpr,
+    SPLIT: tl.constexpr,
+):
+    """The new streams over the hidden columns C = [split * SPLIT, (split + 1) * SPLIT) (as `_mhc_post_kernel`),
+    and the next mixing GEMV's partials over the columns k * DIM + C of every stream k, from the new values as
+    stored: part[split, r, o] = sum fn[o, k * DIM + c] * out[r, k, c], sq[split, r] = sum out[r, k, c]^2."""
+    r = tl.program_id(0).to(tl.int64) * BN + tl.arange(0, BN)
+    split = tl.program_id(1)
+    r_ok = r < rows
+    j = tl.arange(0, NP)
+    j_ok = j < N_HC
+    o = tl.arange(0, BO)
+    o_ok = o < OUT
+    acc = tl.zeros([BN, BO], dtype=tl.float32)
+    sq = tl.zeros([BN], dtype=tl.float32)
+    for c0 in range(0, SPLIT, BK):
+        c = split * SPLIT + c0 + tl.arange(0, BK)
+        c_ok = c < DIM
+        ok = r_ok[:, None] & c_ok[None, :]
+        y = tl.load(y_ptr + r[:, None] * DIM + c[None, :], mask=ok, other=0.0).to(tl.float32)
+        xs = tl.load(
+            streams_ptr + r[:, None, None] * N_HC * DIM + j[None, :, None] * DIM + c[None, None, :],
+            mask=r_ok[:, None, None] & j_ok[None, :, None] & c_ok[None, None, :],
+            other=0.0,
+        ).to(tl.float32)  # [rows, j, c]
+        for k in tl.static_range(N_HC):
+            comb_k = tl.load(
+                comb_ptr + r[:, None] * N_HC * N_HC + j[None, :] * N_HC + k,
+                mask=r_ok[:, None] & j_ok[None, :],
+                other=0.0,
+            )  # comb[:, j, k]
+            post_k = tl.load(post_ptr + r * N_HC + k, mask=r_ok, other=0.0)
+            v = (post_k[:, None] * y + tl.sum(comb_k[:, :, None] * xs, axis=1)).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + r[:, None] * N_HC * DIM + k * DIM + c[None, :], v, mask=ok)
+            v32 = v.to(tl.float32)  # zero outside `ok`: y and xs load as 0 there
+            sq += tl.sum(v32 * v32, axis=1)
+            f = tl.load(
+                fn_ptr + o[:, None] * (N_HC * DIM) + k * DIM + c[None, :],
+                mask=o_ok[:, None] & c_ok[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            acc += tl.sum(v32[:, None, :] * f[None, :, :], axis=2)
+    base = split.to(tl.int64) * rows
+    tl.store(part_ptr + (base + r[:, None]) * BO + o[None, :], acc, mask=r_ok[:, None])
+    tl.store(sq_ptr + base + r, sq, mask=r_ok)
+
+
+@register("mhc_post_pre", "cuda")
+def mhc_post_pre(
+    y: torch.Tensor,
+    streams: torch.Tensor,
+    post: torch.Tensor,
+    comb: torch.Tensor,
+    fn: torch.Tensor,
+    scale: torch.Tensor,
+    base: torch.Tensor,
+    sinkhorn_iters: int,
+    hc_eps: float,
+    norm_eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    check_device("mhc_post_pre", y, streams, post, comb, fn, scale, base)
+    rows, n, d = streams.shape
+    s = streams.contiguous()
+    new = torch.empty_like(s)
+    if not rows:
+        return (new, *_pre_outputs(new))
+    outputs = fn.shape[0]
+    bn, bk, split = post_mix_plan(rows, d, n, outputs)
+    splits, bo = triton.cdiv(d, split), block(outputs, minimum=4)
+    part = torch.empty(splits, rows, bo, dtype=torch.float32, device=s.device)
+    sq = torch.empty(splits, rows, dtype=torch.float32, device=s.device)
+    _mhc_post_mix_kernel[(triton.cdiv(rows, bn), splits)](
+        y.contiguous(),
+        s,
+        post.float().contiguous(),
+        comb.float().contiguous(),
+        fn.contiguous(),
+        new,
+        part,
+        sq,
+        rows,
+        N_HC=n,
+        DIM=d,
+        NP=_np(n),
+        OUT=outputs,
+        BO=bo,
+        BN=bn,
+        BK=bk,
+        SPLIT=split,
+        num_warps=NUM_WARPS,
+    )
+    sc = _sum_chunk(bn, splits, bo)
+    return (new, *_finish_pre(part, sq, splits, bo, bn, sc, new, scale, base, sinkhorn_iters, hc_eps, norm_eps))

@@ -31,6 +31,14 @@ class HyperConnection(OpsModule):
         """y [N, d] sub-layer output -> new streams [N, n, d]."""
         return self.ops.mhc_post(y, streams, post, comb)
 
+    def post_pre(
+        self, y: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: torch.Tensor, nxt: HyperConnection
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """`post` of this sub-layer, then `nxt.pre` of the new streams, in one op: (new streams, x, post', comb')."""
+        return self.ops.mhc_post_pre(
+            y, streams, post, comb, nxt.fn, nxt.scale, nxt.base, nxt.iters, nxt.hc_eps, nxt.norm_eps
+        )
+
 
 class HyperHead(OpsModule):
     def __init__(self, cfg: ModelConfig) -> None:

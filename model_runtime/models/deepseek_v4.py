@@ -10,6 +10,9 @@ captured in a CUDA graph.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import cast
+
 import torch
 from torch import nn
 
@@ -21,7 +24,7 @@ from dsv4.model_runtime.layers.mhc import HyperHead
 from dsv4.model_runtime.layers.norm import RMSNorm
 from dsv4.model_runtime.layers.ops_module import OpsModule, bind_ops
 from dsv4.model_runtime.layers.rope import RopeTable
-from dsv4.model_runtime.models.block import Block
+from dsv4.model_runtime.models.block import Block, run_blocks
 from dsv4.model_runtime.models.mtp_block import MTPBlock
 from dsv4.model_runtime.state import PagedDecode, SequenceState, new_sequence_state
 
@@ -46,6 +49,11 @@ class DeepseekV4(OpsModule):
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device
+
+    @property
+    def blocks(self) -> Sequence[Block]:
+        """The decoder blocks in order (`layers`, typed: an nn.ModuleList yields Modules)."""
+        return cast("Sequence[Block]", self.layers)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -85,8 +93,7 @@ class DeepseekV4(OpsModule):
         ids = token_ids.view(-1, 1)
         ctx = self._context(step.positions, None, step.positions.view(-1, 1))
         streams = self.embed(ids).unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1).contiguous()
-        for i, block in enumerate(self.layers):
-            streams = block(streams, ids, ctx, step.layer(i))
+        streams = run_blocks(self.blocks, streams, ids, ctx, step.layer)
         return self.logits(streams[:, -1])
 
     def hidden_streams(self, input_ids: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
@@ -98,8 +105,7 @@ class DeepseekV4(OpsModule):
         ctx = self.context([st.position for st in states], input_ids.shape[1])
         h = self.embed(input_ids).to(self.dtype)
         streams = h.unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1).contiguous()
-        for i, block in enumerate(self.layers):
-            streams = block(streams, input_ids, ctx, [st.layers[i] for st in states])
+        streams = run_blocks(self.blocks, streams, input_ids, ctx, lambda i: [st.layers[i] for st in states])
         for st in states:
             st.position += input_ids.shape[1]
         return streams

@@ -292,6 +292,27 @@ def _specs() -> list[tuple[str, Any, dict[str, str], dict[str, Any], int]]:
                     mhc.NUM_WARPS,
                 ),
             ]
+    for batch in (1, 64):  # mhc.post_mix_plan's decode layouts (its finishing kernel is mhc_pre's, above)
+        bn, bk, split = mhc.post_mix_plan(batch, 4096, 4, 24)
+        specs.append(
+            (
+                f"mhc_post_mix[n4,d4096,b{batch}]",
+                mhc._mhc_post_mix_kernel,
+                dict(
+                    y_ptr=bf,
+                    streams_ptr=bf,
+                    post_ptr=f32,
+                    comb_ptr=f32,
+                    fn_ptr=f32,
+                    out_ptr=bf,
+                    part_ptr=f32,
+                    sq_ptr=f32,
+                    rows=i32,
+                ),
+                dict(N_HC=4, DIM=4096, NP=4, OUT=24, BO=32, BN=bn, BK=bk, SPLIT=split),
+                mhc.NUM_WARPS,
+            )
+        )
     # the sampler at Flash's vocabulary (129,280 tokens: 64 chunks, 4,096 block maxima a row)
     f64, chunks = "*fp64", -(-129280 // sampling.CHUNK)
     scan = dict(

@@ -88,6 +88,7 @@ def test_decode_cases_run_on_the_reference(bench):
         "filter_logits",
         "mhc_pre",
         "hc_head",
+        "mhc_post_pre",
         "compress_pool_slots",
     }
     assert {c.name.split("-")[1][:2] for c in cases} == {"b1", "b3"}  # batch 1 and dims.t
@@ -107,6 +108,18 @@ def test_decode_cases_run_on_the_reference(bench):
     from dsv4.kernels.cuda.grouped_scaled import grouped_matmul_mxfp4_scaled
 
     assert {bench._candidate(c.candidate) for c in scaled} == {grouped_matmul_mxfp4_scaled}
+    # the fused mHC boundary beside the two kernels it replaces, on the same inputs, at both batches
+    fused = {c.name: c for c in cases if c.op == "mhc_post_pre"}
+    assert sorted(fused) == ["decode-b1n4d64", "decode-b1n4d64-unfused", "decode-b3n4d64", "decode-b3n4d64-unfused"]
+    for name in ("decode-b1n4d64", "decode-b3n4d64"):
+        unfused = bench._candidate(fused[f"{name}-unfused"].candidate)
+        assert fused[name].candidate is None and fused[f"{name}-unfused"].args is fused[name].args
+        assert unfused is bench.unfused_mhc_post_pre
+        # the Triton kernels, interpreted: in fp32 (the interpreter's bf16 is wrong, see test_interpreter_canary)
+        args = tuple(a.float() if isinstance(a, torch.Tensor) else a for a in fused[name].args)
+        want = lookup("mhc_post_pre", "reference")(*args)
+        for got, w in zip(unfused(*args), want, strict=True):
+            torch.testing.assert_close(got, w, atol=2e-5, rtol=1e-4)
 
 
 def test_record_without_a_reference_time(bench):

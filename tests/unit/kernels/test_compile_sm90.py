@@ -55,6 +55,7 @@ def test_every_kernel_compiles_for_sm90():
         "sample_keep",
         "sample_argmax",
         "mix_partial",
+        "mhc_post_mix",
         "paged_attention",
         "paged_scores",
         "merge_topk",

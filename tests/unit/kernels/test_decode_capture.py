@@ -23,6 +23,7 @@ CUDA_KERNELS = {
     "_hc_head_finish_kernel",
     "_linear_kernel",
     "_mhc_post_kernel",
+    "_mhc_post_mix_kernel",
     "_mhc_pre_finish_kernel",
     "_mix_partial_kernel",
     "_norm_rope_kernel",

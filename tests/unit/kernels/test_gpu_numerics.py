@@ -133,6 +133,19 @@ def test_mhc_pre_post_bf16():
     torch.testing.assert_close(post_cuda(y, streams, want[1], want[2]), post_ref(y, streams, want[1], want[2]), **BF16)
 
 
+@pytest.mark.parametrize("rows", [1, 64])
+def test_mhc_post_pre_bf16(rows):
+    ref, cuda = _pair("mhc_post_pre")
+    streams, y = torch.randn(rows, 4, 4096, device="cuda").bfloat16(), torch.randn(rows, 4096, device="cuda").bfloat16()
+    post, comb = torch.rand(rows, 4, device="cuda") * 2, torch.rand(rows, 4, 4, device="cuda")
+    fn = torch.randn(24, 4 * 4096, device="cuda") * 0.01
+    scale, base = torch.randn(3, device="cuda"), torch.randn(24, device="cuda")
+    got = cuda(y, streams, post, comb, fn, scale, base, 20, 1e-6, 1e-6)
+    want = ref(y, streams, post, comb, fn, scale, base, 20, 1e-6, 1e-6)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **BF16)
+
+
 def _paged(codec, values: torch.Tensor, rows_per_block: int):
     """values [B, E, W] as a store in the codec's format, each row's blocks in shuffled order; + block tables."""
     from dsv4.kernels.paged import PagedRows
