@@ -1,5 +1,5 @@
-"""The CPU-runnable paths of bench/decode_gpu.py, bench/sharded_load.py and bench/rank_groups.py on tiny-flash (the
-GPU run is gpu.sh's)."""
+"""The CPU-runnable paths of bench/decode_gpu.py, bench/engine_gpu.py, bench/sharded_load.py and bench/rank_groups.py
+on tiny-flash (the GPU run is gpu.sh's, on a machine lent for minutes: a script broken by a change must fail here)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from dsv4.protocol import env as dsv4_env
 
@@ -57,3 +58,15 @@ def test_rank_groups_bench_lines(tmp_path: Path) -> None:
     ]
     assert lines[0]["ratio"] == 1.0
     assert all(line["tokens_per_s"] > 0 and line["ratio"] > 0 for line in lines)
+
+
+def test_engine_bench_on_cpu(tmp_path: Path) -> None:
+    """On CPU only the reference run is timed (every other run names a GPU backend); its engine is overlapped, as on
+    CUDA (EngineConfig(overlap_scheduling=True) forces it on)."""
+    out = tmp_path / "engine.jsonl"
+    args = ("--device", "cpu", "--presets", "tiny-flash", "--batches", "1,3", "--tokens", "3", "--prompt", "4")
+    lines = _lines(str(BENCH / "engine_gpu.py"), *args, "--out", str(out))
+    assert lines[0] == {"bench": "engine_gpu", "device": "cpu", "torch": torch.__version__}
+    assert [(line["run"], line["batch"]) for line in lines[1:]] == [("reference", 1), ("reference", 3)]
+    assert all(line["decode_tok_s"] > 0 and line["ms_per_decode_step"] > 0 for line in lines[1:])
+    assert len(out.read_text().splitlines()) == 3
