@@ -343,11 +343,10 @@ def _routed_ends(batch: int, dims: Dims, g: torch.Generator) -> tuple[torch.Tens
 
 def unfused_mhc_post_pre(*args: Any) -> tuple[torch.Tensor, ...]:
     """The cuda `mhc_post` then `mhc_pre` (what `mhc_post_pre` fuses), timed beside the fused kernel."""
+    from dsv4.kernels.reference.fused import post_then_pre
     from dsv4.kernels.registry import lookup
 
-    y, streams, post, comb, *pre_args = args
-    new = lookup("mhc_post", "cuda")(y, streams, post, comb)
-    return (new, *lookup("mhc_pre", "cuda")(new, *pre_args))
+    return post_then_pre(lookup("mhc_post", "cuda"), lookup("mhc_pre", "cuda"))(*args)
 
 
 def post_pre_cases(batch: int, n: int, d: int, randn: Callable[..., torch.Tensor], prefix: str) -> list[Case]:

@@ -19,6 +19,7 @@ from dsv4.kernels.reference import moe as ref_moe
 from dsv4.kernels.reference import norm_rope as ref_norm_rope
 from dsv4.kernels.reference import paged as ref_paged
 from dsv4.kernels.reference import sampling as ref_sampling
+from dsv4.kernels.reference.fused import post_then_pre
 from dsv4.kernels.reference.quant_moe import dequant_fp8_experts, dequant_mxfp4_experts
 from dsv4.kernels.registry import register
 
@@ -128,22 +129,8 @@ def mhc_post(y: torch.Tensor, streams: torch.Tensor, post: torch.Tensor, comb: t
     return npu().npu_mhc_post(streams, comb.float(), y, post.float())
 
 
-@register("mhc_post_pre", "ascend")
-def mhc_post_pre(
-    y: torch.Tensor,
-    streams: torch.Tensor,
-    post: torch.Tensor,
-    comb: torch.Tensor,
-    fn: torch.Tensor,
-    scale: torch.Tensor,
-    base: torch.Tensor,
-    sinkhorn_iters: int,
-    hc_eps: float,
-    norm_eps: float,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    # torch_npu 2.14 has no op spanning the two: npu_mhc_post, then npu_mhc_pre (+ Sinkhorn) on its output
-    new = mhc_post(y, streams, post, comb)
-    return (new, *mhc_pre(new, fn, scale, base, sinkhorn_iters, hc_eps, norm_eps))
+# torch_npu 2.14 has no op spanning the two: npu_mhc_post, then npu_mhc_pre (+ Sinkhorn) on its output
+register("mhc_post_pre", "ascend")(post_then_pre(mhc_post, mhc_pre))
 
 
 @register("grouped_matmul", "ascend")

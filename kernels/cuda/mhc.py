@@ -397,6 +397,29 @@ def hc_head(
 
 
 @triton.jit
+def _post_inputs(y_ptr, streams_ptr, r, r_ok, j, j_ok, c, c_ok, N_HC: tl.constexpr, DIM: tl.constexpr):
+    """y [rows, columns] and the streams [rows, j, columns] of one block of mhc_post's inputs, in fp32 (0 outside
+    the masks)."""
+    y = tl.load(y_ptr + r[:, None] * DIM + c[None, :], mask=r_ok[:, None] & c_ok[None, :], other=0.0)
+    xs = tl.load(
+        streams_ptr + r[:, None, None] * N_HC * DIM + j[None, :, None] * DIM + c[None, None, :],
+        mask=r_ok[:, None, None] & j_ok[None, :, None] & c_ok[None, None, :],
+        other=0.0,
+    )
+    return y.to(tl.float32), xs.to(tl.float32)
+
+
+@triton.jit
+def _post_stream(y, xs, post_ptr, comb_ptr, r, r_ok, j, j_ok, k, N_HC: tl.constexpr):
+    """New stream k over one block: post[r, k] * y + sum_j comb[r, j, k] * xs[r, j] (fp32 [rows, columns])."""
+    comb_k = tl.load(
+        comb_ptr + r[:, None] * N_HC * N_HC + j[None, :] * N_HC + k, mask=r_ok[:, None] & j_ok[None, :], other=0.0
+    )  # comb[:, j, k]
+    post_k = tl.load(post_ptr + r * N_HC + k, mask=r_ok, other=0.0)
+    return post_k[:, None] * y + tl.sum(comb_k[:, :, None] * xs, axis=1)
+
+
+@triton.jit
 def _mhc_post_kernel(
     y_ptr,
     streams_ptr,
@@ -417,18 +440,9 @@ def _mhc_post_kernel(
     j = tl.arange(0, NP)
     j_ok = j < N_HC
     ok = r_ok[:, None] & d_ok[None, :]
-    y = tl.load(y_ptr + r[:, None] * DIM + d[None, :], mask=ok, other=0.0).to(tl.float32)
-    xs = tl.load(
-        streams_ptr + r[:, None, None] * N_HC * DIM + j[None, :, None] * DIM + d[None, None, :],
-        mask=r_ok[:, None, None] & j_ok[None, :, None] & d_ok[None, None, :],
-        other=0.0,
-    ).to(tl.float32)  # [rows, j, d]
+    y, xs = _post_inputs(y_ptr, streams_ptr, r, r_ok, j, j_ok, d, d_ok, N_HC, DIM)
     for k in tl.static_range(N_HC):
-        comb_k = tl.load(
-            comb_ptr + r[:, None] * N_HC * N_HC + j[None, :] * N_HC + k, mask=r_ok[:, None] & j_ok[None, :], other=0.0
-        )  # comb[:, j, k]
-        post_k = tl.load(post_ptr + r * N_HC + k, mask=r_ok, other=0.0)
-        out = post_k[:, None] * y + tl.sum(comb_k[:, :, None] * xs, axis=1)
+        out = _post_stream(y, xs, post_ptr, comb_ptr, r, r_ok, j, j_ok, k, N_HC)
         tl.store(out_ptr + r[:, None] * N_HC * DIM + k * DIM + d[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
@@ -492,20 +506,9 @@ def _mhc_post_mix_kernel(
         c = split * SPLIT + c0 + tl.arange(0, BK)
         c_ok = c < DIM
         ok = r_ok[:, None] & c_ok[None, :]
-        y = tl.load(y_ptr + r[:, None] * DIM + c[None, :], mask=ok, other=0.0).to(tl.float32)
-        xs = tl.load(
-            streams_ptr + r[:, None, None] * N_HC * DIM + j[None, :, None] * DIM + c[None, None, :],
-            mask=r_ok[:, None, None] & j_ok[None, :, None] & c_ok[None, None, :],
-            other=0.0,
-        ).to(tl.float32)  # [rows, j, c]
+        y, xs = _post_inputs(y_ptr, streams_ptr, r, r_ok, j, j_ok, c, c_ok, N_HC, DIM)
         for k in tl.static_range(N_HC):
-            comb_k = tl.load(
-                comb_ptr + r[:, None] * N_HC * N_HC + j[None, :] * N_HC + k,
-                mask=r_ok[:, None] & j_ok[None, :],
-                other=0.0,
-            )  # comb[:, j, k]
-            post_k = tl.load(post_ptr + r * N_HC + k, mask=r_ok, other=0.0)
-            v = (post_k[:, None] * y + tl.sum(comb_k[:, :, None] * xs, axis=1)).to(out_ptr.dtype.element_ty)
+            v = _post_stream(y, xs, post_ptr, comb_ptr, r, r_ok, j, j_ok, k, N_HC).to(out_ptr.dtype.element_ty)
             tl.store(out_ptr + r[:, None] * N_HC * DIM + k * DIM + c[None, :], v, mask=ok)
             v32 = v.to(tl.float32)  # zero outside `ok`: y and xs load as 0 there
             sq += tl.sum(v32 * v32, axis=1)
