@@ -49,7 +49,7 @@ def run_blocks(
 
     Every boundary between two sub-layers (attention -> MoE inside a block, MoE -> the next block's attention) is
     one `mhc_post_pre`: a backend writes the new streams and computes the next pre-mapping's mixing in one pass
-    over them (2 boundaries a layer: the decode graph of Flash's 43 layers holds 86 fewer kernels)."""
+    over them (2L - 1 boundaries for L blocks: on the cuda backend, 85 fewer kernels in a decode step of Flash)."""
     b, s, n, d = streams.shape
     ids = token_ids.reshape(-1)
     flat = streams.view(b * s, n, d)
