@@ -351,8 +351,8 @@ class LLMEngine:
 
         With overlapped scheduling a step is launched without waiting for its tokens, which land in the next call
         after that call has launched the step after it: that step's rows holding a token on its way feed it from
-        the device, and its other chunks (prefills, arrivals) run beside them. A step that needs the tokens
-        first (one that would preempt, export a prefill, or run MTP) lands them, then runs synchronously. A row
+        the device, and its other chunks (prefills, arrivals, prefills to export) run beside them. A step that
+        needs the tokens first (one that would preempt, or run MTP) lands them, then runs synchronously. A row
         that finishes on a landed token has already been fed to the launched step, whose token for it is
         dropped."""
         launched, self._launched = self._launched, None
@@ -372,26 +372,33 @@ class LLMEngine:
         self.scheduler.after_step(chunks)  # snapshots before finished sequences free their state
         for seq in produced:
             if seq.finished:
-                self.scheduler.finish(seq, keep_state=seq.export_after_prefill)
-                if seq.export_after_prefill:
-                    self.exported[seq.request_id] = seq
+                self._retire(seq)
         return [self._output(seq) for seq in dict.fromkeys(landed + produced)]
+
+    def _retire(self, seq: Request) -> None:
+        """A sequence finished by its newest token leaves the scheduler; a prefill to export keeps its state, which
+        waits in `exported` for the caller's export (then `release`)."""
+        self.scheduler.finish(seq, keep_state=seq.export_after_prefill)
+        if seq.export_after_prefill:
+            self.exported[seq.request_id] = seq
 
     def _overlaps(self, chunk: ScheduledChunk, launched: LaunchedStep | None) -> bool:
         """Whether the chunk may run in a launched step, which nobody waits for: a row holding a token of the
-        `launched` step, or a chunk without MTP whose drawn token is only appended (no state kept for an export).
-        Penalized rows qualify: their context is the device's penalty table, which counts the tokens on their way;
-        so do prefix-cache snapshot points: the snapshot's copies queue behind the step."""
+        `launched` step, or a chunk without MTP. Penalized rows qualify: their context is the device's penalty
+        table, which counts the tokens on their way; so do prefix-cache snapshot points (the snapshot's copies
+        queue behind the step) and prefills to export: their first token finishes them, so no later step feeds
+        them (`_follows`), and the state they keep for the export stands at the prompt's end when it lands."""
         s = chunk.seq
         if launched is not None and launched.holds(s):
             return True
-        return not s.export_after_prefill and not s.use_mtp
+        return not s.use_mtp
 
     @staticmethod
     def _follows(seq: Request) -> bool:
         """Whether a sequence of the launched step goes on to the next one: it is still running (landed tokens
-        may finish it after that) and the token on its way will not reach max_tokens."""
-        return not seq.finished and seq.num_generated + 1 < seq.params.max_tokens
+        may finish it after that), it is no prefill to export (its first token, the one on its way, finishes it)
+        and the token on its way will not reach max_tokens."""
+        return not seq.finished and not seq.export_after_prefill and seq.num_generated + 1 < seq.params.max_tokens
 
     def _land(self, launched: LaunchedStep | None) -> list[Request]:
         """Append a launched step's tokens, once they are on the host, to its sequences still running; those (none
@@ -404,7 +411,7 @@ class LLMEngine:
                 continue
             seq.append(token, logprob)
             if seq.finished:
-                self.scheduler.finish(seq)
+                self._retire(seq)
             landed.append(seq)
         return landed
 

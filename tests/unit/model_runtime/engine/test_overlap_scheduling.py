@@ -272,25 +272,46 @@ def test_cancelling_every_request_in_flight_drops_the_step(make_engine: Callable
     assert engine.step() == []
 
 
-def test_an_export_after_prefill_lands_first_and_keeps_its_state(make_engine: Callable[..., LLMEngine]) -> None:
-    """A prefill to export arriving while others decode in launched steps: its step lands the tokens on their way
-    and runs synchronously, so its kept state stands at its prompt's end (no launched step fed it a token), and
-    the others keep the synchronous tokens; MTP steps likewise never launch."""
-    prompts = _prompts(3)
+def test_a_prefill_to_export_runs_in_a_launched_step_and_keeps_its_state(
+    make_engine: Callable[..., LLMEngine],
+) -> None:
+    """A prefill to export (a PD prefill worker's request) arriving while others decode in launched steps runs in
+    a launched step beside them; its first token finishes it when it lands, so no step feeds it another, and the
+    state it keeps stands at its prompt's end: the same KV blob a synchronous engine exports. The others keep
+    the synchronous tokens. MTP steps never launch."""
+    prompts, prompt = _prompts(3), _prompts(12)[-1]
     params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     want = [o.token_ids for o in make_engine().generate_ids(prompts, params)]
+    sync = make_engine()
+    alone = sync.add_request("export", prompt, params, export_after_prefill=True)
+    while sync.has_unfinished():
+        sync.step()
+    assert sync.exported.pop("export") is alone and alone.state is not None
+    want_blob = sync.runner.export_chunks(alone.state, 1 << 20)
+    sync.release(alone)
+
     engine = make_engine(overlap_scheduling=True)
     launches = _count_launches(engine)
+    launched_with: list[set[str]] = []
+    launch = engine.runner.launch
+
+    def recorded(chunks: list[ScheduledChunk], after: LaunchedStep | None = None) -> LaunchedStep | None:
+        launched_with.append({c.seq.request_id for c in chunks})
+        return launch(chunks, after)
+
+    engine.runner.launch = recorded  # type: ignore[method-assign]
     seqs = [engine.add_request(f"r{i}", p, params) for i, p in enumerate(prompts)]
     while not launches or not launches[-1].fed:
         engine.step()
-    export = engine.add_request("export", _prompts(12)[-1], params, export_after_prefill=True)
+    export = engine.add_request("export", prompt, params, export_after_prefill=True)
     while engine.has_unfinished():
         engine.step()
     assert [s.output_token_ids for s in seqs] == want
+    assert any({"export", "r0"} <= ids for ids in launched_with)  # beside the decoding rows
     kept = engine.exported.pop("export")
-    assert kept is export and len(export.output_token_ids) == 1
-    assert export.state is not None and export.state.position == len(export.prompt_token_ids)
+    assert kept is export and export.output_token_ids == alone.output_token_ids
+    assert export.state is not None and export.state.position == len(prompt)
+    assert engine.runner.export_chunks(export.state, 1 << 20) == want_blob
     engine.release(export)
     _assert_drained(engine)
 

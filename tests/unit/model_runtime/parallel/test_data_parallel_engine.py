@@ -122,14 +122,22 @@ def test_graphed_decode_steps_pad_every_group_to_one_shape(tmp_path: Path) -> No
 def test_overlapped_decode_steps_under_data_parallel_attention(tmp_path: Path) -> None:
     """Overlapped scheduling across two data-parallel groups with graphs and pools small enough to preempt: steps
     are launched fed with the tokens of the step still in flight (each group's rows find theirs in the leader's
-    broadcast), every rank runs the same graph shapes, and the tokens stay one synchronous process's."""
+    broadcast), every rank runs the same graph shapes, and the tokens stay one synchronous process's. Then two
+    prefills to export, one per group, run in a launched step: their blobs continue in one process."""
     torch.set_num_threads(1)
     ckpt = write_checkpoint(tmp_path / "ckpt", "tiny-flash", quantized=True, seed=0)
     prompts = [random_tokens(n, 600 + n) for n in (20, 33, 40, 5, 38, 21)]
+    exports = [random_tokens(19, 70), random_tokens(33, 71)]
     config = {"num_blocks": 7, "prefix_cache": False, "overlap_scheduling": True}
-    torch.save({"rounds": [prompts], "graphs": True, "config": config}, tmp_path / "work.pt")
+    work = {"rounds": [prompts], "graphs": True, "config": config, "concurrent": ([], exports)}
+    torch.save(work, tmp_path / "work.pt")
     got = run_engine_ranks(ckpt, "2,4", tmp_path / "work.pt", tmp_path / "out", 4)
     assert got["preemptions"] > 0 and got["fed_steps"] >= 3
     shapes = [torch.load(tmp_path / "out" / f"graphs{rank}.pt") for rank in range(4)]
     assert shapes[0] and all(s == shapes[0] for s in shapes[1:])
-    assert got["rounds"] == [[c.token_ids for c in one_process_engine(ckpt).generate_ids(prompts, GREEDY)]]
+    engine = one_process_engine(ckpt)
+    assert got["rounds"] == [[c.token_ids for c in engine.generate_ids(prompts, GREEDY)]]
+    assert sorted(got["concurrent"]["groups"]) == [0, 1]
+    for prompt, (token0, blob) in zip(exports, got["concurrent"]["exports"], strict=True):
+        want = engine.generate_ids([prompt], GREEDY)[0].token_ids
+        assert token0 == want[0] and continue_import(engine, prompt, token0, blob) == want
