@@ -352,21 +352,23 @@ class LLMEngine:
         With overlapped scheduling a step is launched without waiting for its tokens, which land in the next call
         after that call has launched the step after it: that step's rows holding a token on its way feed it from
         the device, and its other chunks (prefills, arrivals, prefills to export) run beside them. A step that
-        needs the tokens first (one that would preempt, or run MTP) lands them, then runs synchronously. A row
-        that finishes on a landed token has already been fed to the launched step, whose token for it is
-        dropped."""
+        needs the tokens first lands them: one that would preempt is then scheduled again, preempting, and
+        launched; one that runs MTP runs synchronously. A row that finishes on a landed token has already been fed
+        to the launched step, whose token for it is dropped."""
         launched, self._launched = self._launched, None
         ahead = None if launched is None else {s for s in launched.seqs if self._follows(s)}
         chunks = self.scheduler.schedule(ahead)
-        if chunks is None:  # room only by preempting: the tokens land first, the next call schedules
-            return [self._output(seq) for seq in self._land(launched)]
+        landed: list[Request] = []
+        if chunks is None:  # room only by preempting: the tokens land first, then a schedule that may preempt
+            landed, launched = self._land(launched), None
+            chunks = self.scheduler.schedule() or []  # None only with tokens in flight
         if self.overlap and chunks and all(self._overlaps(c, launched) for c in chunks):
             self._launched = self.runner.launch(chunks, after=launched)
             self.scheduler.after_step(chunks)
-            landed = self._land(launched)
+            landed += self._land(launched)
             self._settle()
             return [self._output(seq) for seq in landed]
-        landed = self._land(launched)
+        landed += self._land(launched)
         chunks = [c for c in chunks if not c.seq.finished]  # finished by a landed token
         produced = self.runner.run(chunks) if chunks else []
         self.scheduler.after_step(chunks)  # snapshots before finished sequences free their state
