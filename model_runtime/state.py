@@ -162,17 +162,46 @@ class PagedLayerStorage:
     sink_slot: int
 
 
+class PagedUndo:
+    """The pool rows that a step's tentative tokens (an MTP draft, the second token of a verification step)
+    overwrite, saved before they are written, so that the rows whose draft is rejected can be put back on the
+    device (`restore`), with no host sync: the pool is then exactly as if only their first token had been fed.
+
+    Only what a rejected token destroys is saved: its window-ring row (the key W positions back) and the rows of a
+    CSA compressor state that completing a block moves (`Compressor.pool_step`). What else it writes is dead until
+    the true token at that position writes it again: the next row of a compressor's current block, and the entry
+    of a block that it completes, which no position before it can see."""
+
+    def __init__(self, slots: torch.Tensor, sink_slot: int) -> None:
+        self.slots, self.sink_slot = slots, sink_slot
+        self._saved: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+
+    def save(self, t: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+        """Save t[slots] (t: batch axis = pool slot), or t[slots, rows] with rows [B]."""
+        index = (self.slots,) if rows is None else (self.slots, rows)
+        self._saved.append((t, rows, t[index]))
+
+    def restore(self, rejected: torch.Tensor) -> None:
+        """Put back what the rows of `rejected` [B] bool saved (the others write the sink slot)."""
+        keep = torch.where(rejected, self.slots, self.sink_slot)
+        for t, rows, values in reversed(self._saved):
+            t.index_put_((keep,) if rows is None else (keep, rows), values)
+
+
 @dataclass(frozen=True)
 class PagedDecode:
-    """One decode token per row over the paged pool: the step's device inputs and the pool's layers.
+    """S tokens per row over the paged pool (S = 1: a decode step; 2: an MTP verification step, whose second
+    token is tentative): the step's device inputs and the pool's layers.
 
-    positions [B] int64 (the position of the token each row feeds), slots [B] int64 (the row's pool slot, or
-    `sink_slot` for a padding row), block_tables [B, T] int32 (the row's blocks; padding rows any valid ids)."""
+    positions [B] int64 (the position of the first token each row feeds), slots [B] int64 (the row's pool slot, or
+    `sink_slot` for a padding row), block_tables [B, T] int32 (the row's blocks; padding rows any valid ids).
+    `undo`: where the writes of tentative tokens save what they overwrite (None: no token is tentative)."""
 
     positions: torch.Tensor
     slots: torch.Tensor
     block_tables: torch.Tensor
     layers: list[PagedLayerStorage]
+    undo: PagedUndo | None = None
 
     def layer(self, i: int) -> PagedLayerView:
         return PagedLayerView(self, self.layers[i])

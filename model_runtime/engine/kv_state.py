@@ -155,7 +155,7 @@ class KVPool:
                 index_keys=k.paged(dtype) if (k := self.index_keys[i]) is not None else None,
                 sink_slot=self.sink_slot,
             )
-            for i in range(cfg.num_hidden_layers)
+            for i in range(cfg.num_hidden_layers + mtp_layers)
         ]
 
     def record(self, *write: Any) -> None:

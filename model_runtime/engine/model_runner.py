@@ -5,8 +5,9 @@ device, `DeepseekV4.decode_paged` over the paged pool (replayed from a CUDA grap
 no per-row work. Other chunks go through the per-sequence path, grouped by length because it advances every row
 of a call by the same number of tokens: prefill chunks of equal length share a call. Every row that samples this
 step, from either path, is sampled in one batched call whose result reaches the host in the step's one copy.
-MTP verification steps (last token + draft) keep their own per-row path: a second token of a verified draft is
-drawn only if the first did not finish the request.
+MTP verification (last token + draft, `speculative.py`) is a batched step of its own over the same pool: two
+tokens per row, both draws in one sampling call, the rejected drafts' pool writes taken back and the MTP's next
+drafts computed on the device, all in one copy to the host.
 
 Overlapped scheduling (`LLMEngine.step`) runs steps without MTP through `launch` / `land` instead: a step is
 launched without waiting for its tokens, and the next one can be launched before they reach the host, its decode
@@ -20,17 +21,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsv4.kernels.ops import Ops
 from dsv4.model_runtime.engine import speculative
 from dsv4.model_runtime.engine.cuda_graphs import GRAPH_DEVICES, DecodeGraphs, width_bucket
 from dsv4.model_runtime.engine.kv_state import KVPool, PagedSequenceState
 from dsv4.model_runtime.engine.penalty_table import PenaltyTable
 from dsv4.model_runtime.engine.request import Request, TokenLogprob
 from dsv4.model_runtime.engine.sampler import (
+    Penalties,
     SampleRequest,
     SamplingInputs,
     sample_batch,
-    sample_row,
     sampled_tokens,
     unpack,
 )
@@ -39,7 +39,7 @@ from dsv4.model_runtime.engine.scheduler import ScheduledChunk
 from dsv4.model_runtime.engine.step_inputs import DecodeInputs, table_width
 from dsv4.model_runtime.engine.transfer import HostCopy, start_copy_to_host, to_device, to_host
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
-from dsv4.model_runtime.state import SequenceState
+from dsv4.model_runtime.state import PagedDecode, SequenceState
 
 StreamRef = tuple[int, int]  # (index of a model call of this step, row of its streams)
 
@@ -49,6 +49,17 @@ def _request(seq: Request, pending: bool = False) -> SampleRequest:
     landed yet)."""
     index = seq.num_generated + pending
     return SampleRequest(seq.params, seq.seed, index, seq.prompt_token_ids, seq.output_token_ids)
+
+
+@dataclass(frozen=True)
+class VerifyStep:
+    """An MTP verification step between its model call and its end (`ModelRunner.finish_verify`): the inputs, the
+    model's view of the pool (its undo log holds what the drafts overwrote) and the main model's streams
+    [B, 2, n, d]."""
+
+    inputs: DecodeInputs
+    step: PagedDecode
+    streams: torch.Tensor
 
 
 @dataclass
@@ -70,11 +81,17 @@ class LaunchedStep:
         return seq in self.rows
 
 
-def _draw(ops: Ops, seq: Request, logits: torch.Tensor) -> int:
-    """Sample the sequence's next token from logits [vocab] and append it; returns the token."""
-    token, logprob = sample_row(ops, logits, _request(seq))
-    seq.append(token, logprob)
-    return token
+def _with_ids(drawn: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """`sample_batch`'s result with rows for token ids [N] appended in its layout (their other columns zero), so
+    that they travel to the host in the same copy (`unpack` reads them as rows without logprobs)."""
+    if drawn.dim() == 1:
+        return torch.cat([drawn, ids])
+    extra = drawn.new_zeros(ids.shape[0], drawn.shape[1])
+    extra[:, 0] = ids
+    return torch.cat([drawn, extra])
+
+
+_ID_ROW = SamplingParams()  # `unpack`'s view of a row `_with_ids` appended: an id, no logprobs
 
 
 class ModelRunner:
@@ -89,10 +106,9 @@ class ModelRunner:
         self.cuda_graphs = cuda_graphs
         self.graphs: DecodeGraphs | None = None
         self.penalty_table = PenaltyTable(model.cfg.vocab_size, model.device)
-        # With MTP: the streams of this step's model calls, in call order (the MTP module consumes rows of them at
-        # the step's end), and the snapshots of the last verification (its rejected rows roll back to them).
+        # With MTP: the streams of this step's per-sequence feeds, in call order (the MTP module consumes rows of
+        # them at the step's end).
         self._streams: list[torch.Tensor] = []
-        self._verify_saved: list[speculative.StepSnapshot] = []
         self._mtp_work: list[tuple[Request, StreamRef, int]] = []
 
     def _states(self, seqs: list[Request]) -> list[SequenceState]:
@@ -226,9 +242,10 @@ class ModelRunner:
         inputs = DecodeInputs.build(seqs, pool, self.decode_width(seqs, pool))
         return self.run_decode(inputs if feed is None else inputs.feeding(feed), pool)
 
-    def decode_width(self, seqs: list[Request], pool: KVPool) -> int:
-        """Block-table columns of the decode step of `seqs`: padded to a graph's width when steps replay graphs."""
-        width = table_width(seqs, pool.block_size)
+    def decode_width(self, seqs: list[Request], pool: KVPool, tokens: int = 1) -> int:
+        """Block-table columns of the decode step of `seqs` (`tokens` per row): padded to a graph's width when steps
+        replay graphs."""
+        width = table_width(seqs, pool.block_size, tokens)
         return width_bucket(width, pool.max_blocks) if self.cuda_graphs else width
 
     def run_decode(self, inputs: DecodeInputs, pool: KVPool, bucket: int | None = None) -> torch.Tensor:
@@ -271,18 +288,32 @@ class ModelRunner:
         streams = self._keep(self.model.hidden_streams(to_device(ids, self.model.device), states))
         return streams, self.model.logits(streams[rows, -1]) if rows else None
 
-    def forward_verify(self, ids: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
-        """Feed [last token, draft] per row (ids [B, 2]) after saving what it overwrites: logits [B, 2, vocab]."""
-        window = self.model.cfg.sliding_window
-        self._verify_saved = [speculative.snapshot(st, 2, window) for st in states]
-        streams = self._keep(self.model.hidden_streams(ids, states))
-        return self.model.logits(streams)
+    def forward_verify(self, inputs: DecodeInputs, pool: KVPool) -> tuple[torch.Tensor, VerifyStep]:
+        """The model call of an MTP verification step (`inputs` with drafts): logits [B, 2, vocab] and the step, for
+        `finish_verify`."""
+        step = inputs.step(pool)
+        streams = self.model.paged_streams(inputs.verify_ids, step)
+        return self.model.logits(streams), VerifyStep(inputs, step, streams)
 
-    def forward_refeed(self, rows: list[int], ids: torch.Tensor, states: list[SequenceState]) -> None:
-        """Roll the last verification's `rows` back (their `states`) and feed their last token again (ids [R, 1])."""
-        for row, st in zip(rows, states, strict=True):
-            speculative.rollback(st, self._verify_saved[row])
-        self._keep(self.model.hidden_streams(ids, states))
+    def finish_verify(self, verify: VerifyStep, tokens: torch.Tensor) -> torch.Tensor:
+        """The end of a verification step whose draws are `tokens` [B, 2] (device): the MTP over the step's two
+        positions (each with the token drawn after it), then the pool writes of the drafts that were rejected (the
+        first draw differs) taken back, the MTP's included. Returns the next drafts [B] (device): the MTP's guess
+        after the second token where the draft was accepted, after the first elsewhere. No host sync."""
+        rejected = tokens[:, 0] != verify.inputs.drafts
+        guesses = torch.argmax(self.model.mtp_paged(verify.streams, tokens, verify.step), dim=-1)  # [B, 2]
+        assert verify.step.undo is not None
+        verify.step.undo.restore(rejected)
+        return torch.where(rejected, guesses[:, 0], guesses[:, 1])
+
+    def verify_logits(self, seqs: list[Request]) -> tuple[torch.Tensor, VerifyStep]:
+        """Run the model call of the verification step of `seqs` (a rank group's leader overrides it to run it on
+        every rank): `forward_verify`'s result."""
+        state = seqs[0].state
+        assert isinstance(state, PagedSequenceState)
+        pool = state.pool
+        pool.flush_block_tables()
+        return self.forward_verify(DecodeInputs.build(seqs, pool, self.decode_width(seqs, pool, 2), True), pool)
 
     def forward_mtp(self, calls: list[tuple[list[StreamRef], torch.Tensor, list[SequenceState]]]) -> list[torch.Tensor]:
         """The step's MTP calls, each (rows of this step's streams [B] of k positions, the tokens after them [B, k],
@@ -366,32 +397,55 @@ class ModelRunner:
         s.draft = draft
 
     def _verify(self, seqs: list[Request]) -> list[Request]:
-        """Feed [last token, draft] per sequence; keep the draft iff it is the token plain decoding would draw."""
-        states = self._states(seqs)
-        ids = torch.tensor([[s.token_ids[-1], s.draft] for s in seqs], dtype=torch.long, device=self.model.device)
-        logits = self.forward_verify(ids, states)  # [B, 2, vocab]
-        call = len(self._streams) - 1
-        rejected: list[int] = []
-        for row, s in enumerate(seqs):
-            draft, s.draft = s.draft, None
+        """Feed [last token, draft] of every sequence in one batched step and draw both rows in one call: the draft
+        is kept iff it is the token plain decoding draws (row 0, the same seeded draw), and then row 1 gives the
+        token after it. The drafts' tokens, the next drafts and the draws reach the host in one copy."""
+        logits, verify = self.verify_logits(seqs)  # [B, 2, vocab]
+        out, params, rows = self._draw_verify(seqs, logits, verify.inputs.drafts)
+        tokens = sampled_tokens(out).view(-1, 2)
+        if rows is not None:  # count the second draws where their drafts stand
+            self.penalty_table.record_accepted(rows, tokens[:, 1], tokens[:, 0] == verify.inputs.drafts)
+        drafts = self.finish_verify(verify, tokens)
+        drawn = unpack(to_host(_with_ids(out, drafts)), params + [_ID_ROW] * len(seqs))
+        for b, s in enumerate(seqs):
+            (first, first_lp), (second, second_lp) = drawn[2 * b], drawn[2 * b + 1]
+            draft = drawn[2 * len(seqs) + b][0]
+            accepted = first == s.draft
+            s.draft = None
+            s.append(first, first_lp)
+            if accepted and not s.finished:
+                s.append(second, second_lp)
+                self.penalty_table.appended(s)
+            advance = 2 if accepted else 1
+            s.num_computed += advance
+            assert isinstance(s.state, PagedSequenceState)
+            s.state.position += advance
+            s.state.mtp_position += advance
             self.drafts.proposed += 1
-            start = s.num_computed
-            if _draw(self.model.ops, s, logits[row, 0]) == draft:
-                self.drafts.accepted += 1
-                s.num_computed += 2
-                if not s.finished:
-                    _draw(self.model.ops, s, logits[row, 1])
-                if s.use_mtp and not s.finished:
-                    self._follow(s, (call, row), start)
-            else:
-                rejected.append(row)
-        if rejected:
-            again = [seqs[row] for row in rejected]
-            last = torch.tensor([[s.token_ids[s.num_computed]] for s in again], dtype=torch.long, device=ids.device)
-            self.forward_refeed(rejected, last, [states[row] for row in rejected])
-            call = len(self._streams) - 1
-            for k, s in enumerate(again):
-                s.num_computed += 1
-                if s.use_mtp and not s.finished:
-                    self._follow(s, (call, k), s.num_computed - 1)
+            self.drafts.accepted += accepted
+            if not s.finished:
+                self._propose(s, draft)
         return seqs
+
+    def _draw_verify(
+        self, seqs: list[Request], logits: torch.Tensor, drafts: torch.Tensor
+    ) -> tuple[torch.Tensor, list[SamplingParams], torch.Tensor | None]:
+        """`sample_batch` over rows [2B] (each sequence's row 0, then its row 1, which draws the token after the
+        draft: the next index of its seeded stream, its penalties counting the draft), the rows' parameters and,
+        with penalties, the sequences' penalty-table rows (row 0's draws are recorded here)."""
+        requests = []
+        for s in seqs:
+            first = _request(s)
+            assert s.draft is not None
+            after = SampleRequest(s.params, s.seed, first.index + 1, s.prompt_token_ids, [*s.output_token_ids, s.draft])
+            requests += [first, after]
+        rows, penalties = None, None
+        if any(s.params.penalized for s in seqs):
+            rows = self.penalty_table.rows(seqs)
+            first_penalties = self.penalty_table.penalties(rows, seqs)
+            penalties = Penalties.interleave(first_penalties, first_penalties.after(drafts))
+        inputs = SamplingInputs.build(requests, logits.shape[-1], logits.device, penalties)
+        out = sample_batch(self.model.ops, logits.flatten(0, 1), inputs)
+        if rows is not None:
+            self.penalty_table.record(rows, sampled_tokens(out).view(-1, 2)[:, 0], seqs)
+        return out, [r.params for r in requests], rows

@@ -5,8 +5,9 @@ each output token occurred. Built from the host's token lists (`sampler.Penaltie
 O(context) ids per penalized row every step. The table keeps it on the device instead, one row per penalized
 request (`seen` bool and `counts` int32, [rows, vocab]), as SGLang's penalizer keeps its cumulated counts: a row is
 filled from the host's lists once, when its request first samples (or when its lists grew in a way the table did
-not see: a verification step's tokens, which the per-row MTP path draws), and after each batched draw the drawn
-tokens go into their rows by one scatter on the device. A steady decode step uploads only the rows' indices.
+not see), and after each batched draw the drawn tokens go into their rows by one scatter on the device (an MTP
+verification step's second token only where its draft was accepted: `record_accepted`). A steady decode step
+uploads only the rows' indices.
 A step launched before the previous one's tokens reach the host (overlapped scheduling) reads rows that counted
 those tokens already, so nothing in it waits for them.
 
@@ -104,6 +105,16 @@ class PenaltyTable:
         for s in seqs:
             if s.params.penalized:
                 self._entries[s.request_id].counted += 1
+
+    def record_accepted(self, rows: torch.Tensor, tokens: torch.Tensor, accepted: torch.Tensor) -> None:
+        """Count the second tokens [R] (device) of a verification step into `rows` where their draft was
+        `accepted` [R] (device); the host reports each one it appends with `appended`."""
+        self._count(torch.where(accepted, rows, self.sink), tokens)
+
+    def appended(self, seq: Request) -> None:
+        """`seq` appended the second token of a verification step, which `record_accepted` counted."""
+        if seq.params.penalized:
+            self._entries[seq.request_id].counted += 1
 
     def _count(self, rows: torch.Tensor, tokens: torch.Tensor) -> None:
         live = rows != self.sink

@@ -113,6 +113,25 @@ class Penalties:
         in_prompt, outputs = counts[:, :vocab], counts[:, vocab:dump]
         return cls((in_prompt + outputs) > 0, outputs.contiguous(), cls.values_of(requests, device))
 
+    def after(self, tokens: torch.Tensor) -> Penalties:
+        """The same rows one token later: `tokens` [R] (device) appended to their outputs (the second draw of an
+        MTP verification step, which follows the draft)."""
+        rows = torch.arange(tokens.shape[0], device=tokens.device)
+        seen = self.seen.index_put((rows, tokens), torch.ones_like(tokens, dtype=torch.bool))
+        counts = self.counts.index_put((rows, tokens), torch.ones_like(tokens, dtype=torch.int32), accumulate=True)
+        return Penalties(seen, counts, self.values)
+
+    @staticmethod
+    def interleave(first: Penalties, second: Penalties) -> Penalties:
+        """Rows [2R]: row r of `first`, then row r of `second`, for each r."""
+
+        def pairs(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            return torch.stack([a, b], dim=1).flatten(0, 1)
+
+        return Penalties(
+            pairs(first.seen, second.seen), pairs(first.counts, second.counts), pairs(first.values, second.values)
+        )
+
     @staticmethod
     def values_of(requests: Sequence[PenaltyContext], device: torch.device) -> torch.Tensor:
         """(repetition, presence, frequency) [R, 3] float64 of the rows, on the device."""

@@ -2,7 +2,8 @@
 (`parallel/engine_group.py`).
 
 A decode step over the paged pool needs, per row, the token it feeds, that token's position and the row's pool
-slot (`DecodeInputs.rows`, [D, 3] int64) and the row's block table (`block_tables`, [D, T] int32, gathered on the
+slot (`DecodeInputs.rows`, [D, 3] int64; an MTP verification step adds each row's draft, [D, 4]) and the row's
+block table (`block_tables`, [D, T] int32, gathered on the
 device from the pool's tables); the sampler needs `sampler.SamplingInputs` (ints [R, 3], floats [R, 3]) and, on
 the host, its `SamplingFlags`. With T and the flags (a few Python values) that is the whole step: every rank can
 run `DeepseekV4.decode_paged` and `sampler.sample_batch` from it.
@@ -18,9 +19,9 @@ import torch
 from dsv4.model_runtime.engine.kv_state import KVPool, PagedSequenceState
 from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.transfer import to_device
-from dsv4.model_runtime.state import PagedDecode
+from dsv4.model_runtime.state import PagedDecode, PagedUndo
 
-TOKEN, POSITION, SLOT = range(3)
+TOKEN, POSITION, SLOT, DRAFT = range(4)
 
 
 def next_token(seq: Request) -> int:
@@ -28,31 +29,34 @@ def next_token(seq: Request) -> int:
     return seq.output_token_ids[-1] if seq.output_token_ids else seq.prompt_token_ids[-1]
 
 
-def table_width(seqs: Sequence[Request], block_size: int) -> int:
-    """Block-table columns a step over `seqs` needs: the blocks holding each row's newest position."""
-    return max(s.num_computed // block_size + 1 for s in seqs)
+def table_width(seqs: Sequence[Request], block_size: int, tokens: int = 1) -> int:
+    """Block-table columns a step feeding `tokens` per row of `seqs` needs: the blocks holding each row's newest
+    position."""
+    return max((s.num_computed + tokens - 1) // block_size + 1 for s in seqs)
 
 
 @dataclass(frozen=True)
 class DecodeInputs:
-    """rows [D, 3] int64 (token id, position, pool slot) and block_tables [D, T] int32 of one decode step."""
+    """rows [D, 3] int64 (token id, position, pool slot), or [D, 4] with each row's MTP draft, and block_tables
+    [D, T] int32 of one decode (or verification) step."""
 
     rows: torch.Tensor
     block_tables: torch.Tensor
 
     @classmethod
-    def build(cls, seqs: Sequence[Request], pool: KVPool, width: int) -> DecodeInputs:
-        """The inputs of decoding `seqs` (each with one uncomputed token) with `width` block-table columns."""
-        rows = to_device(_rows(seqs), pool.block_tables.device)
+    def build(cls, seqs: Sequence[Request], pool: KVPool, width: int, drafts: bool = False) -> DecodeInputs:
+        """The inputs of decoding `seqs` (each with one uncomputed token; with `drafts`, and its MTP draft after
+        it) with `width` block-table columns."""
+        rows = to_device(_rows(seqs, drafts), pool.block_tables.device)
         return cls(rows, pool.block_tables[rows[:, SLOT], :width])
 
     @classmethod
-    def on_host(cls, seqs: Sequence[Request], pool: KVPool, width: int) -> DecodeInputs:
+    def on_host(cls, seqs: Sequence[Request], pool: KVPool, width: int, drafts: bool = False) -> DecodeInputs:
         """The same inputs on the host, read from the pool's host tables (`KVPool.mirror_block_tables`): what a
         rank group's leader sends, without waiting for the device."""
         tables = pool.host_block_tables
         assert tables is not None, "the pool keeps no host copy of its block tables"
-        rows = _rows(seqs)
+        rows = _rows(seqs, drafts)
         return cls(rows, tables[rows[:, SLOT], :width])
 
     def feeding(self, tokens: torch.Tensor) -> DecodeInputs:
@@ -62,18 +66,40 @@ class DecodeInputs:
         return DecodeInputs(rows, self.block_tables)
 
     def step(self, pool: KVPool) -> PagedDecode:
-        """The model's view of the step over `pool`."""
-        return PagedDecode(self.rows[:, POSITION], self.rows[:, SLOT], self.block_tables, pool.storage)
+        """The model's view of the step over `pool` (a verification step's saves what its drafts overwrite)."""
+        slots = self.rows[:, SLOT]
+        undo = PagedUndo(slots, pool.sink_slot) if self.verifies else None
+        return PagedDecode(self.rows[:, POSITION], slots, self.block_tables, pool.storage, undo)
+
+    @property
+    def verifies(self) -> bool:
+        """Whether the rows carry MTP drafts (a verification step)."""
+        return self.rows.shape[1] > DRAFT
 
     @property
     def token_ids(self) -> torch.Tensor:
+        """[D]: the token each row feeds first."""
         return self.rows[:, TOKEN]
 
+    @property
+    def drafts(self) -> torch.Tensor:
+        """[D]: each row's MTP draft (a verification step)."""
+        return self.rows[:, DRAFT]
 
-def _rows(seqs: Sequence[Request]) -> torch.Tensor:
+    @property
+    def verify_ids(self) -> torch.Tensor:
+        """[D, 2]: the token and the draft each row of a verification step feeds."""
+        return torch.stack([self.rows[:, TOKEN], self.rows[:, DRAFT]], dim=1)
+
+
+def _rows(seqs: Sequence[Request], drafts: bool) -> torch.Tensor:
     table: list[list[int]] = []
     for s in seqs:
         state = s.state
         assert isinstance(state, PagedSequenceState), f"{s.request_id} decodes without a paged KV state"
-        table.append([next_token(s), s.num_computed, state.slot])
-    return torch.tensor(table, dtype=torch.int64)
+        row = [next_token(s), s.num_computed, state.slot]
+        if drafts:
+            assert s.draft is not None, f"{s.request_id} verifies without a draft"
+            row.append(s.draft)
+        table.append(row)
+    return torch.tensor(table, dtype=torch.int64).view(-1, 4 if drafts else 3)

@@ -4,9 +4,10 @@ entries) or HCA (all visible compressed entries), one softmax with a per-head si
 Two paths. Over per-sequence `LayerState`s (prefill, and any step of S tokens): a batch of sequences, each with
 its own start position, all advancing by S tokens; key buffer of row b: [window ring (W) | this call's K=V (S) |
 compressed entries (E_b, padded)], and each query attends to the indices `_window_indices` and the compressed
-selection give into that buffer. Over a `PagedLayerView` (the engine's decode step, S = 1): the window ring, the
-compressor states and the entry stores of the paged pool are written and read in place by batched ops and the
-paged kernel ops, with no per-row work and nothing that grows with the context but the indexer's scoring pass.
+selection give into that buffer. Over a `PagedLayerView` (the engine's decode step, S = 1, or an MTP
+verification step, S = 2, its tokens in order): the window ring, the compressor states and the entry stores of the
+paged pool are written and read in place by batched ops and the paged kernel ops, with no per-row work and nothing
+that grows with the context but the indexer's scoring pass.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from dsv4.model_runtime.layers.norm import RMSNorm
 from dsv4.model_runtime.layers.ops_module import OpsModule
 from dsv4.model_runtime.layers.rope import RopeTable
 from dsv4.model_runtime.qat import q4_hadamard, q8_nope
-from dsv4.model_runtime.state import LayerState, PagedLayerView
+from dsv4.model_runtime.state import LayerState, PagedLayerView, PagedUndo
 
 
 @dataclass
@@ -112,53 +113,83 @@ class Attention(OpsModule):
         ctx: StepContext,
         layer: PagedLayerView,
     ) -> torch.Tensor:
-        """One decode token per row over the paged pool: store its K=V (window ring, compressed entries) and
-        attend to the window and the selected entries in place. Returns o [B, 1, H, c]."""
+        """S tokens per row over the paged pool, one after the other (S = 1 in a decode step, 2 in an MTP
+        verification): store each token's K=V (window ring, compressed entries) and attend to the window and the
+        selected entries in place. The projections ran for all S tokens at once; only these writes and reads are
+        ordered, so token k sees the writes of tokens < k and none of later ones. Returns o [B, S, H, c]."""
         step, store = layer.step, layer.storage
-        positions = step.positions
-        # The token's K=V goes into the ring first: position t replaces t - W, which has left the window.
-        store.window.index_put_((step.slots, positions % self.window), kv[:, 0].to(store.window.dtype))
-        entry_idx = None
-        if self.compressor is not None:
-            assert store.entries is not None
-            self._update_compressed_paged(x, ctx, layer)
-            visible = (positions + 1) // self.ratio
-            if self.indexer is not None:
-                assert store.index_keys is not None
-                cos, sin = ctx.cos_sin[True]
-                q_i, w_i = self.indexer.queries(x, qr, cos, sin, ctx.qat)
-                entry_idx = self.indexer.select_paged(
-                    q_i[:, 0], w_i[:, 0], store.index_keys.rows, step.block_tables, visible, ctx.qat
-                )
-            else:  # HCA: every visible entry
-                n = step.block_tables.shape[1] * store.entries.rows.rows_per_block
-                entry = torch.arange(n, device=x.device)
-                entry_idx = torch.where(entry < visible[:, None], entry, -1)
-        entries = store.entries.rows if store.entries is not None else None
-        o = self.ops.paged_sparse_attention(
-            q[:, 0],
-            store.window,
-            step.slots,
-            positions,
-            entries,
-            step.block_tables,
-            entry_idx,
-            self.attn_sink,
-            self.head_dim**-0.5,
-        )
-        return o[:, None]
+        s = x.shape[1]
+        proj = self.compressor.project(x, ctx.positions) if self.compressor is not None else None
+        iproj = self.indexer.compressor.project(x, ctx.positions) if self.indexer is not None else None
+        index_q = None
+        if self.indexer is not None:
+            cos, sin = ctx.cos_sin[True]
+            index_q = self.indexer.queries(x, qr, cos, sin, ctx.qat)
+        out = []
+        for k in range(s):
+            positions = step.positions + k
+            undo = step.undo if k else None  # tokens after the first are tentative
+            slot_row = positions % self.window
+            if undo is not None:
+                undo.save(store.window, slot_row)
+            # The token's K=V goes into the ring first: position t replaces t - W, which has left the window.
+            store.window.index_put_((step.slots, slot_row), kv[:, k].to(store.window.dtype))
+            entry_idx = None
+            if self.compressor is not None:
+                assert store.entries is not None and proj is not None
+                self._update_compressed_paged(x[:, k], proj, iproj, k, positions, ctx, layer, undo)
+                visible = (positions + 1) // self.ratio
+                if index_q is not None:
+                    assert self.indexer is not None and store.index_keys is not None
+                    q_i, w_i = index_q
+                    entry_idx = self.indexer.select_paged(
+                        q_i[:, k], w_i[:, k], store.index_keys.rows, step.block_tables, visible, ctx.qat
+                    )
+                else:  # HCA: every visible entry
+                    n = step.block_tables.shape[1] * store.entries.rows.rows_per_block
+                    entry = torch.arange(n, device=x.device)
+                    entry_idx = torch.where(entry < visible[:, None], entry, -1)
+            entries = store.entries.rows if store.entries is not None else None
+            o = self.ops.paged_sparse_attention(
+                q[:, k],
+                store.window,
+                step.slots,
+                positions,
+                entries,
+                step.block_tables,
+                entry_idx,
+                self.attn_sink,
+                self.head_dim**-0.5,
+            )
+            out.append(o[:, None])
+        return out[0] if s == 1 else torch.cat(out, dim=1)
 
-    def _update_compressed_paged(self, x: torch.Tensor, ctx: StepContext, layer: PagedLayerView) -> None:
-        """Fold every row's token into its compressor states; rows whose token completes a block store the block's
-        entry (and CSA indexer key) in their blocks, the others write the stores' sink row."""
+    def _update_compressed_paged(
+        self,
+        x: torch.Tensor,
+        proj: tuple[torch.Tensor, torch.Tensor],
+        iproj: tuple[torch.Tensor, torch.Tensor] | None,
+        k: int,
+        positions: torch.Tensor,
+        ctx: StepContext,
+        layer: PagedLayerView,
+        undo: PagedUndo | None,
+    ) -> None:
+        """Fold token k of every row (at `positions`, x [B, d]; its compressor projections `proj`, `iproj` of all
+        the step's tokens) into its compressor states; rows whose token completes a block store the block's entry
+        (and CSA indexer key) in their blocks, the others write the stores' sink row."""
         assert self.compressor is not None
         step, store = layer.step, layer.storage
         assert store.entries is not None
-        positions, m = step.positions, self.ratio
+        m = self.ratio
         block = positions // m
-        a, z = self.compressor.project(x, ctx.positions)
+        if undo is not None and self.compressor.overlap:  # completing a block moves a CSA state's rows [0, m)
+            for name in ("comp_kv", "comp_score", "icomp_kv", "icomp_score"):
+                if name in store.comp:
+                    undo.save(store.comp[name][:, :m])
+        a, z = proj
         pooled, complete = self.compressor.pool_step(
-            store.comp["comp_kv"], store.comp["comp_score"], a[:, 0], z[:, 0], step.slots, positions, store.sink_slot
+            store.comp["comp_kv"], store.comp["comp_score"], a[:, k], z[:, k], step.slots, positions, store.sink_slot
         )
         sim: Callable[[torch.Tensor], torch.Tensor] | None = (lambda e: q8_nope(e, self.rope_dim)) if ctx.qat else None
         entries = self.compressor.finish(pooled, block, ctx.rope_compress, sim, x.dtype)
@@ -166,10 +197,10 @@ class Attention(OpsModule):
         target = torch.where(complete, target, store.entries.sink_row)
         store.entries.write(target, entries)
         if self.indexer is not None:
-            assert store.index_keys is not None
-            ia, iz = self.indexer.compressor.project(x, ctx.positions)
+            assert store.index_keys is not None and iproj is not None
+            ia, iz = iproj
             ipooled, _ = self.indexer.compressor.pool_step(
-                store.comp["icomp_kv"], store.comp["icomp_score"], ia[:, 0], iz[:, 0], step.slots, positions,
+                store.comp["icomp_kv"], store.comp["icomp_score"], ia[:, k], iz[:, k], step.slots, positions,
                 store.sink_slot,
             )  # fmt: skip
             keys = self.indexer.compressor.finish(

@@ -5,7 +5,8 @@ explicit per-sequence states (`dsv4.model_runtime.state`): `prefill` advances ev
 of tokens from wherever each row's state stands (chunked prefill, or batched decode with S = 1), `decode` is
 `prefill` of one token per row. `decode_paged` is the engine's decode step: one token per row over the paged KV
 pool, every input a device tensor, a fixed sequence of ops (no host sync, nothing per row), so it can be
-captured in a CUDA graph.
+captured in a CUDA graph. `paged_streams` and `mtp_paged` are the same over S tokens per row: the engine's MTP
+verification step (the last token and the draft).
 """
 
 from __future__ import annotations
@@ -90,11 +91,40 @@ class DeepseekV4(OpsModule):
         """One token per row over the paged pool: token_ids [B] int64 at step.positions -> logits [B, vocab].
 
         Writes each row's window, compressor and entry rows in the pool; the caller advances its bookkeeping."""
-        ids = token_ids.view(-1, 1)
-        ctx = self._context(step.positions, None, step.positions.view(-1, 1))
-        streams = self.embed(ids).unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1).contiguous()
-        streams = run_blocks(self.blocks, streams, ids, ctx, step.layer)
-        return self.logits(streams[:, -1])
+        return self.logits(self.paged_streams(token_ids.view(-1, 1), step)[:, -1])
+
+    @torch.no_grad()
+    def paged_streams(self, token_ids: torch.Tensor, step: PagedDecode) -> torch.Tensor:
+        """S tokens per row over the paged pool: token_ids [B, S] int64, the first at step.positions -> the
+        residual streams [B, S, n, d] before the hyper head (S = 2: an MTP verification step, whose second token's
+        pool writes `step.undo` can take back)."""
+        ctx = self._paged_context(step, token_ids.shape[1])
+        streams = self.embed(token_ids).unsqueeze(2).expand(-1, -1, self.cfg.hc_mult, -1).contiguous()
+        return run_blocks(self.blocks, streams, token_ids, ctx, step.layer)
+
+    @torch.no_grad()
+    def mtp_paged(self, streams: torch.Tensor, next_ids: torch.Tensor, step: PagedDecode) -> torch.Tensor:
+        """`mtp_logits` over the paged pool: the main streams [B, S, n, d] of the S positions from step.positions
+        and the tokens after them [B, S] -> logits [B, S, vocab] for the tokens two ahead (the MTP layer's window
+        rows written as the main layers' are, through `step.undo` too)."""
+        block = self._mtp_block()
+        ctx = self._paged_context(step, next_ids.shape[1])
+        embed = self.embed(next_ids).to(self.dtype)
+        hidden = block.predict(streams, embed, next_ids, ctx, step.layer(self.cfg.num_hidden_layers))
+        return self.head(hidden, out_dtype=torch.promote_types(hidden.dtype, torch.float32))
+
+    def _paged_context(self, step: PagedDecode, n_tokens: int) -> StepContext:
+        starts = step.positions
+        if n_tokens == 1:
+            return self._context(starts, None, starts.view(-1, 1))
+        return self._context(starts, None, starts[:, None] + torch.arange(n_tokens, device=starts.device))
+
+    def _mtp_block(self) -> MTPBlock:
+        if not len(self.mtp):
+            raise ValueError("this model was built without its MTP module (mtp=False)")
+        block = self.mtp[0]
+        assert isinstance(block, MTPBlock)
+        return block
 
     def hidden_streams(self, input_ids: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
         """Run the decoder blocks: input_ids [B, S] -> residual streams [B, S, n, d] before the hyper head.
@@ -132,10 +162,7 @@ class DeepseekV4(OpsModule):
         """MTP module 0: streams [B, S, n, d] of positions t (from `hidden_streams`) and the tokens at t+1
         [B, S] -> logits [B, S, vocab] for the tokens at t+2. Advances each state's `mtp_position` by S; call
         it for every position in order, like the main model."""
-        if not len(self.mtp):
-            raise ValueError("this model was built without its MTP module (mtp=False)")
-        block = self.mtp[0]
-        assert isinstance(block, MTPBlock)
+        block = self._mtp_block()
         ctx = self.context([st.mtp_position for st in states], next_ids.shape[1])
         embed = self.embed(next_ids).to(self.dtype)
         hidden = block.predict(streams, embed, next_ids, ctx, [st.mtp_layers[0] for st in states])

@@ -14,8 +14,7 @@ from dsv4.model_runtime.layers.attention import StepContext
 from dsv4.model_runtime.layers.linear import Linear
 from dsv4.model_runtime.layers.mhc import HyperHead
 from dsv4.model_runtime.layers.norm import RMSNorm
-from dsv4.model_runtime.models.block import Block
-from dsv4.model_runtime.state import LayerState
+from dsv4.model_runtime.models.block import Block, BlockStates
 
 
 class MTPBlock(Block):
@@ -37,7 +36,7 @@ class MTPBlock(Block):
         next_embed: torch.Tensor,
         next_ids: torch.Tensor,
         ctx: StepContext,
-        states: list[LayerState],
+        states: BlockStates,
     ) -> torch.Tensor:
         """streams [B, S, n, d] (main model, before its head), next_embed [B, S, d] -> hidden [B, S, d] to the head."""
         x = self.e_proj(self.enorm(next_embed)).unsqueeze(2) + self.h_proj(self.hnorm(streams))  # [B, S, n, d]

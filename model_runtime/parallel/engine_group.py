@@ -32,10 +32,12 @@ layers (`shard.py`) line up.
   be sent means a follower is gone: either way the leader logs one line and exits (the callers' requests are not
   failed: their jobs are taken over), and the launcher ends the group, rather than serve from ranks out of step.
 
-MTP speculative decoding runs in a group of one tensor-parallel group: its verification (`VerifyCall`), the
-rollback and refeed of rejected drafts (`RefeedCall`) and the step's MTP calls (`MtpCall`, naming rows of the
-streams every rank kept from this step's calls) are sent like the others; under data-parallel attention it is
-refused (`group_config`).
+MTP speculative decoding runs in a group of one tensor-parallel group: a verification step (`VerifyCall`: its
+rows with their drafts and its block tables) is sent like a decode step; the followers then receive the step's
+draws from the leader's device (one broadcast, as the fed tokens above), with which every rank runs the MTP over
+the step and takes back the rejected drafts' pool writes. The MTP calls after per-sequence feeds (`MtpCall`,
+naming rows of the streams every rank kept from this step's feeds) are sent like the others. Under
+data-parallel attention MTP is refused (`group_config`).
 
 Batched decode steps replay device graphs in a rank group as in one process: the leader pads the step's block
 tables to its graph's width before sending it, every rank pads the rows to its graph's batch bucket, and so every
@@ -63,7 +65,7 @@ from dsv4.model_runtime.engine.cuda_graphs import batch_bucket
 from dsv4.model_runtime.engine.kv_groups import GroupKV, pool_index
 from dsv4.model_runtime.engine.kv_state import KVPool, PagedSequenceState, PoolWrite
 from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
-from dsv4.model_runtime.engine.model_runner import ModelRunner, StreamRef
+from dsv4.model_runtime.engine.model_runner import ModelRunner, StreamRef, VerifyStep
 from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.step_inputs import DecodeInputs
 from dsv4.model_runtime.engine.transfer import to_device
@@ -145,19 +147,11 @@ class ExportCall:
 
 @dataclass(frozen=True)
 class VerifyCall:
-    """MTP verification: ids [B, 2] (last token, draft) fed to the described states (`forward_verify`)."""
+    """An MTP verification step: `DecodeInputs.rows` [B, 4] (with the drafts) and `block_tables` [B, T], on the
+    CPU; its draws follow by broadcast (`_verify_draws`)."""
 
-    ids: torch.Tensor
-    states: list[Described]
-
-
-@dataclass(frozen=True)
-class RefeedCall:
-    """The last verification's rejected `rows`, rolled back and fed their last token again (`forward_refeed`)."""
-
-    rows: list[int]
-    ids: torch.Tensor
-    states: list[Described]
+    rows: torch.Tensor
+    block_tables: torch.Tensor
 
 
 @dataclass(frozen=True)
@@ -173,7 +167,7 @@ class Stop:
     """The leader is done: followers return."""
 
 
-Published = Call | ExportCall | VerifyCall | RefeedCall | MtpCall | Stop
+Published = Call | ExportCall | VerifyCall | MtpCall | Stop
 
 
 @dataclass(frozen=True)
@@ -351,13 +345,20 @@ class LeaderRunner(ModelRunner):
         return streams, _in_order(logits, [where[i] for members in by_group for i in members if i in needed])
 
     # MTP (one tensor-parallel group only, `group_config`): each call is sent, then made as one process makes it.
-    def forward_verify(self, ids: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
-        call = VerifyCall(ids.cpu(), _describe(states))
-        return self._call(call, lambda: super(LeaderRunner, self).forward_verify(ids, states))
+    def verify_logits(self, seqs: list[Request]) -> tuple[torch.Tensor, VerifyStep]:
+        pool = self.pools[0]
+        pool.flush_block_tables()
+        inputs = DecodeInputs.on_host(seqs, pool, self.decode_width(seqs, pool, 2), True)
+        call = VerifyCall(inputs.rows, inputs.block_tables)
+        device = self.model.device
+        on_device = DecodeInputs(to_device(inputs.rows, device), to_device(inputs.block_tables, device))
+        return self._call(call, lambda: self.forward_verify(on_device, pool))
 
-    def forward_refeed(self, rows: list[int], ids: torch.Tensor, states: list[SequenceState]) -> None:
-        call = RefeedCall(rows, ids.cpu(), _describe(states))
-        self._call(call, lambda: super(LeaderRunner, self).forward_refeed(rows, ids, states))
+    def finish_verify(self, verify: VerifyStep, tokens: torch.Tensor) -> torch.Tensor:
+        try:
+            return super().finish_verify(verify, _verify_draws(tokens))
+        except Exception as e:  # the followers are inside the step's collectives
+            _broken(e)
 
     def forward_mtp(self, calls: list[tuple[list[StreamRef], torch.Tensor, list[SequenceState]]]) -> list[torch.Tensor]:
         call = MtpCall([(refs, ids.cpu(), _describe(states)) for refs, ids, states in calls])
@@ -420,7 +421,7 @@ class RankEngine:
                 call = message.call
                 if isinstance(call, Stop):
                     return
-                if isinstance(call, VerifyCall | RefeedCall | MtpCall):
+                if isinstance(call, VerifyCall | MtpCall):
                     _replay_mtp(runner, pool, call)
                     continue
                 if isinstance(call, ExportCall):
@@ -454,19 +455,31 @@ def _describe(states: list[SequenceState]) -> list[Described]:
     return out
 
 
-def _replay_mtp(runner: ModelRunner, pool: KVPool, call: VerifyCall | RefeedCall | MtpCall) -> None:
-    """A follower's part of an MTP call: the same runner call on its shard, over the described states."""
+def _replay_mtp(runner: ModelRunner, pool: KVPool, call: VerifyCall | MtpCall) -> None:
+    """A follower's part of an MTP call: the same runner calls on its shard (a verification step's draws come
+    from the leader)."""
     device = runner.model.device
+    if isinstance(call, VerifyCall):
+        inputs = DecodeInputs(to_device(call.rows, device), to_device(call.block_tables, device))
+        _, verify = ModelRunner.forward_verify(runner, inputs, pool)
+        ModelRunner.finish_verify(runner, verify, _verify_draws(None, inputs.rows.shape[0], device))
+        return
 
     def states(described: list[Described]) -> list[SequenceState]:
         return [_state(pool, *d) for d in described]
 
-    if isinstance(call, VerifyCall):
-        ModelRunner.forward_verify(runner, call.ids.to(device), states(call.states))
-    elif isinstance(call, RefeedCall):
-        ModelRunner.forward_refeed(runner, call.rows, call.ids.to(device), states(call.states))
-    else:
-        ModelRunner.forward_mtp(runner, [(refs, ids.to(device), states(ds)) for refs, ids, ds in call.calls])
+    ModelRunner.forward_mtp(runner, [(refs, ids.to(device), states(ds)) for refs, ids, ds in call.calls])
+
+
+def _verify_draws(tokens: torch.Tensor | None, rows: int = 0, device: torch.device | None = None) -> torch.Tensor:
+    """A verification step's draws [B, 2] on every rank: the leader broadcasts its `tokens` (device), the followers
+    receive them (`rows` of them, on `device`). Queued on the device behind the draw like `_fed_tokens`: no rank's
+    host waits for it (NCCL / HCCL: not run on hardware)."""
+    if tokens is None:
+        tokens = torch.empty(rows, 2, dtype=torch.int64, device=device)
+    tokens = tokens.to(torch.int64).contiguous()
+    dist.broadcast(tokens, src=0)
+    return tokens
 
 
 def _apply(model: DeepseekV4, pool: KVPool, write: PoolWrite) -> None:
