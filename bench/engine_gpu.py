@@ -11,7 +11,8 @@ the `cuda` backend eager, and the `reference` backend. Each run first generates 
 the whole generation (prefill included, as `LLM.generate`), `decode_tok_s` B*(G-1) over the decode steps after
 every request's first token; then one line per (preset, batch) with the ratios to the reference run,
 `overlap_speedup` (cuda+graphs over cuda+graphs-sync) and whether each run's greedy tokens equal the reference's.
-`--runs ...,reference+compile` adds the reference backend with its decode step under `torch.compile` (opt-in).
+`--runs ...,reference+compile` adds the reference backend with its decode step under `torch.compile` (opt-in);
+`cuda+graphs+mtp` and `reference+mtp` decode with MTP drafts (opt-in; `mtp_acceptance` in their lines).
 Runs past `--budget` seconds are skipped with a line saying so.
 The aims (issue #17, H200): small-flash with graphs >= 1,000 tokens/s at batch 1 and >= 15,000 at batch 64;
 the cuda backend >= 3x the reference at batch 32. Needs a CUDA device; runs with only torch, triton,
@@ -36,17 +37,21 @@ from dsv4.model_runtime.make_checkpoint import write_checkpoint
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.weights import load_model
 
-# run -> (kernel backend, CUDA graphs, torch.compile of the decode step, overlapped scheduling);
+# run -> (kernel backend, CUDA graphs, torch.compile of the decode step, overlapped scheduling, MTP);
 # `reference+compile` is opt-in (--runs): issue #17 allows torch.compile where it beats the hand-written kernels,
 # and this run measures that (inductor's kernels for the reference ops, captured in the same graphs).
 # `cuda+graphs-sync` is `cuda+graphs` with each step's tokens landed before the next step is launched: the
-# baseline of overlapped scheduling (on by default on CUDA). NOT RUN ON A GPU YET.
+# baseline of overlapped scheduling (on by default on CUDA). The `+mtp` runs (opt-in) decode with MTP drafts,
+# every step a verification step (two graphs around the sampling); the random checkpoints' MTP guesses wrong, so
+# they measure what verification costs, not what accepted drafts gain. NOT RUN ON A GPU YET.
 RUNS = {
-    "cuda+graphs": ("cuda", True, False, True),
-    "cuda+graphs-sync": ("cuda", True, False, False),
-    "cuda-eager": ("cuda", False, False, True),
-    "reference": ("reference", False, False, True),
-    "reference+compile": ("reference", True, True, True),
+    "cuda+graphs": ("cuda", True, False, True, False),
+    "cuda+graphs-sync": ("cuda", True, False, False, False),
+    "cuda-eager": ("cuda", False, False, True, False),
+    "reference": ("reference", False, False, True, False),
+    "reference+compile": ("reference", True, True, True, False),
+    "cuda+graphs+mtp": ("cuda", True, False, True, True),
+    "reference+mtp": ("reference", False, False, True, True),
 }
 DEFAULT_RUNS = ("cuda+graphs", "cuda+graphs-sync", "cuda-eager", "reference")
 
@@ -57,10 +62,10 @@ def _sync(model: DeepseekV4) -> None:
 
 
 def generate(
-    model: DeepseekV4, prompts: list[list[int]], tokens: int, graphs: bool, overlap: bool = True
+    model: DeepseekV4, prompts: list[list[int]], tokens: int, graphs: bool, overlap: bool = True, mtp: bool = False
 ) -> dict[str, Any]:
-    """Run the prompts to `tokens` greedy tokens each; whole and decode-only times (seconds), step count and the
-    generated tokens."""
+    """Run the prompts to `tokens` greedy tokens each; whole and decode-only times (seconds), step count, the
+    generated tokens and the MTP acceptance rate."""
     batch = len(prompts)
     config = EngineConfig(
         max_num_seqs=max(batch, 1),
@@ -68,6 +73,7 @@ def generate(
         num_blocks=4 * batch + 8,
         cuda_graphs=graphs,
         overlap_scheduling=overlap,
+        speculative_mtp=mtp,
     )
     engine = LLMEngine(model, None, config)
     params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
@@ -85,7 +91,14 @@ def generate(
     _sync(model)
     end = time.perf_counter()
     tokens_out = [list(s.output_token_ids) for s in seqs]
-    return {"total_s": end - start, "decode_s": end - first, "decode_steps": steps, "tokens": tokens_out}
+    acceptance = engine.stats_extra()["mtp_acceptance_rate"]
+    return {
+        "total_s": end - start,
+        "decode_s": end - first,
+        "decode_steps": steps,
+        "tokens": tokens_out,
+        "acceptance": acceptance,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             outputs: dict[tuple[str, int], list[list[int]]] = {}
             eager_step = model.decode_paged
             for run in runs:
-                backend, graphs, compiled, overlap = RUNS[run]
+                backend, graphs, compiled, overlap, mtp = RUNS[run]
                 model.bind_ops(backend)
                 # the decode step only: prefill keeps its per-sequence shapes, which would recompile per length
                 model.decode_paged = torch.compile(eager_step) if compiled else eager_step  # type: ignore[method-assign]
@@ -140,8 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                     gen = torch.Generator().manual_seed(batch)
                     prompts = torch.randint(3, 128000, (batch, args.prompt), generator=gen).tolist()
                     try:
-                        generate(model, prompts, 2, graphs, overlap)  # warm-up: graphs captured, kernels compiled
-                        t = generate(model, prompts, args.tokens, graphs, overlap)
+                        generate(model, prompts, 2, graphs, overlap, mtp)  # warm-up: graphs captured, kernels compiled
+                        t = generate(model, prompts, args.tokens, graphs, overlap, mtp)
                     except Exception as e:  # one failing run must not hide the others' numbers
                         emit({**common, "error": repr(e)[:500]})
                         continue
@@ -157,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
                             "tok_s": round(tok_s, 1),
                             "decode_tok_s": round(decode_tok_s, 1),
                             "ms_per_decode_step": round(t["decode_s"] / max(1, t["decode_steps"]) * 1e3, 3),
+                            **({"mtp_acceptance": round(t["acceptance"], 3)} if mtp else {}),
                         }
                     )
             for batch in batches:

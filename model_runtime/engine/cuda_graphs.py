@@ -6,7 +6,9 @@ copied into the graph's static inputs, padded to the bucket with rows that feed 
 pool's sink slot (their writes land in the sink slot and sink rows, which nothing reads), and the replay leaves
 the logits in the graph's static output. Batches are padded to 1, 2, 4, 8 and then multiples of 8; widths to
 powers of two. Graphs are captured on first use and share one memory pool. Sampling runs eagerly after the
-replay (its work depends on the rows' parameters, not only on shapes).
+replay (its work depends on the rows' parameters, not only on shapes). An MTP verification step is captured the
+same way, as two graphs around its sampling: the model call over [last token, draft], and the end (the MTP, the
+undo of rejected drafts, the next drafts), whose static input is the step's draws.
 
 On an Ascend NPU the same code captures with torch_npu's graph API (`torch.npu.NPUGraph`, `torch.npu.graph`,
 `torch.npu.graph_pool_handle`: aclgraph, present in the pinned torch_npu 2.14.0 and shaped like torch.cuda's).
@@ -24,7 +26,8 @@ from typing import Any
 import torch
 
 from dsv4.model_runtime.engine.kv_state import KVPool
-from dsv4.model_runtime.engine.step_inputs import DecodeInputs
+from dsv4.model_runtime.engine.speculative import VerifyStep, start_verification
+from dsv4.model_runtime.engine.step_inputs import DRAFT, DecodeInputs
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 
 GRAPH_DEVICES = ("cuda", "npu")
@@ -54,55 +57,97 @@ def width_bucket(width: int, max_width: int) -> int:
 
 @dataclass
 class _Graph:
-    rows: torch.Tensor  # [bucket, 3] static inputs
+    rows: torch.Tensor  # [bucket, 3] static inputs ([bucket, 4] with the drafts of a verification step)
     block_tables: torch.Tensor  # [bucket, width]
-    replay: Callable[[], torch.Tensor]  # runs the step, returns the static logits [bucket, vocab]
+    replay: Callable[[], torch.Tensor]  # runs the step, returns the static logits [bucket, vocab] ([bucket, 2, vocab])
+    # A verification step's end: its static draws [bucket, 2] and the replay of its end, which returns the static
+    # next drafts [bucket] (None in a decode step).
+    tokens: torch.Tensor | None = None
+    replay_end: Callable[[], torch.Tensor] | None = None
 
 
 class DecodeGraphs:
-    """The captured decode steps of one model over one pool."""
+    """The captured decode steps of one model over one pool, and its MTP verification steps (two graphs each: the
+    model call, then, after the draws, the end: `speculative.end_verification`)."""
 
     def __init__(self, model: DeepseekV4, pool: KVPool, capture: bool) -> None:
         self.model, self.pool, self.capture = model, pool, capture
         self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._verify_graphs: dict[tuple[int, int], _Graph] = {}
         self._api = graph_api(model.device)[0] if capture else None
         self._mempool = self._api.graph_pool_handle() if self._api is not None else None
-        # the row a padding row copies: token 0 at position 0 in the sink slot
-        self._pad = torch.tensor([[0, 0, pool.sink_slot]], dtype=torch.int64, device=model.device)
+        # the row a padding row copies: token 0 at position 0 in the sink slot (draft 0 in a verification step)
+        self._pad = torch.tensor([[0, 0, pool.sink_slot, 0]], dtype=torch.int64, device=model.device)
 
     @property
     def shapes(self) -> list[tuple[int, int]]:
-        """(batch bucket, table width) of every graph captured so far."""
+        """(batch bucket, table width) of every decode graph captured so far."""
         return sorted(self._graphs)
+
+    @property
+    def verify_shapes(self) -> list[tuple[int, int]]:
+        """(batch bucket, table width) of every verification step captured so far."""
+        return sorted(self._verify_graphs)
 
     def run(self, inputs: DecodeInputs, bucket: int | None = None) -> torch.Tensor:
         """Logits [D, vocab] of the step's D rows (inputs at their exact width, which must be a bucket width),
         padded to `bucket` rows (default: D's bucket; a data-parallel group pads to the bucket of the largest
         group's rows, so every rank replays the same shape, D = 0 included)."""
+        graph, d = self._load(self._graphs, inputs, bucket)
+        return graph.replay()[:d]
+
+    def run_verify(self, inputs: DecodeInputs) -> VerifyStep:
+        """The verification step of `inputs` (rows with their drafts, at a bucket width), padded to its rows'
+        bucket: its model call replayed now, its end replayed by the returned step's `finish`."""
+        graph, d = self._load(self._verify_graphs, inputs, None)
+        logits = graph.replay()[:d]
+        tokens, replay_end = graph.tokens, graph.replay_end
+        assert tokens is not None and replay_end is not None
+
+        def finish(drawn: torch.Tensor) -> torch.Tensor:
+            tokens[:d].copy_(drawn)
+            tokens[d:].zero_()
+            return replay_end()[:d]
+
+        return VerifyStep(logits, graph.rows[:d, DRAFT], finish)
+
+    def _load(
+        self, graphs: dict[tuple[int, int], _Graph], inputs: DecodeInputs, bucket: int | None
+    ) -> tuple[_Graph, int]:
+        """The graph of the step's shape (captured now if new) with the step's rows and tables in its static
+        inputs, padded; and the step's row count."""
         d, width = inputs.rows.shape[0], inputs.block_tables.shape[1]
         bucket = batch_bucket(d) if bucket is None else bucket
         if bucket < d or bucket != batch_bucket(bucket):
             raise ValueError(f"decode graphs: {d} rows do not pad to a bucket of {bucket}")
         key = (bucket, width)
-        graph = self._graphs.get(key)
+        graph = graphs.get(key)
         if graph is None:
-            graph = self._graphs[key] = self._build(bucket, width)
+            graph = graphs[key] = self._build(bucket, width, inputs.verifies)
         graph.rows[:d].copy_(inputs.rows)
-        graph.rows[d:].copy_(self._pad.expand(graph.rows.shape[0] - d, -1))
+        graph.rows[d:].copy_(self._pad[:, : graph.rows.shape[1]].expand(graph.rows.shape[0] - d, -1))
         graph.block_tables[:d].copy_(inputs.block_tables)
-        return graph.replay()[:d]
+        return graph, d
 
-    def _build(self, bucket: int, width: int) -> _Graph:
+    def _build(self, bucket: int, width: int, verify: bool) -> _Graph:
         device = self.model.device
-        rows = self._pad.expand(bucket, -1).clone()
+        rows = self._pad[:, : 4 if verify else 3].expand(bucket, -1).clone()
         block_tables = torch.zeros(bucket, width, dtype=torch.int32, device=device)
+        tokens = torch.zeros(bucket, 2, dtype=torch.int64, device=device)
+        started: list[VerifyStep] = []  # the verification step whose end the end graph runs
 
         def step() -> torch.Tensor:
             inputs = DecodeInputs(rows, block_tables)
-            return self.model.decode_paged(inputs.token_ids, inputs.step(self.pool))
+            if not verify:
+                return self.model.decode_paged(inputs.token_ids, inputs.step(self.pool))
+            started[:] = [start_verification(self.model, inputs, self.pool)]
+            return started[0].logits
+
+        def end() -> torch.Tensor:
+            return started[0].finish(tokens)
 
         if self._api is None:
-            return _Graph(rows, block_tables, step)
+            return _Graph(rows, block_tables, step, tokens, end) if verify else _Graph(rows, block_tables, step)
         api, graph_class = graph_api(device)
         # Warm up on a side stream first (Triton compiles, cuBLAS picks its workspace, lazily built constants such
         # as the Hadamard matrix are made), then capture; the padding rows write only the sink slot and sink rows.
@@ -111,6 +156,8 @@ class DecodeGraphs:
         with api.stream(side):
             for _ in range(2):
                 step()
+                if verify:
+                    end()
         api.current_stream(device).wait_stream(side)
         graph = graph_class()
         with api.graph(graph, pool=self._mempool):
@@ -120,4 +167,16 @@ class DecodeGraphs:
             graph.replay()
             return logits
 
-        return _Graph(rows, block_tables, replay)
+        if not verify:
+            return _Graph(rows, block_tables, replay)
+        # The end's graph reads what the captured model call left in the memory pool (its streams and undo log),
+        # which each replay of that call rewrites in place.
+        end_graph = graph_class()
+        with api.graph(end_graph, pool=self._mempool):
+            drafts = end()
+
+        def replay_end() -> torch.Tensor:
+            end_graph.replay()
+            return drafts
+
+        return _Graph(rows, block_tables, replay, tokens, replay_end)

@@ -36,10 +36,11 @@ from dsv4.model_runtime.engine.sampler import (
 )
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.engine.scheduler import ScheduledChunk
+from dsv4.model_runtime.engine.speculative import VerifyStep
 from dsv4.model_runtime.engine.step_inputs import DecodeInputs, table_width
 from dsv4.model_runtime.engine.transfer import HostCopy, start_copy_to_host, to_device, to_host
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
-from dsv4.model_runtime.state import PagedDecode, SequenceState
+from dsv4.model_runtime.state import SequenceState
 
 StreamRef = tuple[int, int]  # (index of a model call of this step, row of its streams)
 
@@ -49,17 +50,6 @@ def _request(seq: Request, pending: bool = False) -> SampleRequest:
     landed yet)."""
     index = seq.num_generated + pending
     return SampleRequest(seq.params, seq.seed, index, seq.prompt_token_ids, seq.output_token_ids)
-
-
-@dataclass(frozen=True)
-class VerifyStep:
-    """An MTP verification step between its model call and its end (`ModelRunner.finish_verify`): the inputs, the
-    model's view of the pool (its undo log holds what the drafts overwrote) and the main model's streams
-    [B, 2, n, d]."""
-
-    inputs: DecodeInputs
-    step: PagedDecode
-    streams: torch.Tensor
 
 
 @dataclass
@@ -254,9 +244,12 @@ class ModelRunner:
         graphs."""
         if not self.cuda_graphs:
             return self.forward_decode(inputs, pool)
+        return self._graphs_of(pool).run(inputs, bucket)
+
+    def _graphs_of(self, pool: KVPool) -> DecodeGraphs:
         if self.graphs is None or self.graphs.pool is not pool:
             self.graphs = DecodeGraphs(self.model, pool, capture=self.model.device.type in GRAPH_DEVICES)
-        return self.graphs.run(inputs, bucket)
+        return self.graphs
 
     def _feed(
         self, n: int, seqs: list[Request], follow: list[tuple[Request, StreamRef, int]]
@@ -288,25 +281,19 @@ class ModelRunner:
         streams = self._keep(self.model.hidden_streams(to_device(ids, self.model.device), states))
         return streams, self.model.logits(streams[rows, -1]) if rows else None
 
-    def forward_verify(self, inputs: DecodeInputs, pool: KVPool) -> tuple[torch.Tensor, VerifyStep]:
-        """The model call of an MTP verification step (`inputs` with drafts): logits [B, 2, vocab] and the step, for
-        `finish_verify`."""
-        step = inputs.step(pool)
-        streams = self.model.paged_streams(inputs.verify_ids, step)
-        return self.model.logits(streams), VerifyStep(inputs, step, streams)
+    def forward_verify(self, inputs: DecodeInputs, pool: KVPool) -> VerifyStep:
+        """The model call of an MTP verification step (`inputs` with drafts), replayed from the graph of its shape
+        when steps replay graphs: its logits [B, 2, vocab] and its end (`finish_verify`)."""
+        if self.cuda_graphs:
+            return self._graphs_of(pool).run_verify(inputs)
+        return speculative.start_verification(self.model, inputs, pool)
 
     def finish_verify(self, verify: VerifyStep, tokens: torch.Tensor) -> torch.Tensor:
-        """The end of a verification step whose draws are `tokens` [B, 2] (device): the MTP over the step's two
-        positions (each with the token drawn after it), then the pool writes of the drafts that were rejected (the
-        first draw differs) taken back, the MTP's included. Returns the next drafts [B] (device): the MTP's guess
-        after the second token where the draft was accepted, after the first elsewhere. No host sync."""
-        rejected = tokens[:, 0] != verify.inputs.drafts
-        guesses = torch.argmax(self.model.mtp_paged(verify.streams, tokens, verify.step), dim=-1)  # [B, 2]
-        assert verify.step.undo is not None
-        verify.step.undo.restore(rejected)
-        return torch.where(rejected, guesses[:, 0], guesses[:, 1])
+        """The end of a verification step whose draws are `tokens` [B, 2] (device): the next drafts [B] (device),
+        the rejected drafts' pool writes taken back (`speculative.end_verification`)."""
+        return verify.finish(tokens)
 
-    def verify_logits(self, seqs: list[Request]) -> tuple[torch.Tensor, VerifyStep]:
+    def verify_logits(self, seqs: list[Request]) -> VerifyStep:
         """Run the model call of the verification step of `seqs` (a rank group's leader overrides it to run it on
         every rank): `forward_verify`'s result."""
         state = seqs[0].state
@@ -400,11 +387,11 @@ class ModelRunner:
         """Feed [last token, draft] of every sequence in one batched step and draw both rows in one call: the draft
         is kept iff it is the token plain decoding draws (row 0, the same seeded draw), and then row 1 gives the
         token after it. The drafts' tokens, the next drafts and the draws reach the host in one copy."""
-        logits, verify = self.verify_logits(seqs)  # [B, 2, vocab]
-        out, params, rows = self._draw_verify(seqs, logits, verify.inputs.drafts)
+        verify = self.verify_logits(seqs)
+        out, params, rows = self._draw_verify(seqs, verify.logits, verify.drafts)
         tokens = sampled_tokens(out).view(-1, 2)
         if rows is not None:  # count the second draws where their drafts stand
-            self.penalty_table.record_accepted(rows, tokens[:, 1], tokens[:, 0] == verify.inputs.drafts)
+            self.penalty_table.record_accepted(rows, tokens[:, 1], tokens[:, 0] == verify.drafts)
         drafts = self.finish_verify(verify, tokens)
         drawn = unpack(to_host(_with_ids(out, drafts)), params + [_ID_ROW] * len(seqs))
         for b, s in enumerate(seqs):

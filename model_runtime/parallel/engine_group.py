@@ -65,8 +65,9 @@ from dsv4.model_runtime.engine.cuda_graphs import batch_bucket
 from dsv4.model_runtime.engine.kv_groups import GroupKV, pool_index
 from dsv4.model_runtime.engine.kv_state import KVPool, PagedSequenceState, PoolWrite
 from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
-from dsv4.model_runtime.engine.model_runner import ModelRunner, StreamRef, VerifyStep
+from dsv4.model_runtime.engine.model_runner import ModelRunner, StreamRef
 from dsv4.model_runtime.engine.request import Request
+from dsv4.model_runtime.engine.speculative import VerifyStep
 from dsv4.model_runtime.engine.step_inputs import DecodeInputs
 from dsv4.model_runtime.engine.transfer import to_device
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
@@ -345,7 +346,7 @@ class LeaderRunner(ModelRunner):
         return streams, _in_order(logits, [where[i] for members in by_group for i in members if i in needed])
 
     # MTP (one tensor-parallel group only, `group_config`): each call is sent, then made as one process makes it.
-    def verify_logits(self, seqs: list[Request]) -> tuple[torch.Tensor, VerifyStep]:
+    def verify_logits(self, seqs: list[Request]) -> VerifyStep:
         pool = self.pools[0]
         pool.flush_block_tables()
         inputs = DecodeInputs.on_host(seqs, pool, self.decode_width(seqs, pool, 2), True)
@@ -461,7 +462,7 @@ def _replay_mtp(runner: ModelRunner, pool: KVPool, call: VerifyCall | MtpCall) -
     device = runner.model.device
     if isinstance(call, VerifyCall):
         inputs = DecodeInputs(to_device(call.rows, device), to_device(call.block_tables, device))
-        _, verify = ModelRunner.forward_verify(runner, inputs, pool)
+        verify = ModelRunner.forward_verify(runner, inputs, pool)
         ModelRunner.finish_verify(runner, verify, _verify_draws(None, inputs.rows.shape[0], device))
         return
 

@@ -70,3 +70,17 @@ def test_engine_bench_on_cpu(tmp_path: Path) -> None:
     assert [(line["run"], line["batch"]) for line in lines[1:]] == [("reference", 1), ("reference", 3)]
     assert all(line["decode_tok_s"] > 0 and line["ms_per_decode_step"] > 0 for line in lines[1:])
     assert len(out.read_text().splitlines()) == 3
+
+
+def test_engine_bench_runs_mtp_on_cpu() -> None:
+    """The MTP runs: verification steps every step, the acceptance rate in the line, and a ratio line against the
+    reference run whose greedy tokens MTP must reproduce."""
+    args = ("--device", "cpu", "--presets", "tiny-flash", "--batches", "2", "--tokens", "4", "--prompt", "4")
+    lines = _lines(str(BENCH / "engine_gpu.py"), *args, "--runs", "reference,cuda+graphs+mtp,reference+mtp")
+    assert [(line.get("run"), line["batch"]) for line in lines[1:]] == [
+        ("reference", 2),
+        ("reference+mtp", 2),
+        (None, 2),
+    ]
+    assert 0.0 <= lines[2]["mtp_acceptance"] <= 1.0 and "mtp_acceptance" not in lines[1]
+    assert lines[3]["same_tokens"] == {"reference+mtp/reference": True}

@@ -4,11 +4,11 @@ test_decode_capture.py; JSON on stdout).
 `FakeTensorMode` gives tensors a CUDA device and shapes without memory or a GPU: an op whose output depends on
 values (`.item()`, `nonzero`, ...) raises, and a CPU tensor meeting a CUDA one is a device error, which is what a
 capture refuses or silently bakes in. The tiny-flash model (bf16, QAT on, FP8/MXFP4 weights) runs two decode
-steps of `rows` rows through `DecodeGraphs`' padded static buffers (capture off), with the `reference` backend or
-the `cuda` one, whose Triton launches are recorded instead of run (their wrappers' host code runs: tile schedules,
-views, allocations). The first step warms up (device tables cached per device are made then, as `DecodeGraphs`
-warms up before it captures); in the second every dispatched op is recorded, and any that takes a CPU tensor of
-one or more dimensions or makes a CPU tensor is reported with its call site.
+steps of `rows` rows, then an MTP verification step, through `DecodeGraphs`' padded static buffers (capture off),
+with the `reference` backend or the `cuda` one, whose Triton launches are recorded instead of run (their wrappers'
+host code runs: tile schedules, views, allocations). The first step warms up (device tables cached per device are
+made then, as `DecodeGraphs` warms up before it captures); in the second every dispatched op is recorded, and any
+that takes a CPU tensor of one or more dimensions or makes a CPU tensor is reported with its call site.
 
 With a layout ("world,tp,ep") the model is rank 0's shard of it, over a fake process group (the collectives of
 the sharded layers return at once): the tensor-parallel layers, the expert-parallel MoE and, with tp < world,
@@ -115,7 +115,7 @@ def main(backend: str, rows: int, layout_arg: str | None = None) -> dict[str, An
         for i in range(rows):
             n = 5 + 7 * i  # contexts across pool blocks and compressor blocks
             seq = Request(f"r{i}", list(range(3, 3 + n)), SamplingParams(), seed=0, eos_token_id=None)
-            kv.grow(seq, n + 2)
+            kv.grow(seq, n + 4)  # two decode steps, then a verification step
             assert isinstance(seq.state, kv_state.PagedSequenceState)
             seq.state.position = n
             seqs.append(seq)
@@ -138,6 +138,7 @@ def main(backend: str, rows: int, layout_arg: str | None = None) -> dict[str, An
             for s in seqs:
                 s.state.position += 1  # type: ignore[union-attr]
         step_kernels, step_launches = sorted(set(launched)), len(launched)
+        verified = _verify(graphs, seqs, kv.pool, launched) if dp is None else {}
         sampled = _sample(model, logits, seqs, launched)
         return {
             "backend": backend,
@@ -147,8 +148,36 @@ def main(backend: str, rows: int, layout_arg: str | None = None) -> dict[str, An
             "host_tensors": sorted(set(traced.hits)),
             "kernels": step_kernels,
             "launches": step_launches,
+            **verified,
             **sampled,
         }
+
+
+def _verify(graphs: DecodeGraphs, seqs: list[Request], pool: kv_state.KVPool, launched: list[str]) -> dict[str, Any]:
+    """An MTP verification step (last token and draft per row; MTP runs in one tensor-parallel group, so not under
+    data-parallel attention) through `DecodeGraphs.run_verify`: its model call, then its end (the MTP, the undo of
+    rejected drafts), a warm-up first and then traced as the decode step."""
+    traced = HostTensors()
+    for step in range(2):
+        table = [[7, s.state.position, s.state.slot, 9] for s in seqs]  # type: ignore[union-attr]
+        rows = torch.tensor(table).to("cuda")
+        width = width_bucket(max(s.state.position + 1 for s in seqs) // 8 + 1, pool.max_blocks)  # type: ignore[union-attr]
+        inputs = DecodeInputs(rows, pool.block_tables[rows[:, 2], :width])
+        draws = torch.tensor([[9, 4]] * len(seqs)).to("cuda")
+        launched.clear()
+        if step == 1:
+            with traced:
+                verify = graphs.run_verify(inputs)
+                drafts = verify.finish(draws)
+        else:
+            graphs.run_verify(inputs).finish(draws)
+    return {
+        "verify_logits": [list(verify.logits.shape), str(verify.logits.device)],
+        "drafts": [list(drafts.shape), str(drafts.device)],
+        "verify_host_tensors": sorted(set(traced.hits)),
+        "verify_kernels": sorted(set(launched)),
+        "verify_launches": len(launched),
+    }
 
 
 def _sample(model: DeepseekV4, logits: torch.Tensor, seqs: list[Request], launched: list[str]) -> dict[str, Any]:

@@ -1,8 +1,9 @@
 """The batched decode step is capturable as a CUDA graph, checked on CPU with a fake CUDA device
 (decode_capture_check.py, in a subprocess): after one warm-up step, no op of the step, nor of the sampling call
-after it, reads a value on the host (fake tensors raise on it), takes a CPU tensor or makes one, on the reference
-backend and on the cuda backend (whose Triton launches are recorded, not run), in one process and as rank 0 of
-tensor-, expert- and data-parallel layouts over a fake process group. The CPU tests run the step on CPU tensors,
+after it, nor of the two parts of an MTP verification step, reads a value on the host (fake tensors raise on it),
+takes a CPU tensor or makes one, on the reference backend and on the cuda backend (whose Triton launches are
+recorded, not run), in one process and as rank 0 of tensor-, expert- and data-parallel layouts over a fake process
+group. The CPU tests run the step on CPU tensors,
 where a CPU tensor made inside the step or a host read of a small tensor goes unseen until a capture on a GPU
 refuses it."""
 
@@ -75,6 +76,11 @@ def test_decode_step_on_a_fake_cuda_device_keeps_everything_on_the_device(
     got = _check(backend, rows, layout)
     assert got["logits"] == [[rows, 129280], "cuda:0", "torch.float32"]
     assert got["host_tensors"] == []
+    if layout != "4,2,4":  # the MTP verification step's two graphs (MTP runs in one tensor-parallel group)
+        assert got["verify_logits"] == [[rows, 2, 129280], "cuda:0"] and got["drafts"] == [[rows], "cuda:0"]
+        assert got["verify_host_tensors"] == []
+        if backend == "cuda":
+            assert CUDA_KERNELS <= set(got["verify_kernels"]) <= CUDA_KERNELS | {"_grouped_matmul_kernel"}
     # the sampling call after it (every stage, penalties from the device table, logprobs): still no host read
     assert got["sampled"] == [[rows, 8], "cuda:0"] and got["sample_host_tensors"] == []
     if backend == "cuda":

@@ -29,8 +29,8 @@ class OracleRunner(ModelRunner):
     """Keeps the MTP module in step but replaces its drafts: the true next token every other time, else a wrong
     one; records each MTP draft with the position it predicts."""
 
-    def __init__(self, model: DeepseekV4, truth: dict[str, list[int]]) -> None:
-        super().__init__(model, use_mtp=True)
+    def __init__(self, model: DeepseekV4, truth: dict[str, list[int]], cuda_graphs: bool = False) -> None:
+        super().__init__(model, use_mtp=True, cuda_graphs=cuda_graphs)
         self.truth, self.turn = truth, 0
         self.mtp_drafts: dict[str, dict[int, int]] = {}
 

@@ -20,7 +20,7 @@ from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.weights import load_model
 
 from .op_trace import HostReads, OpTrace
-from .test_decode_step import EVERYTHING, GREEDY, _prompts
+from .test_decode_step import EVERYTHING, GREEDY, _prompts, _staggered
 from .test_mtp import OracleRunner
 
 pytestmark = pytest.mark.unit
@@ -116,6 +116,25 @@ def test_verification_draws_what_plain_decoding_draws_under_every_sampling_stage
         for a, b in zip(got[rid][1], logprobs, strict=True):
             assert a.logprob == pytest.approx(b.logprob, abs=1e-4)
             assert [t for t, _ in a.top] == [t for t, _ in b.top]
+
+
+def test_padded_verification_graphs_give_the_same_tokens(make_engine: Callable[..., LLMEngine]) -> None:
+    """The graph path of verification steps (both parts run eagerly on CPU, through the graphs' static buffers):
+    padding rows and the padded draws write only the sink slot and sink rows, so every request gets the plain
+    tokens, with right and wrong drafts, greedy and seeded."""
+    params = [
+        SamplingParams(max_tokens=4 + i % 7, temperature=0.0 if i % 2 else 0.9, seed=i, ignore_eos=True)
+        for i in range(12)
+    ]
+    plain = _staggered(make_engine(max_num_batched_tokens=64, block_size=8), params)
+    engine = make_engine(max_num_batched_tokens=64, block_size=8, speculative_mtp=True)
+    engine.runner = runner = OracleRunner(engine.model, plain, cuda_graphs=True)
+    assert _staggered(engine, params) == plain
+    graphs = runner.graphs
+    assert graphs is not None and not graphs.capture
+    assert {1, 2, 4, 8} <= {b for b, _ in graphs.verify_shapes}, graphs.verify_shapes
+    assert 0 < runner.drafts.accepted < runner.drafts.proposed
+    assert engine.kv.used_blocks == 0
 
 
 def _pools(model: DeepseekV4, lengths: list[int], room: int) -> list[tuple[KVCacheManager, list[PagedSequenceState]]]:

@@ -14,12 +14,14 @@ work (torch.save'd dict; each item optional):
 * "mtp": [(prompt, its greedy tokens)]: the engine runs MTP speculative decoding and these prompts are generated
   first, with oracle drafts (`with_oracle_drafts`);
 * "config": EngineConfig fields that replace CONFIG's (e.g. a small pool);
-* "graphs": decode steps go through `DecodeGraphs` on every rank (padded to buckets; eager at "replay" on a CPU).
+* "graphs": decode and verification steps go through `DecodeGraphs` on every rank (padded to buckets; eager at
+  "replay" on a CPU).
 
 With "config": {"overlap_scheduling": True} the leader also saves "fed_steps": how many decode steps were launched
 feeding the tokens of a step still in flight.
 
-Every rank writes out/graphs<rank>.pt, the shapes of the decode graphs it ran. The leader writes out/result.pt:
+Every rank writes out/graphs<rank>.pt and out/verify_graphs<rank>.pt, the shapes of the decode and verification
+graphs it ran. The leader writes out/result.pt:
 the tokens of each, the prefill tokens computed and the prefix cache's hits, and for "concurrent" the
 data-parallel group each sequence ran in.
 """
@@ -184,6 +186,7 @@ def _save_graph_shapes(engine: LLMEngine, rank: int, out: Path) -> None:
     """The (batch bucket, table width) of the graphs this rank ran, in out/graphs<rank>.pt."""
     graphs = engine.runner.graphs
     torch.save(graphs.shapes if graphs is not None else [], out / f"graphs{rank}.pt")
+    torch.save(graphs.verify_shapes if graphs is not None else [], out / f"verify_graphs{rank}.pt")
 
 
 def _count_fed_steps(engine: LLMEngine) -> list[None]:

@@ -97,19 +97,27 @@ def test_data_parallel_attention_refuses_mtp() -> None:
 @pytest.fixture(scope="module")
 def mtp_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], dict[str, Any], Path]:
     """A TP2 group running MTP speculative decoding: oracle drafts (accepted every other time), then the model's own
-    (rejected: the random MTP guesses wrong) over chunked prefills and decode steps."""
+    (rejected: the random MTP guesses wrong) over chunked prefills and verification steps, through the graph path
+    (eager at "replay" on a CPU)."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("group-mtp")
     ckpt = write_checkpoint(root / "ckpt", "tiny-flash", quantized=True, seed=0)
     prompts = [random_tokens(n, 80 + n) for n in (1, 9, 16, 33)]
     truth = [c.token_ids for c in one_process_engine(ckpt).generate_ids(prompts, GREEDY)]
-    work = {"mtp": list(zip(prompts, truth, strict=True)), "rounds": [[random_tokens(n, 90 + n) for n in (5, 21)]]}
+    work = {
+        "mtp": list(zip(prompts, truth, strict=True)),
+        "rounds": [[random_tokens(n, 90 + n) for n in (5, 21)]],
+        "graphs": True,
+    }
     torch.save(work, root / "work.pt")
     return work, run_engine_ranks(ckpt, "2", root / "work.pt", root / "out", 2), ckpt
 
 
 def test_mtp_in_a_group_gives_the_tokens_of_plain_decoding(mtp_run) -> None:
     work, got, ckpt = mtp_run
+    out = ckpt.parent / "out"
+    shapes = [torch.load(out / f"verify_graphs{rank}.pt") for rank in range(2)]
+    assert shapes[0] and shapes[0] == shapes[1], shapes  # every rank replayed the same verification steps
     assert got["mtp"]["tokens"] == [t for _, t in work["mtp"]]
     proposed, accepted = got["mtp"]["proposed"], got["mtp"]["accepted"]
     assert 0 < accepted < proposed  # verification kept drafts and rolled others back, on both ranks
