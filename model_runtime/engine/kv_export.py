@@ -9,7 +9,10 @@ shape and stored format, the compute dtype and the QAT flag), the position the s
 of the body in order (name, dtype, shape, byte count). The body is cut in `chunk_size` chunks, each with its crc32c
 in the header, so a reader can verify the stream chunk by chunk. Per layer the parts are: the window ring; for
 compressed layers the entries (position // m of them) and the compressor's live rows; for CSA layers also the
-indexer keys and the indexer compressor's live rows. K=V rows and indexer keys are stored in the paged pool's
+indexer keys and the indexer compressor's live rows. A state whose MTP module has followed it to its position
+carries the MTP layers' state too (`mtp.{j}.*` sections after the decoder layers', `mtp_layers` in the header), so
+the importing engine can go on drafting; a blob without them imports as a state without an MTP cache.
+K=V rows and indexer keys are stored in the paged pool's
 formats (`kv_layout`: FP8 e4m3 + UE8M0 scales and MXFP4 when the model runs the QAT simulation, exact for the
 values it rounds), one section per stored field (`layers.3.entries.fp8`, `.scale`, `.rope`); compressor rows in
 fp32. `load` checks all of it against the importing model and raises `KVFormatError` (a `KVImportError`, hence a
@@ -61,10 +64,12 @@ class SectionSpec:
 
 @dataclass(frozen=True)
 class KVSnapshot:
-    """A verified, parsed KV state: tensors by section name, at `position`; `restore` puts it into a state."""
+    """A verified, parsed KV state: tensors by section name, at `position`; `restore` puts it into a state.
+    `mtp_layers`: how many MTP layers' state it carries (0: none, the state has no MTP cache)."""
 
     position: int
     tensors: dict[str, torch.Tensor]
+    mtp_layers: int = 0
 
 
 def _comp_rows(ratio: int, csa: bool, position: int) -> int:
@@ -96,14 +101,28 @@ def _parts(model: DeepseekV4, layer: int, position: int) -> list[tuple[str, RowC
     return parts
 
 
-def section_specs(model: DeepseekV4, position: int) -> list[SectionSpec]:
-    """The sections, in order, of a state at `position` for `model`: one per stored field of every part."""
+def _layers(model: DeepseekV4, mtp_layers: int) -> list[tuple[str, int]]:
+    """(section prefix, model layer) of every layer a state carries: the decoder layers, then `mtp_layers` MTP
+    layers (MTP layer j is model layer num_hidden_layers + j)."""
+    n = model.cfg.num_hidden_layers
+    return [(f"layers.{i}", i) for i in range(n)] + [(f"mtp.{j}", n + j) for j in range(mtp_layers)]
+
+
+def section_specs(model: DeepseekV4, position: int, mtp_layers: int = 0) -> list[SectionSpec]:
+    """The sections, in order, of a state at `position` for `model` (with the state of `mtp_layers` MTP layers):
+    one per stored field of every part."""
     return [
-        SectionSpec(f"layers.{i}.{part}.{f.name}", f.dtype, (rows, f.width))
-        for i in range(model.cfg.num_hidden_layers)
-        for part, codec, rows in _parts(model, i, position)
+        SectionSpec(f"{prefix}.{part}.{f.name}", f.dtype, (rows, f.width))
+        for prefix, layer in _layers(model, mtp_layers)
+        for part, codec, rows in _parts(model, layer, position)
         for f in codec.fields
     ]
+
+
+def carried_mtp_layers(state: SequenceState) -> int:
+    """The MTP layers whose state an export of `state` carries: all of them when its MTP module has consumed every
+    position the main model has, else none (the MTP runs one step behind while a draft's token is unknown)."""
+    return len(state.mtp_layers) if state.mtp_layers and state.mtp_position == state.position else 0
 
 
 def _part_tensor(ls: LayerState, part: str, rows: int) -> torch.Tensor:
@@ -126,17 +145,18 @@ def export_chunks(model: DeepseekV4, state: SequenceState, chunk_size: int = CHU
     pos = state.position
     if pos < 1:
         raise ValueError("export: the state holds no tokens")
+    mtp = carried_mtp_layers(state)
     parts = []
-    for i, ls in enumerate(state.layers):
-        for part, codec, rows in _parts(model, i, pos):
+    for (prefix, layer), ls in zip(_layers(model, mtp), [*state.layers, *state.mtp_layers[:mtp]], strict=True):
+        for part, codec, rows in _parts(model, layer, pos):
             t = _part_tensor(ls, part, rows)
             if tuple(t.shape) != (rows, codec.width):
-                raise ValueError(f"export: layer {i} {part} is {tuple(t.shape)}, expected {(rows, codec.width)}")
+                raise ValueError(f"export: {prefix} {part} is {tuple(t.shape)}, expected {(rows, codec.width)}")
             encoded = codec.encode(t)
             parts += [
                 encoded[f.name].detach().contiguous().cpu().view(torch.uint8).numpy().tobytes() for f in codec.fields
             ]
-    specs = section_specs(model, pos)
+    specs = section_specs(model, pos, mtp)
     body = b"".join(parts)
     chunks = [body[o : o + chunk_size] for o in range(0, len(body), chunk_size)]
     header = {
@@ -144,6 +164,7 @@ def export_chunks(model: DeepseekV4, state: SequenceState, chunk_size: int = CHU
         "format_version": FORMAT_VERSION,
         "model_fingerprint": model_fingerprint(model),
         "position": pos,
+        "mtp_layers": mtp,
         "chunk_size": chunk_size,
         "body_bytes": len(body),
         "chunk_crc32c": [crc32c.crc32c(c) for c in chunks],
@@ -200,7 +221,12 @@ def load(model: DeepseekV4, blob: bytes | memoryview) -> KVSnapshot:
     pos = _field(header, "position", int)
     if not 1 <= pos <= model.cfg.max_position_embeddings:
         raise KVFormatError(f"KV blob position {pos} outside [1, {model.cfg.max_position_embeddings}]")
-    expected = section_specs(model, pos)
+    mtp = header.get("mtp_layers", 0)  # absent in blobs written before MTP states were carried
+    if not isinstance(mtp, int) or isinstance(mtp, bool) or not 0 <= mtp <= len(model.mtp):
+        raise KVFormatError(
+            f"KV blob carries the state of {mtp!r} MTP layers; this engine's model has {len(model.mtp)}"
+        )
+    expected = section_specs(model, pos, mtp)
     sections = _field(header, "sections", list)
     described = [
         (s.get("name"), s.get("dtype"), s.get("shape"), s.get("nbytes")) if isinstance(s, dict) else s for s in sections
@@ -232,18 +258,20 @@ def load(model: DeepseekV4, blob: bytes | memoryview) -> KVSnapshot:
         at += spec.nbytes
         t = torch.frombuffer(data, dtype=spec.dtype) if data else torch.empty(0, dtype=spec.dtype)
         tensors[spec.name] = t.view(spec.shape)
-    return KVSnapshot(position=pos, tensors=tensors)
+    return KVSnapshot(position=pos, tensors=tensors, mtp_layers=mtp)
 
 
 def restore(model: DeepseekV4, snapshot: KVSnapshot, state: SequenceState) -> None:
-    """Fill a fresh (position 0) state with a verified snapshot."""
+    """Fill a fresh (position 0) state with a verified snapshot (its MTP layers' too, when it carries them and the
+    state has them: the state's MTP then stands at the snapshot's position)."""
     if state.position != 0:
         raise ValueError("restore: the target state is not fresh")
+    mtp = min(snapshot.mtp_layers, len(state.mtp_layers))
     dev = model.device
-    for i, ls in enumerate(state.layers):
+    for (prefix, layer), ls in zip(_layers(model, mtp), [*state.layers, *state.mtp_layers[:mtp]], strict=True):
         values = {}
-        for part, codec, _ in _parts(model, i, snapshot.position):
-            stored = {f.name: snapshot.tensors[f"layers.{i}.{part}.{f.name}"].to(dev) for f in codec.fields}
+        for part, codec, _ in _parts(model, layer, snapshot.position):
+            stored = {f.name: snapshot.tensors[f"{prefix}.{part}.{f.name}"].to(dev) for f in codec.fields}
             values[part] = codec.decode(stored)
         ls.window.copy_(values["window"])
         if "entries" not in values:
@@ -253,3 +281,5 @@ def restore(model: DeepseekV4, snapshot: KVSnapshot, state: SequenceState) -> No
             if name in values:
                 getattr(ls, name)[: values[name].shape[0]] = values[name]
     state.position = snapshot.position
+    if mtp:
+        state.mtp_position = snapshot.position

@@ -547,7 +547,10 @@ class KVCacheManager:
         self.pool.assign_blocks(state.slot, 0, list(state.table))
         assert self.cache is not None
         self.cache.use(entry)
-        seq.use_mtp = False  # the snapshot holds no MTP cache (as an imported state)
+        # the MTP goes on from the entry when the entry holds its state; else the sequence decodes without drafts
+        seq.use_mtp = seq.use_mtp and entry.mtp
+        if seq.use_mtp:
+            state.mtp_position = entry.position
         self.grow(seq, n_new)
         return True
 
@@ -575,6 +578,7 @@ class KVCacheManager:
         self.pool.copy_slot(state.slot, slot)
         tokens = array("l", prompt.tokens[:position])
         entry = CacheEntry(position, tokens, tuple(prompt.hashes[: position // self.block_size]), blocks, slot)
+        entry.mtp = seq.use_mtp and state.mtp_position == position
         cache.insert(entry)
         return entry
 
@@ -610,6 +614,7 @@ class KVCacheManager:
             raise
         tokens = array("l", prompt.tokens)
         entry = CacheEntry(position, tokens, tuple(prompt.hashes[: position // self.block_size]), tuple(blocks), slot)
+        entry.mtp = snapshot.mtp_layers > 0
         cache.insert(entry, imported=True)
         return entry
 
@@ -618,6 +623,8 @@ class KVCacheManager:
         state = PagedSequenceState(self.pool, entry.slot)
         state.table.extend(entry.blocks)
         state.position = entry.position
+        if entry.mtp:
+            state.mtp_position = entry.position
         return state
 
     def free(self, seq: Request) -> None:

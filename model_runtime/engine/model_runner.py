@@ -123,8 +123,8 @@ class ModelRunner:
         ready, logits = self._forward(decode, groups, follow)
         if logits is not None:
             self._sample(ready, logits)
-        for s, ref, start in follow:
-            if not s.finished:
+        for s, ref, start in follow:  # a prefill to export keeps its state, the MTP's included, for the blob
+            if not s.finished or s.export_after_prefill:
                 self._follow(s, ref, start)
         produced = ready
         if verify:
@@ -304,11 +304,12 @@ class ModelRunner:
 
     def forward_mtp(self, calls: list[tuple[list[StreamRef], torch.Tensor, list[SequenceState]]]) -> list[torch.Tensor]:
         """The step's MTP calls, each (rows of this step's streams [B] of k positions, the tokens after them [B, k],
-        the states): logits [B, k, vocab] each. The step's streams are dropped after them."""
+        the states): the logits [B, 1, vocab] of each call's last position (where the drafts come from). The step's
+        streams are dropped after them."""
         out = []
         for refs, next_ids, states in calls:
             streams = torch.stack([self._streams[c][r] for c, r in refs])
-            out.append(self.model.mtp_logits(streams, next_ids, states))
+            out.append(self.model.mtp_logits(streams, next_ids, states, last_only=True))
         self._streams = []
         return out
 
@@ -372,7 +373,7 @@ class ModelRunner:
             ids = [s.token_ids[start + 1 : start + k + 1] for s, _, start in items]
             next_ids = torch.tensor(ids, dtype=torch.long, device=self.model.device)
             calls.append(([ref for _, ref, _ in items], next_ids, self._states([s for s, _, _ in items])))
-        for items, logits in zip(groups.values(), self.forward_mtp(calls), strict=True):  # logits [B, k, vocab]
+        for items, logits in zip(groups.values(), self.forward_mtp(calls), strict=True):  # logits [B, 1, vocab]
             seqs = [s for s, _, _ in items]
             drafts = torch.argmax(logits[:, -1], dim=-1).tolist()
             for s, draft in zip(seqs, drafts, strict=True):
@@ -386,7 +387,7 @@ class ModelRunner:
     def _verify(self, seqs: list[Request]) -> list[Request]:
         """Feed [last token, draft] of every sequence in one batched step and draw both rows in one call: the draft
         is kept iff it is the token plain decoding draws (row 0, the same seeded draw), and then row 1 gives the
-        token after it. The drafts' tokens, the next drafts and the draws reach the host in one copy."""
+        token after it. The draws and the next drafts reach the host in one copy."""
         verify = self.verify_logits(seqs)
         out, params, rows = self._draw_verify(seqs, verify.logits, verify.drafts)
         tokens = sampled_tokens(out).view(-1, 2)

@@ -52,6 +52,7 @@ class CacheEntry:
     slot: int
     hits: int = 0
     chain_hash: str | None = None  # for an aligned entry, the hash of its last block: what other processes know
+    mtp: bool = False  # its slot holds the MTP layers' state at `position` too (the sequence's MTP had caught up)
 
 
 @dataclass

@@ -158,16 +158,22 @@ class DeepseekV4(OpsModule):
         return self.prefill(token_ids.view(-1, 1), states, last_only=True)
 
     @torch.no_grad()
-    def mtp_logits(self, streams: torch.Tensor, next_ids: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
+    def mtp_logits(
+        self, streams: torch.Tensor, next_ids: torch.Tensor, states: list[SequenceState], last_only: bool = False
+    ) -> torch.Tensor:
         """MTP module 0: streams [B, S, n, d] of positions t (from `hidden_streams`) and the tokens at t+1
-        [B, S] -> logits [B, S, vocab] for the tokens at t+2. Advances each state's `mtp_position` by S; call
-        it for every position in order, like the main model."""
+        [B, S] -> logits [B, S, vocab] for the tokens at t+2 ([B, 1, vocab] of the last position with `last_only`:
+        the engine needs only the newest draft, and the head over a long prefill chunk's S positions would be
+        S x vocab floats). Advances each state's `mtp_position` by S; call it for every position in order, like the
+        main model."""
         block = self._mtp_block()
         ctx = self.context([st.mtp_position for st in states], next_ids.shape[1])
         embed = self.embed(next_ids).to(self.dtype)
         hidden = block.predict(streams, embed, next_ids, ctx, [st.mtp_layers[0] for st in states])
         for st in states:
             st.mtp_position += next_ids.shape[1]
+        if last_only:
+            hidden = hidden[:, -1:]
         return self.head(hidden, out_dtype=torch.promote_types(hidden.dtype, torch.float32))
 
     @torch.no_grad()
