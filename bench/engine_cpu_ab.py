@@ -1,7 +1,7 @@
 """CPU engine throughput of this tree against another git revision, in the same run (A/B, alternating).
 
     .venv/bin/python bench/engine_cpu_ab.py --ref main [--preset tiny-flash] [--batches 1,8,32] [--prompt 32]
-                                            [--tokens 16] [--repeats 3] [--qat]
+                                            [--tokens 16] [--repeats 3] [--qat] [--mtp]
 
 `git archive REF` is unpacked into a temporary folder and imported through a farm of links (as bench/gpu.sh
 does), so both trees run the same measurement as `bench/engine_cpu.py` (LLMEngine.generate_ids of B greedy
@@ -32,7 +32,7 @@ from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.weights import load_model
 ckpt, batches, prompt, tokens = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 model = load_model(ckpt, qat_simulation=sys.argv[5] == "1")
-config = EngineConfig(max_num_seqs=64, max_num_batched_tokens=4096)
+config = EngineConfig(max_num_seqs=64, max_num_batched_tokens=4096, speculative_mtp=sys.argv[6] == "1")
 params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
 LLMEngine(model, None, config).generate_ids([[5] * 8], SamplingParams(max_tokens=2, temperature=0.0))
 for batch in batches:
@@ -72,7 +72,8 @@ def _working_tree() -> Path:
 def _run(pythonpath: Path, ckpt: Path, args: argparse.Namespace) -> list[dict]:
     env = {**os.environ, "PYTHONPATH": str(pythonpath), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-c", CHILD, str(ckpt), json.dumps(args.batch_list), str(args.prompt), str(args.tokens)]
-    out = subprocess.run([*cmd, "1" if args.qat else "0"], env=env, capture_output=True, text=True, check=True)
+    flags = ["1" if args.qat else "0", "1" if args.mtp else "0"]
+    out = subprocess.run([*cmd, *flags], env=env, capture_output=True, text=True, check=True)
     return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
 
 
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--qat", action="store_true", help="run the QAT simulation (engine_cpu.py runs without)")
+    ap.add_argument("--mtp", action="store_true", help="decode with MTP speculative decoding in both trees")
     args = ap.parse_args(argv)
     args.batch_list = [int(b) for b in args.batches.split(",")]
     from dsv4.model_runtime.make_checkpoint import write_checkpoint
@@ -101,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(json.dumps({"bench": "engine_cpu_ab", "tree": name, "repeat": repeat, **line}), flush=True)
         for b in args.batch_list:
             this, ref = statistics.median(results["this"][b]), statistics.median(results[args.ref][b])
-            summary = {"bench": "engine_cpu_ab", "preset": args.preset, "batch": b, "qat": args.qat}
+            summary = {"bench": "engine_cpu_ab", "preset": args.preset, "batch": b, "qat": args.qat, "mtp": args.mtp}
             summary |= {"this_tok_s": round(this, 1), f"{args.ref}_tok_s": round(ref, 1), "ratio": round(this / ref, 2)}
             print(json.dumps(summary), flush=True)
     return 0
