@@ -97,7 +97,7 @@ def test_a_prefix_cache_hit_goes_on_drafting(make_engine: Callable[..., LLMEngin
     """The cache's snapshots hold the MTP layers' state when the MTP had caught up: a request resuming from one
     drafts from its first decode step on, and its drafts are the MTP's prediction of its whole sequence."""
     system = [(13 * k + 5) % 128000 for k in range(20)]
-    prompts = [system + [900 + i, 901 + i, 902 + i] for i in range(3)]
+    prompts = [[*system, 900 + i, 901 + i, 902 + i] for i in range(3)]
     plain = make_engine()
     expected = [plain.generate_ids([p], GREEDY)[0].token_ids for p in prompts]
     engine = make_engine(prefix_cache=True, block_size=8, max_num_batched_tokens=16, speculative_mtp=True)
