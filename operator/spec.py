@@ -333,7 +333,8 @@ class AuthSpec(Base):
 
 
 def _layout_rules(pool: str) -> list[dict[str, str]]:
-    """CEL rules tying one pool's layout (tensor x data ranks) to its pods and their devices."""
+    """CEL rules tying one pool's layout (tensor x data ranks) to its pods and their devices, and its engine's
+    switches to its layout."""
     p = f"self.{pool}"
     ranks = f"{p}.parallelism.tensor * {p}.parallelism.data"
     pods = f"{p}.podsPerReplica"
@@ -356,6 +357,11 @@ def _layout_rules(pool: str) -> list[dict[str, str]]:
         cel(
             f"{pods} == 1 || self.accelerator.type != 'cpu' || {ranks} == {pods}",
             f"a cpu pod holds one rank: {pool}.parallelism.data must equal {pool}.podsPerReplica",
+        ),
+        cel(
+            f"!{p}.engine.speculativeMtp || {p}.parallelism.data == 1",
+            f"{pool}.engine.speculativeMtp needs {pool}.parallelism.data 1: MTP speculative decoding does not run "
+            "under data-parallel attention",
         ),
     ]
 

@@ -80,9 +80,10 @@ class PrefixCacheConfig(WireModel):
 
 
 class EngineStepConfig(WireModel):
-    """How a worker's engine runs its steps on an accelerator (a CPU runs them plainly whatever these say): the
-    switches users of vLLM (`--enforce-eager`) and SGLang (`--disable-cuda-graph`, `--disable-overlap-schedule`)
-    reach for when a device misbehaves."""
+    """How a worker's engine runs its steps: graphs and overlap on an accelerator (a CPU runs its steps plainly
+    whatever these two say), the switches users of vLLM (`--enforce-eager`) and SGLang (`--disable-cuda-graph`,
+    `--disable-overlap-schedule`) reach for when a device misbehaves; and MTP speculative decoding (SGLang's
+    `--speculative-algorithm NEXTN`), on any device."""
 
     cuda_graphs: bool = Field(
         default=True, description="replay decode steps from captured device graphs; false runs them eagerly"
@@ -90,6 +91,11 @@ class EngineStepConfig(WireModel):
     overlap_scheduling: bool = Field(
         default=True,
         description="launch each step before the previous step's tokens reach the host (CUDA); false waits for them",
+    )
+    speculative_mtp: bool = Field(
+        default=False,
+        description="draft one token per decode step with the checkpoint's MTP module and verify it: the same tokens, "
+        "up to two per step where drafts are accepted (not under data-parallel attention)",
     )
 
 

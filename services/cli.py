@@ -63,6 +63,12 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         help="wait for each step's tokens before launching the next step (CUDA overlaps them by default)",
     )
     p.add_argument(
+        "--speculative-mtp",
+        action="store_true",
+        help="draft one token per decode step with the checkpoint's MTP module and verify it: the same tokens, up "
+        "to two per step where drafts are accepted (not with --data-parallel above 1)",
+    )
+    p.add_argument(
         "--prefix-cache-budget",
         type=_non_negative,
         metavar="BYTES",

@@ -69,6 +69,15 @@ class RoleProcess:
         return (errors or lines or ["(empty log)"])[-1]
 
 
+def check_flags(args: argparse.Namespace) -> None:
+    """ServeError for flags that cannot go together (before anything starts)."""
+    if args.speculative_mtp and args.data_parallel > 1:
+        raise ServeError(
+            f"--speculative-mtp does not run under data-parallel attention (--data-parallel {args.data_parallel}): "
+            "drop one of them"
+        )
+
+
 def role_processes(
     args: argparse.Namespace, model: Path, redis_url: str, in_process_broker: bool, log_dir: Path
 ) -> list[RoleProcess]:
@@ -95,6 +104,8 @@ def role_processes(
         workers[f"{env.ENGINE}__CUDA_GRAPHS"] = "false"
     if args.no_overlap_scheduling:
         workers[f"{env.ENGINE}__OVERLAP_SCHEDULING"] = "false"
+    if args.speculative_mtp:
+        workers[f"{env.ENGINE}__SPECULATIVE_MTP"] = "true"
     budget = args.prefix_cache_budget
     if budget is None and in_process_broker:
         budget = 0  # prefixes are multi-MiB values too: no shared tier unless asked for

@@ -53,6 +53,7 @@ class WorkerSettings(RoleSettings):
             prefix_cache=self.prefix_cache.enabled,
             cuda_graphs=step.cuda_graphs,
             overlap_scheduling=None if step.overlap_scheduling else False,
+            speculative_mtp=step.speculative_mtp,
         )
 
     def compute_dtype(self) -> str:

@@ -180,3 +180,24 @@ async def test_prefill_streams_token_zero_hands_over_once(
     assert (stats.length, stats.pending) == (0, 0)
     await rt.aclose()
     await client.aclose()
+
+
+async def test_a_decode_worker_with_mtp_drafts_after_the_handoff(redis_server: LocalRedis, checkpoint: Path) -> None:
+    """`engine.speculativeMtp` on both workers: the prefill's blob carries the MTP layers' state, the decode worker
+    imports it and drafts from its first decode step on (the random MTP's drafts are rejected: its counters move),
+    and the tokens are plain decoding's."""
+    config = WorkerSettings(engine={"speculative_mtp": True}).engine_config()
+    expected = LLMEngine.from_path(checkpoint).generate_ids([PROMPT], SamplingParams.from_spec(SPEC))[0].token_ids
+    with AsyncEngine.from_path(checkpoint, config=config) as mtp_engine:
+        settings = WorkerSettings(deployment=DEP, redis_url=redis_server.url, pod_name="dw-mtp", heartbeat_s=0.2)
+        rt = WorkerRuntime(contract.Role.DECODE, settings, mtp_engine, keys.DECODE_STREAM)
+        task = asyncio.create_task(rt.run(DecodeWorker(rt).handle))
+        assert await handoff_then_decode(rt, mtp_engine, "r-mtp", "none") == expected
+        extra = mtp_engine.stats().extra
+        # every decode step after the first (which feeds token 0 and makes the first draft) verifies a draft
+        assert extra["mtp_drafts_proposed"] >= len(expected) // 2
+        # the prompt once (imported, not recomputed), then token 0, fed alone to give the MTP its first position
+        assert extra["prefill_tokens"] == len(PROMPT) + 1
+        rt.drain()
+        await asyncio.wait_for(task, 30)
+        await rt.aclose()

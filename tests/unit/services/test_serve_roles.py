@@ -9,7 +9,8 @@ import pytest
 
 from dsv4.protocol import env
 from dsv4.services import cli
-from dsv4.services.serve.supervisor import role_processes
+from dsv4.services.serve.errors import ServeError
+from dsv4.services.serve.supervisor import check_flags, role_processes
 
 pytestmark = pytest.mark.unit
 
@@ -34,13 +35,14 @@ def test_defaults_one_prefill_worker_with_the_prefix_cache_on(tmp_path: Path) ->
 
 def test_flags_reach_every_worker_and_the_gateway(tmp_path: Path) -> None:
     flags = ["--prefill-workers", "2", "--no-prefix-cache", "--prefix-cache-budget", "4096"]
-    roles = _roles(tmp_path, *flags, "--no-cuda-graphs", "--no-overlap-scheduling")
+    roles = _roles(tmp_path, *flags, "--no-cuda-graphs", "--no-overlap-scheduling", "--speculative-mtp")
     assert len(roles["prefill"]) == 2
     assert len({r[env.POD_NAME] for r in roles["prefill"]}) == 2, "every worker has its own consumer name"
     for worker in [*roles["prefill"], *roles["decode"]]:
         assert worker[f"{env.PREFIX_CACHE}__ENABLED"] == "false"
         assert worker[f"{env.PREFIX_CACHE}__TIER__BUDGET_BYTES"] == "4096"
         assert worker[f"{env.ENGINE}__CUDA_GRAPHS"] == worker[f"{env.ENGINE}__OVERLAP_SCHEDULING"] == "false"
+        assert worker[f"{env.ENGINE}__SPECULATIVE_MTP"] == "true"
     assert roles["gateway"][0][f"{env.PREFIX_ROUTING}__ENABLED"] == "false"
 
 
@@ -74,3 +76,10 @@ def test_data_parallel_makes_groups_of_tensor_times_data_ranks_with_experts_spli
         assert worker[f"{env.PARALLELISM}__TENSOR"] == "2"
         assert worker[f"{env.PARALLELISM}__DATA"] == "2"
         assert worker[f"{env.PARALLELISM}__EXPERT"] == "true"
+
+
+def test_mtp_under_data_parallel_attention_is_refused_before_anything_starts() -> None:
+    check_flags(cli.build_parser().parse_args(["serve", "--speculative-mtp", "--tensor-parallel", "2"]))
+    args = cli.build_parser().parse_args(["serve", "--speculative-mtp", "--data-parallel", "2"])
+    with pytest.raises(ServeError, match="--speculative-mtp does not run under data-parallel attention"):
+        check_flags(args)

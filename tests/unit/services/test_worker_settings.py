@@ -29,15 +29,25 @@ def test_an_explicit_dtype_wins(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_the_engine_config_follows_the_step_switches(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Defaults leave overlapped scheduling to the device (None: on where it runs behind the host) and graphs on;
-    `DSV4_ENGINE__*` (from the pool's `engine` in the CR) turns either off, and the prefix cache follows its own."""
-    for name in (f"{env.ENGINE}__CUDA_GRAPHS", f"{env.ENGINE}__OVERLAP_SCHEDULING", f"{env.PREFIX_CACHE}__ENABLED"):
+    """Defaults leave overlapped scheduling to the device (None: on where it runs behind the host), graphs on and
+    MTP off; `DSV4_ENGINE__*` (from the pool's `engine` in the CR) switches each, and the prefix cache follows its
+    own."""
+    mtp = f"{env.ENGINE}__SPECULATIVE_MTP"
+    for name in (
+        f"{env.ENGINE}__CUDA_GRAPHS",
+        f"{env.ENGINE}__OVERLAP_SCHEDULING",
+        f"{env.PREFIX_CACHE}__ENABLED",
+        mtp,
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv(env.CONFIG_FILE, raising=False)
     default = WorkerSettings().engine_config()
     assert (default.cuda_graphs, default.overlap_scheduling, default.prefix_cache) == (True, None, True)
+    assert not default.speculative_mtp
     monkeypatch.setenv(f"{env.ENGINE}__OVERLAP_SCHEDULING", "false")
     monkeypatch.setenv(f"{env.ENGINE}__CUDA_GRAPHS", "false")
     monkeypatch.setenv(f"{env.PREFIX_CACHE}__ENABLED", "false")
+    monkeypatch.setenv(mtp, "true")
     off = WorkerSettings().engine_config()
     assert (off.cuda_graphs, off.overlap_scheduling, off.prefix_cache) == (False, False, False)
+    assert off.speculative_mtp
