@@ -47,6 +47,9 @@ PREFIX_TIER_IMPORTS = Counter(
     "dsv4_prefix_tier_imports", "Prefixes fetched from the Redis tier", ["result"]
 )  # result: imported | refused | gone
 PREFIX_TIER_PUBLISHED = Counter("dsv4_prefix_tier_published", "Prefixes published to the Redis tier")
+# MTP speculative decoding, per pool: acceptance rate = accepted / draft tokens (vLLM's spec_decode counters).
+MTP_DRAFT_TOKENS = Counter("dsv4_mtp_draft_tokens", "MTP draft tokens the engine verified", ["role"])
+MTP_ACCEPTED_TOKENS = Counter("dsv4_mtp_accepted_tokens", "MTP draft tokens verification accepted", ["role"])
 ROUTES = Counter("dsv4_routes", "Gateway routing decisions", ["pool", "reason"])  # reason: prefix | load | shared
 
 

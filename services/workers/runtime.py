@@ -44,6 +44,8 @@ _ENGINE_COUNTERS = {
     "prefix_cache_hits": metrics.PREFIX_HITS,
     "prefix_cache_query_tokens": metrics.PREFIX_LOOKUP_TOKENS,
     "prefix_cache_hit_tokens": metrics.PREFIX_HIT_TOKENS,
+    "mtp_drafts_proposed": metrics.MTP_DRAFT_TOKENS,
+    "mtp_drafts_accepted": metrics.MTP_ACCEPTED_TOKENS,
 }
 
 

@@ -184,8 +184,8 @@ async def test_prefill_streams_token_zero_hands_over_once(
 
 async def test_a_decode_worker_with_mtp_drafts_after_the_handoff(redis_server: LocalRedis, checkpoint: Path) -> None:
     """`engine.speculativeMtp` on both workers: the prefill's blob carries the MTP layers' state, the decode worker
-    imports it and drafts from its first decode step on (the random MTP's drafts are rejected: its counters move),
-    and the tokens are plain decoding's."""
+    imports it and drafts from its first decode step on (the random MTP's drafts are rejected: its counters move,
+    on /metrics too), and the tokens are plain decoding's."""
     config = WorkerSettings(engine={"speculative_mtp": True}).engine_config()
     expected = LLMEngine.from_path(checkpoint).generate_ids([PROMPT], SamplingParams.from_spec(SPEC))[0].token_ids
     with AsyncEngine.from_path(checkpoint, config=config) as mtp_engine:
@@ -198,6 +198,14 @@ async def test_a_decode_worker_with_mtp_drafts_after_the_handoff(redis_server: L
         assert extra["mtp_drafts_proposed"] >= len(expected) // 2
         # the prompt once (imported, not recomputed), then token 0, fed alone to give the MTP its first position
         assert extra["prefill_tokens"] == len(PROMPT) + 1
+        for _ in range(50):  # the heartbeat exports the engine's counters to /metrics
+            drafts = REGISTRY.get_sample_value("dsv4_mtp_draft_tokens_total", {"role": "decode"})
+            if drafts == extra["mtp_drafts_proposed"]:
+                break
+            await asyncio.sleep(0.05)
+        assert drafts == extra["mtp_drafts_proposed"]
+        accepted = REGISTRY.get_sample_value("dsv4_mtp_accepted_tokens_total", {"role": "decode"})
+        assert accepted == extra["mtp_drafts_accepted"]
         rt.drain()
         await asyncio.wait_for(task, 30)
         await rt.aclose()
