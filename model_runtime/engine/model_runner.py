@@ -16,6 +16,7 @@ rows fed them from the device.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -424,9 +425,9 @@ class ModelRunner:
         requests = []
         for s in seqs:
             first = _request(s)
-            assert s.draft is not None
-            after = SampleRequest(s.params, s.seed, first.index + 1, s.prompt_token_ids, [*s.output_token_ids, s.draft])
-            requests += [first, after]
+            # Row 1's penalties are the table's with the draft counted (`Penalties.after`), so its token lists are
+            # never read: no O(context) copy with the draft appended.
+            requests += [first, dataclasses.replace(first, index=first.index + 1)]
         rows, penalties = None, None
         if any(s.params.penalized for s in seqs):
             rows = self.penalty_table.rows(seqs)
