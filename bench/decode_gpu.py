@@ -4,8 +4,10 @@
 
 A random checkpoint of the `flash-widths` preset (Flash's layer widths: 3 layers + MTP, 16 experts) is written
 as bytes (valid FP8 / MXFP4 codes with small power-of-two scales; the values mean nothing, the shapes and
-formats are the release's) into a temporary folder, loaded by the real loader onto the GPU, and one decode step
-is timed at each batch size after a short prefill. One JSON line per batch: ms per step, the bytes the step must
+formats are the release's) into a temporary folder, loaded by the real loader onto the GPU, and the engine's
+decode step (`DeepseekV4.decode_paged` over the paged KV pool, replayed from a CUDA graph) is timed at each batch
+size after a short prefill, then the MTP verification step (two graphs around the sampling, which is left out).
+One JSON line per batch: ms per step (and per verification step, and their ratio), the bytes the step must
 read (every weight but the embedding table, the batch's embedding rows, and of the routed experts the expected
 share of distinct experts the batch's tokens pick: 1 - (1 - k/E)^batch), the device-to-device copy bandwidth
 measured in the same run, and the fraction of that bandwidth floor the step reaches. Needs a CUDA device; no
@@ -24,6 +26,13 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+
+from dsv4.model_runtime.engine.cuda_graphs import GRAPH_DEVICES, DecodeGraphs
+from dsv4.model_runtime.engine.kv_state import KVCacheManager, PagedSequenceState
+from dsv4.model_runtime.engine.request import Request
+from dsv4.model_runtime.engine.sampling_params import SamplingParams
+from dsv4.model_runtime.engine.step_inputs import SLOT, DecodeInputs
+from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 
 
 def _tiled(shape: tuple[int, ...], pool: torch.Tensor) -> torch.Tensor:
@@ -96,6 +105,61 @@ def copy_bandwidth(device: torch.device, nbytes: int = 2 << 30) -> float:
     return 2 * nbytes / best
 
 
+def _time_steps(model: DeepseekV4, batch: int, prompt: int, steps: int) -> tuple[float, float]:
+    """ms per engine decode step (`DeepseekV4.decode_paged` over the paged pool, replayed from a captured graph on
+    a GPU) and per MTP verification step (its two graphs: the model call over [token, draft], then the MTP and the
+    undo of the rejected drafts; the sampling between them is left out), for `batch` rows after a `prompt`-token
+    prefill. Every draft is rejected, so each step advances the rows by one token and the block-table width stays
+    that of the first step (the default block holds every position timed here)."""
+    kv = KVCacheManager(model, num_blocks=4 * batch + 8, block_size=256, num_slots=batch + 1)
+    g = torch.Generator().manual_seed(batch)
+    ids = torch.randint(2, model.cfg.vocab_size, (batch, prompt + 2 * (steps + 2)), generator=g)
+    states = []
+    for row in range(batch):
+        seq = Request(f"r{row}", ids[row, :prompt].tolist(), SamplingParams(), seed=0, eos_token_id=None)
+        kv.grow(seq, ids.shape[1] + 1)
+        assert isinstance(seq.state, PagedSequenceState)
+        states.append(seq.state)
+    pool = kv.pool
+    pool.flush_block_tables()
+    model.prefill(ids[:, :prompt].to(model.device), list(states), last_only=True)
+    graphs = DecodeGraphs(model, pool, capture=model.device.type in GRAPH_DEVICES)
+    slots = torch.tensor([st.slot for st in states])
+
+    def inputs(column: int, verify: bool) -> DecodeInputs:
+        position = torch.tensor([st.position for st in states])
+        cols = [ids[:, column], position, slots] + ([ids[:, column + 1]] if verify else [])
+        rows = torch.stack(cols, dim=1).to(model.device)
+        return DecodeInputs(rows, pool.block_tables[rows[:, SLOT], :1])
+
+    def decode(column: int) -> None:
+        graphs.run(inputs(column, False))
+        for st in states:
+            st.position += 1
+
+    rejected = torch.full((batch, 2), 1, dtype=torch.int64, device=model.device)  # no draft is token 1
+
+    def verify(column: int) -> None:
+        graphs.run_verify(inputs(column, True)).finish(rejected)
+        for st in states:
+            st.position += 1
+
+    timings = []
+    for run in (decode, verify):
+        column = prompt
+        for _ in range(2):  # warm-up: Triton compiles each kernel, the graphs are captured
+            run(column)
+            column += 1
+        _sync(model.device)
+        t = time.perf_counter()
+        for _ in range(steps):
+            run(column)
+            column += 1
+        _sync(model.device)
+        timings.append((time.perf_counter() - t) / steps * 1e3)
+    return timings[0], timings[1]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="also append the JSON lines to this file")
@@ -126,18 +190,7 @@ def main() -> int:
     bw = copy_bandwidth(device, (2 << 30) if device.type == "cuda" else (256 << 20))
     embed = model.embed.weight
     for batch in (int(b) for b in a.batches.split(",")):
-        g = torch.Generator().manual_seed(batch)
-        ids = torch.randint(2, model.cfg.vocab_size, (batch, a.prompt + 2 + a.steps), generator=g).to(device)
-        states = [model.new_state() for _ in range(batch)]
-        model.prefill(ids[:, : a.prompt], states, last_only=True)
-        for i in range(2):  # warm-up: Triton compiles each kernel on its first call
-            model.decode(ids[:, a.prompt + i], states)
-        _sync(device)
-        t = time.perf_counter()
-        for i in range(a.steps):
-            model.decode(ids[:, a.prompt + 2 + i], states)
-        _sync(device)
-        ms = (time.perf_counter() - t) / a.steps * 1e3
+        decode_ms, verify_ms = _time_steps(model, batch, a.prompt, a.steps)
         # routed experts read: the expected share of distinct experts that `batch` tokens of k picks each hit
         k, e = model.cfg.num_experts_per_tok, model.cfg.n_routed_experts
         hit = 1 - (1 - k / e) ** batch
@@ -148,13 +201,17 @@ def main() -> int:
             "bench": "decode_gpu",
             "preset": a.preset,
             "batch": batch,
-            "ms_per_step": round(ms, 3),
-            "tokens_per_s": round(batch / ms * 1e3, 1),
+            "graphs": device.type in GRAPH_DEVICES,
+            "ms_per_step": round(decode_ms, 3),
+            "tokens_per_s": round(batch / decode_ms * 1e3, 1),
             "bytes_per_step": need,
             "routed_experts_read": round(hit, 3),
             "copy_bandwidth_gbps": round(bw / 1e9, 1),
             "bandwidth_floor_ms": round(floor_ms, 3),
-            "fraction_of_floor": round(floor_ms / ms, 3),
+            "fraction_of_floor": round(floor_ms / decode_ms, 3),
+            "verify_ms_per_step": round(verify_ms, 3),
+            # MTP pays when 1 + acceptance rate (tokens a verification step yields) beats this
+            "verify_over_decode": round(verify_ms / decode_ms, 3),
             "packed_dtypes": sorted(packed),
             "load_s": round(report.seconds, 2),
             "load_gbps": round(report.bytes_read / report.seconds / 1e9, 2),

@@ -11,11 +11,12 @@
 #      graphs (overlapped scheduling on and off), eager Triton and the reference backend (small-flash first: the
 #      aims are its; it skips what does not fit its own 40 s budget);
 #      then tiny-flash with MTP verification steps in graphs beside the same run without MTP;
-#   4. bench/decode_gpu.py: the width-true model's decode step (Flash's layer widths, weights packed FP8/MXFP4,
-#      bf16) at batch 1 and 64: ms per step against the bytes it must read at the measured copy bandwidth;
+#   4. bench/decode_gpu.py: the width-true model's engine decode step (Flash's layer widths, weights packed
+#      FP8/MXFP4, bf16, the paged pool, CUDA graphs) at batch 1 and 64: ms per step against the bytes it must read
+#      at the measured copy bandwidth, and the MTP verification step's ms beside it;
 #   5. bench/nccl_smoke.py: a one-GPU nccl process group through the rank launcher (all-reduce, all-gather).
 # Output: JSON lines on stdout and in $OUT/gpu.jsonl; pytest logs and JUnit XML per step in $OUT.
-# Time limits per step (75 + 45 + 30 + 50 + 50 + 15 + 20 + 10 = 295 s) keep the whole check under 5 minutes. The GPU
+# Time limits per step (75 + 45 + 30 + 50 + 50 + 10 + 25 + 10 = 295 s) keep the whole check under 5 minutes. The GPU
 # cases compile the grouped-GEMV and sampler kernels first (~10 s for the sampler's pick kernel on sm_90) into
 # Triton's cache, so the benchmarks after them mostly reuse cubins; a step that runs out of time still leaves its
 # log and the JSON lines it wrote, and the check goes on with the next step.
@@ -88,8 +89,8 @@ run_bench() {
 run_bench "kernel timings" 30 bench/kernels_gpu.py --out "$OUT/kernels_gpu.jsonl"
 run_bench "decode kernel timings" 50 bench/kernels_gpu.py --decode --out "$OUT/kernels_decode_gpu.jsonl"
 run_bench "engine timings" 50 bench/engine_gpu.py --presets small-flash,tiny-flash --budget 40 --out "$OUT/engine_gpu.jsonl"
-run_bench "engine MTP" 15 bench/engine_gpu.py --presets tiny-flash --batches 1,8 --tokens 16 \
-  --runs cuda+graphs,cuda+graphs+mtp --budget 10 --out "$OUT/engine_mtp_gpu.jsonl"
-run_bench "decode step" 20 bench/decode_gpu.py --out "$OUT/decode_gpu.jsonl"
+run_bench "engine MTP" 10 bench/engine_gpu.py --presets tiny-flash --batches 1,8 --tokens 16 \
+  --runs cuda+graphs,cuda+graphs+mtp --budget 6 --out "$OUT/engine_mtp_gpu.jsonl"
+run_bench "decode step" 25 bench/decode_gpu.py --out "$OUT/decode_gpu.jsonl"
 run_bench "nccl group" 10 bench/nccl_smoke.py
 exit "$status"

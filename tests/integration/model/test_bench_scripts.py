@@ -32,6 +32,9 @@ def test_decode_bench_on_cpu(tmp_path: Path) -> None:
     for line in lines:
         assert line["ms_per_step"] > 0 and 0 < line["routed_experts_read"] <= 1
         assert line["packed_dtypes"] == ["torch.float8_e4m3fn", "torch.int8"]  # loaded packed
+        # the engine's paged step and the verification step, through DecodeGraphs' buffers (no capture on CPU)
+        assert not line["graphs"] and line["verify_ms_per_step"] > 0
+        assert line["verify_over_decode"] == pytest.approx(line["verify_ms_per_step"] / line["ms_per_step"], rel=0.01)
     assert lines[0]["bytes_per_step"] < lines[1]["bytes_per_step"]  # more rows hit more experts
     assert len(out.read_text().splitlines()) == 2
 
