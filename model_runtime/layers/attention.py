@@ -137,7 +137,7 @@ class Attention(OpsModule):
             entry_idx = None
             if self.compressor is not None:
                 assert store.entries is not None and proj is not None
-                self._update_compressed_paged(x[:, k], proj, iproj, k, positions, ctx, layer, undo)
+                self._update_compressed_paged(x.dtype, proj, iproj, k, positions, ctx, layer, undo)
                 visible = (positions + 1) // self.ratio
                 if index_q is not None:
                     assert self.indexer is not None and store.index_keys is not None
@@ -166,7 +166,7 @@ class Attention(OpsModule):
 
     def _update_compressed_paged(
         self,
-        x: torch.Tensor,
+        dtype: torch.dtype,
         proj: tuple[torch.Tensor, torch.Tensor],
         iproj: tuple[torch.Tensor, torch.Tensor] | None,
         k: int,
@@ -175,9 +175,9 @@ class Attention(OpsModule):
         layer: PagedLayerView,
         undo: PagedUndo | None,
     ) -> None:
-        """Fold token k of every row (at `positions`, x [B, d]; its compressor projections `proj`, `iproj` of all
-        the step's tokens) into its compressor states; rows whose token completes a block store the block's entry
-        (and CSA indexer key) in their blocks, the others write the stores' sink row."""
+        """Fold token k of every row (at `positions`; `proj`, `iproj`: the compressor projections of all the step's
+        tokens) into its compressor states; rows whose token completes a block store the block's entry (and CSA
+        indexer key, in `dtype`) in their blocks, the others write the stores' sink row."""
         assert self.compressor is not None
         step, store = layer.step, layer.storage
         assert store.entries is not None
@@ -192,7 +192,7 @@ class Attention(OpsModule):
             store.comp["comp_kv"], store.comp["comp_score"], a[:, k], z[:, k], step.slots, positions, store.sink_slot
         )
         sim: Callable[[torch.Tensor], torch.Tensor] | None = (lambda e: q8_nope(e, self.rope_dim)) if ctx.qat else None
-        entries = self.compressor.finish(pooled, block, ctx.rope_compress, sim, x.dtype)
+        entries = self.compressor.finish(pooled, block, ctx.rope_compress, sim, dtype)
         target = store.entries.rows.flat_rows(step.block_tables, block[:, None])[:, 0]
         target = torch.where(complete, target, store.entries.sink_row)
         store.entries.write(target, entries)
@@ -204,7 +204,7 @@ class Attention(OpsModule):
                 store.sink_slot,
             )  # fmt: skip
             keys = self.indexer.compressor.finish(
-                ipooled, block, ctx.rope_compress, q4_hadamard if ctx.qat else None, x.dtype
+                ipooled, block, ctx.rope_compress, q4_hadamard if ctx.qat else None, dtype
             )
             store.index_keys.write(torch.where(complete, target, store.index_keys.sink_row), keys)
 
