@@ -371,7 +371,7 @@ class AsyncEngine:
             return
         try:
             assert seq.state is not None
-            chunks = self._engine.runner.export_chunks(seq.state, self._chunk_size)
+            chunks = self._engine.runner.export_chunks(seq.state, self._chunk_size, seq.draft)
         except Exception as e:
             _call_in(req.loop, _fail, req.prefill, e)
             return

@@ -10,8 +10,9 @@ of the body in order (name, dtype, shape, byte count). The body is cut in `chunk
 in the header, so a reader can verify the stream chunk by chunk. Per layer the parts are: the window ring; for
 compressed layers the entries (position // m of them) and the compressor's live rows; for CSA layers also the
 indexer keys and the indexer compressor's live rows. A state whose MTP module has followed it to its position
-carries the MTP layers' state too (`mtp.{j}.*` sections after the decoder layers', `mtp_layers` in the header), so
-the importing engine can go on drafting; a blob without them imports as a state without an MTP cache.
+carries the MTP layers' state too (`mtp.{j}.*` sections after the decoder layers', `mtp_layers` in the header) and
+the MTP's draft for the token after the next one (`mtp_draft`, or null), so the importing engine verifies a draft in
+its first decode step; a blob without them imports as a state without an MTP cache.
 K=V rows and indexer keys are stored in the paged pool's
 formats (`kv_layout`: FP8 e4m3 + UE8M0 scales and MXFP4 when the model runs the QAT simulation, exact for the
 values it rounds), one section per stored field (`layers.3.entries.fp8`, `.scale`, `.rope`); compressor rows in
@@ -70,6 +71,7 @@ class KVSnapshot:
     position: int
     tensors: dict[str, torch.Tensor]
     mtp_layers: int = 0
+    mtp_draft: int | None = None  # the MTP's guess for the token after the one that follows the state
 
 
 def _comp_rows(ratio: int, csa: bool, position: int) -> int:
@@ -135,13 +137,18 @@ def _part_tensor(ls: LayerState, part: str, rows: int) -> torch.Tensor:
     return getattr(ls, part)[:rows]
 
 
-def export_state(model: DeepseekV4, state: SequenceState, chunk_size: int = CHUNK_SIZE) -> bytes:
+def export_state(
+    model: DeepseekV4, state: SequenceState, chunk_size: int = CHUNK_SIZE, draft: int | None = None
+) -> bytes:
     """The blob of `state` (see the module doc)."""
-    return b"".join(export_chunks(model, state, chunk_size))
+    return b"".join(export_chunks(model, state, chunk_size, draft))
 
 
-def export_chunks(model: DeepseekV4, state: SequenceState, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
-    """The blob of `state` as a stream: the prefix and header, then the body in `chunk_size` pieces."""
+def export_chunks(
+    model: DeepseekV4, state: SequenceState, chunk_size: int = CHUNK_SIZE, draft: int | None = None
+) -> Iterator[bytes]:
+    """The blob of `state` as a stream: the prefix and header, then the body in `chunk_size` pieces. `draft`: the
+    sequence's MTP draft (the guess for the token after its next one), kept when the blob carries the MTP."""
     pos = state.position
     if pos < 1:
         raise ValueError("export: the state holds no tokens")
@@ -165,6 +172,7 @@ def export_chunks(model: DeepseekV4, state: SequenceState, chunk_size: int = CHU
         "model_fingerprint": model_fingerprint(model),
         "position": pos,
         "mtp_layers": mtp,
+        "mtp_draft": draft if mtp else None,
         "chunk_size": chunk_size,
         "body_bytes": len(body),
         "chunk_crc32c": [crc32c.crc32c(c) for c in chunks],
@@ -226,6 +234,13 @@ def load(model: DeepseekV4, blob: bytes | memoryview) -> KVSnapshot:
         raise KVFormatError(
             f"KV blob carries the state of {mtp!r} MTP layers; this engine's model has {len(model.mtp)}"
         )
+    draft = header.get("mtp_draft")
+    valid_draft = isinstance(draft, int) and not isinstance(draft, bool) and 0 <= draft < model.cfg.vocab_size
+    if draft is not None and (not mtp or not valid_draft):
+        raise KVFormatError(
+            f"KV blob header: 'mtp_draft' {draft!r} must be a token id below {model.cfg.vocab_size} of a blob that "
+            "carries the MTP layers' state, or null"
+        )
     expected = section_specs(model, pos, mtp)
     sections = _field(header, "sections", list)
     described = [
@@ -258,7 +273,7 @@ def load(model: DeepseekV4, blob: bytes | memoryview) -> KVSnapshot:
         at += spec.nbytes
         t = torch.frombuffer(data, dtype=spec.dtype) if data else torch.empty(0, dtype=spec.dtype)
         tensors[spec.name] = t.view(spec.shape)
-    return KVSnapshot(position=pos, tensors=tensors, mtp_layers=mtp)
+    return KVSnapshot(position=pos, tensors=tensors, mtp_layers=mtp, mtp_draft=draft)
 
 
 def restore(model: DeepseekV4, snapshot: KVSnapshot, state: SequenceState) -> None:

@@ -217,8 +217,11 @@ class LLMEngine:
             text.delta(final=False)  # replayed text was delivered by whoever generated it
         if snapshot is not None:
             seq.snapshot, seq.num_computed = snapshot, len(seq.prompt_token_ids)
-        # An imported state without an MTP cache (exported by an engine without MTP) decodes without drafts.
+        # An imported state without an MTP cache (exported by an engine without MTP) decodes without drafts; one with
+        # it verifies the draft it carries in its first decode step.
         seq.use_mtp = self.config.speculative_mtp and (snapshot is None or snapshot.mtp_layers > 0)
+        if seq.use_mtp and snapshot is not None:
+            seq.draft = snapshot.mtp_draft
         self.scheduler.add(seq)
         self._sent[request_id] = seq.num_generated
         return seq

@@ -319,12 +319,12 @@ class ModelRunner:
             self._streams.append(streams)
         return streams
 
-    def export_chunks(self, state: SequenceState, chunk_size: int) -> list[bytes]:
-        """The KV blob (`kv_export` format) of a sequence's state, in chunks (a rank group's leader overrides it to
-        fetch a state that another data-parallel group holds)."""
+    def export_chunks(self, state: SequenceState, chunk_size: int, draft: int | None = None) -> list[bytes]:
+        """The KV blob (`kv_export` format) of a sequence's state, in chunks, with its MTP `draft` when it has one (a
+        rank group's leader overrides it to fetch a state that another data-parallel group holds)."""
         from dsv4.model_runtime.engine import kv_export  # needs crc32c, which the engine itself does not
 
-        return list(kv_export.export_chunks(self.model, state, chunk_size))
+        return list(kv_export.export_chunks(self.model, state, chunk_size, draft))
 
     def _sample(self, seqs: list[Request], logits: torch.Tensor) -> None:
         """Draw every row's token in one batched call, bring them to the host in one copy, append them."""
@@ -377,8 +377,8 @@ class ModelRunner:
         for items, logits in zip(groups.values(), self.forward_mtp(calls), strict=True):  # logits [B, 1, vocab]
             seqs = [s for s, _, _ in items]
             drafts = torch.argmax(logits[:, -1], dim=-1).tolist()
-            for s, draft in zip(seqs, drafts, strict=True):
-                if s.num_computed == s.num_tokens - 1 and not s.finished:
+            for s, draft in zip(seqs, drafts, strict=True):  # a prefill to export keeps its draft for the blob
+                if s.num_computed == s.num_tokens - 1 and (not s.finished or s.export_after_prefill):
                     self._propose(s, draft)
 
     def _propose(self, s: Request, draft: int) -> None:

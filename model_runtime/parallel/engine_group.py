@@ -365,10 +365,10 @@ class LeaderRunner(ModelRunner):
         call = MtpCall([(refs, ids.cpu(), _describe(states)) for refs, ids, states in calls])
         return self._call(call, lambda: super(LeaderRunner, self).forward_mtp(calls))
 
-    def export_chunks(self, state: SequenceState, chunk_size: int) -> list[bytes]:
+    def export_chunks(self, state: SequenceState, chunk_size: int, draft: int | None = None) -> list[bytes]:
         group = self._group(state)
         if group == 0:
-            return super().export_chunks(state, chunk_size)
+            return super().export_chunks(state, chunk_size, draft)
         assert isinstance(state, PagedSequenceState) and self.dp is not None
         call = ExportCall(group, state.slot, tuple(state.table), state.position, chunk_size)
         first = group * self.dp.layout.tp

@@ -1,6 +1,6 @@
-"""MTP across a KV handoff and a prefix-cache hit: the MTP layers' state travels with the state, so the importing
-or resuming sequence goes on drafting, with drafts that are the MTP's prediction of the whole sequence, and the
-tokens of plain decoding."""
+"""MTP across a KV handoff and a prefix-cache hit: the MTP layers' state (and, in a blob, the MTP's draft) travels
+with the state, so the importing or resuming sequence goes on drafting, with drafts that are the MTP's prediction of
+the whole sequence, and the tokens of plain decoding."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def _export(engine: LLMEngine, prompt: list[int]) -> tuple[int, bytes]:
     while not seq.finished:
         engine.step()
     assert seq.state is not None
-    blob = export_state(engine.model, seq.state)
+    blob = export_state(engine.model, seq.state, draft=seq.draft)
     engine.release(seq)
     return seq.output_token_ids[0], blob
 
@@ -48,7 +48,7 @@ def test_an_imported_state_goes_on_drafting_with_the_mtp_it_carries(make_engine:
     expected = make_engine().generate_ids([PROMPT], GREEDY)[0].token_ids
     first, blob = _export(make_engine(max_num_batched_tokens=8, speculative_mtp=True), PROMPT)
     header, _ = kv_export.read_header(blob)
-    assert header["mtp_layers"] == 1
+    assert header["mtp_layers"] == 1 and isinstance(header["mtp_draft"], int)
     assert [s["name"] for s in header["sections"] if s["name"].startswith("mtp.")] == [
         "mtp.0.window.fp8",
         "mtp.0.window.scale",
@@ -60,12 +60,15 @@ def test_an_imported_state_goes_on_drafting_with_the_mtp_it_carries(make_engine:
     snapshot = load(engine.model, blob)
     assert snapshot.mtp_layers == 1
     seq = engine.add_request("d", PROMPT, GREEDY, output_token_ids=[first], snapshot=snapshot)
-    assert seq.use_mtp
+    assert seq.use_mtp and seq.draft == snapshot.mtp_draft
+    engine.step()  # the first decode step verifies the draft the blob carried (not a feed of token 0 alone)
+    assert runner.drafts.proposed == 1
     while not seq.finished:
         engine.step()
     assert seq.output_token_ids == expected
     assert 0 < runner.drafts.accepted < runner.drafts.proposed
-    _check_drafts(engine.model, PROMPT + expected, runner.mtp_drafts["d"])
+    # the carried draft, then every draft the MTP made here: its prediction over the whole sequence
+    _check_drafts(engine.model, PROMPT + expected, {len(PROMPT) + 1: snapshot.mtp_draft, **runner.mtp_drafts["d"]})
 
 
 def test_a_state_without_an_mtp_cache_decodes_without_drafts(make_engine: Callable[..., LLMEngine]) -> None:
@@ -73,7 +76,8 @@ def test_a_state_without_an_mtp_cache_decodes_without_drafts(make_engine: Callab
     expected = make_engine().generate_ids([PROMPT], GREEDY)[0].token_ids
     first, blob = _export(make_engine(), PROMPT)
     header, _ = kv_export.read_header(blob)
-    assert header["mtp_layers"] == 0 and not any(s["name"].startswith("mtp.") for s in header["sections"])
+    assert header["mtp_layers"] == 0 and header["mtp_draft"] is None
+    assert not any(s["name"].startswith("mtp.") for s in header["sections"])
     engine = make_engine(speculative_mtp=True)
     seq = engine.add_request("d", PROMPT, GREEDY, output_token_ids=[first], snapshot=load(engine.model, blob))
     assert not seq.use_mtp
@@ -82,15 +86,21 @@ def test_a_state_without_an_mtp_cache_decodes_without_drafts(make_engine: Callab
     assert seq.output_token_ids == expected and engine.runner.drafts.proposed == 0
 
 
-def test_mtp_layer_counts_the_model_cannot_hold_are_refused(make_engine: Callable[..., LLMEngine]) -> None:
+def test_mtp_fields_the_model_cannot_use_are_refused(make_engine: Callable[..., LLMEngine]) -> None:
     _, blob = _export(make_engine(speculative_mtp=True), PROMPT)
     model = make_engine().model
     for bad in (2, -1, "1", True):
         with pytest.raises(KVFormatError, match="MTP layers"):
             load(model, _rewrite_header(blob, lambda h, v=bad: h.update(mtp_layers=v)))
-    # a blob of the earlier format, without the field, is a state without an MTP cache
+    for bad_draft in (model.cfg.vocab_size, -1, "5", True):
+        with pytest.raises(KVFormatError, match="mtp_draft"):
+            load(model, _rewrite_header(blob, lambda h, v=bad_draft: h.update(mtp_draft=v)))
+    # a blob of the earlier format, without the fields, is a state without an MTP cache; a draft needs the MTP state
     _, plain = _export(make_engine(), PROMPT)
-    assert load(model, _rewrite_header(plain, lambda h: h.pop("mtp_layers"))).mtp_layers == 0
+    old = load(model, _rewrite_header(plain, lambda h: (h.pop("mtp_layers"), h.pop("mtp_draft"))))
+    assert (old.mtp_layers, old.mtp_draft) == (0, None)
+    with pytest.raises(KVFormatError, match="mtp_draft"):
+        load(model, _rewrite_header(plain, lambda h: h.update(mtp_draft=5)))
 
 
 def test_a_prefix_cache_hit_goes_on_drafting(make_engine: Callable[..., LLMEngine]) -> None:
