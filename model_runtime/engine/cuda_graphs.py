@@ -148,7 +148,7 @@ class DecodeGraphs:
 
         if self._api is None:
             return _Graph(rows, block_tables, step, tokens, end) if verify else _Graph(rows, block_tables, step)
-        api, graph_class = graph_api(device)
+        api = self._api
         # Warm up on a side stream first (Triton compiles, cuBLAS picks its workspace, lazily built constants such
         # as the Hadamard matrix are made), then capture; the padding rows write only the sink slot and sink rows.
         side = api.Stream(device)
@@ -159,24 +159,22 @@ class DecodeGraphs:
                 if verify:
                     end()
         api.current_stream(device).wait_stream(side)
-        graph = graph_class()
-        with api.graph(graph, pool=self._mempool):
-            logits = step()
-
-        def replay() -> torch.Tensor:
-            graph.replay()
-            return logits
-
+        replay = self._captured(step)
         if not verify:
             return _Graph(rows, block_tables, replay)
         # The end's graph reads what the captured model call left in the memory pool (its streams and undo log),
         # which each replay of that call rewrites in place.
-        end_graph = graph_class()
-        with api.graph(end_graph, pool=self._mempool):
-            drafts = end()
+        return _Graph(rows, block_tables, replay, tokens, self._captured(end))
 
-        def replay_end() -> torch.Tensor:
-            end_graph.replay()
-            return drafts
+    def _captured(self, run: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
+        """Capture `run` in a graph of the shared memory pool; the replay returns its static output."""
+        api, graph_class = graph_api(self.model.device)
+        graph = graph_class()
+        with api.graph(graph, pool=self._mempool):
+            out = run()
 
-        return _Graph(rows, block_tables, replay, tokens, replay_end)
+        def replay() -> torch.Tensor:
+            graph.replay()
+            return out
+
+        return replay

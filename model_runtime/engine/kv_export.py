@@ -121,6 +121,13 @@ def section_specs(model: DeepseekV4, position: int, mtp_layers: int = 0) -> list
     ]
 
 
+def _layer_states(model: DeepseekV4, state: SequenceState, mtp_layers: int) -> list[tuple[str, int, LayerState]]:
+    """(section prefix, model layer, the state's layer) of the decoder layers and the first `mtp_layers` MTP
+    layers of `state`."""
+    held = [*state.layers, *state.mtp_layers[:mtp_layers]]
+    return [(prefix, layer, ls) for (prefix, layer), ls in zip(_layers(model, mtp_layers), held, strict=True)]
+
+
 def carried_mtp_layers(state: SequenceState) -> int:
     """The MTP layers whose state an export of `state` carries: all of them when its MTP module has consumed every
     position the main model has, else none (the MTP runs one step behind while a draft's token is unknown)."""
@@ -154,7 +161,7 @@ def export_chunks(
         raise ValueError("export: the state holds no tokens")
     mtp = carried_mtp_layers(state)
     parts = []
-    for (prefix, layer), ls in zip(_layers(model, mtp), [*state.layers, *state.mtp_layers[:mtp]], strict=True):
+    for prefix, layer, ls in _layer_states(model, state, mtp):
         for part, codec, rows in _parts(model, layer, pos):
             t = _part_tensor(ls, part, rows)
             if tuple(t.shape) != (rows, codec.width):
@@ -283,7 +290,7 @@ def restore(model: DeepseekV4, snapshot: KVSnapshot, state: SequenceState) -> No
         raise ValueError("restore: the target state is not fresh")
     mtp = min(snapshot.mtp_layers, len(state.mtp_layers))
     dev = model.device
-    for (prefix, layer), ls in zip(_layers(model, mtp), [*state.layers, *state.mtp_layers[:mtp]], strict=True):
+    for prefix, layer, ls in _layer_states(model, state, mtp):
         values = {}
         for part, codec, _ in _parts(model, layer, snapshot.position):
             stored = {f.name: snapshot.tensors[f"{prefix}.{part}.{f.name}"].to(dev) for f in codec.fields}

@@ -577,8 +577,8 @@ class KVCacheManager:
             self._ref(block, cache=1)
         self.pool.copy_slot(state.slot, slot)
         tokens = array("l", prompt.tokens[:position])
-        entry = CacheEntry(position, tokens, tuple(prompt.hashes[: position // self.block_size]), blocks, slot)
-        entry.mtp = seq.use_mtp and state.mtp_position == position
+        hashes = tuple(prompt.hashes[: position // self.block_size])
+        entry = CacheEntry(position, tokens, hashes, blocks, slot, mtp=seq.use_mtp and state.mtp_position == position)
         cache.insert(entry)
         return entry
 
@@ -613,8 +613,8 @@ class KVCacheManager:
             cache.release_slot(slot)
             raise
         tokens = array("l", prompt.tokens)
-        entry = CacheEntry(position, tokens, tuple(prompt.hashes[: position // self.block_size]), tuple(blocks), slot)
-        entry.mtp = snapshot.mtp_layers > 0
+        hashes = tuple(prompt.hashes[: position // self.block_size])
+        entry = CacheEntry(position, tokens, hashes, tuple(blocks), slot, mtp=snapshot.mtp_layers > 0)
         cache.insert(entry, imported=True)
         return entry
 

@@ -390,11 +390,8 @@ class ModelRunner:
         is kept iff it is the token plain decoding draws (row 0, the same seeded draw), and then row 1 gives the
         token after it. The draws and the next drafts reach the host in one copy."""
         verify = self.verify_logits(seqs)
-        out, params, rows = self._draw_verify(seqs, verify.logits, verify.drafts)
-        tokens = sampled_tokens(out).view(-1, 2)
-        if rows is not None:  # count the second draws where their drafts stand
-            self.penalty_table.record_accepted(rows, tokens[:, 1], tokens[:, 0] == verify.drafts)
-        drafts = self.finish_verify(verify, tokens)
+        out, params = self._draw_verify(seqs, verify.logits, verify.drafts)
+        drafts = self.finish_verify(verify, sampled_tokens(out).view(-1, 2))
         drawn = unpack(to_host(_with_ids(out, drafts)), params + [_ID_ROW] * len(seqs))
         for b, s in enumerate(seqs):
             (first, first_lp), (second, second_lp) = drawn[2 * b], drawn[2 * b + 1]
@@ -418,10 +415,10 @@ class ModelRunner:
 
     def _draw_verify(
         self, seqs: list[Request], logits: torch.Tensor, drafts: torch.Tensor
-    ) -> tuple[torch.Tensor, list[SamplingParams], torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, list[SamplingParams]]:
         """`sample_batch` over rows [2B] (each sequence's row 0, then its row 1, which draws the token after the
-        draft: the next index of its seeded stream, its penalties counting the draft), the rows' parameters and,
-        with penalties, the sequences' penalty-table rows (row 0's draws are recorded here)."""
+        draft: the next index of its seeded stream, its penalties counting the draft) and the rows' parameters. The
+        penalty table counts every row 0's draw and row 1's where the draft stands (`record_accepted`)."""
         requests = []
         for s in seqs:
             first = _request(s)
@@ -436,5 +433,7 @@ class ModelRunner:
         inputs = SamplingInputs.build(requests, logits.shape[-1], logits.device, penalties)
         out = sample_batch(self.model.ops, logits.flatten(0, 1), inputs)
         if rows is not None:
-            self.penalty_table.record(rows, sampled_tokens(out).view(-1, 2)[:, 0], seqs)
-        return out, [r.params for r in requests], rows
+            tokens = sampled_tokens(out).view(-1, 2)
+            self.penalty_table.record(rows, tokens[:, 0], seqs)
+            self.penalty_table.record_accepted(rows, tokens[:, 1], tokens[:, 0] == drafts)
+        return out, [r.params for r in requests]

@@ -25,7 +25,7 @@ from dsv4.model_runtime.layers.mhc import HyperHead
 from dsv4.model_runtime.layers.norm import RMSNorm
 from dsv4.model_runtime.layers.ops_module import OpsModule, bind_ops
 from dsv4.model_runtime.layers.rope import RopeTable
-from dsv4.model_runtime.models.block import Block, run_blocks
+from dsv4.model_runtime.models.block import Block, BlockStates, run_blocks
 from dsv4.model_runtime.models.mtp_block import MTPBlock
 from dsv4.model_runtime.state import PagedDecode, SequenceState, new_sequence_state
 
@@ -107,11 +107,8 @@ class DeepseekV4(OpsModule):
         """`mtp_logits` over the paged pool: the main streams [B, S, n, d] of the S positions from step.positions
         and the tokens after them [B, S] -> logits [B, S, vocab] for the tokens two ahead (the MTP layer's window
         rows written as the main layers' are, through `step.undo` too)."""
-        block = self._mtp_block()
         ctx = self._paged_context(step, next_ids.shape[1])
-        embed = self.embed(next_ids).to(self.dtype)
-        hidden = block.predict(streams, embed, next_ids, ctx, step.layer(self.cfg.num_hidden_layers))
-        return self.head(hidden, out_dtype=torch.promote_types(hidden.dtype, torch.float32))
+        return self._mtp_predict(streams, next_ids, ctx, step.layer(self.cfg.num_hidden_layers))
 
     def _paged_context(self, step: PagedDecode, n_tokens: int) -> StepContext:
         starts = step.positions
@@ -119,12 +116,24 @@ class DeepseekV4(OpsModule):
             return self._context(starts, None, starts.view(-1, 1))
         return self._context(starts, None, starts[:, None] + torch.arange(n_tokens, device=starts.device))
 
-    def _mtp_block(self) -> MTPBlock:
+    def _mtp_predict(
+        self,
+        streams: torch.Tensor,
+        next_ids: torch.Tensor,
+        ctx: StepContext,
+        states: BlockStates,
+        last_only: bool = False,
+    ) -> torch.Tensor:
+        """MTP module 0 over its states (per sequence, or the paged pool's MTP layer): logits [B, S, vocab] of the
+        tokens two ahead ([B, 1, vocab] of the last position with `last_only`)."""
         if not len(self.mtp):
             raise ValueError("this model was built without its MTP module (mtp=False)")
         block = self.mtp[0]
         assert isinstance(block, MTPBlock)
-        return block
+        hidden = block.predict(streams, self.embed(next_ids).to(self.dtype), next_ids, ctx, states)
+        if last_only:
+            hidden = hidden[:, -1:]
+        return self.head(hidden, out_dtype=torch.promote_types(hidden.dtype, torch.float32))
 
     def hidden_streams(self, input_ids: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
         """Run the decoder blocks: input_ids [B, S] -> residual streams [B, S, n, d] before the hyper head.
@@ -166,15 +175,11 @@ class DeepseekV4(OpsModule):
         the engine needs only the newest draft, and the head over a long prefill chunk's S positions would be
         S x vocab floats). Advances each state's `mtp_position` by S; call it for every position in order, like the
         main model."""
-        block = self._mtp_block()
         ctx = self.context([st.mtp_position for st in states], next_ids.shape[1])
-        embed = self.embed(next_ids).to(self.dtype)
-        hidden = block.predict(streams, embed, next_ids, ctx, [st.mtp_layers[0] for st in states])
+        logits = self._mtp_predict(streams, next_ids, ctx, [st.mtp_layers[0] for st in states], last_only)
         for st in states:
             st.mtp_position += next_ids.shape[1]
-        if last_only:
-            hidden = hidden[:, -1:]
-        return self.head(hidden, out_dtype=torch.promote_types(hidden.dtype, torch.float32))
+        return logits
 
     @torch.no_grad()
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:

@@ -69,3 +69,8 @@ class HostReads(TorchFunctionMode):
 def _to_host(args: Any, kwargs: dict[str, Any]) -> bool:
     targets = [*args[1:], kwargs.get("device")]
     return any(str(t).startswith("cpu") for t in targets if isinstance(t, str | torch.device))
+
+
+def op_differences(a: collections.Counter[str], b: collections.Counter[str]) -> dict[str, tuple[int, int]]:
+    """The ops two traces dispatched a different number of times: op -> (count in a, count in b)."""
+    return {op: (a[op], b[op]) for op in a.keys() | b.keys() if a[op] != b[op]}

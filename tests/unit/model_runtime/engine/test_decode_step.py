@@ -17,7 +17,7 @@ from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.engine.step_inputs import DecodeInputs
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 
-from .op_trace import HostReads, OpTrace
+from .op_trace import HostReads, OpTrace, op_differences
 
 pytestmark = pytest.mark.unit
 
@@ -70,7 +70,7 @@ def test_decode_step_dispatches_the_same_ops_at_batch_1_and_32(
         traced[batch], _, outputs = _traced_step(engine)
         assert len(outputs) == batch
     one, many = traced[1].ops, traced[32].ops
-    assert one == many, {op: (one[op], many[op]) for op in one.keys() | many.keys() if one[op] != many[op]}
+    assert one == many, op_differences(one, many)
     assert sum(one.values()) > 100
 
 
@@ -85,7 +85,7 @@ def test_decode_step_dispatches_the_same_ops_at_64_and_4096_tokens_of_context(
         assert all(context - 1 <= s.num_computed <= context + 8 for s in seqs)
         traced[context], _, _ = _traced_step(engine)
     short, long = traced[64].ops, traced[4096].ops
-    assert short == long, {op: (short[op], long[op]) for op in short.keys() | long.keys() if short[op] != long[op]}
+    assert short == long, op_differences(short, long)
 
 
 @pytest.mark.parametrize("params", [GREEDY, EVERYTHING], ids=["greedy", "filters-penalties-logprobs"])
