@@ -358,11 +358,6 @@ def _layout_rules(pool: str) -> list[dict[str, str]]:
             f"{pods} == 1 || self.accelerator.type != 'cpu' || {ranks} == {pods}",
             f"a cpu pod holds one rank: {pool}.parallelism.data must equal {pool}.podsPerReplica",
         ),
-        cel(
-            f"!{p}.engine.speculativeMtp || {p}.parallelism.data == 1",
-            f"{pool}.engine.speculativeMtp needs {pool}.parallelism.data 1: MTP speculative decoding does not run "
-            "under data-parallel attention",
-        ),
     ]
 
 

@@ -96,10 +96,10 @@ class DecodeGraphs:
         graph, d = self._load(self._graphs, inputs, bucket)
         return graph.replay()[:d]
 
-    def run_verify(self, inputs: DecodeInputs) -> VerifyStep:
-        """The verification step of `inputs` (rows with their drafts, at a bucket width), padded to its rows'
-        bucket: its model call replayed now, its end replayed by the returned step's `finish`."""
-        graph, d = self._load(self._verify_graphs, inputs, None)
+    def run_verify(self, inputs: DecodeInputs, bucket: int | None = None) -> VerifyStep:
+        """The verification step of `inputs` (rows with their drafts, at a bucket width), padded to `bucket` rows
+        as in `run`: its model call replayed now, its end replayed by the returned step's `finish`."""
+        graph, d = self._load(self._verify_graphs, inputs, bucket)
         logits = graph.replay()[:d]
         tokens, replay_end = graph.tokens, graph.replay_end
         assert tokens is not None and replay_end is not None

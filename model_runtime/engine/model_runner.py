@@ -44,6 +44,7 @@ from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.state import SequenceState
 
 StreamRef = tuple[int, int]  # (index of a model call of this step, row of its streams)
+MtpWork = tuple[Request, StreamRef, int, int]  # an MTP step to run: sequence, its streams, first position, positions
 
 
 def _request(seq: Request, pending: bool = False) -> SampleRequest:
@@ -100,7 +101,7 @@ class ModelRunner:
         # With MTP: the streams of this step's per-sequence feeds, in call order (the MTP module consumes rows of
         # them at the step's end).
         self._streams: list[torch.Tensor] = []
-        self._mtp_work: list[tuple[Request, StreamRef, int]] = []
+        self._mtp_work: list[MtpWork] = []
 
     def _states(self, seqs: list[Request]) -> list[SequenceState]:
         states = []
@@ -120,13 +121,13 @@ class ModelRunner:
     def run(self, chunks: list[ScheduledChunk]) -> list[Request]:
         """Feed every chunk; returns the sequences that received new tokens this step."""
         decode, groups, verify = self._plan(chunks)
-        follow: list[tuple[Request, StreamRef, int]] = []
+        follow: list[MtpWork] = []
         ready, logits = self._forward(decode, groups, follow)
         if logits is not None:
             self._sample(ready, logits)
-        for s, ref, start in follow:  # a prefill to export keeps its state, the MTP's included, for the blob
-            if not s.finished or s.export_after_prefill:
-                self._follow(s, ref, start)
+        for work in follow:  # a prefill to export keeps its state, the MTP's included, for the blob
+            if not work[0].finished or work[0].export_after_prefill:
+                self._follow(work)
         produced = ready
         if verify:
             produced += self._verify(verify)
@@ -182,7 +183,7 @@ class ModelRunner:
         self,
         decode: list[Request],
         groups: dict[int, list[Request]],
-        follow: list[tuple[Request, StreamRef, int]],
+        follow: list[MtpWork],
         feed: torch.Tensor | None = None,
     ) -> tuple[list[Request], torch.Tensor | None]:
         """Run the decode rows (fed `feed` when given) and the per-sequence feeds: the sequences that sample (the
@@ -252,9 +253,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(self.model, pool, capture=self.model.device.type in GRAPH_DEVICES)
         return self.graphs
 
-    def _feed(
-        self, n: int, seqs: list[Request], follow: list[tuple[Request, StreamRef, int]]
-    ) -> tuple[list[Request], torch.Tensor | None]:
+    def _feed(self, n: int, seqs: list[Request], follow: list[MtpWork]) -> tuple[list[Request], torch.Tensor | None]:
         """Feed the next n tokens of every sequence through the per-sequence path; returns the sequences that
         caught up and their logits. MTP sequences are queued in `follow` (their streams, first position fed)."""
         ids = torch.tensor([s.token_ids[s.num_computed : s.num_computed + n] for s in seqs], dtype=torch.long)
@@ -264,7 +263,7 @@ class ModelRunner:
         for row, s in enumerate(seqs):
             s.num_computed += n
             if s.use_mtp:
-                follow.append((s, (call, row), s.num_computed - n))
+                follow.append((s, (call, row), s.num_computed - n, n))
         return [seqs[row] for row in rows], logits
 
     # The model calls of a step: a rank group's leader overrides them to send each call to its followers first
@@ -279,14 +278,15 @@ class ModelRunner:
         """Feed ids [B, n] (on the host: a rank group's leader sends them as they are) through the per-sequence
         path (advancing every state by n): the streams [B, n, hc, d] and the last position's logits of `rows`
         (None when no row needs them)."""
-        streams = self._keep(self.model.hidden_streams(to_device(ids, self.model.device), states))
+        streams = self.keep_streams(self.model.hidden_streams(to_device(ids, self.model.device), states))
         return streams, self.model.logits(streams[rows, -1]) if rows else None
 
-    def forward_verify(self, inputs: DecodeInputs, pool: KVPool) -> VerifyStep:
+    def forward_verify(self, inputs: DecodeInputs, pool: KVPool, bucket: int | None = None) -> VerifyStep:
         """The model call of an MTP verification step (`inputs` with drafts), replayed from the graph of its shape
-        when steps replay graphs: its logits [B, 2, vocab] and its end (`finish_verify`)."""
+        when steps replay graphs (`bucket`: as in `run_decode`): its logits [B, 2, vocab] and its end
+        (`finish_verify`)."""
         if self.cuda_graphs:
-            return self._graphs_of(pool).run_verify(inputs)
+            return self._graphs_of(pool).run_verify(inputs, bucket)
         return speculative.start_verification(self.model, inputs, pool)
 
     def finish_verify(self, verify: VerifyStep, tokens: torch.Tensor) -> torch.Tensor:
@@ -307,17 +307,25 @@ class ModelRunner:
         """The step's MTP calls, each (rows of this step's streams [B] of k positions, the tokens after them [B, k],
         the states): the logits [B, 1, vocab] of each call's last position (where the drafts come from). The step's
         streams are dropped after them."""
-        out = []
-        for refs, next_ids, states in calls:
-            streams = torch.stack([self._streams[c][r] for c, r in refs])
-            out.append(self.model.mtp_logits(streams, next_ids, states, last_only=True))
-        self._streams = []
+        out = [self.mtp_rows(refs, next_ids, states) for refs, next_ids, states in calls]
+        self.clear_streams()
         return out
 
-    def _keep(self, streams: torch.Tensor) -> torch.Tensor:
+    def mtp_rows(self, refs: list[StreamRef], next_ids: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
+        """One MTP call over rows `refs` of this step's kept streams: the logits [B, 1, vocab] of its last position."""
+        streams = torch.stack([self._streams[c][r] for c, r in refs])
+        return self.model.mtp_logits(streams, next_ids, states, last_only=True)
+
+    def keep_streams(self, streams: torch.Tensor) -> torch.Tensor:
+        """Keep the streams of this step's per-sequence feed call (with MTP on, which consumes them at the step's
+        end); a rank group's group without rows in a call keeps an empty entry, so the calls number alike."""
         if self.use_mtp:
             self._streams.append(streams)
         return streams
+
+    def clear_streams(self) -> None:
+        """Drop the step's kept streams (after its MTP calls)."""
+        self._streams = []
 
     def export_chunks(self, state: SequenceState, chunk_size: int, draft: int | None = None) -> list[bytes]:
         """The KV blob (`kv_export` format) of a sequence's state, in chunks, with its MTP `draft` when it has one (a
@@ -355,27 +363,28 @@ class ModelRunner:
             self.penalty_table.record(rows, sampled_tokens(out), seqs)
         return out, [r.params for r in requests]
 
-    def _follow(self, s: Request, ref: StreamRef, start: int) -> None:
-        """Queue the MTP step over the positions [start, start + k) the main model just consumed (the streams of
-        `ref`, [k, hc, d]); each pairs with the token after it, which is known: the prompt's next token or the one
-        just sampled. `_run_mtp` runs the queued steps batched by k."""
+    def _follow(self, work: MtpWork) -> None:
+        """Queue the MTP step over the k positions [start, start + k) the main model just consumed (its streams
+        [k, hc, d] at the work's stream ref); each pairs with the token after it, which is known: the prompt's next
+        token or the one just sampled. `_run_mtp` runs the queued steps batched by k."""
+        s, _, start, _ = work
         assert s.state is not None and s.state.mtp_position == start, "MTP out of step with the main model"
-        self._mtp_work.append((s, ref, start))
+        self._mtp_work.append(work)
 
     def _run_mtp(self) -> None:
         if not self.use_mtp:
             return
-        groups: dict[int, list[tuple[Request, StreamRef, int]]] = defaultdict(list)
-        for item in self._mtp_work:
-            groups[self._streams[item[1][0]].shape[1]].append(item)
+        groups: dict[int, list[MtpWork]] = defaultdict(list)
+        for work in self._mtp_work:
+            groups[work[3]].append(work)
         self._mtp_work = []
         calls = []
         for k, items in groups.items():
-            ids = [s.token_ids[start + 1 : start + k + 1] for s, _, start in items]
+            ids = [s.token_ids[start + 1 : start + k + 1] for s, _, start, _ in items]
             next_ids = torch.tensor(ids, dtype=torch.long, device=self.model.device)
-            calls.append(([ref for _, ref, _ in items], next_ids, self._states([s for s, _, _ in items])))
+            calls.append(([ref for _, ref, _, _ in items], next_ids, self._states([s for s, *_ in items])))
         for items, logits in zip(groups.values(), self.forward_mtp(calls), strict=True):  # logits [B, 1, vocab]
-            seqs = [s for s, _, _ in items]
+            seqs = [s for s, *_ in items]
             drafts = torch.argmax(logits[:, -1], dim=-1).tolist()
             for s, draft in zip(seqs, drafts, strict=True):  # a prefill to export keeps its draft for the blob
                 if s.num_computed == s.num_tokens - 1 and (not s.finished or s.export_after_prefill):

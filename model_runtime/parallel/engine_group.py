@@ -32,12 +32,15 @@ layers (`shard.py`) line up.
   be sent means a follower is gone: either way the leader logs one line and exits (the callers' requests are not
   failed: their jobs are taken over), and the launcher ends the group, rather than serve from ranks out of step.
 
-MTP speculative decoding runs in a group of one tensor-parallel group: a verification step (`VerifyCall`: its
-rows with their drafts and its block tables) is sent like a decode step; the followers then receive the step's
-draws from the leader's device (one broadcast, as the fed tokens above), with which every rank runs the MTP over
-the step and takes back the rejected drafts' pool writes. The MTP calls after per-sequence feeds (`MtpCall`,
-naming rows of the streams every rank kept from this step's feeds) are sent like the others. Under
-data-parallel attention MTP is refused (`group_config`).
+MTP speculative decoding: a verification step is split between the groups like a decode step (`VerifyCall`, one
+part per group: its rows with their drafts and its block tables); every rank runs its group's part (the MoE over
+both tokens of every group's rows), the logits of every group's rows are gathered for the leader's sampler, and
+the step's draws reach every rank from the leader's device (one broadcast, as the fed tokens above), with which
+each group runs the MTP over its rows (its MoE exchanged between the groups again: a group without rows takes
+part with none) and takes back its rejected drafts' pool writes; the next drafts are gathered for the leader. The
+MTP calls after per-sequence feeds (`MtpCall`) name, per group, rows of the streams its ranks kept from this
+step's feeds (a group without rows in a feed keeps an empty entry, so the leader's call numbers hold on every
+rank).
 
 Batched decode steps replay device graphs in a rank group as in one process: the leader pads the step's block
 tables to its graph's width before sending it, every rank pads the rows to its graph's batch bucket, and so every
@@ -53,7 +56,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn, TypeVar
@@ -68,7 +71,7 @@ from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from dsv4.model_runtime.engine.model_runner import ModelRunner, StreamRef
 from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.speculative import VerifyStep
-from dsv4.model_runtime.engine.step_inputs import DecodeInputs
+from dsv4.model_runtime.engine.step_inputs import DRAFT, DecodeInputs
 from dsv4.model_runtime.engine.transfer import to_device
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.parallel.data_parallel import DataParallel
@@ -84,10 +87,6 @@ log = logging.getLogger("dsv4.model_runtime.parallel")
 T = TypeVar("T")
 
 BROKEN_EXIT = 70  # the leader's exit status when a call failed after its followers were sent it
-
-
-class GroupUnsupported(ValueError):
-    """An engine setting that a rank group does not run; the message names it."""
 
 
 Described = tuple[int, tuple[int, ...], int, int]  # a paged state: slot, blocks, position, MTP position
@@ -136,31 +135,54 @@ Call = tuple[DecodeCall, ...] | tuple[FeedCall, ...]  # one part per data-parall
 
 @dataclass(frozen=True)
 class ExportCall:
-    """Export the KV state of a sequence of data-parallel group `group` (its slot, blocks and position): that
-    group's first rank sends the blob's chunks to the leader."""
+    """Export the KV state of a sequence of data-parallel group `group` (its slot, blocks and positions, its MTP
+    draft): that group's first rank sends the blob's chunks to the leader."""
 
     group: int
     slot: int
     blocks: tuple[int, ...]
     position: int
     chunk_size: int
+    mtp_position: int = 0
+    draft: int | None = None
 
 
 @dataclass(frozen=True)
-class VerifyCall:
-    """An MTP verification step: `DecodeInputs.rows` [B, 4] (with the drafts) and `block_tables` [B, T], on the
-    CPU; its draws follow by broadcast (`_verify_draws`)."""
+class VerifyPart:
+    """A group's part of an MTP verification step: `DecodeInputs.rows` [B, 4] (with the drafts) and `block_tables`
+    [B, T], on the CPU (B = 0: the group has no row in it)."""
 
     rows: torch.Tensor
     block_tables: torch.Tensor
 
+    @property
+    def count(self) -> int:
+        return int(self.rows.shape[0])
+
+
+@dataclass(frozen=True)
+class VerifyCall:
+    """An MTP verification step: one part per data-parallel group, in group order; the step's draws follow by
+    broadcast (`_verify_draws`)."""
+
+    parts: tuple[VerifyPart, ...]
+
+
+@dataclass(frozen=True)
+class MtpPart:
+    """A group's part of one MTP call (`forward_mtp`): rows of the streams its ranks kept from this step's feeds
+    ((feed call, row in the group's part of it)), the tokens after them [b, k] (CPU), the states."""
+
+    refs: list[StreamRef]
+    ids: torch.Tensor
+    states: list[Described]
+
 
 @dataclass(frozen=True)
 class MtpCall:
-    """The step's MTP calls (`forward_mtp`): per call the rows of this step's streams, the tokens after them, the
-    states."""
+    """The step's MTP calls, each with one part per data-parallel group, in group order."""
 
-    calls: list[tuple[list[tuple[int, int]], torch.Tensor, list[Described]]]
+    calls: list[tuple[MtpPart, ...]]
 
 
 @dataclass(frozen=True)
@@ -168,7 +190,7 @@ class Stop:
     """The leader is done: followers return."""
 
 
-Published = Call | ExportCall | VerifyCall | MtpCall | Stop
+Published = Call | VerifyCall | ExportCall | MtpCall | Stop
 
 
 @dataclass(frozen=True)
@@ -177,17 +199,6 @@ class Message:
 
     writes: list[list[PoolWrite]]
     call: Published
-
-
-def group_config(config: EngineConfig, layout: Layout) -> EngineConfig:
-    """`config` as a rank group of `layout` runs it: GroupUnsupported for MTP speculative decoding under
-    data-parallel attention."""
-    if config.speculative_mtp and layout.dp > 1:
-        raise GroupUnsupported(
-            f"MTP speculative decoding does not run under data-parallel attention ({layout.describe()}): its calls "
-            "are not split between the groups; turn it off or use a layout of one tensor-parallel group"
-        )
-    return config
 
 
 def run_call(
@@ -209,17 +220,14 @@ def run_call(
     fed = None
     if isinstance(part, DecodeCall) and part.fed is not None:
         fed = _fed_tokens(call, feed, model.device)[to_device(part.fed, model.device)]
-    bucket: int | None = None
-    if dp is not None:
-        rows = [p.tokens for p in call]
-        if runner.cuda_graphs and isinstance(part, DecodeCall):
-            bucket = batch_bucket(max(rows))
-            rows = [bucket] * len(call)
-        dp.set_rows(rows)
+    bucket = _padded_bucket(runner, [p.tokens for p in call], dp) if isinstance(part, DecodeCall) else None
+    _set_rows(dp, [p.tokens for p in call], bucket)
     own: torch.Tensor | None = None
     if part.tokens == 0 and bucket is None:
         if dp is not None:
             idle_pass(model, dp)
+        if isinstance(part, FeedCall):  # MTP's stream refs number the step's feed calls on every rank alike
+            runner.keep_streams(torch.empty(0, device=model.device))
     elif isinstance(part, DecodeCall):
         inputs = DecodeInputs(to_device(part.rows, model.device), to_device(part.block_tables, model.device))
         own = ModelRunner.run_decode(runner, inputs if fed is None else inputs.feeding(fed), pool, bucket)
@@ -237,6 +245,103 @@ def run_call(
         dtype = torch.promote_types(model.dtype, torch.float32)
         own = torch.zeros(0, model.cfg.vocab_size, dtype=dtype, device=model.device)
     return dp.gather(own)
+
+
+def _padded_bucket(runner: ModelRunner, counts: list[int], dp: DataParallel | None) -> int | None:
+    """The batch bucket every group pads a graphed step to under data-parallel attention (that of the largest
+    group's rows, so every rank replays one shape); None: each runs its own rows."""
+    return batch_bucket(max(counts)) if dp is not None and runner.cuda_graphs else None
+
+
+def _set_rows(dp: DataParallel | None, counts: list[int], bucket: int | None = None, per_row: int = 1) -> None:
+    """Tell the data-parallel exchanges each group's tokens in the next model call: `per_row` per row of `counts`,
+    or of `bucket` rows in every group when the groups replay padded graphs."""
+    if dp is not None:
+        dp.set_rows([per_row * (bucket if bucket is not None else n) for n in counts])
+
+
+def start_verify(
+    runner: ModelRunner, pool: KVPool, call: VerifyCall, group: int, dp: DataParallel | None
+) -> tuple[VerifyStep | None, torch.Tensor]:
+    """This rank's part of a verification step's model call: its group's step (None: the group has no rows and
+    replays no padded graph; it took part in the MoE's exchange with none) and the logits [R, 2, vocab] of every
+    group's rows, in group order."""
+    model, device = runner.model, runner.model.device
+    part = call.parts[group]
+    counts = [p.count for p in call.parts]
+    bucket = _padded_bucket(runner, counts, dp)
+    _set_rows(dp, counts, bucket, per_row=2)
+    step: VerifyStep | None = None
+    if part.count or bucket is not None:
+        inputs = DecodeInputs(to_device(part.rows, device), to_device(part.block_tables, device))
+        step = ModelRunner.forward_verify(runner, inputs, pool, bucket)
+    elif dp is not None:
+        idle_pass(model, dp)
+    if dp is None:
+        assert step is not None
+        return step, step.logits
+    dtype = torch.promote_types(model.dtype, torch.float32)
+    own = step.logits if step is not None else torch.zeros(0, 2, model.cfg.vocab_size, dtype=dtype, device=device)
+    _set_rows(dp, counts, per_row=2)
+    return step, dp.gather(own.flatten(0, 1)).view(-1, 2, own.shape[-1])
+
+
+def finish_verify(
+    runner: ModelRunner,
+    call: VerifyCall,
+    group: int,
+    dp: DataParallel | None,
+    step: VerifyStep | None,
+    draws: torch.Tensor,
+) -> torch.Tensor:
+    """This rank's part of a verification step's end, with the step's draws [R, 2] of every group's rows (group
+    order, device): the group's MTP and undo (`ModelRunner.finish_verify`); returns the next drafts [R] of every
+    group's rows, in group order."""
+    counts = [p.count for p in call.parts]
+    first = sum(counts[:group])
+    _set_rows(dp, counts, _padded_bucket(runner, counts, dp), per_row=2)
+    if step is not None:
+        own = ModelRunner.finish_verify(runner, step, draws[first : first + counts[group]])
+    else:
+        assert dp is not None
+        idle_pass(runner.model, dp, mtp=True)
+        own = draws.new_zeros(0)
+    if dp is None:
+        return own
+    _set_rows(dp, counts)
+    return dp.gather(own)
+
+
+def run_mtp(
+    runner: ModelRunner,
+    pool: KVPool,
+    call: MtpCall,
+    group: int,
+    dp: DataParallel | None,
+    states: list[list[SequenceState]] | None = None,
+) -> list[torch.Tensor]:
+    """This rank's part of a step's MTP calls (its group's parts over its `pool`; per call the `states` of the
+    part, else rebuilt from it): per call the logits [R, 1, vocab] of every group's rows, in group order. The
+    step's kept streams are dropped after them."""
+    model, device = runner.model, runner.model.device
+    out = []
+    for n, parts in enumerate(call.calls):
+        part = parts[group]
+        _set_rows(dp, [p.ids.numel() for p in parts])
+        if part.refs:
+            mine: list[SequenceState] = states[n] if states is not None else [_state(pool, *d) for d in part.states]
+            own = ModelRunner.mtp_rows(runner, part.refs, to_device(part.ids, device), mine)
+        else:
+            assert dp is not None, "an MTP call without rows"
+            idle_pass(model, dp, mtp=True)
+            dtype = torch.promote_types(model.dtype, torch.float32)
+            own = torch.zeros(0, 1, model.cfg.vocab_size, dtype=dtype, device=device)
+        if dp is not None:
+            _set_rows(dp, [len(p.refs) for p in parts])
+            own = dp.gather(own)
+        out.append(own)
+    runner.clear_streams()
+    return out
 
 
 def _fed_tokens(call: Call, feed: torch.Tensor | None, device: torch.device) -> torch.Tensor:
@@ -273,6 +378,7 @@ class LeaderRunner(ModelRunner):
     ) -> None:
         super().__init__(model, use_mtp=use_mtp, cuda_graphs=cuda_graphs)
         self.pools, self.channel, self.dp = pools, channel, dp
+        self._feed_places: list[list[tuple[int, int]]] = []  # per feed call of the step: each row's (group, row)
         for pool in pools:
             pool.journal = []
             pool.mirror_block_tables()  # each step's tables are sent from the host copy: no wait for the device
@@ -296,10 +402,15 @@ class LeaderRunner(ModelRunner):
         except Exception as e:
             _broken(e)
 
-    def decode_logits(self, seqs: list[Request], feed: torch.Tensor | None = None) -> torch.Tensor:
+    def _by_group(self, states: Sequence[SequenceState | None]) -> list[list[int]]:
+        """The indices of `states` in each data-parallel group, in group order."""
         by_group: list[list[int]] = [[] for _ in self.pools]
-        for i, s in enumerate(seqs):
-            by_group[self._group(s.state)].append(i)
+        for i, st in enumerate(states):
+            by_group[self._group(st)].append(i)
+        return by_group
+
+    def decode_logits(self, seqs: list[Request], feed: torch.Tensor | None = None) -> torch.Tensor:
+        by_group = self._by_group([s.state for s in seqs])
         # With graphs every group's tables share the widest group's width: one graph shape on every rank.
         shared = self.decode_width(seqs, self.pools[0]) if self.cuda_graphs else 0
         parts = []
@@ -323,9 +434,12 @@ class LeaderRunner(ModelRunner):
     def forward_feed(
         self, ids: torch.Tensor, states: list[SequenceState], rows: list[int]
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        by_group: list[list[int]] = [[] for _ in self.pools]
-        for i, st in enumerate(states):
-            by_group[self._group(st)].append(i)
+        by_group = self._by_group(states)
+        places: list[tuple[int, int]] = [(0, 0)] * len(states)
+        for g, members in enumerate(by_group):
+            for local, i in enumerate(members):
+                places[i] = (g, local)
+        self._feed_places.append(places)
         needed = set(rows)
         parts = []
         for members in by_group:
@@ -337,40 +451,79 @@ class LeaderRunner(ModelRunner):
         for members in by_group[1:]:  # computed by their groups' ranks
             for i in members:
                 states[i].position += ids.shape[1]
-        # The streams' one reader, MTP, takes them from the runner (`ModelRunner._keep`, on this group's rows: MTP
-        # runs in one tensor-parallel group only), so none are returned.
+        # The streams' one reader, MTP, takes them from each rank's runner (`ModelRunner.keep_streams`, its group's
+        # rows: `forward_mtp` maps the rows to the groups), so none are returned.
         streams = torch.empty(0, device=ids.device)
         if logits is None:
             return streams, None
         where = {i: k for k, i in enumerate(rows)}
         return streams, _in_order(logits, [where[i] for members in by_group for i in members if i in needed])
 
-    # MTP (one tensor-parallel group only, `group_config`): each call is sent, then made as one process makes it.
     def verify_logits(self, seqs: list[Request]) -> VerifyStep:
-        pool = self.pools[0]
-        pool.flush_block_tables()
-        inputs = DecodeInputs.on_host(seqs, pool, self.decode_width(seqs, pool, 2), True)
-        call = VerifyCall(inputs.rows, inputs.block_tables)
+        by_group = self._by_group([s.state for s in seqs])
+        shared = self.decode_width(seqs, self.pools[0], 2) if self.cuda_graphs else 0
+        parts = []
+        for pool, rows in zip(self.pools, by_group, strict=True):
+            mine = [seqs[i] for i in rows]
+            if not mine:
+                empty = torch.zeros(0, 4, dtype=torch.int64), torch.zeros(0, shared, dtype=torch.int32)
+                parts.append(VerifyPart(*empty))
+                continue
+            pool.flush_block_tables()
+            inputs = DecodeInputs.on_host(mine, pool, shared or self.decode_width(mine, pool, 2), True)
+            parts.append(VerifyPart(inputs.rows, inputs.block_tables))
+        call = VerifyCall(tuple(parts))
+        step, logits = self._call(call, lambda: start_verify(self, self.pools[0], call, 0, self.dp))
+        order = [i for rows in by_group for i in rows]  # the sequence of each row in group order
         device = self.model.device
-        on_device = DecodeInputs(to_device(inputs.rows, device), to_device(inputs.block_tables, device))
-        return self._call(call, lambda: self.forward_verify(on_device, pool))
+        where = to_device(torch.tensor(order, dtype=torch.long), device)
+        drafts = to_device(torch.cat([p.rows[:, DRAFT] for p in call.parts]), device)
 
-    def finish_verify(self, verify: VerifyStep, tokens: torch.Tensor) -> torch.Tensor:
-        try:
-            return super().finish_verify(verify, _verify_draws(tokens))
-        except Exception as e:  # the followers are inside the step's collectives
-            _broken(e)
+        def finish(tokens: torch.Tensor) -> torch.Tensor:
+            try:
+                draws = _verify_draws(tokens[where])
+                return _in_order(finish_verify(self, call, 0, self.dp, step, draws), order)
+            except Exception as e:  # the followers are inside the step's collectives
+                _broken(e)
+
+        return VerifyStep(_in_order(logits, order), _in_order(drafts, order), finish)
 
     def forward_mtp(self, calls: list[tuple[list[StreamRef], torch.Tensor, list[SequenceState]]]) -> list[torch.Tensor]:
-        call = MtpCall([(refs, ids.cpu(), _describe(states)) for refs, ids, states in calls])
-        return self._call(call, lambda: super(LeaderRunner, self).forward_mtp(calls))
+        parts: list[tuple[MtpPart, ...]] = []
+        own: list[list[SequenceState]] = []
+        orders: list[list[int]] = []
+        for refs, ids, states in calls:
+            places = [self._feed_places[c][r] for c, r in refs]
+            by_group: list[list[int]] = [[] for _ in self.pools]
+            for item, (g, _) in enumerate(places):
+                by_group[g].append(item)
+            host_ids = ids.cpu()
+            parts.append(
+                tuple(
+                    MtpPart(
+                        [(refs[i][0], places[i][1]) for i in items],
+                        host_ids[items],
+                        _describe([states[i] for i in items]),
+                    )
+                    for items in by_group
+                )
+            )
+            own.append([states[i] for i in by_group[0]])
+            orders.append([i for items in by_group for i in items])
+            for items in by_group[1:]:  # computed by their groups' ranks
+                for i in items:
+                    states[i].mtp_position += ids.shape[1]
+        call = MtpCall(parts)
+        self._feed_places = []
+        out = self._call(call, lambda: run_mtp(self, self.pools[0], call, 0, self.dp, own))
+        return [_in_order(logits, order) for logits, order in zip(out, orders, strict=True)]
 
     def export_chunks(self, state: SequenceState, chunk_size: int, draft: int | None = None) -> list[bytes]:
         group = self._group(state)
         if group == 0:
             return super().export_chunks(state, chunk_size, draft)
         assert isinstance(state, PagedSequenceState) and self.dp is not None
-        call = ExportCall(group, state.slot, tuple(state.table), state.position, chunk_size)
+        call = ExportCall(group, state.slot, tuple(state.table), state.position, chunk_size, state.mtp_position, draft)
         first = group * self.dp.layout.tp
         chunks: list[bytes] = self._call(call, lambda: self.channel.receive_from(first))
         return chunks
@@ -422,15 +575,18 @@ class RankEngine:
                 call = message.call
                 if isinstance(call, Stop):
                     return
-                if isinstance(call, VerifyCall | MtpCall):
-                    _replay_mtp(runner, pool, call)
-                    continue
-                if isinstance(call, ExportCall):
+                if isinstance(call, MtpCall):
+                    run_mtp(runner, pool, call, group, self.dp)
+                elif isinstance(call, ExportCall):
                     if call.group == group and self.dp is not None and self.ctx.rank == group * self.dp.layout.tp:
-                        state = _state(pool, call.slot, call.blocks, call.position)
-                        self.channel.send_to_leader(runner.export_chunks(state, call.chunk_size))
-                    continue
-                run_call(runner, pool, call, group, self.dp)
+                        state = _state(pool, call.slot, call.blocks, call.position, call.mtp_position)
+                        self.channel.send_to_leader(runner.export_chunks(state, call.chunk_size, call.draft))
+                elif isinstance(call, VerifyCall):
+                    step, _ = start_verify(runner, pool, call, group, self.dp)
+                    draws = _verify_draws(None, sum(p.count for p in call.parts), model.device)
+                    finish_verify(runner, call, group, self.dp, step, draws)
+                else:
+                    run_call(runner, pool, call, group, self.dp)
 
     def stop(self) -> None:
         """The leader is done stepping: end the followers' loops."""
@@ -454,22 +610,6 @@ def _describe(states: list[SequenceState]) -> list[Described]:
         assert isinstance(st, PagedSequenceState), "a rank group's sequences live in the paged pool"
         out.append((st.slot, tuple(st.table), st.position, st.mtp_position))
     return out
-
-
-def _replay_mtp(runner: ModelRunner, pool: KVPool, call: VerifyCall | MtpCall) -> None:
-    """A follower's part of an MTP call: the same runner calls on its shard (a verification step's draws come
-    from the leader)."""
-    device = runner.model.device
-    if isinstance(call, VerifyCall):
-        inputs = DecodeInputs(to_device(call.rows, device), to_device(call.block_tables, device))
-        verify = ModelRunner.forward_verify(runner, inputs, pool)
-        ModelRunner.finish_verify(runner, verify, _verify_draws(None, inputs.rows.shape[0], device))
-        return
-
-    def states(described: list[Described]) -> list[SequenceState]:
-        return [_state(pool, *d) for d in described]
-
-    ModelRunner.forward_mtp(runner, [(refs, ids.to(device), states(ds)) for refs, ids, ds in call.calls])
 
 
 def _verify_draws(tokens: torch.Tensor | None, rows: int = 0, device: torch.device | None = None) -> torch.Tensor:
@@ -511,7 +651,7 @@ def load_rank_engine(
         raise ValueError(f"layout {layout.describe()} does not match the group's {ctx.world_size} ranks")
     from dsv4.model_runtime.weights import load_rank
 
-    cfg = group_config(config or EngineConfig(), layout)
+    cfg = config or EngineConfig()
     channel = StepChannel()
     dp = DataParallel.create(layout, ctx.rank) if layout.dp > 1 else None
     model, _ = load_rank(path, layout, ctx.rank, ctx.device, dtype, qat_simulation, data_parallel=dp)

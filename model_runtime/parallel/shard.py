@@ -174,14 +174,14 @@ def shard_model(
             block.ffn = ParallelMoE(block.ffn, cfg, layout, rank, fmt, data_parallel)
 
 
-def idle_pass(model: DeepseekV4, data_parallel: DataParallel) -> None:
+def idle_pass(model: DeepseekV4, data_parallel: DataParallel, mtp: bool = False) -> None:
     """Take part, with no rows, in the exchanges of a model call that only other data-parallel groups have rows in:
-    the MoE of every layer when it runs over every group's tokens (nothing otherwise)."""
+    the MoE of every layer (`mtp`: of the MTP block) when it runs over every group's tokens (nothing otherwise)."""
     if not data_parallel.gathers_moe:
         return
     d = model.cfg.hidden_size
     u = torch.zeros(0, d, dtype=model.dtype, device=model.device)
     ids = torch.zeros(0, dtype=torch.long, device=model.device)
-    for block in model.layers:
+    for block in model.mtp[:1] if mtp else model.layers:
         assert isinstance(block.ffn, ParallelMoE)
         block.ffn(u, ids)

@@ -27,7 +27,6 @@ from dsv4.services.serve.preflight import (
 from dsv4.services.serve.supervisor import (
     RoleProcess,
     Signals,
-    check_flags,
     http_url,
     role_processes,
     stop_roles,
@@ -100,7 +99,6 @@ def run(args: argparse.Namespace) -> int:
     signals = Signals()
     with signals.installed():
         try:
-            check_flags(args)
             check_port_free(args.host, args.port)
             if args.api_key_file and not Path(args.api_key_file).is_file():
                 raise ServeError(f"--api-key-file {args.api_key_file}: no such file")

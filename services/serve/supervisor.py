@@ -69,15 +69,6 @@ class RoleProcess:
         return (errors or lines or ["(empty log)"])[-1]
 
 
-def check_flags(args: argparse.Namespace) -> None:
-    """ServeError for flags that cannot go together (before anything starts)."""
-    if args.speculative_mtp and args.data_parallel > 1:
-        raise ServeError(
-            f"--speculative-mtp does not run under data-parallel attention (--data-parallel {args.data_parallel}): "
-            "drop one of them"
-        )
-
-
 def role_processes(
     args: argparse.Namespace, model: Path, redis_url: str, in_process_broker: bool, log_dir: Path
 ) -> list[RoleProcess]:

@@ -138,7 +138,7 @@ def main(backend: str, rows: int, layout_arg: str | None = None) -> dict[str, An
             for s in seqs:
                 s.state.position += 1  # type: ignore[union-attr]
         step_kernels, step_launches = sorted(set(launched)), len(launched)
-        verified = _verify(graphs, seqs, kv.pool, launched) if dp is None else {}
+        verified = _verify(graphs, seqs, kv.pool, launched, dp)
         sampled = _sample(model, logits, seqs, launched)
         return {
             "backend": backend,
@@ -153,11 +153,16 @@ def main(backend: str, rows: int, layout_arg: str | None = None) -> dict[str, An
         }
 
 
-def _verify(graphs: DecodeGraphs, seqs: list[Request], pool: kv_state.KVPool, launched: list[str]) -> dict[str, Any]:
-    """An MTP verification step (last token and draft per row; MTP runs in one tensor-parallel group, so not under
-    data-parallel attention) through `DecodeGraphs.run_verify`: its model call, then its end (the MTP, the undo of
-    rejected drafts), a warm-up first and then traced as the decode step."""
+def _verify(
+    graphs: DecodeGraphs, seqs: list[Request], pool: kv_state.KVPool, launched: list[str], dp: DataParallel | None
+) -> dict[str, Any]:
+    """An MTP verification step (last token and draft per row) through `DecodeGraphs.run_verify`: its model call,
+    then its end (the MTP, the undo of rejected drafts), a warm-up first and then traced as the decode step. Under
+    data-parallel attention both parts exchange 2 tokens per padded row between the groups, as
+    `engine_group.start_verify` sets them."""
     traced = HostTensors()
+    if dp is not None:
+        dp.set_rows([2 * batch_bucket(len(seqs))] * dp.layout.dp)
     for step in range(2):
         table = [[7, s.state.position, s.state.slot, 9] for s in seqs]  # type: ignore[union-attr]
         rows = torch.tensor(table).to("cuda")

@@ -223,7 +223,10 @@ def test_every_key_of_a_role_config_file_is_read_by_that_role(
         **PRO,
         "disaggregation": {"mode": "always", "minPromptTokens": 7, "maxPrefillQueue": 9},
         "kvHandoff": {"transport": "direct", "ttlSeconds": 33, "chunkBytes": 1 << 20},
-        "decode": {"parallelism": {"tensor": 4, "data": 2, "expert": True}, "engine": {"overlapScheduling": False}},
+        "decode": {
+            "parallelism": {"tensor": 4, "data": 2, "expert": True},
+            "engine": {"overlapScheduling": False, "speculativeMtp": True},  # MTP under data-parallel attention
+        },
         "prefixCache": {
             "enabled": False,
             "tier": {"budgetBytes": 12345, "ttlSeconds": 77, "redisUrl": "redis://tier:6379/1"},
@@ -242,7 +245,7 @@ def test_every_key_of_a_role_config_file_is_read_by_that_role(
             assert getattr(settings, field) == getattr(written, field), (name, field)
     worker = WorkerSettings()  # the decode file is the last one set
     assert worker.parallelism.tensor == 4 and worker.parallelism.expert and worker.kv_handoff.ttl_seconds == 33
-    assert not worker.engine.overlap_scheduling and worker.engine.cuda_graphs
+    assert not worker.engine.overlap_scheduling and worker.engine.cuda_graphs and worker.engine.speculative_mtp
     assert not worker.prefix_cache.enabled and worker.prefix_cache.tier.budget_bytes == 12345
     assert worker.prefix_cache.tier.redis_url == "redis://tier:6379/1"
     monkeypatch.setenv(env.CONFIG_FILE, str(tmp_path / "gateway.yaml"))

@@ -9,8 +9,7 @@ import pytest
 
 from dsv4.protocol import env
 from dsv4.services import cli
-from dsv4.services.serve.errors import ServeError
-from dsv4.services.serve.supervisor import check_flags, role_processes
+from dsv4.services.serve.supervisor import role_processes
 
 pytestmark = pytest.mark.unit
 
@@ -78,8 +77,8 @@ def test_data_parallel_makes_groups_of_tensor_times_data_ranks_with_experts_spli
         assert worker[f"{env.PARALLELISM}__EXPERT"] == "true"
 
 
-def test_mtp_under_data_parallel_attention_is_refused_before_anything_starts() -> None:
-    check_flags(cli.build_parser().parse_args(["serve", "--speculative-mtp", "--tensor-parallel", "2"]))
-    args = cli.build_parser().parse_args(["serve", "--speculative-mtp", "--data-parallel", "2"])
-    with pytest.raises(ServeError, match="--speculative-mtp does not run under data-parallel attention"):
-        check_flags(args)
+def test_mtp_reaches_the_workers_of_data_parallel_groups(tmp_path: Path) -> None:
+    roles = _roles(tmp_path, "--speculative-mtp", "--tensor-parallel", "2", "--data-parallel", "2")
+    for worker in [*roles["prefill"], *roles["decode"]]:
+        assert worker[f"{env.PARALLELISM}__DATA"] == "2"
+        assert worker[f"{env.ENGINE}__SPECULATIVE_MTP"] == "true"

@@ -40,6 +40,7 @@ from dsv4.model_runtime.engine.model_runner import LaunchedStep
 from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.engine.scheduler import ScheduledChunk
+from dsv4.model_runtime.engine.speculative import VerifyStep
 from dsv4.model_runtime.parallel.engine_group import load_rank_engine
 from dsv4.model_runtime.parallel.rank import RankContext
 from dsv4.model_runtime.placement import Layout
@@ -107,7 +108,8 @@ def concurrent(
     for k in range(len(exports)):
         seq = engine.exported.pop(f"export{k}")
         assert seq.state is not None
-        exported.append((seq.output_token_ids[0], b"".join(engine.runner.export_chunks(seq.state, 1 << 16))))
+        blob = b"".join(engine.runner.export_chunks(seq.state, 1 << 16, seq.draft))
+        exported.append((seq.output_token_ids[0], blob))
         engine.release(seq)
     return {"groups": groups, "imports": [s.output_token_ids for s in seqs[: len(imports)]], "exports": exported}
 
@@ -127,13 +129,24 @@ def with_oracle_drafts(engine: LLMEngine, truth: list[list[int]]) -> dict[str, o
 
     runner._propose = propose  # type: ignore[method-assign]
     seqs = [engine.add_request(f"o{i}", p, GREEDY) for i, p in enumerate(prompts)]
+    one_group = 0  # verification steps whose rows all live in one data-parallel group (the other has none)
+    verify_logits = runner.verify_logits
+
+    def counted(rows: list[Request]) -> VerifyStep:
+        nonlocal one_group
+        kv = engine.kv
+        one_group += isinstance(kv, GroupKV) and len({kv.group_of(s) for s in rows}) < len(kv.pools)
+        return verify_logits(rows)
+
+    runner.verify_logits = counted  # type: ignore[method-assign]
     while engine.has_unfinished():
         engine.step()
-    del runner._propose  # the model's own drafts from here on
+    del runner._propose, runner.verify_logits  # the model's own drafts from here on
     return {
         "tokens": [s.output_token_ids for s in seqs],
         "proposed": runner.drafts.proposed,
         "accepted": runner.drafts.accepted,
+        "one_group_verifies": one_group,
     }
 
 

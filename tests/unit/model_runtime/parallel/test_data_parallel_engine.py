@@ -13,16 +13,21 @@ sequences' attention and the MoE runs over both groups' tokens.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from dsv4.model_runtime.engine import kv_export
+from dsv4.model_runtime.engine.llm_engine import LLMEngine
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
+from dsv4.model_runtime.weights import load_model
 
+from ..engine.test_mtp_handoff import _check_drafts
 from .conftest import run_engine_ranks
-from .engine_rank import GREEDY, continue_import, one_process_engine, prefill_export, random_tokens
+from .engine_rank import CONFIG, GREEDY, continue_import, one_process_engine, prefill_export, random_tokens
 
 pytestmark = pytest.mark.integration
 
@@ -141,3 +146,42 @@ def test_overlapped_decode_steps_under_data_parallel_attention(tmp_path: Path) -
     for prompt, (token0, blob) in zip(exports, got["concurrent"]["exports"], strict=True):
         want = engine.generate_ids([prompt], GREEDY)[0].token_ids
         assert token0 == want[0] and continue_import(engine, prompt, token0, blob) == want
+
+
+def test_mtp_under_data_parallel_attention(tmp_path: Path) -> None:
+    """MTP speculative decoding across two data-parallel groups with graphs: each verification step is split between
+    the groups (one of them without rows in some steps: it replays a padded step, so both MoE exchanges, the main
+    model's and the MTP's, line up), oracle drafts accepted every other time and then the model's own, over chunked
+    prefills whose MTP calls are split the same way. The tokens are plain decoding's and every rank replayed the same
+    verification shapes. A prefill to export in each group carries its MTP state and the MTP's draft (the other
+    group's through the step channel), and continues in a one-process MTP engine."""
+    torch.set_num_threads(1)
+    ckpt = write_checkpoint(tmp_path / "ckpt", "tiny-flash", quantized=True, seed=0)
+    engine = one_process_engine(ckpt)
+    prompts = [random_tokens(n, 80 + n) for n in (1, 9, 16, 33, 5)]
+    truth = [c.token_ids for c in engine.generate_ids(prompts, GREEDY)]
+    exports = [random_tokens(19, 72), random_tokens(33, 73)]
+    work = {
+        "mtp": list(zip(prompts, truth, strict=True)),
+        "rounds": [[random_tokens(n, 90 + n) for n in (5, 21, 12)]],
+        "graphs": True,
+        "concurrent": ([], exports),
+    }
+    torch.save(work, tmp_path / "work.pt")
+    got = run_engine_ranks(ckpt, "2,4", tmp_path / "work.pt", tmp_path / "out", 4)
+    shapes = [torch.load(tmp_path / "out" / f"verify_graphs{rank}.pt") for rank in range(4)]
+    assert shapes[0] and all(s == shapes[0] for s in shapes[1:]), shapes
+    assert got["mtp"]["tokens"] == truth
+    assert 0 < got["mtp"]["accepted"] < got["mtp"]["proposed"]
+    assert got["mtp"]["one_group_verifies"] > 0
+    assert got["rounds"] == [[c.token_ids for c in engine.generate_ids(work["rounds"][0], GREEDY)]]
+    assert sorted(got["concurrent"]["groups"]) == [0, 1]
+    mtp = LLMEngine(load_model(ckpt, dtype=torch.float64), None, replace(CONFIG, speculative_mtp=True))
+    for prompt, (token0, blob) in zip(exports, got["concurrent"]["exports"], strict=True):
+        snapshot = kv_export.load(mtp.model, blob)
+        assert snapshot.mtp_layers == 1 and snapshot.mtp_draft is not None
+        want = engine.generate_ids([prompt], GREEDY)[0].token_ids
+        _check_drafts(mtp.model, prompt + want[:1], {len(prompt) + 1: snapshot.mtp_draft})
+        proposed = mtp.runner.drafts.proposed
+        assert token0 == want[0] and continue_import(mtp, prompt, token0, blob) == want
+        assert mtp.runner.drafts.proposed > proposed  # it verified drafts, the blob's first

@@ -16,10 +16,8 @@ from typing import Any
 import pytest
 import torch
 
-from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
+from dsv4.model_runtime.engine.llm_engine import LLMEngine
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
-from dsv4.model_runtime.parallel.engine_group import GroupUnsupported, group_config
-from dsv4.model_runtime.placement import Layout
 from dsv4.model_runtime.weights import load_model
 
 from .conftest import run_engine_ranks
@@ -86,12 +84,6 @@ def test_tp1_prefix_imported_into_tp2_group_serves_an_extension(run) -> None:
     no_cache = LLMEngine(load_model(ckpt, dtype=torch.float64), None, replace(CONFIG, prefix_cache=False))
     assert got["prefix"] == no_cache.generate_ids([extended], GREEDY)[0].token_ids
     assert got["prefix_prefill_tokens"] <= len(extended) - len(prefix)  # resumed from the imported prefix
-
-
-def test_data_parallel_attention_refuses_mtp() -> None:
-    assert group_config(EngineConfig(speculative_mtp=True), Layout(2, 2)).speculative_mtp
-    with pytest.raises(GroupUnsupported, match="MTP speculative decoding does not run under data-parallel"):
-        group_config(EngineConfig(speculative_mtp=True), Layout(4, 2, 4))
 
 
 @pytest.fixture(scope="module")
