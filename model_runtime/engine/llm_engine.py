@@ -354,12 +354,13 @@ class LLMEngine:
 
         With overlapped scheduling a step is launched without waiting for its tokens, which land in the next call
         after that call has launched the step after it: that step's rows holding a token on its way feed it from
-        the device, and its other chunks (prefills, arrivals, prefills to export) run beside them. A step that
-        needs the tokens first lands them: one that would preempt is then scheduled again, preempting, and
-        launched; one that runs MTP runs synchronously. A row that finishes on a landed token has already been fed
-        to the launched step, whose token for it is dropped."""
+        the device (an MTP verification row its position and draft too), and its other chunks (prefills, arrivals,
+        prefills to export) run beside them. A step that needs the tokens first lands them: one that would preempt
+        is then scheduled again, preempting, and launched; one that runs the MTP over a prompt, or verifies a
+        penalized row's draft, runs synchronously. A row that finishes on a landed token has already been fed to
+        the launched step, whose tokens for it are dropped."""
         launched, self._launched = self._launched, None
-        ahead = None if launched is None else {s for s in launched.seqs if self._follows(s)}
+        ahead = None if launched is None else {s for s in launched.sequences if self._follows(s)}
         chunks = self.scheduler.schedule(ahead)
         landed: list[Request] = []
         if chunks is None:  # room only by preempting: the tokens land first, then a schedule that may preempt
@@ -389,42 +390,43 @@ class LLMEngine:
 
     def _overlaps(self, chunk: ScheduledChunk, launched: LaunchedStep | None) -> bool:
         """Whether the chunk may run in a launched step, which nobody waits for: a row holding a token of the
-        `launched` step, or a chunk without MTP. Penalized rows qualify: their context is the device's penalty
-        table, which counts the tokens on their way; so do prefix-cache snapshot points (the snapshot's copies
-        queue behind the step) and prefills to export: their first token finishes them, so no later step feeds
-        them (`_follows`), and the state they keep for the export stands at the prompt's end when it lands."""
+        `launched` step, a chunk without MTP, or an MTP verification of a row without penalties. Penalized decode
+        rows qualify: their context is the device's penalty table, which counts the tokens on their way (a
+        verification row's accepted draft would leave its count in doubt); so do prefix-cache snapshot points (the
+        snapshot's copies queue behind the step) and prefills to export: their first token finishes them, so no
+        later step feeds them (`_follows`), and the state they keep for the export stands at the prompt's end when
+        it lands. The MTP over a prompt's chunk reads its drafts on the host."""
         s = chunk.seq
         if launched is not None and launched.holds(s):
             return True
-        return not s.use_mtp
+        if not s.use_mtp:
+            return True
+        return self.runner.verifies(chunk) and not s.params.penalized
 
     @staticmethod
     def _follows(seq: Request) -> bool:
         """Whether a sequence of the launched step goes on to the next one: it is still running (landed tokens
         may finish it after that), it is no prefill to export (its first token, the one on its way, finishes it)
-        and the token on its way will not reach max_tokens."""
-        return not seq.finished and not seq.export_after_prefill and seq.num_generated + 1 < seq.params.max_tokens
+        and the tokens on their way (two after an MTP row's accepted draft) will not reach max_tokens."""
+        on_way = 2 if seq.use_mtp else 1
+        return not seq.finished and not seq.export_after_prefill and seq.num_generated + on_way < seq.params.max_tokens
 
     def _land(self, launched: LaunchedStep | None) -> list[Request]:
         """Append a launched step's tokens, once they are on the host, to its sequences still running; those (none
         without a launched step)."""
-        landed: list[Request] = []
         if launched is None:
-            return landed
-        for seq, (token, logprob) in zip(launched.seqs, self.runner.land(launched), strict=True):
-            if seq.finished:  # finished by a landed token, or cancelled, after this step was launched
-                continue
-            seq.append(token, logprob)
+            return []
+        landed = self.runner.land(launched, self._launched)
+        for seq in landed:
             if seq.finished:
                 self._retire(seq)
-            landed.append(seq)
         return landed
 
     def _settle(self) -> None:
         """Drop a launched step none of whose sequences still runs (its tokens would all be dropped), so that an
         engine with no unfinished request holds nothing in flight."""
-        if self._launched is not None and all(s.finished for s in self._launched.seqs):
-            self._launched.result.wait()
+        if self._launched is not None and all(s.finished for s in self._launched.sequences):
+            self._launched.wait()
             self._launched = None
 
     def _output(self, seq: Request) -> RequestOutput:

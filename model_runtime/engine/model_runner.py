@@ -9,9 +9,10 @@ MTP verification (last token + draft, `speculative.py`) is a batched step of its
 tokens per row, both draws in one sampling call, the rejected drafts' pool writes taken back and the MTP's next
 drafts computed on the device, all in one copy to the host.
 
-Overlapped scheduling (`LLMEngine.step`) runs steps without MTP through `launch` / `land` instead: a step is
-launched without waiting for its tokens, and the next one can be launched before they reach the host, its decode
-rows fed them from the device.
+Overlapped scheduling (`LLMEngine.step`) runs steps through `launch` / `land` instead: a step is launched without
+waiting for its tokens, and the next one can be launched before they reach the host, its decode rows fed them from
+the device, its verification rows their tokens, positions and drafts (`LaunchedVerify.fed`). The MTP over a
+prompt's chunks reads its drafts on the host, so steps with those run synchronously.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from dsv4.model_runtime.engine.sampler import (
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.engine.scheduler import ScheduledChunk
 from dsv4.model_runtime.engine.speculative import VerifyStep
-from dsv4.model_runtime.engine.step_inputs import DecodeInputs, table_width
+from dsv4.model_runtime.engine.step_inputs import DecodeInputs, next_token, table_width, verify_tokens
 from dsv4.model_runtime.engine.transfer import HostCopy, start_copy_to_host, to_device, to_host
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.state import SequenceState
@@ -55,22 +56,54 @@ def _request(seq: Request, pending: bool = False) -> SampleRequest:
 
 
 @dataclass
+class LaunchedVerify:
+    """The MTP verification rows of a launched step: `seqs` are advanced by one token each (the accepted draft's
+    token, when there is one, is counted when they land) and hold neither their drawn tokens nor their next
+    drafts yet."""
+
+    seqs: list[Request]
+    # [V, 3] int64 on the device, per row: the token its next step feeds (the draft's when accepted, else the first
+    # draw), how many positions beyond the host's count that token stands (1 when the draft was accepted, else 0),
+    # and its next draft: what a verification step launched before these land feeds from the device.
+    fed: torch.Tensor
+    result: HostCopy  # the 2V draws, then the V acceptances and the V next drafts as id rows (`_with_ids`)
+    params: list[SamplingParams]
+    rows: dict[Request, int] = field(init=False)  # each of `seqs`' row in `fed`
+
+    def __post_init__(self) -> None:
+        self.rows = {s: row for row, s in enumerate(self.seqs)}
+
+
+@dataclass
 class LaunchedStep:
     """A step launched without waiting for its tokens (`ModelRunner.launch`): its sequences are advanced, and
-    `seqs`, those that drew a token, do not hold it yet."""
+    `seqs`, the decode and per-sequence rows that drew a token, do not hold it yet; nor do its verification rows
+    (`verify`)."""
 
     seqs: list[Request]
     tokens: torch.Tensor  # the drawn ids [R] on the device: what the next step of these rows feeds
-    result: HostCopy  # `sample_batch`'s result on its way to the host
+    result: HostCopy | None  # `sample_batch`'s result on its way to the host (None: only verification rows drew)
     params: list[SamplingParams]
+    verify: LaunchedVerify | None = None
     rows: dict[Request, int] = field(init=False)  # each of `seqs`' row in `tokens`
 
     def __post_init__(self) -> None:
         self.rows = {s: row for row, s in enumerate(self.seqs)}
 
+    @property
+    def sequences(self) -> list[Request]:
+        """Every sequence with tokens of this step on their way."""
+        return self.seqs + (self.verify.seqs if self.verify is not None else [])
+
     def holds(self, seq: Request) -> bool:
         """Whether `seq` has a token of this step on its way."""
-        return seq in self.rows
+        return seq in self.rows or (self.verify is not None and seq in self.verify.rows)
+
+    def wait(self) -> None:
+        """Wait until the step's results are on the host."""
+        for copy in (self.result, self.verify.result if self.verify is not None else None):
+            if copy is not None:
+                copy.wait()
 
 
 def _with_ids(drawn: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -117,6 +150,12 @@ class ModelRunner:
         one = chunk.num_tokens == 1 and s.num_uncomputed == 1
         return one and not s.use_mtp and isinstance(s.state, PagedSequenceState)
 
+    @staticmethod
+    def verifies(chunk: ScheduledChunk) -> bool:
+        """Whether the chunk is an MTP verification (its last token and the draft after it)."""
+        s = chunk.seq
+        return s.draft is not None and chunk.num_tokens == s.num_uncomputed + 1
+
     @torch.no_grad()
     def run(self, chunks: list[ScheduledChunk]) -> list[Request]:
         """Feed every chunk; returns the sequences that received new tokens this step."""
@@ -136,25 +175,84 @@ class ModelRunner:
 
     @torch.no_grad()
     def launch(self, chunks: list[ScheduledChunk], after: LaunchedStep | None = None) -> LaunchedStep | None:
-        """Run the step of `chunks` (no MTP) and draw its tokens without waiting for them (their copy to the host
-        is queued); None when no row draws one (prefill chunks short of their prompts' ends). With `after`, the
-        launched step whose tokens some of these sequences still wait for: each such row feeds the token `after`
-        drew for it, gathered on the device, and draws the token after it."""
+        """Run the step of `chunks` (no per-sequence MTP: the engine runs those synchronously) and draw its tokens
+        without waiting for them (their copy to the host is queued); None when no row draws one (prefill chunks
+        short of their prompts' ends). With `after`, the launched step whose tokens some of these sequences still
+        wait for: each such row feeds the token `after` drew for it, gathered on the device, and draws the token
+        after it; a verification row also takes its position and draft from `after` (`LaunchedVerify.fed`)."""
         decode, groups, verify = self._plan(chunks, after)
-        assert not verify, "MTP verification steps are not launched"
+        assert not any(s.use_mtp for seqs in groups.values() for s in seqs), "per-sequence MTP is not launched"
         feed = self._fed(decode, after)
         ready, logits = self._forward(decode, groups, [], feed)
+        launched_verify = self._launch_verify(verify, after) if verify else None
         if logits is None:
-            return None
+            if launched_verify is None:
+                return None
+            empty = torch.zeros(0, dtype=torch.int64, device=self.model.device)
+            return LaunchedStep([], empty, None, [], launched_verify)
         ahead = [after is not None and after.holds(s) for s in ready]  # all among the decode rows, first
         out, params = self._draw(ready, logits, feed, ahead)
-        return LaunchedStep(ready, sampled_tokens(out), start_copy_to_host(out), params)
+        return LaunchedStep(ready, sampled_tokens(out), start_copy_to_host(out), params, launched_verify)
 
-    @staticmethod
-    def land(launched: LaunchedStep) -> list[tuple[int, TokenLogprob | None]]:
-        """Wait for a launched step's tokens: (token, logprob record when asked for) per row of `launched.seqs`.
-        The caller appends them."""
-        return unpack(launched.result.wait(), launched.params)
+    def land(self, launched: LaunchedStep, after: LaunchedStep | None = None) -> list[Request]:
+        """Wait for a launched step's tokens and append them to its sequences still running; returns those (a
+        sequence finished since the launch is skipped). `after`: the step launched since, whose verification rows
+        already feed on the device what this step drew for them, their next drafts included (those stay there)."""
+        landed: list[Request] = []
+        if launched.result is not None:
+            for s, (token, logprob) in zip(launched.seqs, unpack(launched.result.wait(), launched.params), strict=True):
+                if not s.finished:
+                    s.append(token, logprob)
+                    landed.append(s)
+        v = launched.verify
+        if v is None:
+            return landed
+        drawn = unpack(v.result.wait(), v.params)
+        n = len(v.seqs)
+        for b, s in enumerate(v.seqs):
+            if s.finished:
+                continue
+            accepted, draft = bool(drawn[2 * n + b][0]), drawn[3 * n + b][0]
+            self._settle_verify(s, drawn[2 * b], drawn[2 * b + 1], accepted, int(accepted))
+            if not s.finished and not (after is not None and after.holds(s)):
+                self._propose(s, draft)
+            landed.append(s)
+        return landed
+
+    def _launch_verify(self, seqs: list[Request], after: LaunchedStep | None) -> LaunchedVerify:
+        """Launch the verification step of `seqs` (rows `after` holds fed from it on the device): draw, finish and
+        queue the copy of its draws, acceptances and next drafts; the sequences advance by one token now."""
+        fed = self._fed_verify(seqs, after)
+        verify = self.verify_logits(seqs, fed)
+        ahead = [after is not None and after.holds(s) for s in seqs]
+        out, params = self._draw_verify(seqs, verify.logits, verify.drafts, ahead, None if fed is None else fed[:, 1])
+        tokens = sampled_tokens(out).view(-1, 2)
+        drafts = self.finish_verify(verify, tokens)
+        accepted = (tokens[:, 0] == verify.drafts).long()
+        next_fed = torch.stack([torch.where(accepted.bool(), tokens[:, 1], tokens[:, 0]), accepted, drafts], dim=1)
+        for s in seqs:
+            s.draft = None
+            s.num_computed += 1
+            assert isinstance(s.state, PagedSequenceState)
+            s.state.position += 1
+            s.state.mtp_position += 1
+        result = start_copy_to_host(_with_ids(out, torch.cat([accepted, drafts])))
+        return LaunchedVerify(seqs, next_fed, result, params + [_ID_ROW] * (2 * len(seqs)))
+
+    def _fed_verify(self, seqs: list[Request], after: LaunchedStep | None) -> torch.Tensor | None:
+        """[V, 3] (device) of what the verification rows feed when `after` holds some (`LaunchedVerify.fed`: token,
+        positions beyond the host's count, draft), the others' own (last token, 0, draft); None when the host
+        knows every row's."""
+        v = after.verify if after is not None else None
+        if v is None or not any(s in v.rows for s in seqs):
+            return None
+        device = v.fed.device
+        where = to_device(torch.tensor([v.rows.get(s, -1) for s in seqs], dtype=torch.int64), device)
+        if all(s in v.rows for s in seqs):
+            return v.fed[where]
+        known = [[next_token(s), 0, s.draft if s.draft is not None else 0] for s in seqs]
+        own = to_device(torch.tensor(known, dtype=torch.int64), device)
+        return torch.where((where >= 0)[:, None], v.fed[where.clamp(min=0)], own)
 
     def _plan(
         self, chunks: list[ScheduledChunk], after: LaunchedStep | None = None
@@ -167,9 +265,9 @@ class ModelRunner:
         for chunk in chunks:
             s = chunk.seq
             if after is not None and after.holds(s):
-                decode.append(s)
+                (verify if s.use_mtp else decode).append(s)
                 continue
-            if s.draft is not None and chunk.num_tokens == s.num_uncomputed + 1:
+            if self.verifies(chunk):
                 verify.append(s)
                 continue
             s.draft = None  # the step has no room for it
@@ -294,14 +392,16 @@ class ModelRunner:
         the rejected drafts' pool writes taken back (`speculative.end_verification`)."""
         return verify.finish(tokens)
 
-    def verify_logits(self, seqs: list[Request]) -> VerifyStep:
+    def verify_logits(self, seqs: list[Request], fed: torch.Tensor | None = None) -> VerifyStep:
         """Run the model call of the verification step of `seqs` (a rank group's leader overrides it to run it on
-        every rank): `forward_verify`'s result."""
+        every rank): `forward_verify`'s result. `fed` (overlapped scheduling): [V, 3] (device) token, positions
+        beyond the host's count and draft of each row (`LaunchedVerify.fed`), when the host does not know them."""
         state = seqs[0].state
         assert isinstance(state, PagedSequenceState)
         pool = state.pool
         pool.flush_block_tables()
-        return self.forward_verify(DecodeInputs.build(seqs, pool, self.decode_width(seqs, pool, 2), True), pool)
+        inputs = DecodeInputs.build(seqs, pool, self.decode_width(seqs, pool, verify_tokens(fed)), True)
+        return self.forward_verify(inputs if fed is None else inputs.verifying(fed), pool)
 
     def forward_mtp(self, calls: list[tuple[list[StreamRef], torch.Tensor, list[SequenceState]]]) -> list[torch.Tensor]:
         """The step's MTP calls, each (rows of this step's streams [B] of k positions, the tokens after them [B, k],
@@ -403,34 +503,53 @@ class ModelRunner:
         drafts = self.finish_verify(verify, sampled_tokens(out).view(-1, 2))
         drawn = unpack(to_host(_with_ids(out, drafts)), params + [_ID_ROW] * len(seqs))
         for b, s in enumerate(seqs):
-            (first, first_lp), (second, second_lp) = drawn[2 * b], drawn[2 * b + 1]
             draft = drawn[2 * len(seqs) + b][0]
-            accepted = first == s.draft
+            accepted = drawn[2 * b][0] == s.draft
             s.draft = None
-            s.append(first, first_lp)
-            if accepted and not s.finished:
-                s.append(second, second_lp)
-                self.penalty_table.appended(s)
-            advance = 2 if accepted else 1
-            s.num_computed += advance
-            assert isinstance(s.state, PagedSequenceState)
-            s.state.position += advance
-            s.state.mtp_position += advance
-            self.drafts.proposed += 1
-            self.drafts.accepted += accepted
+            self._settle_verify(s, drawn[2 * b], drawn[2 * b + 1], accepted, 1 + accepted)
             if not s.finished:
                 self._propose(s, draft)
         return seqs
 
+    def _settle_verify(
+        self,
+        s: Request,
+        first: tuple[int, TokenLogprob | None],
+        second: tuple[int, TokenLogprob | None],
+        accepted: bool,
+        advance: int,
+    ) -> None:
+        """Append a verification row's tokens (the second only after an accepted draft, unless the first finished
+        the sequence) and move its counts on by `advance` positions (what the host has not counted yet)."""
+        s.append(*first)
+        if accepted and not s.finished:
+            s.append(*second)
+            self.penalty_table.appended(s)
+        s.num_computed += advance
+        assert isinstance(s.state, PagedSequenceState)
+        s.state.position += advance
+        s.state.mtp_position += advance
+        self.drafts.proposed += 1
+        self.drafts.accepted += accepted
+
     def _draw_verify(
-        self, seqs: list[Request], logits: torch.Tensor, drafts: torch.Tensor
+        self,
+        seqs: list[Request],
+        logits: torch.Tensor,
+        drafts: torch.Tensor,
+        ahead: list[bool] | None = None,
+        advance: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[SamplingParams]]:
         """`sample_batch` over rows [2B] (each sequence's row 0, then its row 1, which draws the token after the
         draft: the next index of its seeded stream, its penalties counting the draft) and the rows' parameters. The
-        penalty table counts every row 0's draw and row 1's where the draft stands (`record_accepted`)."""
+        penalty table counts every row 0's draw and row 1's where the draft stands (`record_accepted`). `ahead`:
+        the rows whose previous verification has not landed (never penalized: the engine runs those synchronously),
+        whose token indices move on by one and by `advance` [B] (device: its accepted drafts)."""
+        ahead = ahead or [False] * len(seqs)
+        assert not any(a and s.params.penalized for s, a in zip(seqs, ahead, strict=True))
         requests = []
-        for s in seqs:
-            first = _request(s)
+        for s, a in zip(seqs, ahead, strict=True):
+            first = _request(s, a)
             # Row 1's penalties are the table's with the draft counted (`Penalties.after`), so its token lists are
             # never read: no O(context) copy with the draft appended.
             requests += [first, dataclasses.replace(first, index=first.index + 1)]
@@ -440,6 +559,8 @@ class ModelRunner:
             first_penalties = self.penalty_table.penalties(rows, seqs)
             penalties = Penalties.interleave(first_penalties, first_penalties.after(drafts))
         inputs = SamplingInputs.build(requests, logits.shape[-1], logits.device, penalties)
+        if advance is not None:
+            inputs = inputs.advanced(torch.repeat_interleave(advance, 2))
         out = sample_batch(self.model.ops, logits.flatten(0, 1), inputs)
         if rows is not None:
             tokens = sampled_tokens(out).view(-1, 2)

@@ -19,7 +19,7 @@ the token.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 import torch
@@ -165,6 +165,13 @@ class SamplingInputs:
         if flags.penalties and penalties is None:
             penalties = Penalties.build(requests, vocab, device)
         return cls(to_device(ints, device), to_device(floats, device), flags, penalties if flags.penalties else None)
+
+    def advanced(self, by: torch.Tensor) -> SamplingInputs:
+        """The same inputs with each row's token index moved on by `by` [R] (device): the rows of an overlapped
+        verification step, whose previous step's accepted drafts the host has not counted yet."""
+        ints = self.ints.clone()
+        ints[:, 1] += by
+        return replace(self, ints=ints)
 
 
 def penalize(logits: torch.Tensor, penalties: Penalties) -> torch.Tensor:

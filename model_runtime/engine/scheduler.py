@@ -12,7 +12,8 @@ A waiting sequence whose prompt shares a longer prefix with a sequence prefillin
 Blocks only the cache holds are reclaimed (evicting entries) before anyone is preempted.
 
 With overlapped scheduling a step is scheduled while the previous step's tokens are on their way (`ahead`): the
-sequences waiting for one decode it from the device, and nobody is preempted (the schedule is refused instead).
+sequences waiting for one decode it from the device (an MTP row verifies its draft after it), and nobody is preempted
+(the schedule is refused instead).
 """
 
 from __future__ import annotations
@@ -113,10 +114,12 @@ class Scheduler:
         for seq in list(self.running):
             if seq not in self.running:  # preempted by an earlier sequence of this loop
                 continue
-            n = min(1, budget) if ahead is not None and seq in ahead else self._chunk_len(seq, budget, not chunks)
+            n = reserve = self._chunk_len(seq, budget, not chunks)
+            if ahead is not None and seq in ahead:
+                n, reserve = self._ahead(seq, budget)
             if n == 0:
                 continue
-            while not self.kv.can_grow(seq, n):
+            while not self.kv.can_grow(seq, reserve):
                 if ahead is not None:  # growing is idempotent: what was reserved is reserved again next time
                     self.prefill_tokens = counted
                     return None
@@ -126,7 +129,7 @@ class Scheduler:
                     break
             if seq not in self.running:
                 continue
-            self.kv.grow(seq, n)
+            self.kv.grow(seq, reserve)
             budget -= self._scheduled(chunks, seq, n)
         i = 0
         while i < len(self.waiting) and len(self.running) < self.config.max_num_seqs and budget > 0:
@@ -148,6 +151,14 @@ class Scheduler:
             self.running.append(seq)
             budget -= self._scheduled(chunks, seq, n)
         return chunks
+
+    @staticmethod
+    def _ahead(seq: Request, budget: int) -> tuple[int, int]:
+        """(tokens, positions to reserve) of a sequence with a launched step's tokens on their way: one token; an MTP
+        row verifies a draft after it, and the landing may move it one position further (an accepted draft), so it
+        reserves three. (0, 0): the budget has no room for it."""
+        n = 2 if seq.use_mtp else 1
+        return (n, n + seq.use_mtp) if budget >= n else (0, 0)
 
     def after_step(self, chunks: list[ScheduledChunk]) -> None:
         """After the model ran `chunks`: cache entries of the states that stand at one of their snapshot points."""

@@ -35,6 +35,12 @@ def table_width(seqs: Sequence[Request], block_size: int, tokens: int = 1) -> in
     return max((s.num_computed + tokens - 1) // block_size + 1 for s in seqs)
 
 
+def verify_tokens(fed: torch.Tensor | None) -> int:
+    """Positions past the host's count a verification step's rows may write: their token and draft, and with rows
+    `fed` from a step still in flight (`DecodeInputs.verifying`) the accepted draft's token before them."""
+    return 2 if fed is None else 3
+
+
 @dataclass(frozen=True)
 class DecodeInputs:
     """rows [D, 3] int64 (token id, position, pool slot), or [D, 4] with each row's MTP draft, and block_tables
@@ -63,6 +69,14 @@ class DecodeInputs:
         """The same step feeding `tokens` [D] (on the device) instead of the ids in `rows`: overlapped scheduling
         launches a step before the host knows the tokens it feeds, which the previous step is still drawing."""
         rows = torch.cat([tokens.to(self.rows.dtype)[:, None], self.rows[:, POSITION:]], dim=1)
+        return DecodeInputs(rows, self.block_tables)
+
+    def verifying(self, fed: torch.Tensor) -> DecodeInputs:
+        """The same verification step with each row's token, position and draft from `fed` [D, 3] (on the device:
+        the token, the positions to add to the host's, the draft): overlapped scheduling launches a verification
+        step before the host knows how far the previous one moved its rows and what they drew."""
+        fed = fed.to(self.rows.dtype)
+        rows = torch.stack([fed[:, 0], self.rows[:, POSITION] + fed[:, 1], self.rows[:, SLOT], fed[:, 2]], dim=1)
         return DecodeInputs(rows, self.block_tables)
 
     def step(self, pool: KVPool) -> PagedDecode:
@@ -98,8 +112,7 @@ def _rows(seqs: Sequence[Request], drafts: bool) -> torch.Tensor:
         state = s.state
         assert isinstance(state, PagedSequenceState), f"{s.request_id} decodes without a paged KV state"
         row = [next_token(s), s.num_computed, state.slot]
-        if drafts:
-            assert s.draft is not None, f"{s.request_id} verifies without a draft"
-            row.append(s.draft)
+        if drafts:  # a draft still on the device (overlapped scheduling) comes with the step's fed rows
+            row.append(s.draft if s.draft is not None else 0)
         table.append(row)
     return torch.tensor(table, dtype=torch.int64).view(-1, 4 if drafts else 3)

@@ -10,7 +10,7 @@ layers (`shard.py`) line up.
   gathers the full vocabulary on every rank), so it runs on the leader alone and the followers learn the tokens
   from the next call's ids, or, for a decode step launched before they reach the leader's host (overlapped
   scheduling, `LLMEngine.step`), from the leader's device: such a call carries each row's place in the step's fed
-  tokens instead, which the leader broadcasts on the default group before the step (`_fed_tokens`), so no rank's
+  tokens instead, which the leader broadcasts on the default group before the step (`_from_leader`), so no rank's
   host waits for the tokens between two steps.
 * Data-parallel attention (`data_parallel.py`, layouts of dp > 1 tensor-parallel groups): each group's pool holds
   its own sequences. The leader schedules every group's pool and prefix cache (`kv_groups.GroupKV`: a new sequence
@@ -71,7 +71,7 @@ from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
 from dsv4.model_runtime.engine.model_runner import ModelRunner, StreamRef
 from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.speculative import VerifyStep
-from dsv4.model_runtime.engine.step_inputs import DRAFT, DecodeInputs
+from dsv4.model_runtime.engine.step_inputs import DRAFT, DecodeInputs, verify_tokens
 from dsv4.model_runtime.engine.transfer import to_device
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.parallel.data_parallel import DataParallel
@@ -96,7 +96,7 @@ Described = tuple[int, tuple[int, ...], int, int]  # a paged state: slot, blocks
 class DecodeCall:
     """A group's part of the batched decode step: `DecodeInputs.rows` [D, 3] and `block_tables` [D, T], on the
     CPU (D = 0: the group has no row in it). `fed` (overlapped scheduling): the places of the part's rows in the
-    tokens the step feeds, which the leader broadcasts from its device (`_fed_tokens`), their ids in `rows` being
+    tokens the step feeds, which the leader broadcasts from its device (`_from_leader`), their ids in `rows` being
     stale; None: `rows` holds the ids. Every part of a fed step has one."""
 
     rows: torch.Tensor
@@ -150,10 +150,13 @@ class ExportCall:
 @dataclass(frozen=True)
 class VerifyPart:
     """A group's part of an MTP verification step: `DecodeInputs.rows` [B, 4] (with the drafts) and `block_tables`
-    [B, T], on the CPU (B = 0: the group has no row in it)."""
+    [B, T], on the CPU (B = 0: the group has no row in it). `fed` (overlapped scheduling): the places of the part's
+    rows in the step's fed rows (`DecodeInputs.verifying`: token, positions to add, draft), which the leader
+    broadcasts from its device; every part of a fed step has one."""
 
     rows: torch.Tensor
     block_tables: torch.Tensor
+    fed: torch.Tensor | None = None
 
     @property
     def count(self) -> int:
@@ -163,7 +166,7 @@ class VerifyPart:
 @dataclass(frozen=True)
 class VerifyCall:
     """An MTP verification step: one part per data-parallel group, in group order; the step's draws follow by
-    broadcast (`_verify_draws`)."""
+    broadcast (`_from_leader`)."""
 
     parts: tuple[VerifyPart, ...]
 
@@ -219,7 +222,7 @@ def run_call(
     part = call[group]
     fed = None
     if isinstance(part, DecodeCall) and part.fed is not None:
-        fed = _fed_tokens(call, feed, model.device)[to_device(part.fed, model.device)]
+        fed = _from_leader(feed, (sum(p.tokens for p in call),), model.device)[to_device(part.fed, model.device)]
     bucket = _padded_bucket(runner, [p.tokens for p in call], dp) if isinstance(part, DecodeCall) else None
     _set_rows(dp, [p.tokens for p in call], bucket)
     own: torch.Tensor | None = None
@@ -261,20 +264,29 @@ def _set_rows(dp: DataParallel | None, counts: list[int], bucket: int | None = N
 
 
 def start_verify(
-    runner: ModelRunner, pool: KVPool, call: VerifyCall, group: int, dp: DataParallel | None
+    runner: ModelRunner,
+    pool: KVPool,
+    call: VerifyCall,
+    group: int,
+    dp: DataParallel | None,
+    feed: torch.Tensor | None = None,
 ) -> tuple[VerifyStep | None, torch.Tensor]:
     """This rank's part of a verification step's model call: its group's step (None: the group has no rows and
     replays no padded graph; it took part in the MoE's exchange with none) and the logits [R, 2, vocab] of every
-    group's rows, in group order."""
+    group's rows, in group order. `feed`: on the leader, the fed rows [R, 3] (device) of a fed step, in the order
+    of the parts' `fed` places."""
     model, device = runner.model, runner.model.device
     part = call.parts[group]
     counts = [p.count for p in call.parts]
+    fed = None
+    if part.fed is not None:
+        fed = _from_leader(feed, (sum(counts), 3), device)[to_device(part.fed, device)]
     bucket = _padded_bucket(runner, counts, dp)
     _set_rows(dp, counts, bucket, per_row=2)
     step: VerifyStep | None = None
     if part.count or bucket is not None:
         inputs = DecodeInputs(to_device(part.rows, device), to_device(part.block_tables, device))
-        step = ModelRunner.forward_verify(runner, inputs, pool, bucket)
+        step = ModelRunner.forward_verify(runner, inputs if fed is None else inputs.verifying(fed), pool, bucket)
     elif dp is not None:
         idle_pass(model, dp)
     if dp is None:
@@ -344,15 +356,14 @@ def run_mtp(
     return out
 
 
-def _fed_tokens(call: Call, feed: torch.Tensor | None, device: torch.device) -> torch.Tensor:
-    """The tokens a fed decode step feeds, in the leader's row order, on every rank: the leader broadcasts its
-    `feed`, drawn by the step before and still on their way to its host, and the followers receive them. One
-    collective on the default group, queued on the device behind the draw like the model's own: no rank's host
-    waits for the tokens (NCCL / HCCL: not run on hardware)."""
-    if feed is None:
-        feed = torch.empty(sum(p.tokens for p in call), dtype=torch.int64, device=device)
-    dist.broadcast(feed, src=0)
-    return feed
+def _from_leader(t: torch.Tensor | None, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """The leader's int64 device tensor `t` of `shape` on every rank (the followers pass None): tokens a fed step
+    feeds, drawn by the step before and still on their way to the leader's host, or a verification step's draws.
+    One collective on the default group, queued on the device behind the draw like the model's own: no rank's host
+    waits for them (NCCL / HCCL: not run on hardware)."""
+    t = torch.empty(shape, dtype=torch.int64, device=device) if t is None else t.to(torch.int64).contiguous()
+    dist.broadcast(t, src=0)
+    return t
 
 
 def _in_order(rows: torch.Tensor, targets: list[int]) -> torch.Tensor:
@@ -459,34 +470,40 @@ class LeaderRunner(ModelRunner):
         where = {i: k for k, i in enumerate(rows)}
         return streams, _in_order(logits, [where[i] for members in by_group for i in members if i in needed])
 
-    def verify_logits(self, seqs: list[Request]) -> VerifyStep:
+    def verify_logits(self, seqs: list[Request], fed: torch.Tensor | None = None) -> VerifyStep:
         by_group = self._by_group([s.state for s in seqs])
-        shared = self.decode_width(seqs, self.pools[0], 2) if self.cuda_graphs else 0
+        tokens = verify_tokens(fed)
+        shared = self.decode_width(seqs, self.pools[0], tokens) if self.cuda_graphs else 0
         parts = []
         for pool, rows in zip(self.pools, by_group, strict=True):
             mine = [seqs[i] for i in rows]
+            places = None if fed is None else torch.tensor(rows, dtype=torch.int64)
             if not mine:
                 empty = torch.zeros(0, 4, dtype=torch.int64), torch.zeros(0, shared, dtype=torch.int32)
-                parts.append(VerifyPart(*empty))
+                parts.append(VerifyPart(*empty, places))
                 continue
             pool.flush_block_tables()
-            inputs = DecodeInputs.on_host(mine, pool, shared or self.decode_width(mine, pool, 2), True)
-            parts.append(VerifyPart(inputs.rows, inputs.block_tables))
+            inputs = DecodeInputs.on_host(mine, pool, shared or self.decode_width(mine, pool, tokens), True)
+            parts.append(VerifyPart(inputs.rows, inputs.block_tables, places))
         call = VerifyCall(tuple(parts))
-        step, logits = self._call(call, lambda: start_verify(self, self.pools[0], call, 0, self.dp))
+        feed = None if fed is None else fed.to(torch.int64).contiguous()
+        step, logits = self._call(call, lambda: start_verify(self, self.pools[0], call, 0, self.dp, feed))
         order = [i for rows in by_group for i in rows]  # the sequence of each row in group order
         device = self.model.device
         where = to_device(torch.tensor(order, dtype=torch.long), device)
-        drafts = to_device(torch.cat([p.rows[:, DRAFT] for p in call.parts]), device)
+        if feed is not None:
+            drafts = feed[:, 2]
+        else:
+            drafts = _in_order(to_device(torch.cat([p.rows[:, DRAFT] for p in call.parts]), device), order)
 
         def finish(tokens: torch.Tensor) -> torch.Tensor:
             try:
-                draws = _verify_draws(tokens[where])
+                draws = _from_leader(tokens[where], tuple(tokens.shape), device)
                 return _in_order(finish_verify(self, call, 0, self.dp, step, draws), order)
             except Exception as e:  # the followers are inside the step's collectives
                 _broken(e)
 
-        return VerifyStep(_in_order(logits, order), _in_order(drafts, order), finish)
+        return VerifyStep(_in_order(logits, order), drafts, finish)
 
     def forward_mtp(self, calls: list[tuple[list[StreamRef], torch.Tensor, list[SequenceState]]]) -> list[torch.Tensor]:
         parts: list[tuple[MtpPart, ...]] = []
@@ -583,7 +600,7 @@ class RankEngine:
                         self.channel.send_to_leader(runner.export_chunks(state, call.chunk_size, call.draft))
                 elif isinstance(call, VerifyCall):
                     step, _ = start_verify(runner, pool, call, group, self.dp)
-                    draws = _verify_draws(None, sum(p.count for p in call.parts), model.device)
+                    draws = _from_leader(None, (sum(p.count for p in call.parts), 2), model.device)
                     finish_verify(runner, call, group, self.dp, step, draws)
                 else:
                     run_call(runner, pool, call, group, self.dp)
@@ -610,17 +627,6 @@ def _describe(states: list[SequenceState]) -> list[Described]:
         assert isinstance(st, PagedSequenceState), "a rank group's sequences live in the paged pool"
         out.append((st.slot, tuple(st.table), st.position, st.mtp_position))
     return out
-
-
-def _verify_draws(tokens: torch.Tensor | None, rows: int = 0, device: torch.device | None = None) -> torch.Tensor:
-    """A verification step's draws [B, 2] on every rank: the leader broadcasts its `tokens` (device), the followers
-    receive them (`rows` of them, on `device`). Queued on the device behind the draw like `_fed_tokens`: no rank's
-    host waits for it (NCCL / HCCL: not run on hardware)."""
-    if tokens is None:
-        tokens = torch.empty(rows, 2, dtype=torch.int64, device=device)
-    tokens = tokens.to(torch.int64).contiguous()
-    dist.broadcast(tokens, src=0)
-    return tokens
 
 
 def _apply(model: DeepseekV4, pool: KVPool, write: PoolWrite) -> None:

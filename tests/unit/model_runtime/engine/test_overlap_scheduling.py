@@ -180,9 +180,9 @@ def test_each_step_is_launched_before_the_previous_one_lands(make_engine: Callab
         events.append("launch")
         return launch(chunks, after)
 
-    def traced_land(launched: LaunchedStep) -> list:
+    def traced_land(launched: LaunchedStep, after: LaunchedStep | None = None) -> list[Request]:
         events.append("land")
-        return land(launched)
+        return land(launched, after)
 
     runner.run, runner.launch, runner.land = traced_run, traced_launch, traced_land  # type: ignore[method-assign]
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
@@ -326,5 +326,5 @@ def test_a_prefill_to_export_runs_in_a_launched_step_and_keeps_its_state(
     mtp_launches = _count_launches(mtp)
     got = [o.token_ids for o in mtp.generate_ids(prompts, params)]
     assert got == [o.token_ids for o in make_engine(speculative_mtp=True).generate_ids(prompts, params)]
-    assert mtp_launches == []
+    assert any(launch.fed for launch in mtp_launches)  # verification steps fed from the one in flight
     _assert_drained(mtp)

@@ -132,11 +132,11 @@ def with_oracle_drafts(engine: LLMEngine, truth: list[list[int]]) -> dict[str, o
     one_group = 0  # verification steps whose rows all live in one data-parallel group (the other has none)
     verify_logits = runner.verify_logits
 
-    def counted(rows: list[Request]) -> VerifyStep:
+    def counted(rows: list[Request], fed: torch.Tensor | None = None) -> VerifyStep:
         nonlocal one_group
         kv = engine.kv
         one_group += isinstance(kv, GroupKV) and len({kv.group_of(s) for s in rows}) < len(kv.pools)
-        return verify_logits(rows)
+        return verify_logits(rows, fed)
 
     runner.verify_logits = counted  # type: ignore[method-assign]
     while engine.has_unfinished():

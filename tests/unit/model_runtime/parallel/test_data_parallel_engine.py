@@ -185,3 +185,20 @@ def test_mtp_under_data_parallel_attention(tmp_path: Path) -> None:
         proposed = mtp.runner.drafts.proposed
         assert token0 == want[0] and continue_import(mtp, prompt, token0, blob) == want
         assert mtp.runner.drafts.proposed > proposed  # it verified drafts, the blob's first
+
+
+def test_overlapped_mtp_under_data_parallel_attention(tmp_path: Path) -> None:
+    """Overlapped scheduling with MTP across two data-parallel groups with graphs: launched verification steps split
+    between the groups, each group's fed rows found in the leader's broadcast; the tokens stay plain decoding's and
+    every rank replayed the same verification shapes."""
+    torch.set_num_threads(1)
+    ckpt = write_checkpoint(tmp_path / "ckpt", "tiny-flash", quantized=True, seed=0)
+    prompts = [random_tokens(n, 130 + n) for n in (1, 9, 16, 33, 5)]
+    truth = [c.token_ids for c in one_process_engine(ckpt).generate_ids(prompts, GREEDY)]
+    work = {"mtp": list(zip(prompts, truth, strict=True)), "graphs": True, "config": {"overlap_scheduling": True}}
+    torch.save(work, tmp_path / "work.pt")
+    got = run_engine_ranks(ckpt, "2,4", tmp_path / "work.pt", tmp_path / "out", 4)
+    assert got["mtp"]["tokens"] == truth
+    assert got["fed_steps"] > 0 and got["mtp"]["accepted"] > 0
+    shapes = [torch.load(tmp_path / "out" / f"verify_graphs{rank}.pt") for rank in range(4)]
+    assert shapes[0] and all(s == shapes[0] for s in shapes[1:])

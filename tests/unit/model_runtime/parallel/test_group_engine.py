@@ -117,6 +117,24 @@ def test_mtp_in_a_group_gives_the_tokens_of_plain_decoding(mtp_run) -> None:
     assert got["rounds"] == want
 
 
+def test_overlapped_mtp_in_a_group_gives_the_tokens_of_plain_decoding(tmp_path: Path) -> None:
+    """Overlapped scheduling with MTP in a TP2 group with graphs: verification steps are launched before the previous
+    one's draws reach the leader's host, every rank taking each fed row's token, position and draft from the
+    leader's broadcast, and the tokens stay plain decoding's (oracle drafts from the host, the model's own from the
+    device)."""
+    torch.set_num_threads(1)
+    ckpt = write_checkpoint(tmp_path / "ckpt", "tiny-flash", quantized=True, seed=0)
+    prompts = [random_tokens(n, 120 + n) for n in (1, 9, 16, 33)]
+    truth = [c.token_ids for c in one_process_engine(ckpt).generate_ids(prompts, GREEDY)]
+    work = {"mtp": list(zip(prompts, truth, strict=True)), "graphs": True, "config": {"overlap_scheduling": True}}
+    torch.save(work, tmp_path / "work.pt")
+    got = run_engine_ranks(ckpt, "2", tmp_path / "work.pt", tmp_path / "out", 2)
+    assert got["mtp"]["tokens"] == truth
+    assert got["fed_steps"] > 0 and got["mtp"]["accepted"] > 0
+    shapes = [torch.load(tmp_path / "out" / f"verify_graphs{rank}.pt") for rank in range(2)]
+    assert shapes[0] and shapes[0] == shapes[1]
+
+
 def test_graphed_decode_steps_in_a_group_give_one_process_tokens(tmp_path: Path) -> None:
     """Decode steps through the graph path on both ranks (rows padded to batch buckets with sink-slot rows, block
     tables to bucket widths; on a CPU the padded step runs eagerly where a GPU replays its capture)."""
