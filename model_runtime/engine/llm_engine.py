@@ -356,9 +356,9 @@ class LLMEngine:
         after that call has launched the step after it: that step's rows holding a token on its way feed it from
         the device (an MTP verification row its position and draft too), and its other chunks (prefills, arrivals,
         prefills to export) run beside them. A step that needs the tokens first lands them: one that would preempt
-        is then scheduled again, preempting, and launched; one that runs the MTP over a prompt, or verifies a
-        penalized row's draft, runs synchronously. A row that finishes on a landed token has already been fed to
-        the launched step, whose tokens for it are dropped."""
+        is then scheduled again, preempting, and launched; one that runs the MTP over a prompt runs synchronously.
+        A row that finishes on a landed token has already been fed to the launched step, whose tokens for it are
+        dropped."""
         launched, self._launched = self._launched, None
         ahead = None if launched is None else {s for s in launched.sequences if self._follows(s)}
         chunks = self.scheduler.schedule(ahead)
@@ -390,18 +390,15 @@ class LLMEngine:
 
     def _overlaps(self, chunk: ScheduledChunk, launched: LaunchedStep | None) -> bool:
         """Whether the chunk may run in a launched step, which nobody waits for: a row holding a token of the
-        `launched` step, a chunk without MTP, or an MTP verification of a row without penalties. Penalized decode
-        rows qualify: their context is the device's penalty table, which counts the tokens on their way (a
-        verification row's accepted draft would leave its count in doubt); so do prefix-cache snapshot points (the
+        `launched` step, a chunk without MTP, or an MTP verification. Penalized rows qualify: their context is the
+        device's penalty table, which counts the tokens on their way; so do prefix-cache snapshot points (the
         snapshot's copies queue behind the step) and prefills to export: their first token finishes them, so no
         later step feeds them (`_follows`), and the state they keep for the export stands at the prompt's end when
         it lands. The MTP over a prompt's chunk reads its drafts on the host."""
         s = chunk.seq
         if launched is not None and launched.holds(s):
             return True
-        if not s.use_mtp:
-            return True
-        return self.runner.verifies(chunk) and not s.params.penalized
+        return not s.use_mtp or self.runner.verifies(chunk)
 
     @staticmethod
     def _follows(seq: Request) -> bool:

@@ -66,6 +66,7 @@ class LaunchedVerify:
     # draw), how many positions beyond the host's count that token stands (1 when the draft was accepted, else 0),
     # and its next draft: what a verification step launched before these land feeds from the device.
     fed: torch.Tensor
+    pending: torch.Tensor  # [V, 2] the draws a row's list will get: the first, the second or -1 (draft rejected)
     result: HostCopy  # the 2V draws, then the V acceptances and the V next drafts as id rows (`_with_ids`)
     params: list[SamplingParams]
     rows: dict[Request, int] = field(init=False)  # each of `seqs`' row in `fed`
@@ -225,11 +226,18 @@ class ModelRunner:
         fed = self._fed_verify(seqs, after)
         verify = self.verify_logits(seqs, fed)
         ahead = [after is not None and after.holds(s) for s in seqs]
-        out, params = self._draw_verify(seqs, verify.logits, verify.drafts, ahead, None if fed is None else fed[:, 1])
+        pending = None
+        if fed is not None and any(s.params.penalized for s in seqs):
+            assert after is not None and after.verify is not None
+            where = torch.tensor([after.verify.rows.get(s, 0) for s in seqs], dtype=torch.int64)  # others: unread
+            pending = after.verify.pending[to_device(where, self.model.device)]
+        advance = None if fed is None else fed[:, 1]
+        out, params = self._draw_verify(seqs, verify.logits, verify.drafts, ahead, advance, pending)
         tokens = sampled_tokens(out).view(-1, 2)
         drafts = self.finish_verify(verify, tokens)
         accepted = (tokens[:, 0] == verify.drafts).long()
         next_fed = torch.stack([torch.where(accepted.bool(), tokens[:, 1], tokens[:, 0]), accepted, drafts], dim=1)
+        kept = torch.stack([tokens[:, 0], torch.where(accepted.bool(), tokens[:, 1], -1)], dim=1)
         for s in seqs:
             s.draft = None
             s.num_computed += 1
@@ -237,7 +245,7 @@ class ModelRunner:
             s.state.position += 1
             s.state.mtp_position += 1
         result = start_copy_to_host(_with_ids(out, torch.cat([accepted, drafts])))
-        return LaunchedVerify(seqs, next_fed, result, params + [_ID_ROW] * (2 * len(seqs)))
+        return LaunchedVerify(seqs, next_fed, kept, result, params + [_ID_ROW] * (2 * len(seqs)))
 
     def _fed_verify(self, seqs: list[Request], after: LaunchedStep | None) -> torch.Tensor | None:
         """[V, 3] (device) of what the verification rows feed when `after` holds some (`LaunchedVerify.fed`: token,
@@ -539,14 +547,15 @@ class ModelRunner:
         drafts: torch.Tensor,
         ahead: list[bool] | None = None,
         advance: torch.Tensor | None = None,
+        pending: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[SamplingParams]]:
         """`sample_batch` over rows [2B] (each sequence's row 0, then its row 1, which draws the token after the
         draft: the next index of its seeded stream, its penalties counting the draft) and the rows' parameters. The
         penalty table counts every row 0's draw and row 1's where the draft stands (`record_accepted`). `ahead`:
-        the rows whose previous verification has not landed (never penalized: the engine runs those synchronously),
-        whose token indices move on by one and by `advance` [B] (device: its accepted drafts)."""
+        the rows whose previous verification has not landed, whose token indices move on by one and by `advance`
+        [B] (device: its accepted drafts); `pending` [B, 2] (device): the draws on their way to those rows' lists
+        (`LaunchedVerify.pending`), which a penalized row's refilled table row counts."""
         ahead = ahead or [False] * len(seqs)
-        assert not any(a and s.params.penalized for s, a in zip(seqs, ahead, strict=True))
         requests = []
         for s, a in zip(seqs, ahead, strict=True):
             first = _request(s, a)
@@ -555,7 +564,7 @@ class ModelRunner:
             requests += [first, dataclasses.replace(first, index=first.index + 1)]
         rows, penalties = None, None
         if any(s.params.penalized for s in seqs):
-            rows = self.penalty_table.rows(seqs)
+            rows = self.penalty_table.rows(seqs, pending, ahead)
             first_penalties = self.penalty_table.penalties(rows, seqs)
             penalties = Penalties.interleave(first_penalties, first_penalties.after(drafts))
         inputs = SamplingInputs.build(requests, logits.shape[-1], logits.device, penalties)

@@ -66,8 +66,9 @@ class PenaltyTable:
         """The table row of each of `seqs` ([R] int64 on the device; the sink for rows without penalties), after
         filling the rows of penalized requests the table does not hold up to date. `ahead`: the rows with a token
         already drawn by a step whose tokens have not reached their lists (overlapped scheduling), `pending`
-        (device, indexed by row) holding it; a current row has counted it, a refilled one counts it after its
-        lists."""
+        (device, indexed by row) holding it: [R] one token a row, or [R, 2] a verification row's two draws, the
+        second -1 where its draft was rejected; a current row has counted them, a refilled one counts them after
+        its lists."""
         self._calls += 1
         ahead = ahead or [False] * len(seqs)
         penalized = [i for i, s in enumerate(seqs) if s.params.penalized]
@@ -88,7 +89,9 @@ class PenaltyTable:
             if late:
                 assert pending is not None, "rows ahead of their lists need the tokens on their way"
                 rows = to_device(torch.tensor([self._entries[seqs[i].request_id].row for i in late]), self.device)
-                self._count(rows, pending[to_device(torch.tensor(late), self.device)])
+                tokens = pending[to_device(torch.tensor(late), self.device)]
+                for column in tokens.view(len(late), -1).unbind(1):
+                    self._count(torch.where(column >= 0, rows, self.sink), column.clamp(min=0))
         for i in penalized:
             self._entries[seqs[i].request_id].used = self._calls
         table = [self._entries[s.request_id].row if s.params.penalized else self.sink for s in seqs]

@@ -136,3 +136,43 @@ def test_a_steady_penalized_decode_step_uploads_the_same_at_64_and_4096_tokens(
         engine.step()
         per_step[context] = sum(uploads)
     assert per_step[64] == per_step[4096] < 64
+
+
+def _land(live: list[Request], pending: torch.Tensor, table: PenaltyTable | None = None) -> None:
+    """Append each row's pending verification draws (the second unless -1), reporting second tokens to `table`."""
+    for s, (first, second) in zip(live, pending.tolist(), strict=True):
+        s.output_token_ids += [first] + ([second] if second >= 0 else [])
+        if table is not None and second >= 0:
+            table.appended(s)
+
+
+def test_verification_rows_read_ahead_count_both_pending_draws() -> None:
+    """Overlapped MTP verification: a row whose previous verification has not landed is ahead by its first draw and,
+    where its draft was accepted, the second (`pending` [R, 2], -1 for a rejected draft). Current rows counted
+    both when they were drawn; rows refilled after a crowd evicted them count them after their lists."""
+    gen = torch.Generator().manual_seed(3)
+    table = PenaltyTable(VOCAB, CPU)
+    live = [_request(f"v{i}", PENALIZED, gen) for i in range(4)]
+    pending: torch.Tensor | None = None
+    rows = table.rows(live)
+    for step in range(8):
+        if pending is not None:  # a launched verification: its draws are on their way
+            if step in (2, 5):  # a crowd evicts the rows, which are refilled from the lists + the pending draws
+                _draw(table, [_request(f"c{step}-{i}", PENALIZED, gen) for i in range(INITIAL_ROWS)], gen)
+            rows = table.rows(live, pending, [True] * len(live))
+            lists = [list(s.output_token_ids) for s in live]
+            _land(live, pending)
+            want = Penalties.build(live, VOCAB, CPU)
+            for s, before in zip(live, lists, strict=True):
+                s.output_token_ids[:] = before
+        else:
+            want = Penalties.build(live, VOCAB, CPU)
+        got = table.penalties(rows, live)
+        assert torch.equal(got.seen, want.seen) and torch.equal(got.counts, want.counts), step
+        draws = torch.randint(0, VOCAB, (len(live), 2), generator=gen)
+        accepted = torch.rand(len(live), generator=gen) < 0.5
+        table.record(rows, draws[:, 0], live)
+        table.record_accepted(rows, draws[:, 1], accepted)
+        if pending is not None:  # the previous step lands after this one was launched
+            _land(live, pending, table)
+        pending = torch.stack([draws[:, 0], torch.where(accepted, draws[:, 1], -1)], dim=1)
