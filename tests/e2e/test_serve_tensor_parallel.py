@@ -18,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 import torch
@@ -81,12 +82,17 @@ async def _chats(url: str) -> list[str]:
         return list(await asyncio.gather(*(_chat(client, p) for p in PROMPTS)))
 
 
-@pytest.mark.parametrize("layout", [["--tensor-parallel", "2"], ["--data-parallel", "2"]], ids=["tp2", "dp2"])
+@pytest.mark.parametrize(
+    "layout",
+    [["--tensor-parallel", "2"], ["--data-parallel", "2"], ["--data-parallel", "2", "--speculative-mtp"]],
+    ids=["tp2", "dp2", "dp2-mtp"],
+)
 def test_two_rank_groups_greedy_text_equals_llm_generate(
     home: Path, serve_cleanup: list[Serve], layout: list[str]
 ) -> None:
     # dp2: data-parallel attention, each rank a group of its own sequences (the concurrent requests are shared out,
-    # so the handoff exports from and imports into both), the experts split over the two.
+    # so the handoff exports from and imports into both), the experts split over the two. dp2-mtp: the same with MTP
+    # speculative decoding (the blobs carry the MTP's state and draft; verification steps split between the groups).
     serve = Serve(home, *layout, "--broker", "redis-server", env=ENV)
     serve_cleanup.append(serve)
     serve.wait_for(r"starting gateway, prefill and decode \(2 ranks each\)")
@@ -102,6 +108,14 @@ def test_two_rank_groups_greedy_text_equals_llm_generate(
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     expected = LLM(str(model_dir), dtype=torch.float64).generate(prompts, params)
     assert texts == [tokenizer.decode(e.token_ids) for e in expected]
+    if "--speculative-mtp" in layout:  # the decode group verified drafts (the imported blobs' first among them)
+        metrics = serve.wait_for(r"(http://127\.0\.0\.1:\d+/metrics) \(decode\)", timeout=5).group(1)
+        drafts = [
+            ln
+            for ln in httpx.get(metrics, timeout=10).text.splitlines()
+            if ln.startswith("dsv4_mtp_draft_tokens_total")
+        ]
+        assert drafts and float(drafts[0].rsplit(" ", 1)[1]) >= len(PROMPTS), drafts
 
     children = descendants(serve.proc.pid)
     assert serve.stop(signal.SIGTERM) == 0, serve.proc.stderr.read() if serve.proc.stderr else ""
