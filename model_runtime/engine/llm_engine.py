@@ -24,7 +24,7 @@ from dsv4.model_runtime.engine.prefix_cache import PrefixStats
 from dsv4.model_runtime.engine.prefix_hash import chain_seed
 from dsv4.model_runtime.engine.request import Request, TokenLogprob
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
-from dsv4.model_runtime.engine.scheduler import ScheduledChunk, Scheduler, SchedulerConfig
+from dsv4.model_runtime.engine.scheduler import Scheduler, SchedulerConfig
 from dsv4.model_runtime.engine.text_stream import TextStream
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.tokenizer import Tokenizer
@@ -355,10 +355,12 @@ class LLMEngine:
         With overlapped scheduling a step is launched without waiting for its tokens, which land in the next call
         after that call has launched the step after it: that step's rows holding a token on its way feed it from
         the device (an MTP verification row its position and draft too), and its other chunks (prefills, arrivals,
-        prefills to export) run beside them. A step that needs the tokens first lands them: one that would preempt
-        is then scheduled again, preempting, and launched; one that runs the MTP over a prompt runs synchronously.
-        A row that finishes on a landed token has already been fed to the launched step, whose tokens for it are
-        dropped."""
+        prefills to export, the MTP over them) run beside them. Penalized rows read their context from the device's
+        penalty table, which counts the tokens on their way; prefix-cache snapshot points queue their copies behind
+        the step; a prefill to export is finished by its first token, so no later step feeds it (`_follows`), and
+        the state it keeps stands at its prompt's end when that lands. A step that would preempt lands the tokens
+        first, is scheduled again, preempting, and launched. A row that finishes on a landed token has already been
+        fed to the launched step, whose tokens for it are dropped."""
         launched, self._launched = self._launched, None
         ahead = None if launched is None else {s for s in launched.sequences if self._follows(s)}
         chunks = self.scheduler.schedule(ahead)
@@ -366,7 +368,7 @@ class LLMEngine:
         if chunks is None:  # room only by preempting: the tokens land first, then a schedule that may preempt
             landed, launched = self._land(launched), None
             chunks = self.scheduler.schedule() or []  # None only with tokens in flight
-        if self.overlap and chunks and all(self._overlaps(c, launched) for c in chunks):
+        if self.overlap and chunks:
             self._launched = self.runner.launch(chunks, after=launched)
             self.scheduler.after_step(chunks)
             landed += self._land(launched)
@@ -387,18 +389,6 @@ class LLMEngine:
         self.scheduler.finish(seq, keep_state=seq.export_after_prefill)
         if seq.export_after_prefill:
             self.exported[seq.request_id] = seq
-
-    def _overlaps(self, chunk: ScheduledChunk, launched: LaunchedStep | None) -> bool:
-        """Whether the chunk may run in a launched step, which nobody waits for: a row holding a token of the
-        `launched` step, a chunk without MTP, or an MTP verification. Penalized rows qualify: their context is the
-        device's penalty table, which counts the tokens on their way; so do prefix-cache snapshot points (the
-        snapshot's copies queue behind the step) and prefills to export: their first token finishes them, so no
-        later step feeds them (`_follows`), and the state they keep for the export stands at the prompt's end when
-        it lands. The MTP over a prompt's chunk reads its drafts on the host."""
-        s = chunk.seq
-        if launched is not None and launched.holds(s):
-            return True
-        return not s.use_mtp or self.runner.verifies(chunk)
 
     @staticmethod
     def _follows(seq: Request) -> bool:

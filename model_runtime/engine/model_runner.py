@@ -11,8 +11,9 @@ drafts computed on the device, all in one copy to the host.
 
 Overlapped scheduling (`LLMEngine.step`) runs steps through `launch` / `land` instead: a step is launched without
 waiting for its tokens, and the next one can be launched before they reach the host, its decode rows fed them from
-the device, its verification rows their tokens, positions and drafts (`LaunchedVerify.fed`). The MTP over a
-prompt's chunks reads its drafts on the host, so steps with those run synchronously.
+the device, its verification rows their tokens, positions and drafts (`LaunchedVerify.fed`); the MTP over a
+prompt's chunks pairs the last position with the token drawn in the same step on the device, and a row that caught
+up keeps its draft there (`LaunchedStep.drafts`) for its first verification.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ from dsv4.model_runtime.state import SequenceState
 
 StreamRef = tuple[int, int]  # (index of a model call of this step, row of its streams)
 MtpWork = tuple[Request, StreamRef, int, int]  # an MTP step to run: sequence, its streams, first position, positions
+# One MTP call: rows of this step's streams [B] of k positions, the tokens after them [B, k] on the host, the states,
+# and `fed` [B] (device, -1 where the host's id stands): the last column's tokens of a launched step's rows that
+# caught up with their prompts, drawn by this step and still on their way to the host.
+MtpInput = tuple[list[StreamRef], torch.Tensor, list[SequenceState], torch.Tensor | None]
 
 
 def _request(seq: Request, pending: bool = False) -> SampleRequest:
@@ -83,9 +88,13 @@ class LaunchedStep:
 
     seqs: list[Request]
     tokens: torch.Tensor  # the drawn ids [R] on the device: what the next step of these rows feeds
-    result: HostCopy | None  # `sample_batch`'s result on its way to the host (None: only verification rows drew)
+    # `sample_batch`'s result on its way to the host, then the MTP's drafts of `drafted` as id rows (`_with_ids`);
+    # None: only verification rows drew
+    result: HostCopy | None
     params: list[SamplingParams]
     verify: LaunchedVerify | None = None
+    drafted: list[Request] = field(default_factory=list)  # rows of `seqs` that caught up with the MTP on
+    drafts: torch.Tensor | None = None  # [len(drafted)] their MTP drafts, on the device
     rows: dict[Request, int] = field(init=False)  # each of `seqs`' row in `tokens`
 
     def __post_init__(self) -> None:
@@ -176,35 +185,50 @@ class ModelRunner:
 
     @torch.no_grad()
     def launch(self, chunks: list[ScheduledChunk], after: LaunchedStep | None = None) -> LaunchedStep | None:
-        """Run the step of `chunks` (no per-sequence MTP: the engine runs those synchronously) and draw its tokens
-        without waiting for them (their copy to the host is queued); None when no row draws one (prefill chunks
-        short of their prompts' ends). With `after`, the launched step whose tokens some of these sequences still
-        wait for: each such row feeds the token `after` drew for it, gathered on the device, and draws the token
-        after it; a verification row also takes its position and draft from `after` (`LaunchedVerify.fed`)."""
+        """Run the step of `chunks` and draw its tokens without waiting for them (their copy to the host is queued);
+        None when no row draws one (prefill chunks short of their prompts' ends). With `after`, the launched step
+        whose tokens some of these sequences still wait for: each such row feeds the token `after` drew for it,
+        gathered on the device, and draws the token after it; a verification row also takes its position and draft
+        from `after` (`_fed_verify`). With MTP, a prompt's chunks are followed by the MTP as in `run`, its last
+        position paired with the token drawn now, on the device; the drafts of rows that caught up stay there."""
         decode, groups, verify = self._plan(chunks, after)
-        assert not any(s.use_mtp for seqs in groups.values() for s in seqs), "per-sequence MTP is not launched"
         feed = self._fed(decode, after)
-        ready, logits = self._forward(decode, groups, [], feed)
+        follow: list[MtpWork] = []
+        ready, logits = self._forward(decode, groups, follow, feed)
+        out: torch.Tensor | None = None
+        params: list[SamplingParams] = []
+        if logits is not None:
+            ahead = [after is not None and after.holds(s) for s in ready]  # all among the decode rows, first
+            out, params = self._draw(ready, logits, feed, ahead)
+        tokens = sampled_tokens(out) if out is not None else torch.zeros(0, dtype=torch.int64, device=self.model.device)
+        for work in follow:
+            self._follow(work)
+        drafted, drafts = self._launch_mtp(ready, tokens)
         launched_verify = self._launch_verify(verify, after) if verify else None
-        if logits is None:
-            if launched_verify is None:
-                return None
-            empty = torch.zeros(0, dtype=torch.int64, device=self.model.device)
-            return LaunchedStep([], empty, None, [], launched_verify)
-        ahead = [after is not None and after.holds(s) for s in ready]  # all among the decode rows, first
-        out, params = self._draw(ready, logits, feed, ahead)
-        return LaunchedStep(ready, sampled_tokens(out), start_copy_to_host(out), params, launched_verify)
+        if out is None:
+            return None if launched_verify is None else LaunchedStep([], tokens, None, [], launched_verify)
+        result = start_copy_to_host(_with_ids(out, drafts) if drafted else out)
+        params += [_ID_ROW] * len(drafted)
+        return LaunchedStep(ready, tokens, result, params, launched_verify, drafted, drafts if drafted else None)
 
     def land(self, launched: LaunchedStep, after: LaunchedStep | None = None) -> list[Request]:
         """Wait for a launched step's tokens and append them to its sequences still running; returns those (a
-        sequence finished since the launch is skipped). `after`: the step launched since, whose verification rows
-        already feed on the device what this step drew for them, their next drafts included (those stay there)."""
+        sequence finished since the launch is skipped). `after`: the step launched since, which already feeds on the
+        device what this step drew for its rows, their drafts included (those stay there)."""
         landed: list[Request] = []
         if launched.result is not None:
-            for s, (token, logprob) in zip(launched.seqs, unpack(launched.result.wait(), launched.params), strict=True):
-                if not s.finished:
-                    s.append(token, logprob)
-                    landed.append(s)
+            drawn = unpack(launched.result.wait(), launched.params)
+            n = len(launched.seqs)
+            drafts = {s: drawn[n + i][0] for i, s in enumerate(launched.drafted)}
+            for s, (token, logprob) in zip(launched.seqs, drawn[:n], strict=True):
+                if s.finished:
+                    continue
+                s.append(token, logprob)
+                landed.append(s)
+                # as `_run_mtp`: a prefill to export keeps its draft for the blob
+                held = after is not None and after.holds(s)
+                if s in drafts and (not s.finished or s.export_after_prefill) and not held:
+                    self._propose(s, drafts[s])
         v = launched.verify
         if v is None:
             return landed
@@ -220,17 +244,31 @@ class ModelRunner:
             landed.append(s)
         return landed
 
+    def _launch_mtp(self, ready: list[Request], tokens: torch.Tensor) -> tuple[list[Request], torch.Tensor]:
+        """Run a launched step's queued MTP calls, the rows of `ready` (which drew `tokens` [R], device) paired
+        with their drawn token at their last position: the rows that caught up and their drafts [D] (device)."""
+        if not self._mtp_pending():
+            return [], tokens.new_zeros(0)
+        drew = {s: i for i, s in enumerate(ready)}
+        batches, calls = self._mtp_calls(drew, tokens)
+        drafted: list[Request] = []
+        drafts = []
+        for items, logits in zip(batches, self.forward_mtp(calls), strict=True):  # logits [B, 1, vocab]
+            caught = [i for i, s in enumerate(items) if s in drew]
+            drafted += [items[i] for i in caught]
+            guesses = torch.argmax(logits[:, -1], dim=-1)
+            drafts.append(guesses[to_device(torch.tensor(caught, dtype=torch.int64), guesses.device)])
+        if not drafts:
+            return [], tokens.new_zeros(0)
+        return drafted, torch.cat(drafts)
+
     def _launch_verify(self, seqs: list[Request], after: LaunchedStep | None) -> LaunchedVerify:
         """Launch the verification step of `seqs` (rows `after` holds fed from it on the device): draw, finish and
         queue the copy of its draws, acceptances and next drafts; the sequences advance by one token now."""
-        fed = self._fed_verify(seqs, after)
+        table = self._fed_verify(seqs, after)
+        fed, pending = (None, None) if table is None else (table[:, :3], table[:, 3:])
         verify = self.verify_logits(seqs, fed)
         ahead = [after is not None and after.holds(s) for s in seqs]
-        pending = None
-        if fed is not None and any(s.params.penalized for s in seqs):
-            assert after is not None and after.verify is not None
-            where = torch.tensor([after.verify.rows.get(s, 0) for s in seqs], dtype=torch.int64)  # others: unread
-            pending = after.verify.pending[to_device(where, self.model.device)]
         advance = None if fed is None else fed[:, 1]
         out, params = self._draw_verify(seqs, verify.logits, verify.drafts, ahead, advance, pending)
         tokens = sampled_tokens(out).view(-1, 2)
@@ -248,19 +286,34 @@ class ModelRunner:
         return LaunchedVerify(seqs, next_fed, kept, result, params + [_ID_ROW] * (2 * len(seqs)))
 
     def _fed_verify(self, seqs: list[Request], after: LaunchedStep | None) -> torch.Tensor | None:
-        """[V, 3] (device) of what the verification rows feed when `after` holds some (`LaunchedVerify.fed`: token,
-        positions beyond the host's count, draft), the others' own (last token, 0, draft); None when the host
-        knows every row's."""
-        v = after.verify if after is not None else None
-        if v is None or not any(s in v.rows for s in seqs):
+        """[V, 5] (device) of what the verification rows feed when `after` holds some: their `LaunchedVerify.fed`
+        (token, positions beyond the host's count, draft) and `pending` (the draws on their way), or for a row
+        that caught up with its prompt in `after` its drawn token, 0, its MTP draft and (token, -1); the other
+        rows their own (last token, 0, draft, -1, -1). None when the host knows every row's."""
+        if after is None or not any(after.holds(s) for s in seqs):
             return None
-        device = v.fed.device
-        where = to_device(torch.tensor([v.rows.get(s, -1) for s in seqs], dtype=torch.int64), device)
-        if all(s in v.rows for s in seqs):
-            return v.fed[where]
-        known = [[next_token(s), 0, s.draft if s.draft is not None else 0] for s in seqs]
-        own = to_device(torch.tensor(known, dtype=torch.int64), device)
-        return torch.where((where >= 0)[:, None], v.fed[where.clamp(min=0)], own)
+        device = after.tokens.device
+        tables, index = [], []
+        v = after.verify
+        if v is not None:
+            tables.append(torch.cat([v.fed, v.pending], dim=1))
+        offset = len(v.seqs) if v is not None else 0
+        caught = {s: i for i, s in enumerate(after.drafted)}
+        if caught:
+            assert after.drafts is not None
+            drawn = after.tokens[to_device(torch.tensor([after.rows[s] for s in after.drafted]), device)]
+            none = torch.full_like(drawn, -1)
+            tables.append(torch.stack([drawn, torch.zeros_like(drawn), after.drafts, drawn, none], dim=1))
+        known = [[next_token(s), 0, s.draft if s.draft is not None else 0, -1, -1] for s in seqs]
+        tables.append(to_device(torch.tensor(known, dtype=torch.int64), device))
+        for i, s in enumerate(seqs):
+            if v is not None and s in v.rows:
+                index.append(v.rows[s])
+            elif s in caught:
+                index.append(offset + caught[s])
+            else:
+                index.append(offset + len(caught) + i)
+        return torch.cat(tables)[to_device(torch.tensor(index, dtype=torch.int64), device)]
 
     def _plan(
         self, chunks: list[ScheduledChunk], after: LaunchedStep | None = None
@@ -411,18 +464,27 @@ class ModelRunner:
         inputs = DecodeInputs.build(seqs, pool, self.decode_width(seqs, pool, verify_tokens(fed)), True)
         return self.forward_verify(inputs if fed is None else inputs.verifying(fed), pool)
 
-    def forward_mtp(self, calls: list[tuple[list[StreamRef], torch.Tensor, list[SequenceState]]]) -> list[torch.Tensor]:
-        """The step's MTP calls, each (rows of this step's streams [B] of k positions, the tokens after them [B, k],
-        the states): the logits [B, 1, vocab] of each call's last position (where the drafts come from). The step's
-        streams are dropped after them."""
-        out = [self.mtp_rows(refs, next_ids, states) for refs, next_ids, states in calls]
+    def forward_mtp(self, calls: list[MtpInput]) -> list[torch.Tensor]:
+        """The step's MTP calls (`MtpInput`): the logits [B, 1, vocab] of each call's last position (where the drafts
+        come from). The step's streams are dropped after them."""
+        out = [self.mtp_rows(*call) for call in calls]
         self.clear_streams()
         return out
 
-    def mtp_rows(self, refs: list[StreamRef], next_ids: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
-        """One MTP call over rows `refs` of this step's kept streams: the logits [B, 1, vocab] of its last position."""
+    def mtp_rows(
+        self,
+        refs: list[StreamRef],
+        next_ids: torch.Tensor,
+        states: list[SequenceState],
+        fed: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One MTP call over rows `refs` of this step's kept streams (`MtpInput`): the logits [B, 1, vocab] of its
+        last position."""
+        ids = to_device(next_ids, self.model.device)
+        if fed is not None:
+            ids = torch.cat([ids[:, :-1], torch.where(fed >= 0, fed, ids[:, -1])[:, None]], dim=1)
         streams = torch.stack([self._streams[c][r] for c, r in refs])
-        return self.model.mtp_logits(streams, next_ids, states, last_only=True)
+        return self.model.mtp_logits(streams, ids, states, last_only=True)
 
     def keep_streams(self, streams: torch.Tensor) -> torch.Tensor:
         """Keep the streams of this step's per-sequence feed call (with MTP on, which consumes them at the step's
@@ -480,23 +542,42 @@ class ModelRunner:
         self._mtp_work.append(work)
 
     def _run_mtp(self) -> None:
-        if not self.use_mtp:
+        """Run the step's queued MTP calls; each sequence that caught up with its tokens gets the MTP's draft."""
+        if not self._mtp_pending():
             return
-        groups: dict[int, list[MtpWork]] = defaultdict(list)
-        for work in self._mtp_work:
-            groups[work[3]].append(work)
-        self._mtp_work = []
-        calls = []
-        for k, items in groups.items():
-            ids = [s.token_ids[start + 1 : start + k + 1] for s, _, start, _ in items]
-            next_ids = torch.tensor(ids, dtype=torch.long, device=self.model.device)
-            calls.append(([ref for _, ref, _, _ in items], next_ids, self._states([s for s, *_ in items])))
-        for items, logits in zip(groups.values(), self.forward_mtp(calls), strict=True):  # logits [B, 1, vocab]
-            seqs = [s for s, *_ in items]
+        batches, calls = self._mtp_calls()
+        for items, logits in zip(batches, self.forward_mtp(calls), strict=True):  # logits [B, 1, vocab]
             drafts = torch.argmax(logits[:, -1], dim=-1).tolist()
-            for s, draft in zip(seqs, drafts, strict=True):  # a prefill to export keeps its draft for the blob
+            for s, draft in zip(items, drafts, strict=True):  # a prefill to export keeps its draft for the blob
                 if s.num_computed == s.num_tokens - 1 and (not s.finished or s.export_after_prefill):
                     self._propose(s, draft)
+
+    def _mtp_pending(self) -> bool:
+        """Whether the step has MTP calls to make or streams to drop (every rank of a group keeps the same)."""
+        return self.use_mtp and bool(self._mtp_work or self._streams)
+
+    def _mtp_calls(
+        self, drew: dict[Request, int] | None = None, tokens: torch.Tensor | None = None
+    ) -> tuple[list[list[Request]], list[MtpInput]]:
+        """The queued MTP steps as calls batched by k, with each call's sequences. `drew`, `tokens` (a launched
+        step): the rows that drew a token this step and the tokens [R] (device) on their way to them, which pair
+        with those rows' last positions."""
+        batches: dict[int, list[MtpWork]] = defaultdict(list)
+        for work in self._mtp_work:
+            batches[work[3]].append(work)
+        self._mtp_work = []
+        calls: list[MtpInput] = []
+        for k, items in batches.items():
+            # a row whose last token is on its way (`fed`) holds a 0 in its place
+            ids = [[*s.token_ids[start + 1 : start + k + 1], 0][:k] for s, _, start, _ in items]
+            fed = None
+            if drew and tokens is not None and any(s in drew for s, *_ in items):
+                where = torch.tensor([drew.get(s, -1) for s, *_ in items], dtype=torch.int64)
+                where = to_device(where, tokens.device)
+                fed = torch.where(where >= 0, tokens[where.clamp(min=0)], -1)
+            refs = [ref for _, ref, _, _ in items]
+            calls.append((refs, torch.tensor(ids, dtype=torch.long), self._states([s for s, *_ in items]), fed))
+        return [[s for s, *_ in items] for items in batches.values()], calls
 
     def _propose(self, s: Request, draft: int) -> None:
         """The MTP's greedy guess for the token after the last one becomes the draft of the next step."""

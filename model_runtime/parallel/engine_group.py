@@ -68,7 +68,7 @@ from dsv4.model_runtime.engine.cuda_graphs import batch_bucket
 from dsv4.model_runtime.engine.kv_groups import GroupKV, pool_index
 from dsv4.model_runtime.engine.kv_state import KVPool, PagedSequenceState, PoolWrite
 from dsv4.model_runtime.engine.llm_engine import EngineConfig, LLMEngine
-from dsv4.model_runtime.engine.model_runner import ModelRunner, StreamRef
+from dsv4.model_runtime.engine.model_runner import ModelRunner, MtpInput, StreamRef
 from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.speculative import VerifyStep
 from dsv4.model_runtime.engine.step_inputs import DRAFT, DecodeInputs, verify_tokens
@@ -174,11 +174,14 @@ class VerifyCall:
 @dataclass(frozen=True)
 class MtpPart:
     """A group's part of one MTP call (`forward_mtp`): rows of the streams its ranks kept from this step's feeds
-    ((feed call, row in the group's part of it)), the tokens after them [b, k] (CPU), the states."""
+    ((feed call, row in the group's part of it)), the tokens after them [b, k] (CPU), the states. `fed` (a
+    launched step): the places of the part's rows in the call's fed last tokens (`MtpInput`), which the leader
+    broadcasts from its device; every part of a fed call has one."""
 
     refs: list[StreamRef]
     ids: torch.Tensor
     states: list[Described]
+    fed: torch.Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -331,18 +334,24 @@ def run_mtp(
     group: int,
     dp: DataParallel | None,
     states: list[list[SequenceState]] | None = None,
+    feeds: list[torch.Tensor | None] | None = None,
 ) -> list[torch.Tensor]:
     """This rank's part of a step's MTP calls (its group's parts over its `pool`; per call the `states` of the
     part, else rebuilt from it): per call the logits [R, 1, vocab] of every group's rows, in group order. The
-    step's kept streams are dropped after them."""
+    step's kept streams are dropped after them. `feeds`: on the leader, each fed call's last tokens [R] (device,
+    -1 where the host's id stands), in the order of the parts' `fed` places."""
     model, device = runner.model, runner.model.device
     out = []
     for n, parts in enumerate(call.calls):
         part = parts[group]
+        fed = None
+        if part.fed is not None:
+            total = sum(p.ids.shape[0] for p in parts)
+            fed = _from_leader(feeds[n] if feeds is not None else None, (total,), device)[to_device(part.fed, device)]
         _set_rows(dp, [p.ids.numel() for p in parts])
         if part.refs:
             mine: list[SequenceState] = states[n] if states is not None else [_state(pool, *d) for d in part.states]
-            own = ModelRunner.mtp_rows(runner, part.refs, to_device(part.ids, device), mine)
+            own = ModelRunner.mtp_rows(runner, part.refs, part.ids, mine, fed)
         else:
             assert dp is not None, "an MTP call without rows"
             idle_pass(model, dp, mtp=True)
@@ -450,7 +459,8 @@ class LeaderRunner(ModelRunner):
         for g, members in enumerate(by_group):
             for local, i in enumerate(members):
                 places[i] = (g, local)
-        self._feed_places.append(places)
+        if self.use_mtp:  # what `forward_mtp` maps the step's stream refs by
+            self._feed_places.append(places)
         needed = set(rows)
         parts = []
         for members in by_group:
@@ -505,34 +515,36 @@ class LeaderRunner(ModelRunner):
 
         return VerifyStep(_in_order(logits, order), drafts, finish)
 
-    def forward_mtp(self, calls: list[tuple[list[StreamRef], torch.Tensor, list[SequenceState]]]) -> list[torch.Tensor]:
+    def forward_mtp(self, calls: list[MtpInput]) -> list[torch.Tensor]:
         parts: list[tuple[MtpPart, ...]] = []
         own: list[list[SequenceState]] = []
         orders: list[list[int]] = []
-        for refs, ids, states in calls:
+        feeds: list[torch.Tensor | None] = []
+        for refs, ids, states, fed in calls:
             places = [self._feed_places[c][r] for c, r in refs]
             by_group: list[list[int]] = [[] for _ in self.pools]
             for item, (g, _) in enumerate(places):
                 by_group[g].append(item)
-            host_ids = ids.cpu()
             parts.append(
                 tuple(
                     MtpPart(
                         [(refs[i][0], places[i][1]) for i in items],
-                        host_ids[items],
+                        ids[items],
                         _describe([states[i] for i in items]),
+                        None if fed is None else torch.tensor(items, dtype=torch.int64),
                     )
                     for items in by_group
                 )
             )
             own.append([states[i] for i in by_group[0]])
             orders.append([i for items in by_group for i in items])
+            feeds.append(None if fed is None else fed.to(torch.int64).contiguous())
             for items in by_group[1:]:  # computed by their groups' ranks
                 for i in items:
                     states[i].mtp_position += ids.shape[1]
         call = MtpCall(parts)
         self._feed_places = []
-        out = self._call(call, lambda: run_mtp(self, self.pools[0], call, 0, self.dp, own))
+        out = self._call(call, lambda: run_mtp(self, self.pools[0], call, 0, self.dp, own, feeds))
         return [_in_order(logits, order) for logits, order in zip(out, orders, strict=True)]
 
     def export_chunks(self, state: SequenceState, chunk_size: int, draft: int | None = None) -> list[bytes]:

@@ -28,7 +28,8 @@ pytestmark = pytest.mark.unit
 
 class LutRunner(ModelRunner):
     """Keeps the MTP module in step but takes each draft from `lut` [vocab] (device) at the row's last token, on
-    the device as the MTP's own drafts are (`finish_verify`) and on the host after a prompt (`_propose`). Counts
+    the device as the MTP's own drafts are (`finish_verify`, and after a prompt in a launched step: `_launch_mtp`)
+    and on the host after a prompt in a synchronous one (`_propose`). Counts
     the positions launched verification steps found their rows moved on the device (accepted drafts the host had
     not counted yet)."""
 
@@ -48,6 +49,11 @@ class LutRunner(ModelRunner):
 
     def _propose(self, s: Request, draft: int) -> None:
         s.draft = int(self.lut[s.token_ids[-1]])
+
+    def _launch_mtp(self, ready: list[Request], tokens: torch.Tensor) -> tuple[list[Request], torch.Tensor]:
+        drafted, _ = super()._launch_mtp(ready, tokens)
+        rows = torch.tensor([ready.index(s) for s in drafted], dtype=torch.int64)
+        return drafted, self.lut[tokens[rows]]
 
     def _launch_verify(self, seqs: list[Request], after: LaunchedStep | None) -> LaunchedVerify:
         fed = self._fed_verify(seqs, after)
@@ -160,4 +166,75 @@ def test_a_row_finishing_on_an_accepted_draft_drops_its_launched_step(
     engine = _lut_engine(make_engine, model, [p + w for p, w in zip(prompts, want, strict=True)])
     outs = engine.generate_ids(prompts, params)
     assert [o.token_ids for o in outs] == [want[0][:5], want[1], want[2][: want[2].index(stop) + 1], want[3][:7]]
+    _assert_drained(engine)
+
+
+def test_an_arrival_prefilled_with_the_mtp_beside_fed_verification_rows_reads_nothing_on_the_host(
+    make_engine: Callable[..., LLMEngine], model: DeepseekV4
+) -> None:
+    """A request arriving while others verify drafts is prefilled in launched steps beside their fed rows (its 33
+    tokens in two chunks, the first ending at the prefix cache's snapshot point): the MTP follows its chunks, its
+    last position paired on the device with the first token on its way, and its first verification is fed that
+    token and the MTP's draft from the device. No syncing op and one host read a step; the tokens are plain
+    decoding's."""
+    prompts = [*_prompts(3), _prompts(12)[-1]]
+    params = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, logprobs=2, seed=3, ignore_eos=True)
+    want = [o.token_ids for o in make_engine().generate_ids(prompts, params)]
+    sequences = [p + w for p, w in zip(prompts, want, strict=True)]
+    engine = _lut_engine(make_engine, model, sequences, max_num_batched_tokens=256, block_size=16)
+    seqs = [engine.add_request(f"r{i}", p, params) for i, p in enumerate(prompts[:3])]
+    while engine._launched is None or engine._launched.verify is None:
+        engine.step()
+    arrival = engine.add_request("arrival", prompts[3], params)
+    for computed in (32, 33):
+        ops, reads = OpTrace(), HostReads()
+        with reads, ops:
+            engine.step()
+        assert ops.syncs == []
+        assert [name for name, _ in reads.reads] == ["tolist"]
+        assert arrival.num_computed == computed
+    assert engine._launched is not None and arrival in engine._launched.drafted  # its draft stays on the device
+    engine.step()
+    assert engine._launched is not None and engine._launched.verify is not None
+    assert arrival in engine._launched.verify.rows  # verifying the draft it was fed
+    while engine.has_unfinished():
+        engine.step()
+    assert [s.output_token_ids for s in [*seqs, arrival]] == want
+    _assert_drained(engine)
+
+
+def test_a_prefill_to_export_with_the_mtp_in_a_launched_step_gives_the_synchronous_blob(
+    make_engine: Callable[..., LLMEngine],
+) -> None:
+    """A prefill to export arriving beside fed verification rows runs in launched steps, the MTP following its chunks
+    with its first token paired on the device: its blob (the MTP layer's state and the MTP's draft included) is the
+    one a synchronous engine exports, byte for byte."""
+    prompt = _prompts(12)[-1]
+    params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    sync = make_engine(speculative_mtp=True)
+    alone = sync.add_request("export", prompt, params, export_after_prefill=True)
+    while sync.has_unfinished():
+        sync.step()
+    assert sync.exported.pop("export") is alone and alone.state is not None and alone.draft is not None
+    want = sync.runner.export_chunks(alone.state, 1 << 20, alone.draft)
+    sync.release(alone)
+
+    engine = make_engine(speculative_mtp=True, overlap_scheduling=True)
+    for i, p in enumerate(_prompts(3)):
+        engine.add_request(f"r{i}", p, SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True))
+    while engine._launched is None or engine._launched.verify is None:
+        engine.step()
+    launches = _count_launches(engine)
+    export = engine.add_request("export", prompt, params, export_after_prefill=True)
+    steps = 0
+    while not export.finished:
+        engine.step()
+        steps += 1
+    assert len(launches) == steps  # every step was launched: none ran synchronously
+    while engine.has_unfinished():
+        engine.step()
+    assert engine.exported.pop("export") is export and export.state is not None
+    assert export.output_token_ids == alone.output_token_ids and export.draft == alone.draft
+    assert engine.runner.export_chunks(export.state, 1 << 20, export.draft) == want
+    engine.release(export)
     _assert_drained(engine)

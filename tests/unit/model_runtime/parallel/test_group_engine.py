@@ -16,10 +16,12 @@ from typing import Any
 import pytest
 import torch
 
+from dsv4.model_runtime.engine import kv_export
 from dsv4.model_runtime.engine.llm_engine import LLMEngine
 from dsv4.model_runtime.make_checkpoint import write_checkpoint
 from dsv4.model_runtime.weights import load_model
 
+from ..engine.test_mtp_handoff import _check_drafts
 from .conftest import run_engine_ranks
 from .engine_rank import CONFIG, GREEDY, continue_import, one_process_engine, prefill_export, random_tokens
 
@@ -121,18 +123,31 @@ def test_overlapped_mtp_in_a_group_gives_the_tokens_of_plain_decoding(tmp_path: 
     """Overlapped scheduling with MTP in a TP2 group with graphs: verification steps are launched before the previous
     one's draws reach the leader's host, every rank taking each fed row's token, position and draft from the
     leader's broadcast, and the tokens stay plain decoding's (oracle drafts from the host, the model's own from the
-    device)."""
+    device). Prefills to export run in launched steps too: their blobs carry the MTP's draft, which is the one a
+    one-process MTP predicts (the followers' MTP took the first token from the leader's broadcast)."""
     torch.set_num_threads(1)
     ckpt = write_checkpoint(tmp_path / "ckpt", "tiny-flash", quantized=True, seed=0)
     prompts = [random_tokens(n, 120 + n) for n in (1, 9, 16, 33)]
     truth = [c.token_ids for c in one_process_engine(ckpt).generate_ids(prompts, GREEDY)]
-    work = {"mtp": list(zip(prompts, truth, strict=True)), "graphs": True, "config": {"overlap_scheduling": True}}
+    exports = [random_tokens(19, 140), random_tokens(33, 141)]
+    work = {
+        "mtp": list(zip(prompts, truth, strict=True)),
+        "graphs": True,
+        "config": {"overlap_scheduling": True},
+        "concurrent": ([], exports),
+    }
     torch.save(work, tmp_path / "work.pt")
     got = run_engine_ranks(ckpt, "2", tmp_path / "work.pt", tmp_path / "out", 2)
     assert got["mtp"]["tokens"] == truth
     assert got["fed_steps"] > 0 and got["mtp"]["accepted"] > 0
     shapes = [torch.load(tmp_path / "out" / f"verify_graphs{rank}.pt") for rank in range(2)]
     assert shapes[0] and shapes[0] == shapes[1]
+    # prefills to export in launched steps: both ranks' MTP paired the last position with the token on its way
+    model = load_model(ckpt, dtype=torch.float64)
+    for prompt, (token0, blob) in zip(exports, got["concurrent"]["exports"], strict=True):
+        snapshot = kv_export.load(model, blob)
+        assert snapshot.mtp_layers == 1 and snapshot.mtp_draft is not None
+        _check_drafts(model, [*prompt, token0], {len(prompt) + 1: snapshot.mtp_draft})
 
 
 def test_graphed_decode_steps_in_a_group_give_one_process_tokens(tmp_path: Path) -> None:
