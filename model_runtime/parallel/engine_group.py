@@ -429,22 +429,32 @@ class LeaderRunner(ModelRunner):
             by_group[self._group(st)].append(i)
         return by_group
 
-    def decode_logits(self, seqs: list[Request], feed: torch.Tensor | None = None) -> torch.Tensor:
-        by_group = self._by_group([s.state for s in seqs])
-        # With graphs every group's tables share the widest group's width: one graph shape on every rank.
-        shared = self.decode_width(seqs, self.pools[0]) if self.cuda_graphs else 0
+    def _parts(
+        self, seqs: list[Request], by_group: list[list[int]], tokens: int, drafts: bool, fed: bool
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Each group's part of a batched step of `seqs` writing up to `tokens` positions a row (`drafts`: a
+        verification step's rows, with their drafts), on the host: its `DecodeInputs` rows and block tables, and
+        with `fed` its rows' places in the step's fed rows. With graphs every group's tables share the widest
+        group's width: one graph shape on every rank."""
+        shared = self.decode_width(seqs, self.pools[0], tokens) if self.cuda_graphs else 0
         parts = []
         for pool, rows in zip(self.pools, by_group, strict=True):
             mine = [seqs[i] for i in rows]
-            fed = None if feed is None else torch.tensor(rows, dtype=torch.int64)
+            places = torch.tensor(rows, dtype=torch.int64) if fed else None
             if not mine:
-                empty = torch.zeros(0, 3, dtype=torch.int64), torch.zeros(0, shared, dtype=torch.int32)
-                parts.append(DecodeCall(*empty, fed))
+                width = 4 if drafts else 3
+                parts.append(
+                    (torch.zeros(0, width, dtype=torch.int64), torch.zeros(0, shared, dtype=torch.int32), places)
+                )
                 continue
             pool.flush_block_tables()
-            inputs = DecodeInputs.on_host(mine, pool, shared or self.decode_width(mine, pool))
-            parts.append(DecodeCall(inputs.rows, inputs.block_tables, fed))
-        call = tuple(parts)
+            inputs = DecodeInputs.on_host(mine, pool, shared or self.decode_width(mine, pool, tokens), drafts)
+            parts.append((inputs.rows, inputs.block_tables, places))
+        return parts
+
+    def decode_logits(self, seqs: list[Request], feed: torch.Tensor | None = None) -> torch.Tensor:
+        by_group = self._by_group([s.state for s in seqs])
+        call = tuple(DecodeCall(*part) for part in self._parts(seqs, by_group, 1, False, feed is not None))
         if feed is not None:
             feed = feed.to(torch.int64).contiguous()  # what the followers' receiving buffers hold
         logits = self._call(call, lambda: run_call(self, self.pools[0], call, 0, self.dp, feed=feed))
@@ -482,20 +492,8 @@ class LeaderRunner(ModelRunner):
 
     def verify_logits(self, seqs: list[Request], fed: torch.Tensor | None = None) -> VerifyStep:
         by_group = self._by_group([s.state for s in seqs])
-        tokens = verify_tokens(fed)
-        shared = self.decode_width(seqs, self.pools[0], tokens) if self.cuda_graphs else 0
-        parts = []
-        for pool, rows in zip(self.pools, by_group, strict=True):
-            mine = [seqs[i] for i in rows]
-            places = None if fed is None else torch.tensor(rows, dtype=torch.int64)
-            if not mine:
-                empty = torch.zeros(0, 4, dtype=torch.int64), torch.zeros(0, shared, dtype=torch.int32)
-                parts.append(VerifyPart(*empty, places))
-                continue
-            pool.flush_block_tables()
-            inputs = DecodeInputs.on_host(mine, pool, shared or self.decode_width(mine, pool, tokens), True)
-            parts.append(VerifyPart(inputs.rows, inputs.block_tables, places))
-        call = VerifyCall(tuple(parts))
+        parts = self._parts(seqs, by_group, verify_tokens(fed), True, fed is not None)
+        call = VerifyCall(tuple(VerifyPart(*part) for part in parts))
         feed = None if fed is None else fed.to(torch.int64).contiguous()
         step, logits = self._call(call, lambda: start_verify(self, self.pools[0], call, 0, self.dp, feed))
         order = [i for rows in by_group for i in rows]  # the sequence of each row in group order
