@@ -238,3 +238,22 @@ def test_a_prefill_to_export_with_the_mtp_in_a_launched_step_gives_the_synchrono
     assert engine.runner.export_chunks(export.state, 1 << 20, export.draft) == want
     engine.release(export)
     _assert_drained(engine)
+
+
+def test_overlapped_verification_survives_preemption(make_engine: Callable[..., LLMEngine], model: DeepseekV4) -> None:
+    """A pool of 12 blocks of 8 positions cannot hold the batch, whose rows reserve 3 positions a fed verification:
+    sequences are preempted (the launched step lands first, then the step is scheduled again, preempting) and
+    recomputed, their MTP state and drafts with them, and the tokens stay plain decoding's."""
+    prompts = _prompts(12)
+    params = [SamplingParams(max_tokens=6 + i % 7, temperature=0.0, ignore_eos=True) for i in range(12)]
+    want = [o.token_ids for o in make_engine().generate_ids(prompts, params)]
+    sequences = [p + w for p, w in zip(prompts, want, strict=True)]
+    engine = _lut_engine(make_engine, model, sequences, num_blocks=12, block_size=8, max_num_batched_tokens=24)
+    launches = _count_launches(engine)
+    seqs = [engine.add_request(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
+    while engine.has_unfinished():
+        engine.step()
+    assert sum(s.num_preemptions for s in seqs) > 0
+    assert any(launch.fed for launch in launches) and engine.runner.drafts.accepted > 0
+    assert [s.output_token_ids for s in seqs] == want
+    _assert_drained(engine)
