@@ -19,15 +19,16 @@ GREEDY = SamplingSpec(max_tokens=7, temperature=0.0, ignore_eos=True)
 SEEDED = SamplingSpec(max_tokens=7, temperature=0.9, top_p=0.95, seed=42, ignore_eos=True, logprobs=2)
 
 
-@pytest.fixture(params=[False, True], ids=["sync", "overlapped"])
+@pytest.fixture(params=[(False, False), (True, False), (True, True)], ids=["sync", "overlapped", "overlapped-mtp"])
 def engines(
     request: pytest.FixtureRequest, make_engine: Callable[..., LLMEngine]
 ) -> Iterator[tuple[AsyncEngine, AsyncEngine]]:
     """A prefill engine and a decode engine, synchronous or with overlapped scheduling (its default on CUDA, forced
-    here: the port's contract must not depend on it)."""
-    overlap = request.param
-    a = AsyncEngine(make_engine(overlap_scheduling=overlap), kv_chunk_size=4096)
-    b = AsyncEngine(make_engine(overlap_scheduling=overlap))
+    here: the port's contract must not depend on it), and with MTP speculative decoding in launched steps (the blob
+    carries the MTP's state and draft, which the decode engine verifies first)."""
+    overlap, mtp = request.param
+    a = AsyncEngine(make_engine(overlap_scheduling=overlap, speculative_mtp=mtp), kv_chunk_size=4096)
+    b = AsyncEngine(make_engine(overlap_scheduling=overlap, speculative_mtp=mtp))
     yield a, b
     a.close()
     b.close()
