@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 import torch
 
-from dsv4.model_runtime.engine.llm_engine import LLMEngine
+from dsv4.model_runtime.engine.llm_engine import LLMEngine, RequestOutput
 from dsv4.model_runtime.engine.model_runner import LaunchedStep
 from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.engine.scheduler import ScheduledChunk
 
-from .op_trace import HostReads, OpTrace
+from .test_decode_step import _traced_step
 
 pytestmark = pytest.mark.unit
 
@@ -96,6 +96,15 @@ def _assert_same_outcome(got: Outcome, want: Outcome, rid: str) -> None:
         assert g.logprob == pytest.approx(w.logprob, rel=1e-5, abs=1e-5), rid
         assert [t for t, _ in g.top] == [t for t, _ in w.top], rid
         assert [v for _, v in g.top] == pytest.approx([v for _, v in w.top], rel=1e-5, abs=1e-5), rid
+
+
+def _step_reading_only_landed_tokens(engine: LLMEngine) -> list[RequestOutput]:
+    """One traced engine step of an overlapped engine: it dispatches no op that waits for the device and reads one
+    thing on the host, the tokens it lands. Its outputs."""
+    ops, reads, outputs = _traced_step(engine)
+    assert ops.syncs == []
+    assert [name for name, _ in reads.reads] == ["tolist"]
+    return outputs
 
 
 def _assert_drained(engine: LLMEngine) -> None:
@@ -203,11 +212,7 @@ def test_a_launch_reads_nothing_on_the_host(make_engine: Callable[..., LLMEngine
         engine.step()
     for _ in range(3):  # steps that cross pool blocks, compressor blocks and the window
         in_flight = engine._launched
-        ops, reads = OpTrace(), HostReads()
-        with reads, ops:
-            outputs = engine.step()
-        assert ops.syncs == []
-        assert [name for name, _ in reads.reads] == ["tolist"]
+        outputs = _step_reading_only_landed_tokens(engine)
         assert engine._launched is not None and engine._launched is not in_flight
         assert [o.token_ids[0] for o in outputs] == [s.output_token_ids[-1] for s in seqs]
 
@@ -228,11 +233,7 @@ def test_an_arrival_prefilled_beside_fed_rows_reads_nothing_on_the_host(
     arrival = engine.add_request("arrival", _prompts(12)[-1], params)
     entries = engine.stats_extra()["prefix_cache_entries"]
     for computed in (32, 33):
-        ops, reads = OpTrace(), HostReads()
-        with reads, ops:
-            engine.step()
-        assert ops.syncs == []
-        assert [name for name, _ in reads.reads] == ["tolist"]
+        _step_reading_only_landed_tokens(engine)
         assert arrival.num_computed == computed
     assert launches == [
         Launch(fed=True, penalized=False, prefill=True),

@@ -19,8 +19,13 @@ from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.engine.speculative import VerifyStep
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 
-from .op_trace import HostReads, OpTrace
-from .test_overlap_scheduling import _assert_drained, _assert_same_outcome, _count_launches, _prompts
+from .test_overlap_scheduling import (
+    _assert_drained,
+    _assert_same_outcome,
+    _count_launches,
+    _prompts,
+    _step_reading_only_landed_tokens,
+)
 from .test_overlap_scheduling import _run as run_staggered
 
 pytestmark = pytest.mark.unit
@@ -134,11 +139,7 @@ def test_a_launched_verification_step_reads_nothing_on_the_host(
         engine.step()
     for _ in range(3):
         in_flight = engine._launched
-        ops, reads = OpTrace(), HostReads()
-        with reads, ops:
-            outputs = engine.step()
-        assert ops.syncs == []
-        assert [name for name, _ in reads.reads] == ["tolist"]
+        outputs = _step_reading_only_landed_tokens(engine)
         assert engine._launched is not None and engine._launched is not in_flight
         assert engine._launched.verify is not None and set(engine._launched.verify.seqs) == set(seqs)
         assert {o.request_id for o in outputs} == {s.request_id for s in seqs}
@@ -187,11 +188,7 @@ def test_an_arrival_prefilled_with_the_mtp_beside_fed_verification_rows_reads_no
         engine.step()
     arrival = engine.add_request("arrival", prompts[3], params)
     for computed in (32, 33):
-        ops, reads = OpTrace(), HostReads()
-        with reads, ops:
-            engine.step()
-        assert ops.syncs == []
-        assert [name for name, _ in reads.reads] == ["tolist"]
+        _step_reading_only_landed_tokens(engine)
         assert arrival.num_computed == computed
     assert engine._launched is not None and arrival in engine._launched.drafted  # its draft stays on the device
     engine.step()
