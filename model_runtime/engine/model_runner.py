@@ -461,7 +461,8 @@ class ModelRunner:
         assert isinstance(state, PagedSequenceState)
         pool = state.pool
         pool.flush_block_tables()
-        inputs = DecodeInputs.build(seqs, pool, self.decode_width(seqs, pool, verify_tokens(fed)), True)
+        width = self.decode_width(seqs, pool, verify_tokens(fed))
+        inputs = DecodeInputs.build(seqs, pool, width, True, fed is not None)
         return self.forward_verify(inputs if fed is None else inputs.verifying(fed), pool)
 
     def forward_mtp(self, calls: list[MtpInput]) -> list[torch.Tensor]:

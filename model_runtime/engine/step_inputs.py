@@ -50,19 +50,24 @@ class DecodeInputs:
     block_tables: torch.Tensor
 
     @classmethod
-    def build(cls, seqs: Sequence[Request], pool: KVPool, width: int, drafts: bool = False) -> DecodeInputs:
+    def build(
+        cls, seqs: Sequence[Request], pool: KVPool, width: int, drafts: bool = False, fed: bool = False
+    ) -> DecodeInputs:
         """The inputs of decoding `seqs` (each with one uncomputed token; with `drafts`, and its MTP draft after
-        it) with `width` block-table columns."""
-        rows = to_device(_rows(seqs, drafts), pool.block_tables.device)
+        it) with `width` block-table columns. `fed`: the step's rows are fed (`verifying`), so a row's draft may
+        still be on the device (0 stands in its place)."""
+        rows = to_device(_rows(seqs, drafts, fed), pool.block_tables.device)
         return cls(rows, pool.block_tables[rows[:, SLOT], :width])
 
     @classmethod
-    def on_host(cls, seqs: Sequence[Request], pool: KVPool, width: int, drafts: bool = False) -> DecodeInputs:
+    def on_host(
+        cls, seqs: Sequence[Request], pool: KVPool, width: int, drafts: bool = False, fed: bool = False
+    ) -> DecodeInputs:
         """The same inputs on the host, read from the pool's host tables (`KVPool.mirror_block_tables`): what a
         rank group's leader sends, without waiting for the device."""
         tables = pool.host_block_tables
         assert tables is not None, "the pool keeps no host copy of its block tables"
-        rows = _rows(seqs, drafts)
+        rows = _rows(seqs, drafts, fed)
         return cls(rows, tables[rows[:, SLOT], :width])
 
     def feeding(self, tokens: torch.Tensor) -> DecodeInputs:
@@ -106,13 +111,14 @@ class DecodeInputs:
         return torch.stack([self.rows[:, TOKEN], self.rows[:, DRAFT]], dim=1)
 
 
-def _rows(seqs: Sequence[Request], drafts: bool) -> torch.Tensor:
+def _rows(seqs: Sequence[Request], drafts: bool, fed: bool) -> torch.Tensor:
     table: list[list[int]] = []
     for s in seqs:
         state = s.state
         assert isinstance(state, PagedSequenceState), f"{s.request_id} decodes without a paged KV state"
         row = [next_token(s), s.num_computed, state.slot]
-        if drafts:  # a draft still on the device (overlapped scheduling) comes with the step's fed rows
+        if drafts:
+            assert s.draft is not None or fed, f"{s.request_id} verifies without a draft"
             row.append(s.draft if s.draft is not None else 0)
         table.append(row)
     return torch.tensor(table, dtype=torch.int64).view(-1, 4 if drafts else 3)

@@ -448,7 +448,7 @@ class LeaderRunner(ModelRunner):
                 )
                 continue
             pool.flush_block_tables()
-            inputs = DecodeInputs.on_host(mine, pool, shared or self.decode_width(mine, pool, tokens), drafts)
+            inputs = DecodeInputs.on_host(mine, pool, shared or self.decode_width(mine, pool, tokens), drafts, fed)
             parts.append((inputs.rows, inputs.block_tables, places))
         return parts
 
