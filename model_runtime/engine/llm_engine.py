@@ -368,20 +368,15 @@ class LLMEngine:
         if chunks is None:  # room only by preempting: the tokens land first, then a schedule that may preempt
             landed, launched = self._land(launched), None
             chunks = self.scheduler.schedule() or []  # None only with tokens in flight
-        if self.overlap and chunks:
-            self._launched = self.runner.launch(chunks, after=launched)
-            self.scheduler.after_step(chunks)
+        step = self.runner.launch(chunks, after=launched) if chunks else None
+        self.scheduler.after_step(chunks)  # snapshots before finished sequences free their state
+        if self.overlap:
+            self._launched = step
             landed += self._land(launched)
             self._settle()
-            return [self._output(seq) for seq in landed]
-        landed += self._land(launched)
-        chunks = [c for c in chunks if not c.seq.finished]  # finished by a landed token
-        produced = self.runner.run(chunks) if chunks else []
-        self.scheduler.after_step(chunks)  # snapshots before finished sequences free their state
-        for seq in produced:
-            if seq.finished:
-                self._retire(seq)
-        return [self._output(seq) for seq in dict.fromkeys(landed + produced)]
+        elif step is not None:
+            landed += self._land(step)
+        return [self._output(seq) for seq in landed]
 
     def _retire(self, seq: Request) -> None:
         """A sequence finished by its newest token leaves the scheduler; a prefill to export keeps its state, which

@@ -9,11 +9,12 @@ MTP verification (last token + draft, `speculative.py`) is a batched step of its
 tokens per row, both draws in one sampling call, the rejected drafts' pool writes taken back and the MTP's next
 drafts computed on the device, all in one copy to the host.
 
-Overlapped scheduling (`LLMEngine.step`) runs steps through `launch` / `land` instead: a step is launched without
-waiting for its tokens, and the next one can be launched before they reach the host, its decode rows fed them from
-the device, its verification rows their tokens, positions and drafts (`LaunchedVerify.fed`); the MTP over a
-prompt's chunks pairs the last position with the token drawn in the same step on the device, and a row that caught
-up keeps its draft there (`LaunchedStep.drafts`) for its first verification.
+A step is run in two halves: `launch` runs it and queues the copies of its draws, `land` waits for them and
+appends the tokens. Without overlapped scheduling the engine lands each step at once. With it (`LLMEngine.step`)
+the next step is launched before the tokens reach the host, its decode rows fed them from the device, its
+verification rows their tokens, positions and drafts (`LaunchedVerify.fed`); the MTP over a prompt's chunks pairs
+the last position with the token drawn in the same step on the device, and a row that caught up keeps its draft
+there (`LaunchedStep.drafts`) for its first verification.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.engine.scheduler import ScheduledChunk
 from dsv4.model_runtime.engine.speculative import VerifyStep
 from dsv4.model_runtime.engine.step_inputs import DecodeInputs, next_token, table_width, verify_tokens
-from dsv4.model_runtime.engine.transfer import HostCopy, start_copy_to_host, to_device, to_host
+from dsv4.model_runtime.engine.transfer import HostCopy, start_copy_to_host, to_device
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.state import SequenceState
 
@@ -167,30 +168,15 @@ class ModelRunner:
         return s.draft is not None and chunk.num_tokens == s.num_uncomputed + 1
 
     @torch.no_grad()
-    def run(self, chunks: list[ScheduledChunk]) -> list[Request]:
-        """Feed every chunk; returns the sequences that received new tokens this step."""
-        decode, groups, verify = self._plan(chunks)
-        follow: list[MtpWork] = []
-        ready, logits = self._forward(decode, groups, follow)
-        if logits is not None:
-            self._sample(ready, logits)
-        for work in follow:  # a prefill to export keeps its state, the MTP's included, for the blob
-            if not work[0].finished or work[0].export_after_prefill:
-                self._follow(work)
-        produced = ready
-        if verify:
-            produced += self._verify(verify)
-        self._run_mtp()
-        return produced
-
-    @torch.no_grad()
     def launch(self, chunks: list[ScheduledChunk], after: LaunchedStep | None = None) -> LaunchedStep | None:
         """Run the step of `chunks` and draw its tokens without waiting for them (their copy to the host is queued);
         None when no row draws one (prefill chunks short of their prompts' ends). With `after`, the launched step
         whose tokens some of these sequences still wait for: each such row feeds the token `after` drew for it,
         gathered on the device, and draws the token after it; a verification row also takes its position and draft
-        from `after` (`_fed_verify`). With MTP, a prompt's chunks are followed by the MTP as in `run`, its last
-        position paired with the token drawn now, on the device; the drafts of rows that caught up stay there."""
+        from `after` (`_fed_verify`). With MTP, the positions a step feeds through the per-sequence path (prompt
+        chunks) are followed by the MTP over them, their last position paired with the token drawn now, on the
+        device; the drafts of rows that caught up stay there. Without overlapped scheduling the engine lands every
+        step at once (`land` with no `after`)."""
         decode, groups, verify = self._plan(chunks, after)
         feed = self._fed(decode, after)
         follow: list[MtpWork] = []
@@ -203,7 +189,7 @@ class ModelRunner:
         tokens = sampled_tokens(out) if out is not None else torch.zeros(0, dtype=torch.int64, device=self.model.device)
         for work in follow:
             self._follow(work)
-        drafted, drafts = self._launch_mtp(ready, tokens)
+        drafted, drafts = self._run_mtp(ready, tokens)
         launched_verify = self._launch_verify(verify, after) if verify else None
         if out is None:
             return None if launched_verify is None else LaunchedStep([], tokens, None, [], launched_verify)
@@ -225,7 +211,7 @@ class ModelRunner:
                     continue
                 s.append(token, logprob)
                 landed.append(s)
-                # as `_run_mtp`: a prefill to export keeps its draft for the blob
+                # a prefill to export keeps its draft for the blob
                 held = after is not None and after.holds(s)
                 if s in drafts and (not s.finished or s.export_after_prefill) and not held:
                     self._propose(s, drafts[s])
@@ -238,14 +224,14 @@ class ModelRunner:
             if s.finished:
                 continue
             accepted, draft = bool(drawn[2 * n + b][0]), drawn[3 * n + b][0]
-            self._settle_verify(s, drawn[2 * b], drawn[2 * b + 1], accepted, int(accepted))
+            self._settle_verify(s, drawn[2 * b], drawn[2 * b + 1], accepted)
             if not s.finished and not (after is not None and after.holds(s)):
                 self._propose(s, draft)
             landed.append(s)
         return landed
 
-    def _launch_mtp(self, ready: list[Request], tokens: torch.Tensor) -> tuple[list[Request], torch.Tensor]:
-        """Run a launched step's queued MTP calls, the rows of `ready` (which drew `tokens` [R], device) paired
+    def _run_mtp(self, ready: list[Request], tokens: torch.Tensor) -> tuple[list[Request], torch.Tensor]:
+        """Run the step's queued MTP calls, the rows of `ready` (which drew `tokens` [R], device) paired
         with their drawn token at their last position: the rows that caught up and their drafts [D] (device)."""
         if not self._mtp_pending():
             return [], tokens.new_zeros(0)
@@ -505,12 +491,6 @@ class ModelRunner:
 
         return list(kv_export.export_chunks(self.model, state, chunk_size, draft))
 
-    def _sample(self, seqs: list[Request], logits: torch.Tensor) -> None:
-        """Draw every row's token in one batched call, bring them to the host in one copy, append them."""
-        out, params = self._draw(seqs, logits)
-        for s, (token, logprob) in zip(seqs, unpack(to_host(out), params), strict=True):
-            s.append(token, logprob)
-
     def _draw(
         self,
         seqs: list[Request],
@@ -537,32 +517,21 @@ class ModelRunner:
     def _follow(self, work: MtpWork) -> None:
         """Queue the MTP step over the k positions [start, start + k) the main model just consumed (its streams
         [k, hc, d] at the work's stream ref); each pairs with the token after it, which is known: the prompt's next
-        token or the one just sampled. `_run_mtp` runs the queued steps batched by k."""
+        token or the one drawn this step. `_run_mtp` runs the queued steps batched by k."""
         s, _, start, _ = work
         assert s.state is not None and s.state.mtp_position == start, "MTP out of step with the main model"
         self._mtp_work.append(work)
-
-    def _run_mtp(self) -> None:
-        """Run the step's queued MTP calls; each sequence that caught up with its tokens gets the MTP's draft."""
-        if not self._mtp_pending():
-            return
-        batches, calls = self._mtp_calls()
-        for items, logits in zip(batches, self.forward_mtp(calls), strict=True):  # logits [B, 1, vocab]
-            drafts = torch.argmax(logits[:, -1], dim=-1).tolist()
-            for s, draft in zip(items, drafts, strict=True):  # a prefill to export keeps its draft for the blob
-                if s.num_computed == s.num_tokens - 1 and (not s.finished or s.export_after_prefill):
-                    self._propose(s, draft)
 
     def _mtp_pending(self) -> bool:
         """Whether the step has MTP calls to make or streams to drop (every rank of a group keeps the same)."""
         return self.use_mtp and bool(self._mtp_work or self._streams)
 
     def _mtp_calls(
-        self, drew: dict[Request, int] | None = None, tokens: torch.Tensor | None = None
+        self, drew: dict[Request, int], tokens: torch.Tensor
     ) -> tuple[list[list[Request]], list[MtpInput]]:
-        """The queued MTP steps as calls batched by k, with each call's sequences. `drew`, `tokens` (a launched
-        step): the rows that drew a token this step and the tokens [R] (device) on their way to them, which pair
-        with those rows' last positions."""
+        """The queued MTP steps as calls batched by k, with each call's sequences. `drew`, `tokens`: the rows that
+        drew a token this step and the tokens [R] (device) on their way to them, which pair with those rows' last
+        positions."""
         batches: dict[int, list[MtpWork]] = defaultdict(list)
         for work in self._mtp_work:
             batches[work[3]].append(work)
@@ -572,7 +541,7 @@ class ModelRunner:
             # a row whose last token is on its way (`fed`) holds a 0 in its place
             ids = [[*s.token_ids[start + 1 : start + k + 1], 0][:k] for s, _, start, _ in items]
             fed = None
-            if drew and tokens is not None and any(s in drew for s, *_ in items):
+            if any(s in drew for s, *_ in items):
                 where = torch.tensor([drew.get(s, -1) for s, *_ in items], dtype=torch.int64)
                 where = to_device(where, tokens.device)
                 fed = torch.where(where >= 0, tokens[where.clamp(min=0)], -1)
@@ -584,41 +553,23 @@ class ModelRunner:
         """The MTP's greedy guess for the token after the last one becomes the draft of the next step."""
         s.draft = draft
 
-    def _verify(self, seqs: list[Request]) -> list[Request]:
-        """Feed [last token, draft] of every sequence in one batched step and draw both rows in one call: the draft
-        is kept iff it is the token plain decoding draws (row 0, the same seeded draw), and then row 1 gives the
-        token after it. The draws and the next drafts reach the host in one copy."""
-        verify = self.verify_logits(seqs)
-        out, params = self._draw_verify(seqs, verify.logits, verify.drafts)
-        drafts = self.finish_verify(verify, sampled_tokens(out).view(-1, 2))
-        drawn = unpack(to_host(_with_ids(out, drafts)), params + [_ID_ROW] * len(seqs))
-        for b, s in enumerate(seqs):
-            draft = drawn[2 * len(seqs) + b][0]
-            accepted = drawn[2 * b][0] == s.draft
-            s.draft = None
-            self._settle_verify(s, drawn[2 * b], drawn[2 * b + 1], accepted, 1 + accepted)
-            if not s.finished:
-                self._propose(s, draft)
-        return seqs
-
     def _settle_verify(
         self,
         s: Request,
         first: tuple[int, TokenLogprob | None],
         second: tuple[int, TokenLogprob | None],
         accepted: bool,
-        advance: int,
     ) -> None:
-        """Append a verification row's tokens (the second only after an accepted draft, unless the first finished
-        the sequence) and move its counts on by `advance` positions (what the host has not counted yet)."""
+        """Append a landed verification row's tokens (the second only after an accepted draft, unless the first
+        finished the sequence) and count the accepted draft's position (the launch counted the first)."""
         s.append(*first)
         if accepted and not s.finished:
             s.append(*second)
             self.penalty_table.appended(s)
-        s.num_computed += advance
+        s.num_computed += accepted
         assert isinstance(s.state, PagedSequenceState)
-        s.state.position += advance
-        s.state.mtp_position += advance
+        s.state.position += accepted
+        s.state.mtp_position += accepted
         self.drafts.proposed += 1
         self.drafts.accepted += accepted
 

@@ -157,15 +157,12 @@ def test_overlapped_steps_survive_preemption(make_engine: Callable[..., LLMEngin
     want = make_engine().generate_ids(prompts, params)
     engine = make_engine(num_blocks=12, block_size=8, max_num_batched_tokens=24, overlap_scheduling=True)
     launches = _count_launches(engine)
-    runs: list[None] = []
-    run = engine.runner.run
-    engine.runner.run = lambda chunks: runs.append(None) or run(chunks)  # type: ignore[method-assign]
     seqs = [engine.add_request(f"r{i}", p, sp) for i, (p, sp) in enumerate(zip(prompts, params, strict=True))]
     idle = 0  # calls that ran no step although requests were left before and after them
     while engine.has_unfinished():
-        before = len(launches) + len(runs)
+        before = len(launches)
         engine.step()
-        idle += engine.has_unfinished() and len(launches) + len(runs) == before
+        idle += engine.has_unfinished() and len(launches) == before
         assert engine.kv.used_blocks <= engine.kv.total_blocks
     assert sum(s.num_preemptions for s in seqs) > 0
     assert any(x.fed for x in launches) and idle == 0
@@ -175,29 +172,31 @@ def test_overlapped_steps_survive_preemption(make_engine: Callable[..., LLMEngin
 
 def test_each_step_is_launched_before_the_previous_one_lands(make_engine: Callable[..., LLMEngine]) -> None:
     """Four requests of 6 tokens: the prefill step and decode steps 2..6 are each launched before the tokens of
-    the step before land; the last step has no successor, and nothing runs synchronously."""
-    engine = make_engine(max_num_batched_tokens=128, overlap_scheduling=True)
+    the step before land; the last step has no successor. Without overlapped scheduling each step lands at once."""
     events: list[str] = []
-    runner = engine.runner
-    run, launch, land = runner.run, runner.launch, runner.land
 
-    def traced_run(chunks: list[ScheduledChunk]) -> list[Request]:
-        events.append("run")
-        return run(chunks)
+    def traced(engine: LLMEngine) -> LLMEngine:
+        runner = engine.runner
+        launch, land = runner.launch, runner.land
 
-    def traced_launch(chunks: list[ScheduledChunk], after: LaunchedStep | None = None) -> LaunchedStep | None:
-        events.append("launch")
-        return launch(chunks, after)
+        def traced_launch(chunks: list[ScheduledChunk], after: LaunchedStep | None = None) -> LaunchedStep | None:
+            events.append("launch")
+            return launch(chunks, after)
 
-    def traced_land(launched: LaunchedStep, after: LaunchedStep | None = None) -> list[Request]:
-        events.append("land")
-        return land(launched, after)
+        def traced_land(launched: LaunchedStep, after: LaunchedStep | None = None) -> list[Request]:
+            events.append("land")
+            return land(launched, after)
 
-    runner.run, runner.launch, runner.land = traced_run, traced_launch, traced_land  # type: ignore[method-assign]
+        runner.launch, runner.land = traced_launch, traced_land  # type: ignore[method-assign]
+        return engine
+
     params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    engine = traced(make_engine(max_num_batched_tokens=128, overlap_scheduling=True))
     outs = engine.generate_ids(_prompts(4), params)
     assert events == ["launch"] + ["launch", "land"] * 5 + ["land"]
-    want = make_engine().generate_ids(_prompts(4), params)
+    events.clear()
+    want = traced(make_engine(max_num_batched_tokens=128, overlap_scheduling=False)).generate_ids(_prompts(4), params)
+    assert events == ["launch", "land"] * 6
     assert [o.token_ids for o in outs] == [w.token_ids for w in want]
     _assert_drained(engine)
 

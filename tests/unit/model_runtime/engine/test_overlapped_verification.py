@@ -33,10 +33,9 @@ pytestmark = pytest.mark.unit
 
 class LutRunner(ModelRunner):
     """Keeps the MTP module in step but takes each draft from `lut` [vocab] (device) at the row's last token, on
-    the device as the MTP's own drafts are (`finish_verify`, and after a prompt in a launched step: `_launch_mtp`)
-    and on the host after a prompt in a synchronous one (`_propose`). Counts
-    the positions launched verification steps found their rows moved on the device (accepted drafts the host had
-    not counted yet)."""
+    the device as the MTP's own drafts are (`finish_verify`, and after a prompt: `_run_mtp`). Counts the positions
+    launched verification steps found their rows moved on the device (accepted drafts the host had not counted
+    yet)."""
 
     def __init__(self, model: DeepseekV4, sequences: list[list[int]], cuda_graphs: bool = False) -> None:
         super().__init__(model, use_mtp=True, cuda_graphs=cuda_graphs)
@@ -52,11 +51,8 @@ class LutRunner(ModelRunner):
         last = torch.where(tokens[:, 0] == verify.drafts, tokens[:, 1], tokens[:, 0])
         return self.lut[last]
 
-    def _propose(self, s: Request, draft: int) -> None:
-        s.draft = int(self.lut[s.token_ids[-1]])
-
-    def _launch_mtp(self, ready: list[Request], tokens: torch.Tensor) -> tuple[list[Request], torch.Tensor]:
-        drafted, _ = super()._launch_mtp(ready, tokens)
+    def _run_mtp(self, ready: list[Request], tokens: torch.Tensor) -> tuple[list[Request], torch.Tensor]:
+        drafted, _ = super()._run_mtp(ready, tokens)
         rows = torch.tensor([ready.index(s) for s in drafted], dtype=torch.int64)
         return drafted, self.lut[tokens[rows]]
 

@@ -75,7 +75,8 @@ def test_verify_step_dispatches_the_same_ops_at_64_and_4096_tokens_of_context(
 def test_verify_step_reads_only_its_one_copy_on_the_host(
     make_engine: Callable[..., LLMEngine], params: SamplingParams
 ) -> None:
-    """No op that waits for the device, and one read of values: both draws of every row and the next drafts."""
+    """No op that waits for the device, and one read of values: both draws of every row, the acceptances and the
+    next drafts."""
     engine = make_engine(max_num_batched_tokens=256, block_size=16, speculative_mtp=True)
     seqs = _verifying(engine, [3, 17, 40], params)
     for _ in range(3):
@@ -84,10 +85,12 @@ def test_verify_step_reads_only_its_one_copy_on_the_host(
         assert len(reads.reads) == 1, [name for name, _ in reads.reads]
         name, values = reads.reads[0]
         assert name == "tolist"
-        assert len(values) == 3 * len(seqs)  # two draws and one draft per row
-        firsts = [row[0] if isinstance(row, list) else row for row in values[: 2 * len(seqs) : 2]]
-        assert firsts == [o.token_ids[0] for o in outputs]
-        assert [s.draft for s in seqs] == [int(row[0] if isinstance(row, list) else row) for row in values[-3:]]
+        assert len(values) == 4 * len(seqs)  # two draws, the acceptance and the next draft per row
+        ids = [int(row[0] if isinstance(row, list) else row) for row in values]
+        n = len(seqs)
+        assert ids[0 : 2 * n : 2] == [o.token_ids[0] for o in outputs]
+        assert [len(o.token_ids) for o in outputs] == [1 + a for a in ids[2 * n : 3 * n]]
+        assert [s.draft for s in seqs] == ids[3 * n :]
 
 
 def _run(engine: LLMEngine, params: SamplingParams) -> dict[str, tuple[list[int], list]]:
