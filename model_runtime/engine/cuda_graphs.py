@@ -4,11 +4,16 @@ A decode step (`DeepseekV4.decode_paged`) is a fixed sequence of kernels for a g
 width, with every input a device tensor, so it is captured once per shape and replayed: the rows of a step are
 copied into the graph's static inputs, padded to the bucket with rows that feed token 0 at position 0 into the
 pool's sink slot (their writes land in the sink slot and sink rows, which nothing reads), and the replay leaves
-the logits in the graph's static output. Batches are padded to 1, 2, 4, 8 and then multiples of 8; widths to
-powers of two. Graphs are captured on first use and share one memory pool. Sampling runs eagerly after the
-replay (its work depends on the rows' parameters, not only on shapes). An MTP verification step is captured the
-same way, as two graphs around its sampling: the model call over [last token, draft], and the end (the MTP, the
-undo of rejected drafts, the next drafts), whose static input is the step's draws.
+the head's input (the final norm's output, [bucket, d]) in the graph's static output. Batches are padded to 1, 2,
+4, 8 and then multiples of 8; widths to powers of two. Graphs are captured on first use and share one memory pool.
+
+The head runs eagerly after the replay, on the step's rows only: a graph's static output stays allocated for the
+graph's life, one per (bucket, width), and fp32 logits are 2 * vocab / d = 63x the bf16 head input at Flash's
+sizes (517 KB against 8 KB a row); the head is one matmul, whose launch a graph would not save, and padding rows
+no longer pay for it. Sampling runs eagerly too (its work depends on the rows' parameters, not only on shapes). An
+MTP verification step is captured the same way, as two graphs around its head and sampling: the model call over
+[last token, draft], and the end (the MTP, the undo of rejected drafts, the next drafts), whose static input is
+the step's draws.
 
 On an Ascend NPU the same code captures with torch_npu's graph API (`torch.npu.NPUGraph`, `torch.npu.graph`,
 `torch.npu.graph_pool_handle`: aclgraph, present in the pinned torch_npu 2.14.0 and shaped like torch.cuda's).
@@ -26,7 +31,7 @@ from typing import Any
 import torch
 
 from dsv4.model_runtime.engine.kv_state import KVPool
-from dsv4.model_runtime.engine.speculative import VerifyStep, start_verification
+from dsv4.model_runtime.engine.speculative import VerifyStep, verification_hidden
 from dsv4.model_runtime.engine.step_inputs import DRAFT, DecodeInputs
 from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 
@@ -59,7 +64,7 @@ def width_bucket(width: int, max_width: int) -> int:
 class _Graph:
     rows: torch.Tensor  # [bucket, 3] static inputs ([bucket, 4] with the drafts of a verification step)
     block_tables: torch.Tensor  # [bucket, width]
-    replay: Callable[[], torch.Tensor]  # runs the step, returns the static logits [bucket, vocab] ([bucket, 2, vocab])
+    replay: Callable[[], torch.Tensor]  # runs the step, returns the static head input [bucket, d] ([bucket, 2, d])
     # A verification step's end: its static draws [bucket, 2] and the replay of its end, which returns the static
     # next drafts [bucket] (None in a decode step).
     tokens: torch.Tensor | None = None
@@ -94,13 +99,13 @@ class DecodeGraphs:
         padded to `bucket` rows (default: D's bucket; a data-parallel group pads to the bucket of the largest
         group's rows, so every rank replays the same shape, D = 0 included)."""
         graph, d = self._load(self._graphs, inputs, bucket)
-        return graph.replay()[:d]
+        return self.model.head_logits(graph.replay()[:d])
 
     def run_verify(self, inputs: DecodeInputs, bucket: int | None = None) -> VerifyStep:
         """The verification step of `inputs` (rows with their drafts, at a bucket width), padded to `bucket` rows
         as in `run`: its model call replayed now, its end replayed by the returned step's `finish`."""
         graph, d = self._load(self._verify_graphs, inputs, bucket)
-        logits = graph.replay()[:d]
+        logits = self.model.head_logits(graph.replay()[:d])
         tokens, replay_end = graph.tokens, graph.replay_end
         assert tokens is not None and replay_end is not None
 
@@ -134,17 +139,19 @@ class DecodeGraphs:
         rows = self._pad[:, : 4 if verify else 3].expand(bucket, -1).clone()
         block_tables = torch.zeros(bucket, width, dtype=torch.int32, device=device)
         tokens = torch.zeros(bucket, 2, dtype=torch.int64, device=device)
-        started: list[VerifyStep] = []  # the verification step whose end the end graph runs
+        # the end of the verification step whose model call was captured (the end graph runs it)
+        started: list[Callable[[torch.Tensor], torch.Tensor]] = []
 
         def step() -> torch.Tensor:
             inputs = DecodeInputs(rows, block_tables)
             if not verify:
-                return self.model.decode_paged(inputs.token_ids, inputs.step(self.pool))
-            started[:] = [start_verification(self.model, inputs, self.pool)]
-            return started[0].logits
+                return self.model.decode_paged_hidden(inputs.token_ids, inputs.step(self.pool))
+            hidden, finish = verification_hidden(self.model, inputs, self.pool)
+            started[:] = [finish]
+            return hidden
 
         def end() -> torch.Tensor:
-            return started[0].finish(tokens)
+            return started[0](tokens)
 
         if self._api is None:
             return _Graph(rows, block_tables, step, tokens, end) if verify else _Graph(rows, block_tables, step)
@@ -163,8 +170,13 @@ class DecodeGraphs:
         if not verify:
             return _Graph(rows, block_tables, replay)
         # The end's graph reads what the captured model call left in the memory pool (its streams and undo log),
-        # which each replay of that call rewrites in place.
-        return _Graph(rows, block_tables, replay, tokens, self._captured(end))
+        # which each replay of that call rewrites in place. Those live only from the call's replay to the end's, with
+        # no other replay in between, so once both are captured their tensors are let go: later captures reuse the
+        # memory, as they do the steps' intermediates, instead of every (bucket, width) keeping its own (the undo
+        # log alone is ~40 KB a row in each CSA layer of Flash).
+        replay_end = self._captured(end)
+        started.clear()
+        return _Graph(rows, block_tables, replay, tokens, replay_end)
 
     def _captured(self, run: Callable[[], torch.Tensor]) -> Callable[[], torch.Tensor]:
         """Capture `run` in a graph of the shared memory pool; the replay returns its static output."""

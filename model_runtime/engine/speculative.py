@@ -51,6 +51,15 @@ class VerifyStep:
 def start_verification(model: DeepseekV4, inputs: DecodeInputs, pool: KVPool) -> VerifyStep:
     """The model call of the verification step of `inputs` (rows with their drafts) over `pool`: the two tokens
     of every row fed in order, what the drafts overwrite saved in the step's undo log."""
+    hidden, finish = verification_hidden(model, inputs, pool)
+    return VerifyStep(model.head_logits(hidden), inputs.drafts, finish)
+
+
+def verification_hidden(
+    model: DeepseekV4, inputs: DecodeInputs, pool: KVPool
+) -> tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]:
+    """`start_verification` up to the head (what a verification graph captures): the head's inputs [B, 2, d] and
+    the step's end, `VerifyStep.finish`."""
     step = inputs.step(pool)
     streams = model.paged_streams(inputs.verify_ids, step)
     drafts = inputs.drafts
@@ -58,7 +67,7 @@ def start_verification(model: DeepseekV4, inputs: DecodeInputs, pool: KVPool) ->
     def finish(tokens: torch.Tensor) -> torch.Tensor:
         return end_verification(model, step, streams, drafts, tokens)
 
-    return VerifyStep(model.logits(streams), drafts, finish)
+    return model.final_hidden(streams), finish
 
 
 def end_verification(

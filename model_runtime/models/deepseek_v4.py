@@ -91,7 +91,12 @@ class DeepseekV4(OpsModule):
         """One token per row over the paged pool: token_ids [B] int64 at step.positions -> logits [B, vocab].
 
         Writes each row's window, compressor and entry rows in the pool; the caller advances its bookkeeping."""
-        return self.logits(self.paged_streams(token_ids.view(-1, 1), step)[:, -1])
+        return self.head_logits(self.decode_paged_hidden(token_ids, step))
+
+    @torch.no_grad()
+    def decode_paged_hidden(self, token_ids: torch.Tensor, step: PagedDecode) -> torch.Tensor:
+        """`decode_paged` up to the head: the head's input [B, d] (what a decode graph captures)."""
+        return self.final_hidden(self.paged_streams(token_ids.view(-1, 1), step)[:, -1])
 
     @torch.no_grad()
     def paged_streams(self, token_ids: torch.Tensor, step: PagedDecode) -> torch.Tensor:
@@ -133,7 +138,7 @@ class DeepseekV4(OpsModule):
         hidden = block.predict(streams, self.embed(next_ids).to(self.dtype), next_ids, ctx, states)
         if last_only:
             hidden = hidden[:, -1:]
-        return self.head(hidden, out_dtype=torch.promote_types(hidden.dtype, torch.float32))
+        return self.head_logits(hidden)
 
     def hidden_streams(self, input_ids: torch.Tensor, states: list[SequenceState]) -> torch.Tensor:
         """Run the decoder blocks: input_ids [B, S] -> residual streams [B, S, n, d] before the hyper head.
@@ -151,9 +156,16 @@ class DeepseekV4(OpsModule):
 
     def logits(self, streams: torch.Tensor) -> torch.Tensor:
         """Residual streams [..., n, d] -> logits [..., vocab] in fp32 (float64 for a float64 model)."""
+        return self.head_logits(self.final_hidden(streams))
+
+    def final_hidden(self, streams: torch.Tensor) -> torch.Tensor:
+        """Residual streams [..., n, d] -> the head's input [..., d]: the hyper head's collapse, the final norm."""
         lead = streams.shape[:-2]
-        h = self.norm(self.hc_head(streams.reshape(-1, *streams.shape[-2:])))
-        return self.head(h, out_dtype=torch.promote_types(h.dtype, torch.float32)).view(*lead, -1)
+        return self.norm(self.hc_head(streams.reshape(-1, *streams.shape[-2:]))).view(*lead, -1)
+
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The head's input [..., d] -> logits [..., vocab] in fp32 (float64 for a float64 model)."""
+        return self.head(hidden, out_dtype=torch.promote_types(hidden.dtype, torch.float32))
 
     @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, states: list[SequenceState], last_only: bool = False) -> torch.Tensor:

@@ -13,6 +13,7 @@ import torch
 
 from dsv4.model_runtime.engine.kv_state import KVCacheManager, PagedSequenceState
 from dsv4.model_runtime.engine.llm_engine import LLMEngine
+from dsv4.model_runtime.engine.model_runner import ModelRunner
 from dsv4.model_runtime.engine.request import Request
 from dsv4.model_runtime.engine.sampling_params import SamplingParams
 from dsv4.model_runtime.engine.step_inputs import DecodeInputs
@@ -20,7 +21,7 @@ from dsv4.model_runtime.models.deepseek_v4 import DeepseekV4
 from dsv4.model_runtime.weights import load_model
 
 from .op_trace import HostReads, OpTrace, op_differences
-from .test_decode_step import EVERYTHING, GREEDY, _prompts, _staggered
+from .test_decode_step import EVERYTHING, GREEDY, _decoding, _prompts, _staggered
 from .test_decode_step import _traced_step as _traced_decode_step
 from .test_mtp import OracleRunner
 
@@ -210,3 +211,31 @@ def test_a_verification_step_leaves_the_pool_as_plain_decoding_does(model64: Dee
                 live = (m if cfg.is_csa(i) else 0) + a.position % m
                 for name in ("comp_kv", "comp_score", "icomp_kv", "icomp_score"):
                     torch.testing.assert_close(getattr(lb, name)[:live], getattr(la, name)[:live], atol=1e-9, rtol=0)
+
+
+@pytest.mark.parametrize("verify", [False, True], ids=["decode", "verification"])
+def test_graphs_end_at_the_head_input_and_the_head_runs_on_the_step_rows(
+    make_engine: Callable[..., LLMEngine], verify: bool
+) -> None:
+    """A graph's static output stays allocated for the graph's life, one per (bucket, width), so it is the head's
+    input [bucket, d], not fp32 logits (2 * vocab / d times larger); the head runs after the replay on the step's
+    rows alone: 3 rows padded to a bucket of 4 reach the head as 3, and give the eager step's logits."""
+    runs = {}
+    for graphs in (False, True):
+        engine = make_engine(block_size=16, speculative_mtp=verify)
+        engine.runner = runner = ModelRunner(engine.model, use_mtp=verify, cuda_graphs=graphs)
+        seqs = (_verifying if verify else _decoding)(engine, [5, 9, 17], GREEDY)
+        heads: list[tuple[int, ...]] = []
+        hook = engine.model.head.register_forward_hook(lambda m, args, out, seen=heads: seen.append(args[0].shape))
+        try:
+            logits = runner.verify_logits(seqs).logits if verify else runner.decode_logits(seqs)
+        finally:
+            hook.remove()
+        d = engine.model.cfg.hidden_size
+        assert [tuple(shape) for shape in heads] == [(3, 2, d) if verify else (3, d)]
+        runs[graphs] = logits
+        if graphs:
+            assert runner.graphs is not None
+            shapes = runner.graphs.verify_shapes if verify else runner.graphs.shapes
+            assert 4 in {b for b, _ in shapes}, shapes  # the 3 rows replayed a graph of 4
+    torch.testing.assert_close(runs[True], runs[False], rtol=1e-5, atol=1e-5)
