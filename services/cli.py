@@ -66,7 +66,7 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "--speculative-mtp",
         action="store_true",
         help="draft one token per decode step with the checkpoint's MTP module and verify it: the same tokens, up "
-        "to two per step where drafts are accepted (not with --data-parallel above 1)",
+        "to two per step where drafts are accepted",
     )
     p.add_argument(
         "--prefix-cache-budget",

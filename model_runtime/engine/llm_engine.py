@@ -183,6 +183,9 @@ class LLMEngine:
         bad = [t for t in [*prompt_token_ids, *output_token_ids] if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"request {request_id}: token ids {bad[:5]} outside the vocabulary (size {vocab})")
+        biased = [t for t, _ in params.logit_bias if t >= vocab]
+        if biased:
+            raise ValueError(f"request {request_id}: logit_bias ids {biased[:5]} outside the vocabulary ({vocab})")
         if snapshot is not None and snapshot.position != len(prompt_token_ids):
             raise ValueError(
                 f"request {request_id}: KV state covers {snapshot.position} positions, "

@@ -20,6 +20,7 @@ FinishReason = Literal["stop", "length", "cancelled", "error"]
 
 
 GREEDY_TEMPERATURE = 1e-5  # temperatures below this sample greedily (vLLM's convention)
+MAX_LOGIT_BIAS = 100.0  # |bias| OpenAI accepts per token
 
 
 @dataclass(frozen=True)
@@ -27,7 +28,9 @@ class SamplingSpec:
     """Sampling parameters of one request, as they travel in queue entries (JSON-able, engine-independent).
 
     Validated on construction (ValueError naming the field), so a malformed queue entry is refused where it is read.
-    Stop strings are matched by the gateway on detokenized text; the engine only sees token ids.
+    Stop strings are matched by the gateway on detokenized text; the engine only sees token ids. `logit_bias`:
+    (token id, bias) pairs added to the logits before penalties and sampling (OpenAI's field; a mapping or pairs are
+    accepted and kept as pairs sorted by id); logprobs stay those of the model's own distribution.
     """
 
     max_tokens: int
@@ -42,9 +45,14 @@ class SamplingSpec:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        pairs = self.logit_bias.items() if isinstance(self.logit_bias, dict) else self.logit_bias
+        bias = tuple(sorted((int(t), float(b)) for t, b in pairs))
+        object.__setattr__(self, "logit_bias", bias)
+        ids = [t for t, _ in bias]
         checks = [
             (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
             (self.temperature >= 0.0, f"temperature must be >= 0, got {self.temperature}"),
@@ -58,6 +66,12 @@ class SamplingSpec:
                 f"frequency_penalty must be in [-2, 2], got {self.frequency_penalty}",
             ),
             (self.logprobs is None or self.logprobs >= 0, f"logprobs must be >= 0, got {self.logprobs}"),
+            (all(t >= 0 for t in ids), f"logit_bias token ids must be >= 0, got {ids[:1]}"),
+            (len(set(ids)) == len(ids), "logit_bias names a token id twice"),
+            (
+                all(abs(b) <= MAX_LOGIT_BIAS for _, b in bias),
+                f"logit_bias values must be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}]",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,4 +1,4 @@
-"""Token sampling: penalties, greedy / temperature / top-k / top-p / min-p, seeded draws, logprobs.
+"""Token sampling: logit biases, penalties, greedy / temperature / top-k / top-p / min-p, seeded draws, logprobs.
 
 Every row a step samples goes through one batched call (`sample_batch`): a fixed sequence of tensor ops whatever
 the batch, with no value read on the host. What the rows need (any top-k? any logprobs?) is known on the host
@@ -50,6 +50,7 @@ class SamplingFlags:
     top_p: bool
     min_p: bool
     penalties: bool
+    bias: bool  # a row has a logit_bias
     logprobs: int  # the most alternatives a row asks for; -1 when no row asks for logprobs
 
     @classmethod
@@ -62,6 +63,7 @@ class SamplingFlags:
             top_p=any(p.top_p < 1.0 for p in sampled),
             min_p=any(p.min_p > 0.0 for p in sampled),
             penalties=any(p.penalized for p in params),
+            bias=any(p.logit_bias for p in params),
             logprobs=max(asked, default=-1),
         )
 
@@ -143,14 +145,39 @@ class Penalties:
 
 
 @dataclass(frozen=True)
+class LogitBias:
+    """The logit_bias entries of a batch, flat on the device: row [N] int64, token id [N] int64, bias [N] float64."""
+
+    rows: torch.Tensor
+    ids: torch.Tensor
+    values: torch.Tensor
+
+    @classmethod
+    def build(cls, params: Sequence[SamplingParams], device: torch.device) -> LogitBias:
+        entries = [(row, t, b) for row, p in enumerate(params) for t, b in p.logit_bias]
+        rows, ids, values = zip(*entries, strict=True)
+        return cls(
+            to_device(torch.tensor(rows, dtype=torch.int64), device),
+            to_device(torch.tensor(ids, dtype=torch.int64), device),
+            to_device(torch.tensor(values, dtype=torch.float64), device),
+        )
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        """logits [R, V] with the biases added (a new tensor)."""
+        return logits.index_put((self.rows, self.ids), self.values.to(logits.dtype), accumulate=True)
+
+
+@dataclass(frozen=True)
 class SamplingInputs:
     """The sampling state of a batch on the device: ints [R, 3] int64 (seed, token index, top_k), floats [R, 3]
-    float64 (temperature, 0 = greedy; top_p; min_p), the host-side flags and the penalties' context."""
+    float64 (temperature, 0 = greedy; top_p; min_p), the host-side flags, the penalties' context and the logit
+    biases."""
 
     ints: torch.Tensor
     floats: torch.Tensor
     flags: SamplingFlags
     penalties: Penalties | None
+    bias: LogitBias | None = None
 
     @classmethod
     def build(
@@ -164,7 +191,10 @@ class SamplingInputs:
         flags = SamplingFlags.of([r.params for r in requests])
         if flags.penalties and penalties is None:
             penalties = Penalties.build(requests, vocab, device)
-        return cls(to_device(ints, device), to_device(floats, device), flags, penalties if flags.penalties else None)
+        bias = LogitBias.build([r.params for r in requests], device) if flags.bias else None
+        return cls(
+            to_device(ints, device), to_device(floats, device), flags, penalties if flags.penalties else None, bias
+        )
 
     def advanced(self, by: torch.Tensor) -> SamplingInputs:
         """The same inputs with each row's token index moved on by `by` [R] (device): the rows of an overlapped
@@ -187,7 +217,8 @@ def sample_batch(ops: Ops, logits: torch.Tensor, inputs: SamplingInputs) -> torc
     """logits [R, V] -> what the host needs, on the device: token ids [R] int64, or with logprobs asked, [R, 2 + 2k]
     float64 rows (token id, its logprob, then the k best ids and their logprobs); see `unpack`."""
     flags = inputs.flags
-    scores = penalize(logits, inputs.penalties) if inputs.penalties is not None else logits
+    scores = inputs.bias.apply(logits) if inputs.bias is not None else logits
+    scores = penalize(scores, inputs.penalties) if inputs.penalties is not None else scores
     if flags.greedy:
         tokens = torch.argmax(scores, dim=-1)
     else:

@@ -61,9 +61,11 @@ def prepare(
     prompt_ids: list[int],
     body: ChatCompletionRequest | CompletionRequest,
     max_new: int | None,
+    vocab_size: int,
 ) -> Prepared:
-    """Check the prompt and `max_new` against the context and turn the body's sampling fields into a SamplingSpec;
-    a 400 naming the parameter otherwise."""
+    """Check the prompt and `max_new` against the context, and the logit_bias ids against the vocabulary of
+    `vocab_size` tokens, and turn the body's sampling fields into a SamplingSpec; a 400 naming the parameter
+    otherwise."""
     room = settings.max_model_len - len(prompt_ids)
     if room < 1:
         raise invalid(
@@ -77,6 +79,10 @@ def prepare(
             param="max_tokens",
             code="context_length_exceeded",
         )
+    bias = body.bias_pairs()
+    outside = [t for t, _ in bias if t >= vocab_size]
+    if outside:
+        raise invalid(f"logit_bias: token id {outside[0]} is outside the vocabulary", param="logit_bias")
     sampling = SamplingSpec(
         max_tokens=max_new or min(settings.default_max_tokens, room),
         temperature=1.0 if body.temperature is None else body.temperature,
@@ -90,6 +96,7 @@ def prepare(
         stop_token_ids=tuple(body.stop_token_ids or ()),
         ignore_eos=body.ignore_eos,
         logprobs=body.requested_logprobs(),
+        logit_bias=bias,
     )
     return Prepared(prefix + uuid.uuid4().hex, prompt_ids, sampling, body.stop_list())
 

@@ -52,7 +52,9 @@ def openai_routes(settings: GatewaySettings, authorize: Callable[[Request], Awai
             raise invalid(f"messages: {e}", param="messages") from e
         forced = _forced_tool_call(body)
         prompt_ids = encoded.token_ids + gw.tokenizer.encode(forced)
-        prepared = pipeline.prepare(settings, "chatcmpl-", prompt_ids, body, body.max_new_tokens())
+        prepared = pipeline.prepare(
+            settings, "chatcmpl-", prompt_ids, body, body.max_new_tokens(), gw.tokenizer.vocab_size
+        )
         fmt = ChatFormat(body, prepared.request_id, gw.tokenizer, forced)
         return await pipeline.serve(gw, request, prepared, "/v1/chat/completions", fmt)
 
@@ -68,7 +70,7 @@ def openai_routes(settings: GatewaySettings, authorize: Callable[[Request], Awai
                 raise invalid(f"prompt: token id {max(ids)} is outside the vocabulary", param="prompt")
         if not ids:
             raise invalid("prompt is empty", param="prompt")
-        prepared = pipeline.prepare(settings, "cmpl-", ids, body, body.max_new_tokens())
+        prepared = pipeline.prepare(settings, "cmpl-", ids, body, body.max_new_tokens(), gw.tokenizer.vocab_size)
         fmt = TextFormat(body, prepared.request_id, gw.tokenizer)
         return await pipeline.serve(gw, request, prepared, "/v1/completions", fmt)
 

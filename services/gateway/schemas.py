@@ -6,7 +6,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from dsv4.model_runtime.engine.port import MAX_LOGIT_BIAS
+
 MAX_STOP_STRINGS = 16
+MAX_LOGIT_BIAS_ENTRIES = 1024
 
 
 class _Body(BaseModel):
@@ -92,6 +95,13 @@ class _Sampling(_Body):
     stop: str | Annotated[list[str], Field(max_length=MAX_STOP_STRINGS)] | None = None
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = None
     ignore_eos: bool = False
+    logit_bias: Annotated[
+        dict[
+            Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],  # token ids, as OpenAI's JSON keys spell them
+            Annotated[float, Field(ge=-MAX_LOGIT_BIAS, le=MAX_LOGIT_BIAS)],
+        ],
+        Field(max_length=MAX_LOGIT_BIAS_ENTRIES, json_schema_extra={"additionalProperties": False}),
+    ] | None = None
     n: int = Field(default=1, ge=1, le=1, description="only n=1 is served")
     stream: bool = False
     stream_options: StreamOptions | None = None
@@ -105,6 +115,10 @@ class _Sampling(_Body):
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream=true")
         return self
+
+    def bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """`logit_bias` as (token id, bias) pairs."""
+        return tuple((int(k), v) for k, v in (self.logit_bias or {}).items())
 
     def stop_list(self) -> list[str]:
         if self.stop is None:

@@ -262,6 +262,24 @@ async def test_completions_text_and_token_prompts(gateway, worker_side) -> None:
     assert side.jobs[-1][1].prompt_ids == (5, 6, 7) and side.jobs[-1][1].sampling.max_tokens == 3
 
 
+async def test_logit_bias_travels_in_the_job_and_bad_ones_get_400(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
+    side = worker_side(answer)
+    c = client(gateway)
+    await c.completions.create(model=MODEL, prompt="hi", max_tokens=2, logit_bias={"17": 100, "5": -2.5})
+    assert side.jobs[-1][1].sampling.logit_bias == ((5, -2.5), (17, 100.0))
+    bad = [
+        ({"abc": 1}, "String should match pattern", "logit_bias.abc.[key]"),
+        ({"5": 101}, "less than or equal to 100", "logit_bias.5"),
+        ({str(TOK.vocab_size): 1}, "outside the vocabulary", "logit_bias"),
+    ]
+    for bias, message, param in bad:
+        with pytest.raises(openai.BadRequestError) as e:
+            await c.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "x"}], logit_bias=bias  # type: ignore[arg-type]
+            )
+        assert message in e.value.message and e.value.param == param, e.value.body
+
+
 async def test_long_prompt_goes_to_the_prefill_pool(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
     side = worker_side(answer)  # its consumer in the prefill group makes prefill workers visible
     long_text = "tell me a story " * 40

@@ -31,7 +31,7 @@ async def test_schemathesis_finds_no_server_error(gateway, worker_side, tmp_path
         cli, "run", f"{gateway.url}/openapi.json",
         "--header", f"Authorization: Bearer {API_KEY}",
         "--checks", "not_a_server_error",
-        "--max-examples", "25",
+        "--max-examples", "50",
         "--seed", "7",
         "--workers", "1",
         "--generation-database", "none",

@@ -186,10 +186,18 @@ def _verify(
 
 
 def _sample(model: DeepseekV4, logits: torch.Tensor, seqs: list[Request], launched: list[str]) -> dict[str, Any]:
-    """The step's sampling call (eager after the replay, as the engine makes it) with every stage: temperature,
-    top-k, top-p, min-p, seeded draws, penalties from the device table, logprobs; its ops recorded as the step's."""
+    """The step's sampling call (eager after the replay, as the engine makes it) with every stage: logit biases,
+    temperature, top-k, top-p, min-p, seeded draws, penalties from the device table, logprobs; its ops recorded as
+    the step's."""
     params = SamplingParams(
-        temperature=0.8, top_k=20, top_p=0.9, min_p=0.01, repetition_penalty=1.2, frequency_penalty=0.2, logprobs=3
+        temperature=0.8,
+        top_k=20,
+        top_p=0.9,
+        min_p=0.01,
+        repetition_penalty=1.2,
+        frequency_penalty=0.2,
+        logprobs=3,
+        logit_bias=((7, 2.0),),
     )
     for s in seqs:
         s.params = params

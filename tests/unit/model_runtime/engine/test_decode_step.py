@@ -35,6 +35,7 @@ EVERYTHING = SamplingParams(
     logprobs=3,
     seed=5,
     ignore_eos=True,
+    logit_bias=((7, 2.0), (300, -1.5)),
 )
 
 

@@ -201,3 +201,22 @@ def test_stop_strings_cut_exactly_and_stream_concatenates(
 def test_bad_sampling_params_are_refused(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    "config",
+    [{}, {"overlap_scheduling": True, "speculative_mtp": True}],
+    ids=["synchronous", "overlapped-mtp"],
+)
+def test_logit_bias_reaches_every_draw(make_engine: Callable[..., LLMEngine], config: dict[str, bool]) -> None:
+    """A +100 bias makes its token every draw, the prefill's, the decode steps' and (with MTP) both rows of a
+    verification step, while the unbiased request beside it draws its own greedy tokens; a biased id outside the
+    vocabulary is refused when the request is added."""
+    engine = make_engine(**config)
+    plain = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    biased = SamplingParams(max_tokens=6, temperature=0.7, seed=3, logit_bias={4242: 100.0}, ignore_eos=True)
+    want = _gen(make_engine(), [PROMPT[:5]], plain)[0]
+    assert _gen(engine, [PROMPT, PROMPT[:5]], [biased, plain]) == [[4242] * 6, want]
+    assert engine.runner.drafts.proposed > 0 if config else engine.runner.drafts.proposed == 0
+    with pytest.raises(ValueError, match=r"logit_bias ids \[999999\] outside the vocabulary"):
+        engine.add_request("r", PROMPT, SamplingParams(logit_bias={999999: 1.0}))

@@ -112,3 +112,39 @@ def test_unpack_reads_the_packed_rows() -> None:
     out = unpack(packed, params)
     assert out[0][0] == 1 and out[0][1] is not None and out[0][1].top[0][0] == 1
     assert out[1] == (0, None)
+
+
+def test_logit_bias_moves_the_draw_before_penalties_and_keeps_the_model_logprobs() -> None:
+    """+100 makes a token certain, -100 rules the best one out, a bias changes only its own row (each row draws what
+    it draws alone), it is added before the penalties (a penalized biased token is still penalized), and the
+    logprobs stay the model's."""
+    torch.manual_seed(2)
+    logits = torch.randn(4, 300) * 2
+    best = int(logits[1].argmax())
+    params = [
+        SamplingParams(temperature=1.0, seed=5, logit_bias={7: 100.0}, logprobs=1),
+        SamplingParams(temperature=0.0, logit_bias={best: -100.0}),
+        SamplingParams(temperature=0.8, seed=6),
+        SamplingParams(temperature=0.0, logit_bias={3: 100.0, 4: 100.0}, repetition_penalty=2.0),
+    ]
+    requests = _requests(params)  # context [1, 2, 3, 4, 4]: tokens 3 and 4 are seen
+    together = sample(REF, logits, requests)
+    for row, req in enumerate(requests):
+        assert sample(REF, logits[row : row + 1], [req]) == [together[row]], f"row {row}"
+    token, record = together[0]
+    assert token == 7 and record is not None
+    assert record.logprob == pytest.approx(float(torch.log_softmax(logits[0], -1)[7]))
+    assert together[1][0] != best and together[1][0] == int(logits[1].topk(2).indices[1])
+    # both biased tokens are seen, so the repetition penalty divides their biased logits alike: the larger wins
+    assert together[3][0] == (3 if logits[3, 3] > logits[3, 4] else 4)
+    assert SamplingFlags.of(params).bias and not SamplingFlags.of(params[2:3]).bias
+
+
+def test_sampling_params_check_their_logit_bias() -> None:
+    assert SamplingParams(logit_bias={"9": 1, 2: -3.5}).logit_bias == ((2, -3.5), (9, 1.0))
+    with pytest.raises(ValueError, match=r"logit_bias values must be in \[-100, 100\]"):
+        SamplingParams(logit_bias={5: 101.0})
+    with pytest.raises(ValueError, match="logit_bias token ids must be >= 0"):
+        SamplingParams(logit_bias={-1: 1.0})
+    with pytest.raises(ValueError, match="names a token id twice"):
+        SamplingParams(logit_bias=((5, 1.0), (5, 2.0)))
