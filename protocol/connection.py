@@ -27,11 +27,20 @@ class RedisUnavailable(RuntimeError):
 UNAVAILABLE_ERRORS: tuple[type[BaseException], ...] = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 
-def connect(url: str, password: str | None = None, *, socket_timeout: float = SOCKET_TIMEOUT_S) -> aioredis.Redis:
-    """An asyncio Redis client for `url` with the services' timeouts and retry policy (connects lazily)."""
+def connect(
+    url: str,
+    password: str | None = None,
+    *,
+    socket_timeout: float = SOCKET_TIMEOUT_S,
+    max_connections: int | None = None,
+) -> aioredis.Redis:
+    """An asyncio Redis client for `url` with the services' timeouts and retry policy (connects lazily).
+    `max_connections`: its pool's limit (redis-py's default, 100, when None); past it a command fails with
+    "Too many connections" (`RedisUnavailable` under `unavailable_as_typed`)."""
     return aioredis.Redis.from_url(
         url,
         password=password or None,
+        max_connections=max_connections,
         socket_timeout=socket_timeout,
         socket_connect_timeout=CONNECT_TIMEOUT_S,
         retry=Retry(ExponentialBackoff(cap=0.5, base=0.05), retries=2),

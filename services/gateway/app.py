@@ -37,7 +37,9 @@ def create_app(settings: GatewaySettings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = connect(settings.redis_url, settings.redis_password_value())
+        client = connect(
+            settings.redis_url, settings.redis_password_value(), max_connections=settings.redis_max_connections
+        )
         gw = app.state.gw = GatewayState.open(settings, client, tokenizer)
         stop = asyncio.Event()
         events = (

@@ -1,9 +1,11 @@
 """OpenAI's response shapes: generated text (and token logprobs) as chat and text completions, whole or streamed.
 
-A format object is made per request and fed the generation as it arrives: `start()` once, `delta(...)` per piece of
-text, `end(done)` at the end (streamed, each returns the chunks to send as SSE events), or `full(...)` once with
-everything (a whole response body). `ChatFormat` parses the text into reasoning, content and tool calls
-(`model_runtime.chat_parsing`); `TextFormat` reports text offsets of its logprobs.
+A format object is made per choice (`index`; a request with `n` > 1 or several prompts has several, which share
+the response id) and fed the generation as it arrives: `start()` once, `delta(...)` per piece of text, `end(done)`
+at the end (streamed, each returns the chunks to send as SSE events; `usage_chunks` once for the whole response),
+or `full(...)` once with everything (a whole response body of that one choice). `ChatFormat` parses the text into
+reasoning, content and tool calls (`model_runtime.chat_parsing`); `TextFormat` reports text offsets of its
+logprobs.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dsv4.model_runtime.engine.port import TokenLogprobs
 from dsv4.model_runtime.tokenizer import Tokenizer
 from dsv4.services.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from dsv4.services.gateway.streaming import Done
+from dsv4.services.token_stream import Usage
 
 Logprobs = Sequence[tuple[int, TokenLogprobs]]
 
@@ -38,11 +41,15 @@ class OpenAIFormat:
     """How one endpoint turns generated text (and token logprobs) into response bodies and stream chunks."""
 
     skip_special_tokens = False  # whether the text of special tokens is left out of the response
+    chunk_object = ""  # the "object" of the endpoint's stream chunks
 
-    def __init__(self, stream: bool, include_usage: bool, request_id: str, model: str, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self, stream: bool, include_usage: bool, request_id: str, model: str, tokenizer: Tokenizer, index: int
+    ) -> None:
         self.stream = stream
         self.include_usage = include_usage
         self.id = request_id
+        self.index = index
         self.model = model
         self.created = int(time.time())
         self.tokenizer = tokenizer
@@ -56,8 +63,14 @@ class OpenAIFormat:
         raise NotImplementedError
 
     def end(self, done: Done) -> list[dict[str, Any]]:
-        """The chunks that close a stream: the finish reason, then the usage when asked for."""
+        """The chunks that close this choice's stream: the finish reason."""
         raise NotImplementedError
+
+    def usage_chunks(self, usage: Usage) -> list[dict[str, Any]]:
+        """The chunk that reports the usage of the whole response, when the client asked for it."""
+        if not self.include_usage:
+            return []
+        return [{**self._envelope(self.chunk_object, []), "usage": self.usage_body(usage)}]
 
     def full(self, text: str, done: Done, logprobs: Logprobs) -> dict[str, Any]:
         """The whole response body of a request that is not streamed."""
@@ -68,8 +81,8 @@ class OpenAIFormat:
         raw = self.tokenizer.token_bytes(token_id)
         return raw.decode("utf-8", errors="replace"), raw
 
-    def _usage(self, done: Done) -> dict[str, int]:
-        u = done.usage
+    def usage_body(self, u: Usage) -> dict[str, int]:
+        """OpenAI's `usage` object."""
         return {
             "prompt_tokens": u.prompt_tokens,
             "completion_tokens": u.completion_tokens,
@@ -85,26 +98,26 @@ class OpenAIFormat:
             chunk["usage"] = None
         return chunk
 
-    def _usage_chunk(self, obj: str, done: Done) -> list[dict[str, Any]]:
-        if not self.include_usage:
-            return []
-        return [{**self._envelope(obj, []), "usage": self._usage(done)}]
 
 
 class ChatFormat(OpenAIFormat):
     """`/v1/chat/completions`: `chat.completion` bodies and `chat.completion.chunk` stream chunks."""
 
-    def __init__(self, body: ChatCompletionRequest, request_id: str, tokenizer: Tokenizer, forced: str = "") -> None:
+    chunk_object = "chat.completion.chunk"
+
+    def __init__(
+        self, body: ChatCompletionRequest, request_id: str, tokenizer: Tokenizer, forced: str = "", index: int = 0
+    ) -> None:
         include = bool(body.stream_options and body.stream_options.include_usage)
-        super().__init__(body.stream, include, request_id, body.model, tokenizer)
+        super().__init__(body.stream, include, request_id, body.model, tokenizer, index)
         self.parser = CompletionStreamParser(body.thinking_mode())
         self.tool_calls = 0
         # A forced tool-call start is in the prompt, not the output: the parser reads it as the output's start.
         self._forced_events = self.parser.feed(forced) if forced else []
 
     def _chunk(self, delta: dict[str, Any], finish_reason: str | None = None) -> dict[str, Any]:
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-        return self._stream_chunk("chat.completion.chunk", choice)
+        choice = {"index": self.index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+        return self._stream_chunk(self.chunk_object, choice)
 
     def _logprobs(self, logprobs: Logprobs) -> dict[str, Any]:
         def entry(token_id: int, logprob: float) -> dict[str, Any]:
@@ -140,7 +153,7 @@ class ChatFormat(OpenAIFormat):
     def end(self, done: Done) -> list[dict[str, Any]]:
         chunks = self._events(self.parser.finish())
         chunks.append(self._chunk({}, self._reason(done)))
-        return chunks + self._usage_chunk("chat.completion.chunk", done)
+        return chunks
 
     def full(self, text: str, done: Done, logprobs: Logprobs) -> dict[str, Any]:
         self.parser.feed(text)
@@ -148,26 +161,34 @@ class ChatFormat(OpenAIFormat):
         message = self.parser.result.to_openai_message()
         self.tool_calls = len(self.parser.result.tool_calls)
         choice = {
-            "index": 0,
+            "index": self.index,
             "message": message,
             "logprobs": self._logprobs(logprobs) if logprobs else None,
             "finish_reason": self._reason(done),
         }
-        return {**self._envelope("chat.completion", [choice]), "usage": self._usage(done)}
+        return {**self._envelope("chat.completion", [choice]), "usage": self.usage_body(done.usage)}
 
 
 class TextFormat(OpenAIFormat):
-    """`/v1/completions`: `text_completion` bodies and stream chunks, with `text_offset` in the logprobs."""
+    """`/v1/completions`: `text_completion` bodies and stream chunks, with `text_offset` in the logprobs. `echo`:
+    the prompt's text, which the choice's text starts with (its stream's first chunk), when the body asks."""
 
     skip_special_tokens = True
+    chunk_object = "text_completion"
 
-    def __init__(self, body: CompletionRequest, request_id: str, tokenizer: Tokenizer) -> None:
+    def __init__(
+        self, body: CompletionRequest, request_id: str, tokenizer: Tokenizer, index: int = 0, echo: str = ""
+    ) -> None:
         include = bool(body.stream_options and body.stream_options.include_usage)
-        super().__init__(body.stream, include, request_id, body.model, tokenizer)
-        self.offset = 0  # text_offset of the next token
+        super().__init__(body.stream, include, request_id, body.model, tokenizer, index)
+        self.echo = echo
+        self.offset = len(echo)  # text_offset of the next token
 
     def _choice(self, text: str, finish_reason: str | None, logprobs: dict[str, Any] | None) -> dict[str, Any]:
-        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+        return {"index": self.index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+    def start(self) -> list[dict[str, Any]]:
+        return [self._stream_chunk(self.chunk_object, self._choice(self.echo, None, None))] if self.echo else []
 
     def _logprobs(self, logprobs: Logprobs) -> dict[str, Any]:
         tokens, offsets = [], []
@@ -187,13 +208,12 @@ class TextFormat(OpenAIFormat):
         if not text and not logprobs:
             return []
         lps = self._logprobs(logprobs) if logprobs else None
-        return [self._stream_chunk("text_completion", self._choice(text, None, lps))]
+        return [self._stream_chunk(self.chunk_object, self._choice(text, None, lps))]
 
     def end(self, done: Done) -> list[dict[str, Any]]:
-        last = self._stream_chunk("text_completion", self._choice("", done.reason, None))
-        return [last, *self._usage_chunk("text_completion", done)]
+        return [self._stream_chunk(self.chunk_object, self._choice("", done.reason, None))]
 
     def full(self, text: str, done: Done, logprobs: Logprobs) -> dict[str, Any]:
         lps = self._logprobs(logprobs) if logprobs else None
-        choice = self._choice(text, done.reason, lps)
-        return {**self._envelope("text_completion", [choice]), "usage": self._usage(done)}
+        choice = self._choice(self.echo + text, done.reason, lps)
+        return {**self._envelope("text_completion", [choice]), "usage": self.usage_body(done.usage)}

@@ -1,18 +1,22 @@
 """One OpenAI request through the queues: prepare (context and sampling) → enqueue (prefill decision, job and
 lease in one transaction) → stream (the first event decides the status; then one JSON body or an SSE stream).
 
-Every way a request ends goes through `_Call.finish`: the requests metric, the request duration and the end of the
-`gateway.request` span happen exactly once, and a queue failure becomes the client's error in `_Call.fail` alone.
+A request with `n` > 1 or several prompts fans out (`fan_out`): each choice is a queue request of its own, with
+its own span and metrics, enqueued together; the response merges them. Every way a choice ends goes through
+`_Call.finish`: the requests metric, the request duration and the end of the `gateway.request` span happen exactly
+once, and a queue failure becomes the client's error in `_Call.fail` alone.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Coroutine, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -38,11 +42,13 @@ from dsv4.services.token_stream import (
     TokenStreamFailed,
     TokenStreamGap,
     TokenStreamTimeout,
+    Usage,
 )
 from dsv4.services.work_queue import Job
 
 QUEUE_UNAVAILABLE = "the request queue is unavailable; retry shortly"
 _QUEUE_ERRORS = (RedisUnavailable, RequestLost, TokenStreamTimeout, TokenStreamFailed, TokenStreamGap)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -211,10 +217,42 @@ async def _enqueue(gw: GatewayState, prepared: Prepared, reader: TokenReader, sp
     return route
 
 
-async def serve(gw: GatewayState, request: Request, prepared: Prepared, endpoint: str, fmt: OpenAIFormat) -> Response:
-    """Enqueue, wait for the first event, then answer as one JSON body or as an SSE stream."""
+def fan_out(prepared: list[Prepared], n: int) -> list[Prepared]:
+    """The queue requests of a body with these prompts (one `Prepared` each) and `n` choices per prompt: choice
+    p * n + j is prompt p's j-th (OpenAI's and vLLM's order). With several choices their request ids are the first
+    one's plus "-<choice>", and a seeded body seeds choice j with seed + j (as vLLM seeds parallel samples), so
+    the choices differ and each stays reproducible."""
+    if len(prepared) == 1 and n == 1:
+        return prepared
+    base = prepared[0].request_id
+    out = []
+    for p, one in enumerate(prepared):
+        for j in range(n):
+            seed = None if one.sampling.seed is None else one.sampling.seed + j
+            sampling = dataclasses.replace(one.sampling, seed=seed)
+            out.append(dataclasses.replace(one, request_id=f"{base}-{p * n + j}", sampling=sampling))
+    return out
+
+
+@dataclass
+class _Open:
+    """A choice whose request is queued and whose first event has arrived."""
+
+    prepared: Prepared
+    fmt: OpenAIFormat
+    call: _Call
+    events: AsyncGenerator[TextDelta | Done, None]
+    first: TextDelta | Done
+
+    async def abandon(self) -> None:
+        """Stop the choice (its workers are told to cancel) and finish its call as the client's going away."""
+        await self.events.aclose()
+        self.call.finish("499")
+
+
+async def _open(gw: GatewayState, request: Request, prepared: Prepared, endpoint: str, fmt: OpenAIFormat) -> _Open:
+    """Enqueue one choice and wait for its first event; a queue failure is the client's APIError."""
     call = _Call(request, prepared, endpoint)
-    retry_after_s = gw.settings.retry_after_s
     reader = TokenReader(gw.client, gw.settings.deployment, prepared.request_id)
     text = TextStream(gw.tokenizer, prepared.stops, skip_special_tokens=fmt.skip_special_tokens)
     events = text_stream(reader, text, len(prepared.prompt_ids), gw.settings.token_timeout_s)
@@ -228,63 +266,141 @@ async def serve(gw: GatewayState, request: Request, prepared: Prepared, endpoint
         finally:  # the prefill is over (or abandoned): it no longer loads the worker it was routed to
             gw.routers[route.pool].done(route)
         call.event(first)
-        if not fmt.stream:
-            outputs = [first]
-            async for ev in events:
-                call.event(ev)
-                outputs.append(ev)
     except _QUEUE_ERRORS as e:
-        raise call.fail(e, retry_after_s) from e
+        raise call.fail(e, gw.settings.retry_after_s) from e
     except asyncio.CancelledError:
         call.finish("499")
         raise
     except Exception as e:
         call.finish("500", error=e)
         raise
+    return _Open(prepared, fmt, call, events, first)
 
-    if not fmt.stream:
+
+async def _rest(o: _Open, retry_after_s: int) -> list[TextDelta | Done]:
+    """All of a choice's events, its first included (a response that is not streamed)."""
+    outputs = [o.first]
+    try:
+        async for ev in o.events:
+            o.call.event(ev)
+            outputs.append(ev)
+    except _QUEUE_ERRORS as e:
+        raise o.call.fail(e, retry_after_s) from e
+    except asyncio.CancelledError:
+        o.call.finish("499")
+        raise
+    except Exception as e:
+        o.call.finish("500", error=e)
+        raise
+    return outputs
+
+
+async def _all(runs: list[Coroutine[Any, Any, T]], abandon: Callable[[T], Awaitable[None]]) -> list[T]:
+    """Run `runs` concurrently; when one fails the others are cancelled and what they had finished is abandoned
+    before the failure propagates."""
+    tasks = [asyncio.ensure_future(r) for r in runs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for t in tasks:
+            t.cancel()
+        for result in await asyncio.gather(*tasks, return_exceptions=True):
+            if not isinstance(result, BaseException):
+                await abandon(result)
+        raise
+
+
+def _usage(dones: list[Done], n: int) -> Usage:
+    """The usage of the whole response: each prompt counted once (its first choice's), every choice's tokens."""
+    prompt = sum(d.usage.prompt_tokens for i, d in enumerate(dones) if i % n == 0)
+    return Usage(prompt, sum(d.usage.completion_tokens for d in dones))
+
+
+async def serve(
+    gw: GatewayState, request: Request, choices: Sequence[tuple[Prepared, OpenAIFormat]], endpoint: str, n: int
+) -> Response:
+    """Enqueue every choice (`fan_out`: `n` per prompt), wait for each one's first event, then answer as one JSON
+    body or as one SSE stream that carries every choice's chunks as they come. A choice that fails fails the
+    request, and the others are cancelled."""
+    retry_after_s = gw.settings.retry_after_s
+
+    async def abandon_open(o: _Open) -> None:
+        await o.abandon()
+
+    opened = await _all([_open(gw, request, p, endpoint, fmt) for p, fmt in choices], abandon_open)
+    fmt = opened[0].fmt
+    if fmt.stream:
+        return StreamingResponse(
+            _sse(opened, n, retry_after_s),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+
+    async def dropped(_: list[TextDelta | Done]) -> None:
+        return None
+
+    results = await _all([_rest(o, retry_after_s) for o in opened], dropped)
+    bodies, dones = [], []
+    for o, outputs in zip(opened, results, strict=True):
         done = outputs[-1]
         assert isinstance(done, Done)
-        deltas = [o for o in outputs if isinstance(o, TextDelta)]
-        body = fmt.full("".join(d.text for d in deltas), done, [lp for d in deltas for lp in d.logprobs])
-        call.finish("200", done)
-        return JSONResponse(body)
-    return StreamingResponse(
-        _sse(call, fmt, first, events, retry_after_s),
-        media_type="text/event-stream",
-        headers={"Cache-Control": "no-cache"},
-    )
+        deltas = [d for d in outputs if isinstance(d, TextDelta)]
+        bodies.append(o.fmt.full("".join(d.text for d in deltas), done, [lp for d in deltas for lp in d.logprobs]))
+        dones.append(done)
+        o.call.finish("200", done)
+    body = {**bodies[0], "choices": [b["choices"][0] for b in bodies]}
+    body["usage"] = opened[0].fmt.usage_body(_usage(dones, n))
+    return JSONResponse(body)
 
 
-async def _sse(
-    call: _Call,
-    fmt: OpenAIFormat,
-    first: TextDelta | Done,
-    events: AsyncGenerator[TextDelta | Done, None],
-    retry_after_s: int,
-) -> AsyncIterator[bytes]:
-    status = "499"  # the client went away before the end, unless set otherwise below
-    done: Done | None = None
+async def _sse(opened: list[_Open], n: int, retry_after_s: int) -> AsyncIterator[bytes]:
+    """Every choice's chunks as they come (each choice's in its order), then the usage when asked for, then
+    [DONE]. A queue failure of one choice ends the stream with an error event; whatever has not finished when the
+    stream ends (the client gone, a failure) is cancelled."""
+    # bounded, so that a slow client holds the choices' reading back as it held a single stream's
+    merged: asyncio.Queue[tuple[int, TextDelta | Done | Exception]] = asyncio.Queue(maxsize=16 * len(opened))
+
+    async def pump(i: int, o: _Open) -> None:
+        try:
+            async for ev in o.events:
+                o.call.event(ev)
+                await merged.put((i, ev))
+        except _QUEUE_ERRORS as e:
+            await merged.put((i, e))
+
+    dones: dict[int, Done] = {}
+    pumps: list[asyncio.Task[None]] = []
     try:
-        for chunk in fmt.start():
-            yield sse_event(chunk)
-        ev = first
-        while True:
+        for o in opened:
+            for chunk in o.fmt.start():
+                yield sse_event(chunk)
+        for i, o in enumerate(opened):
+            merged.put_nowait((i, o.first))
+        pumps = [asyncio.create_task(pump(i, o)) for i, o in enumerate(opened) if not isinstance(o.first, Done)]
+        while len(dones) < len(opened):
+            i, ev = await merged.get()
+            o = opened[i]
+            if isinstance(ev, Exception):
+                # Headers are sent: the error travels as a final SSE event, the way OpenAI's API reports it.
+                yield sse_event(o.call.fail(ev, retry_after_s).body())
+                return
             if isinstance(ev, TextDelta):
-                for chunk in fmt.delta(ev.text, ev.logprobs):
+                for chunk in o.fmt.delta(ev.text, ev.logprobs):
                     yield sse_event(chunk)
-            else:
-                done = ev
-                for chunk in fmt.end(ev):
-                    yield sse_event(chunk)
-                break
-            ev = await anext(events)
-            call.event(ev)
-        status = "200"
+                continue
+            dones[i] = ev
+            for chunk in o.fmt.end(ev):
+                yield sse_event(chunk)
+        for chunk in opened[0].fmt.usage_chunks(_usage([dones[i] for i in range(len(opened))], n)):
+            yield sse_event(chunk)
         yield SSE_DONE
-    except _QUEUE_ERRORS as e:
-        # Headers are sent: the error travels as a final SSE event, the way OpenAI's API reports it.
-        yield sse_event(call.fail(e, retry_after_s).body())
     finally:
-        await events.aclose()
-        call.finish(status, done)
+        for t in pumps:
+            t.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+        for i, o in enumerate(opened):
+            await o.events.aclose()
+            if i in dones:
+                o.call.finish("200", dones[i])
+            else:  # the client went away before this choice's end, or another choice failed (already finished)
+                o.call.finish("499")

@@ -55,24 +55,38 @@ def openai_routes(settings: GatewaySettings, authorize: Callable[[Request], Awai
         prepared = pipeline.prepare(
             settings, "chatcmpl-", prompt_ids, body, body.max_new_tokens(), gw.tokenizer.vocab_size
         )
-        fmt = ChatFormat(body, prepared.request_id, gw.tokenizer, forced)
-        return await pipeline.serve(gw, request, prepared, "/v1/chat/completions", fmt)
+        choices = pipeline.fan_out([prepared], body.n)
+        formats = [ChatFormat(body, prepared.request_id, gw.tokenizer, forced, i) for i in range(len(choices))]
+        served = list(zip(choices, formats, strict=True))
+        return await pipeline.serve(gw, request, served, "/v1/chat/completions", body.n)
 
     @router.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         gw = _state(request)
         _check_model(settings, body.model)
-        if isinstance(body.prompt, str):
-            ids = gw.tokenizer.encode(body.prompt)
-        else:
-            ids = list(body.prompt)
-            if max(ids) >= gw.tokenizer.vocab_size:
-                raise invalid(f"prompt: token id {max(ids)} is outside the vocabulary", param="prompt")
-        if not ids:
-            raise invalid("prompt is empty", param="prompt")
-        prepared = pipeline.prepare(settings, "cmpl-", ids, body, body.max_new_tokens(), gw.tokenizer.vocab_size)
-        fmt = TextFormat(body, prepared.request_id, gw.tokenizer)
-        return await pipeline.serve(gw, request, prepared, "/v1/completions", fmt)
+        prompts = body.prompts()
+        prepared = []
+        for p, prompt in enumerate(prompts):
+            param = "prompt" if len(prompts) == 1 else f"prompt[{p}]"
+            if isinstance(prompt, str):
+                ids = gw.tokenizer.encode(prompt)
+            else:
+                ids = list(prompt)
+                if max(ids) >= gw.tokenizer.vocab_size:
+                    raise invalid(f"{param}: token id {max(ids)} is outside the vocabulary", param=param)
+            if not ids:
+                raise invalid(f"{param} is empty", param=param)
+            prepared.append(
+                pipeline.prepare(settings, "cmpl-", ids, body, body.max_new_tokens(), gw.tokenizer.vocab_size)
+            )
+        choices = pipeline.fan_out(prepared, body.n)
+        base = prepared[0].request_id
+        formats = []
+        for i, choice in enumerate(choices):
+            prompt = prompts[i // body.n]
+            echo = prompt if isinstance(prompt, str) else gw.tokenizer.decode(choice.prompt_ids)
+            formats.append(TextFormat(body, base, gw.tokenizer, i, echo if body.echo else ""))
+        return await pipeline.serve(gw, request, list(zip(choices, formats, strict=True)), "/v1/completions", body.n)
 
     return router
 

@@ -10,6 +10,10 @@ from dsv4.model_runtime.engine.port import MAX_LOGIT_BIAS
 
 MAX_STOP_STRINGS = 16
 MAX_LOGIT_BIAS_ENTRIES = 1024
+MAX_N = 64
+MAX_CHOICES = 128  # prompts x n of one request: each choice is a queue request of its own
+
+TokenIds = Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]
 
 
 class _Body(BaseModel):
@@ -102,7 +106,7 @@ class _Sampling(_Body):
         ],
         Field(max_length=MAX_LOGIT_BIAS_ENTRIES, json_schema_extra={"additionalProperties": False}),
     ] | None = None
-    n: int = Field(default=1, ge=1, le=1, description="only n=1 is served")
+    n: int = Field(default=1, ge=1, le=MAX_N, description="choices per prompt")
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -170,20 +174,38 @@ class ChatCompletionRequest(_Sampling):
 
 
 class CompletionRequest(_Sampling):
-    """`POST /v1/completions` (one prompt: text or token ids)."""
+    """`POST /v1/completions`: one prompt (text or token ids) or a batch of them (a list of texts or of id lists);
+    the response has `n` choices per prompt, prompt by prompt."""
 
-    prompt: str | Annotated[list[Annotated[int, Field(ge=0, lt=2**31)]], Field(min_length=1)]
+    prompt: (
+        str
+        | TokenIds
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_CHOICES)]
+        | Annotated[list[TokenIds], Field(min_length=1, max_length=MAX_CHOICES)]
+    )
     echo: bool = False
     suffix: str | None = None
+    best_of: int | None = Field(default=None, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=5)
 
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
-        if self.echo:
-            raise ValueError("echo is not supported")
         if self.suffix:
             raise ValueError("suffix is not supported")
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported: the prompt's logprobs are not computed")
+        if self.best_of is not None and self.best_of != self.n:
+            raise ValueError("best_of is not supported: only best_of equal to n (every choice is returned)")
+        if len(self.prompts()) * self.n > MAX_CHOICES:
+            raise ValueError(f"at most {MAX_CHOICES} choices (prompts x n) per request")
         return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """The prompts of the request, each text or token ids."""
+        p = self.prompt
+        if isinstance(p, str) or isinstance(p[0], int):
+            return [p]
+        return list(p)
 
     def requested_logprobs(self) -> int | None:
         """How many alternatives per token to report (0: only the sampled token's), or None for no logprobs."""

@@ -30,6 +30,13 @@ class GatewaySettings(RoleSettings):
     token_timeout_s: float = Field(default=600.0, gt=0, description="504 when no token arrives for this long")
     queue_stats_ttl_s: float = Field(default=0.5, ge=0, description="how long one read of the queue depth is reused")
     retry_after_s: int = Field(default=2, ge=1, description="Retry-After of 503 answers")
+    redis_max_connections: int = Field(
+        default=2048,
+        ge=8,
+        description="Redis connections of this gateway: every choice in flight holds one while it waits for its "
+        "tokens, so this bounds the choices in flight (past it requests get 503 with Retry-After); keep the sum "
+        "over gateway replicas under the Redis server's maxclients (10,000 by default)",
+    )
 
     def accepted_api_keys(self) -> frozenset[str]:
         """Keys from the key file (one per line; blank lines and `#` comments skipped) and `DSV4_API_KEYS`.

@@ -187,6 +187,26 @@ def test_serve_streams_greedy_chat_equal_to_llm_generate_and_stops_cleanly(
     [expected] = references["llm"].generate([prompt_ids], params)
     assert text == tokenizer.decode(expected.token_ids)
 
+    # Two prompts, two seeded choices each (seeds 7 and 8, as vLLM seeds parallel samples), and a logit bias that
+    # the prefill worker (token 0) and the decode worker (the rest) both apply: LLM.generate's draws.
+    prompts = [prompt_ids[:9], prompt_ids[3:]]
+    bias = {"4242": 100.0} if transport == "redis" else {}
+    with openai.OpenAI(base_url=serve.url + "/v1", api_key="none", max_retries=0, timeout=120) as client:
+        batch = client.completions.create(
+            model="deepseek-v4-flash", prompt=prompts, n=2, seed=7, temperature=0.9, max_tokens=6,
+            logit_bias=bias, extra_body={"ignore_eos": True},  # type: ignore[arg-type]
+        )  # fmt: skip
+    forced = ((4242, 100.0),) if bias else ()
+    seeded = [
+        SamplingParams(max_tokens=6, temperature=0.9, seed=seed, ignore_eos=True, logit_bias=forced)
+        for _ in prompts
+        for seed in (7, 8)
+    ]
+    want = references["llm"].generate([p for p in prompts for _ in range(2)], seeded)
+    assert [c.text for c in batch.choices] == [tokenizer.decode(w.token_ids) for w in want]
+    texts = [c.text for c in batch.choices]
+    assert (texts[0] == texts[1]) if bias else (texts[0] != texts[1])  # seeds 7 and 8 draw apart, unless forced
+
     children = descendants(serve.proc.pid)
     assert len(children) >= 3  # gateway, prefill, decode (+ redis-server)
     assert serve.stop(signal.SIGTERM) == 0, serve.proc.stderr.read() if serve.proc.stderr else ""

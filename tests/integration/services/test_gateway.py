@@ -280,6 +280,96 @@ async def test_logit_bias_travels_in_the_job_and_bad_ones_get_400(gateway, worke
         assert message in e.value.message and e.value.param == param, e.value.body
 
 
+async def by_seed(job: Job, writer: TokenWriter) -> None:
+    """Answers "seed <seed>" (a choice's seed tells it apart), then EOS."""
+    await write_tokens(job, writer, TOK.encode(f"seed {job.sampling.seed}" + EOS))
+
+
+async def test_n_choices_fan_out_with_their_seeds_and_one_usage(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
+    """n = 3: three queue requests (ids <response id>-0..2, seeds 10..12), three choices in index order, the prompt
+    counted once in the usage; streamed, each choice's chunks carry its index, and one usage chunk ends it."""
+    side = worker_side(by_seed)
+    c = client(gateway)
+    messages = [{"role": "user", "content": "hi"}]
+    resp = await c.chat.completions.create(model=MODEL, messages=messages, n=3, seed=10)  # type: ignore[arg-type]
+    assert [(ch.index, ch.message.content, ch.finish_reason) for ch in resp.choices] == [
+        (i, f"seed {10 + i}", "stop") for i in range(3)
+    ]
+    jobs = [job for _, job in side.jobs[-3:]]
+    assert sorted(job.request_id for job in jobs) == [f"{resp.id}-{i}" for i in range(3)]
+    assert sorted(job.sampling.seed for job in jobs) == [10, 11, 12]  # type: ignore[type-var]
+    prompt = len(jobs[0].prompt_ids)
+    completion = sum(len(TOK.encode(f"seed {10 + i}" + EOS)) for i in range(3))
+    assert resp.usage is not None and (resp.usage.prompt_tokens, resp.usage.completion_tokens) == (prompt, completion)
+
+    stream = await c.chat.completions.create(
+        model=MODEL, messages=messages, n=2, seed=4, stream=True, stream_options={"include_usage": True}  # type: ignore[arg-type]
+    )
+    texts, finishes, usages = {0: "", 1: ""}, {}, []
+    async for chunk in stream:
+        assert chunk.id == stream_id if (stream_id := chunk.id) else True
+        for ch in chunk.choices:
+            texts[ch.index] += ch.delta.content or ""
+            if ch.finish_reason:
+                finishes[ch.index] = ch.finish_reason
+        if chunk.usage is not None:
+            usages.append(chunk.usage)
+    assert texts == {0: "seed 4", 1: "seed 5"} and finishes == {0: "stop", 1: "stop"}
+    assert len(usages) == 1 and usages[0].prompt_tokens == prompt
+
+
+async def test_batched_prompts_with_n_and_echo(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
+    """Two prompts (texts, then token ids) with n = 2: four choices, prompt by prompt, each echoing its prompt
+    before its text; every prompt counted once in the usage."""
+    side = worker_side(by_seed)
+    c = client(gateway)
+    resp = await c.completions.create(model=MODEL, prompt=["Once", "upon a"], n=2, seed=0, echo=True, max_tokens=9)
+    assert [ch.index for ch in resp.choices] == [0, 1, 2, 3]
+    assert [ch.text for ch in resp.choices] == ["Onceseed 0", "Onceseed 1", "upon aseed 0", "upon aseed 1"]
+    assert resp.usage is not None and resp.usage.prompt_tokens == len(TOK.encode("Once")) + len(TOK.encode("upon a"))
+    ids = [[5, 6, 7], [8, 9]]
+    resp = await c.completions.create(model=MODEL, prompt=ids, max_tokens=9)
+    assert [ch.text for ch in resp.choices] == ["seed None"] * 2  # unseeded: the engine draws each one's seed
+    assert sorted(job.prompt_ids for _, job in side.jobs[-2:]) == [(5, 6, 7), (8, 9)]
+    # 128 choices in flight at once, each holding a Redis connection while it waits for its tokens: more than
+    # redis-py's default pool of 100 (the gateway's is `redis_max_connections`)
+    resp = await c.completions.create(model=MODEL, prompt=["a", "b"], n=64, seed=0, max_tokens=9)
+    assert [ch.text for ch in resp.choices] == [f"seed {j}" for _ in range(2) for j in range(64)]
+    with pytest.raises(openai.BadRequestError) as e:
+        await c.completions.create(model=MODEL, prompt=["a", "b", "c"], n=64)
+    assert "at most 128 choices" in e.value.message
+    with pytest.raises(openai.BadRequestError) as e:
+        await c.completions.create(model=MODEL, prompt=["a", "b"], echo=True, logprobs=1)
+    assert "echo with logprobs" in e.value.message
+
+
+async def test_a_failing_choice_fails_the_request_and_cancels_the_others(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
+    """Every choice has its first token; then choice 1's worker fails: the request is that error, and the other
+    two choices' workers, still generating, are told to cancel."""
+    later: list[asyncio.Task[None]] = []
+
+    async def one_fails(job: Job, writer: TokenWriter) -> None:
+        await writer.write(0, TOK.encode("partial"))
+        if job.request_id.endswith("-1"):
+
+            async def fail() -> None:
+                await asyncio.sleep(1.0)  # the other choices are read and opened by then
+                await writer.fail("engine out of memory", "engine_error")
+
+            later.append(asyncio.create_task(fail()))
+
+    side = worker_side(one_fails)
+    with pytest.raises(openai.InternalServerError) as e:
+        await client(gateway).chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "hi"}], n=3  # type: ignore[arg-type]
+        )
+    assert "engine out of memory" in str(e.value)
+    ids = [job.request_id for _, job in side.jobs[-3:]]
+    assert sorted(rid[-2:] for rid in ids) == ["-0", "-1", "-2"] and len({rid[:-2] for rid in ids}) == 1
+    r = redis.Redis.from_url(gateway.redis_url)
+    assert all(r.exists(cancel_key(DEPLOYMENT, rid)) for rid in ids)  # the failed one's too, as for any failure
+
+
 async def test_long_prompt_goes_to_the_prefill_pool(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
     side = worker_side(answer)  # its consumer in the prefill group makes prefill workers visible
     long_text = "tell me a story " * 40
@@ -311,7 +401,7 @@ async def test_models_and_auth(gateway) -> None:  # type: ignore[no-untyped-def]
         ({"model": MODEL, "messages": []}, 400, "messages"),
         ({"model": MODEL, "messages": [{"role": "wizard", "content": "x"}]}, 400, "messages[0].role"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "temperature": 9}, 400, "temperature"),
-        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "n"),
+        ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "n": 65}, 400, "n"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "max_tokens": 10**9}, 400, "max_tokens"),
         ({"model": "gpt-4", "messages": [{"role": "user", "content": "x"}]}, 404, "model"),
         ({"model": MODEL, "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2}, 400, None),

@@ -48,7 +48,8 @@ def test_chat_stream_chunks_carry_role_text_logprobs_finish_and_usage(tok: Token
     fmt = ChatFormat(body, "chatcmpl-1", tok)
     first, second = lps(tok, "Hello"), lps(tok, " world")
     raw = [*fmt.start(), *fmt.delta("Hello", first), *fmt.delta(" world", second)]
-    raw += fmt.end(Done("length", Usage(3, len(first) + len(second))))
+    usage = Usage(3, len(first) + len(second))
+    raw += fmt.end(Done("length", usage)) + fmt.usage_chunks(usage)
     chunks = [ChatCompletionChunk.model_validate(c) for c in raw]
     assert all(c.id == "chatcmpl-1" and c.model == MODEL for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
@@ -63,7 +64,7 @@ def test_chat_stream_chunks_carry_role_text_logprobs_finish_and_usage(tok: Token
 
 def test_chat_stream_without_usage_has_no_usage_key(tok: Tokenizer) -> None:
     fmt = ChatFormat(chat_body(stream=True), "c", tok)
-    raw = [*fmt.start(), *fmt.delta("x", []), *fmt.end(Done("stop", Usage(1, 1)))]
+    raw = [*fmt.start(), *fmt.delta("x", []), *fmt.end(Done("stop", Usage(1, 1))), *fmt.usage_chunks(Usage(1, 1))]
     assert all("usage" not in c for c in raw) and raw[-1]["choices"][0]["finish_reason"] == "stop"
 
 
@@ -118,3 +119,20 @@ def test_text_completion_logprobs_report_offsets_across_deltas(tok: Tokenizer) -
 def test_sse_event_and_model_card() -> None:
     assert sse_event({"a": "é"}) == 'data: {"a":"é"}\n\n'.encode()
     assert model_card(MODEL) == {"id": MODEL, "object": "model", "created": 0, "owned_by": "dsv4"}
+
+
+def test_formats_of_several_choices_carry_their_index_and_echo(tok: Tokenizer) -> None:
+    """Each choice's chunks and body name its index; an echoed prompt opens a text choice's stream and starts its
+    whole text."""
+    body = CompletionRequest.model_validate(
+        {"model": MODEL, "prompt": ["a", "b"], "n": 2, "stream": True, "echo": True}
+    )
+    fmt = TextFormat(body, "cmpl-1", tok, 3, "b")
+    raw = [*fmt.start(), *fmt.delta("x", []), *fmt.end(Done("stop", Usage(1, 1)))]
+    assert [c["choices"][0]["index"] for c in raw] == [3, 3, 3]
+    assert "".join(c["choices"][0]["text"] for c in raw) == "bx"
+    assert fmt.full("x", Done("stop", Usage(1, 1)), [])["choices"][0] == {
+        "index": 3, "text": "bx", "logprobs": None, "finish_reason": "stop"
+    }
+    chat = ChatFormat(chat_body(stream=True), "c", tok, "", 2)
+    assert {c["choices"][0]["index"] for c in [*chat.start(), *chat.delta("y", [])]} == {2}
