@@ -7,6 +7,7 @@ from typing import Any
 from dsv4.operator.containers import container_security, resources
 from dsv4.operator.ownership import Owner, all_labels, child_name, labels, metadata
 from dsv4.operator.spec import DeploymentSpec
+from dsv4.protocol import contract
 
 REDIS_PORT = 6379
 REDIS_UID = 999  # the uid of the official redis image's `redis` user
@@ -20,13 +21,22 @@ def redis_url(owner: Owner, spec: DeploymentSpec) -> str:
     return spec.redis.url
 
 
+def redis_maxclients(spec: DeploymentSpec) -> int:
+    """Clients the managed Redis admits: every gateway replica's pool (each request in flight holds a connection
+    while it waits for tokens) on top of Redis's default for the workers and everything else."""
+    return spec.gateway.max_replicas * contract.GATEWAY_REDIS_CONNECTIONS + contract.REDIS_DEFAULT_MAXCLIENTS
+
+
 def redis_stateful_set(owner: Owner, spec: DeploymentSpec) -> dict[str, Any]:
     """The managed Redis: one pod, persistence off (queues and handoffs are transient by design)."""
     container = {
         "name": "redis",
         "image": spec.redis.image,
         "imagePullPolicy": spec.image_pull_policy,
-        "args": ["--save", "", "--appendonly", "no", "--protected-mode", "no", "--port", str(REDIS_PORT)],
+        "args": [
+            *("--save", "", "--appendonly", "no", "--protected-mode", "no", "--port", str(REDIS_PORT)),
+            *("--maxclients", str(redis_maxclients(spec))),
+        ],
         "ports": [{"name": "redis", "containerPort": REDIS_PORT, "protocol": "TCP"}],
         "resources": resources(spec.redis.resources, {}),
         "volumeMounts": [{"name": "data", "mountPath": "/data"}],

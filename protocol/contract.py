@@ -20,6 +20,11 @@ WORKER_PORT = 8100
 
 RENDEZVOUS_PORT = 29500  # torch.distributed's store on a group's leader (env.MASTER_PORT)
 
+# Redis connections of one gateway (its `redis_max_connections` default): every request in flight holds one while it
+# waits for its tokens. The managed Redis admits that many per gateway replica on top of its own default of 10,000.
+GATEWAY_REDIS_CONNECTIONS = 2048
+REDIS_DEFAULT_MAXCLIENTS = 10000
+
 HEALTH_PATH = "/healthz"
 READY_PATH = "/readyz"
 METRICS_PATH = "/metrics"

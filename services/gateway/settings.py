@@ -31,11 +31,12 @@ class GatewaySettings(RoleSettings):
     queue_stats_ttl_s: float = Field(default=0.5, ge=0, description="how long one read of the queue depth is reused")
     retry_after_s: int = Field(default=2, ge=1, description="Retry-After of 503 answers")
     redis_max_connections: int = Field(
-        default=2048,
+        default=contract.GATEWAY_REDIS_CONNECTIONS,
         ge=8,
         description="Redis connections of this gateway: every choice in flight holds one while it waits for its "
         "tokens, so this bounds the choices in flight (past it requests get 503 with Retry-After); keep the sum "
-        "over gateway replicas under the Redis server's maxclients (10,000 by default)",
+        "over gateway replicas under the Redis server's maxclients (the managed Redis admits maxReplicas times the "
+        "default)",
     )
 
     def accepted_api_keys(self) -> frozenset[str]:

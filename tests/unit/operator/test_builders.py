@@ -269,6 +269,12 @@ def test_managed_redis_url_and_statefulset(admit: Admit) -> None:
     sts = kids[("StatefulSet", "demo-redis")]["spec"]
     assert sts["replicas"] == 1 and sts["serviceName"] == "demo-redis"
     assert kids[("Service", "demo-redis")]["spec"]["ports"][0]["port"] == 6379
+    # every gateway replica may hold its whole pool (a connection per request waiting for tokens)
+    args = sts["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--maxclients") + 1] == str(4 * 2048 + 10000)  # gateway maxReplicas defaults to 4
+    wider = _children(admit, {**TINY, "gateway": {"maxReplicas": 16}})[("StatefulSet", "demo-redis")]["spec"]
+    args = wider["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--maxclients") + 1] == str(16 * 2048 + 10000)
 
 
 def _templates(admit: Admit, raw: dict[str, Any]) -> dict[str, Any]:
