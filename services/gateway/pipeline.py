@@ -277,8 +277,8 @@ async def _open(gw: GatewayState, request: Request, prepared: Prepared, endpoint
     return _Open(prepared, fmt, call, events, first)
 
 
-async def _rest(o: _Open, retry_after_s: int) -> list[TextDelta | Done]:
-    """All of a choice's events, its first included (a response that is not streamed)."""
+async def _rest(o: _Open, retry_after_s: int) -> tuple[_Open, list[TextDelta | Done]]:
+    """The choice and all its events, its first included (a response that is not streamed)."""
     outputs = [o.first]
     try:
         async for ev in o.events:
@@ -292,12 +292,12 @@ async def _rest(o: _Open, retry_after_s: int) -> list[TextDelta | Done]:
     except Exception as e:
         o.call.finish("500", error=e)
         raise
-    return outputs
+    return o, outputs
 
 
 async def _all(runs: list[Coroutine[Any, Any, T]], abandon: Callable[[T], Awaitable[None]]) -> list[T]:
-    """Run `runs` concurrently; when one fails the others are cancelled and what they had finished is abandoned
-    before the failure propagates."""
+    """Run `runs` concurrently; when one fails (or the caller is cancelled) the others are cancelled, and `abandon`
+    takes what they had finished, before the failure propagates."""
     tasks = [asyncio.ensure_future(r) for r in runs]
     try:
         return list(await asyncio.gather(*tasks))
@@ -336,12 +336,12 @@ async def serve(
             headers={"Cache-Control": "no-cache"},
         )
 
-    async def dropped(_: list[TextDelta | Done]) -> None:
-        return None
+    async def undelivered(result: tuple[_Open, list[TextDelta | Done]]) -> None:
+        result[0].call.finish("499")  # generated, but the response failed
 
-    results = await _all([_rest(o, retry_after_s) for o in opened], dropped)
+    results = await _all([_rest(o, retry_after_s) for o in opened], undelivered)
     bodies, dones = [], []
-    for o, outputs in zip(opened, results, strict=True):
+    for o, outputs in results:
         done = outputs[-1]
         assert isinstance(done, Done)
         deltas = [d for d in outputs if isinstance(d, TextDelta)]
@@ -365,7 +365,7 @@ async def _sse(opened: list[_Open], n: int, retry_after_s: int) -> AsyncIterator
             async for ev in o.events:
                 o.call.event(ev)
                 await merged.put((i, ev))
-        except _QUEUE_ERRORS as e:
+        except Exception as e:  # the stream below reports it (a queue failure) or raises it
             await merged.put((i, e))
 
     dones: dict[int, Done] = {}
@@ -380,10 +380,13 @@ async def _sse(opened: list[_Open], n: int, retry_after_s: int) -> AsyncIterator
         while len(dones) < len(opened):
             i, ev = await merged.get()
             o = opened[i]
-            if isinstance(ev, Exception):
+            if isinstance(ev, _QUEUE_ERRORS):
                 # Headers are sent: the error travels as a final SSE event, the way OpenAI's API reports it.
                 yield sse_event(o.call.fail(ev, retry_after_s).body())
                 return
+            if isinstance(ev, Exception):
+                o.call.finish("500", error=ev)
+                raise ev
             if isinstance(ev, TextDelta):
                 for chunk in o.fmt.delta(ev.text, ev.logprobs):
                     yield sse_event(chunk)

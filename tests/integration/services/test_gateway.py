@@ -358,12 +358,21 @@ async def test_a_failing_choice_fails_the_request_and_cancels_the_others(gateway
 
             later.append(asyncio.create_task(fail()))
 
+    async def finished(status: str) -> float:
+        async with httpx.AsyncClient() as h:
+            text = (await h.get(gateway.url + "/metrics")).text
+        line = f'dsv4_requests_total{{endpoint="/v1/chat/completions",status="{status}"}} '
+        return sum(float(row.removeprefix(line)) for row in text.splitlines() if row.startswith(line))
+
+    before = {status: await finished(status) for status in ("500", "499")}
     side = worker_side(one_fails)
     with pytest.raises(openai.InternalServerError) as e:
         await client(gateway).chat.completions.create(
             model=MODEL, messages=[{"role": "user", "content": "hi"}], n=3  # type: ignore[arg-type]
         )
     assert "engine out of memory" in str(e.value)
+    # every choice's call is finished once: the failed one with its error, the two cut short as 499
+    assert {status: await finished(status) - before[status] for status in before} == {"500": 1, "499": 2}
     ids = [job.request_id for _, job in side.jobs[-3:]]
     assert sorted(rid[-2:] for rid in ids) == ["-0", "-1", "-2"] and len({rid[:-2] for rid in ids}) == 1
     r = redis.Redis.from_url(gateway.redis_url)
