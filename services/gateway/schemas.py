@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from dsv4.model_runtime.engine.port import MAX_LOGIT_BIAS
 
@@ -187,6 +187,17 @@ class CompletionRequest(_Sampling):
     suffix: str | None = None
     best_of: int | None = Field(default=None, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=5)
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_form(cls, value: Any) -> Any:
+        # pydantic's own message for a union lists every member's failure; name the four accepted forms instead
+        forms = (str, int, list)
+        if isinstance(value, list) and value and len({type(v) for v in value if isinstance(v, forms)}) != 1:
+            raise ValueError(
+                "prompt must be a string, a list of token ids, a list of strings or a list of token id lists"
+            )
+        return value
 
     @model_validator(mode="after")
     def _unsupported(self) -> CompletionRequest:
