@@ -80,10 +80,26 @@ class PrefixCacheConfig(WireModel):
 
 
 class EngineStepConfig(WireModel):
-    """How a worker's engine runs its steps: graphs and overlap on an accelerator (a CPU runs its steps plainly
-    whatever these two say), the switches users of vLLM (`--enforce-eager`) and SGLang (`--disable-cuda-graph`,
+    """How a worker's engine runs its steps: its batch limits (vLLM's `--max-num-seqs`,
+    `--max-num-batched-tokens`); graphs and overlap on an accelerator (a CPU runs its steps plainly whatever these
+    two say), the switches users of vLLM (`--enforce-eager`) and SGLang (`--disable-cuda-graph`,
     `--disable-overlap-schedule`) reach for when a device misbehaves; and MTP speculative decoding (SGLang's
     `--speculative-algorithm NEXTN`), on any device."""
+
+    max_num_seqs: int = Field(
+        default=32,
+        ge=1,
+        le=1024,
+        description="sequences a step batches at most, which is also how many jobs the worker holds at once (decode "
+        "graphs are captured up to its bucket); an accelerator's decode pool wants 64-256",
+    )
+    max_num_batched_tokens: int = Field(
+        default=512,
+        ge=16,
+        le=262144,
+        description="tokens a step computes at most (prompt chunks and decode rows together); an accelerator's "
+        "prefill pool wants thousands",
+    )
 
     cuda_graphs: bool = Field(
         default=True, description="replay decode steps from captured device graphs; false runs them eagerly"
@@ -95,7 +111,7 @@ class EngineStepConfig(WireModel):
     speculative_mtp: bool = Field(
         default=False,
         description="draft one token per decode step with the checkpoint's MTP module and verify it: the same tokens, "
-        "up to two per step where drafts are accepted (not under data-parallel attention)",
+        "up to two per step where drafts are accepted",
     )
 
 

@@ -48,6 +48,18 @@ def _serve_args(p: argparse.ArgumentParser) -> None:
         "its own sequences' KV, the experts split over all the ranks (default: 1)",
     )
     p.add_argument(
+        "--max-num-seqs",
+        type=_positive,
+        metavar="N",
+        help="sequences each engine batches at most, and jobs each worker holds (default: the engine config's, 32)",
+    )
+    p.add_argument(
+        "--max-num-batched-tokens",
+        type=_positive,
+        metavar="N",
+        help="tokens each engine step computes at most, prompt chunks included (default: the engine config's, 512)",
+    )
+    p.add_argument(
         "--no-prefix-cache",
         action="store_true",
         help="compute every prompt from its first token: no prefix cache, shared tier or prefix-aware routing",

@@ -91,6 +91,10 @@ def role_processes(
     if args.no_prefix_cache:
         workers[f"{env.PREFIX_CACHE}__ENABLED"] = "false"
         gateway_env[f"{env.PREFIX_ROUTING}__ENABLED"] = "false"
+    if args.max_num_seqs is not None:
+        workers[f"{env.ENGINE}__MAX_NUM_SEQS"] = str(args.max_num_seqs)
+    if args.max_num_batched_tokens is not None:
+        workers[f"{env.ENGINE}__MAX_NUM_BATCHED_TOKENS"] = str(args.max_num_batched_tokens)
     if args.no_cuda_graphs:
         workers[f"{env.ENGINE}__CUDA_GRAPHS"] = "false"
     if args.no_overlap_scheduling:

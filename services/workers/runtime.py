@@ -1,9 +1,10 @@
 """What prefill and decode workers share: the consumer loop, heartbeats, reclaim, graceful drain, the HTTP side.
 
-A worker runs up to `max_inflight` jobs as asyncio tasks. Every `heartbeat_s` it touches the jobs it holds, so no
-other worker reclaims them; every few heartbeats it takes over jobs nobody touched for `reclaim_idle_ms` (their
-worker died). On SIGTERM it stops reading, finishes what it holds (up to `drain_timeout_s`), leaves the consumer
-group and exits; jobs it could not finish stay pending and are reclaimed by the others.
+A worker runs up to `inflight_limit()` jobs (its engine's batch) as asyncio tasks. Every `heartbeat_s` it touches
+the jobs it holds, so no other worker reclaims them; every few heartbeats it takes over jobs nobody touched for
+`reclaim_idle_ms` (their worker died). On SIGTERM it stops reading, finishes what it holds (up to
+`drain_timeout_s`), leaves the consumer group and exits; jobs it could not finish stay pending and are reclaimed by
+the others.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ class WorkerRuntime:
         sharing = asyncio.create_task(self.sharing.run(stop_sharing)) if self.sharing is not None else None
         try:
             while not self.draining.is_set():
-                free = self.settings.max_inflight - len(self.inflight)
+                free = self.settings.inflight_limit() - len(self.inflight)
                 if free <= 0:
                     await asyncio.wait(self._tasks(), return_when=asyncio.FIRST_COMPLETED, timeout=1)
                     continue
@@ -169,7 +170,7 @@ class WorkerRuntime:
                 await self._heartbeat()
                 await self.queue.touch([d for d, _ in self.inflight.values()])
                 if n % RECLAIM_EVERY_HEARTBEATS == 0 and not self.draining.is_set():
-                    free = self.settings.max_inflight - len(self.inflight)
+                    free = self.settings.inflight_limit() - len(self.inflight)
                     if free > 0 and self._handle is not None:
                         for d in await self.queue.reclaim(self.settings.reclaim_idle_ms, count=free):
                             log.info("took over job %s of request %s", d.entry_id, d.job.request_id)

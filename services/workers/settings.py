@@ -38,23 +38,32 @@ class WorkerSettings(RoleSettings):
     prefix_cache: PrefixCacheConfig = PrefixCacheConfig()
     prefix_tier_redis_password: SecretStr | None = None  # of prefix_cache.tier.redis_url
     engine: EngineStepConfig = EngineStepConfig()
-    max_inflight: int = Field(default=16, ge=1, description="jobs this worker runs at once")
+    max_inflight: int | None = Field(
+        default=None, ge=1, description="jobs this worker holds at once (default: its engine's max_num_seqs)"
+    )
     reclaim_idle_ms: int = Field(default=15_000, ge=100, description="take over jobs untouched for this long")
     heartbeat_s: float = Field(default=2.0, gt=0, description="how often in-flight jobs are touched")
     drain_timeout_s: float = Field(default=60.0, ge=0, description="SIGTERM: how long in-flight jobs may finish")
 
     def engine_config(self) -> EngineConfig:
-        """The engine's settings: prefix cache, and the step switches (overlapped scheduling on means "where the
-        device runs behind the host", the engine's default)."""
+        """The engine's settings: batch limits, prefix cache, and the step switches (overlapped scheduling on means
+        "where the device runs behind the host", the engine's default)."""
         from dsv4.model_runtime.engine.llm_engine import EngineConfig
 
         step = self.engine
         return EngineConfig(
+            max_num_seqs=step.max_num_seqs,
+            max_num_batched_tokens=step.max_num_batched_tokens,
             prefix_cache=self.prefix_cache.enabled,
             cuda_graphs=step.cuda_graphs,
             overlap_scheduling=None if step.overlap_scheduling else False,
             speculative_mtp=step.speculative_mtp,
         )
+
+    def inflight_limit(self) -> int:
+        """Jobs the worker holds at once: `max_inflight`, else as many as its engine batches (more would wait in
+        the engine, leased, instead of in the queue where an idle worker could take them)."""
+        return self.max_inflight if self.max_inflight is not None else self.engine.max_num_seqs
 
     def compute_dtype(self) -> str:
         """The model's compute dtype: `dtype` when set, else bfloat16 on cuda/npu and float32 on a CPU."""

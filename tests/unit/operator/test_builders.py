@@ -225,7 +225,8 @@ def test_every_key_of_a_role_config_file_is_read_by_that_role(
         "kvHandoff": {"transport": "direct", "ttlSeconds": 33, "chunkBytes": 1 << 20},
         "decode": {
             "parallelism": {"tensor": 4, "data": 2, "expert": True},
-            "engine": {"overlapScheduling": False, "speculativeMtp": True},  # MTP under data-parallel attention
+            # MTP under data-parallel attention, and a decode batch for an accelerator
+            "engine": {"overlapScheduling": False, "speculativeMtp": True, "maxNumSeqs": 128},
         },
         "prefixCache": {
             "enabled": False,
@@ -246,6 +247,7 @@ def test_every_key_of_a_role_config_file_is_read_by_that_role(
     worker = WorkerSettings()  # the decode file is the last one set
     assert worker.parallelism.tensor == 4 and worker.parallelism.expert and worker.kv_handoff.ttl_seconds == 33
     assert not worker.engine.overlap_scheduling and worker.engine.cuda_graphs and worker.engine.speculative_mtp
+    assert worker.engine_config().max_num_seqs == worker.inflight_limit() == 128
     assert not worker.prefix_cache.enabled and worker.prefix_cache.tier.budget_bytes == 12345
     assert worker.prefix_cache.tier.redis_url == "redis://tier:6379/1"
     monkeypatch.setenv(env.CONFIG_FILE, str(tmp_path / "gateway.yaml"))

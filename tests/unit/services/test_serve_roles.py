@@ -34,6 +34,7 @@ def test_defaults_one_prefill_worker_with_the_prefix_cache_on(tmp_path: Path) ->
 
 def test_flags_reach_every_worker_and_the_gateway(tmp_path: Path) -> None:
     flags = ["--prefill-workers", "2", "--no-prefix-cache", "--prefix-cache-budget", "4096"]
+    flags += ["--max-num-seqs", "64", "--max-num-batched-tokens", "2048"]
     roles = _roles(tmp_path, *flags, "--no-cuda-graphs", "--no-overlap-scheduling", "--speculative-mtp")
     assert len(roles["prefill"]) == 2
     assert len({r[env.POD_NAME] for r in roles["prefill"]}) == 2, "every worker has its own consumer name"
@@ -42,6 +43,8 @@ def test_flags_reach_every_worker_and_the_gateway(tmp_path: Path) -> None:
         assert worker[f"{env.PREFIX_CACHE}__TIER__BUDGET_BYTES"] == "4096"
         assert worker[f"{env.ENGINE}__CUDA_GRAPHS"] == worker[f"{env.ENGINE}__OVERLAP_SCHEDULING"] == "false"
         assert worker[f"{env.ENGINE}__SPECULATIVE_MTP"] == "true"
+        batch = (worker[f"{env.ENGINE}__MAX_NUM_SEQS"], worker[f"{env.ENGINE}__MAX_NUM_BATCHED_TOKENS"])
+        assert batch == ("64", "2048")
     assert roles["gateway"][0][f"{env.PREFIX_ROUTING}__ENABLED"] == "false"
 
 

@@ -51,3 +51,21 @@ def test_the_engine_config_follows_the_step_switches(monkeypatch: pytest.MonkeyP
     off = WorkerSettings().engine_config()
     assert (off.cuda_graphs, off.overlap_scheduling, off.prefix_cache) == (False, False, False)
     assert off.speculative_mtp
+
+
+def test_the_batch_limits_reach_the_engine_and_bound_the_jobs_held(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine's batch (`engine.maxNumSeqs` in the CR, `--max-num-seqs`) is also how many jobs a worker holds,
+    unless `max_inflight` says otherwise; the token budget of a step reaches the engine."""
+    for name in (f"{env.ENGINE}__MAX_NUM_SEQS", f"{env.ENGINE}__MAX_NUM_BATCHED_TOKENS", env.MAX_INFLIGHT):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.delenv(env.CONFIG_FILE, raising=False)
+    default = WorkerSettings()
+    assert (default.engine_config().max_num_seqs, default.engine_config().max_num_batched_tokens) == (32, 512)
+    assert default.inflight_limit() == 32
+    monkeypatch.setenv(f"{env.ENGINE}__MAX_NUM_SEQS", "128")
+    monkeypatch.setenv(f"{env.ENGINE}__MAX_NUM_BATCHED_TOKENS", "8192")
+    wide = WorkerSettings()
+    assert (wide.engine_config().max_num_seqs, wide.engine_config().max_num_batched_tokens) == (128, 8192)
+    assert wide.inflight_limit() == 128
+    monkeypatch.setenv(env.MAX_INFLIGHT, "8")
+    assert WorkerSettings().inflight_limit() == 8
