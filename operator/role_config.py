@@ -24,6 +24,7 @@ def role_config(owner: Owner, spec: DeploymentSpec, role: Role) -> GatewayFile |
         return GatewayFile(
             deployment=owner.name,
             served_model_name=served_model_name(spec),
+            max_model_len=spec.model.max_model_len,
             disaggregation=spec.disaggregation,
             prefix_routing=PrefixRoutingConfig(enabled=prefix.enabled, max_queued_tokens=prefix.max_queued_tokens),
         )

@@ -17,6 +17,7 @@ from pydantic.alias_generators import to_camel
 from dsv4.protocol.config import (
     DEFAULT_MAX_QUEUED_TOKENS,
     MAX_QUEUED_TOKENS_LIMIT,
+    MODEL_CONTEXT,
     DisaggregationConfig,
     EngineStepConfig,
     KvHandoffConfig,
@@ -106,6 +107,13 @@ class ModelSpec(Base):
     variant: Literal["flash", "pro", "tiny", "custom"] = Field(description="flash, pro, tiny (test model) or custom")
     source: ModelSource | None = None
     revision: str | None = Field(default=None, description="checkpoint revision, recorded in the config and status")
+    max_model_len: int = Field(
+        default=MODEL_CONTEXT,
+        ge=16,
+        le=MODEL_CONTEXT,
+        description="prompt + max_tokens the gateway admits (default: the model's 1M context; the workers still refuse "
+        "what their KV pool cannot hold)",
+    )
     local_cache: LocalCacheSpec | None = Field(
         default=None, description="copy the weights to node-local storage before each worker starts"
     )

@@ -21,6 +21,7 @@ DEFAULT_PREFIX_TIER_BYTES = 1 << 30
 DEFAULT_PREFIX_TIER_TTL_S = 3600
 MAX_PREFIX_TIER_TTL_S = 7 * 86400
 DEFAULT_MAX_QUEUED_TOKENS = 32768
+MODEL_CONTEXT = 1 << 20  # DeepSeek-V4's context (max_position_embeddings, Flash and Pro alike): the gateway's default
 MAX_QUEUED_TOKENS_LIMIT = 1 << 24
 
 
@@ -132,6 +133,9 @@ class GatewayFile(WireModel):
 
     deployment: str
     served_model_name: str
+    max_model_len: int = Field(
+        default=MODEL_CONTEXT, ge=16, le=MODEL_CONTEXT, description="prompt + max_tokens a request may ask for"
+    )
     disaggregation: DisaggregationConfig = Field(default_factory=DisaggregationConfig)
     prefix_routing: PrefixRoutingConfig = Field(default_factory=PrefixRoutingConfig)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from pydantic import Field, SecretStr
 
 from dsv4.protocol import contract
-from dsv4.protocol.config import DisaggregationConfig, GatewayFile, PrefixRoutingConfig
+from dsv4.protocol.config import MODEL_CONTEXT, DisaggregationConfig, GatewayFile, PrefixRoutingConfig
 from dsv4.services.settings import RoleSettings
 
 DEFAULT_SERVED_MODEL_NAME = "deepseek-v4-flash"
@@ -25,7 +25,9 @@ class GatewaySettings(RoleSettings):
     served_model_name: str = DEFAULT_SERVED_MODEL_NAME
     disaggregation: DisaggregationConfig = DisaggregationConfig()
     prefix_routing: PrefixRoutingConfig = PrefixRoutingConfig()
-    max_model_len: int = Field(default=65536, ge=16)
+    max_model_len: int = Field(
+        default=MODEL_CONTEXT, ge=16, description="prompt + max_tokens a request may ask for (400 beyond)"
+    )
     default_max_tokens: int = Field(default=1024, ge=1)
     token_timeout_s: float = Field(default=600.0, gt=0, description="504 when no token arrives for this long")
     queue_stats_ttl_s: float = Field(default=0.5, ge=0, description="how long one read of the queue depth is reused")

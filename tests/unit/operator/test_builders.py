@@ -221,6 +221,7 @@ def test_every_key_of_a_role_config_file_is_read_by_that_role(
 ) -> None:
     raw = {
         **PRO,
+        "model": {**PRO["model"], "maxModelLen": 131072},
         "disaggregation": {"mode": "always", "minPromptTokens": 7, "maxPrefillQueue": 9},
         "kvHandoff": {"transport": "direct", "ttlSeconds": 33, "chunkBytes": 1 << 20},
         "decode": {
@@ -252,6 +253,7 @@ def test_every_key_of_a_role_config_file_is_read_by_that_role(
     assert worker.prefix_cache.tier.redis_url == "redis://tier:6379/1"
     monkeypatch.setenv(env.CONFIG_FILE, str(tmp_path / "gateway.yaml"))
     assert GatewaySettings().served_model_name == "deepseek-v4-pro"
+    assert GatewaySettings().max_model_len == 131072
     assert GatewaySettings().disaggregation.min_prompt_tokens == 7
     assert GatewaySettings().prefix_routing == PrefixRoutingConfig(enabled=False, max_queued_tokens=999)
 
