@@ -32,9 +32,9 @@ def sse_event(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
 
 
-def model_card(model_id: str) -> dict[str, Any]:
-    """An entry of `GET /v1/models`."""
-    return {"id": model_id, "object": "model", "created": 0, "owned_by": "dsv4"}
+def model_card(model_id: str, max_model_len: int) -> dict[str, Any]:
+    """An entry of `GET /v1/models`, with the context the gateway admits (vLLM's `max_model_len` field)."""
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "dsv4", "max_model_len": max_model_len}
 
 
 class OpenAIFormat:

@@ -26,12 +26,12 @@ def openai_routes(settings: GatewaySettings, authorize: Callable[[Request], Awai
 
     @router.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        return {"object": "list", "data": [model_card(settings.served_model_name)]}
+        return {"object": "list", "data": [model_card(settings.served_model_name, settings.max_model_len)]}
 
     @router.get("/v1/models/{model_id}")
     async def get_model(model_id: str) -> dict[str, Any]:
         _check_model(settings, model_id)
-        return model_card(model_id)
+        return model_card(model_id, settings.max_model_len)
 
     @router.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:

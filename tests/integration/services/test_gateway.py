@@ -394,6 +394,7 @@ async def test_long_prompt_goes_to_the_prefill_pool(gateway, worker_side) -> Non
 async def test_models_and_auth(gateway) -> None:  # type: ignore[no-untyped-def]
     models = await client(gateway, "sk-second").models.list()
     assert [m.id for m in models.data] == [MODEL]
+    assert models.data[0].model_extra == {"max_model_len": 1 << 20}  # DeepSeek-V4's context, the default
     with pytest.raises(openai.AuthenticationError) as e:
         await client(gateway, "wrong").models.list()
     assert e.value.status_code == 401 and e.value.code == "invalid_api_key"

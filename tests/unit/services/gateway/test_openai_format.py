@@ -118,7 +118,8 @@ def test_text_completion_logprobs_report_offsets_across_deltas(tok: Tokenizer) -
 
 def test_sse_event_and_model_card() -> None:
     assert sse_event({"a": "é"}) == 'data: {"a":"é"}\n\n'.encode()
-    assert model_card(MODEL) == {"id": MODEL, "object": "model", "created": 0, "owned_by": "dsv4"}
+    card = {"id": MODEL, "object": "model", "created": 0, "owned_by": "dsv4", "max_model_len": 4096}
+    assert model_card(MODEL, 4096) == card
 
 
 def test_formats_of_several_choices_carry_their_index_and_echo(tok: Tokenizer) -> None:
