@@ -21,8 +21,8 @@ DEFAULT_PREFIX_TIER_BYTES = 1 << 30
 DEFAULT_PREFIX_TIER_TTL_S = 3600
 MAX_PREFIX_TIER_TTL_S = 7 * 86400
 DEFAULT_MAX_QUEUED_TOKENS = 32768
-MODEL_CONTEXT = 1 << 20  # DeepSeek-V4's context (max_position_embeddings, Flash and Pro alike): the gateway's default
 MAX_QUEUED_TOKENS_LIMIT = 1 << 24
+MODEL_CONTEXT = 1 << 20  # DeepSeek-V4's context (max_position_embeddings, Flash and Pro alike): the gateway's default
 
 
 class WireModel(BaseModel):
