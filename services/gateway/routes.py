@@ -1,4 +1,5 @@
-"""The OpenAI-compatible routes: `/v1/models`, `/v1/chat/completions`, `/v1/completions`.
+"""The OpenAI-compatible routes: `/v1/models`, `/v1/chat/completions`, `/v1/completions`; vLLM's `/tokenize` and
+`/detokenize`.
 
 Each completion route turns its body into prompt token ids (the chat encoding, or the prompt as given) and hands
 it to the request pipeline with the endpoint's response format.
@@ -15,7 +16,13 @@ from dsv4.model_runtime.dsml import forced_tool_call_prefix
 from dsv4.services.gateway import pipeline
 from dsv4.services.gateway.errors import APIError, invalid
 from dsv4.services.gateway.openai_format import ChatFormat, TextFormat, model_card
-from dsv4.services.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from dsv4.services.gateway.schemas import (
+    ChatCompletionRequest,
+    ChatPrompt,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeTextRequest,
+)
 from dsv4.services.gateway.settings import GatewaySettings
 from dsv4.services.gateway.state import GatewayState
 
@@ -37,21 +44,7 @@ def openai_routes(settings: GatewaySettings, authorize: Callable[[Request], Awai
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         gw = _state(request)
         _check_model(settings, body.model)
-        tools = (
-            [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and body.tool_choice != "none" else None
-        )
-        try:
-            encoded = gw.encoder.encode(
-                [m.model_dump(exclude_none=True) for m in body.messages],
-                tools=tools,
-                response_format=body.response_format,
-                thinking_mode=body.thinking_mode(),
-                reasoning_effort=body.reasoning_effort,
-            )
-        except ValueError as e:
-            raise invalid(f"messages: {e}", param="messages") from e
-        forced = _forced_tool_call(body)
-        prompt_ids = encoded.token_ids + gw.tokenizer.encode(forced)
+        prompt_ids, forced = _chat_prompt(gw, body)
         prepared = pipeline.prepare(
             settings, "chatcmpl-", prompt_ids, body, body.max_new_tokens(), gw.tokenizer.vocab_size
         )
@@ -88,7 +81,44 @@ def openai_routes(settings: GatewaySettings, authorize: Callable[[Request], Awai
             formats.append(TextFormat(body, base, gw.tokenizer, i, echo if body.echo else ""))
         return await pipeline.serve(gw, request, list(zip(choices, formats, strict=True)), "/v1/completions", body.n)
 
+    @router.post("/tokenize")
+    async def tokenize(body: ChatPrompt | TokenizeTextRequest, request: Request) -> dict[str, Any]:
+        """vLLM's `/tokenize`: a completion prompt's ids, or the ids a chat renders to (as `/v1/chat/completions`
+        would send them), with the context they count against."""
+        gw = _state(request)
+        _check_model(settings, body.model)
+        ids = _chat_prompt(gw, body)[0] if isinstance(body, ChatPrompt) else gw.tokenizer.encode(body.prompt)
+        return {"count": len(ids), "max_model_len": settings.max_model_len, "tokens": ids, "token_strs": None}
+
+    @router.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest, request: Request) -> dict[str, Any]:
+        """vLLM's `/detokenize`: the text of token ids."""
+        gw = _state(request)
+        _check_model(settings, body.model)
+        outside = [t for t in body.tokens if t >= gw.tokenizer.vocab_size]
+        if outside:
+            raise invalid(f"tokens: token id {outside[0]} is outside the vocabulary", param="tokens")
+        return {"prompt": gw.tokenizer.decode(body.tokens)}
+
     return router
+
+
+def _chat_prompt(gw: GatewayState, body: ChatPrompt) -> tuple[list[int], str]:
+    """The prompt ids a chat renders to (the official encoding, then the start of a forced tool call) and that
+    start; a 400 naming `messages` when the encoding refuses them."""
+    tools = [t.model_dump(exclude_none=True) for t in body.tools] if body.tools and body.tool_choice != "none" else None
+    try:
+        encoded = gw.encoder.encode(
+            [m.model_dump(exclude_none=True) for m in body.messages],
+            tools=tools,
+            response_format=body.response_format,
+            thinking_mode=body.thinking_mode(),
+            reasoning_effort=body.reasoning_effort,
+        )
+    except ValueError as e:
+        raise invalid(f"messages: {e}", param="messages") from e
+    forced = _forced_tool_call(body)
+    return encoded.token_ids + gw.tokenizer.encode(forced), forced
 
 
 def _state(request: Request) -> GatewayState:
@@ -96,7 +126,7 @@ def _state(request: Request) -> GatewayState:
     return gw
 
 
-def _forced_tool_call(body: ChatCompletionRequest) -> str:
+def _forced_tool_call(body: ChatPrompt) -> str:
     """The assistant-turn start that enforces `tool_choice` "required" or a named function ("" otherwise).
 
     The block is opened in the prompt, so the model can only continue with tool calls (and, when named, inside

@@ -130,23 +130,21 @@ class _Sampling(_Body):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
 
-class ChatCompletionRequest(_Sampling):
-    """`POST /v1/chat/completions`."""
+class ChatPrompt(_Body):
+    """What renders a chat into a prompt: the messages and what the encoding puts around them (shared by
+    `/v1/chat/completions` and `/tokenize`)."""
 
+    model: str = Field(min_length=1)
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[Tool] | None = Field(default=None, max_length=128)
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
-    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     reasoning_effort: Literal["high", "max"] | None = None
     thinking: ThinkingOption | None = None  # DeepSeek API style
     chat_template_kwargs: dict[str, Any] | None = None  # vLLM style: {"thinking": true}
-    logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
 
     @model_validator(mode="after")
-    def _tool_rules(self) -> ChatCompletionRequest:
+    def _tool_rules(self) -> ChatPrompt:
         names = {t.function.name for t in self.tools or []}
         if len(names) != len(self.tools or []):
             raise ValueError("tools: function names must be unique")
@@ -154,13 +152,7 @@ class ChatCompletionRequest(_Sampling):
             raise ValueError(f"tool_choice names function {self.tool_choice.function.name!r}, which is not in tools")
         if self.tool_choice == "required" and not names:
             raise ValueError("tool_choice 'required' needs tools")
-        if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs set to true")
         return self
-
-    def requested_logprobs(self) -> int | None:
-        """How many alternatives per token to report (0: only the sampled token's), or None for no logprobs."""
-        return (self.top_logprobs or 0) if self.logprobs else None
 
     def thinking_mode(self) -> Literal["chat", "thinking"]:
         if self.thinking is not None:
@@ -168,6 +160,25 @@ class ChatCompletionRequest(_Sampling):
         if self.chat_template_kwargs and self.chat_template_kwargs.get("thinking"):
             return "thinking"
         return "chat"
+
+
+class ChatCompletionRequest(_Sampling, ChatPrompt):
+    """`POST /v1/chat/completions`."""
+
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    parallel_tool_calls: bool | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _logprob_rules(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        return self
+
+    def requested_logprobs(self) -> int | None:
+        """How many alternatives per token to report (0: only the sampled token's), or None for no logprobs."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
@@ -224,3 +235,17 @@ class CompletionRequest(_Sampling):
 
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
+
+
+class TokenizeTextRequest(_Body):
+    """`POST /tokenize` of a completion prompt (vLLM's endpoint)."""
+
+    model: str = Field(min_length=1)
+    prompt: str
+
+
+class DetokenizeRequest(_Body):
+    """`POST /detokenize` (vLLM's endpoint)."""
+
+    model: str = Field(min_length=1)
+    tokens: list[Annotated[int, Field(ge=0, lt=2**31)]]

@@ -379,6 +379,35 @@ async def test_a_failing_choice_fails_the_request_and_cancels_the_others(gateway
     assert all(r.exists(cancel_key(DEPLOYMENT, rid)) for rid in ids)  # the failed one's too, as for any failure
 
 
+async def test_tokenize_gives_the_ids_a_request_would_send_and_detokenize_reverses(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
+    """vLLM's /tokenize: a chat's ids are exactly the prompt the chat completion enqueues (tools and a forced tool
+    call included), a text's are the tokenizer's; /detokenize gives the text back; bad ids and models are refused."""
+    side = worker_side(answer)
+    auth = {"Authorization": f"Bearer {API_KEY}"}
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    chat = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "weather?"}],
+        "tools": tools,
+        "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+    }
+    await client(gateway).chat.completions.create(**chat, max_tokens=3)  # type: ignore[call-overload]
+    async with httpx.AsyncClient(base_url=gateway.url, headers=auth) as h:
+        tokenized = (await h.post("/tokenize", json=chat)).json()
+        assert tokenized["tokens"] == list(side.jobs[-1][1].prompt_ids)
+        assert tokenized["count"] == len(tokenized["tokens"]) and tokenized["max_model_len"] == 1 << 20
+        text = (await h.post("/tokenize", json={"model": MODEL, "prompt": "Once upon a time"})).json()
+        assert text["tokens"] == TOK.encode("Once upon a time")
+        back = (await h.post("/detokenize", json={"model": MODEL, "tokens": text["tokens"]})).json()
+        assert back == {"prompt": "Once upon a time"}
+        r = await h.post("/detokenize", json={"model": MODEL, "tokens": [TOK.vocab_size]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "tokens"
+        r = await h.post("/tokenize", json={"model": "gpt-4", "prompt": "x"})
+        assert r.status_code == 404
+        r = await h.post("/tokenize", json={"model": MODEL, "prompt": "x"}, headers={"Authorization": "Bearer no"})
+        assert r.status_code == 401
+
+
 async def test_long_prompt_goes_to_the_prefill_pool(gateway, worker_side) -> None:  # type: ignore[no-untyped-def]
     side = worker_side(answer)  # its consumer in the prefill group makes prefill workers visible
     long_text = "tell me a story " * 40
