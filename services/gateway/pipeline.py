@@ -324,10 +324,7 @@ async def serve(
     request, and the others are cancelled."""
     retry_after_s = gw.settings.retry_after_s
 
-    async def abandon_open(o: _Open) -> None:
-        await o.abandon()
-
-    opened = await _all([_open(gw, request, p, endpoint, fmt) for p, fmt in choices], abandon_open)
+    opened = await _all([_open(gw, request, p, endpoint, fmt) for p, fmt in choices], _Open.abandon)
     fmt = opened[0].fmt
     if fmt.stream:
         return StreamingResponse(

@@ -74,11 +74,9 @@ def openai_routes(settings: GatewaySettings, authorize: Callable[[Request], Awai
             )
         choices = pipeline.fan_out(prepared, body.n)
         base = prepared[0].request_id
-        formats = []
-        for i, choice in enumerate(choices):
-            prompt = prompts[i // body.n]
-            echo = prompt if isinstance(prompt, str) else gw.tokenizer.decode(choice.prompt_ids)
-            formats.append(TextFormat(body, base, gw.tokenizer, i, echo if body.echo else ""))
+        # the prompts' texts, each decoded once, and only when echoed
+        echoes = [(p if isinstance(p, str) else gw.tokenizer.decode(p)) if body.echo else "" for p in prompts]
+        formats = [TextFormat(body, base, gw.tokenizer, i, echoes[i // body.n]) for i in range(len(choices))]
         return await pipeline.serve(gw, request, list(zip(choices, formats, strict=True)), "/v1/completions", body.n)
 
     @router.post("/tokenize")
